@@ -1,0 +1,8 @@
+//! shoal: a cooperative, content-addressed cache for generative AI.
+//!
+//! Data flows one way: CLI/HTTP → [`node`] → store / mesh / inference / KV.
+//! Each cache layer lives in the module named after it.
+#![deny(clippy::unwrap_used)]
+#![warn(missing_docs)]
+
+pub mod gguf;
