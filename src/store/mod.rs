@@ -1,0 +1,1568 @@
+//! The content store: a node's disk cache of model artifacts.
+//!
+//! An artifact (GGUF weights, a tokenizer, a KV block) is stored once, in its
+//! final form, so it can be memory-mapped. Its id is the BLAKE3 of its
+//! [`Manifest`], which lists its chunks with their hashes. Metadata lives in
+//! fjall; artifact bytes live in plain files:
+//!
+//! ```text
+//! <data-dir>/FORMAT            "shoal-store 1"
+//! <data-dir>/meta/             fjall: manifests, artifact records, have-maps,
+//!                              chunk index, names (signed releases), trust store
+//! <data-dir>/objects/<id>      active artifacts (read-only, complete, verified)
+//! <data-dir>/partial/<id>      artifacts being filled chunk by chunk, in place
+//! <data-dir>/tmp/              files being added (removed on open)
+//! <data-dir>/keys/publisher.key  this node's release-signing key (0600)
+//! ```
+//!
+//! Guarantees: a chunk is marked present only after its bytes were verified
+//! and made durable (fdatasync before the have-map is persisted); an artifact
+//! becomes visible only once complete and its whole-file hash verified, by an
+//! atomic rename followed by one atomic metadata batch. A crash at any point
+//! loses at most unsynced chunks; reopening reconciles files and metadata.
+
+pub mod chunker;
+pub mod havemap;
+pub mod id;
+pub mod manifest;
+pub mod release;
+
+pub use havemap::HaveMap;
+pub use id::{ArtifactId, ChunkHash, ParseIdError};
+pub use manifest::{ArtifactKind, ChunkRef, MANIFEST_FORMAT, Manifest, ManifestError, TensorRef};
+pub use release::{Release, ReleaseError, SignedRelease};
+
+use crate::gguf::{Gguf, GgufError};
+use ed25519_dalek::SigningKey;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// On-disk layout version of the store directory.
+pub const STORE_FORMAT: u32 = 1;
+/// Bytes of written-but-unsynced chunks after which a partial is flushed.
+const AUTO_FLUSH_BYTES: u64 = 16 << 20;
+
+/// Errors from the content store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A filesystem operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The metadata database failed.
+    #[error("metadata database: {0}")]
+    Db(#[from] fjall::Error),
+    /// Another process (usually a running `shoal serve`) has the store open.
+    #[error(
+        "the store at {0} is in use by another process (is `shoal serve` running? use its API instead)"
+    )]
+    Locked(PathBuf),
+    /// The data directory was written by an incompatible version.
+    #[error("store format {found} at {path} is not supported (this build uses {STORE_FORMAT})")]
+    UnsupportedFormat {
+        /// Directory.
+        path: PathBuf,
+        /// What the FORMAT file says.
+        found: String,
+    },
+    /// A GGUF file is malformed or truncated.
+    #[error("{path}: {source}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// Parser error.
+        source: GgufError,
+    },
+    /// The file claims to be GGUF by name but is not.
+    #[error("{0}: not a GGUF file (no GGUF magic)")]
+    NotGguf(PathBuf),
+    /// No artifact with this id or name.
+    #[error("unknown artifact {0:?}")]
+    Unknown(String),
+    /// The artifact exists but is not complete yet.
+    #[error("artifact {0} is not complete yet")]
+    NotActive(ArtifactId),
+    /// A chunk's bytes do not match the manifest.
+    #[error("chunk {index} of {id}: hash mismatch (expected {expected}, got {got})")]
+    ChunkMismatch {
+        /// Artifact.
+        id: ArtifactId,
+        /// Chunk index.
+        index: u32,
+        /// Hash in the manifest.
+        expected: ChunkHash,
+        /// Hash of the bytes offered.
+        got: ChunkHash,
+    },
+    /// A chunk index beyond the manifest, or a chunk not present.
+    #[error("chunk {index} of {id} is not available")]
+    NoChunk {
+        /// Artifact.
+        id: ArtifactId,
+        /// Chunk index.
+        index: u32,
+    },
+    /// `finish` was called before all chunks are present.
+    #[error("artifact {id} is incomplete: {have} of {total} chunks present")]
+    Incomplete {
+        /// Artifact.
+        id: ArtifactId,
+        /// Present chunks.
+        have: u32,
+        /// All chunks.
+        total: u32,
+    },
+    /// Whole-file hash mismatch at activation or verification.
+    #[error("artifact {0}: whole-file BLAKE3 does not match the manifest")]
+    FileMismatch(ArtifactId),
+    /// A manifest problem.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// A release problem (signature, format, name).
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// A release signed by a key that is not in the trust store.
+    #[error(
+        "release for {name:?} is signed by {publisher}, which is not in the trust store (see `shoal trust add`)"
+    )]
+    Untrusted {
+        /// Release name.
+        name: String,
+        /// Publisher key (hex).
+        publisher: String,
+    },
+    /// No publisher key yet.
+    #[error("no publisher key: run `shoal keygen` first")]
+    NoKey,
+    /// The artifact does not fit in the quota even after evicting all that can be evicted.
+    #[error(
+        "store quota exceeded: need {need} bytes, {free} can be made free within the quota of {quota}"
+    )]
+    QuotaExceeded {
+        /// Bytes needed.
+        need: u64,
+        /// Bytes that could be freed.
+        free: u64,
+        /// The quota.
+        quota: u64,
+    },
+    /// Metadata that does not decode (a corrupt or foreign database).
+    #[error("corrupt metadata: {0}")]
+    Corrupt(String),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Byte quota for artifacts (active and partial). `u64::MAX` for none.
+    pub quota_bytes: u64,
+    /// Partial artifacts untouched for longer than this are collected by [`Store::gc`].
+    pub partial_ttl: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            quota_bytes: u64::MAX,
+            partial_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Options for [`Store::add_file`].
+#[derive(Debug, Clone, Default)]
+pub struct AddOptions {
+    /// Force a kind instead of detecting it.
+    pub kind: Option<ArtifactKind>,
+    /// Pin the artifact (never evicted).
+    pub pin: bool,
+    /// Try to share the source file's blocks (reflink) instead of copying.
+    pub reflink: bool,
+}
+
+/// State of an artifact in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArtifactStatus {
+    /// Being filled; some chunks may be missing.
+    Partial,
+    /// Complete, verified, visible.
+    Active,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    status: ArtifactStatus,
+    pinned: bool,
+    created: u64,
+    last_used: u64,
+}
+
+/// A line of [`Store::list`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ArtifactInfo {
+    /// The id.
+    pub id: ArtifactId,
+    /// Names (from trusted releases) pointing at it.
+    pub names: Vec<String>,
+    /// Kind.
+    pub kind: ArtifactKind,
+    /// Status.
+    pub status: ArtifactStatus,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bytes present.
+    pub present_bytes: u64,
+    /// Chunks in total.
+    pub chunks: u32,
+    /// Chunks present.
+    pub present_chunks: u32,
+    /// Pinned.
+    pub pinned: bool,
+    /// Unix seconds of last use.
+    pub last_used: u64,
+}
+
+/// Result of [`Store::verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// The artifact.
+    pub id: ArtifactId,
+    /// Chunks checked.
+    pub checked: u32,
+    /// Chunks whose bytes do not match (index, offset).
+    pub bad_chunks: Vec<(u32, u64)>,
+    /// Whole-file hash matches (active artifacts only; `None` for partials).
+    pub file_ok: Option<bool>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong.
+    pub fn ok(&self) -> bool {
+        self.bad_chunks.is_empty() && self.file_ok != Some(false)
+    }
+}
+
+/// What [`Store::apply_release`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The name now points at the release's id.
+    Applied,
+    /// The same release was already known.
+    AlreadyKnown,
+    /// A release with an equal or higher sequence number is already known.
+    Stale,
+}
+
+/// What [`Store::gc`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Artifacts evicted to meet the quota.
+    pub evicted: Vec<ArtifactId>,
+    /// Stale partial artifacts removed.
+    pub partials_removed: Vec<ArtifactId>,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+}
+
+/// Per-partial in-memory state.
+struct Partial {
+    file: Arc<File>,
+    manifest: Arc<Manifest>,
+    /// Persisted presence.
+    have: HaveMap,
+    /// Written and verified, not yet synced.
+    pending: Vec<u32>,
+    pending_bytes: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    opts: StoreOptions,
+    db: Database,
+    manifests: Keyspace,
+    records: Keyspace,
+    haves: Keyspace,
+    chunk_index: Keyspace,
+    names: Keyspace,
+    trust: Keyspace,
+    partials: Mutex<HashMap<ArtifactId, Partial>>,
+    /// Serializes metadata read-modify-write sequences (releases, activation, eviction).
+    meta_lock: Mutex<()>,
+}
+
+/// A handle on a node's content store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(b).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).unwrap_or_default()
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("sync directory", dir))
+}
+
+/// Chunk-index key: chunk hash, artifact id, chunk index (big-endian).
+fn index_key(hash: &ChunkHash, id: &ArtifactId, i: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(68);
+    k.extend_from_slice(&hash.0);
+    k.extend_from_slice(&id.0);
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
+/// Computes the manifest of a file held in memory.
+///
+/// GGUF files (by magic) are parsed and cut along tensors; a malformed or
+/// truncated GGUF is an error. Everything else is cut by content.
+pub fn build_manifest(
+    path: &Path,
+    bytes: &[u8],
+    kind: Option<ArtifactKind>,
+) -> Result<Manifest, StoreError> {
+    let is_gguf_magic = bytes.starts_with(crate::gguf::MAGIC);
+    let named_gguf = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let kind = match kind {
+        Some(k) => k,
+        None if is_gguf_magic => ArtifactKind::Gguf,
+        None if named_gguf => return Err(StoreError::NotGguf(path.to_owned())),
+        None if path.file_name().is_some_and(|n| n == "tokenizer.json") => ArtifactKind::Tokenizer,
+        None => ArtifactKind::Other,
+    };
+    let size = bytes.len() as u64;
+    let (spans, gguf) = if kind == ArtifactKind::Gguf {
+        if !is_gguf_magic {
+            return Err(StoreError::NotGguf(path.to_owned()));
+        }
+        let g = Gguf::parse(bytes).map_err(|source| StoreError::Gguf {
+            path: path.to_owned(),
+            source,
+        })?;
+        (chunker::gguf_spans(&g, size), Some(g))
+    } else {
+        (chunker::cdc_spans(bytes), None)
+    };
+    // Hash chunks on this thread and the whole file on another: two passes,
+    // two cores.
+    let (whole, chunk_hashes) = std::thread::scope(|s| {
+        let whole = s.spawn(|| blake3::hash(bytes));
+        let hashes: Vec<ChunkHash> = spans
+            .iter()
+            .map(|sp| ChunkHash::of(&bytes[sp.offset as usize..sp.end() as usize]))
+            .collect();
+        (whole.join(), hashes)
+    });
+    let whole = whole.map_err(|_| StoreError::Corrupt("hashing thread panicked".into()))?;
+    let chunks: Vec<ChunkRef> = spans
+        .iter()
+        .zip(chunk_hashes)
+        .map(|(sp, hash)| ChunkRef {
+            offset: sp.offset,
+            len: sp.len,
+            hash,
+        })
+        .collect();
+    let mut m = Manifest {
+        format: MANIFEST_FORMAT,
+        kind,
+        size,
+        blake3: *whole.as_bytes(),
+        chunks,
+        tensors: Vec::new(),
+    };
+    if let Some(g) = gguf {
+        for t in &g.tensors {
+            let r = g.tensor_range(t);
+            let (Some(first), Some(last)) = (
+                m.chunk_at(r.start),
+                m.chunk_at(r.end.saturating_sub(1).max(r.start)),
+            ) else {
+                continue;
+            };
+            m.tensors.push(TensorRef {
+                name: t.name.clone(),
+                ggml_type: t.ty.id(),
+                dims: t.dims.clone(),
+                offset: r.start,
+                size: t.size,
+                first_chunk: first as u32,
+                chunk_count: (last - first + 1) as u32,
+            });
+        }
+    }
+    m.validate()?;
+    Ok(m)
+}
+
+/// Tries to clone `src` into `dst` sharing blocks (FICLONE). False when unsupported.
+fn try_reflink(src: &File, dst: &File) -> bool {
+    // FICLONE = _IOW(0x94, 9, int)
+    const FICLONE: libc::c_ulong = 0x4004_9409;
+    use std::os::fd::AsRawFd;
+    // SAFETY: both descriptors are open for the duration of the call; FICLONE
+    // takes the source fd as its argument and touches no user memory.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
+    rc == 0
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        for sub in ["", "objects", "partial", "tmp", "keys", "meta"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
+        }
+        let fmt_path = dir.join("FORMAT");
+        let want = format!("shoal-store {STORE_FORMAT}\n");
+        match fs::read_to_string(&fmt_path) {
+            Ok(s) if s == want => {}
+            Ok(s) => {
+                return Err(StoreError::UnsupportedFormat {
+                    path: dir.to_owned(),
+                    found: s.trim().to_owned(),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::write(&fmt_path, &want).map_err(io_err("write", &fmt_path))?;
+            }
+            Err(e) => return Err(io_err("read", &fmt_path)(e)),
+        }
+        let meta = dir.join("meta");
+        let db = match Database::builder(&meta).open() {
+            Ok(db) => db,
+            Err(fjall::Error::Locked) => return Err(StoreError::Locked(dir.to_owned())),
+            Err(e) => return Err(e.into()),
+        };
+        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let inner = Inner {
+            manifests: ks("manifests")?,
+            records: ks("records")?,
+            haves: ks("haves")?,
+            chunk_index: ks("chunk_index")?,
+            names: ks("names")?,
+            trust: ks("trust")?,
+            db,
+            dir: dir.to_owned(),
+            opts,
+            partials: Mutex::new(HashMap::new()),
+            meta_lock: Mutex::new(()),
+        };
+        let store = Store {
+            inner: Arc::new(inner),
+        };
+        store.reconcile()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The store options.
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.opts
+    }
+
+    fn object_path(&self, id: &ArtifactId) -> PathBuf {
+        self.inner.dir.join("objects").join(id.to_hex())
+    }
+
+    fn partial_path(&self, id: &ArtifactId) -> PathBuf {
+        self.inner.dir.join("partial").join(id.to_hex())
+    }
+
+    /// Brings files and metadata back in agreement after a crash.
+    fn reconcile(&self) -> Result<(), StoreError> {
+        let tmp = self.inner.dir.join("tmp");
+        for e in fs::read_dir(&tmp).map_err(io_err("list", &tmp))?.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+        let mut records = HashMap::new();
+        for kv in self.inner.records.iter() {
+            let (k, v) = kv.into_inner()?;
+            let Some(id) = ArtifactId::from_slice(&k) else {
+                continue;
+            };
+            records.insert(id, decode::<Record>("record", &v)?);
+        }
+        // Files nobody knows about: an add or activation that crashed before its metadata commit.
+        for (sub, status) in [
+            ("objects", ArtifactStatus::Active),
+            ("partial", ArtifactStatus::Partial),
+        ] {
+            let d = self.inner.dir.join(sub);
+            for e in fs::read_dir(&d).map_err(io_err("list", &d))?.flatten() {
+                let known = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<ArtifactId>().ok())
+                    .and_then(|id| records.get(&id).map(|r| (id, r.status)));
+                match known {
+                    Some((_, s)) if s == status => {}
+                    Some((id, ArtifactStatus::Partial)) if status == ArtifactStatus::Active => {
+                        // Crashed between the rename to objects/ and the metadata commit:
+                        // the rename only happens after the whole-file hash verified.
+                        tracing::info!(%id, "completing an activation interrupted by a crash");
+                        self.commit_activation(&id)?;
+                    }
+                    _ => {
+                        tracing::warn!(path = %e.path().display(), "removing an orphaned file");
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        // Records whose file vanished.
+        for (id, r) in &records {
+            let p = match r.status {
+                ArtifactStatus::Active => self.object_path(id),
+                ArtifactStatus::Partial => self.partial_path(id),
+            };
+            if !p.exists() && !self.object_path(id).exists() {
+                tracing::warn!(%id, "artifact file is missing; forgetting the artifact");
+                self.forget(id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self, id: &ArtifactId) -> Result<Option<Record>, StoreError> {
+        self.inner
+            .records
+            .get(id.0)?
+            .map(|v| decode("record", &v))
+            .transpose()
+    }
+
+    fn put_record(&self, id: &ArtifactId, r: &Record) -> Result<(), StoreError> {
+        self.inner.records.insert(id.0, encode(r))?;
+        Ok(())
+    }
+
+    /// The manifest of a known artifact (active or partial).
+    pub fn manifest(&self, id: &ArtifactId) -> Result<Option<Manifest>, StoreError> {
+        match self.inner.manifests.get(id.0)? {
+            None => Ok(None),
+            Some(b) => Ok(Some(Manifest::decode(&b)?)),
+        }
+    }
+
+    /// The canonical manifest bytes (what peers hash to check the id).
+    pub fn manifest_bytes(&self, id: &ArtifactId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.manifests.get(id.0)?.map(|b| b.to_vec()))
+    }
+
+    /// Status of an artifact, if known.
+    pub fn status(&self, id: &ArtifactId) -> Result<Option<ArtifactStatus>, StoreError> {
+        Ok(self.record(id)?.map(|r| r.status))
+    }
+
+    /// Which chunks are present (durably).
+    pub fn have_map(&self, id: &ArtifactId) -> Result<Option<HaveMap>, StoreError> {
+        let Some(rec) = self.record(id)? else {
+            return Ok(None);
+        };
+        if rec.status == ArtifactStatus::Active {
+            let m = self
+                .manifest(id)?
+                .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+            return Ok(Some(HaveMap::full(m.chunk_count())));
+        }
+        if let Some(p) = self.inner.partials.lock().get(id) {
+            return Ok(Some(p.have.clone()));
+        }
+        match self.inner.haves.get(id.0)? {
+            Some(b) => HaveMap::from_bytes(&b)
+                .map(Some)
+                .ok_or_else(|| StoreError::Corrupt(format!("have-map of {id}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds a local file. Returns its id; adding the same content again is a no-op
+    /// (apart from pinning).
+    pub fn add_file(&self, path: &Path, opts: &AddOptions) -> Result<ArtifactId, StoreError> {
+        let src = File::open(path).map_err(io_err("open", path))?;
+        let meta = src.metadata().map_err(io_err("stat", path))?;
+        if !meta.is_file() {
+            return Err(StoreError::Io {
+                what: "add",
+                path: path.to_owned(),
+                source: io::Error::other("not a regular file"),
+            });
+        }
+        let len = meta.len();
+        // SAFETY: the mapping is read-only and private to this call; a concurrent
+        // writer to the source could change bytes under us, which the hashes
+        // computed here and re-checked by `verify` would expose.
+        let map = if len == 0 {
+            None
+        } else {
+            Some(unsafe { memmap2::Mmap::map(&src) }.map_err(io_err("map", path))?)
+        };
+        let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
+        #[cfg(unix)]
+        if let Some(m) = &map {
+            let _ = m.advise(memmap2::Advice::Sequential);
+        }
+        let tmp_path =
+            self.inner
+                .dir
+                .join("tmp")
+                .join(format!("add-{}-{}", std::process::id(), now_nanos()));
+        let dst = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp_path)
+            .map_err(io_err("create", &tmp_path))?;
+        let cleanup = TmpGuard(&tmp_path);
+        // Copy (or reflink) on one thread while the manifest is hashed on the others.
+        let (manifest, copied) = std::thread::scope(|s| {
+            let copier = s.spawn(|| -> Result<(), StoreError> {
+                if opts.reflink && try_reflink(&src, &dst) {
+                    tracing::debug!(path = %path.display(), "reflinked");
+                } else {
+                    let mut w = &dst;
+                    for piece in bytes.chunks(8 << 20) {
+                        w.write_all(piece).map_err(io_err("write", &tmp_path))?;
+                    }
+                }
+                dst.sync_data().map_err(io_err("sync", &tmp_path))
+            });
+            let m = build_manifest(path, bytes, opts.kind);
+            (m, copier.join())
+        });
+        let manifest = manifest?;
+        copied.map_err(|_| StoreError::Corrupt("copy thread panicked".into()))??;
+        let id = manifest.id();
+        let _g = self.inner.meta_lock.lock();
+        if let Some(mut rec) = self.record(&id)? {
+            if rec.status == ArtifactStatus::Active {
+                if opts.pin && !rec.pinned {
+                    rec.pinned = true;
+                    self.put_record(&id, &rec)?;
+                }
+                return Ok(id);
+            }
+            // A partial of the same artifact: the local file completes it.
+            self.inner.partials.lock().remove(&id);
+            let _ = fs::remove_file(self.partial_path(&id));
+        }
+        drop(_g);
+        self.make_room(manifest.size, Some(&id))?;
+        let _g = self.inner.meta_lock.lock();
+        let obj = self.object_path(&id);
+        let _ = fs::set_permissions(&tmp_path, fs::Permissions::from_mode(0o444));
+        fs::rename(&tmp_path, &obj).map_err(io_err("rename into", &obj))?;
+        std::mem::forget(cleanup);
+        fsync_dir(&obj.with_file_name(""))?;
+        let now = now_secs();
+        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.inner.manifests, id.0, manifest.encode());
+        b.insert(
+            &self.inner.records,
+            id.0,
+            encode(&Record {
+                status: ArtifactStatus::Active,
+                pinned: opts.pin,
+                created: now,
+                last_used: now,
+            }),
+        );
+        b.remove(&self.inner.haves, id.0);
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            b.insert(
+                &self.inner.chunk_index,
+                index_key(&c.hash, &id, i as u32),
+                [],
+            );
+        }
+        b.commit()?;
+        tracing::info!(%id, size = manifest.size, chunks = manifest.chunks.len(), "added");
+        Ok(id)
+    }
+
+    /// Registers a partial artifact from a manifest, creates its file, copies
+    /// every chunk already present locally (dedupe), and returns the have-map.
+    /// Calling it again for the same artifact resumes.
+    pub fn begin(&self, manifest: &Manifest) -> Result<HaveMap, StoreError> {
+        manifest.validate()?;
+        let id = manifest.id();
+        if let Some(rec) = self.record(&id)? {
+            if rec.status == ArtifactStatus::Active {
+                return Ok(HaveMap::full(manifest.chunk_count()));
+            }
+            self.load_partial(&id)?;
+            self.dedupe_into(&id)?;
+            return self
+                .have_map(&id)?
+                .ok_or_else(|| StoreError::Unknown(id.to_hex()));
+        }
+        self.make_room(manifest.size, None)?;
+        let path = self.partial_path(&id);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        f.set_len(manifest.size).map_err(io_err("size", &path))?;
+        f.sync_all().map_err(io_err("sync", &path))?;
+        fsync_dir(&self.inner.dir.join("partial"))?;
+        let have = HaveMap::new(manifest.chunk_count());
+        let now = now_secs();
+        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.inner.manifests, id.0, manifest.encode());
+        b.insert(
+            &self.inner.records,
+            id.0,
+            encode(&Record {
+                status: ArtifactStatus::Partial,
+                pinned: false,
+                created: now,
+                last_used: now,
+            }),
+        );
+        b.insert(&self.inner.haves, id.0, have.to_bytes());
+        b.commit()?;
+        self.inner.partials.lock().insert(
+            id,
+            Partial {
+                file: Arc::new(f),
+                manifest: Arc::new(manifest.clone()),
+                have,
+                pending: Vec::new(),
+                pending_bytes: 0,
+            },
+        );
+        self.dedupe_into(&id)?;
+        self.have_map(&id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))
+    }
+
+    fn load_partial(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        if self.inner.partials.lock().contains_key(id) {
+            return Ok(());
+        }
+        let manifest = self
+            .manifest(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let have = match self.inner.haves.get(id.0)? {
+            Some(b) => HaveMap::from_bytes(&b)
+                .ok_or_else(|| StoreError::Corrupt(format!("have-map of {id}")))?,
+            None => HaveMap::new(manifest.chunk_count()),
+        };
+        let path = self.partial_path(id);
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        self.inner.partials.lock().entry(*id).or_insert(Partial {
+            file: Arc::new(f),
+            manifest: Arc::new(manifest),
+            have,
+            pending: Vec::new(),
+            pending_bytes: 0,
+        });
+        Ok(())
+    }
+
+    /// Copies chunks of `id` that some other local artifact already holds.
+    fn dedupe_into(&self, id: &ArtifactId) -> Result<u32, StoreError> {
+        let manifest = {
+            let parts = self.inner.partials.lock();
+            let Some(p) = parts.get(id) else { return Ok(0) };
+            p.manifest.clone()
+        };
+        let have = self
+            .have_map(id)?
+            .unwrap_or_else(|| HaveMap::new(manifest.chunk_count()));
+        let mut copied = 0;
+        for i in have.missing() {
+            let c = &manifest.chunks[i as usize];
+            if let Some(data) = self.find_local_chunk(&c.hash, id)? {
+                self.put_chunk(id, i, &data)?;
+                copied += 1;
+            }
+        }
+        if copied > 0 {
+            self.flush(id)?;
+            tracing::info!(%id, chunks = copied, "copied chunks from local artifacts");
+        }
+        Ok(copied)
+    }
+
+    /// Finds a chunk with this hash in any local artifact other than `except`.
+    pub fn find_local_chunk(
+        &self,
+        hash: &ChunkHash,
+        except: &ArtifactId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        for kv in self.inner.chunk_index.prefix(hash.0) {
+            let k = kv.key()?;
+            let (Some(other), Some(idx)) = (
+                ArtifactId::from_slice(&k[32..64]),
+                k.get(64..68)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes),
+            ) else {
+                continue;
+            };
+            if &other == except {
+                continue;
+            }
+            match self.read_chunk(&other, idx) {
+                Ok(d) if ChunkHash::of(&d) == *hash => return Ok(Some(d)),
+                Ok(_) | Err(_) => continue,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Verifies a chunk against the manifest and writes it in place. Its
+    /// presence becomes durable at the next [`Store::flush`] (automatic every
+    /// few MiB). A mismatch writes nothing.
+    pub fn put_chunk(&self, id: &ArtifactId, index: u32, data: &[u8]) -> Result<(), StoreError> {
+        self.load_partial(id).or_else(|e| match self.status(id) {
+            Ok(Some(ArtifactStatus::Active)) => Ok(()),
+            _ => Err(e),
+        })?;
+        let (file, c) = {
+            let parts = self.inner.partials.lock();
+            let Some(p) = parts.get(id) else {
+                return Ok(()); // already active: nothing to write
+            };
+            let Some(c) = p.manifest.chunks.get(index as usize).copied() else {
+                return Err(StoreError::NoChunk { id: *id, index });
+            };
+            if p.have.get(index) || p.pending.contains(&index) {
+                return Ok(());
+            }
+            (p.file.clone(), c)
+        };
+        let got = ChunkHash::of(data);
+        if got != c.hash || data.len() != c.len as usize {
+            return Err(StoreError::ChunkMismatch {
+                id: *id,
+                index,
+                expected: c.hash,
+                got,
+            });
+        }
+        let path = self.partial_path(id);
+        file.write_all_at(data, c.offset)
+            .map_err(io_err("write", &path))?;
+        let flush = {
+            let mut parts = self.inner.partials.lock();
+            let Some(p) = parts.get_mut(id) else {
+                return Ok(());
+            };
+            p.pending.push(index);
+            p.pending_bytes += u64::from(c.len);
+            p.pending_bytes >= AUTO_FLUSH_BYTES
+        };
+        if flush {
+            self.flush(id)?;
+        }
+        Ok(())
+    }
+
+    /// Makes written chunks durable and records them present: fdatasync of
+    /// the data first, then the have-map.
+    pub fn flush(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        let (file, pending) = {
+            let mut parts = self.inner.partials.lock();
+            let Some(p) = parts.get_mut(id) else {
+                return Ok(());
+            };
+            if p.pending.is_empty() {
+                return Ok(());
+            }
+            p.pending_bytes = 0;
+            (p.file.clone(), std::mem::take(&mut p.pending))
+        };
+        let path = self.partial_path(id);
+        if let Err(e) = file.sync_data() {
+            // Put them back: they are not durable.
+            if let Some(p) = self.inner.partials.lock().get_mut(id) {
+                p.pending.extend(pending);
+            }
+            return Err(io_err("sync", &path)(e));
+        }
+        let (have_bytes, manifest) = {
+            let mut parts = self.inner.partials.lock();
+            let Some(p) = parts.get_mut(id) else {
+                return Ok(());
+            };
+            for i in &pending {
+                p.have.set(*i);
+            }
+            (p.have.to_bytes(), p.manifest.clone())
+        };
+        let mut b = self
+            .inner
+            .db
+            .batch()
+            .durability(Some(PersistMode::SyncData));
+        b.insert(&self.inner.haves, id.0, have_bytes);
+        for i in &pending {
+            if let Some(c) = manifest.chunks.get(*i as usize) {
+                b.insert(&self.inner.chunk_index, index_key(&c.hash, id, *i), []);
+            }
+        }
+        b.commit()?;
+        Ok(())
+    }
+
+    /// Verifies the whole file of a complete partial artifact and activates it atomically.
+    pub fn finish(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        if self.status(id)? == Some(ArtifactStatus::Active) {
+            return Ok(());
+        }
+        self.load_partial(id)?;
+        self.flush(id)?;
+        let (file, manifest, have) = {
+            let parts = self.inner.partials.lock();
+            let p = parts
+                .get(id)
+                .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+            (p.file.clone(), p.manifest.clone(), p.have.clone())
+        };
+        if !have.is_complete() {
+            return Err(StoreError::Incomplete {
+                id: *id,
+                have: have.count(),
+                total: have.len(),
+            });
+        }
+        let path = self.partial_path(id);
+        let mut h = blake3::Hasher::new();
+        if manifest.size > 0 {
+            // SAFETY: read-only map of our own partial file, which only this store writes.
+            let map = unsafe { memmap2::Mmap::map(&*file) }.map_err(io_err("map", &path))?;
+            h.update(&map);
+        }
+        if h.finalize().as_bytes() != &manifest.blake3 {
+            return Err(StoreError::FileMismatch(*id));
+        }
+        let _g = self.inner.meta_lock.lock();
+        let obj = self.object_path(id);
+        let _ = fs::set_permissions(&path, fs::Permissions::from_mode(0o444));
+        fs::rename(&path, &obj).map_err(io_err("rename into", &obj))?;
+        fsync_dir(&self.inner.dir.join("objects"))?;
+        fsync_dir(&self.inner.dir.join("partial"))?;
+        self.commit_activation(id)?;
+        self.inner.partials.lock().remove(id);
+        tracing::info!(%id, size = manifest.size, "activated");
+        Ok(())
+    }
+
+    fn commit_activation(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        let manifest = self
+            .manifest(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let mut rec = self
+            .record(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        rec.status = ArtifactStatus::Active;
+        rec.last_used = now_secs();
+        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.inner.records, id.0, encode(&rec));
+        b.remove(&self.inner.haves, id.0);
+        for (i, c) in manifest.chunks.iter().enumerate() {
+            b.insert(
+                &self.inner.chunk_index,
+                index_key(&c.hash, id, i as u32),
+                [],
+            );
+        }
+        b.commit()?;
+        Ok(())
+    }
+
+    /// Reads a present chunk, re-verifying its hash (a corrupted disk is never served).
+    pub fn read_chunk(&self, id: &ArtifactId, index: u32) -> Result<Vec<u8>, StoreError> {
+        let status = self
+            .status(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let (path, manifest) = match status {
+            ArtifactStatus::Active => (
+                self.object_path(id),
+                Arc::new(
+                    self.manifest(id)?
+                        .ok_or_else(|| StoreError::Unknown(id.to_hex()))?,
+                ),
+            ),
+            ArtifactStatus::Partial => {
+                self.load_partial(id)?;
+                let parts = self.inner.partials.lock();
+                let p = parts
+                    .get(id)
+                    .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+                if !p.have.get(index) {
+                    return Err(StoreError::NoChunk { id: *id, index });
+                }
+                (self.partial_path(id), p.manifest.clone())
+            }
+        };
+        let c = manifest
+            .chunks
+            .get(index as usize)
+            .ok_or(StoreError::NoChunk { id: *id, index })?;
+        let f = File::open(&path).map_err(io_err("open", &path))?;
+        let mut buf = vec![0u8; c.len as usize];
+        f.read_exact_at(&mut buf, c.offset)
+            .map_err(io_err("read", &path))?;
+        let got = ChunkHash::of(&buf);
+        if got != c.hash {
+            tracing::error!(%id, index, "stored chunk is corrupt");
+            return Err(StoreError::ChunkMismatch {
+                id: *id,
+                index,
+                expected: c.hash,
+                got,
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Path of an active artifact's file (for memory-mapping). Marks it used.
+    pub fn artifact_path(&self, id: &ArtifactId) -> Result<PathBuf, StoreError> {
+        match self.record(id)? {
+            None => Err(StoreError::Unknown(id.to_hex())),
+            Some(r) if r.status != ArtifactStatus::Active => Err(StoreError::NotActive(*id)),
+            Some(mut r) => {
+                r.last_used = now_secs();
+                self.put_record(id, &r)?;
+                Ok(self.object_path(id))
+            }
+        }
+    }
+
+    /// Opens an active artifact for reading and holds a shared lock on it:
+    /// while the returned [`Lease`] lives, eviction (in any process) skips it.
+    pub fn lease(&self, id: &ArtifactId) -> Result<Lease, StoreError> {
+        let path = self.artifact_path(id)?;
+        let file = File::open(&path).map_err(io_err("open", &path))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_SH) } != 0 {
+            return Err(io_err("lock", &path)(io::Error::last_os_error()));
+        }
+        Ok(Lease {
+            id: *id,
+            path,
+            file,
+        })
+    }
+
+    /// Pins or unpins an artifact.
+    pub fn set_pinned(&self, id: &ArtifactId, pinned: bool) -> Result<(), StoreError> {
+        let _g = self.inner.meta_lock.lock();
+        let mut r = self
+            .record(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        r.pinned = pinned;
+        self.put_record(id, &r)?;
+        self.inner.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Removes an artifact (active or partial) and its metadata. Names that
+    /// point at it stay (they resolve again once the artifact is fetched anew).
+    pub fn remove(&self, id: &ArtifactId) -> Result<u64, StoreError> {
+        let _g = self.inner.meta_lock.lock();
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        self.inner.partials.lock().remove(id);
+        self.forget(id)?;
+        for p in [self.object_path(id), self.partial_path(id)] {
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", &p)(e)),
+            }
+        }
+        Ok(m.size)
+    }
+
+    fn forget(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        let m = self.manifest(id).ok().flatten();
+        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        b.remove(&self.inner.manifests, id.0);
+        b.remove(&self.inner.records, id.0);
+        b.remove(&self.inner.haves, id.0);
+        if let Some(m) = m {
+            for (i, c) in m.chunks.iter().enumerate() {
+                b.remove(&self.inner.chunk_index, index_key(&c.hash, id, i as u32));
+            }
+        }
+        b.commit()?;
+        Ok(())
+    }
+
+    /// Lists every artifact.
+    pub fn list(&self) -> Result<Vec<ArtifactInfo>, StoreError> {
+        let names = self.name_map()?;
+        let mut out = Vec::new();
+        for kv in self.inner.records.iter() {
+            let (k, v) = kv.into_inner()?;
+            let Some(id) = ArtifactId::from_slice(&k) else {
+                continue;
+            };
+            let r: Record = decode("record", &v)?;
+            let Some(m) = self.manifest(&id)? else {
+                continue;
+            };
+            let have = self
+                .have_map(&id)?
+                .unwrap_or_else(|| HaveMap::new(m.chunk_count()));
+            let present_bytes = have
+                .present()
+                .map(|i| u64::from(m.chunks[i as usize].len))
+                .sum();
+            out.push(ArtifactInfo {
+                id,
+                names: names.get(&id).cloned().unwrap_or_default(),
+                kind: m.kind,
+                status: r.status,
+                size: m.size,
+                present_bytes,
+                chunks: m.chunk_count(),
+                present_chunks: have.count(),
+                pinned: r.pinned,
+                last_used: r.last_used,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Total bytes the store's artifacts take (active sizes plus partial file sizes).
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.list()?.iter().map(|a| a.size).sum())
+    }
+
+    /// Re-hashes an artifact's chunks (and whole file, if active). For a
+    /// partial, bad chunks are marked missing so they get fetched again.
+    pub fn verify(&self, id: &ArtifactId) -> Result<VerifyReport, StoreError> {
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let status = self
+            .status(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let have = self
+            .have_map(id)?
+            .unwrap_or_else(|| HaveMap::new(m.chunk_count()));
+        let path = match status {
+            ArtifactStatus::Active => self.object_path(id),
+            ArtifactStatus::Partial => self.partial_path(id),
+        };
+        let f = File::open(&path).map_err(io_err("open", &path))?;
+        let flen = f.metadata().map_err(io_err("stat", &path))?.len();
+        let mut report = VerifyReport {
+            id: *id,
+            checked: 0,
+            bad_chunks: Vec::new(),
+            file_ok: None,
+        };
+        let mut whole = blake3::Hasher::new();
+        let mut buf = Vec::new();
+        for i in have.present() {
+            let c = &m.chunks[i as usize];
+            buf.resize(c.len as usize, 0);
+            let ok = f.read_exact_at(&mut buf, c.offset).is_ok() && ChunkHash::of(&buf) == c.hash;
+            report.checked += 1;
+            if !ok {
+                report.bad_chunks.push((i, c.offset));
+            }
+            if status == ArtifactStatus::Active {
+                whole.update(&buf);
+            }
+        }
+        if status == ArtifactStatus::Active {
+            report.file_ok = Some(flen == m.size && whole.finalize().as_bytes() == &m.blake3);
+        } else if !report.bad_chunks.is_empty() {
+            self.load_partial(id)?;
+            let bytes = {
+                let mut parts = self.inner.partials.lock();
+                parts.get_mut(id).map(|p| {
+                    for (i, _) in &report.bad_chunks {
+                        p.have.clear(*i);
+                    }
+                    p.have.to_bytes()
+                })
+            };
+            if let Some(b) = bytes {
+                self.inner.haves.insert(id.0, b)?;
+                self.inner.db.persist(PersistMode::SyncAll)?;
+            }
+        }
+        Ok(report)
+    }
+
+    // ---- eviction ----
+
+    /// Evicts least-recently-used, unpinned, unleased artifacts until `need`
+    /// more bytes fit in the quota. `keep` is never evicted.
+    fn make_room(&self, need: u64, keep: Option<&ArtifactId>) -> Result<(), StoreError> {
+        let quota = self.inner.opts.quota_bytes;
+        if quota == u64::MAX {
+            return Ok(());
+        }
+        let _g = self.inner.meta_lock.lock();
+        let list = self.list()?;
+        let used: u64 = list.iter().map(|a| a.size).sum();
+        if used.saturating_add(need) <= quota {
+            return Ok(());
+        }
+        let mut candidates: Vec<&ArtifactInfo> = list
+            .iter()
+            .filter(|a| a.status == ArtifactStatus::Active && !a.pinned && Some(&a.id) != keep)
+            .filter(|a| !self.in_use(&a.id))
+            .collect();
+        candidates.sort_by_key(|a| a.last_used);
+        let freeable: u64 = candidates.iter().map(|a| a.size).sum();
+        if used.saturating_sub(freeable).saturating_add(need) > quota {
+            return Err(StoreError::QuotaExceeded {
+                need,
+                free: quota.saturating_sub(used) + freeable,
+                quota,
+            });
+        }
+        let mut used = used;
+        drop(_g);
+        for a in candidates {
+            if used.saturating_add(need) <= quota {
+                break;
+            }
+            tracing::info!(id = %a.id, size = a.size, "evicting (quota)");
+            used = used.saturating_sub(self.remove(&a.id)?);
+        }
+        Ok(())
+    }
+
+    /// Whether any process holds a [`Lease`] on the artifact.
+    fn in_use(&self, id: &ArtifactId) -> bool {
+        let p = self.object_path(id);
+        let Ok(f) = File::open(&p) else { return false };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        // SAFETY: flock on an fd we own; released when `f` is dropped.
+        let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+        rc != 0
+    }
+
+    /// Collects stale partials and evicts down to the quota.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let mut report = GcReport::default();
+        let ttl = self.inner.opts.partial_ttl.as_secs();
+        let now = now_secs();
+        for a in self.list()? {
+            if a.status == ArtifactStatus::Partial && now.saturating_sub(a.last_used) >= ttl {
+                report.bytes_freed += self.remove(&a.id)?;
+                report.partials_removed.push(a.id);
+            }
+        }
+        let quota = self.inner.opts.quota_bytes;
+        if quota != u64::MAX {
+            let before: Vec<ArtifactId> = self.list()?.iter().map(|a| a.id).collect();
+            let used = self.used_bytes()?;
+            if used > quota {
+                // Evict as if a zero-byte artifact needed room.
+                let _ = self.make_room(0, None);
+            }
+            let after: std::collections::HashSet<ArtifactId> =
+                self.list()?.iter().map(|a| a.id).collect();
+            report.evicted = before
+                .into_iter()
+                .filter(|id| !after.contains(id))
+                .collect();
+            report.bytes_freed += used.saturating_sub(self.used_bytes()?);
+        }
+        Ok(report)
+    }
+
+    /// Marks a partial as touched now (downloads in progress are not collected).
+    pub fn touch(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        if let Some(mut r) = self.record(id)? {
+            r.last_used = now_secs();
+            self.put_record(id, &r)?;
+        }
+        Ok(())
+    }
+
+    // ---- names, releases, trust ----
+
+    fn name_map(&self) -> Result<HashMap<ArtifactId, Vec<String>>, StoreError> {
+        let mut m: HashMap<ArtifactId, Vec<String>> = HashMap::new();
+        for s in self.releases()? {
+            if let Ok(r) = s.verify() {
+                m.entry(r.id).or_default().push(r.name);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Every release the store knows (verified when applied; not re-checked here).
+    pub fn releases(&self) -> Result<Vec<SignedRelease>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.names.iter() {
+            let (_, v) = kv.into_inner()?;
+            out.push(SignedRelease::decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// The release currently bound to a name.
+    pub fn release(&self, name: &str) -> Result<Option<SignedRelease>, StoreError> {
+        self.inner
+            .names
+            .get(name.as_bytes())?
+            .map(|v| SignedRelease::decode(&v).map_err(Into::into))
+            .transpose()
+    }
+
+    /// Checks a signed release (signature, trusted publisher) and applies it if
+    /// its sequence number is higher than the one known for its name.
+    pub fn apply_release(&self, s: &SignedRelease) -> Result<ReleaseOutcome, StoreError> {
+        let r = s.verify()?;
+        if !self.is_trusted(&s.publisher)? {
+            return Err(StoreError::Untrusted {
+                name: r.name,
+                publisher: s.publisher_hex(),
+            });
+        }
+        let _g = self.inner.meta_lock.lock();
+        if let Some(cur) = self.release(&r.name)? {
+            if cur == *s {
+                return Ok(ReleaseOutcome::AlreadyKnown);
+            }
+            if let Ok(c) = cur.verify()
+                && c.seq >= r.seq
+                && self.is_trusted(&cur.publisher)?
+            {
+                return Ok(ReleaseOutcome::Stale);
+            }
+        }
+        self.inner.names.insert(r.name.as_bytes(), s.encode())?;
+        self.inner.db.persist(PersistMode::SyncAll)?;
+        tracing::info!(name = %r.name, id = %r.id, seq = r.seq, "release applied");
+        Ok(ReleaseOutcome::Applied)
+    }
+
+    /// Resolves a 64-hex id or a trusted release name to an artifact id.
+    pub fn resolve(&self, id_or_name: &str) -> Result<ArtifactId, StoreError> {
+        if let Ok(id) = id_or_name.parse::<ArtifactId>() {
+            return Ok(id);
+        }
+        // A unique id prefix of at least 8 hex digits is accepted too.
+        if id_or_name.len() >= 8 && id_or_name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let hits: Vec<ArtifactId> = self
+                .list()?
+                .into_iter()
+                .map(|a| a.id)
+                .filter(|id| id.to_hex().starts_with(&id_or_name.to_ascii_lowercase()))
+                .collect();
+            if let [one] = hits.as_slice() {
+                return Ok(*one);
+            }
+        }
+        let s = self
+            .release(id_or_name)?
+            .ok_or_else(|| StoreError::Unknown(id_or_name.to_owned()))?;
+        let r = s.verify()?;
+        if !self.is_trusted(&s.publisher)? {
+            return Err(StoreError::Untrusted {
+                name: r.name,
+                publisher: s.publisher_hex(),
+            });
+        }
+        Ok(r.id)
+    }
+
+    /// Adds a publisher key to the trust store.
+    pub fn trust_add(&self, key: [u8; 32], label: &str) -> Result<(), StoreError> {
+        self.inner.trust.insert(key, label.as_bytes())?;
+        self.inner.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    /// Removes a publisher key; returns whether it was there.
+    pub fn trust_remove(&self, key: &[u8; 32]) -> Result<bool, StoreError> {
+        let had = self.inner.trust.contains_key(key)?;
+        self.inner.trust.remove(*key)?;
+        self.inner.db.persist(PersistMode::SyncAll)?;
+        Ok(had)
+    }
+
+    /// Trusted keys with their labels.
+    pub fn trust_list(&self) -> Result<Vec<([u8; 32], String)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.trust.iter() {
+            let (k, v) = kv.into_inner()?;
+            if let Ok(k) = <[u8; 32]>::try_from(&*k) {
+                out.push((k, String::from_utf8_lossy(&v).into_owned()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a key is trusted.
+    pub fn is_trusted(&self, key: &[u8; 32]) -> Result<bool, StoreError> {
+        Ok(self.inner.trust.contains_key(key)?)
+    }
+
+    fn key_path(&self) -> PathBuf {
+        self.inner.dir.join("keys").join("publisher.key")
+    }
+
+    /// This node's publisher key, if generated.
+    pub fn publisher_key(&self) -> Result<Option<SigningKey>, StoreError> {
+        let p = self.key_path();
+        match fs::read_to_string(&p) {
+            Ok(s) => {
+                let mut seed = [0u8; 32];
+                hex::decode_to_slice(s.trim(), &mut seed).map_err(|_| {
+                    StoreError::Corrupt(format!("{} is not a hex key", p.display()))
+                })?;
+                Ok(Some(SigningKey::from_bytes(&seed)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &p)(e)),
+        }
+    }
+
+    /// Generates this node's publisher key (unless one exists and `force` is
+    /// false) and trusts it. Returns the public key.
+    pub fn keygen(&self, force: bool) -> Result<[u8; 32], StoreError> {
+        if !force && let Some(k) = self.publisher_key()? {
+            return Ok(k.verifying_key().to_bytes());
+        }
+        let p = self.key_path();
+        let k = release::generate_key().map_err(io_err("generate key", &p))?;
+        let tmp = p.with_extension("tmp");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        f.write_all(hex::encode(k.to_bytes()).as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(io_err("write", &tmp))?;
+        fs::rename(&tmp, &p).map_err(io_err("rename", &p))?;
+        let public = k.verifying_key().to_bytes();
+        self.trust_add(public, "self")?;
+        Ok(public)
+    }
+
+    /// Signs and applies a release binding `name` to `id` with the next sequence number.
+    pub fn publish(
+        &self,
+        id: &ArtifactId,
+        name: &str,
+        origin: Option<String>,
+    ) -> Result<SignedRelease, StoreError> {
+        release::check_name(name)?;
+        if self.manifest(id)?.is_none() {
+            return Err(StoreError::Unknown(id.to_hex()));
+        }
+        let key = self.publisher_key()?.ok_or(StoreError::NoKey)?;
+        let seq = match self.release(name)? {
+            Some(cur) => cur.verify().map(|r| r.seq).unwrap_or(0) + 1,
+            None => 1,
+        };
+        let s = SignedRelease::sign(
+            &Release {
+                format: release::RELEASE_FORMAT,
+                name: name.to_owned(),
+                id: *id,
+                seq,
+                origin,
+                created: now_secs(),
+            },
+            &key,
+        )?;
+        self.apply_release(&s)?;
+        Ok(s)
+    }
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Removes a temporary file unless disarmed with `mem::forget`.
+struct TmpGuard<'a>(&'a Path);
+
+impl Drop for TmpGuard<'_> {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(self.0);
+    }
+}
+
+/// A read handle on an active artifact, holding a shared lock that keeps it
+/// from being evicted.
+#[derive(Debug)]
+pub struct Lease {
+    /// The artifact.
+    pub id: ArtifactId,
+    /// Its file.
+    pub path: PathBuf,
+    file: File,
+}
+
+impl Lease {
+    /// Memory-maps the artifact read-only.
+    pub fn map(&self) -> Result<memmap2::Mmap, StoreError> {
+        // SAFETY: objects are read-only and never modified in place by the store.
+        unsafe { memmap2::Mmap::map(&self.file) }.map_err(io_err("map", &self.path))
+    }
+}
