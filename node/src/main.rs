@@ -1,1 +1,62 @@
-fn main() {}
+//! `shoal`: the daemon and command-line interface, thin over the `shoal` library.
+//!
+//! Results go to stdout (`--json` for machine-readable output); logs go to stderr.
+
+mod cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// A cooperative, content-addressed cache for generative AI on a LAN.
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Data directory (default: $XDG_DATA_HOME/shoal or ~/.local/share/shoal).
+    #[arg(long, global = true, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Byte quota of the content store (e.g. 20G, 512M); unlimited when unset.
+    #[arg(long, global = true, env = "SHOAL_STORE_QUOTA", value_parser = cmd::parse_size)]
+    pub store_quota: Option<u64>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log filter (e.g. `info`, `shoal=debug`); also RUST_LOG.
+    #[arg(long, global = true, env = "SHOAL_LOG", default_value = "warn")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// All subcommands, grouped by layer.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Content-store commands.
+    #[command(flatten)]
+    Store(cmd::store::StoreCmd),
+}
+
+fn main() {
+    // Die quietly on a closed pipe (`shoal ls | head`), like other Unix tools.
+    // SAFETY: setting a signal disposition to its default before any threads exist.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let ctx = cmd::Ctx::new(&cli);
+    match cli.command {
+        Command::Store(c) => cmd::store::run(&ctx, c),
+    }
+}

@@ -1,0 +1,115 @@
+//! Subcommands, one module per layer.
+
+pub mod store;
+
+use anyhow::{Context, Result, bail};
+use shoal::store::{Store, StoreOptions};
+use std::path::PathBuf;
+
+/// What every subcommand gets: global options.
+pub struct Ctx {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Store options from the command line / environment.
+    pub store_opts: StoreOptions,
+    /// JSON output.
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Builds the context from parsed arguments.
+    pub fn new(cli: &crate::Cli) -> Self {
+        let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+        let mut store_opts = StoreOptions::default();
+        if let Some(q) = cli.store_quota {
+            store_opts.quota_bytes = q;
+        }
+        Ctx {
+            data_dir,
+            store_opts,
+            json: cli.json,
+        }
+    }
+
+    /// Opens the content store (fails clearly when a daemon holds it).
+    pub fn store(&self) -> Result<Store> {
+        Store::open(&self.data_dir, self.store_opts.clone())
+            .with_context(|| format!("opening the store in {}", self.data_dir.display()))
+    }
+
+    /// Prints a value as pretty JSON.
+    pub fn print_json<T: serde::Serialize>(&self, v: &T) -> Result<()> {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        Ok(())
+    }
+}
+
+/// `$XDG_DATA_HOME/shoal`, else `~/.local/share/shoal`, else `./shoal-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|s| !s.is_empty()) {
+        return PathBuf::from(x).join("shoal");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|s| !s.is_empty()) {
+        return PathBuf::from(h).join(".local/share/shoal");
+    }
+    PathBuf::from("shoal-data")
+}
+
+/// Parses sizes like `1024`, `64K`, `512M`, `20G`, `1T` (binary units).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => bail!("unknown size unit in {s:?} (use K, M, G, T)"),
+            };
+            (&s[..i], m)
+        }
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("not a size: {s:?}"))?;
+    if !(n >= 0.0) {
+        bail!("not a size: {s:?}");
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// Formats bytes for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024").ok(), Some(1024));
+        assert_eq!(parse_size("64K").ok(), Some(65536));
+        assert_eq!(parse_size("1.5G").ok(), Some(3 << 29));
+        assert_eq!(parse_size("2GiB").ok(), Some(2 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+}

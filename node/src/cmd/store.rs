@@ -1,0 +1,302 @@
+//! Content-store subcommands: add, ls, show, verify, pin, unpin, rm, gc, keygen, trust, publish.
+
+use super::{Ctx, human_bytes};
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::json;
+use shoal::store::{AddOptions, ArtifactStatus, Store, release};
+use std::path::PathBuf;
+
+/// Content-store commands (they open the store directly; stop `shoal serve` first
+/// or use its API).
+#[derive(Subcommand, Debug)]
+pub enum StoreCmd {
+    /// Add a file (GGUF weights, tokenizer, anything) to the store; prints its id.
+    Add {
+        /// The file.
+        file: PathBuf,
+        /// Bind a name to it with a release signed by this node's key (made if missing).
+        #[arg(long)]
+        name: Option<String>,
+        /// Pin it: never evicted.
+        #[arg(long)]
+        pin: bool,
+        /// Share the file's blocks instead of copying, where the filesystem can (reflink).
+        #[arg(long)]
+        reflink: bool,
+    },
+    /// List artifacts.
+    Ls,
+    /// Show an artifact's manifest.
+    Show {
+        /// Id (or unique prefix) or name.
+        artifact: String,
+    },
+    /// Re-hash artifacts; non-zero exit naming the bad chunk on corruption.
+    Verify {
+        /// Id or name; all artifacts when omitted.
+        artifact: Option<String>,
+    },
+    /// Pin an artifact (never evicted).
+    Pin {
+        /// Id or name.
+        artifact: String,
+    },
+    /// Unpin an artifact.
+    Unpin {
+        /// Id or name.
+        artifact: String,
+    },
+    /// Remove an artifact.
+    Rm {
+        /// Id or name.
+        artifact: String,
+    },
+    /// Collect stale partial downloads and evict down to the quota.
+    Gc,
+    /// Generate this node's release-signing key (trusted by this node); prints the public key.
+    Keygen {
+        /// Replace an existing key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Manage the trust store of release publishers.
+    #[command(subcommand)]
+    Trust(TrustCmd),
+    /// Sign a release binding NAME to an artifact id with this node's key.
+    Publish {
+        /// Id of the artifact.
+        artifact: String,
+        /// Name, e.g. `smollm2-135m-instruct:q4_1`.
+        #[arg(long)]
+        name: String,
+        /// Origin URL peers may fetch missing chunks from.
+        #[arg(long)]
+        origin: Option<String>,
+    },
+}
+
+/// Trust-store commands.
+#[derive(Subcommand, Debug)]
+pub enum TrustCmd {
+    /// Trust a publisher key (64 hex digits).
+    Add {
+        /// Public key.
+        key: String,
+        /// A label for people.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List trusted keys.
+    Ls,
+    /// Stop trusting a key.
+    Rm {
+        /// Public key.
+        key: String,
+    },
+}
+
+/// Runs a store command.
+pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
+    let store = ctx.store()?;
+    match cmd {
+        StoreCmd::Add {
+            file,
+            name,
+            pin,
+            reflink,
+        } => {
+            if !file.exists() {
+                bail!("{}: no such file", file.display());
+            }
+            let id = store
+                .add_file(
+                    &file,
+                    &AddOptions {
+                        pin,
+                        reflink,
+                        ..Default::default()
+                    },
+                )
+                .with_context(|| format!("adding {}", file.display()))?;
+            let release = match name {
+                Some(n) => {
+                    store.keygen(false)?;
+                    Some(store.publish(&id, &n, None)?.verify()?)
+                }
+                None => None,
+            };
+            if ctx.json {
+                ctx.print_json(&json!({"id": id.to_hex(), "name": release.as_ref().map(|r| &r.name), "seq": release.as_ref().map(|r| r.seq)}))?;
+            } else {
+                println!("{id}");
+            }
+        }
+        StoreCmd::Ls => {
+            let list = store.list()?;
+            if ctx.json {
+                return ctx.print_json(&list);
+            }
+            println!(
+                "{:<14} {:<9} {:<7} {:>10} {:>6}  NAMES",
+                "ID", "KIND", "STATUS", "SIZE", "PINNED"
+            );
+            for a in list {
+                let status = match a.status {
+                    ArtifactStatus::Active => "active".to_string(),
+                    ArtifactStatus::Partial => {
+                        format!("{}%", a.present_bytes * 100 / a.size.max(1))
+                    }
+                };
+                println!(
+                    "{:<14} {:<9} {:<7} {:>10} {:>6}  {}",
+                    a.id.short(),
+                    a.kind.name(),
+                    status,
+                    human_bytes(a.size),
+                    if a.pinned { "yes" } else { "" },
+                    a.names.join(",")
+                );
+            }
+        }
+        StoreCmd::Show { artifact } => {
+            let id = store.resolve(&artifact)?;
+            let m = store
+                .manifest(&id)?
+                .with_context(|| format!("unknown artifact {artifact}"))?;
+            let status = store.status(&id)?;
+            if ctx.json {
+                return ctx.print_json(&json!({
+                    "id": id.to_hex(),
+                    "format": m.format,
+                    "kind": m.kind.name(),
+                    "status": status,
+                    "size": m.size,
+                    "blake3": m.blake3_hex(),
+                    "chunks": m.chunks.iter().map(|c| json!({"offset": c.offset, "len": c.len, "blake3": c.hash.to_hex()})).collect::<Vec<_>>(),
+                    "tensors": m.tensors.iter().map(|t| json!({"name": t.name, "ggml_type": t.ggml_type, "dims": t.dims, "offset": t.offset, "size": t.size, "first_chunk": t.first_chunk, "chunk_count": t.chunk_count})).collect::<Vec<_>>(),
+                }));
+            }
+            println!("id:       {id}");
+            println!("kind:     {}", m.kind.name());
+            println!("status:   {status:?}");
+            println!("size:     {} ({})", m.size, human_bytes(m.size));
+            println!("blake3:   {}", m.blake3_hex());
+            println!("format:   {}", m.format);
+            println!("tensors:  {}", m.tensors.len());
+            println!("chunks:   {}", m.chunks.len());
+            for (i, c) in m.chunks.iter().enumerate() {
+                println!("  {i:>5} {:>12} {:>8} {}", c.offset, c.len, c.hash);
+            }
+        }
+        StoreCmd::Verify { artifact } => {
+            let ids = match artifact {
+                Some(a) => vec![store.resolve(&a)?],
+                None => store.list()?.into_iter().map(|a| a.id).collect(),
+            };
+            let mut bad = Vec::new();
+            let mut reports = Vec::new();
+            for id in ids {
+                let r = store.verify(&id)?;
+                if !r.ok() {
+                    for (i, off) in &r.bad_chunks {
+                        bad.push(format!("{id}: chunk {i} at offset {off} is corrupt"));
+                    }
+                    if r.file_ok == Some(false) && r.bad_chunks.is_empty() {
+                        bad.push(format!("{id}: whole-file BLAKE3 does not match"));
+                    }
+                } else if !ctx.json {
+                    println!("{id}: ok ({} chunks)", r.checked);
+                }
+                reports.push(r);
+            }
+            if ctx.json {
+                ctx.print_json(&reports)?;
+            }
+            if !bad.is_empty() {
+                bail!("verification failed:\n{}", bad.join("\n"));
+            }
+        }
+        StoreCmd::Pin { artifact } => set_pin(&store, &artifact, true)?,
+        StoreCmd::Unpin { artifact } => set_pin(&store, &artifact, false)?,
+        StoreCmd::Rm { artifact } => {
+            let id = store.resolve(&artifact)?;
+            let freed = store.remove(&id)?;
+            println!("removed {id} ({})", human_bytes(freed));
+        }
+        StoreCmd::Gc => {
+            let r = store.gc()?;
+            if ctx.json {
+                return ctx.print_json(&r);
+            }
+            println!(
+                "evicted {} artifact(s), removed {} stale partial(s), freed {}",
+                r.evicted.len(),
+                r.partials_removed.len(),
+                human_bytes(r.bytes_freed)
+            );
+        }
+        StoreCmd::Keygen { force } => {
+            let existed = store.publisher_key()?.is_some();
+            let pk = store.keygen(force)?;
+            if existed && !force {
+                eprintln!("a key exists already (use --force to replace it)");
+            }
+            println!("{}", hex::encode(pk));
+        }
+        StoreCmd::Trust(t) => match t {
+            TrustCmd::Add { key, label } => {
+                let k = release::parse_public_key(&key)?;
+                store.trust_add(k, &label)?;
+                println!("trusted {}", hex::encode(k));
+            }
+            TrustCmd::Ls => {
+                let l = store.trust_list()?;
+                if ctx.json {
+                    let v: Vec<_> = l
+                        .iter()
+                        .map(|(k, lab)| json!({"key": hex::encode(k), "label": lab}))
+                        .collect();
+                    return ctx.print_json(&v);
+                }
+                for (k, lab) in l {
+                    println!("{} {lab}", hex::encode(k));
+                }
+            }
+            TrustCmd::Rm { key } => {
+                let k = release::parse_public_key(&key)?;
+                if !store.trust_remove(&k)? {
+                    bail!("key {key} was not trusted");
+                }
+                println!("removed {key}");
+            }
+        },
+        StoreCmd::Publish {
+            artifact,
+            name,
+            origin,
+        } => {
+            let id = store.resolve(&artifact)?;
+            let s = store.publish(&id, &name, origin)?;
+            let r = s.verify()?;
+            if ctx.json {
+                return ctx.print_json(&json!({"name": r.name, "id": r.id.to_hex(), "seq": r.seq, "publisher": s.publisher_hex(), "release": hex::encode(s.encode())}));
+            }
+            println!(
+                "{} -> {} (seq {}, signed by {})",
+                r.name,
+                r.id,
+                r.seq,
+                s.publisher_hex()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn set_pin(store: &Store, artifact: &str, pinned: bool) -> Result<()> {
+    let id = store.resolve(artifact)?;
+    store.set_pinned(&id, pinned)?;
+    println!("{} {id}", if pinned { "pinned" } else { "unpinned" });
+    Ok(())
+}
