@@ -6,7 +6,8 @@ use common::{bytes, demo_model, gguf_model};
 use shoal::gguf::Gguf;
 use shoal::store::release::{RELEASE_FORMAT, Release, SignedRelease};
 use shoal::store::{
-    AddOptions, ArtifactKind, ArtifactStatus, ReleaseOutcome, Store, StoreError, StoreOptions, build_manifest,
+    AddOptions, ArtifactKind, ArtifactStatus, ReleaseOutcome, Store, StoreError, StoreOptions,
+    build_manifest,
 };
 use std::fs;
 use std::path::Path;
@@ -39,17 +40,27 @@ fn round_trip_generated_gguf_and_plain_file() {
     assert_eq!(m.tensors.len(), 4);
     assert_eq!(&m.blake3, blake3::hash(&model).as_bytes());
     // Adding again gives the same id and changes nothing.
-    assert_eq!(store.add_file(&p, &AddOptions::default()).expect("re-add"), id);
+    assert_eq!(
+        store.add_file(&p, &AddOptions::default()).expect("re-add"),
+        id
+    );
     assert_eq!(store.list().expect("list").len(), 1);
 
     let plain = bytes(7, 2_345_678);
     let p = write_file(t.path(), "blob.bin", &plain);
-    let id2 = store.add_file(&p, &AddOptions::default()).expect("add plain");
+    let id2 = store
+        .add_file(&p, &AddOptions::default())
+        .expect("add plain");
     assert_eq!(object_bytes(&store, &id2), plain);
-    assert_eq!(store.manifest(&id2).expect("m").expect("m").kind, ArtifactKind::Other);
+    assert_eq!(
+        store.manifest(&id2).expect("m").expect("m").kind,
+        ArtifactKind::Other
+    );
     // Empty file.
     let p = write_file(t.path(), "empty", &[]);
-    let id3 = store.add_file(&p, &AddOptions::default()).expect("add empty");
+    let id3 = store
+        .add_file(&p, &AddOptions::default())
+        .expect("add empty");
     assert!(object_bytes(&store, &id3).is_empty());
     assert!(store.verify(&id3).expect("verify").ok());
 }
@@ -61,7 +72,10 @@ fn round_trip_demo_model() {
     let store = open(&t.path().join("s"));
     let id = store.add_file(&model, &AddOptions::default()).expect("add");
     let m = store.manifest(&id).expect("m").expect("m");
-    assert_eq!(m.blake3_hex(), "5f4fa13bfc6dd4a91fd00e22974a9c4e9ed628fd7d7f307398ddf30260d6b2c3");
+    assert_eq!(
+        m.blake3_hex(),
+        "5f4fa13bfc6dd4a91fd00e22974a9c4e9ed628fd7d7f307398ddf30260d6b2c3"
+    );
     let a = fs::read(&model).expect("read");
     assert_eq!(object_bytes(&store, &id), a);
     // Tensor boundaries fall on chunk boundaries (tensors above the grouping threshold).
@@ -69,7 +83,11 @@ fn round_trip_demo_model() {
     let starts: std::collections::HashSet<u64> = m.chunks.iter().map(|c| c.offset).collect();
     for t in &g.tensors {
         if t.size >= shoal::store::chunker::SMALL_TENSOR {
-            assert!(starts.contains(&g.tensor_range(t).start), "{} not at a chunk start", t.name);
+            assert!(
+                starts.contains(&g.tensor_range(t).start),
+                "{} not at a chunk start",
+                t.name
+            );
         }
     }
     assert!(m.chunks.iter().all(|c| c.len <= 1 << 20));
@@ -97,8 +115,16 @@ fn malformed_inputs_leave_the_store_unchanged() {
         assert!(msg.contains(name), "error should name the file: {msg}");
     }
     assert!(store.list().expect("list").is_empty());
-    assert_eq!(fs::read_dir(t.path().join("s/tmp")).expect("tmp").count(), 0);
-    assert_eq!(fs::read_dir(t.path().join("s/objects")).expect("objects").count(), 0);
+    assert_eq!(
+        fs::read_dir(t.path().join("s/tmp")).expect("tmp").count(),
+        0
+    );
+    assert_eq!(
+        fs::read_dir(t.path().join("s/objects"))
+            .expect("objects")
+            .count(),
+        0
+    );
     let missing = store.add_file(&t.path().join("nope.gguf"), &AddOptions::default());
     assert!(matches!(missing, Err(StoreError::Io { .. })));
 }
@@ -124,7 +150,10 @@ fn corruption_is_detected() {
     let r = store.verify(&id).expect("verify");
     assert_eq!(r.bad_chunks, vec![(3, victim.offset)]);
     assert_eq!(r.file_ok, Some(false));
-    assert!(matches!(store.read_chunk(&id, 3), Err(StoreError::ChunkMismatch { index: 3, .. })));
+    assert!(matches!(
+        store.read_chunk(&id, 3),
+        Err(StoreError::ChunkMismatch { index: 3, .. })
+    ));
     assert!(store.read_chunk(&id, 2).is_ok());
 }
 
@@ -144,7 +173,11 @@ fn partial_fill_resumes_after_reopen_and_refuses_bad_chunks() {
         for i in (0..n).step_by(2) {
             let c = manifest.chunks[i as usize];
             store
-                .put_chunk(&id, i, &model[c.offset as usize..(c.offset + u64::from(c.len)) as usize])
+                .put_chunk(
+                    &id,
+                    i,
+                    &model[c.offset as usize..(c.offset + u64::from(c.len)) as usize],
+                )
                 .expect("put");
         }
         // A lying peer's chunk: refused, nothing marked.
@@ -156,21 +189,38 @@ fn partial_fill_resumes_after_reopen_and_refuses_bad_chunks() {
             Err(StoreError::ChunkMismatch { index: 1, .. })
         ));
         store.flush(&id).expect("flush");
-        assert!(matches!(store.finish(&id), Err(StoreError::Incomplete { .. })));
-        assert!(store.artifact_path(&id).is_err(), "a partial is not visible");
+        assert!(matches!(
+            store.finish(&id),
+            Err(StoreError::Incomplete { .. })
+        ));
+        assert!(
+            store.artifact_path(&id).is_err(),
+            "a partial is not visible"
+        );
     }
     let store = open(&dir);
     let have = store.begin(&manifest).expect("resume");
-    assert_eq!(have.count(), n.div_ceil(2), "every flushed chunk survives a reopen");
+    assert_eq!(
+        have.count(),
+        n.div_ceil(2),
+        "every flushed chunk survives a reopen"
+    );
     assert!(!have.get(1));
     for i in have.missing().collect::<Vec<_>>() {
         let c = manifest.chunks[i as usize];
         store
-            .put_chunk(&id, i, &model[c.offset as usize..(c.offset + u64::from(c.len)) as usize])
+            .put_chunk(
+                &id,
+                i,
+                &model[c.offset as usize..(c.offset + u64::from(c.len)) as usize],
+            )
             .expect("put");
     }
     store.finish(&id).expect("finish");
-    assert_eq!(store.status(&id).expect("status"), Some(ArtifactStatus::Active));
+    assert_eq!(
+        store.status(&id).expect("status"),
+        Some(ArtifactStatus::Active)
+    );
     assert_eq!(object_bytes(&store, &id), model);
 }
 
@@ -192,22 +242,46 @@ fn local_dedupe_shares_unchanged_tensors() {
     let p2 = write_file(t.path(), "v2.gguf", &v2);
     let m2 = build_manifest(&p2, &v2, None).expect("manifest v2");
     let have = store.begin(&m2).expect("begin v2");
-    let shared: u64 = have.present().map(|i| u64::from(m2.chunks[i as usize].len)).sum();
-    let unchanged: u64 = g.tensors.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, t)| t.size).sum();
-    assert!(shared >= unchanged, "shared {shared} < unchanged tensor bytes {unchanged}");
+    let shared: u64 = have
+        .present()
+        .map(|i| u64::from(m2.chunks[i as usize].len))
+        .sum();
+    let unchanged: u64 = g
+        .tensors
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, t)| t.size)
+        .sum();
+    assert!(
+        shared >= unchanged,
+        "shared {shared} < unchanged tensor bytes {unchanged}"
+    );
     // Only the changed tensor's chunks remain to fetch.
     for i in have.missing().collect::<Vec<_>>() {
         let c = m2.chunks[i as usize];
-        assert!(c.offset < r.end && c.offset + u64::from(c.len) > r.start, "chunk {i} needlessly missing");
+        assert!(
+            c.offset < r.end && c.offset + u64::from(c.len) > r.start,
+            "chunk {i} needlessly missing"
+        );
         store
-            .put_chunk(&m2.id(), i, &v2[c.offset as usize..(c.offset + u64::from(c.len)) as usize])
+            .put_chunk(
+                &m2.id(),
+                i,
+                &v2[c.offset as usize..(c.offset + u64::from(c.len)) as usize],
+            )
             .expect("put");
     }
     store.finish(&m2.id()).expect("finish");
     assert_eq!(object_bytes(&store, &m2.id()), v2);
 }
 
-fn release(store_key: &ed25519_dalek::SigningKey, name: &str, id: shoal::store::ArtifactId, seq: u64) -> SignedRelease {
+fn release(
+    store_key: &ed25519_dalek::SigningKey,
+    name: &str,
+    id: shoal::store::ArtifactId,
+    seq: u64,
+) -> SignedRelease {
     SignedRelease::sign(
         &Release {
             format: RELEASE_FORMAT,
@@ -227,46 +301,98 @@ fn releases_need_a_trusted_valid_signature_and_higher_seq_wins() {
     let t = tempfile::tempdir().expect("tmp");
     let store = open(&t.path().join("s"));
     let a = store
-        .add_file(&write_file(t.path(), "a.bin", &bytes(1, 1000)), &AddOptions::default())
+        .add_file(
+            &write_file(t.path(), "a.bin", &bytes(1, 1000)),
+            &AddOptions::default(),
+        )
         .expect("a");
     let b = store
-        .add_file(&write_file(t.path(), "b.bin", &bytes(2, 1000)), &AddOptions::default())
+        .add_file(
+            &write_file(t.path(), "b.bin", &bytes(2, 1000)),
+            &AddOptions::default(),
+        )
         .expect("b");
     let publisher = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
     let r1 = release(&publisher, "m:v", a, 1);
     // Untrusted publisher.
-    assert!(matches!(store.apply_release(&r1), Err(StoreError::Untrusted { .. })));
+    assert!(matches!(
+        store.apply_release(&r1),
+        Err(StoreError::Untrusted { .. })
+    ));
     assert!(matches!(store.resolve("m:v"), Err(StoreError::Unknown(_))));
-    store.trust_add(publisher.verifying_key().to_bytes(), "test").expect("trust");
-    assert_eq!(store.apply_release(&r1).expect("apply"), ReleaseOutcome::Applied);
+    store
+        .trust_add(publisher.verifying_key().to_bytes(), "test")
+        .expect("trust");
+    assert_eq!(
+        store.apply_release(&r1).expect("apply"),
+        ReleaseOutcome::Applied
+    );
     assert_eq!(store.resolve("m:v").expect("resolve"), a);
-    assert_eq!(store.apply_release(&r1).expect("again"), ReleaseOutcome::AlreadyKnown);
+    assert_eq!(
+        store.apply_release(&r1).expect("again"),
+        ReleaseOutcome::AlreadyKnown
+    );
     // Forged: body swapped to point at b with a higher seq, signature kept.
     let mut forged = r1.clone();
     forged.body = release(&publisher, "m:v", b, 9).body;
     forged.signature = serde_bytes::ByteArray::new([0; 64]);
-    assert!(store.apply_release(&forged).is_err(), "unsigned release accepted");
+    assert!(
+        store.apply_release(&forged).is_err(),
+        "unsigned release accepted"
+    );
     let mut forged = r1.clone();
     forged.body = release(&publisher, "m:v", b, 9).body;
     assert!(matches!(
         store.apply_release(&forged),
-        Err(StoreError::Release(shoal::store::ReleaseError::BadSignature))
+        Err(StoreError::Release(
+            shoal::store::ReleaseError::BadSignature
+        ))
     ));
-    assert_eq!(store.resolve("m:v").expect("resolve"), a, "a refused release changed nothing");
+    assert_eq!(
+        store.resolve("m:v").expect("resolve"),
+        a,
+        "a refused release changed nothing"
+    );
     // Higher seq wins; lower seq is stale.
-    assert_eq!(store.apply_release(&release(&publisher, "m:v", b, 2)).expect("v2"), ReleaseOutcome::Applied);
+    assert_eq!(
+        store
+            .apply_release(&release(&publisher, "m:v", b, 2))
+            .expect("v2"),
+        ReleaseOutcome::Applied
+    );
     assert_eq!(store.resolve("m:v").expect("resolve"), b);
-    assert_eq!(store.apply_release(&release(&publisher, "m:v", a, 1)).expect("old"), ReleaseOutcome::Stale);
+    assert_eq!(
+        store
+            .apply_release(&release(&publisher, "m:v", a, 1))
+            .expect("old"),
+        ReleaseOutcome::Stale
+    );
     assert_eq!(store.resolve("m:v").expect("resolve"), b);
     // Untrusting the key makes the name unresolvable.
-    store.trust_remove(&publisher.verifying_key().to_bytes()).expect("untrust");
-    assert!(matches!(store.resolve("m:v"), Err(StoreError::Untrusted { .. })));
+    store
+        .trust_remove(&publisher.verifying_key().to_bytes())
+        .expect("untrust");
+    assert!(matches!(
+        store.resolve("m:v"),
+        Err(StoreError::Untrusted { .. })
+    ));
     // Our own key, via publish.
-    assert!(matches!(store.publish(&a, "mine", None), Err(StoreError::NoKey)));
+    assert!(matches!(
+        store.publish(&a, "mine", None),
+        Err(StoreError::NoKey)
+    ));
     store.keygen(false).expect("keygen");
     let s = store.publish(&a, "mine", None).expect("publish");
     assert_eq!(s.verify().expect("verify").seq, 1);
-    assert_eq!(store.publish(&b, "mine", None).expect("publish 2").verify().expect("v").seq, 2);
+    assert_eq!(
+        store
+            .publish(&b, "mine", None)
+            .expect("publish 2")
+            .verify()
+            .expect("v")
+            .seq,
+        2
+    );
     assert_eq!(store.resolve("mine").expect("resolve"), b);
 }
 
@@ -280,7 +406,15 @@ fn eviction_respects_quota_pins_and_leases() {
     let store = Store::open(&t.path().join("s"), opts).expect("open");
     let add = |name: &str, seed: u64, pin: bool| {
         let p = write_file(t.path(), name, &bytes(seed, 1_000_000));
-        store.add_file(&p, &AddOptions { pin, ..Default::default() }).expect(name)
+        store
+            .add_file(
+                &p,
+                &AddOptions {
+                    pin,
+                    ..Default::default()
+                },
+            )
+            .expect(name)
     };
     let a = add("a", 1, false);
     std::thread::sleep(Duration::from_millis(1100)); // last-use times have 1 s resolution
@@ -334,7 +468,10 @@ fn stale_partials_are_collected_and_orphans_cleaned_on_open() {
     fs::write(dir.join("objects").join("ab".repeat(32)), b"junk").expect("orphan");
     let _store = open(&dir);
     assert_eq!(fs::read_dir(dir.join("tmp")).expect("tmp").count(), 0);
-    assert_eq!(fs::read_dir(dir.join("objects")).expect("objects").count(), 0);
+    assert_eq!(
+        fs::read_dir(dir.join("objects")).expect("objects").count(),
+        0
+    );
 }
 
 #[test]

@@ -8,20 +8,30 @@ use std::path::PathBuf;
 /// Path of the demo model, or `None` (with a loud message) when it is missing
 /// outside CI. In CI (`CI=true`) a missing model is a failure.
 pub fn demo_model() -> Option<PathBuf> {
-    let p = std::env::var_os("SHOAL_TEST_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        std::env::var_os("SHOAL_MODEL_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home.join(".cache/shoal/models"))
-            .join("SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let p = std::env::var_os("SHOAL_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            std::env::var_os("SHOAL_MODEL_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache/shoal/models"))
+                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     if p.exists() {
         return Some(p);
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("demo model missing at {} (run scripts/fetch-model.sh)", p.display());
+        panic!(
+            "demo model missing at {} (run scripts/fetch-model.sh)",
+            p.display()
+        );
     }
-    eprintln!("SKIPPING: demo model missing at {} (run scripts/fetch-model.sh)", p.display());
+    eprintln!(
+        "SKIPPING: demo model missing at {} (run scripts/fetch-model.sh)",
+        p.display()
+    );
     None
 }
 

@@ -74,6 +74,20 @@ pub enum StoreCmd {
         #[arg(long)]
         origin: Option<String>,
     },
+    /// Test aid: fills the store with FILE's chunks the way a download does
+    /// (partial artifact, chunk by chunk in a scattered order, flushed in
+    /// batches), printing progress; used by crash tests.
+    #[command(hide = true)]
+    DebugFill {
+        /// Source of the chunks.
+        file: PathBuf,
+        /// Pause after each chunk (milliseconds).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Flush every N chunks.
+        #[arg(long, default_value_t = 4)]
+        flush_every: u32,
+    },
 }
 
 /// Trust-store commands.
@@ -290,8 +304,68 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
                 s.publisher_hex()
             );
         }
+        StoreCmd::DebugFill {
+            file,
+            delay_ms,
+            flush_every,
+        } => debug_fill(&store, &file, delay_ms, flush_every)?,
     }
     Ok(())
+}
+
+fn debug_fill(
+    store: &Store,
+    file: &std::path::Path,
+    delay_ms: u64,
+    flush_every: u32,
+) -> Result<()> {
+    use std::io::Write;
+    let data = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let m = shoal::store::build_manifest(file, &data, None)?;
+    let id = m.id();
+    let have = store.begin(&m)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "id {id}")?;
+    writeln!(out, "present {}", have.count())?;
+    out.flush()?;
+    let n = m.chunk_count();
+    // A scattered order (stride coprime with n), like a swarm's rarest-first.
+    let stride = (1..n.max(2)).rev().find(|s| gcd(*s, n) == 1).unwrap_or(1);
+    let mut since_flush = 0;
+    for k in 0..n {
+        let i = (k * stride) % n.max(1);
+        if have.get(i) {
+            continue;
+        }
+        let c = m.chunks[i as usize];
+        store.put_chunk(
+            &id,
+            i,
+            &data[c.offset as usize..(c.offset + u64::from(c.len)) as usize],
+        )?;
+        writeln!(out, "wrote {i}")?;
+        since_flush += 1;
+        if since_flush >= flush_every {
+            store.flush(&id)?;
+            writeln!(
+                out,
+                "flushed {}",
+                store.have_map(&id)?.map(|h| h.count()).unwrap_or(0)
+            )?;
+            since_flush = 0;
+        }
+        out.flush()?;
+        if delay_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        }
+    }
+    store.finish(&id)?;
+    writeln!(out, "done {id}")?;
+    Ok(())
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 fn set_pin(store: &Store, artifact: &str, pinned: bool) -> Result<()> {
