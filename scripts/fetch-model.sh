@@ -41,8 +41,14 @@ PY
   mv "$OUT.part" "$OUT"
 fi
 
+if ! command -v b3sum >/dev/null 2>&1 && ! python3 -c 'import blake3' 2>/dev/null; then
+  python3 -m pip install --quiet blake3 >&2 2>/dev/null || true
+fi
 if [ "$PIN_BLAKE3" != "PIN" ]; then
   got="$(hash_of "$OUT" || true)"
+  if [ -z "$got" ]; then
+    echo "warning: no BLAKE3 tool (b3sum or python blake3): $OUT not checked" >&2
+  fi
   if [ -n "$got" ] && [ "$got" != "$PIN_BLAKE3" ]; then
     echo "error: $OUT has BLAKE3 $got, expected $PIN_BLAKE3; remove it and retry" >&2
     exit 1

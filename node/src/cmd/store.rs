@@ -193,7 +193,12 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             }
             println!("id:       {id}");
             println!("kind:     {}", m.kind.name());
-            println!("status:   {status:?}");
+            println!(
+                "status:   {}",
+                status
+                    .map(|s| format!("{s:?}").to_lowercase())
+                    .unwrap_or_default()
+            );
             println!("size:     {} ({})", m.size, human_bytes(m.size));
             println!("blake3:   {}", m.blake3_hex());
             println!("format:   {}", m.format);
