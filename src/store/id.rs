@@ -20,8 +20,30 @@ fn parse_hex32(s: &str) -> Result<[u8; 32], ParseIdError> {
 macro_rules! hash_id {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
-        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+        #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub struct $name(pub [u8; 32]);
+
+        /// Hex in human-readable formats (JSON), 32 raw bytes in binary ones (postcard).
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.serialize_str(&self.to_hex())
+                } else {
+                    self.0.serialize(s)
+                }
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                if d.is_human_readable() {
+                    let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                    s.parse().map_err(serde::de::Error::custom)
+                } else {
+                    <[u8; 32]>::deserialize(d).map(Self)
+                }
+            }
+        }
 
         impl $name {
             /// The raw 32 bytes.
@@ -98,5 +120,10 @@ mod tests {
         assert_eq!(s.parse::<ArtifactId>(), Ok(id));
         assert!("xyz".parse::<ArtifactId>().is_err());
         assert!("zz".repeat(32).parse::<ArtifactId>().is_err());
+        let j = serde_json::to_string(&id).expect("json");
+        assert_eq!(j, format!("\"{s}\""));
+        assert_eq!(serde_json::from_str::<ArtifactId>(&j).expect("back"), id);
+        let b = postcard::to_stdvec(&id).expect("postcard");
+        assert_eq!(b, [7u8; 32]);
     }
 }

@@ -657,19 +657,30 @@ impl Store {
             .map_err(io_err("create", &tmp_path))?;
         let cleanup = TmpGuard(&tmp_path);
         // Copy (or reflink) on one thread while the manifest is hashed on the others.
+        let started = std::time::Instant::now();
         let (manifest, copied) = std::thread::scope(|s| {
             let copier = s.spawn(|| -> Result<(), StoreError> {
                 if opts.reflink && try_reflink(&src, &dst) {
                     tracing::debug!(path = %path.display(), "reflinked");
                 } else {
+                    // std's File-to-File copy uses copy_file_range: an in-kernel copy,
+                    // no trip through user space.
+                    let mut r = File::open(path).map_err(io_err("open", path))?;
                     let mut w = &dst;
-                    for piece in bytes.chunks(8 << 20) {
-                        w.write_all(piece).map_err(io_err("write", &tmp_path))?;
+                    let n = io::copy(&mut r, &mut w).map_err(io_err("copy to", &tmp_path))?;
+                    if n != len {
+                        return Err(io_err("copy to", &tmp_path)(io::Error::other(format!(
+                            "source changed size while adding ({n} of {len} bytes)"
+                        ))));
                     }
                 }
-                dst.sync_data().map_err(io_err("sync", &tmp_path))
+                let copied = started.elapsed();
+                dst.sync_data().map_err(io_err("sync", &tmp_path))?;
+                tracing::debug!(?copied, synced = ?started.elapsed(), "copy done");
+                Ok(())
             });
             let m = build_manifest(path, bytes, opts.kind);
+            tracing::debug!(hashed = ?started.elapsed(), "manifest done");
             (m, copier.join())
         });
         let manifest = manifest?;
