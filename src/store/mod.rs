@@ -707,27 +707,9 @@ impl Store {
         fs::rename(&tmp_path, &obj).map_err(io_err("rename into", &obj))?;
         std::mem::forget(cleanup);
         fsync_dir(&obj.with_file_name(""))?;
-        let now = now_secs();
-        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
-        b.insert(&self.inner.manifests, id.0, manifest.encode());
-        b.insert(
-            &self.inner.records,
-            id.0,
-            encode(&Record {
-                status: ArtifactStatus::Active,
-                pinned: opts.pin,
-                created: now,
-                last_used: now,
-            }),
-        );
+        let mut b = self.register_batch(&id, &manifest, ArtifactStatus::Active, opts.pin);
         b.remove(&self.inner.haves, id.0);
-        for (i, c) in manifest.chunks.iter().enumerate() {
-            b.insert(
-                &self.inner.chunk_index,
-                index_key(&c.hash, &id, i as u32),
-                [],
-            );
-        }
+        self.index_chunks(&mut b, &id, &manifest);
         b.commit()?;
         tracing::info!(%id, size = manifest.size, chunks = manifest.chunks.len(), "added");
         Ok(id)
@@ -763,19 +745,7 @@ impl Store {
         f.sync_all().map_err(io_err("sync", &path))?;
         fsync_dir(&self.inner.dir.join("partial"))?;
         let have = HaveMap::new(manifest.chunk_count());
-        let now = now_secs();
-        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
-        b.insert(&self.inner.manifests, id.0, manifest.encode());
-        b.insert(
-            &self.inner.records,
-            id.0,
-            encode(&Record {
-                status: ArtifactStatus::Partial,
-                pinned: false,
-                created: now,
-                last_used: now,
-            }),
-        );
+        let mut b = self.register_batch(&id, manifest, ArtifactStatus::Partial, false);
         b.insert(&self.inner.haves, id.0, have.to_bytes());
         b.commit()?;
         self.inner.partials.lock().insert(
@@ -1023,6 +993,34 @@ impl Store {
         let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
         b.insert(&self.inner.records, id.0, encode(&rec));
         b.remove(&self.inner.haves, id.0);
+        self.index_chunks(&mut b, id, &manifest);
+        b.commit()?;
+        Ok(())
+    }
+
+    /// A synced batch that records a new artifact's manifest and record.
+    fn register_batch(
+        &self,
+        id: &ArtifactId,
+        manifest: &Manifest,
+        status: ArtifactStatus,
+        pinned: bool,
+    ) -> fjall::OwnedWriteBatch {
+        let now = now_secs();
+        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.inner.manifests, id.0, manifest.encode());
+        let rec = Record {
+            status,
+            pinned,
+            created: now,
+            last_used: now,
+        };
+        b.insert(&self.inner.records, id.0, encode(&rec));
+        b
+    }
+
+    /// Adds every chunk of an artifact to the chunk index (for local dedupe).
+    fn index_chunks(&self, b: &mut fjall::OwnedWriteBatch, id: &ArtifactId, manifest: &Manifest) {
         for (i, c) in manifest.chunks.iter().enumerate() {
             b.insert(
                 &self.inner.chunk_index,
@@ -1030,8 +1028,6 @@ impl Store {
                 [],
             );
         }
-        b.commit()?;
-        Ok(())
     }
 
     /// Reads a present chunk, re-verifying its hash (a corrupted disk is never served).
