@@ -5,5 +5,6 @@
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
+pub mod config;
 pub mod gguf;
 pub mod store;

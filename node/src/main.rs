@@ -18,6 +18,10 @@ pub struct Cli {
     /// Byte quota of the content store (e.g. 20G, 512M); unlimited when unset.
     #[arg(long, global = true, env = "SHOAL_STORE_QUOTA", value_parser = cmd::parse_size)]
     pub store_quota: Option<u64>,
+    /// Configuration file (TOML; see `shoal config show`). Default: $SHOAL_CONFIG,
+    /// else ~/.config/shoal/shoal.toml or /etc/shoal/shoal.toml if present.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     pub json: bool,
@@ -34,6 +38,9 @@ pub enum Command {
     /// Content-store commands.
     #[command(flatten)]
     Store(cmd::store::StoreCmd),
+    /// Operations commands.
+    #[command(flatten)]
+    Ops(cmd::ops::OpsCmd),
 }
 
 fn main() {
@@ -56,7 +63,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let ctx = cmd::Ctx::new(&cli);
+    let config = cmd::ops::ConfigSource::from_cli(&cli);
     match cli.command {
         Command::Store(c) => cmd::store::run(&ctx, c),
+        Command::Ops(c) => cmd::ops::run(&ctx, &config, c),
     }
 }

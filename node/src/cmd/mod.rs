@@ -1,5 +1,6 @@
 //! Subcommands, one module per layer.
 
+pub mod ops;
 pub mod store;
 
 use anyhow::{Context, Result, bail};
