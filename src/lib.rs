@@ -7,4 +7,5 @@
 
 pub mod config;
 pub mod gguf;
+pub mod metrics;
 pub mod store;

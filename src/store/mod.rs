@@ -490,6 +490,7 @@ impl Store {
             inner: Arc::new(inner),
         };
         store.reconcile()?;
+        crate::metrics::global().store_opened(&store);
         Ok(store)
     }
 
@@ -696,6 +697,8 @@ impl Store {
                 return Ok(id);
             }
             // A partial of the same artifact: the local file completes it.
+            crate::metrics::global()
+                .store_removed(crate::metrics::ArtifactState::Partial, manifest.size);
             self.inner.partials.lock().remove(&id);
             let _ = fs::remove_file(self.partial_path(&id));
         }
@@ -711,6 +714,7 @@ impl Store {
         b.remove(&self.inner.haves, id.0);
         self.index_chunks(&mut b, &id, &manifest);
         b.commit()?;
+        crate::metrics::global().store_added(crate::metrics::ArtifactState::Active, manifest.size);
         tracing::info!(%id, size = manifest.size, chunks = manifest.chunks.len(), "added");
         Ok(id)
     }
@@ -748,6 +752,7 @@ impl Store {
         let mut b = self.register_batch(&id, manifest, ArtifactStatus::Partial, false);
         b.insert(&self.inner.haves, id.0, have.to_bytes());
         b.commit()?;
+        crate::metrics::global().store_added(crate::metrics::ArtifactState::Partial, manifest.size);
         self.inner.partials.lock().insert(
             id,
             Partial {
@@ -804,9 +809,18 @@ impl Store {
         let mut copied = 0;
         for i in have.missing() {
             let c = &manifest.chunks[i as usize];
+            let started = std::time::Instant::now();
             if let Some(data) = self.find_local_chunk(&c.hash, id)? {
                 self.put_chunk(id, i, &data)?;
                 copied += 1;
+                let secs = started.elapsed().as_secs_f64();
+                use crate::metrics::{Outcome, Source};
+                crate::metrics::global().chunk_fetch(
+                    Source::Local,
+                    Outcome::Ok,
+                    c.len.into(),
+                    secs,
+                );
             }
         }
         if copied > 0 {
@@ -977,6 +991,7 @@ impl Store {
         fsync_dir(&self.inner.dir.join("partial"))?;
         self.commit_activation(id)?;
         self.inner.partials.lock().remove(id);
+        crate::metrics::global().store_activated(manifest.size);
         tracing::info!(%id, size = manifest.size, "activated");
         Ok(())
     }
@@ -1124,6 +1139,10 @@ impl Store {
         let m = self
             .manifest(id)?
             .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let state = match self.status(id)? {
+            Some(ArtifactStatus::Active) => crate::metrics::ArtifactState::Active,
+            _ => crate::metrics::ArtifactState::Partial,
+        };
         self.inner.partials.lock().remove(id);
         self.forget(id)?;
         for p in [self.object_path(id), self.partial_path(id)] {
@@ -1133,6 +1152,7 @@ impl Store {
                 Err(e) => return Err(io_err("remove", &p)(e)),
             }
         }
+        crate::metrics::global().store_removed(state, m.size);
         Ok(m.size)
     }
 
@@ -1287,6 +1307,7 @@ impl Store {
                 break;
             }
             tracing::info!(id = %a.id, size = a.size, "evicting (quota)");
+            crate::metrics::global().store_evicted(a.size);
             used = used.saturating_sub(self.remove(&a.id)?);
         }
         Ok(())
