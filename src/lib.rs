@@ -7,5 +7,6 @@
 
 pub mod config;
 pub mod gguf;
+pub mod import;
 pub mod metrics;
 pub mod store;

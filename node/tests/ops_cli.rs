@@ -86,3 +86,61 @@ fn config_errors_name_the_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("bad.toml:4:9:"), "{err}");
 }
+
+#[test]
+fn import_names_models_and_lists_them() {
+    use shoal::gguf::writer::{TensorSpec, write};
+    use shoal::gguf::{GgmlType, Value};
+    let d = tempfile::tempdir().expect("tempdir");
+    let models = d.path().join("usb/models");
+    std::fs::create_dir_all(&models).expect("mkdir");
+    let gguf = write(
+        &[("general.architecture", Value::String("llama".into()))],
+        &[TensorSpec {
+            name: "w".into(),
+            dims: vec![64],
+            ty: GgmlType::F32,
+            data: vec![7; 256],
+        }],
+    );
+    std::fs::write(models.join("Tiny-Chat.Q8_0.gguf"), &gguf).expect("write");
+    let data = d.path().join("data");
+    let data_s = data.to_str().expect("utf-8");
+    let models_s = models.to_str().expect("utf-8");
+    let dry = stdout(&shoal(
+        d.path(),
+        &["--data-dir", data_s, "import", "--dry-run", models_s],
+        &[],
+    ));
+    assert!(dry.starts_with("tiny-chat:q8_0\t"), "{dry}");
+    assert!(!data.join("objects").exists(), "a dry run touches no store");
+    let out = stdout(&shoal(
+        d.path(),
+        &["--data-dir", data_s, "import", "--pin", models_s],
+        &[],
+    ));
+    assert!(out.contains("tiny-chat:q8_0"), "{out}");
+    let ls = stdout(&shoal(
+        d.path(),
+        &["--data-dir", data_s, "--json", "ls"],
+        &[],
+    ));
+    let v: serde_json::Value = serde_json::from_str(&ls).expect("json");
+    assert_eq!(v[0]["names"][0], "tiny-chat:q8_0", "{ls}");
+    assert_eq!(v[0]["pinned"], true, "{ls}");
+    // Nothing importable: a clear failure.
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    let o = shoal(
+        d.path(),
+        &[
+            "--data-dir",
+            data_s,
+            "import",
+            empty.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no GGUF models found"));
+}

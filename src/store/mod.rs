@@ -200,6 +200,11 @@ pub struct AddOptions {
     pub pin: bool,
     /// Try to share the source file's blocks (reflink) instead of copying.
     pub reflink: bool,
+    /// Try to hard-link the source into the store instead of copying (same
+    /// filesystem only). The store then shares the source's inode, which is made
+    /// read-only: only for sources never modified in place, such as Hugging
+    /// Face and Ollama blobs. Takes precedence over `reflink`.
+    pub hardlink: bool,
 }
 
 /// State of an artifact in the store.
@@ -651,17 +656,23 @@ impl Store {
                 .dir
                 .join("tmp")
                 .join(format!("add-{}-{}", std::process::id(), now_nanos()));
-        let dst = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp_path)
-            .map_err(io_err("create", &tmp_path))?;
+        let linked = opts.hardlink && fs::hard_link(path, &tmp_path).is_ok();
+        let dst = match linked {
+            true => File::open(&tmp_path),
+            false => OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp_path),
+        }
+        .map_err(io_err("create", &tmp_path))?;
         let cleanup = TmpGuard(&tmp_path);
         // Copy (or reflink) on one thread while the manifest is hashed on the others.
         let started = std::time::Instant::now();
         let (manifest, copied) = std::thread::scope(|s| {
             let copier = s.spawn(|| -> Result<(), StoreError> {
-                if opts.reflink && try_reflink(&src, &dst) {
+                if linked {
+                    tracing::debug!(path = %path.display(), "hard-linked");
+                } else if opts.reflink && try_reflink(&src, &dst) {
                     tracing::debug!(path = %path.display(), "reflinked");
                 } else {
                     // std's File-to-File copy uses copy_file_range: an in-kernel copy,

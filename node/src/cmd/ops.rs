@@ -1,9 +1,10 @@
 //! Operations subcommands: `config show`, `import`.
 
-use super::Ctx;
-use anyhow::{Context, Result};
+use super::{Ctx, human_bytes};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use shoal::config::Config;
+use shoal::import::{ImportOptions, import};
 use std::path::PathBuf;
 
 /// Where the configuration comes from: the file (`--config`, else
@@ -48,6 +49,23 @@ pub enum OpsCmd {
     /// Configuration file commands.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Import models you already have: GGUF files under a directory, Hugging Face
+    /// cache folders (models--org--name) and Ollama's store (~/.ollama/models).
+    /// Each is added sharing the source's blocks where the filesystem can
+    /// (reflink) and named with a release signed by this node's key.
+    Import {
+        /// A file or directory (searched recursively).
+        path: PathBuf,
+        /// Pin the imported models (never evicted).
+        #[arg(long)]
+        pin: bool,
+        /// Do not name them (no signed releases).
+        #[arg(long)]
+        no_names: bool,
+        /// Only list what would be imported.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// `shoal config …`
@@ -72,6 +90,52 @@ pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: OpsCmd) -> Result<()> {
                 ctx.print_json(&cfg)?;
             } else {
                 print!("{}", cfg.effective_toml());
+            }
+        }
+        OpsCmd::Import {
+            path,
+            pin,
+            no_names,
+            dry_run,
+        } => {
+            if dry_run {
+                let found = shoal::import::scan(&path)?;
+                if ctx.json {
+                    return ctx.print_json(&found);
+                }
+                for c in &found {
+                    println!("{}\t{}\t{}", c.name, human_bytes(c.size), c.origin);
+                }
+                return Ok(());
+            }
+            let store = ctx.store()?;
+            let done = import(&store, &path, &ImportOptions { pin, no_names })?;
+            let failed = done.iter().filter(|r| r.error.is_some()).count();
+            if ctx.json {
+                ctx.print_json(&done)?;
+            } else {
+                for r in &done {
+                    let c = &r.candidate;
+                    match (&r.id, &r.error) {
+                        (Some(id), _) => println!(
+                            "{}  {}  {}  {}{}",
+                            &id.to_hex()[..12],
+                            c.name,
+                            human_bytes(c.size),
+                            c.origin,
+                            if r.already_present {
+                                "  (already present)"
+                            } else {
+                                ""
+                            }
+                        ),
+                        (None, Some(e)) => eprintln!("failed: {}: {e}", c.origin),
+                        (None, None) => {}
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} models failed to import", done.len());
             }
         }
         OpsCmd::Config(ConfigCmd::Path) => {
