@@ -331,6 +331,8 @@ pub struct StoreConfig {
     pub quota: ByteSize,
     /// Partial downloads untouched this long are removed by garbage collection.
     pub partial_ttl: HumanDuration,
+    /// Models (release names or ids) that `shoal prefetch` fetches and pins.
+    pub prefetch: Vec<String>,
 }
 
 /// `[mesh]` settings.
@@ -437,6 +439,7 @@ impl Default for StoreConfig {
         StoreConfig {
             quota: ByteSize::UNLIMITED,
             partial_ttl: HumanDuration::secs(24 * 3600),
+            prefetch: Vec::new(),
         }
     }
 }
@@ -615,6 +618,13 @@ pub const SETTINGS: &[Setting] = &[
         Str,
         "Partial downloads untouched for this long are deleted by garbage collection.",
         "\"24h\"",
+    ),
+    s(
+        "store.prefetch",
+        Some("SHOAL_PREFETCH"),
+        List,
+        "Models (release names or ids) that `shoal prefetch` fetches through the running\nnode and pins; the shoal-prefetch.timer runs it off-peak.",
+        "[\"smollm2-135m-instruct:q4_1\"]",
     ),
     s(
         "mesh.listen",
