@@ -8,5 +8,6 @@
 pub mod config;
 pub mod gguf;
 pub mod import;
+pub mod inference;
 pub mod metrics;
 pub mod store;

@@ -1,0 +1,218 @@
+//! The streaming, cancellable generation loop.
+
+use super::InferenceError;
+use super::kv::KvCache;
+use super::model::Model;
+use super::sample::{Sampler, SamplerConfig};
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Parameters of one generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateConfig {
+    /// Maximum tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling parameters.
+    pub sampler: SamplerConfig,
+    /// Generation stops when the text contains one of these; the stop
+    /// sequence itself is not emitted.
+    pub stop: Vec<String>,
+    /// Stop at the end-of-sequence / end-of-turn token.
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        GenerateConfig {
+            max_tokens: 128,
+            sampler: SamplerConfig::default(),
+            stop: Vec::new(),
+            stop_at_eos: true,
+        }
+    }
+}
+
+/// One generated token, as delivered to the callback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenEvent<'a> {
+    /// 0-based index among the generated tokens.
+    pub index: usize,
+    /// Token id.
+    pub id: u32,
+    /// Text released with this token: complete UTF-8 only, held back while
+    /// it could still be the start of a stop sequence (may be empty).
+    pub text: &'a str,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// The model produced an end token.
+    EndOfSequence,
+    /// A stop sequence appeared.
+    StopSequence,
+    /// The cancellation flag was set.
+    Cancelled,
+    /// The callback returned `ControlFlow::Break`.
+    Callback,
+    /// The context length was reached.
+    ContextFull,
+}
+
+/// Result of [`generate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOutput {
+    /// Generated token ids (the end token, if any, is not included).
+    pub tokens: Vec<u32>,
+    /// Generated text (up to any stop sequence).
+    pub text: String,
+    /// Why it ended.
+    pub stop: StopReason,
+    /// Time spent on the prompt tokens.
+    pub prompt_time: Duration,
+    /// Time spent generating (after the prompt).
+    pub gen_time: Duration,
+    /// Prompt tokens evaluated.
+    pub prompt_tokens: usize,
+}
+
+/// Generates after `prompt`, streaming tokens to `on_token`.
+///
+/// `cache` holds the sequence before `prompt` (empty, or e.g. an imported
+/// prefix); `prompt` must hold at least one token (to continue from a cache
+/// holding the whole prompt, truncate it by one and pass the last token).
+/// On return `cache` holds the prompt and every generated token but the last.
+/// `cancel` is checked before every forward pass.
+pub fn generate(
+    model: &Model,
+    cache: &mut KvCache,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    cancel: Option<&AtomicBool>,
+    mut on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<GenerateOutput, InferenceError> {
+    let mut sampler = Sampler::new(cfg.sampler.clone())?;
+    if cfg.stop.iter().any(String::is_empty) {
+        return Err(InferenceError::InvalidParameter(
+            "empty stop sequence".into(),
+        ));
+    }
+    let tok = model.tokenizer();
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
+    let mut out = GenerateOutput {
+        tokens: Vec::new(),
+        text: String::new(),
+        stop: StopReason::MaxTokens,
+        prompt_time: Duration::ZERO,
+        gen_time: Duration::ZERO,
+        prompt_tokens: prompt.len(),
+    };
+    if cancelled() {
+        out.stop = StopReason::Cancelled;
+        return Ok(out);
+    }
+    let t0 = Instant::now();
+    let mut logits = model.forward(cache, prompt)?;
+    out.prompt_time = t0.elapsed();
+    let t1 = Instant::now();
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut pending: Vec<u8> = Vec::new();
+    // Text decoded so far; `released` bytes of it went to the callback.
+    let mut text = String::new();
+    let mut released: usize = 0;
+    let max_ctx = model.hparams().context_length;
+    loop {
+        if out.tokens.len() >= cfg.max_tokens {
+            out.stop = StopReason::MaxTokens;
+            break;
+        }
+        let id = sampler.sample(&mut logits, &history);
+        if cfg.stop_at_eos && tok.is_end(id) {
+            out.stop = StopReason::EndOfSequence;
+            break;
+        }
+        out.tokens.push(id);
+        history.push(id);
+        if !tok.is_control(id) {
+            pending.extend_from_slice(tok.token_bytes(id));
+        }
+        let valid = match std::str::from_utf8(&pending) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        text.push_str(&String::from_utf8_lossy(&pending[..valid]));
+        pending.drain(..valid);
+        // Stop sequences: search the unreleased tail (with overlap).
+        let mut stop_at = None;
+        for s in &cfg.stop {
+            let from = released.saturating_sub(s.len());
+            let from = (from..=released)
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(released);
+            if let Some(p) = text[from..].find(s.as_str()) {
+                let at = from + p;
+                stop_at = Some(stop_at.map_or(at, |x: usize| x.min(at)));
+            }
+        }
+        let release_to = match stop_at {
+            Some(at) => at.max(released),
+            None => {
+                // Hold back a suffix that is a prefix of some stop sequence.
+                let mut hold = text.len();
+                for s in &cfg.stop {
+                    for (i, _) in text[released..].char_indices() {
+                        let at = released + i;
+                        if s.starts_with(&text[at..]) {
+                            hold = hold.min(at);
+                            break;
+                        }
+                    }
+                }
+                hold
+            }
+        };
+        let ev = TokenEvent {
+            index: out.tokens.len() - 1,
+            id,
+            text: &text[released..release_to],
+        };
+        let flow = on_token(&ev);
+        released = release_to;
+        if stop_at.is_some() {
+            text.truncate(released);
+            out.stop = StopReason::StopSequence;
+            break;
+        }
+        if flow.is_break() {
+            out.stop = StopReason::Callback;
+            break;
+        }
+        if out.tokens.len() >= cfg.max_tokens {
+            out.stop = StopReason::MaxTokens;
+            break;
+        }
+        if cancelled() {
+            out.stop = StopReason::Cancelled;
+            break;
+        }
+        if cache.len() + 1 > max_ctx {
+            out.stop = StopReason::ContextFull;
+            break;
+        }
+        logits = model.forward(cache, &[id])?;
+    }
+    if out.stop != StopReason::StopSequence {
+        // Flush held-back text and any incomplete UTF-8.
+        text.push_str(&String::from_utf8_lossy(&pending));
+        if released < text.len() && out.stop != StopReason::EndOfSequence {
+            // Callers that stream got everything but the held-back tail;
+            // it is still part of `text`.
+        }
+    }
+    out.text = text;
+    out.gen_time = t1.elapsed();
+    Ok(out)
+}

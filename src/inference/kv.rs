@@ -1,0 +1,602 @@
+//! The explicit per-sequence KV cache and its versioned byte format.
+//!
+//! Keys and values are kept in f32, in blocks of [`BLOCK_TOKENS`] positions
+//! shared through `Arc`: [`KvCache::fork`] copies no data (blocks are cloned
+//! only when a fork writes into a shared one). Keys are stored after RoPE.
+//!
+//! # Byte format (version 1, little-endian)
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `SHOAL-KV` |
+//! | 8 | 4 | format version (1) |
+//! | 12 | 32 | model id (store artifact id or BLAKE3 of the file) |
+//! | 44 | 4 | layers |
+//! | 48 | 4 | kv heads |
+//! | 52 | 4 | head dim |
+//! | 56 | 1 | dtype: 0 = f16, 1 = q8_0 |
+//! | 57 | 3 | zero |
+//! | 60 | 8 | first token position `a` |
+//! | 68 | 8 | token count `b - a` |
+//! | 76 | … | payload: per token, per layer, K then V, per head `head_dim` values |
+//! | end-32 | 32 | BLAKE3 of all preceding bytes |
+//!
+//! q8_0 encodes each run of 32 values as an f16 scale and 32 i8 (34 bytes),
+//! like ggml's Q8_0; it needs `head_dim % 32 == 0`.
+
+use super::InferenceError;
+use half::f16;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Positions per shared block.
+pub const BLOCK_TOKENS: usize = 32;
+/// Magic bytes of an exported KV cache.
+pub const KV_MAGIC: &[u8; 8] = b"SHOAL-KV";
+/// Current KV byte-format version.
+pub const KV_FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 76;
+const SUM_LEN: usize = 32;
+
+/// Shape of a model's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Key/value heads per block.
+    pub n_kv_head: usize,
+    /// Values per head.
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    fn block_len(&self) -> usize {
+        self.n_layer * 2 * self.n_kv_head * BLOCK_TOKENS * self.head_dim
+    }
+    #[inline]
+    fn index(&self, layer: usize, kv: usize, head: usize, t: usize) -> usize {
+        (((layer * 2 + kv) * self.n_kv_head + head) * BLOCK_TOKENS + t) * self.head_dim
+    }
+}
+
+/// Payload encoding of an exported cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// IEEE half precision (2 bytes per value).
+    #[default]
+    F16,
+    /// ggml Q8_0 blocks (34 bytes per 32 values).
+    Q8_0,
+}
+
+impl KvDtype {
+    fn code(self) -> u8 {
+        match self {
+            KvDtype::F16 => 0,
+            KvDtype::Q8_0 => 1,
+        }
+    }
+    fn from_code(c: u8) -> Option<Self> {
+        match c {
+            0 => Some(KvDtype::F16),
+            1 => Some(KvDtype::Q8_0),
+            _ => None,
+        }
+    }
+    fn head_bytes(self, hd: usize) -> usize {
+        match self {
+            KvDtype::F16 => hd * 2,
+            KvDtype::Q8_0 => hd / 32 * 34,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = InferenceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f16" => Ok(KvDtype::F16),
+            "q8_0" => Ok(KvDtype::Q8_0),
+            _ => Err(InferenceError::InvalidParameter(format!(
+                "kv dtype {s:?} (expected f16 or q8_0)"
+            ))),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Block(Vec<f32>);
+
+/// Keys and values of one sequence, for positions `0..len()`.
+#[derive(Clone)]
+pub struct KvCache {
+    layout: KvLayout,
+    len: usize,
+    blocks: Vec<Arc<Block>>,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("layout", &self.layout)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Header of an exported cache, as read by [`KvCache::inspect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvHeader {
+    /// Format version.
+    pub version: u32,
+    /// Model id the cache was computed with.
+    pub model_id: [u8; 32],
+    /// Layout.
+    pub layout: KvLayout,
+    /// Payload encoding.
+    pub dtype: KvDtype,
+    /// Positions covered.
+    pub range: Range<usize>,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new(layout: KvLayout) -> Self {
+        KvCache {
+            layout,
+            len: 0,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> KvLayout {
+        self.layout
+    }
+
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no positions are held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Drops positions `n..`; no-op when `n >= len()`.
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.len {
+            self.len = n;
+            self.blocks.truncate(n.div_ceil(BLOCK_TOKENS));
+        }
+    }
+
+    /// A cache holding the first `n` positions (all if `n >= len()`). Blocks
+    /// are shared with `self`, so this copies no key/value data.
+    pub fn fork(&self, n: usize) -> KvCache {
+        let mut c = self.clone();
+        c.truncate(n);
+        c
+    }
+
+    /// Makes room for `n` more positions (allocating or un-sharing blocks).
+    pub(crate) fn reserve(&mut self, n: usize) {
+        let end = self.len + n;
+        let need = end.div_ceil(BLOCK_TOKENS);
+        let first = self.len / BLOCK_TOKENS;
+        while self.blocks.len() < need {
+            self.blocks
+                .push(Arc::new(Block(vec![0f32; self.layout.block_len()])));
+        }
+        for b in &mut self.blocks[first..need] {
+            Arc::make_mut(b);
+        }
+    }
+
+    /// Writes K and V of one head at position `pos` (room made by `reserve`).
+    pub(crate) fn write(&mut self, layer: usize, pos: usize, head: usize, k: &[f32], v: &[f32]) {
+        let hd = self.layout.head_dim;
+        let (b, t) = (pos / BLOCK_TOKENS, pos % BLOCK_TOKENS);
+        let layout = self.layout;
+        let blk = &mut Arc::make_mut(&mut self.blocks[b]).0;
+        let ik = layout.index(layer, 0, head, t);
+        blk[ik..ik + hd].copy_from_slice(k);
+        let iv = layout.index(layer, 1, head, t);
+        blk[iv..iv + hd].copy_from_slice(v);
+    }
+
+    /// Marks `n` written positions as part of the cache.
+    pub(crate) fn commit(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    fn for_each(
+        &self,
+        layer: usize,
+        kv: usize,
+        head: usize,
+        upto: usize,
+        mut f: impl FnMut(&[f32]),
+    ) {
+        let hd = self.layout.head_dim;
+        let mut left = upto;
+        for blk in &self.blocks {
+            if left == 0 {
+                break;
+            }
+            let take = left.min(BLOCK_TOKENS);
+            let i = self.layout.index(layer, kv, head, 0);
+            for row in blk.0[i..i + take * hd].chunks_exact(hd) {
+                f(row);
+            }
+            left -= take;
+        }
+    }
+
+    /// Calls `f` with the key of each position `0..upto` of one head.
+    pub(crate) fn for_each_key(
+        &self,
+        layer: usize,
+        head: usize,
+        upto: usize,
+        f: impl FnMut(&[f32]),
+    ) {
+        self.for_each(layer, 0, head, upto, f)
+    }
+
+    /// Calls `f` with the value of each position `0..upto` of one head.
+    pub(crate) fn for_each_value(
+        &self,
+        layer: usize,
+        head: usize,
+        upto: usize,
+        f: impl FnMut(&[f32]),
+    ) {
+        self.for_each(layer, 1, head, upto, f)
+    }
+
+    /// Appends one position: `k` and `v` hold `n_layer * n_kv_head * head_dim`
+    /// values each, layer-major then head.
+    pub fn append(&mut self, k: &[f32], v: &[f32]) -> Result<(), InferenceError> {
+        let l = self.layout;
+        let want = l.n_layer * l.n_kv_head * l.head_dim;
+        if k.len() != want || v.len() != want {
+            return Err(InferenceError::Kv(format!(
+                "append needs {want} keys and values, got {} and {}",
+                k.len(),
+                v.len()
+            )));
+        }
+        self.reserve(1);
+        let pos = self.len;
+        for layer in 0..l.n_layer {
+            for h in 0..l.n_kv_head {
+                let o = (layer * l.n_kv_head + h) * l.head_dim;
+                self.write(layer, pos, h, &k[o..o + l.head_dim], &v[o..o + l.head_dim]);
+            }
+        }
+        self.commit(1);
+        Ok(())
+    }
+
+    /// Key (`kv = 0`) or value (`kv = 1`) of one head at one position.
+    pub fn get(&self, layer: usize, kv: usize, head: usize, pos: usize) -> Option<&[f32]> {
+        let l = self.layout;
+        if pos >= self.len || layer >= l.n_layer || kv > 1 || head >= l.n_kv_head {
+            return None;
+        }
+        let blk = self.blocks.get(pos / BLOCK_TOKENS)?;
+        let i = l.index(layer, kv, head, pos % BLOCK_TOKENS);
+        blk.0.get(i..i + l.head_dim)
+    }
+
+    /// Serializes positions `range` (see the module docs for the format).
+    pub fn export(
+        &self,
+        range: Range<usize>,
+        dtype: KvDtype,
+        model_id: &[u8; 32],
+    ) -> Result<Vec<u8>, InferenceError> {
+        let l = self.layout;
+        if range.start > range.end || range.end > self.len {
+            return Err(InferenceError::Kv(format!(
+                "export range {range:?} outside 0..{}",
+                self.len
+            )));
+        }
+        if dtype == KvDtype::Q8_0 && l.head_dim % 32 != 0 {
+            return Err(InferenceError::Kv(format!(
+                "q8_0 needs a head dim divisible by 32, not {}",
+                l.head_dim
+            )));
+        }
+        let per_token = l.n_layer * 2 * l.n_kv_head * dtype.head_bytes(l.head_dim);
+        let mut out = Vec::with_capacity(HEADER_LEN + per_token * range.len() + SUM_LEN);
+        out.extend_from_slice(KV_MAGIC);
+        out.extend_from_slice(&KV_FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(model_id);
+        for x in [l.n_layer, l.n_kv_head, l.head_dim] {
+            out.extend_from_slice(&(x as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&[dtype.code(), 0, 0, 0]);
+        out.extend_from_slice(&(range.start as u64).to_le_bytes());
+        out.extend_from_slice(&(range.len() as u64).to_le_bytes());
+        for pos in range {
+            for layer in 0..l.n_layer {
+                for kv in 0..2 {
+                    for h in 0..l.n_kv_head {
+                        let vals = self.get(layer, kv, h, pos).unwrap_or(&[]);
+                        encode(dtype, vals, &mut out);
+                    }
+                }
+            }
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        Ok(out)
+    }
+
+    /// Reads and checks the header and checksum of an exported cache.
+    pub fn inspect(bytes: &[u8]) -> Result<KvHeader, InferenceError> {
+        let bad = |m: &str| InferenceError::Kv(m.to_owned());
+        if bytes.len() < HEADER_LEN + SUM_LEN {
+            return Err(bad("blob too short"));
+        }
+        if &bytes[..8] != KV_MAGIC {
+            return Err(bad("not a shoal KV blob (bad magic)"));
+        }
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&bytes[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let version = u32_at(8);
+        if version != KV_FORMAT_VERSION {
+            return Err(InferenceError::Kv(format!(
+                "unsupported KV format version {version} (this build reads {KV_FORMAT_VERSION})"
+            )));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - SUM_LEN);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(bad("checksum mismatch: the KV blob is corrupted"));
+        }
+        let mut model_id = [0u8; 32];
+        model_id.copy_from_slice(&bytes[12..44]);
+        let layout = KvLayout {
+            n_layer: u32_at(44) as usize,
+            n_kv_head: u32_at(48) as usize,
+            head_dim: u32_at(52) as usize,
+        };
+        let dtype = KvDtype::from_code(bytes[56]).ok_or_else(|| bad("unknown dtype"))?;
+        let start = usize::try_from(u64_at(60)).map_err(|_| bad("start out of range"))?;
+        let count = usize::try_from(u64_at(68)).map_err(|_| bad("count out of range"))?;
+        let per_token = layout
+            .n_layer
+            .checked_mul(2 * layout.n_kv_head)
+            .and_then(|x| x.checked_mul(dtype.head_bytes(layout.head_dim)))
+            .ok_or_else(|| bad("layout overflows"))?;
+        if Some(body.len() - HEADER_LEN) != per_token.checked_mul(count) {
+            return Err(bad("payload length does not match the header"));
+        }
+        let end = start
+            .checked_add(count)
+            .ok_or_else(|| bad("range overflows"))?;
+        Ok(KvHeader {
+            version,
+            model_id,
+            layout,
+            dtype,
+            range: start..end,
+        })
+    }
+
+    /// Builds a cache from a blob that starts at position 0.
+    pub fn import(
+        bytes: &[u8],
+        layout: KvLayout,
+        model_id: &[u8; 32],
+    ) -> Result<KvCache, InferenceError> {
+        let mut c = KvCache::new(layout);
+        c.import_append(bytes, model_id)?;
+        Ok(c)
+    }
+
+    /// Appends the positions of a blob whose range starts at `len()`.
+    /// Refuses blobs of another model, another layout, or corrupted ones.
+    pub fn import_append(
+        &mut self,
+        bytes: &[u8],
+        model_id: &[u8; 32],
+    ) -> Result<(), InferenceError> {
+        let h = Self::inspect(bytes)?;
+        if &h.model_id != model_id {
+            return Err(InferenceError::Kv(format!(
+                "KV blob belongs to model {}, not {}",
+                hex::encode(h.model_id),
+                hex::encode(model_id)
+            )));
+        }
+        if h.layout != self.layout {
+            return Err(InferenceError::Kv(format!(
+                "KV blob layout {:?} does not match {:?}",
+                h.layout, self.layout
+            )));
+        }
+        if h.range.start != self.len {
+            return Err(InferenceError::Kv(format!(
+                "KV blob starts at position {}, cache holds {}",
+                h.range.start, self.len
+            )));
+        }
+        let l = self.layout;
+        let hb = h.dtype.head_bytes(l.head_dim);
+        let mut buf = vec![0f32; l.head_dim];
+        let mut k_all = vec![0f32; l.n_layer * l.n_kv_head * l.head_dim];
+        let mut v_all = k_all.clone();
+        let mut off = HEADER_LEN;
+        for _ in h.range {
+            for layer in 0..l.n_layer {
+                for kv in 0..2 {
+                    for head in 0..l.n_kv_head {
+                        decode(h.dtype, &bytes[off..off + hb], &mut buf);
+                        off += hb;
+                        let o = (layer * l.n_kv_head + head) * l.head_dim;
+                        let dst = if kv == 0 { &mut k_all } else { &mut v_all };
+                        dst[o..o + l.head_dim].copy_from_slice(&buf);
+                    }
+                }
+            }
+            self.append(&k_all, &v_all)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode(dtype: KvDtype, vals: &[f32], out: &mut Vec<u8>) {
+    match dtype {
+        KvDtype::F16 => {
+            for v in vals {
+                out.extend_from_slice(&f16::from_f32(*v).to_le_bytes());
+            }
+        }
+        KvDtype::Q8_0 => {
+            for c in vals.chunks_exact(32) {
+                let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                out.extend(c.iter().map(|v| (v * id).round() as i8 as u8));
+            }
+        }
+    }
+}
+
+fn decode(dtype: KvDtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        KvDtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        KvDtype::Q8_0 => {
+            for (o, c) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
+                let d = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                for (x, q) in o.iter_mut().zip(&c[2..]) {
+                    *x = f32::from(*q as i8) * d;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const L: KvLayout = KvLayout {
+        n_layer: 2,
+        n_kv_head: 1,
+        head_dim: 32,
+    };
+
+    fn filled(n: usize) -> KvCache {
+        let mut c = KvCache::new(L);
+        let w = L.n_layer * L.n_kv_head * L.head_dim;
+        for p in 0..n {
+            let k: Vec<f32> = (0..w).map(|i| (p * 100 + i) as f32 / 64.0).collect();
+            let v: Vec<f32> = (0..w).map(|i| -((p * 100 + i) as f32) / 32.0).collect();
+            c.append(&k, &v).expect("append");
+        }
+        c
+    }
+
+    #[test]
+    fn fork_shares_and_diverges() {
+        let a = filled(40);
+        let mut b = a.fork(35);
+        assert_eq!(b.len(), 35);
+        assert_eq!(b.get(1, 0, 0, 34), a.get(1, 0, 0, 34));
+        b.append(&[9.0; 64], &[9.0; 64]).expect("append");
+        assert_eq!(b.get(0, 0, 0, 35), Some(&[9.0; 32][..]));
+        // The original is untouched.
+        assert_ne!(a.get(0, 0, 0, 35), b.get(0, 0, 0, 35));
+        let mut c = a.clone();
+        c.truncate(3);
+        assert_eq!(c.len(), 3);
+        assert!(c.get(0, 0, 0, 3).is_none());
+    }
+
+    #[test]
+    fn export_import_ranges() {
+        let a = filled(70);
+        let id = [7u8; 32];
+        for dtype in [KvDtype::F16, KvDtype::Q8_0] {
+            let head = a.export(0..33, dtype, &id).expect("export");
+            let tail = a.export(33..70, dtype, &id).expect("export");
+            let mut b = KvCache::import(&head, L, &id).expect("import");
+            // Out-of-order append is refused.
+            assert!(b.import_append(&head, &id).is_err());
+            b.import_append(&tail, &id).expect("append");
+            assert_eq!(b.len(), 70);
+            for p in [0, 32, 33, 69] {
+                for kv in 0..2 {
+                    let (x, y) = (
+                        a.get(1, kv, 0, p).expect("a"),
+                        b.get(1, kv, 0, p).expect("b"),
+                    );
+                    for (u, w) in x.iter().zip(y) {
+                        assert!((u - w).abs() <= u.abs() / 100.0 + 0.01, "{u} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_corrupt_and_foreign() {
+        let a = filled(5);
+        let id = [1u8; 32];
+        let blob = a.export(0..5, KvDtype::F16, &id).expect("export");
+        let mut bad = blob.clone();
+        bad[HEADER_LEN + 3] ^= 1;
+        let e = KvCache::import(&bad, L, &id).expect_err("corrupt");
+        assert!(e.to_string().contains("checksum"), "{e}");
+        let e = KvCache::import(&blob, L, &[2u8; 32]).expect_err("foreign");
+        assert!(e.to_string().contains("belongs to model"), "{e}");
+        let other = KvLayout { n_layer: 3, ..L };
+        assert!(KvCache::import(&blob, other, &id).is_err());
+        assert!(KvCache::import(&blob[..50], L, &id).is_err());
+        let mut v2 = blob.clone();
+        v2[8] = 2;
+        let e = KvCache::import(&v2, L, &id).expect_err("version");
+        assert!(e.to_string().contains("version"), "{e}");
+    }
+
+    /// The byte format is pinned by a checked-in fixture: a 2-position,
+    /// 2-layer, 1-head, head-dim-32 cache exported as f16 and as q8_0.
+    #[test]
+    fn fixture_v1() {
+        let a = filled(2);
+        let id = [0xab; 32];
+        let f16_blob = a.export(0..2, KvDtype::F16, &id).expect("export");
+        let q8_blob = a.export(0..2, KvDtype::Q8_0, &id).expect("export");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        if std::env::var_os("SHOAL_REGEN_FIXTURES").is_some() {
+            std::fs::write(dir.join("kv_v1_f16.bin"), &f16_blob).expect("write");
+            std::fs::write(dir.join("kv_v1_q8_0.bin"), &q8_blob).expect("write");
+        }
+        let want_f16 = include_bytes!("../../tests/fixtures/kv_v1_f16.bin");
+        let want_q8 = include_bytes!("../../tests/fixtures/kv_v1_q8_0.bin");
+        assert_eq!(&f16_blob[..], &want_f16[..]);
+        assert_eq!(&q8_blob[..], &want_q8[..]);
+        let h = KvCache::inspect(want_q8).expect("inspect");
+        assert_eq!(h.range, 0..2);
+        assert_eq!(h.dtype, KvDtype::Q8_0);
+        assert_eq!(h.layout, L);
+        let b = KvCache::import(want_f16, L, &id).expect("import");
+        assert_eq!(b.get(1, 1, 0, 1).map(|v| v[0]), Some(-132.0 / 32.0));
+    }
+}

@@ -1,0 +1,453 @@
+//! Weight matrices viewed in place over the mapping, activation quantization
+//! and the threaded quantized matrix multiply.
+
+use super::InferenceError;
+use super::kernels::{
+    self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, Isa, Plain, view, view_mut,
+};
+use crate::gguf::GgmlType;
+use candle_core::quantized::k_quants::{self as ck, GgmlType as _};
+use half::f16;
+use rayon::prelude::*;
+
+/// A 2-D weight tensor in its GGUF encoding: `rows` output features, each a
+/// row of `cols` input features (GGUF dims are `[cols, rows]`).
+#[derive(Debug, Clone)]
+pub(crate) struct QMatrix {
+    /// Tensor name (for errors).
+    pub name: String,
+    /// Element type.
+    pub ty: GgmlType,
+    /// Number of rows (output features).
+    pub rows: usize,
+    /// Elements per row (input features).
+    pub cols: usize,
+    /// Absolute byte range of the tensor in the mapping.
+    pub start: usize,
+    /// Bytes per row.
+    pub row_bytes: usize,
+}
+
+/// The activation encoding a weight type multiplies against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActKind {
+    F32,
+    F16,
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+impl ActKind {
+    fn for_weight(ty: GgmlType) -> Option<Self> {
+        use GgmlType::*;
+        Some(match ty {
+            F32 => ActKind::F32,
+            F16 => ActKind::F16,
+            Q4_0 | Q8_0 | Q5_0 => ActKind::Q8_0,
+            Q4_1 | Q5_1 => ActKind::Q8_1,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => ActKind::Q8K,
+            _ => return None,
+        })
+    }
+    /// Bytes that encode `cols` values.
+    fn row_bytes(self, cols: usize) -> usize {
+        match self {
+            ActKind::F32 => cols * 4,
+            ActKind::F16 => cols * 2,
+            ActKind::Q8_0 => cols / 32 * 34,
+            ActKind::Q8_1 => cols / 32 * 36,
+            ActKind::Q8K => cols / 256 * std::mem::size_of::<ck::BlockQ8K>(),
+        }
+    }
+}
+
+/// Weight types with a matmul kernel here.
+pub(crate) fn supported(ty: GgmlType) -> bool {
+    ActKind::for_weight(ty).is_some()
+}
+
+impl QMatrix {
+    /// Builds the view of a 2-D tensor, checking type, shape and alignment.
+    pub(crate) fn new(
+        name: &str,
+        ty: GgmlType,
+        dims: &[u64],
+        start: u64,
+        size: u64,
+        base: &[u8],
+    ) -> Result<Self, InferenceError> {
+        if !supported(ty) {
+            return Err(InferenceError::UnsupportedTensorType {
+                tensor: name.to_owned(),
+                ty: ty.name(),
+            });
+        }
+        let (cols, rows) = match dims {
+            [c] => (*c, 1),
+            [c, r] => (*c, *r),
+            [c, r, 1] | [c, r, 1, 1] => (*c, *r),
+            _ => {
+                return Err(InferenceError::BadModel(format!(
+                    "tensor {name}: expected a matrix, got dims {dims:?}"
+                )));
+            }
+        };
+        let (blk, bpb) = ty.block_layout();
+        let need_block = match ActKind::for_weight(ty) {
+            Some(ActKind::Q8K) => 256,
+            Some(ActKind::Q8_0 | ActKind::Q8_1) => 32,
+            _ => 1,
+        };
+        if cols % blk != 0 || cols % need_block != 0 {
+            return Err(InferenceError::BadModel(format!(
+                "tensor {name}: row length {cols} is not a multiple of the block size"
+            )));
+        }
+        let row_bytes = cols / blk * bpb;
+        if row_bytes * rows != size {
+            return Err(InferenceError::BadModel(format!(
+                "tensor {name}: size {size} does not match dims {dims:?}"
+            )));
+        }
+        let (start, rows, cols, row_bytes) = (
+            usize::try_from(start).map_err(|_| InferenceError::BadModel("offset".into()))?,
+            usize::try_from(rows).map_err(|_| InferenceError::BadModel("rows".into()))?,
+            usize::try_from(cols).map_err(|_| InferenceError::BadModel("cols".into()))?,
+            usize::try_from(row_bytes).map_err(|_| InferenceError::BadModel("row".into()))?,
+        );
+        let m = QMatrix {
+            name: name.to_owned(),
+            ty,
+            rows,
+            cols,
+            start,
+            row_bytes,
+        };
+        // Every row must be viewable as its block type (alignment).
+        let bytes = base
+            .get(start..start + row_bytes * rows)
+            .ok_or_else(|| InferenceError::BadModel(format!("tensor {name}: out of file")))?;
+        let align_ok = (0..rows.min(2)).all(|r| {
+            let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+            row_viewable(ty, row)
+        });
+        if !align_ok {
+            return Err(InferenceError::BadModel(format!(
+                "tensor {name}: data is not aligned for {}",
+                ty.name()
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The bytes of row `r`.
+    #[inline]
+    pub(crate) fn row<'a>(&self, base: &'a [u8], r: usize) -> &'a [u8] {
+        let s = self.start + r * self.row_bytes;
+        &base[s..s + self.row_bytes]
+    }
+
+    /// The activation encoding this matrix multiplies against.
+    pub(crate) fn act_kind(&self) -> ActKind {
+        ActKind::for_weight(self.ty).unwrap_or(ActKind::F32)
+    }
+
+    /// Dequantizes row `r` into `out` (`out.len() == cols`).
+    pub(crate) fn dequant_row(&self, base: &[u8], r: usize, out: &mut [f32]) {
+        let row = self.row(base, r);
+        dequant(self.ty, row, out);
+    }
+}
+
+fn row_viewable(ty: GgmlType, row: &[u8]) -> bool {
+    use GgmlType::*;
+    match ty {
+        F32 => view::<f32>(row).is_some(),
+        F16 => view::<f16>(row).is_some(),
+        Q4_0 => view::<BlockQ4_0>(row).is_some(),
+        Q4_1 => view::<BlockQ4_1>(row).is_some(),
+        Q8_0 => view::<BlockQ8_0>(row).is_some(),
+        Q5_0 => view::<ck::BlockQ5_0>(row).is_some(),
+        Q5_1 => view::<ck::BlockQ5_1>(row).is_some(),
+        Q2_K => view::<ck::BlockQ2K>(row).is_some(),
+        Q3_K => view::<ck::BlockQ3K>(row).is_some(),
+        Q4_K => view::<ck::BlockQ4K>(row).is_some(),
+        Q5_K => view::<ck::BlockQ5K>(row).is_some(),
+        Q6_K => view::<ck::BlockQ6K>(row).is_some(),
+        _ => false,
+    }
+}
+
+fn v<T: Plain>(b: &[u8]) -> &[T] {
+    // Alignment and size were checked when the matrix was built.
+    view::<T>(b).unwrap_or(&[])
+}
+
+fn candle_to_float<T: ck::GgmlType + Plain>(row: &[u8], out: &mut [f32]) {
+    T::to_float(v::<T>(row), out)
+}
+
+/// Dequantizes one row of type `ty`.
+pub(crate) fn dequant(ty: GgmlType, row: &[u8], out: &mut [f32]) {
+    use GgmlType::*;
+    match ty {
+        F32 => out.copy_from_slice(v::<f32>(row)),
+        F16 => {
+            for (o, h) in out.iter_mut().zip(v::<f16>(row)) {
+                *o = h.to_f32();
+            }
+        }
+        Q4_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(v::<BlockQ4_0>(row)) {
+                let d = b.d.to_f32();
+                for j in 0..16 {
+                    o[j] = (f32::from(b.qs[j] & 15) - 8.0) * d;
+                    o[j + 16] = (f32::from(b.qs[j] >> 4) - 8.0) * d;
+                }
+            }
+        }
+        Q4_1 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(v::<BlockQ4_1>(row)) {
+                let (d, m) = (b.d.to_f32(), b.m.to_f32());
+                for j in 0..16 {
+                    o[j] = f32::from(b.qs[j] & 15) * d + m;
+                    o[j + 16] = f32::from(b.qs[j] >> 4) * d + m;
+                }
+            }
+        }
+        Q8_0 => {
+            for (o, b) in out.chunks_exact_mut(32).zip(v::<BlockQ8_0>(row)) {
+                let d = b.d.to_f32();
+                for (x, q) in o.iter_mut().zip(&b.qs) {
+                    *x = f32::from(*q) * d;
+                }
+            }
+        }
+        Q5_0 => candle_to_float::<ck::BlockQ5_0>(row, out),
+        Q5_1 => candle_to_float::<ck::BlockQ5_1>(row, out),
+        Q2_K => candle_to_float::<ck::BlockQ2K>(row, out),
+        Q3_K => candle_to_float::<ck::BlockQ3K>(row, out),
+        Q4_K => candle_to_float::<ck::BlockQ4K>(row, out),
+        Q5_K => candle_to_float::<ck::BlockQ5K>(row, out),
+        Q6_K => candle_to_float::<ck::BlockQ6K>(row, out),
+        _ => out.fill(0.0),
+    }
+}
+
+/// A batch of activation rows encoded for one [`ActKind`].
+pub(crate) struct Acts {
+    kind: ActKind,
+    n: usize,
+    row_bytes: usize,
+    // u64 backing keeps every block type aligned.
+    buf: Vec<u64>,
+}
+
+impl Acts {
+    /// Encodes `n` rows of `cols` floats (`x.len() == n * cols`).
+    pub(crate) fn new(isa: Isa, kind: ActKind, x: &[f32], n: usize, cols: usize) -> Self {
+        let row_bytes = kind.row_bytes(cols);
+        let mut a = Acts {
+            kind,
+            n,
+            row_bytes,
+            buf: vec![0u64; (row_bytes * n).div_ceil(8)],
+        };
+        let bytes = a.bytes_mut();
+        let rows = bytes.chunks_exact_mut(row_bytes.max(1));
+        for (dst, src) in rows.zip(x.chunks_exact(cols.max(1))).take(n) {
+            match kind {
+                ActKind::F32 => {
+                    if let Some(d) = view_mut::<f32>(dst) {
+                        d.copy_from_slice(src);
+                    }
+                }
+                ActKind::F16 => {
+                    if let Some(d) = view_mut::<f16>(dst) {
+                        for (o, x) in d.iter_mut().zip(src) {
+                            *o = f16::from_f32(*x);
+                        }
+                    }
+                }
+                ActKind::Q8_0 => {
+                    if let Some(d) = view_mut::<BlockQ8_0>(dst) {
+                        kernels::quantize_q8_0(isa, src, d);
+                    }
+                }
+                ActKind::Q8_1 => {
+                    if let Some(d) = view_mut::<BlockQ8_1>(dst) {
+                        kernels::quantize_q8_1(isa, src, d);
+                    }
+                }
+                ActKind::Q8K => {
+                    if let Some(d) = view_mut::<ck::BlockQ8K>(dst) {
+                        ck::BlockQ8K::from_float(src, d);
+                    }
+                }
+            }
+        }
+        a
+    }
+
+    /// The f32 rows (reference path only: activations kept unquantized).
+    fn dequant_all(&self, cols: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * cols];
+        for (i, o) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+            let ty = match self.kind {
+                ActKind::F32 => GgmlType::F32,
+                ActKind::F16 => GgmlType::F16,
+                ActKind::Q8_0 => GgmlType::Q8_0,
+                _ => GgmlType::F32,
+            };
+            dequant(ty, self.row(i), o);
+        }
+        out
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.row_bytes * self.n;
+        // SAFETY: u64 storage reinterpreted as bytes; `len` is within it.
+        unsafe { std::slice::from_raw_parts_mut(self.buf.as_mut_ptr().cast::<u8>(), len) }
+    }
+
+    fn row(&self, i: usize) -> &[u8] {
+        // SAFETY: u64 storage reinterpreted as bytes, row within the buffer.
+        let all = unsafe {
+            std::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), self.row_bytes * self.n)
+        };
+        &all[i * self.row_bytes..(i + 1) * self.row_bytes]
+    }
+}
+
+/// One dot product of a weight row with an activation row.
+#[inline]
+fn dot(isa: Isa, ty: GgmlType, cols: usize, w: &[u8], a: &[u8]) -> f32 {
+    use GgmlType::*;
+    match ty {
+        Q4_1 => kernels::dot_q4_1_q8_1(isa, v(w), v(a)),
+        Q8_0 => kernels::dot_q8_0_q8_0(isa, v(w), v(a)),
+        Q4_0 => kernels::dot_q4_0_q8_0(isa, v(w), v(a)),
+        F32 => kernels::dot_f32(isa, v(w), v(a)),
+        F16 => <f16 as ck::GgmlType>::vec_dot(cols, v(w), v(a)),
+        Q5_0 => ck::BlockQ5_0::vec_dot(cols, v(w), v(a)),
+        Q5_1 => ck::BlockQ5_1::vec_dot(cols, v(w), v(a)),
+        Q2_K => ck::BlockQ2K::vec_dot(cols, v(w), v(a)),
+        Q3_K => ck::BlockQ3K::vec_dot(cols, v(w), v(a)),
+        Q4_K => ck::BlockQ4K::vec_dot(cols, v(w), v(a)),
+        Q5_K => ck::BlockQ5K::vec_dot(cols, v(w), v(a)),
+        Q6_K => ck::BlockQ6K::vec_dot(cols, v(w), v(a)),
+        _ => 0.0,
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (distinct rows of the weight matrix).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Execution context: instruction set and the worker pool.
+pub(crate) struct Exec {
+    pub isa: Isa,
+    pub pool: Option<rayon::ThreadPool>,
+    pub threads: usize,
+    /// Use dequantized f32 matmuls (accuracy reference, slow).
+    pub reference: bool,
+}
+
+impl Exec {
+    pub(crate) fn new(threads: usize) -> Result<Self, InferenceError> {
+        let threads = threads.max(1);
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("shoal-infer-{i}"))
+                    .build()
+                    .map_err(|e| InferenceError::Io(std::io::Error::other(e.to_string())))?,
+            )
+        } else {
+            None
+        };
+        Ok(Exec {
+            isa: Isa::detect(),
+            pool,
+            threads,
+            reference: false,
+        })
+    }
+
+    /// Encodes activations for multiplying with `w`.
+    pub(crate) fn acts(&self, w: &QMatrix, x: &[f32], n: usize, cols: usize) -> Acts {
+        let kind = if self.reference {
+            ActKind::F32
+        } else {
+            w.act_kind()
+        };
+        Acts::new(self.isa, kind, x, n, cols)
+    }
+
+    /// Runs `f` inside the pool (or inline when single-threaded).
+    pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
+    /// `out[b][r] = sum_k w[r][k] * x[b][k]` for every batch row `b`.
+    /// `out.len() == acts.n * w.rows`. Must be called inside [`Exec::install`].
+    pub(crate) fn matmul(&self, base: &[u8], w: &QMatrix, acts: &Acts, out: &mut [f32]) {
+        debug_assert!(acts.kind == w.act_kind() || self.reference);
+        let n = acts.n;
+        let rows = w.rows;
+        debug_assert_eq!(out.len(), n * rows);
+        let tasks = if self.threads > 1 {
+            self.threads * 8
+        } else {
+            1
+        };
+        let per = rows.div_ceil(tasks).max(1);
+        let ptr = OutPtr(out.as_mut_ptr());
+        let isa = self.isa;
+        let job = |t: usize| {
+            let p = ptr;
+            let r0 = t * per;
+            let r1 = (r0 + per).min(rows);
+            for r in r0..r1 {
+                let wr = w.row(base, r);
+                for b in 0..n {
+                    let val = dot(isa, w.ty, w.cols, wr, acts.row(b));
+                    // SAFETY: (b, r) is in bounds and written by this task only.
+                    unsafe { *p.0.add(b * rows + r) = val };
+                }
+            }
+        };
+        let ntasks = rows.div_ceil(per);
+        if self.reference {
+            // Dequantized weights × f32 activations (slow; accuracy reference).
+            let cols = w.cols;
+            let x = acts.dequant_all(cols);
+            let job = |t: usize| {
+                let p = ptr;
+                let mut row = vec![0f32; cols];
+                for r in t * per..((t + 1) * per).min(rows) {
+                    w.dequant_row(base, r, &mut row);
+                    for b in 0..n {
+                        let val = kernels::dot_f32_scalar(&row, &x[b * cols..(b + 1) * cols]);
+                        // SAFETY: as below.
+                        unsafe { *p.0.add(b * rows + r) = val };
+                    }
+                }
+            };
+            (0..ntasks).into_par_iter().for_each(job);
+            return;
+        }
+        if self.pool.is_some() && ntasks > 1 {
+            (0..ntasks).into_par_iter().for_each(job);
+        } else {
+            (0..ntasks).for_each(job);
+        }
+    }
+}
