@@ -84,7 +84,9 @@ unsafe impl Plain for candle_core::quantized::k_quants::BlockQ8_1 {}
 /// not a multiple of the element size or the start is misaligned.
 pub(crate) fn view<T: Plain>(bytes: &[u8]) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
         return None;
     }
     // SAFETY: length and alignment checked above, T is Plain (any bits valid),
@@ -95,7 +97,9 @@ pub(crate) fn view<T: Plain>(bytes: &[u8]) -> Option<&[T]> {
 /// Mutable counterpart of [`view`].
 pub(crate) fn view_mut<T: Plain>(bytes: &mut [u8]) -> Option<&mut [T]> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
         return None;
     }
     // SAFETY: as in `view`; the borrow is exclusive.

@@ -305,7 +305,7 @@ impl KvCache {
                 self.len
             )));
         }
-        if dtype == KvDtype::Q8_0 && l.head_dim % 32 != 0 {
+        if dtype == KvDtype::Q8_0 && !l.head_dim.is_multiple_of(32) {
             return Err(InferenceError::Kv(format!(
                 "q8_0 needs a head dim divisible by 32, not {}",
                 l.head_dim

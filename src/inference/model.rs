@@ -3,7 +3,7 @@
 use super::InferenceError;
 use super::kernels::{self, Isa};
 use super::kv::{KvCache, KvLayout};
-use super::quant::{Acts, Exec, QMatrix, dequant};
+use super::quant::{Exec, QMatrix, dequant};
 use super::tokenizer::Tokenizer;
 use crate::gguf::{GgmlType, Gguf, TensorInfo, Value};
 use rayon::prelude::*;
@@ -141,7 +141,7 @@ impl HParams {
             ));
         }
         let rope_dim = meta_u(g, &k("rope.dimension_count")).unwrap_or(head_dim);
-        if rope_dim > head_dim || rope_dim % 2 != 0 {
+        if rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
             return Err(InferenceError::BadModel(format!(
                 "bad rope dimension {rope_dim}"
             )));

@@ -14,7 +14,8 @@ use rayon::prelude::*;
 /// row of `cols` input features (GGUF dims are `[cols, rows]`).
 #[derive(Debug, Clone)]
 pub(crate) struct QMatrix {
-    /// Tensor name (for errors).
+    /// Tensor name (shown by `Debug`).
+    #[allow(dead_code)]
     pub name: String,
     /// Element type.
     pub ty: GgmlType,
