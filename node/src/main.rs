@@ -38,6 +38,9 @@ pub enum Command {
     /// Content-store commands.
     #[command(flatten)]
     Store(cmd::store::StoreCmd),
+    /// Inference commands.
+    #[command(flatten)]
+    Infer(cmd::infer::InferCmd),
     /// Operations commands.
     #[command(flatten)]
     Ops(cmd::ops::OpsCmd),
@@ -66,6 +69,7 @@ fn run(cli: Cli) -> Result<()> {
     let config = cmd::ops::ConfigSource::from_cli(&cli);
     match cli.command {
         Command::Store(c) => cmd::store::run(&ctx, c),
+        Command::Infer(c) => cmd::infer::run(&ctx, c),
         Command::Ops(c) => cmd::ops::run(&ctx, &config, c),
     }
 }

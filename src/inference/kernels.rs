@@ -119,7 +119,12 @@ pub enum Isa {
 
 impl Isa {
     /// The best instruction set this CPU supports (checked at run time).
+    /// `SHOAL_ISA=scalar` forces the portable kernels (for tests and
+    /// comparisons).
     pub fn detect() -> Self {
+        if std::env::var("SHOAL_ISA").is_ok_and(|v| v == "scalar") {
+            return Isa::Scalar;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2")

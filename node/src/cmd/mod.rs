@@ -1,5 +1,6 @@
 //! Subcommands, one module per layer.
 
+pub mod infer;
 pub mod ops;
 pub mod store;
 

@@ -1,0 +1,280 @@
+//! Inference subcommands: generate, chat, tokenize.
+
+use super::Ctx;
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use shoal::inference::{
+    ChatMessage, ChatTemplate, GenerateConfig, Model, ModelConfig, SamplerConfig, generate,
+};
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Inference commands.
+#[derive(Subcommand, Debug)]
+pub enum InferCmd {
+    /// Generate text from a raw prompt (no chat template); only the generated
+    /// text goes to stdout.
+    Generate {
+        /// Model and thread options.
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt, used as is.
+        #[arg(long)]
+        prompt: String,
+        /// Sampling options.
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Interactive chat with the model's chat template (one line per turn).
+    Chat {
+        /// Model and thread options.
+        #[command(flatten)]
+        model: ModelArgs,
+        /// System prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Sampling options.
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+    /// Print the token ids of TEXT as a JSON list.
+    Tokenize {
+        /// Model and thread options.
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Treat special-token texts like `<|im_start|>` as plain text.
+        #[arg(long)]
+        no_special: bool,
+        /// The text.
+        text: String,
+    },
+}
+
+/// Which model to load.
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// Store artifact id (or unique prefix), release name, or GGUF file path.
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+/// Sampling options.
+#[derive(Args, Debug)]
+pub struct SamplingArgs {
+    /// Maximum tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Min-p (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Stop sequence (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> GenerateConfig {
+        GenerateConfig {
+            max_tokens: self.max_tokens,
+            sampler: SamplerConfig {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                seed: self.seed,
+                ..SamplerConfig::default()
+            },
+            stop: self.stop.clone(),
+            stop_at_eos: true,
+        }
+    }
+}
+
+/// Resolves `spec` to a file: an existing path, else a store id or name.
+/// Returns the path and, for store artifacts, the artifact id.
+fn resolve(ctx: &Ctx, spec: &str) -> Result<(PathBuf, Option<[u8; 32]>)> {
+    let p = PathBuf::from(spec);
+    if p.is_file() {
+        return Ok((p, None));
+    }
+    let store = ctx
+        .store()
+        .with_context(|| format!("{spec:?} is not a file; looking it up in the store"))?;
+    let id = store
+        .resolve(spec)
+        .with_context(|| format!("no model file, artifact or name {spec:?}"))?;
+    let path = store
+        .artifact_path(&id)
+        .with_context(|| format!("artifact {id} is not usable"))?;
+    Ok((path, Some(*id.as_bytes())))
+}
+
+fn load(ctx: &Ctx, m: &ModelArgs) -> Result<Arc<Model>> {
+    let (path, id) = resolve(ctx, &m.model)?;
+    let model = Model::load_with(
+        &path,
+        &ModelConfig {
+            threads: m.threads,
+            model_id: id,
+            ..ModelConfig::default()
+        },
+    )
+    .with_context(|| format!("loading {}", path.display()))?;
+    tracing::info!(
+        path = %path.display(),
+        load_ms = model.load_time().as_secs_f64() * 1e3,
+        tokenizer_ms = model.tokenizer_load_time().as_secs_f64() * 1e3,
+        threads = model.threads(),
+        isa = ?model.isa(),
+        "model loaded"
+    );
+    Ok(model)
+}
+
+/// Runs an inference subcommand.
+pub fn run(ctx: &Ctx, cmd: InferCmd) -> Result<()> {
+    match cmd {
+        InferCmd::Tokenize {
+            model,
+            no_special,
+            text,
+        } => {
+            let m = load(ctx, &model)?;
+            let ids = m.tokenizer().encode(&text, !no_special, true);
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        InferCmd::Generate {
+            model,
+            prompt,
+            sampling,
+        } => {
+            let m = load(ctx, &model)?;
+            let ids = m.tokenizer().encode(&prompt, true, true);
+            if ids.is_empty() {
+                bail!("the prompt is empty");
+            }
+            let mut cache = m.new_cache();
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let mut write_err = None;
+            let r = generate(&m, &mut cache, &ids, &sampling.config(), None, |ev| {
+                if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|()| out.flush()) {
+                    write_err = Some(e);
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            })?;
+            if let Some(e) = write_err {
+                return Err(e.into());
+            }
+            writeln!(out)?;
+            report(&r);
+            Ok(())
+        }
+        InferCmd::Chat {
+            model,
+            system,
+            sampling,
+        } => chat(ctx, &model, system, &sampling),
+    }
+}
+
+fn report(r: &shoal::inference::GenerateOutput) {
+    let pp = r.prompt_tokens as f64 / r.prompt_time.as_secs_f64().max(1e-9);
+    let tg = r.tokens.len() as f64 / r.gen_time.as_secs_f64().max(1e-9);
+    tracing::info!(
+        prompt_tokens = r.prompt_tokens,
+        generated = r.tokens.len(),
+        stop = ?r.stop,
+        prompt_tok_per_s = format!("{pp:.1}"),
+        gen_tok_per_s = format!("{tg:.1}"),
+        "generation done"
+    );
+}
+
+fn chat(ctx: &Ctx, margs: &ModelArgs, system: Option<String>, s: &SamplingArgs) -> Result<()> {
+    let m = load(ctx, margs)?;
+    let tok = m.tokenizer().clone();
+    let src = m
+        .chat_template()
+        .context("the model has no tokenizer.chat_template")?;
+    let piece = |id: Option<u32>| {
+        id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
+            .unwrap_or_default()
+    };
+    let tpl = ChatTemplate::new(src, &piece(tok.bos()), &piece(tok.eos()))?;
+    let mut messages = Vec::new();
+    if let Some(sys) = system {
+        messages.push(ChatMessage::new("system", &sys));
+    }
+    let mut cache = m.new_cache();
+    // Token ids whose keys/values are in `cache`.
+    let mut cached: Vec<u32> = Vec::new();
+    let cfg = s.config();
+    let stdin = std::io::stdin();
+    let stdout = std::io::stdout();
+    let interactive = std::io::IsTerminal::is_terminal(&stdin);
+    loop {
+        if interactive {
+            print!("> ");
+            stdout.lock().flush()?;
+        }
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.is_empty() {
+            continue;
+        }
+        messages.push(ChatMessage::new("user", line));
+        let text = tpl.render(&messages, true)?;
+        let ids = tok.encode(&text, true, true);
+        // Reuse the cached prefix; always run at least one token.
+        let common = cached
+            .iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(ids.len() - 1);
+        cache.truncate(common);
+        cached.truncate(common);
+        let mut out = stdout.lock();
+        let r = generate(&m, &mut cache, &ids[common..], &cfg, None, |ev| {
+            let _ = out.write_all(ev.text.as_bytes()).and_then(|()| out.flush());
+            ControlFlow::Continue(())
+        })?;
+        writeln!(out)?;
+        drop(out);
+        report(&r);
+        cached.extend_from_slice(&ids[common..]);
+        // The last generated token was sampled but not run.
+        let ran = r.tokens.len().saturating_sub(1);
+        cached.extend_from_slice(&r.tokens[..ran]);
+        cache.truncate(cached.len());
+        messages.push(ChatMessage::new("assistant", r.text.trim()));
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! Model-level tests: every supported weight type against an unquantized
+//! reference, bad files, KV export/import continuation, streaming,
+//! cancellation, stop sequences and seeded sampling.
+
+mod inference_common;
+
+use inference_common::{demo_model, tiny_llama};
+use shoal::gguf::GgmlType;
+use shoal::inference::{
+    GenerateConfig, InferenceError, KvCache, KvDtype, Model, ModelConfig, SamplerConfig,
+    StopReason, generate,
+};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn write_tmp(bytes: &[u8]) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().expect("tmp");
+    std::io::Write::write_all(&mut f, bytes).expect("write");
+    f
+}
+
+fn cfg(threads: usize, reference: bool) -> ModelConfig {
+    ModelConfig {
+        threads,
+        reference_matmul: reference,
+        ..Default::default()
+    }
+}
+
+/// Our quantized kernels (8-bit activations) against dequantized weights
+/// times f32 activations, for every weight type we run.
+#[test]
+fn every_weight_type_matches_the_f32_reference() {
+    use GgmlType::*;
+    let tokens: Vec<u32> = vec![258, 104, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100];
+    for ty in [
+        F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+    ] {
+        let f = write_tmp(&tiny_llama(ty, "llama"));
+        let ours = Model::load_with(f.path(), &cfg(2, false)).expect("load");
+        let reference = Model::load_with(f.path(), &cfg(1, true)).expect("load");
+        let a = ours
+            .forward(&mut ours.new_cache(), &tokens)
+            .expect("forward");
+        let b = reference
+            .forward(&mut reference.new_cache(), &tokens)
+            .expect("forward");
+        let range =
+            b.iter().copied().fold(f32::MIN, f32::max) - b.iter().copied().fold(f32::MAX, f32::min);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        // 8-bit activations: a few percent of the logit range at most.
+        let tol = if matches!(ty, F32 | F16) { 1e-3 } else { 0.05 } * range;
+        assert!(range > 0.1, "{ty:?}: degenerate logits");
+        assert!(
+            diff <= tol,
+            "{ty:?}: max |Δ| {diff} > {tol} (range {range})"
+        );
+        // Batched prompt processing and one-by-one decoding agree.
+        let mut c = ours.new_cache();
+        let mut last = Vec::new();
+        for t in &tokens {
+            last = ours.forward(&mut c, &[*t]).expect("forward");
+        }
+        let d2 = a
+            .iter()
+            .zip(&last)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(d2 <= 1e-3 * range, "{ty:?}: batch vs sequential {d2}");
+    }
+}
+
+#[test]
+fn bad_files_are_clear_errors() {
+    let f = write_tmp(&tiny_llama(GgmlType::Q8_0, "gptneox"));
+    match Model::load(f.path()) {
+        Err(InferenceError::UnsupportedArchitecture(a)) => assert_eq!(a, "gptneox"),
+        other => panic!("expected UnsupportedArchitecture, got {other:?}"),
+    }
+    let f = write_tmp(&tiny_llama(GgmlType::BF16, "llama"));
+    match Model::load(f.path()) {
+        Err(InferenceError::UnsupportedTensorType { ty, .. }) => assert_eq!(ty, "bf16"),
+        other => panic!("expected UnsupportedTensorType, got {other:?}"),
+    }
+    let good = tiny_llama(GgmlType::Q4_K, "llama");
+    for cut in [10, 100, 5000, good.len() / 2, good.len() - 1] {
+        let f = write_tmp(&good[..cut]);
+        let e = Model::load(f.path()).expect_err("truncated file loaded");
+        assert!(matches!(e, InferenceError::Gguf(_)), "cut {cut}: {e}");
+    }
+    let f = write_tmp(b"");
+    assert!(Model::load(f.path()).is_err());
+    assert!(matches!(
+        Model::load("/nonexistent/model.gguf"),
+        Err(InferenceError::Io(_))
+    ));
+    // Tokens outside the vocabulary are refused.
+    let f = write_tmp(&good);
+    let m = Model::load(f.path()).expect("load");
+    assert!(matches!(
+        m.forward(&mut m.new_cache(), &[100_000]),
+        Err(InferenceError::BadToken(100_000))
+    ));
+}
+
+fn demo() -> Option<Arc<Model>> {
+    let p = demo_model()?;
+    Some(Model::load_with(p, &cfg(2, false)).expect("load demo model"))
+}
+
+fn greedy(max: usize) -> GenerateConfig {
+    GenerateConfig {
+        max_tokens: max,
+        stop_at_eos: false,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn kv_export_import_continues_identically() {
+    let Some(m) = demo() else { return };
+    let prompt = m
+        .tokenizer()
+        .encode("The three primary colors are red, yellow and", true, true);
+    let n = 24;
+    let full = generate(&m, &mut m.new_cache(), &prompt, &greedy(n), None, |_| {
+        ControlFlow::Continue(())
+    })
+    .expect("generate");
+    assert_eq!(full.tokens.len(), n);
+    let id = m.id();
+    // Compute the prefix but the last token, export it in two ranges.
+    let mut c = m.new_cache();
+    m.forward(&mut c, &prompt[..prompt.len() - 1])
+        .expect("prefix");
+    let cut = 3;
+    for dtype in [KvDtype::F16, KvDtype::Q8_0] {
+        let a = c.export(0..cut, dtype, &id).expect("export a");
+        let b = c.export(cut..c.len(), dtype, &id).expect("export b");
+        let mut restored = KvCache::import(&a, m.kv_layout(), &id).expect("import");
+        restored.import_append(&b, &id).expect("append");
+        assert_eq!(restored.len(), prompt.len() - 1);
+        let cont = generate(
+            &m,
+            &mut restored,
+            &prompt[prompt.len() - 1..],
+            &greedy(n),
+            None,
+            |_| ControlFlow::Continue(()),
+        )
+        .expect("continue");
+        if dtype == KvDtype::F16 {
+            assert_eq!(cont.tokens, full.tokens, "{dtype:?}: continuation differs");
+        } else {
+            // q8_0 is lossy (8 bits per value): the start must agree; later a
+            // near-tie may go the other way.
+            assert_eq!(
+                cont.tokens[..4],
+                full.tokens[..4],
+                "{dtype:?}: continuation differs"
+            );
+        }
+        // A corrupted or foreign blob is refused.
+        let mut bad = a.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x40;
+        let e = KvCache::import(&bad, m.kv_layout(), &id).expect_err("corrupt accepted");
+        assert!(e.to_string().contains("checksum"), "{e}");
+        let e = KvCache::import(&a, m.kv_layout(), &[0u8; 32]).expect_err("foreign accepted");
+        assert!(e.to_string().contains("belongs to model"), "{e}");
+    }
+    // A fork shares the prefix and continues the same way.
+    let mut f = c.fork(c.len());
+    let cont = generate(
+        &m,
+        &mut f,
+        &prompt[prompt.len() - 1..],
+        &greedy(8),
+        None,
+        |_| ControlFlow::Continue(()),
+    )
+    .expect("fork");
+    assert_eq!(cont.tokens, full.tokens[..8]);
+}
+
+#[test]
+fn streaming_cancel_stop_and_seed() {
+    let Some(m) = demo() else { return };
+    let prompt = m.tokenizer().encode("Once upon a time", true, true);
+    // Streamed pieces add up to the text.
+    let mut streamed = String::new();
+    let out = generate(&m, &mut m.new_cache(), &prompt, &greedy(20), None, |ev| {
+        streamed.push_str(ev.text);
+        ControlFlow::Continue(())
+    })
+    .expect("generate");
+    assert_eq!(streamed, out.text);
+    assert_eq!(out.stop, StopReason::MaxTokens);
+    // Cancellation after the third token.
+    let cancel = AtomicBool::new(false);
+    let mut seen = 0;
+    let c = generate(
+        &m,
+        &mut m.new_cache(),
+        &prompt,
+        &greedy(20),
+        Some(&cancel),
+        |_| {
+            seen += 1;
+            if seen == 3 {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            ControlFlow::Continue(())
+        },
+    )
+    .expect("generate");
+    assert_eq!(c.stop, StopReason::Cancelled);
+    assert_eq!(c.tokens, out.tokens[..3]);
+    // A stop sequence taken from the middle of the greedy text.
+    let words: Vec<&str> = out.text.split_whitespace().collect();
+    assert!(words.len() > 4, "{:?}", out.text);
+    let stop = format!(" {}", words[3]);
+    let at = out.text.find(&stop).expect("stop in text");
+    let mut cfg = greedy(20);
+    cfg.stop = vec![stop.clone()];
+    let mut streamed = String::new();
+    let s = generate(&m, &mut m.new_cache(), &prompt, &cfg, None, |ev| {
+        streamed.push_str(ev.text);
+        ControlFlow::Continue(())
+    })
+    .expect("generate");
+    assert_eq!(s.stop, StopReason::StopSequence);
+    assert_eq!(s.text, out.text[..at]);
+    assert_eq!(streamed, s.text);
+    // Seeded sampling is reproducible.
+    let sample = |seed| {
+        let cfg = GenerateConfig {
+            max_tokens: 16,
+            stop_at_eos: false,
+            sampler: SamplerConfig {
+                temperature: 0.9,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.02,
+                repeat_penalty: 1.1,
+                seed,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        generate(&m, &mut m.new_cache(), &prompt, &cfg, None, |_| {
+            ControlFlow::Continue(())
+        })
+        .expect("sample")
+        .tokens
+    };
+    let a = sample(7);
+    assert_eq!(a, sample(7));
+    assert_ne!(a, sample(8));
+}
+
+#[test]
+fn tokenizer_is_shared_per_file() {
+    let Some(p) = demo_model() else { return };
+    let a = Model::load_with(&p, &cfg(1, false)).expect("load");
+    let b = Model::load_with(&p, &cfg(1, false)).expect("load");
+    assert!(Arc::ptr_eq(a.tokenizer(), b.tokenizer()));
+}
