@@ -9,5 +9,8 @@ pub mod config;
 pub mod gguf;
 pub mod import;
 pub mod inference;
+pub mod kvcache;
 pub mod metrics;
+pub mod respcache;
+pub mod serve;
 pub mod store;

@@ -1,0 +1,411 @@
+//! The disk tier: one file per block under `<data-dir>/kv/`, a byte budget
+//! with LRU eviction, survives restarts.
+//!
+//! # File format (version 1, little-endian), `<dir>/<hex key>.kvb`
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `SHOALKVB` |
+//! | 8 | 4 | format version (1) |
+//! | 12 | 32 | block key (must equal the file name's) |
+//! | 44 | 8 | blob length `n` |
+//! | 52 | n | the KV export (`SHOAL-KV` format, ending in its BLAKE3 checksum) |
+//!
+//! A read checks all of it (magic, version, key, length, the blob's
+//! checksum); a file failing any check is deleted and reported as corrupt.
+//! Writes go to a temporary file that is renamed into place, so a crash
+//! leaves either the old state or the whole block.
+
+use super::{BlockKey, KvCacheError};
+use crate::inference::KvCache;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+/// Magic bytes of a disk-tier block file.
+pub const MAGIC: &[u8; 8] = b"SHOALKVB";
+/// Disk-tier file format version.
+pub const VERSION: u32 = 1;
+const HEADER: usize = 52;
+const EXT: &str = "kvb";
+
+struct Index {
+    used: u64,
+    tick: u64,
+    map: HashMap<BlockKey, (u64, u64)>,
+    lru: BTreeMap<u64, BlockKey>,
+}
+
+/// Blocks on disk. The sum of the indexed files' sizes never exceeds the budget.
+pub struct DiskTier {
+    dir: PathBuf,
+    budget: u64,
+    index: Mutex<Index>,
+}
+
+impl std::fmt::Debug for DiskTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskTier")
+            .field("dir", &self.dir)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Encodes a block file.
+pub fn encode(key: &BlockKey, blob: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + blob.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&key.0);
+    out.extend_from_slice(&(blob.len() as u64).to_le_bytes());
+    out.extend_from_slice(blob);
+    out
+}
+
+/// Checks a block file and returns its blob.
+pub fn decode(key: &BlockKey, bytes: &[u8]) -> Result<Vec<u8>, KvCacheError> {
+    let bad = |r: &str| KvCacheError::Corrupt {
+        key: key.to_hex(),
+        reason: r.to_owned(),
+    };
+    if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+        return Err(bad("not a KV block file"));
+    }
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&bytes[8..12]);
+    let version = u32::from_le_bytes(v);
+    if version != VERSION {
+        return Err(bad(&format!("unsupported block file version {version}")));
+    }
+    if bytes[12..44] != key.0 {
+        return Err(bad("file holds another key"));
+    }
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&bytes[44..52]);
+    if u64::from_le_bytes(n) != (bytes.len() - HEADER) as u64 {
+        return Err(bad("length does not match the header"));
+    }
+    let blob = &bytes[HEADER..];
+    KvCache::inspect(blob).map_err(|e| bad(&e.to_string()))?;
+    Ok(blob.to_vec())
+}
+
+impl DiskTier {
+    /// Opens (creating) `dir` and indexes its block files, oldest first;
+    /// stray temporary files are removed and the budget is enforced.
+    pub fn open(dir: &Path, budget: u64) -> Result<DiskTier, KvCacheError> {
+        std::fs::create_dir_all(dir)?;
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(dir)? {
+            let e = e?;
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let key = name.strip_suffix(".kvb").and_then(BlockKey::from_hex);
+            match key {
+                Some(k) => {
+                    let m = e.metadata()?;
+                    let mtime = m.modified().unwrap_or(std::time::UNIX_EPOCH);
+                    found.push((mtime, k, m.len()));
+                }
+                None => {
+                    if name.ends_with(".tmp") {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            }
+        }
+        found.sort();
+        let mut idx = Index {
+            used: 0,
+            tick: 0,
+            map: HashMap::new(),
+            lru: BTreeMap::new(),
+        };
+        for (_, k, len) in found {
+            idx.tick += 1;
+            idx.map.insert(k, (len, idx.tick));
+            idx.lru.insert(idx.tick, k);
+            idx.used += len;
+        }
+        let t = DiskTier {
+            dir: dir.to_path_buf(),
+            budget,
+            index: Mutex::new(idx),
+        };
+        {
+            let mut idx = t.index.lock();
+            t.evict_to(&mut idx, budget);
+        }
+        tracing::debug!(dir = %dir.display(), blocks = t.len(), used = t.used(), "KV disk tier opened");
+        Ok(t)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a block's file.
+    pub fn path_of(&self, key: &BlockKey) -> PathBuf {
+        self.dir.join(format!("{}.{EXT}", key.to_hex()))
+    }
+
+    /// Bytes held.
+    pub fn used(&self) -> u64 {
+        self.index.lock().used
+    }
+
+    /// The byte budget.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Blocks held.
+    pub fn len(&self) -> usize {
+        self.index.lock().map.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True if the block is indexed.
+    pub fn contains(&self, key: &BlockKey) -> bool {
+        self.index.lock().map.contains_key(key)
+    }
+
+    /// Reads and checks a block. A block failing a check is deleted and
+    /// returned as [`KvCacheError::Corrupt`].
+    pub fn get(&self, key: &BlockKey) -> Result<Option<Vec<u8>>, KvCacheError> {
+        {
+            let mut idx = self.index.lock();
+            let Some(&(len, old)) = idx.map.get(key) else {
+                return Ok(None);
+            };
+            idx.tick += 1;
+            let t = idx.tick;
+            idx.lru.remove(&old);
+            idx.lru.insert(t, *key);
+            idx.map.insert(*key, (len, t));
+        }
+        let bytes = match std::fs::read(self.path_of(key)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.forget(key);
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match decode(key, &bytes) {
+            Ok(blob) => Ok(Some(blob)),
+            Err(e) => {
+                self.remove(key);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes a block (atomically), evicting least recently used blocks to
+    /// stay within the budget. Blocks larger than the budget are skipped.
+    pub fn put(&self, key: &BlockKey, blob: &[u8]) -> Result<(), KvCacheError> {
+        let bytes = encode(key, blob);
+        let size = bytes.len() as u64;
+        if size > self.budget || self.contains(key) {
+            return Ok(());
+        }
+        {
+            let mut idx = self.index.lock();
+            self.evict_to(&mut idx, self.budget - size);
+            // Reserve the space before writing so concurrent puts stay in budget.
+            idx.tick += 1;
+            let t = idx.tick;
+            idx.map.insert(*key, (size, t));
+            idx.lru.insert(t, *key);
+            idx.used += size;
+        }
+        let path = self.path_of(key);
+        let tmp = self.dir.join(format!("{}.tmp", key.to_hex()));
+        let res = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_data()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            self.forget(key);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Deletes a block.
+    pub fn remove(&self, key: &BlockKey) {
+        self.forget(key);
+        let _ = std::fs::remove_file(self.path_of(key));
+    }
+
+    fn forget(&self, key: &BlockKey) {
+        let mut idx = self.index.lock();
+        if let Some((len, t)) = idx.map.remove(key) {
+            idx.lru.remove(&t);
+            idx.used -= len;
+        }
+    }
+
+    fn evict_to(&self, idx: &mut Index, target: u64) {
+        while idx.used > target {
+            let Some((_, k)) = idx.lru.pop_first() else {
+                break;
+            };
+            if let Some((len, _)) = idx.map.remove(&k) {
+                idx.used -= len;
+                let _ = std::fs::remove_file(self.path_of(&k));
+            }
+        }
+    }
+}
+
+enum Msg {
+    Put(BlockKey, Arc<Vec<u8>>),
+    Flush(mpsc::SyncSender<()>),
+}
+
+/// A background thread writing blocks to the disk tier.
+pub(crate) struct WriteBehind {
+    tx: Option<mpsc::Sender<Msg>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WriteBehind {
+    pub(crate) fn start(disk: Arc<DiskTier>) -> WriteBehind {
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let thread = std::thread::Builder::new()
+            .name("kv-write-behind".into())
+            .spawn(move || {
+                for m in rx {
+                    match m {
+                        Msg::Put(k, b) => {
+                            if let Err(e) = disk.put(&k, &b) {
+                                tracing::warn!(error = %e, "KV block write failed");
+                            }
+                        }
+                        Msg::Flush(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })
+            .ok();
+        if thread.is_none() {
+            tracing::warn!("could not start the KV write-behind thread; disk tier is read-only");
+        }
+        WriteBehind {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    pub(crate) fn queue(&self, key: BlockKey, blob: Arc<Vec<u8>>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Put(key, blob));
+        }
+    }
+
+    pub(crate) fn flush(&self) {
+        if self.thread.is_none() {
+            return;
+        }
+        let (done_tx, done_rx) = mpsc::sync_channel(1);
+        if let Some(tx) = &self.tx
+            && tx.send(Msg::Flush(done_tx)).is_ok()
+        {
+            let _ = done_rx.recv();
+        }
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::{KvDtype, KvLayout};
+
+    fn blob(n: usize, seed: f32) -> Vec<u8> {
+        let l = KvLayout {
+            n_layer: 1,
+            n_kv_head: 1,
+            head_dim: 32,
+        };
+        let mut c = KvCache::new(l);
+        for i in 0..n {
+            let v: Vec<f32> = (0..32).map(|j| seed + (i * 32 + j) as f32 / 64.0).collect();
+            c.append(&v, &v).expect("append");
+        }
+        c.export(0..n, KvDtype::F16, &[7; 32]).expect("export")
+    }
+
+    #[test]
+    fn roundtrip_restart_corruption_and_budget() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (k1, k2, k3) = (BlockKey([1; 32]), BlockKey([2; 32]), BlockKey([3; 32]));
+        let b = blob(4, 0.0);
+        let file_size = (HEADER + b.len()) as u64;
+        {
+            let t = DiskTier::open(d.path(), file_size * 2).expect("open");
+            t.put(&k1, &b).expect("put");
+            t.put(&k2, &b).expect("put");
+            assert_eq!(t.get(&k1).expect("get").as_deref(), Some(&b[..]));
+            t.put(&k3, &b).expect("put"); // evicts k2 (LRU)
+            assert!(t.used() <= t.budget());
+            assert!(!t.contains(&k2) && !t.path_of(&k2).exists());
+        }
+        // Restart: the index is rebuilt from the files.
+        let t = DiskTier::open(d.path(), file_size * 2).expect("reopen");
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get(&k3).expect("get").as_deref(), Some(&b[..]));
+        // Flip one payload byte: dropped, never returned.
+        let p = t.path_of(&k1);
+        let mut bytes = std::fs::read(&p).expect("read");
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(&p, &bytes).expect("write");
+        assert!(matches!(t.get(&k1), Err(KvCacheError::Corrupt { .. })));
+        assert!(!p.exists());
+        assert_eq!(t.get(&k1).expect("get"), None);
+        // A file renamed to another key is refused.
+        std::fs::copy(t.path_of(&k3), t.path_of(&k1)).expect("copy");
+        let t = DiskTier::open(d.path(), file_size * 2).expect("reopen");
+        assert!(t.get(&k1).is_err());
+        // A smaller budget on reopen evicts down to it.
+        let t = DiskTier::open(d.path(), file_size).expect("reopen");
+        assert!(t.used() <= file_size);
+    }
+
+    #[test]
+    fn fixture_v1() {
+        let key = BlockKey([0xab; 32]);
+        let b = blob(1, 0.5);
+        let f = encode(&key, &b);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kvblock-v1.kvb");
+        if std::env::var_os("SHOAL_WRITE_FIXTURES").is_some() {
+            std::fs::write(path, &f).expect("write fixture");
+        }
+        let fixture = std::fs::read(path).expect("fixture file");
+        assert_eq!(f, fixture, "disk block format changed: bump VERSION");
+        assert_eq!(decode(&key, &fixture).expect("decode"), b);
+    }
+}

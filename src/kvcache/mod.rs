@@ -1,0 +1,454 @@
+//! The prefix KV cache: KV blocks named by a BLAKE3 chain over the prompt
+//! tokens, kept in a RAM tier and a disk tier.
+//!
+//! A prompt is cut into blocks of [`KvCacheConfig::block_tokens`] tokens.
+//! Block `i`'s key is
+//!
+//! ```text
+//! key_i = BLAKE3("shoal-kv-v1" ‖ model id ‖ tokenizer id ‖ KV format ‖ tokens of block i ‖ key_{i-1})
+//! ```
+//!
+//! (`key_{-1}` is 32 zero bytes), so a key names exactly one KV content: the
+//! keys and values of those tokens at those positions after that whole
+//! prefix, computed by that model and stored in that format. A request walks
+//! the keys from the start, takes the longest run it finds (RAM first, then
+//! disk), imports it and computes only the rest; every new full block is
+//! stored in RAM and written behind to disk.
+//!
+//! Blocks are KV exports of [`crate::inference::KvCache::export`] (a
+//! versioned format with its own BLAKE3 checksum); the disk tier wraps each
+//! in a small versioned header binding it to its key (see [`disk`]). A block
+//! whose checksum or key does not match is dropped and recomputed, never
+//! used. See `docs/SERVING.md`.
+
+pub mod disk;
+pub mod ram;
+
+use crate::inference::{KvCache, KvDtype, Model};
+use parking_lot::Mutex;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use disk::DiskTier;
+pub use ram::RamTier;
+
+/// Domain separator of block keys (and their version).
+pub const KEY_DOMAIN: &[u8] = b"shoal-kv-v1";
+
+/// Errors of the KV cache tiers.
+#[derive(Debug, thiserror::Error)]
+pub enum KvCacheError {
+    /// Reading or writing the disk tier failed.
+    #[error("kv disk tier i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored block is malformed or corrupted.
+    #[error("kv block {key}: {reason}")]
+    Corrupt {
+        /// Hex key of the block.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A configuration value is out of range.
+    #[error("kv cache config: {0}")]
+    Config(String),
+}
+
+/// The 32-byte key of one KV block.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockKey(pub [u8; 32]);
+
+impl BlockKey {
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<BlockKey> {
+        let mut k = [0u8; 32];
+        hex::decode_to_slice(s, &mut k).ok()?;
+        Some(BlockKey(k))
+    }
+}
+
+impl std::fmt::Debug for BlockKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlockKey({})", &self.to_hex()[..16])
+    }
+}
+
+/// What, besides the tokens, a block key depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyContext {
+    /// The model id KV exports are bound to.
+    pub model_id: [u8; 32],
+    /// BLAKE3 over the tokenizer's vocabulary ([`tokenizer_id`]).
+    pub tokenizer_id: [u8; 32],
+    /// Storage format of the blocks.
+    pub dtype: KvDtype,
+    /// Tokens per block.
+    pub block_tokens: usize,
+}
+
+impl KeyContext {
+    /// The context of `model` with the given block size and format.
+    pub fn for_model(model: &Model, dtype: KvDtype, block_tokens: usize) -> KeyContext {
+        KeyContext {
+            model_id: model.id(),
+            tokenizer_id: tokenizer_id(model),
+            dtype,
+            block_tokens,
+        }
+    }
+
+    /// Keys of the full blocks of `tokens` (a trailing partial block has none).
+    pub fn keys(&self, tokens: &[u32]) -> Vec<BlockKey> {
+        let mut out = Vec::with_capacity(tokens.len() / self.block_tokens.max(1));
+        let mut parent = [0u8; 32];
+        if self.block_tokens == 0 {
+            return out;
+        }
+        let fmt = format_tag(self.dtype);
+        for block in tokens.chunks_exact(self.block_tokens) {
+            let mut h = blake3::Hasher::new();
+            h.update(KEY_DOMAIN);
+            h.update(&self.model_id);
+            h.update(&self.tokenizer_id);
+            h.update(&[fmt, crate::inference::KV_FORMAT_VERSION as u8]);
+            h.update(&(self.block_tokens as u32).to_le_bytes());
+            for t in block {
+                h.update(&t.to_le_bytes());
+            }
+            h.update(&parent);
+            parent = *h.finalize().as_bytes();
+            out.push(BlockKey(parent));
+        }
+        out
+    }
+}
+
+fn format_tag(d: KvDtype) -> u8 {
+    match d {
+        KvDtype::F16 => 0,
+        KvDtype::Q8_0 => 1,
+    }
+}
+
+/// BLAKE3 over the tokenizer's vocabulary (each token's bytes with their
+/// length) and its BOS/EOS ids: two models with the same tokenizer share it.
+pub fn tokenizer_id(model: &Model) -> [u8; 32] {
+    let tok = model.tokenizer();
+    let mut h = blake3::Hasher::new();
+    h.update(b"shoal-tokenizer-v1");
+    for id in 0..tok.vocab_size() {
+        let b = tok.token_bytes(id as u32);
+        h.update(&(b.len() as u32).to_le_bytes());
+        h.update(b);
+    }
+    for x in [tok.bos(), tok.eos()] {
+        h.update(&x.map_or(u64::MAX, u64::from).to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// Settings of the prefix cache.
+#[derive(Debug, Clone)]
+pub struct KvCacheConfig {
+    /// Tokens per block (default 64).
+    pub block_tokens: usize,
+    /// Storage format of blocks.
+    pub dtype: KvDtype,
+    /// Byte budget of the RAM tier (0 disables it).
+    pub ram_budget: u64,
+    /// How long a RAM block stays usable after it was stored.
+    pub ram_ttl: Duration,
+    /// Directory of the disk tier (`<data-dir>/kv`); `None` disables it.
+    pub disk_dir: Option<PathBuf>,
+    /// Byte budget of the disk tier.
+    pub disk_budget: u64,
+}
+
+impl Default for KvCacheConfig {
+    fn default() -> Self {
+        KvCacheConfig {
+            block_tokens: 64,
+            dtype: KvDtype::F16,
+            ram_budget: 1 << 30,
+            ram_ttl: Duration::from_secs(3600),
+            disk_dir: None,
+            disk_budget: 8 << 30,
+        }
+    }
+}
+
+/// Where a block was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// The RAM tier.
+    Ram,
+    /// The disk tier.
+    Disk,
+}
+
+/// Counters of a [`PrefixCache`].
+#[derive(Debug, Default)]
+pub struct KvStats {
+    /// Blocks found in RAM.
+    pub ram_hits: AtomicU64,
+    /// Blocks found on disk (after missing in RAM).
+    pub disk_hits: AtomicU64,
+    /// Lookups that ended on a block found nowhere.
+    pub misses: AtomicU64,
+    /// Blocks dropped because their checksum, key or layout was wrong.
+    pub corrupt_dropped: AtomicU64,
+    /// Blocks stored.
+    pub stored: AtomicU64,
+}
+
+/// The outcome of [`PrefixCache::load_prefix`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixHit {
+    /// Blocks imported.
+    pub blocks: usize,
+    /// Of which from RAM.
+    pub from_ram: usize,
+    /// Of which from disk.
+    pub from_disk: usize,
+}
+
+/// The RAM and disk tiers behind one interface. Shared by all models of a
+/// node (keys include the model id).
+pub struct PrefixCache {
+    cfg: KvCacheConfig,
+    ram: Mutex<RamTier>,
+    disk: Option<Arc<DiskTier>>,
+    writer: Option<disk::WriteBehind>,
+    stats: KvStats,
+}
+
+impl std::fmt::Debug for PrefixCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixCache")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrefixCache {
+    /// Opens the tiers (the disk tier indexes `disk_dir`, creating it).
+    pub fn open(cfg: KvCacheConfig) -> Result<PrefixCache, KvCacheError> {
+        if cfg.block_tokens == 0 || cfg.block_tokens > 4096 {
+            return Err(KvCacheError::Config(
+                "block_tokens must be between 1 and 4096".into(),
+            ));
+        }
+        let disk = match &cfg.disk_dir {
+            Some(d) => Some(Arc::new(DiskTier::open(d, cfg.disk_budget)?)),
+            None => None,
+        };
+        let writer = disk.as_ref().map(|d| disk::WriteBehind::start(d.clone()));
+        Ok(PrefixCache {
+            ram: Mutex::new(RamTier::new(cfg.ram_budget, cfg.ram_ttl)),
+            cfg,
+            disk,
+            writer,
+            stats: KvStats::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &KvStats {
+        &self.stats
+    }
+
+    /// The RAM tier (for inspection).
+    pub fn ram(&self) -> &Mutex<RamTier> {
+        &self.ram
+    }
+
+    /// The disk tier, if enabled.
+    pub fn disk(&self) -> Option<&DiskTier> {
+        self.disk.as_deref()
+    }
+
+    /// The key context of `model` under this cache's block size and format.
+    pub fn context(&self, model: &Model) -> KeyContext {
+        KeyContext::for_model(model, self.cfg.dtype, self.cfg.block_tokens)
+    }
+
+    /// Looks a block up in RAM, then on disk (promoting disk hits to RAM).
+    pub fn get(&self, key: &BlockKey) -> Option<(Arc<Vec<u8>>, Tier)> {
+        if let Some(b) = self.ram.lock().get(key) {
+            return Some((b, Tier::Ram));
+        }
+        let disk = self.disk.as_ref()?;
+        match disk.get(key) {
+            Ok(Some(b)) => {
+                let b = Arc::new(b);
+                self.ram.lock().insert(*key, b.clone());
+                Some((b, Tier::Disk))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(key = ?key, error = %e, "dropping unreadable KV block from disk");
+                self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Stores a block in RAM and queues it for the disk tier.
+    pub fn put(&self, key: BlockKey, blob: Arc<Vec<u8>>) {
+        self.stats.stored.fetch_add(1, Ordering::Relaxed);
+        self.ram.lock().insert(key, blob.clone());
+        if let Some(w) = &self.writer {
+            w.queue(key, blob);
+        }
+    }
+
+    /// Drops a block from every tier (it was found to be bad).
+    pub fn remove(&self, key: &BlockKey) {
+        self.ram.lock().remove(key);
+        if let Some(d) = &self.disk {
+            d.remove(key);
+        }
+    }
+
+    /// Waits until every queued disk write is done.
+    pub fn flush(&self) {
+        if let Some(w) = &self.writer {
+            w.flush();
+        }
+    }
+
+    /// Imports the longest run of cached blocks for `keys` into `cache`
+    /// (which must be empty). A block that fails to import (checksum,
+    /// model, layout) is dropped from the tiers and ends the run.
+    pub fn load_prefix(
+        &self,
+        keys: &[BlockKey],
+        model_id: &[u8; 32],
+        cache: &mut KvCache,
+    ) -> PrefixHit {
+        let mut hit = PrefixHit::default();
+        if !cache.is_empty() {
+            return hit;
+        }
+        for key in keys {
+            let Some((blob, tier)) = self.get(key) else {
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                break;
+            };
+            if let Err(e) = cache.import_append(&blob, model_id) {
+                tracing::warn!(key = ?key, error = %e, "dropping a KV block that does not import");
+                self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+                self.remove(key);
+                break;
+            }
+            hit.blocks += 1;
+            match tier {
+                Tier::Ram => {
+                    hit.from_ram += 1;
+                    self.stats.ram_hits.fetch_add(1, Ordering::Relaxed);
+                }
+                Tier::Disk => {
+                    hit.from_disk += 1;
+                    self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        hit
+    }
+
+    /// Exports and stores blocks `from..` of `cache` (full blocks only);
+    /// `keys` are the keys of the tokens `cache` holds.
+    pub fn store_blocks(
+        &self,
+        cache: &KvCache,
+        keys: &[BlockKey],
+        from: usize,
+        model_id: &[u8; 32],
+    ) {
+        let b = self.cfg.block_tokens;
+        let full = (cache.len() / b).min(keys.len());
+        for (i, key) in keys.iter().enumerate().take(full).skip(from) {
+            if self.ram.lock().contains(key) {
+                continue;
+            }
+            match cache.export(i * b..(i + 1) * b, self.cfg.dtype, model_id) {
+                Ok(blob) => self.put(*key, Arc::new(blob)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "KV export failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PrefixCache {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> KeyContext {
+        KeyContext {
+            model_id: [1; 32],
+            tokenizer_id: [2; 32],
+            dtype: KvDtype::F16,
+            block_tokens: 4,
+        }
+    }
+
+    #[test]
+    fn keys_chain_and_depend_on_everything() {
+        let c = ctx();
+        let a = c.keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(a.len(), 2, "partial block has no key");
+        let b = c.keys(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(a, b);
+        // Same second block after another first block: another key.
+        let d = c.keys(&[0, 2, 3, 4, 5, 6, 7, 8]);
+        assert_ne!(a[1], d[1]);
+        assert_ne!(a[0], d[0]);
+        for other in [
+            KeyContext {
+                model_id: [9; 32],
+                ..c
+            },
+            KeyContext {
+                tokenizer_id: [9; 32],
+                ..c
+            },
+            KeyContext {
+                dtype: KvDtype::Q8_0,
+                ..c
+            },
+        ] {
+            assert_ne!(other.keys(&[1, 2, 3, 4])[0], a[0]);
+        }
+    }
+
+    #[test]
+    fn key_fixture_v1() {
+        // Pins the key derivation: changing it must change KEY_DOMAIN.
+        let k = ctx().keys(&[1, 2, 3, 4]);
+        assert_eq!(
+            k[0].to_hex(),
+            "2b4ecaf1d268680ecf28753395230a19257a9f689f7ed63588f4e07409e93855"
+        );
+    }
+}

@@ -1,0 +1,325 @@
+//! The per-model engine: a bounded queue in front of one generation thread
+//! that uses the prefix KV cache.
+
+use crate::inference::{GenerateConfig, Model, StopReason, generate};
+use crate::kvcache::{KeyContext, PrefixCache};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What a job reports, in order: `Started`, any number of `Token`, then
+/// `Done` or `Failed`.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// The prompt is in the cache; `cached_tokens` of it came from the prefix cache.
+    Started {
+        /// Prompt tokens.
+        prompt_tokens: usize,
+        /// Prompt tokens taken from the prefix cache.
+        cached_tokens: usize,
+    },
+    /// Generated text (may be empty for tokens held back).
+    Token(String),
+    /// Generation ended.
+    Done {
+        /// Why.
+        stop: StopReason,
+        /// Tokens generated.
+        completion_tokens: usize,
+        /// Text held back by the stop-sequence check and released at the end.
+        tail: String,
+        /// Time from the start of the job to the first token.
+        ttft: Duration,
+    },
+    /// Generation failed.
+    Failed(String),
+}
+
+/// One generation request.
+#[derive(Debug)]
+pub struct Job {
+    /// The prompt tokens (at least one).
+    pub prompt: Vec<u32>,
+    /// Generation parameters.
+    pub cfg: GenerateConfig,
+    /// Set to stop the generation.
+    pub cancel: Arc<AtomicBool>,
+    /// Where events go; a closed receiver cancels.
+    pub events: mpsc::UnboundedSender<JobEvent>,
+}
+
+/// Counters of an engine.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Jobs finished (any reason).
+    pub finished: AtomicU64,
+    /// Jobs that ended cancelled (flag or disconnected client).
+    pub cancelled: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub rejected: AtomicU64,
+}
+
+/// Sets a job's cancel flag when dropped (the request went away).
+#[derive(Debug)]
+pub struct CancelOnDrop(pub Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A slot in the queue; dropping it frees the slot.
+#[derive(Debug)]
+pub struct Permit {
+    pending: Arc<AtomicUsize>,
+    drained: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
+struct Queued {
+    job: Job,
+    _permit: Permit,
+}
+
+/// A model with its generation thread and bounded queue. Cheap to share.
+pub struct Engine {
+    name: String,
+    model: Arc<Model>,
+    kv: Option<(Arc<PrefixCache>, KeyContext)>,
+    capacity: usize,
+    pending: Arc<AtomicUsize>,
+    drained: Arc<tokio::sync::Notify>,
+    tx: std::sync::mpsc::Sender<Queued>,
+    stats: Arc<EngineStats>,
+    avg_job_ms: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.name)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Starts the generation thread of `model`, served as `name`. At most
+    /// `1 + queue_depth` requests are admitted at once (one running).
+    pub fn start(
+        name: &str,
+        model: Arc<Model>,
+        kv: Option<Arc<PrefixCache>>,
+        queue_depth: usize,
+    ) -> Result<Arc<Engine>, std::io::Error> {
+        let kv = kv.map(|c| {
+            let ctx = c.context(&model);
+            (c, ctx)
+        });
+        let (tx, rx) = std::sync::mpsc::channel::<Queued>();
+        let stats = Arc::new(EngineStats::default());
+        let avg_job_ms = Arc::new(AtomicU64::new(1000));
+        {
+            let model = model.clone();
+            let kv = kv.clone();
+            let stats = stats.clone();
+            let avg = avg_job_ms.clone();
+            std::thread::Builder::new()
+                .name(format!("engine-{name}"))
+                .spawn(move || {
+                    for q in rx {
+                        let t0 = Instant::now();
+                        let cancelled = run_job(&model, kv.as_ref(), q.job);
+                        let ms = t0.elapsed().as_millis() as u64;
+                        let old = avg.load(Ordering::Relaxed);
+                        avg.store((old * 3 + ms) / 4, Ordering::Relaxed);
+                        stats.finished.fetch_add(1, Ordering::Relaxed);
+                        if cancelled {
+                            stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        drop(q._permit);
+                    }
+                })?;
+        }
+        Ok(Arc::new(Engine {
+            name: name.to_owned(),
+            model,
+            kv,
+            capacity: 1 + queue_depth,
+            pending: Arc::new(AtomicUsize::new(0)),
+            drained: Arc::new(tokio::sync::Notify::new()),
+            tx,
+            stats,
+            avg_job_ms,
+        }))
+    }
+
+    /// The served name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// The prefix cache, if any.
+    pub fn prefix_cache(&self) -> Option<&Arc<PrefixCache>> {
+        self.kv.as_ref().map(|(c, _)| c)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Requests admitted and not finished (running or queued).
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Takes a queue slot, or `None` when `1 + queue_depth` are taken.
+    pub fn try_admit(&self) -> Option<Permit> {
+        let ok = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                (p < self.capacity).then_some(p + 1)
+            })
+            .is_ok();
+        if !ok {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Permit {
+            pending: self.pending.clone(),
+            drained: self.drained.clone(),
+        })
+    }
+
+    /// Seconds a refused client should wait: the expected time until a slot frees.
+    pub fn retry_after_secs(&self) -> u64 {
+        (self.avg_job_ms.load(Ordering::Relaxed) / 1000).clamp(1, 60)
+    }
+
+    /// Queues an admitted job.
+    pub fn submit(&self, permit: Permit, job: Job) {
+        if let Err(e) = self.tx.send(Queued {
+            job,
+            _permit: permit,
+        }) {
+            let _ =
+                e.0.job
+                    .events
+                    .send(JobEvent::Failed("engine stopped".into()));
+        }
+    }
+
+    /// Waits until no request is running or queued.
+    pub async fn drained(&self) {
+        loop {
+            let n = self.drained.notified();
+            if self.pending() == 0 {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Runs one job; returns true if it ended cancelled.
+fn run_job(model: &Model, kv: Option<&(Arc<PrefixCache>, KeyContext)>, job: Job) -> bool {
+    let t0 = Instant::now();
+    if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
+        return true;
+    }
+    let model_id = model.id();
+    let mut cache = model.new_cache();
+    let mut cached = 0usize;
+    let mut keys = Vec::new();
+    if let Some((pc, ctx)) = kv {
+        keys = ctx.keys(&job.prompt);
+        // Leave at least one prompt token to compute.
+        let usable = (job.prompt.len().saturating_sub(1)) / ctx.block_tokens;
+        let hit = pc.load_prefix(&keys[..usable.min(keys.len())], &model_id, &mut cache);
+        cached = hit.blocks * ctx.block_tokens;
+        tracing::debug!(
+            blocks = hit.blocks,
+            from_ram = hit.from_ram,
+            from_disk = hit.from_disk,
+            "prefix cache"
+        );
+    }
+    let _ = job.events.send(JobEvent::Started {
+        prompt_tokens: job.prompt.len(),
+        cached_tokens: cached,
+    });
+    let mut ttft = None;
+    let mut released = String::new();
+    let res = generate(
+        model,
+        &mut cache,
+        &job.prompt[cached..],
+        &job.cfg,
+        Some(&job.cancel),
+        |ev| {
+            if ttft.is_none() {
+                ttft = Some(t0.elapsed());
+            }
+            released.push_str(ev.text);
+            if job
+                .events
+                .send(JobEvent::Token(ev.text.to_owned()))
+                .is_err()
+            {
+                job.cancel.store(true, Ordering::Relaxed);
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        },
+    );
+    let cancelled = job.cancel.load(Ordering::Relaxed);
+    match res {
+        Ok(out) => {
+            if let Some((pc, ctx)) = kv {
+                // Store the blocks of everything the cache now holds.
+                let mut all = job.prompt.clone();
+                all.extend_from_slice(&out.tokens);
+                if all.len() > job.prompt.len() {
+                    keys = ctx.keys(&all[..cache.len().min(all.len())]);
+                }
+                pc.store_blocks(&cache, &keys, cached / ctx.block_tokens, &model_id);
+            }
+            let tail = out
+                .text
+                .strip_prefix(released.as_str())
+                .unwrap_or_default()
+                .to_owned();
+            let _ = job.events.send(JobEvent::Done {
+                stop: if cancelled {
+                    StopReason::Cancelled
+                } else {
+                    out.stop
+                },
+                completion_tokens: out.tokens.len(),
+                tail,
+                ttft: ttft.unwrap_or_else(|| t0.elapsed()),
+            });
+            cancelled || matches!(out.stop, StopReason::Cancelled | StopReason::Callback)
+        }
+        Err(e) => {
+            let _ = job.events.send(JobEvent::Failed(e.to_string()));
+            cancelled
+        }
+    }
+}
