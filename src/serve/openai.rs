@@ -723,18 +723,28 @@ struct Outcome {
     finish: &'static str,
 }
 
-fn remember(store: &Option<(Arc<respcache::ResponseCache>, [u8; 32])>, fmt: &Fmt, o: &Outcome) {
+fn full_body(fmt: &Fmt, o: &Outcome) -> Vec<u8> {
+    let text: String = o.pieces.concat();
+    fmt.full(
+        &text,
+        o.finish,
+        usage(o.prompt_tokens, o.completion_tokens, o.cached_tokens),
+    )
+    .to_string()
+    .into_bytes()
+}
+
+fn remember(
+    store: &Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+    fmt: &Fmt,
+    o: &Outcome,
+    body: Vec<u8>,
+) {
     if let Some((c, k)) = store {
-        let text: String = o.pieces.concat();
-        let body = fmt.full(
-            &text,
-            o.finish,
-            usage(o.prompt_tokens, o.completion_tokens, o.prompt_tokens),
-        );
         c.insert(
             *k,
             CachedAnswer {
-                body: body.to_string().into_bytes(),
+                body,
                 pieces: o.pieces.clone(),
                 finish_reason: o.finish.to_owned(),
                 prompt_tokens: o.prompt_tokens,
@@ -788,14 +798,14 @@ async fn collect(
                 if stop == StopReason::Cancelled {
                     return Err(ApiError::server("generation was cancelled"));
                 }
-                remember(&store, &fmt, &o);
-                let text: String = o.pieces.concat();
-                let body = fmt.full(
-                    &text,
-                    o.finish,
-                    usage(o.prompt_tokens, o.completion_tokens, o.cached_tokens),
+                let body = full_body(&fmt, &o);
+                remember(&store, &fmt, &o, body.clone());
+                let mut r = Response::new(Body::from(body));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
                 );
-                return Ok(axum::Json(body).into_response());
+                return Ok(r);
             }
             JobEvent::Failed(e) => return Err(ApiError::server(format!("generation failed: {e}"))),
         }
@@ -938,7 +948,8 @@ fn live_stream(
                     }
                     st.out.push_back(Event::default().data("[DONE]"));
                     if stop != StopReason::Cancelled {
-                        remember(&st.store, &st.fmt, &st.outcome);
+                        let body = full_body(&st.fmt, &st.outcome);
+                        remember(&st.store, &st.fmt, &st.outcome, body);
                     }
                     st.done = true;
                 }

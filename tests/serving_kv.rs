@@ -1,0 +1,168 @@
+//! The prefix KV cache over real HTTP with the demo model: cached_tokens,
+//! the same greedy answer from RAM and from disk after a restart, a corrupt
+//! disk block dropped and recomputed, budgets never exceeded.
+
+mod serving_common;
+
+use serde_json::{Value, json};
+use serving_common::*;
+use shoal::kvcache::KvCacheConfig;
+use shoal::serve::ServeConfig;
+use std::sync::atomic::Ordering;
+
+const BLOCK: usize = 64;
+
+fn completion(prompt: &str) -> Value {
+    json!({"model": NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0})
+}
+
+/// (text, prompt_tokens, cached_tokens)
+async fn ask(srv: &TestServer, prompt: &str) -> (String, usize, usize) {
+    let r = post(srv.addr, "/v1/completions", &completion(prompt)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    (
+        v["choices"][0]["text"].as_str().expect("text").to_owned(),
+        v["usage"]["prompt_tokens"].as_u64().expect("pt") as usize,
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached") as usize,
+    )
+}
+
+fn with_disk(dir: &std::path::Path) -> ServeConfig {
+    let mut c = ServeConfig::with_data_dir(dir);
+    c.response_cache_budget = 0;
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ram_prefix_reuse_gives_the_same_answer() {
+    let Some(srv) = TestServer::start(ram_only()).await else {
+        return;
+    };
+    let prompt = format!("{}\nSummarize the list above in one word:", long_text(300));
+    let (cold, pt, cached) = ask(&srv, &prompt).await;
+    assert_eq!(cached, 0, "nothing cached yet");
+    assert!(pt > 3 * BLOCK);
+    let (warm, pt2, cached) = ask(&srv, &prompt).await;
+    assert_eq!(pt2, pt);
+    assert_eq!(cached, (pt - 1) / BLOCK * BLOCK, "every full block but a token is reused");
+    assert_eq!(warm, cold, "same greedy answer from the RAM prefix");
+    // A follow-up sharing only the beginning reuses that beginning.
+    let follow = format!("{}\nWhich word comes first?", long_text(300));
+    let (_, fpt, fcached) = ask(&srv, &follow).await;
+    assert!(fcached >= 3 * BLOCK && fcached < fpt, "shared prefix reused: {fcached}/{fpt}");
+    let kv = srv.serving.kv().expect("kv");
+    assert!(kv.stats().ram_hits.load(Ordering::Relaxed) >= 6);
+    // A chat conversation: the second turn reuses the first.
+    let turn1 = json!({"model": NAME, "max_tokens": 8, "temperature": 0, "messages": [
+        {"role": "system", "content": long_text(150)},
+        {"role": "user", "content": "Pick one word from the text."}]});
+    let r = post(srv.addr, "/v1/chat/completions", &turn1).await.json();
+    let answer = r["choices"][0]["message"]["content"].as_str().unwrap_or("").to_owned();
+    let turn2 = json!({"model": NAME, "max_tokens": 8, "temperature": 0, "messages": [
+        {"role": "system", "content": long_text(150)},
+        {"role": "user", "content": "Pick one word from the text."},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Why?"}]});
+    let r = post(srv.addr, "/v1/chat/completions", &turn2).await.json();
+    assert!(r["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) >= 2 * BLOCK as u64);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_tier_survives_restart_and_drops_corrupt_blocks() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let prompt = format!("{}\nThe most frequent word above is", long_text(260));
+    // Cold run, without any cache: the reference answer.
+    let mut nocache = ram_only();
+    nocache.kv = None;
+    let Some(srv) = TestServer::start(nocache).await else {
+        return;
+    };
+    let (reference, pt, cached) = ask(&srv, &prompt).await;
+    assert_eq!(cached, 0);
+    srv.stop().await;
+
+    let srv = TestServer::start(with_disk(dir.path())).await.expect("server");
+    let (cold, _, cached) = ask(&srv, &prompt).await;
+    assert_eq!(cached, 0);
+    assert_eq!(cold, reference);
+    srv.stop().await; // drains and flushes the disk writes
+
+    // Restart: RAM is empty, the disk tier serves the prefix.
+    let srv = TestServer::start(with_disk(dir.path())).await.expect("server");
+    let kv = srv.serving.kv().expect("kv").clone();
+    assert_eq!(kv.ram().lock().len(), 0);
+    let (after, _, cached) = ask(&srv, &prompt).await;
+    assert_eq!(cached, (pt - 1) / BLOCK * BLOCK);
+    assert!(kv.stats().disk_hits.load(Ordering::Relaxed) >= 4);
+    assert_eq!(after, reference, "same greedy answer from disk after a restart");
+    let model = srv.serving.model(NAME).expect("model").engine.model().clone();
+    let tokens = model.tokenizer().encode(&prompt, false, true);
+    assert_eq!(tokens.len(), pt);
+    let keys = kv.context(&model).keys(&tokens);
+    let first = kv.disk().expect("disk").path_of(&keys[0]);
+    srv.stop().await;
+    drop(kv);
+
+    // Corrupt the first block on disk: it is dropped, the prefix is
+    // recomputed (no cached tokens) and the answer stays the same.
+    let mut bytes = std::fs::read(&first).expect("block file");
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x5a;
+    std::fs::write(&first, &bytes).expect("write");
+    let srv = TestServer::start(with_disk(dir.path())).await.expect("server");
+    let kv = srv.serving.kv().expect("kv").clone();
+    let (again, _, cached) = ask(&srv, &prompt).await;
+    assert_eq!(cached, 0, "a corrupt first block is never used");
+    assert_eq!(kv.stats().corrupt_dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(again, reference);
+    kv.flush();
+    // Recomputed and rewritten intact.
+    let fresh = std::fs::read(&first).expect("rewritten block");
+    assert_ne!(fresh, bytes);
+    assert!(shoal::kvcache::disk::decode(&keys[0], &fresh).is_ok());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_are_never_exceeded() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // One block of the demo model in f16: 64 tokens × 30 layers × 2 × 3 heads × 64 × 2 bytes.
+    let block = (BLOCK * 30 * 2 * 3 * 64 * 2) as u64;
+    let mut cfg = with_disk(dir.path());
+    cfg.kv = Some(KvCacheConfig {
+        ram_budget: 3 * block + block / 2,
+        disk_budget: 5 * block + block / 2,
+        disk_dir: Some(dir.path().join("kv")),
+        ..KvCacheConfig::default()
+    });
+    let Some(srv) = TestServer::start(cfg).await else {
+        return;
+    };
+    let kv = srv.serving.kv().expect("kv").clone();
+    let disk_dir = dir.path().join("kv");
+    let on_disk = || -> u64 {
+        std::fs::read_dir(&disk_dir)
+            .expect("dir")
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    for i in 0..4 {
+        let prompt = format!("Document {i}. {}\nTitle:", long_text(200 + 10 * i));
+        let _ = ask(&srv, &prompt).await;
+        kv.flush();
+        let ram = kv.ram().lock().used();
+        let disk = kv.disk().expect("disk").used();
+        assert!(ram <= kv.config().ram_budget, "ram {ram}");
+        assert!(disk <= kv.config().disk_budget, "disk {disk}");
+        assert!(on_disk() <= kv.config().disk_budget, "files {}", on_disk());
+        assert!(kv.ram().lock().len() >= 1, "the tier is in use");
+    }
+    assert!(kv.disk().expect("disk").len() >= 4);
+    srv.stop().await;
+}
