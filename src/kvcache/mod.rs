@@ -342,9 +342,14 @@ impl PrefixCache {
         if !cache.is_empty() {
             return hit;
         }
+        let m = crate::metrics::global();
         for key in keys {
             let Some((blob, tier)) = self.get(key) else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                m.kv_lookup(crate::metrics::Tier::Ram, false, 1);
+                if self.disk.is_some() {
+                    m.kv_lookup(crate::metrics::Tier::Disk, false, 1);
+                }
                 break;
             };
             if let Err(e) = cache.import_append(&blob, model_id) {
@@ -358,14 +363,31 @@ impl PrefixCache {
                 Tier::Ram => {
                     hit.from_ram += 1;
                     self.stats.ram_hits.fetch_add(1, Ordering::Relaxed);
+                    m.kv_lookup(crate::metrics::Tier::Ram, true, 1);
                 }
                 Tier::Disk => {
                     hit.from_disk += 1;
                     self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
+                    m.kv_lookup(crate::metrics::Tier::Ram, false, 1);
+                    m.kv_lookup(crate::metrics::Tier::Disk, true, 1);
                 }
             }
         }
+        self.report_usage();
         hit
+    }
+
+    /// Publishes the tiers' sizes to the metrics registry.
+    pub fn report_usage(&self) {
+        let m = crate::metrics::global();
+        let (n, used) = {
+            let r = self.ram.lock();
+            (r.len() as u64, r.used())
+        };
+        m.kv_usage(crate::metrics::Tier::Ram, n, used);
+        if let Some(d) = &self.disk {
+            m.kv_usage(crate::metrics::Tier::Disk, d.len() as u64, d.used());
+        }
     }
 
     /// Exports and stores blocks `from..` of `cache` (full blocks only);
@@ -387,10 +409,11 @@ impl PrefixCache {
                 Ok(blob) => self.put(*key, Arc::new(blob)),
                 Err(e) => {
                     tracing::warn!(error = %e, "KV export failed");
-                    return;
+                    break;
                 }
             }
         }
+        self.report_usage();
     }
 }
 

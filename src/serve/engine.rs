@@ -53,6 +53,8 @@ pub struct Job {
 /// Counters of an engine.
 #[derive(Debug, Default)]
 pub struct EngineStats {
+    /// Jobs queued.
+    pub submitted: AtomicU64,
     /// Jobs finished (any reason).
     pub finished: AtomicU64,
     /// Jobs that ended cancelled (flag or disconnected client).
@@ -74,13 +76,16 @@ impl Drop for CancelOnDrop {
 /// A slot in the queue; dropping it frees the slot.
 #[derive(Debug)]
 pub struct Permit {
+    model: String,
     pending: Arc<AtomicUsize>,
     drained: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let left = self.pending.fetch_sub(1, Ordering::AcqRel) - 1;
+        crate::metrics::global().queue_depth(&self.model, left);
+        if left == 0 {
             self.drained.notify_waiters();
         }
     }
@@ -201,7 +206,9 @@ impl Engine {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        crate::metrics::global().queue_depth(&self.name, self.pending());
         Some(Permit {
+            model: self.name.clone(),
             pending: self.pending.clone(),
             drained: self.drained.clone(),
         })
@@ -214,6 +221,7 @@ impl Engine {
 
     /// Queues an admitted job.
     pub fn submit(&self, permit: Permit, job: Job) {
+        self.stats.submitted.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.tx.send(Queued {
             job,
             _permit: permit,
@@ -305,6 +313,16 @@ fn run_job(model: &Model, kv: Option<&(Arc<PrefixCache>, KeyContext)>, job: Job)
                 .strip_prefix(released.as_str())
                 .unwrap_or_default()
                 .to_owned();
+            let m = crate::metrics::global();
+            if let Some(t) = ttft {
+                let outcome = if cached > 0 {
+                    crate::metrics::CacheOutcome::Kv
+                } else {
+                    crate::metrics::CacheOutcome::Miss
+                };
+                m.ttft(outcome, t.as_secs_f64());
+            }
+            m.generation(out.tokens.len() as u64, out.gen_time.as_secs_f64());
             let _ = job.events.send(JobEvent::Done {
                 stop: if cancelled {
                     StopReason::Cancelled

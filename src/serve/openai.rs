@@ -235,9 +235,7 @@ async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    run(s, headers, body, Kind::Chat)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    counted(run(s, headers, body, Kind::Chat).await)
 }
 
 async fn completions(
@@ -245,9 +243,13 @@ async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    run(s, headers, body, Kind::Completion)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    counted(run(s, headers, body, Kind::Completion).await)
+}
+
+fn counted(r: Result<Response, ApiError>) -> Response {
+    let r = r.unwrap_or_else(IntoResponse::into_response);
+    crate::metrics::global().request(r.status().as_u16());
+    r
 }
 
 fn model_json(s: &Served) -> Value {
@@ -639,9 +641,16 @@ async fn run(
     };
     let max_age = rc.as_ref().map_or(0, |c| c.ttl().as_secs());
     let etag = key.map(|k| format!("\"{}\"", hex::encode(k)));
-    if let (Some(c), Some(k), Some(tag)) = (&rc, &key, &etag)
-        && let Some(ans) = c.get(k)
-    {
+    let cached = match (&rc, &key) {
+        (Some(c), Some(k)) => {
+            let a = c.get(k);
+            crate::metrics::global().response_cache_lookup(a.is_some());
+            a
+        }
+        _ => None,
+    };
+    if let (Some(ans), Some(tag)) = (cached, &etag) {
+        crate::metrics::global().ttft(crate::metrics::CacheOutcome::Response, 0.0);
         let ch = CacheHeaders {
             etag: Some(tag.clone()),
             hit: true,
@@ -753,6 +762,7 @@ fn remember(
                 created: fmt.created,
             },
         );
+        crate::metrics::global().response_cache_bytes(c.used());
     }
 }
 

@@ -22,7 +22,9 @@ pub fn demo_model_path() -> Option<PathBuf> {
     let p = match std::env::var_os("SHOAL_TEST_MODEL") {
         Some(p) => PathBuf::from(p),
         None => {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
             let cache = std::env::var_os("XDG_CACHE_HOME")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| home.join(".cache"));
@@ -65,7 +67,9 @@ impl TestServer {
         let model = demo_model()?;
         let serving = Serving::new(cfg).expect("serving");
         serving.add_model(NAME, model).expect("add model");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let s = serving.clone();
@@ -124,7 +128,10 @@ impl Resp {
     /// The body as JSON.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
@@ -164,10 +171,7 @@ fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
         let size_str = String::from_utf8_lossy(&b[..nl]);
         let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("0").trim(), 16)
             .expect("chunk size");
@@ -205,12 +209,22 @@ fn parse(raw: &[u8]) -> Resp {
     Resp {
         status,
         headers,
-        body: if chunked { dechunk(body) } else { body.to_vec() },
+        body: if chunked {
+            dechunk(body)
+        } else {
+            body.to_vec()
+        },
     }
 }
 
 /// Sends one request and reads the whole response.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(&request_bytes(method, path, headers, body))
         .await
@@ -228,16 +242,30 @@ pub async fn post(addr: SocketAddr, path: &str, body: &Value) -> Resp {
 
 /// Opens a request and reads until `needle` appears; returns the open
 /// stream and what was read (for disconnect and overload tests).
-pub async fn open_until(addr: SocketAddr, path: &str, body: &Value, needle: &str) -> (TcpStream, String) {
+pub async fn open_until(
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+    needle: &str,
+) -> (TcpStream, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(&request_bytes("POST", path, &[], body.to_string().as_bytes()))
-        .await
-        .expect("write");
+    s.write_all(&request_bytes(
+        "POST",
+        path,
+        &[],
+        body.to_string().as_bytes(),
+    ))
+    .await
+    .expect("write");
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         let n = s.read(&mut buf).await.expect("read");
-        assert!(n > 0, "closed before {needle:?}: {}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
         if String::from_utf8_lossy(&got).contains(needle) {
             return (s, String::from_utf8_lossy(&got).into_owned());
@@ -267,7 +295,9 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 /// Checks the shape of an OpenAI error body and returns its `code`.
 pub fn error_code(r: &Resp) -> Value {
     let v = r.json();
-    let e = v.get("error").unwrap_or_else(|| panic!("no error object: {v}"));
+    let e = v
+        .get("error")
+        .unwrap_or_else(|| panic!("no error object: {v}"));
     for k in ["message", "type", "param", "code"] {
         assert!(e.get(k).is_some(), "error lacks {k}: {v}");
     }
@@ -291,7 +321,8 @@ pub fn long_text(n: usize) -> String {
 
 /// A config with the response cache off and the KV cache in RAM only.
 pub fn ram_only() -> ServeConfig {
-    let mut c = ServeConfig::default();
-    c.response_cache_budget = 0;
-    c
+    ServeConfig {
+        response_cache_budget: 0,
+        ..ServeConfig::default()
+    }
 }
