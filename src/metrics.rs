@@ -23,7 +23,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
-use std::sync::OnceLock;
+use std::collections::VecDeque;
+use std::sync::{Mutex, OnceLock};
 use std::sync::atomic::AtomicU64;
 
 /// The content type of [`Metrics::render`]'s output.
@@ -221,6 +222,21 @@ pub struct Metrics {
     tokens: Counter,
     requests: Family<HttpStatusLabel, Counter>,
     queue_depth: Family<ModelLabel, Gauge>,
+    recent_ttft: Mutex<VecDeque<TtftSample>>,
+}
+
+/// How many recent time-to-first-token samples [`Metrics::recent_ttft`] keeps.
+pub const RECENT_TTFT: usize = 200;
+
+/// One time-to-first-token observation, for plots.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TtftSample {
+    /// Which cache served the prompt.
+    pub cache: CacheOutcome,
+    /// Seconds to the first token.
+    pub secs: f64,
+    /// When (Unix milliseconds).
+    pub at_ms: u64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -269,6 +285,7 @@ impl Metrics {
             tokens: Counter::default(),
             requests: Family::default(),
             queue_depth: Family::default(),
+            recent_ttft: Mutex::new(VecDeque::with_capacity(RECENT_TTFT)),
         };
         m.store_quota.set(f64::INFINITY);
         // Label values that should show as zero before their first event.
@@ -574,6 +591,24 @@ impl Metrics {
     /// Time to first token of one request, and which cache served its prompt.
     pub fn ttft(&self, cache: CacheOutcome, secs: f64) {
         self.ttft.get_or_create(&CacheLabel { cache }).observe(secs);
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Ok(mut q) = self.recent_ttft.lock() {
+            if q.len() == RECENT_TTFT {
+                q.pop_front();
+            }
+            q.push_back(TtftSample { cache, secs, at_ms });
+        }
+    }
+
+    /// The latest time-to-first-token observations, oldest first.
+    pub fn recent_ttft(&self) -> Vec<TtftSample> {
+        self.recent_ttft
+            .lock()
+            .map(|q| q.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// A generation finished: `tokens` generated in `secs` of decoding.
@@ -866,5 +901,14 @@ mod tests {
         assert_eq!(s.kv_ram.ratio, Some(0.5));
         assert_eq!(s.kv_disk.ratio, None);
         assert_eq!(s.store_quota, Some(1 << 30));
+        let recent = m.recent_ttft();
+        assert_eq!(recent.len(), 2);
+        assert_eq!((recent[0].cache, recent[0].secs), (CacheOutcome::Miss, 1.5));
+        for i in 0..RECENT_TTFT {
+            m.ttft(CacheOutcome::Response, i as f64);
+        }
+        let recent = m.recent_ttft();
+        assert_eq!(recent.len(), RECENT_TTFT);
+        assert_eq!(recent[RECENT_TTFT - 1].secs, (RECENT_TTFT - 1) as f64);
     }
 }

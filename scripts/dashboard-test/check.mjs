@@ -1,0 +1,61 @@
+// Loads the shoal dashboard in headless Chromium and checks it.
+//
+//   node check.mjs URL SCREENSHOT.png --peer ID ... --artifact ID ...
+//
+// Fails (exit 1) on any console error, page error or failed request, or when
+// an expected peer or artifact does not appear; saves a screenshot either way.
+import { chromium } from "playwright-core";
+
+const args = process.argv.slice(2);
+const [url, shot] = args;
+const want = { peer: [], artifact: [] };
+for (let i = 2; i < args.length; i += 2) {
+  const k = args[i].replace(/^--/, "");
+  if (!(k in want)) throw new Error(`unknown option ${args[i]}`);
+  want[k].push(args[i + 1]);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run"],
+});
+const problems = [];
+let failed = false;
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.on("console", (m) => { if (m.type() === "error") problems.push(`console: ${m.text()}`); });
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("requestfailed", (r) => {
+    // The event stream is cut when the page closes; that is not a failure.
+    if (!r.url().endsWith("/events")) problems.push(`request failed: ${r.url()} ${r.failure()?.errorText}`);
+  });
+  page.on("response", (r) => { if (r.status() >= 400) problems.push(`HTTP ${r.status()} ${r.url()}`); });
+  await page.goto(url, { waitUntil: "load" });
+  await page.locator("#live.on").waitFor({ timeout: 30000 });
+  for (const p of want.peer) await page.locator(`[data-peer="${p}"]`).first().waitFor({ timeout: 30000 });
+  for (const a of want.artifact) await page.locator(`[data-artifact="${a}"]`).first().waitFor({ timeout: 30000 });
+  // One more live update after everything is shown: the stream keeps working.
+  await page.waitForFunction(() => document.querySelectorAll("#peers tbody tr[data-peer]").length > 0, null, { timeout: 30000 });
+  const summary = await page.evaluate(() => ({
+    peers: [...document.querySelectorAll("#peers tbody tr[data-peer]")].map((r) => r.dataset.peer),
+    artifacts: [...document.querySelectorAll("[data-artifact]")].map((a) => a.dataset.artifact),
+    holders: document.querySelectorAll(".holder").length,
+  }));
+  console.log(JSON.stringify(summary));
+  await page.screenshot({ path: shot, fullPage: true });
+} catch (e) {
+  failed = true;
+  problems.push(`check failed: ${e.message}`);
+  try {
+    const pages = browser.contexts().flatMap((c) => c.pages());
+    if (pages[0]) await pages[0].screenshot({ path: shot, fullPage: true });
+  } catch {}
+} finally {
+  await browser.close();
+}
+if (problems.length) {
+  for (const p of problems) console.error(p);
+  process.exit(1);
+}
+if (failed) process.exit(1);
