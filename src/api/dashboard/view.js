@@ -20,6 +20,13 @@ export function duration(s) {
 }
 
 const short = (id) => (id.length > 16 ? `${id.slice(0, 6)}…${id.slice(-6)}` : id);
+// Peer ids all start alike (12D3KooW…): their tail tells them apart.
+const tail = (id) => id.slice(-6);
+// "/ip4/127.0.0.1/tcp/7071/p2p/12D3…" → "127.0.0.1:7071"
+function hostPort(addr) {
+  const m = /^\/ip[46]\/([^/]+)\/(?:tcp|udp)\/(\d+)/.exec(addr || "");
+  return m ? `${m[1]}:${m[2]}` : addr || "–";
+}
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -49,7 +56,7 @@ function renderPeers(s) {
   body.replaceChildren(...s.peers.map((p) =>
     el("tr", { "data-peer": p.peer_id },
       el("td", { class: "mono", title: p.peer_id }, short(p.peer_id)),
-      el("td", { class: "mono" }, p.addr || "–"),
+      el("td", { class: "mono", title: p.addr }, hostPort(p.addr)),
       el("td", {}, duration(p.connected_secs)),
       el("td", p.banned ? { class: "bad" } : {}, p.banned ? `banned: ${p.banned}` : "ok"))));
   if (s.peers.length === 0) body.replaceChildren(el("tr", {}, el("td", { colspan: 4, class: "muted" }, "no peers")));
@@ -64,10 +71,10 @@ function renderPeers(s) {
     items.push(svg("line", { x1: c, y1: c, x2: x, y2: y, stroke: color, "stroke-width": 2,
       "stroke-dasharray": p.banned ? "4 3" : "" }));
     items.push(svg("circle", { cx: x, cy: y, r: 9, fill: color }));
-    items.push(svg("text", { x, y: y + 22, "text-anchor": "middle" }, short(p.peer_id).slice(0, 6)));
+    items.push(svg("text", { x: x + (x >= c ? 14 : -14), y: y + 4, "text-anchor": x >= c ? "start" : "end" }, tail(p.peer_id)));
   });
   items.push(svg("circle", { cx: c, cy: c, r: 13, fill: "var(--have)" }));
-  items.push(svg("text", { x: c, y: c + 28, "text-anchor": "middle" }, "this node"));
+  items.push(svg("text", { x: c + 18, y: c + 4 }, "this node"));
   g.replaceChildren(...items);
 }
 
