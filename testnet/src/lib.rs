@@ -1,1 +1,134 @@
-//! Mesh simulation helpers.
+//! Mesh simulation for shoal.
+//!
+//! In-process: [`start_mesh`] runs N full nodes on 127.0.0.1 (mDNS off,
+//! static peers) inside one tokio runtime, each with its own temporary store.
+//! Real: `scripts/testnet.sh` runs `shoal serve` processes in network namespaces.
+
+use anyhow::{Context, Result, bail};
+use shoal::mesh::{self, MeshConfig, Multiaddr, PeerId};
+use shoal::node::{Node, NodeConfig};
+use shoal::store::StoreOptions;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Upper bound for any wait in the harness: a hang becomes a failure, not a timing assertion.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// One in-process node and its temporary directory.
+pub struct TestNode {
+    /// The node.
+    pub node: Node,
+    /// Its first listen address, with `/p2p/<id>`.
+    pub addr: Multiaddr,
+    /// Its store directory.
+    pub data_dir: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestNode {
+    /// Peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.node.mesh().peer_id()
+    }
+}
+
+/// A mesh config for loopback tests: 127.0.0.1, mDNS off, static peers.
+pub fn loopback_config(peers: Vec<Multiaddr>) -> MeshConfig {
+    let mut c = MeshConfig {
+        listen: vec![mesh::loopback_listen()],
+        peers,
+        mdns: false,
+        ..MeshConfig::default()
+    };
+    c.download.stall_timeout = Duration::from_secs(20);
+    c.download.find_timeout = Duration::from_secs(20);
+    c
+}
+
+/// Starts a node with `config` on a store in `data_dir` (a fresh temp dir when `None`).
+pub async fn start_node(config: MeshConfig, data_dir: Option<PathBuf>) -> Result<TestNode> {
+    let (dir, data_dir) = match data_dir {
+        Some(d) => (None, d),
+        None => {
+            let t = tempfile::tempdir()?;
+            let p = t.path().join("store");
+            (Some(t), p)
+        }
+    };
+    let node = Node::start(NodeConfig {
+        data_dir: data_dir.clone(),
+        store: StoreOptions::default(),
+        mesh: config,
+    })
+    .await?;
+    let addr = listen_addr(&node).await?;
+    Ok(TestNode {
+        node,
+        addr,
+        data_dir,
+        _dir: dir,
+    })
+}
+
+/// The node's first concrete listen address, with its peer id appended.
+pub async fn listen_addr(node: &Node) -> Result<Multiaddr> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(a) = node.mesh().listen_addrs().await?.into_iter().next() {
+            return a
+                .with_p2p(node.mesh().peer_id())
+                .map_err(|a| anyhow::anyhow!("bad addr {a}"));
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("node never listened");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts `n` nodes; node `i` has every node `j < i` as a static peer.
+/// `configure(i, &mut config)` adjusts each node's config before it starts.
+pub async fn start_mesh(
+    n: usize,
+    configure: impl Fn(usize, &mut MeshConfig),
+) -> Result<Vec<TestNode>> {
+    let mut nodes: Vec<TestNode> = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = loopback_config(nodes.iter().map(|t| t.addr.clone()).collect());
+        configure(i, &mut c);
+        nodes.push(start_node(c, None).await?);
+    }
+    Ok(nodes)
+}
+
+/// Waits until `node` is connected to at least `n` peers.
+pub async fn wait_peers(node: &Node, n: usize) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if node.mesh().connected().await?.len() >= n {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("node {} has fewer than {n} peers", node.mesh().peer_id());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `size` deterministic pseudo-random bytes (BLAKE3 XOF of `seed`) to `path`.
+pub fn make_file(path: &Path, size: usize, seed: u64) -> Result<PathBuf> {
+    let mut data = vec![0u8; size];
+    blake3::Hasher::new()
+        .update(&seed.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(path, &data).with_context(|| format!("write {}", path.display()))?;
+    Ok(path.to_owned())
+}
+
+/// BLAKE3 of a file's bytes.
+pub fn file_hash(path: &Path) -> Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap(path)?;
+    Ok(*h.finalize().as_bytes())
+}

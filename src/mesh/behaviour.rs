@@ -1,0 +1,143 @@
+//! The libp2p behaviour and swarm construction.
+// The derive generates an undocumented `BehaviourEvent` enum.
+#![allow(missing_docs)]
+
+use super::wire::{IDENTIFY_VERSION, KAD_PROTOCOL, META_PROTOCOL, MetaCodec};
+use super::{MeshConfig, MeshError};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, upgrade::Version};
+use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
+use libp2p::{
+    PeerId, Swarm, Transport, allow_block_list, connection_limits, gossipsub, identify,
+    identity::Keypair, kad, mdns, noise, ping, pnet::PnetConfig, request_response, tcp, yamux,
+};
+use std::time::Duration;
+
+/// Everything a shoal node speaks.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Refuses peers outside the allow-list (when one is configured).
+    pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    /// Refuses banned peers.
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    /// Connection limits.
+    pub limits: connection_limits::Behaviour,
+    /// Peer info exchange (listen addresses, protocols).
+    pub identify: identify::Behaviour,
+    /// Liveness.
+    pub ping: ping::Behaviour,
+    /// Provider records per artifact (`/shoal/kad/1.0.0`, server mode).
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Release and have announcements.
+    pub gossipsub: gossipsub::Behaviour,
+    /// Manifests, have-maps, artifact lists (`/shoal/meta/1`).
+    pub meta: request_response::Behaviour<MetaCodec>,
+    /// Raw chunk streams (`/shoal/chunk/1`).
+    pub stream: libp2p_stream::Behaviour,
+    /// LAN discovery.
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError> {
+    let peer_id = key.public().to_peer_id();
+    let allow = (!config.allow_peers.is_empty()).then(|| {
+        let mut b = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+        for p in &config.allow_peers {
+            b.allow_peer(*p);
+        }
+        b
+    });
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(config.max_connections))
+            .with_max_established_per_peer(Some(4)),
+    );
+    let identify = identify::Behaviour::new(identify::Config::new(
+        IDENTIFY_VERSION.to_owned(),
+        key.public(),
+    ));
+    let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+    kad_config.set_query_timeout(Duration::from_secs(10));
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    kad.set_mode(Some(kad::Mode::Server));
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(Duration::from_millis(500))
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .build()
+        .map_err(|e| MeshError::Swarm(e.to_string()))?;
+    let gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossip_config,
+    )
+    .map_err(|e| MeshError::Swarm(e.to_string()))?;
+    let meta = request_response::Behaviour::with_codec(
+        MetaCodec,
+        [(META_PROTOCOL, request_response::ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
+            .with_max_concurrent_streams(256),
+    );
+    let mdns = if config.mdns {
+        Some(
+            mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                .map_err(|e| MeshError::Swarm(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    Ok(Behaviour {
+        allow: allow.into(),
+        blocked: Default::default(),
+        limits,
+        identify,
+        ping: ping::Behaviour::default(),
+        kad,
+        gossipsub,
+        meta,
+        stream: libp2p_stream::Behaviour::new(),
+        mdns: mdns.into(),
+    })
+}
+
+/// Builds the swarm: TCP (+ pnet when a key is set) + noise + yamux.
+pub fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
+    let key = config
+        .keypair
+        .clone()
+        .unwrap_or_else(Keypair::generate_ed25519);
+    let psk = config.psk;
+    let built = behaviour(&key, config)?;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_other_transport(
+            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                let noise = noise::Config::new(key)?;
+                let mut yamux = yamux::Config::default();
+                yamux.set_max_num_streams(1024);
+                let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+                let transport: Boxed<(PeerId, StreamMuxerBox)> = match psk {
+                    Some(psk) => tcp
+                        .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                        .upgrade(Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux)
+                        .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
+                        .boxed(),
+                    None => tcp
+                        .upgrade(Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux)
+                        .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
+                        .boxed(),
+                };
+                Ok(transport)
+            },
+        )
+        .map_err(|e| MeshError::Swarm(e.to_string()))?
+        .with_behaviour(|_| built)
+        .map_err(|e| MeshError::Swarm(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+        .build();
+    Ok(swarm)
+}

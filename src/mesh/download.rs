@@ -1,0 +1,956 @@
+//! The fetching side: a multi-peer, verified, resumable chunk downloader.
+//!
+//! 1. The manifest comes from the store (resume) or from any peer; it verifies
+//!    itself against the id.
+//! 2. `Store::begin` registers the artifact and copies chunks already present
+//!    in any local artifact (local dedupe) or verified before a restart (resume).
+//! 3. Sources are learnt from connected peers, Kademlia providers and have
+//!    announcements; each source gets up to `window` pipelined requests, each
+//!    on its own chunk stream.
+//! 4. Each request picks the rarest missing chunk the source holds (ties broken
+//!    at a random place, so downloaders spread out). When every missing chunk is
+//!    in flight, idle sources duplicate the oldest requests (endgame).
+//! 5. Every chunk is hashed by `Store::put_chunk` before it is written. A source
+//!    that sends a bad chunk is dropped and banned; the chunk goes back to the pool.
+//! 6. Chunks no peer holds may come from the release's origin over HTTP Range
+//!    requests, unless the node is offline.
+
+use super::client::{Client, MeshEvent};
+use super::origin::Origin;
+use super::wire::{self, ChunkRequest, ChunkStatus};
+use super::{MeshError, blocking};
+use crate::store::{ArtifactId, ArtifactStatus, HaveMap, Manifest, StoreError};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::{PeerId, Stream};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, broadcast, watch};
+
+/// Download tuning.
+#[derive(Debug, Clone)]
+pub struct DownloadOptions {
+    /// Requests in flight per peer (each on its own stream).
+    pub window: usize,
+    /// Requests in flight to the origin.
+    pub origin_window: usize,
+    /// Failures (timeouts, resets) before a peer is dropped from this download.
+    pub max_failures: u32,
+    /// How long to look for a first source of the manifest.
+    pub find_timeout: Duration,
+    /// Fail when no chunk arrived for this long.
+    pub stall_timeout: Duration,
+    /// Per-chunk request timeout.
+    pub request_timeout: Duration,
+    /// Have announcements are sent at most this often.
+    pub announce_every: Duration,
+    /// Ask a second source for the last chunks.
+    pub endgame: bool,
+}
+
+impl Default for DownloadOptions {
+    fn default() -> Self {
+        Self {
+            window: 4,
+            origin_window: 4,
+            max_failures: 8,
+            find_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            announce_every: Duration::from_millis(250),
+            endgame: true,
+        }
+    }
+}
+
+/// Where a download stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Phase {
+    /// Looking for the manifest.
+    #[default]
+    Finding,
+    /// Fetching chunks.
+    Fetching,
+    /// Activated.
+    Done,
+    /// Gave up (see `error`).
+    Failed,
+}
+
+/// Live progress of one download (served by `/admin/pull/{id}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    /// Artifact id (hex).
+    pub id: String,
+    /// Phase.
+    pub phase: Phase,
+    /// File size.
+    pub total_bytes: u64,
+    /// Bytes verified and present.
+    pub have_bytes: u64,
+    /// Chunk count.
+    pub total_chunks: u32,
+    /// Chunks present.
+    pub have_chunks: u32,
+    /// Chunks that were already local (resume or dedupe) when the download began.
+    pub local_chunks: u32,
+    /// Sources currently serving this download.
+    pub peers: usize,
+    /// Verified bytes received from peers.
+    pub bytes_from_peers: u64,
+    /// Verified bytes received from the origin.
+    pub bytes_from_origin: u64,
+    /// Chunks that failed verification (each got its sender banned).
+    pub bad_chunks: u32,
+    /// Chunks received twice (endgame).
+    pub duplicate_chunks: u32,
+    /// Peers banned during this download.
+    pub banned: Vec<String>,
+    /// Milliseconds since the download began.
+    pub elapsed_ms: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Per-source figures.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SourceStats {
+    /// Verified bytes received.
+    pub bytes: u64,
+    /// Verified chunks received.
+    pub chunks: u32,
+    /// Timeouts, resets, refusals.
+    pub failures: u32,
+    /// Chunks that failed verification.
+    pub bad: u32,
+    /// Score: verified bytes per second of request time.
+    pub rate: f64,
+}
+
+/// What a finished download did.
+#[derive(Debug, Clone, Default)]
+pub struct DownloadReport {
+    /// The artifact.
+    pub id: Option<ArtifactId>,
+    /// Chunk indexes fetched over the network, in completion order.
+    pub fetched: Vec<u32>,
+    /// Figures per peer.
+    pub peers: HashMap<PeerId, SourceStats>,
+    /// Figures for the origin.
+    pub origin: SourceStats,
+    /// Final progress.
+    pub progress: Progress,
+}
+
+/// A source of chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    Peer(PeerId),
+    Origin,
+}
+
+enum Pick {
+    Chunk(u32),
+    Wait,
+    Stop,
+}
+
+enum Outcome {
+    Ok { len: u64, took: Duration },
+    Bad,
+    NotFound,
+    Failed,
+}
+
+struct SourceState {
+    have: HaveMap,
+    stopped: bool,
+    running: bool,
+    stats: SourceStats,
+    busy: Duration,
+    seed: u64,
+}
+
+struct Sched {
+    have: HaveMap,
+    inflight: HashMap<u32, Vec<Source>>,
+    avail: Vec<u32>,
+    sources: HashMap<Source, SourceState>,
+    fetched: Vec<u32>,
+    progress: Progress,
+    finished: bool,
+    failed: Option<String>,
+    last_chunk: Instant,
+    started: Instant,
+    endgame: bool,
+    max_failures: u32,
+}
+
+fn seed_for(s: &Source) -> u64 {
+    std::collections::hash_map::RandomState::new().hash_one(s)
+}
+
+impl Sched {
+    fn missing(&self) -> u32 {
+        self.have.len() - self.have.count()
+    }
+
+    fn add_source(&mut self, src: Source, have: HaveMap) -> bool {
+        if have.len() != self.have.len() {
+            return false;
+        }
+        match self.sources.get_mut(&src) {
+            Some(s) => {
+                if s.stopped {
+                    return false;
+                }
+                if src != Source::Origin {
+                    for i in 0..have.len() {
+                        match (s.have.get(i), have.get(i)) {
+                            (false, true) => self.avail[i as usize] += 1,
+                            (true, false) => self.avail[i as usize] -= 1,
+                            _ => {}
+                        }
+                    }
+                }
+                s.have = have;
+            }
+            None => {
+                if src != Source::Origin {
+                    for i in have.present() {
+                        self.avail[i as usize] += 1;
+                    }
+                }
+                self.sources.insert(
+                    src,
+                    SourceState {
+                        have,
+                        stopped: false,
+                        running: false,
+                        stats: SourceStats::default(),
+                        busy: Duration::ZERO,
+                        seed: seed_for(&src),
+                    },
+                );
+            }
+        }
+        // Start workers when this source holds something we miss.
+        let useful = self
+            .sources
+            .get(&src)
+            .is_some_and(|s| s.have.present().any(|i| !self.have.get(i)));
+        match self.sources.get_mut(&src) {
+            Some(s) if useful && !s.running => {
+                s.running = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn stop_source(&mut self, src: Source) {
+        if let Some(s) = self.sources.get_mut(&src)
+            && !s.stopped
+        {
+            s.stopped = true;
+            if src != Source::Origin {
+                for i in s.have.present() {
+                    self.avail[i as usize] -= 1;
+                }
+            }
+        }
+    }
+
+    fn pick(&mut self, src: Source) -> Pick {
+        if self.finished || self.failed.is_some() {
+            return Pick::Stop;
+        }
+        let Some(s) = self.sources.get(&src) else {
+            return Pick::Stop;
+        };
+        if s.stopped {
+            return Pick::Stop;
+        }
+        let n = self.have.len();
+        if n == 0 {
+            return Pick::Stop;
+        }
+        let start = (s.seed % u64::from(n)) as u32;
+        let mut best: Option<(u32, u32)> = None;
+        let mut unassigned = false;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if self.have.get(i) || self.inflight.contains_key(&i) {
+                continue;
+            }
+            unassigned = true;
+            let a = self.avail[i as usize];
+            // The origin only serves chunks no live peer holds.
+            let eligible = match src {
+                Source::Origin => a == 0,
+                Source::Peer(_) => s.have.get(i),
+            };
+            if eligible && best.is_none_or(|(_, b)| a < b) {
+                best = Some((i, a));
+                if a <= 1 {
+                    break;
+                }
+            }
+        }
+        if let Some((i, _)) = best {
+            self.inflight.insert(i, vec![src]);
+            return Pick::Chunk(i);
+        }
+        if self.endgame && !unassigned && src != Source::Origin {
+            let dup = self
+                .inflight
+                .iter()
+                .filter(|(i, by)| by.len() == 1 && !by.contains(&src) && s.have.get(**i))
+                .map(|(i, _)| *i)
+                .min();
+            if let Some(i) = dup {
+                if let Some(by) = self.inflight.get_mut(&i) {
+                    by.push(src);
+                }
+                return Pick::Chunk(i);
+            }
+        }
+        Pick::Wait
+    }
+
+    fn complete(&mut self, src: Source, i: u32, outcome: Outcome) {
+        if let Some(by) = self.inflight.get_mut(&i) {
+            by.retain(|s| *s != src);
+            if by.is_empty() {
+                self.inflight.remove(&i);
+            }
+        }
+        let max_failures = self.max_failures;
+        let Some(s) = self.sources.get_mut(&src) else {
+            return;
+        };
+        match outcome {
+            Outcome::Ok { len, took } => {
+                s.stats.bytes += len;
+                s.stats.chunks += 1;
+                s.busy += took;
+                s.stats.rate = s.stats.bytes as f64 / s.busy.as_secs_f64().max(1e-6);
+                if self.have.get(i) {
+                    self.progress.duplicate_chunks += 1;
+                    return;
+                }
+                self.have.set(i);
+                self.inflight.remove(&i);
+                self.fetched.push(i);
+                self.last_chunk = Instant::now();
+                self.progress.have_bytes += len;
+                self.progress.have_chunks += 1;
+                match src {
+                    Source::Origin => self.progress.bytes_from_origin += len,
+                    Source::Peer(_) => self.progress.bytes_from_peers += len,
+                }
+                if self.have.is_complete() {
+                    self.finished = true;
+                }
+            }
+            Outcome::Bad => {
+                s.stats.bad += 1;
+                self.progress.bad_chunks += 1;
+                if let Source::Peer(p) = src
+                    && !s.stopped
+                {
+                    self.progress.banned.push(p.to_string());
+                }
+                self.stop_source(src);
+            }
+            Outcome::NotFound => {
+                if s.have.get(i) {
+                    s.have.clear(i);
+                    if src != Source::Origin {
+                        self.avail[i as usize] -= 1;
+                    }
+                }
+            }
+            Outcome::Failed => {
+                s.stats.failures += 1;
+                if s.stats.failures > max_failures {
+                    tracing::info!(?src, "dropping source after repeated failures");
+                    self.stop_source(src);
+                }
+            }
+        }
+    }
+
+    fn snapshot(&mut self) -> Progress {
+        self.progress.peers = self
+            .sources
+            .iter()
+            .filter(|(k, s)| matches!(k, Source::Peer(_)) && !s.stopped && s.running)
+            .count();
+        self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
+        self.progress.clone()
+    }
+}
+
+struct Ctx {
+    client: Client,
+    id: ArtifactId,
+    manifest: Arc<Manifest>,
+    sched: Mutex<Sched>,
+    notify: Notify,
+    opts: DownloadOptions,
+    origin: Option<Origin>,
+}
+
+/// Stops the workers when the download future is dropped (cancelled).
+struct CancelGuard(Arc<Ctx>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.sched.lock();
+        let cancelled = !s.finished && s.failed.is_none();
+        if cancelled {
+            s.failed = Some("cancelled".into());
+        }
+        drop(s);
+        self.0.notify.notify_waiters();
+        if cancelled {
+            // Keep what was verified: a restart resumes from it. One fdatasync, at most.
+            if let Err(e) = self.0.client.store().flush(&self.0.id) {
+                tracing::warn!(id = %self.0.id, error = %e, "flush on cancel failed");
+            }
+        }
+    }
+}
+
+/// Fetches an artifact into the local store from the mesh (and the origin, when given and allowed).
+///
+/// Returns once the artifact is verified and activated. Progress is published on `progress`.
+pub async fn download(
+    client: &Client,
+    id: ArtifactId,
+    origin_url: Option<String>,
+    opts: &DownloadOptions,
+    progress: Option<&watch::Sender<Progress>>,
+) -> Result<DownloadReport, MeshError> {
+    let store = client.store().clone();
+    let started = Instant::now();
+    let publish = |p: &Progress| {
+        if let Some(tx) = progress {
+            tx.send_replace(p.clone());
+        }
+    };
+    let mut pr = Progress {
+        id: id.to_hex(),
+        ..Progress::default()
+    };
+    publish(&pr);
+    // Subscribe before asking anyone, so no announcement is missed.
+    let mut events = client.events();
+    let st = store.clone();
+    let (status, local) = blocking(move || Ok((st.status(&id)?, st.manifest(&id)?))).await?;
+    if status == Some(ArtifactStatus::Active)
+        && let Some(m) = &local
+    {
+        pr.phase = Phase::Done;
+        pr.total_bytes = m.size;
+        pr.have_bytes = m.size;
+        pr.total_chunks = m.chunk_count();
+        pr.have_chunks = m.chunk_count();
+        pr.local_chunks = m.chunk_count();
+        publish(&pr);
+        return Ok(DownloadReport {
+            id: Some(id),
+            progress: pr,
+            ..DownloadReport::default()
+        });
+    }
+    let manifest = match local {
+        Some(m) => m,
+        None => find_manifest(client, id, opts).await?,
+    };
+    let manifest = Arc::new(manifest);
+    let m2 = manifest.clone();
+    let st = store.clone();
+    let have = blocking(move || st.begin(&m2)).await?;
+    let _ = client.provide(id).await;
+    let local_chunks = have.count();
+    let origin = match origin_url {
+        Some(url) if !client.config().offline => {
+            Some(Origin::new(&url).map_err(MeshError::Origin)?)
+        }
+        Some(_) => {
+            tracing::info!(%id, "offline: the origin will not be contacted");
+            None
+        }
+        None => None,
+    };
+    pr.phase = Phase::Fetching;
+    pr.total_bytes = manifest.size;
+    pr.total_chunks = manifest.chunk_count();
+    pr.local_chunks = local_chunks;
+    pr.have_chunks = local_chunks;
+    pr.have_bytes = have
+        .present()
+        .map(|i| u64::from(manifest.chunks[i as usize].len))
+        .sum();
+    let n = manifest.chunk_count();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        id,
+        manifest: manifest.clone(),
+        sched: Mutex::new(Sched {
+            finished: have.is_complete(),
+            have,
+            inflight: HashMap::new(),
+            avail: vec![0; n as usize],
+            sources: HashMap::new(),
+            fetched: Vec::new(),
+            progress: pr,
+            failed: None,
+            last_chunk: Instant::now(),
+            started,
+            endgame: opts.endgame,
+            max_failures: opts.max_failures,
+        }),
+        notify: Notify::new(),
+        opts: opts.clone(),
+        origin,
+    });
+    let _guard = CancelGuard(ctx.clone());
+    if ctx.origin.is_some() {
+        add_source(&ctx, Source::Origin, HaveMap::full(n));
+    }
+    let mut asked: HashSet<PeerId> = HashSet::new();
+    let mut discover = tokio::time::interval(Duration::from_secs(1));
+    let mut announce = tokio::time::interval(opts.announce_every);
+    let mut announced = u32::MAX;
+    loop {
+        {
+            let mut s = ctx.sched.lock();
+            let p = s.snapshot();
+            let stalled = s.last_chunk.elapsed() > opts.stall_timeout && s.inflight.is_empty();
+            if stalled && s.failed.is_none() {
+                s.failed = Some(format!(
+                    "no source for the remaining {} chunks after {:?}",
+                    s.missing(),
+                    opts.stall_timeout
+                ));
+            }
+            let done = s.finished || s.failed.is_some();
+            drop(s);
+            publish(&p);
+            if done {
+                break;
+            }
+        }
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(MeshEvent::Have { peer, id: hid, have }) if hid == id => {
+                    asked.insert(peer);
+                    add_source(&ctx, Source::Peer(peer), (*have).clone());
+                }
+                Ok(MeshEvent::Connected(peer)) => {
+                    asked.insert(peer);
+                    query_have(&ctx, peer);
+                }
+                Ok(MeshEvent::Banned(peer) | MeshEvent::Disconnected(peer)) => {
+                    asked.remove(&peer);
+                    if matches!(ev, Ok(MeshEvent::Banned(_))) {
+                        ctx.sched.lock().stop_source(Source::Peer(peer));
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    ctx.sched.lock().failed = Some("mesh stopped".into());
+                }
+            },
+            _ = discover.tick() => {
+                let mut cands: HashSet<PeerId> = client.connected().await.unwrap_or_default().into_iter().collect();
+                if asked.len() < 2 {
+                    cands.extend(client.providers(id).await.unwrap_or_default());
+                }
+                for p in cands {
+                    if p != client.peer_id() && asked.insert(p) {
+                        query_have(&ctx, p);
+                    }
+                }
+            },
+            _ = announce.tick() => {
+                // Make new chunks durable (so they can be served) and tell peers.
+                let count = ctx.sched.lock().have.count();
+                if count != announced {
+                    announced = count;
+                    let st = store.clone();
+                    match blocking(move || { st.flush(&id)?; st.have_map(&id) }).await {
+                        Ok(Some(h)) => { let _ = client.announce_have(id, &h).await; }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(%id, error = %e, "flush failed"),
+                    }
+                }
+            },
+            _ = ctx.notify.notified() => {},
+        }
+    }
+    ctx.notify.notify_waiters();
+    let (failed, fetched, peers, origin_stats) = {
+        let s = ctx.sched.lock();
+        let mut peers = HashMap::new();
+        let mut origin_stats = SourceStats::default();
+        for (k, v) in &s.sources {
+            match k {
+                Source::Peer(p) => {
+                    peers.insert(*p, v.stats.clone());
+                }
+                Source::Origin => origin_stats = v.stats.clone(),
+            }
+        }
+        (s.failed.clone(), s.fetched.clone(), peers, origin_stats)
+    };
+    let st = store.clone();
+    let outcome = match failed {
+        Some(e) => {
+            let _ = blocking(move || st.flush(&id)).await;
+            Err(MeshError::NoSource(format!("{id}: {e}")))
+        }
+        None => {
+            blocking(move || {
+                st.flush(&id)?;
+                st.finish(&id)
+            })
+            .await
+        }
+    };
+    let mut p = ctx.sched.lock().snapshot();
+    match outcome {
+        Ok(()) => {
+            p.phase = Phase::Done;
+            publish(&p);
+            let have = HaveMap::full(n);
+            let _ = client.announce_have(id, &have).await;
+            let _ = client.provide(id).await;
+            tracing::info!(%id, bytes = p.total_bytes, from_peers = p.bytes_from_peers, from_origin = p.bytes_from_origin,
+                ms = p.elapsed_ms, "artifact activated");
+            Ok(DownloadReport {
+                id: Some(id),
+                fetched,
+                peers,
+                origin: origin_stats,
+                progress: p,
+            })
+        }
+        Err(e) => {
+            p.phase = Phase::Failed;
+            p.error = Some(e.to_string());
+            publish(&p);
+            Err(e)
+        }
+    }
+}
+
+/// Asks connected peers and Kademlia providers for the manifest until one verifies.
+async fn find_manifest(
+    client: &Client,
+    id: ArtifactId,
+    opts: &DownloadOptions,
+) -> Result<Manifest, MeshError> {
+    let deadline = Instant::now() + opts.find_timeout;
+    let mut tried: HashSet<PeerId> = HashSet::new();
+    loop {
+        let mut cands: Vec<PeerId> = client.connected().await?;
+        cands.extend(client.providers(id).await.unwrap_or_default());
+        for p in cands {
+            if p == client.peer_id() || !tried.insert(p) {
+                continue;
+            }
+            match client.manifest(p, id).await {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(MeshError::Protocol { peer, reason }) => {
+                    tracing::warn!(%peer, %reason, "peer sent a manifest that does not verify");
+                    let _ = client.ban(peer, format!("bad manifest: {reason}")).await;
+                }
+                Err(e) => tracing::debug!(peer = %p, error = %e, "manifest request failed"),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(MeshError::NoSource(format!(
+                "no peer has the manifest of {id}"
+            )));
+        }
+        // Peers that lacked it may get it later.
+        tried.clear();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn query_have(ctx: &Arc<Ctx>, peer: PeerId) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        match ctx.client.have_map(peer, ctx.id).await {
+            Ok(Some(have)) => add_source(&ctx, Source::Peer(peer), have),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(%peer, error = %e, "have-map request failed"),
+        }
+    });
+}
+
+fn add_source(ctx: &Arc<Ctx>, src: Source, have: HaveMap) {
+    let start = ctx.sched.lock().add_source(src, have);
+    if start {
+        let slots = match src {
+            Source::Origin => ctx.opts.origin_window,
+            Source::Peer(_) => ctx.opts.window,
+        };
+        for _ in 0..slots.max(1) {
+            tokio::spawn(worker(ctx.clone(), src));
+        }
+    }
+    ctx.notify.notify_waiters();
+}
+
+/// One request slot for one source: picks a chunk, fetches, verifies, stores, repeats.
+async fn worker(ctx: Arc<Ctx>, src: Source) {
+    let mut stream: Option<Stream> = None;
+    loop {
+        let notified = ctx.notify.notified();
+        let pick = ctx.sched.lock().pick(src);
+        let i = match pick {
+            Pick::Stop => return,
+            Pick::Wait => {
+                tokio::select! {
+                    _ = notified => {},
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {},
+                }
+                continue;
+            }
+            Pick::Chunk(i) => i,
+        };
+        let Some(chunk) = ctx.manifest.chunks.get(i as usize).copied() else {
+            return;
+        };
+        let t0 = Instant::now();
+        let fetched = match src {
+            Source::Peer(peer) => {
+                let fut = fetch_from_peer(&ctx, peer, &mut stream, i, chunk.len);
+                match tokio::time::timeout(ctx.opts.request_timeout, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(FetchError::Failed("timed out".into())),
+                }
+            }
+            Source::Origin => match &ctx.origin {
+                Some(o) => o
+                    .fetch(chunk.offset, chunk.len)
+                    .await
+                    .map_err(|e| FetchError::Failed(e.to_string())),
+                None => return,
+            },
+        };
+        let outcome = match fetched {
+            Ok(body) => {
+                if ctx.sched.lock().have.get(i) {
+                    Outcome::Ok {
+                        len: body.len() as u64,
+                        took: t0.elapsed(),
+                    }
+                } else {
+                    let store = ctx.client.store().clone();
+                    let id = ctx.id;
+                    let len = body.len() as u64;
+                    match tokio::task::spawn_blocking(move || store.put_chunk(&id, i, &body)).await
+                    {
+                        Ok(Ok(())) => Outcome::Ok {
+                            len,
+                            took: t0.elapsed(),
+                        },
+                        Ok(Err(StoreError::ChunkMismatch { .. })) => Outcome::Bad,
+                        Ok(Err(e)) => {
+                            ctx.sched.lock().failed = Some(format!("store: {e}"));
+                            Outcome::Failed
+                        }
+                        Err(e) => {
+                            ctx.sched.lock().failed = Some(format!("store task: {e}"));
+                            Outcome::Failed
+                        }
+                    }
+                }
+            }
+            Err(FetchError::Lied(reason)) => {
+                tracing::warn!(?src, chunk = i, %reason, "source sent malformed data");
+                Outcome::Bad
+            }
+            Err(FetchError::NotFound) => Outcome::NotFound,
+            Err(FetchError::Failed(reason)) => {
+                tracing::debug!(?src, chunk = i, %reason, "chunk request failed");
+                stream = None;
+                Outcome::Failed
+            }
+        };
+        let bad = matches!(outcome, Outcome::Bad);
+        let failed = matches!(outcome, Outcome::Failed);
+        if bad {
+            // Ban before the failure shows in the progress.
+            match src {
+                Source::Peer(peer) => {
+                    tracing::warn!(%peer, chunk = i, "chunk failed verification: banning the peer");
+                    let _ = ctx
+                        .client
+                        .ban(peer, format!("sent a corrupt chunk of {}", ctx.id.short()))
+                        .await;
+                }
+                Source::Origin => tracing::warn!(chunk = i, "origin sent a corrupt chunk"),
+            }
+        }
+        ctx.sched.lock().complete(src, i, outcome);
+        ctx.notify.notify_waiters();
+        if bad {
+            return;
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+enum FetchError {
+    /// The source does not hold the chunk.
+    NotFound,
+    /// The source broke the protocol (wrong length, wrong index): as bad as a corrupt chunk.
+    Lied(String),
+    /// Transport trouble; try again elsewhere.
+    Failed(String),
+}
+
+async fn fetch_from_peer(
+    ctx: &Ctx,
+    peer: PeerId,
+    stream: &mut Option<Stream>,
+    index: u32,
+    len: u32,
+) -> Result<Vec<u8>, FetchError> {
+    let s = match stream {
+        Some(s) => s,
+        None => stream.insert(
+            ctx.client
+                .open_chunk_stream(peer)
+                .await
+                .map_err(|e| FetchError::Failed(e.to_string()))?,
+        ),
+    };
+    let io = |e: std::io::Error| FetchError::Failed(e.to_string());
+    wire::write_chunk_request(s, &ChunkRequest { id: ctx.id, index })
+        .await
+        .map_err(io)?;
+    s.flush().await.map_err(io)?;
+    let h = wire::read_chunk_header(s).await.map_err(io)?;
+    if h.index != index {
+        return Err(FetchError::Lied(format!(
+            "answered chunk {} for {index}",
+            h.index
+        )));
+    }
+    match h.status {
+        ChunkStatus::Ok { len: got } if got == len => {
+            let mut body = vec![0u8; len as usize];
+            s.read_exact(&mut body).await.map_err(io)?;
+            Ok(body)
+        }
+        ChunkStatus::Ok { len: got } => Err(FetchError::Lied(format!(
+            "chunk of {got} bytes, manifest says {len}"
+        ))),
+        ChunkStatus::NotFound => Err(FetchError::NotFound),
+        ChunkStatus::Busy | ChunkStatus::Error => {
+            Err(FetchError::Failed(format!("{:?}", h.status)))
+        }
+    }
+}
+
+/// Running downloads, one per artifact: a second pull of the same artifact joins the first.
+#[derive(Clone, Default)]
+pub struct Downloads {
+    jobs: Arc<Mutex<HashMap<ArtifactId, Job>>>,
+}
+
+struct Job {
+    progress: watch::Receiver<Progress>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Downloads {
+    /// Starts fetching `id` in the background, or joins the download already running.
+    pub fn start(
+        &self,
+        client: &Client,
+        id: ArtifactId,
+        origin: Option<String>,
+    ) -> watch::Receiver<Progress> {
+        let mut jobs = self.jobs.lock();
+        if let Some(j) = jobs.get(&id)
+            && !matches!(j.progress.borrow().phase, Phase::Failed)
+        {
+            return j.progress.clone();
+        }
+        let (tx, rx) = watch::channel(Progress {
+            id: id.to_hex(),
+            ..Progress::default()
+        });
+        let client = client.clone();
+        let task = tokio::spawn(async move {
+            let opts = client.config().download.clone();
+            if let Err(e) = download(&client, id, origin, &opts, Some(&tx)).await {
+                tracing::warn!(%id, error = %e, "download failed");
+                tx.send_modify(|p| {
+                    p.phase = Phase::Failed;
+                    p.error.get_or_insert_with(|| e.to_string());
+                });
+            }
+        });
+        jobs.insert(
+            id,
+            Job {
+                progress: rx.clone(),
+                task: task.abort_handle(),
+            },
+        );
+        rx
+    }
+
+    /// Stops the download of `id` (what was verified stays; a later pull resumes).
+    pub fn cancel(&self, id: &ArtifactId) -> bool {
+        match self.jobs.lock().remove(id) {
+            Some(j) => {
+                j.task.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops every download.
+    pub fn cancel_all(&self) {
+        for (_, j) in self.jobs.lock().drain() {
+            j.task.abort();
+        }
+    }
+
+    /// Progress of the download of `id`, if one was started.
+    pub fn get(&self, id: &ArtifactId) -> Option<Progress> {
+        self.jobs
+            .lock()
+            .get(id)
+            .map(|j| j.progress.borrow().clone())
+    }
+
+    /// Progress of every download started.
+    pub fn all(&self) -> Vec<Progress> {
+        self.jobs
+            .lock()
+            .values()
+            .map(|j| j.progress.borrow().clone())
+            .collect()
+    }
+}

@@ -1,0 +1,180 @@
+//! The serving side: answers meta requests and chunk streams from the store.
+//!
+//! Chunks of partial artifacts are served as soon as the store marks them
+//! present; `Store::read_chunk` re-verifies each chunk's hash, so nothing
+//! corrupt on disk is ever served onward.
+
+use super::wire::{self, ArtifactSummary, ChunkStatus, MetaRequest, MetaResponse};
+use crate::store::{ArtifactId, ArtifactStatus, Store, StoreError};
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream};
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::Semaphore;
+
+/// Counters of what this node served.
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Chunk bytes sent.
+    pub bytes: AtomicU64,
+    /// Chunks sent.
+    pub chunks: AtomicU64,
+    /// Chunks deliberately corrupted (test mode only).
+    pub corrupted: AtomicU64,
+    /// Requests for chunks we did not have.
+    pub not_found: AtomicU64,
+}
+
+/// A snapshot of [`ServeStats`].
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ServeSnapshot {
+    /// Chunk bytes sent.
+    pub bytes: u64,
+    /// Chunks sent.
+    pub chunks: u64,
+    /// Chunks deliberately corrupted (test mode only).
+    pub corrupted: u64,
+    /// Requests for chunks we did not have.
+    pub not_found: u64,
+}
+
+impl ServeStats {
+    /// Reads the counters.
+    pub fn snapshot(&self) -> ServeSnapshot {
+        ServeSnapshot {
+            bytes: self.bytes.load(Ordering::Relaxed),
+            chunks: self.chunks.load(Ordering::Relaxed),
+            corrupted: self.corrupted.load(Ordering::Relaxed),
+            not_found: self.not_found.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Serves the local store to peers.
+#[derive(Clone)]
+pub struct Provider {
+    store: Store,
+    corrupt: bool,
+    stats: Arc<ServeStats>,
+    /// Bounds concurrent disk reads for chunk requests.
+    reads: Arc<Semaphore>,
+}
+
+impl Provider {
+    /// A provider over `store`; `corrupt` flips a byte in every served chunk (test mode).
+    pub fn new(store: Store, corrupt: bool) -> Self {
+        Self {
+            store,
+            corrupt,
+            stats: Arc::new(ServeStats::default()),
+            reads: Arc::new(Semaphore::new(32)),
+        }
+    }
+
+    /// What has been served so far.
+    pub fn stats(&self) -> &Arc<ServeStats> {
+        &self.stats
+    }
+
+    /// Answers one meta request.
+    pub async fn meta(&self, req: MetaRequest) -> MetaResponse {
+        let store = self.store.clone();
+        let res = tokio::task::spawn_blocking(
+            move || -> Result<MetaResponse, crate::store::StoreError> {
+                Ok(match req {
+                    MetaRequest::Manifest(id) => match store.manifest(&id)? {
+                        Some(m) => MetaResponse::Manifest(m.encode()),
+                        None => MetaResponse::NotFound,
+                    },
+                    MetaRequest::HaveMap(id) => match store.have_map(&id)? {
+                        Some(h) => MetaResponse::HaveMap(h.to_bytes()),
+                        None => MetaResponse::NotFound,
+                    },
+                    MetaRequest::List => MetaResponse::List(
+                        store
+                            .list()?
+                            .into_iter()
+                            .map(|a| ArtifactSummary {
+                                id: a.id,
+                                complete: a.status == ArtifactStatus::Active,
+                            })
+                            .collect(),
+                    ),
+                })
+            },
+        )
+        .await;
+        match res {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => MetaResponse::Error(e.to_string()),
+            Err(e) => MetaResponse::Error(e.to_string()),
+        }
+    }
+
+    /// Accepts chunk streams until the swarm goes away.
+    pub async fn serve_chunks(
+        self,
+        mut incoming: libp2p_stream::IncomingStreams,
+        mut stopped: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let next = tokio::select! {
+                n = incoming.next() => n,
+                _ = stopped.wait_for(|s| *s) => None,
+            };
+            let Some((peer, stream)) = next else { break };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.chunk_stream(peer, stream).await {
+                    tracing::debug!(%peer, error = %e, "chunk stream ended");
+                }
+            });
+        }
+    }
+
+    async fn read_chunk(&self, id: ArtifactId, index: u32) -> Result<Vec<u8>, ChunkStatus> {
+        let _permit = self.reads.acquire().await.map_err(|_| ChunkStatus::Busy)?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.read_chunk(&id, index))
+            .await
+            .map_err(|_| ChunkStatus::Error)?
+            .map_err(|e| match e {
+                StoreError::NoChunk { .. } | StoreError::Unknown(_) => ChunkStatus::NotFound,
+                e => {
+                    tracing::warn!(%id, index, error = %e, "cannot read chunk");
+                    ChunkStatus::Error
+                }
+            })
+    }
+
+    /// Serves one pipelined chunk stream: requests in, header + raw body out, in order.
+    async fn chunk_stream(&self, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
+        while let Some(req) = wire::read_chunk_request(&mut stream).await? {
+            match self.read_chunk(req.id, req.index).await {
+                Ok(mut body) => {
+                    if self.corrupt
+                        && let Some(b) = body.first_mut()
+                    {
+                        *b ^= 0xff;
+                        self.stats.corrupted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    wire::write_chunk_response(&mut stream, req.index, Ok(&body)).await?;
+                    self.stats
+                        .bytes
+                        .fetch_add(body.len() as u64, Ordering::Relaxed);
+                    self.stats.chunks.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(status) => {
+                    if status == ChunkStatus::NotFound {
+                        self.stats.not_found.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::debug!(%peer, id = %req.id, index = req.index, ?status, "chunk not served");
+                    wire::write_chunk_response(&mut stream, req.index, Err(status)).await?;
+                }
+            }
+            stream.flush().await?;
+        }
+        stream.close().await
+    }
+}

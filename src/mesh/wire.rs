@@ -1,0 +1,444 @@
+//! The mesh wire protocol: protocol names, messages and their codecs.
+//!
+//! Every message starts with a one-byte wire version ([`WIRE_VERSION`]); the
+//! rest is postcard. A decoder reads the version first and rejects an unknown
+//! one with [`WireError::UnsupportedVersion`], rejects trailing bytes, and
+//! bounds every length before allocating. Chunk bodies travel as raw bytes
+//! after a small header, never as integer lists. See `docs/PROTOCOL.md`.
+
+use crate::store::ArtifactId;
+use crate::store::chunker::MAX_CHUNK;
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::io;
+
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u8 = 1;
+/// Kademlia protocol name (server mode).
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kad/1.0.0");
+/// Request-response protocol for manifests, have-maps and artifact lists.
+pub const META_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/meta/1");
+/// Raw-stream protocol for chunk bodies.
+pub const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/chunk/1");
+/// Identify protocol version string.
+pub const IDENTIFY_VERSION: &str = "/shoal/1";
+/// Gossipsub topic for signed release announcements.
+pub const RELEASES_TOPIC: &str = "shoal/releases/1";
+/// Gossipsub topic for have announcements.
+pub const HAVE_TOPIC: &str = "shoal/have/1";
+
+/// Largest meta message on the wire: a manifest plus framing.
+pub const MAX_META_BYTES: usize = crate::store::manifest::MAX_MANIFEST_BYTES + 1024;
+/// Largest chunk request or response header.
+pub const MAX_CHUNK_HEADER: usize = 256;
+
+/// Errors decoding wire messages.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// Empty input.
+    #[error("empty message")]
+    Empty,
+    /// Sent by a peer speaking another wire version.
+    #[error("wire version {0} is not supported (this build speaks version {WIRE_VERSION})")]
+    UnsupportedVersion(u8),
+    /// The body does not decode.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// Bytes left over after the message.
+    #[error("{0} trailing bytes after message")]
+    Trailing(usize),
+    /// A length field over its bound.
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+}
+
+impl From<WireError> for io::Error {
+    fn from(e: WireError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+/// Encodes `msg` as version byte + postcard.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut out = vec![WIRE_VERSION];
+    // Serializing plain data into a Vec cannot fail; fall back to an empty body.
+    out.extend(postcard::to_stdvec(msg).unwrap_or_default());
+    out
+}
+
+/// Decodes a versioned postcard message, rejecting unknown versions and trailing bytes.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    let (&v, body) = bytes.split_first().ok_or(WireError::Empty)?;
+    if v != WIRE_VERSION {
+        return Err(WireError::UnsupportedVersion(v));
+    }
+    let (msg, rest) =
+        postcard::take_from_bytes::<T>(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Trailing(rest.len()));
+    }
+    Ok(msg)
+}
+
+/// A request on `/shoal/meta/1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaRequest {
+    /// The manifest of an artifact, by id.
+    Manifest(ArtifactId),
+    /// Which chunks of an artifact the peer holds.
+    HaveMap(ArtifactId),
+    /// Every artifact the peer holds (complete or partial).
+    List,
+}
+
+/// One entry of [`MetaResponse::List`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactSummary {
+    /// Artifact id.
+    pub id: ArtifactId,
+    /// Whether the peer holds every chunk.
+    pub complete: bool,
+}
+
+/// A response on `/shoal/meta/1`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaResponse {
+    /// The manifest's canonical encoding (verify with `Manifest::decode_verified`).
+    Manifest(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A have-map (`HaveMap::to_bytes`).
+    HaveMap(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Artifacts the peer holds.
+    List(Vec<ArtifactSummary>),
+    /// The peer does not hold that artifact.
+    NotFound,
+    /// The peer failed to answer.
+    Error(String),
+}
+
+/// A request on a `/shoal/chunk/1` stream. Requests are pipelined: the
+/// provider answers them in order, each with a [`ChunkHeader`] and, when the
+/// status is [`ChunkStatus::Ok`], exactly `len` raw bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    /// Artifact id.
+    pub id: ArtifactId,
+    /// Chunk index in the artifact's manifest.
+    pub index: u32,
+}
+
+/// Status of a chunk response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkStatus {
+    /// `len` raw bytes follow.
+    Ok {
+        /// Body length.
+        len: u32,
+    },
+    /// The provider does not hold that chunk (yet).
+    NotFound,
+    /// The provider is overloaded; try elsewhere.
+    Busy,
+    /// The provider failed to read the chunk.
+    Error,
+}
+
+/// The header before a chunk body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHeader {
+    /// Echo of the request's index (catches desynchronised pipelines).
+    pub index: u32,
+    /// Outcome.
+    pub status: ChunkStatus,
+}
+
+/// A gossip message on [`HAVE_TOPIC`]: the author gained chunks of an artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HaveAnnounce {
+    /// Artifact id.
+    pub id: ArtifactId,
+    /// The author's have-map for it (`HaveMap::to_bytes`).
+    #[serde(with = "serde_bytes")]
+    pub have: Vec<u8>,
+}
+
+/// A gossip message on [`RELEASES_TOPIC`]: a signed release (`SignedRelease::encode`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseAnnounce {
+    /// The signed release, encoded.
+    #[serde(with = "serde_bytes")]
+    pub signed: Vec<u8>,
+}
+
+/// Writes one frame: u32 big-endian length, then the bytes.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("frame too large"))?;
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(bytes).await
+}
+
+/// Reads one frame written by [`write_frame`], refusing lengths over `max`.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(WireError::TooLarge { len, max }.into());
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+/// Writes a chunk request on a chunk stream.
+pub async fn write_chunk_request<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    req: &ChunkRequest,
+) -> io::Result<()> {
+    write_frame(w, &encode(req)).await
+}
+
+/// Reads a chunk request; `Ok(None)` on a clean end of stream.
+pub async fn read_chunk_request<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> io::Result<Option<ChunkRequest>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_CHUNK_HEADER {
+        return Err(WireError::TooLarge {
+            len,
+            max: MAX_CHUNK_HEADER,
+        }
+        .into());
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    Ok(Some(decode_chunk_request(&buf)?))
+}
+
+/// Writes a chunk response: header, then the body when there is one.
+pub async fn write_chunk_response<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    index: u32,
+    body: Result<&[u8], ChunkStatus>,
+) -> io::Result<()> {
+    let status = match body {
+        Ok(b) => ChunkStatus::Ok {
+            len: u32::try_from(b.len()).map_err(|_| io::Error::other("chunk too large"))?,
+        },
+        Err(s) => s,
+    };
+    write_frame(w, &encode(&ChunkHeader { index, status })).await?;
+    if let Ok(b) = body {
+        w.write_all(b).await?;
+    }
+    Ok(())
+}
+
+/// Reads a chunk response header; a body of `len` bytes (≤ [`MAX_CHUNK`]) follows when Ok.
+pub async fn read_chunk_header<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<ChunkHeader> {
+    let buf = read_frame(r, MAX_CHUNK_HEADER).await?;
+    Ok(decode_chunk_header(&buf)?)
+}
+
+/// Decodes a [`ChunkRequest`] frame body.
+pub fn decode_chunk_request(b: &[u8]) -> Result<ChunkRequest, WireError> {
+    decode(b)
+}
+
+/// Decodes a [`ChunkHeader`] frame body, bounding the announced body length.
+pub fn decode_chunk_header(b: &[u8]) -> Result<ChunkHeader, WireError> {
+    let h: ChunkHeader = decode(b)?;
+    if let ChunkStatus::Ok { len } = h.status
+        && len > MAX_CHUNK
+    {
+        return Err(WireError::TooLarge {
+            len: len as usize,
+            max: MAX_CHUNK as usize,
+        });
+    }
+    Ok(h)
+}
+
+/// Decodes a [`MetaRequest`].
+pub fn decode_meta_request(b: &[u8]) -> Result<MetaRequest, WireError> {
+    decode(b)
+}
+
+/// Decodes a [`MetaResponse`].
+pub fn decode_meta_response(b: &[u8]) -> Result<MetaResponse, WireError> {
+    decode(b)
+}
+
+/// Decodes a [`HaveAnnounce`].
+pub fn decode_have(b: &[u8]) -> Result<HaveAnnounce, WireError> {
+    decode(b)
+}
+
+/// Decodes a [`ReleaseAnnounce`].
+pub fn decode_release(b: &[u8]) -> Result<ReleaseAnnounce, WireError> {
+    decode(b)
+}
+
+/// The request-response codec for `/shoal/meta/1`: length-prefixed versioned postcard.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetaCodec;
+
+impl libp2p::request_response::Codec for MetaCodec {
+    type Protocol = StreamProtocol;
+    type Request = MetaRequest;
+    type Response = MetaResponse;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<MetaRequest>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let b = read_frame(io, MAX_CHUNK_HEADER).await?;
+        Ok(decode_meta_request(&b)?)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<MetaResponse>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let b = read_frame(io, MAX_META_BYTES).await?;
+        Ok(decode_meta_response(&b)?)
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: MetaRequest,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &encode(&req)).await?;
+        io.close().await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: MetaResponse,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &encode(&res)).await?;
+        io.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> ArtifactId {
+        ArtifactId([0xab; 32])
+    }
+
+    /// Fixed encodings of wire version 1: a change here is a wire format change.
+    #[test]
+    fn fixtures_version_1() {
+        let req = ChunkRequest {
+            id: id(),
+            index: 300,
+        };
+        let enc = encode(&req);
+        assert_eq!(hex::encode(&enc), format!("01{}ac02", "ab".repeat(32)));
+        assert_eq!(decode_chunk_request(&enc), Ok(req));
+
+        let h = ChunkHeader {
+            index: 7,
+            status: ChunkStatus::Ok { len: 1 << 20 },
+        };
+        assert_eq!(hex::encode(encode(&h)), "010700808040");
+        assert_eq!(hex::encode(encode(&MetaRequest::List)), "0102");
+        assert_eq!(
+            hex::encode(encode(&MetaResponse::Manifest(vec![1, 2, 3]))),
+            "010003010203",
+            "bytes travel as bytes, not integer lists"
+        );
+        let have = HaveAnnounce {
+            id: id(),
+            have: vec![9],
+        };
+        assert_eq!(
+            hex::encode(encode(&have)),
+            format!("01{}0109", "ab".repeat(32))
+        );
+        assert_eq!(decode_have(&encode(&have)), Ok(have));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let enc = encode(&MetaRequest::Manifest(id()));
+        assert_eq!(decode_meta_request(&[]), Err(WireError::Empty));
+        let mut v2 = enc.clone();
+        v2[0] = 2;
+        assert_eq!(
+            decode_meta_request(&v2),
+            Err(WireError::UnsupportedVersion(2))
+        );
+        let mut long = enc.clone();
+        long.push(0);
+        assert_eq!(decode_meta_request(&long), Err(WireError::Trailing(1)));
+        for n in 1..enc.len() {
+            assert!(decode_meta_request(&enc[..n]).is_err(), "prefix {n}");
+        }
+        let big = encode(&ChunkHeader {
+            index: 0,
+            status: ChunkStatus::Ok { len: MAX_CHUNK + 1 },
+        });
+        assert!(matches!(
+            decode_chunk_header(&big),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_bound() {
+        let mut buf = Vec::new();
+        write_chunk_request(&mut buf, &ChunkRequest { id: id(), index: 1 })
+            .await
+            .expect("write");
+        write_chunk_response(&mut buf, 1, Ok(b"hello"))
+            .await
+            .expect("write");
+        write_chunk_response(&mut buf, 2, Err(ChunkStatus::NotFound))
+            .await
+            .expect("write");
+        let mut r = futures::io::Cursor::new(buf);
+        let req = read_chunk_request(&mut r)
+            .await
+            .expect("read")
+            .expect("some");
+        assert_eq!(req.index, 1);
+        let h = read_chunk_header(&mut r).await.expect("header");
+        assert_eq!(h.status, ChunkStatus::Ok { len: 5 });
+        let mut body = [0u8; 5];
+        r.read_exact(&mut body).await.expect("body");
+        assert_eq!(&body, b"hello");
+        let h = read_chunk_header(&mut r).await.expect("header");
+        assert_eq!(h.status, ChunkStatus::NotFound);
+        assert!(read_chunk_request(&mut r).await.expect("eof").is_none());
+
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&(u32::MAX).to_be_bytes());
+        let mut r = futures::io::Cursor::new(huge);
+        assert!(read_frame(&mut r, 1024).await.is_err());
+    }
+}

@@ -1,0 +1,126 @@
+//! The composition root: a [`Node`] owns the store and the mesh and starts them.
+//!
+//! Later layers (inference, KV cache, response cache) add their own handles
+//! here; the HTTP API ([`crate::api`]) takes a `Node` as its state.
+
+use crate::mesh::{self, Client, Downloads, MeshConfig, MeshError, Progress};
+use crate::store::{ArtifactId, Store, StoreError, StoreOptions};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
+
+/// Errors starting or using a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The mesh failed.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    /// A background task failed.
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+/// What a node needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The store directory (locked by the node while it runs).
+    pub data_dir: PathBuf,
+    /// Store settings.
+    pub store: StoreOptions,
+    /// Mesh settings.
+    pub mesh: MeshConfig,
+}
+
+struct Inner {
+    store: Store,
+    mesh: Client,
+    downloads: Downloads,
+    started: Instant,
+}
+
+/// A running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl Node {
+    /// Opens the store and starts the mesh on the current tokio runtime.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        let (dir, opts) = (config.data_dir.clone(), config.store.clone());
+        let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
+            .await
+            .map_err(|e| NodeError::Join(e.to_string()))??;
+        let mesh = mesh::start(config.mesh, store.clone()).await?;
+        Ok(Node {
+            inner: Arc::new(Inner {
+                store,
+                mesh,
+                downloads: Downloads::default(),
+                started: Instant::now(),
+            }),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The mesh client.
+    pub fn mesh(&self) -> &Client {
+        &self.inner.mesh
+    }
+
+    /// Downloads started on this node.
+    pub fn downloads(&self) -> &Downloads {
+        &self.inner.downloads
+    }
+
+    /// Seconds since start.
+    pub fn uptime_secs(&self) -> u64 {
+        self.inner.started.elapsed().as_secs()
+    }
+
+    /// Resolves an id or trusted name and the origin URL its release names, if any.
+    pub async fn resolve(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(ArtifactId, Option<String>), NodeError> {
+        let store = self.inner.store.clone();
+        let what = id_or_name.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let id = store.resolve(&what)?;
+            let origin = store
+                .releases()?
+                .into_iter()
+                .filter_map(|s| s.verify().ok())
+                .filter(|r| r.id == id)
+                .max_by_key(|r| r.seq)
+                .and_then(|r| r.origin);
+            Ok((id, origin))
+        })
+        .await
+        .map_err(|e| NodeError::Join(e.to_string()))?
+        .map_err(NodeError::Store)
+    }
+
+    /// Starts (or joins) fetching an artifact by id or trusted name; follow the returned progress.
+    pub async fn pull(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(ArtifactId, watch::Receiver<Progress>), NodeError> {
+        let (id, origin) = self.resolve(id_or_name).await?;
+        Ok((id, self.inner.downloads.start(&self.inner.mesh, id, origin)))
+    }
+
+    /// Stops the mesh. The store closes when the last clone of the node is dropped.
+    pub async fn shutdown(&self) {
+        self.inner.downloads.cancel_all();
+        self.inner.mesh.shutdown().await;
+    }
+}
