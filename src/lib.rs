@@ -5,6 +5,7 @@
 #![deny(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod config;
 pub mod gguf;
 pub mod import;

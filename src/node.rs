@@ -5,6 +5,7 @@
 
 use crate::mesh::{self, Client, Downloads, MeshConfig, MeshError, Progress};
 use crate::store::{ArtifactId, Store, StoreError, StoreOptions};
+use libp2p::identity::Keypair;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +20,14 @@ pub enum NodeError {
     /// The mesh failed.
     #[error(transparent)]
     Mesh(#[from] MeshError),
+    /// The node identity key cannot be read or written.
+    #[error("node key {path}: {reason}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// A background task failed.
     #[error("background task failed: {0}")]
     Join(String),
@@ -55,7 +64,11 @@ impl Node {
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
             .await
             .map_err(|e| NodeError::Join(e.to_string()))??;
-        let mesh = mesh::start(config.mesh, store.clone()).await?;
+        let mut mesh_config = config.mesh;
+        if mesh_config.keypair.is_none() {
+            mesh_config.keypair = Some(node_key(&config.data_dir)?);
+        }
+        let mesh = mesh::start(mesh_config, store.clone()).await?;
         Ok(Node {
             inner: Arc::new(Inner {
                 store,
@@ -122,5 +135,41 @@ impl Node {
     pub async fn shutdown(&self) {
         self.inner.downloads.cancel_all();
         self.inner.mesh.shutdown().await;
+    }
+}
+
+/// The node's libp2p identity, kept in `<data-dir>/keys/node.key` (0600) so its
+/// peer id survives restarts.
+fn node_key(data_dir: &std::path::Path) -> Result<Keypair, NodeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("keys").join("node.key");
+    let err = |reason: String| NodeError::Key {
+        path: path.clone(),
+        reason,
+    };
+    match std::fs::read(&path) {
+        Ok(b) => Keypair::from_protobuf_encoding(&b).map_err(|e| err(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key.to_protobuf_encoding().map_err(|e| err(e.to_string()))?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+            }
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(|e| err(e.to_string()))?;
+            f.write_all(&bytes)
+                .and_then(|()| f.sync_all())
+                .map_err(|e| err(e.to_string()))?;
+            std::fs::rename(&tmp, &path).map_err(|e| err(e.to_string()))?;
+            Ok(key)
+        }
+        Err(e) => Err(err(e.to_string())),
     }
 }

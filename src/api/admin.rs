@@ -1,0 +1,199 @@
+//! `/admin/*`: what the CLI uses to drive a running daemon.
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `POST /admin/pull` `{"artifact": ID or NAME}` | start (or join) a download; answers `{"id", "progress"}` |
+//! | `GET /admin/pull/{id}` | progress of that download |
+//! | `GET /admin/peers` | connected and banned peers |
+//! | `GET /admin/status` | identity, addresses, artifacts, downloads, serving counters |
+//! | `GET /admin/releases` | known releases |
+//! | `POST /admin/releases` `{"signed": HEX}` | apply a signed release locally and announce it |
+
+use super::ApiError;
+use crate::mesh::{PeerInfo, Progress, provider::ServeSnapshot};
+use crate::node::Node;
+use crate::store::{ArtifactId, SignedRelease};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+/// The admin routes.
+pub fn routes() -> Router<Node> {
+    Router::new()
+        .route("/admin/pull", post(pull))
+        .route("/admin/pull/{id}", get(pull_progress))
+        .route("/admin/peers", get(peers))
+        .route("/admin/status", get(status))
+        .route("/admin/releases", get(releases).post(add_release))
+}
+
+/// Body of `POST /admin/pull`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PullRequest {
+    /// Artifact id (hex) or trusted release name.
+    pub artifact: String,
+}
+
+/// Answer of `POST /admin/pull`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PullStarted {
+    /// Resolved artifact id.
+    pub id: String,
+    /// Progress so far.
+    pub progress: Progress,
+}
+
+async fn pull(
+    State(node): State<Node>,
+    Json(req): Json<PullRequest>,
+) -> Result<Json<PullStarted>, ApiError> {
+    let (id, rx) = node.pull(&req.artifact).await?;
+    let progress = rx.borrow().clone();
+    Ok(Json(PullStarted {
+        id: id.to_hex(),
+        progress,
+    }))
+}
+
+async fn pull_progress(
+    State(node): State<Node>,
+    Path(id): Path<String>,
+) -> Result<Json<Progress>, ApiError> {
+    let id: ArtifactId = id.parse().map_err(|e: crate::store::ParseIdError| {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+    })?;
+    node.downloads()
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no download of {id}")))
+}
+
+/// Answer of `GET /admin/peers`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeersReport {
+    /// This node.
+    pub peer_id: String,
+    /// Connected and banned peers.
+    pub peers: Vec<PeerInfo>,
+}
+
+async fn peers(State(node): State<Node>) -> Result<Json<PeersReport>, ApiError> {
+    Ok(Json(PeersReport {
+        peer_id: node.mesh().peer_id().to_string(),
+        peers: node.mesh().peers().await?,
+    }))
+}
+
+/// Answer of `GET /admin/status`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// This node.
+    pub peer_id: String,
+    /// Listen addresses.
+    pub listen: Vec<String>,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// Offline mode (no origin fetches).
+    pub offline: bool,
+    /// mDNS discovery on.
+    pub mdns: bool,
+    /// Connected peers.
+    pub connected: usize,
+    /// Store contents (as `Store::list`).
+    pub artifacts: serde_json::Value,
+    /// Downloads started since start.
+    pub downloads: Vec<Progress>,
+    /// What this node served.
+    pub served: ServeSnapshot,
+}
+
+async fn status(State(node): State<Node>) -> Result<Json<StatusReport>, ApiError> {
+    let store = node.store().clone();
+    let list = tokio::task::spawn_blocking(move || store.list())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    let mesh = node.mesh();
+    Ok(Json(StatusReport {
+        peer_id: mesh.peer_id().to_string(),
+        listen: mesh
+            .listen_addrs()
+            .await?
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        uptime_secs: node.uptime_secs(),
+        offline: mesh.config().offline,
+        mdns: mesh.config().mdns,
+        connected: mesh.connected().await?.len(),
+        artifacts: serde_json::to_value(list)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        downloads: node.downloads().all(),
+        served: mesh.serve_stats(),
+    }))
+}
+
+/// One line of `GET /admin/releases`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReleaseLine {
+    /// Name.
+    pub name: String,
+    /// Artifact id.
+    pub id: String,
+    /// Sequence number.
+    pub seq: u64,
+    /// Origin URL, if any.
+    pub origin: Option<String>,
+    /// Publisher key (hex).
+    pub publisher: String,
+    /// The signed release, encoded (hex), for re-announcing elsewhere.
+    pub signed: String,
+}
+
+async fn releases(State(node): State<Node>) -> Result<Json<Vec<ReleaseLine>>, ApiError> {
+    let store = node.store().clone();
+    let all = tokio::task::spawn_blocking(move || store.releases())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(Json(
+        all.into_iter()
+            .filter_map(|s| {
+                let r = s.verify().ok()?;
+                Some(ReleaseLine {
+                    name: r.name,
+                    id: r.id.to_hex(),
+                    seq: r.seq,
+                    origin: r.origin,
+                    publisher: s.publisher_hex(),
+                    signed: hex::encode(s.encode()),
+                })
+            })
+            .collect(),
+    ))
+}
+
+/// Body of `POST /admin/releases`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AddRelease {
+    /// `SignedRelease::encode`, hex.
+    pub signed: String,
+}
+
+async fn add_release(
+    State(node): State<Node>,
+    Json(req): Json<AddRelease>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let bad = |e: String| ApiError(StatusCode::BAD_REQUEST, e);
+    let bytes = hex::decode(req.signed.trim()).map_err(|e| bad(e.to_string()))?;
+    let signed = SignedRelease::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+    let store = node.store().clone();
+    let s2 = signed.clone();
+    let outcome = tokio::task::spawn_blocking(move || store.apply_release(&s2))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    node.mesh().publish_release(&signed).await?;
+    Ok(Json(
+        serde_json::json!({ "outcome": format!("{outcome:?}") }),
+    ))
+}
