@@ -1,7 +1,9 @@
 //! Tokenizer parity: our GGUF BPE against an independent `tokenizers`
 //! pipeline built from the same vocabulary and merges (Hugging Face's
 //! SmolLM2 setup: digits split one by one, then byte-level gpt2 regex, no
-//! prefix space).
+//! prefix space), and against ids recorded from llama.cpp
+//! (`tests/fixtures/tokenizer_smollm2.json`, written by
+//! `scripts/bench-inference.sh --fixtures` with llama-cpp-python).
 
 mod inference_common;
 
@@ -102,6 +104,28 @@ fn matches_independent_tokenizers_pipeline() {
         let got = ours.encode(text, true, false);
         assert_eq!(got, want, "token ids differ for {text:?}");
         assert_eq!(ours.decode(&got, true), *text, "round trip of {text:?}");
+    }
+}
+
+#[test]
+fn matches_llama_cpp_fixture() {
+    let Some(path) = inference_common::demo_model() else {
+        return;
+    };
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tokenizer_smollm2.json");
+    let cases: Vec<(String, Vec<u32>)> =
+        serde_json::from_str(&std::fs::read_to_string(fixture).expect("fixture")).expect("json");
+    assert!(cases.len() >= 5);
+    let bytes = std::fs::read(&path).expect("read");
+    let g = Gguf::parse(&bytes).expect("parse");
+    let ours = Tokenizer::from_gguf(&g).expect("ours");
+    for (text, want) in cases {
+        assert_eq!(
+            ours.encode(&text, true, true),
+            want,
+            "ids differ for {text:?}"
+        );
     }
 }
 

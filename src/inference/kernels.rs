@@ -48,6 +48,25 @@ pub(crate) struct BlockQ8_1 {
     pub qs: [i8; QK],
 }
 
+/// Activation block for Q4_0/Q8_0 weights: 32 i8 with an f32 scale.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct BlockA8 {
+    pub d: f32,
+    pub qs: [i8; QK],
+}
+
+/// Activation block for Q4_1 weights: 32 i8, f32 scale and `s = d * sum(qs)`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct BlockA8S {
+    pub d: f32,
+    pub s: f32,
+    pub qs: [i8; QK],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockA8>() == 36);
+const _: () = assert!(std::mem::size_of::<BlockA8S>() == 40);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
@@ -65,6 +84,9 @@ unsafe impl Plain for BlockQ4_0 {}
 unsafe impl Plain for BlockQ4_1 {}
 unsafe impl Plain for BlockQ8_0 {}
 unsafe impl Plain for BlockQ8_1 {}
+// SAFETY: repr(C) aggregates of f32 and i8.
+unsafe impl Plain for BlockA8 {}
+unsafe impl Plain for BlockA8S {}
 // SAFETY: primitive numbers.
 unsafe impl Plain for f32 {}
 unsafe impl Plain for f16 {}
@@ -169,7 +191,36 @@ pub(crate) fn quantize_q8_1_scalar(x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
-pub(crate) fn dot_q4_0_q8_0_scalar(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
+/// Quantizes a row to [`BlockA8`].
+pub(crate) fn quantize_a8_scalar(x: &[f32], out: &mut [BlockA8]) {
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = d;
+        for (q, v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+        }
+    }
+}
+
+/// Quantizes a row to [`BlockA8S`].
+pub(crate) fn quantize_a8s_scalar(x: &[f32], out: &mut [BlockA8S]) {
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = d;
+        let mut sum = 0i32;
+        for (q, v) in b.qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+            sum += i32::from(*q);
+        }
+        b.s = sum as f32 * d;
+    }
+}
+
+pub(crate) fn dot_q4_0_a8_scalar(w: &[BlockQ4_0], a: &[BlockA8]) -> f32 {
     let mut sum = 0f32;
     for (x, y) in w.iter().zip(a) {
         let mut s = 0i32;
@@ -178,12 +229,12 @@ pub(crate) fn dot_q4_0_q8_0_scalar(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
             let v1 = i32::from(x.qs[j] >> 4) - 8;
             s += v0 * i32::from(y.qs[j]) + v1 * i32::from(y.qs[j + QK / 2]);
         }
-        sum += s as f32 * x.d.to_f32() * y.d.to_f32();
+        sum += s as f32 * (x.d.to_f32() * y.d);
     }
     sum
 }
 
-pub(crate) fn dot_q4_1_q8_1_scalar(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+pub(crate) fn dot_q4_1_a8s_scalar(w: &[BlockQ4_1], a: &[BlockA8S]) -> f32 {
     let mut sum = 0f32;
     for (x, y) in w.iter().zip(a) {
         let mut s = 0i32;
@@ -192,12 +243,12 @@ pub(crate) fn dot_q4_1_q8_1_scalar(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
             let v1 = i32::from(x.qs[j] >> 4);
             s += v0 * i32::from(y.qs[j]) + v1 * i32::from(y.qs[j + QK / 2]);
         }
-        sum += s as f32 * x.d.to_f32() * y.d.to_f32() + x.m.to_f32() * y.s.to_f32();
+        sum += s as f32 * (x.d.to_f32() * y.d) + x.m.to_f32() * y.s;
     }
     sum
 }
 
-pub(crate) fn dot_q8_0_q8_0_scalar(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+pub(crate) fn dot_q8_0_a8_scalar(w: &[BlockQ8_0], a: &[BlockA8]) -> f32 {
     let mut sum = 0f32;
     for (x, y) in w.iter().zip(a) {
         let s: i32 =
@@ -205,7 +256,7 @@ pub(crate) fn dot_q8_0_q8_0_scalar(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
                 .zip(&y.qs)
                 .map(|(&p, &q)| i32::from(p) * i32::from(q))
                 .sum();
-        sum += s as f32 * x.d.to_f32() * y.d.to_f32();
+        sum += s as f32 * (x.d.to_f32() * y.d);
     }
     sum
 }
@@ -249,33 +300,63 @@ pub(crate) fn quantize_q8_1(isa: Isa, x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
-/// Q4_0 weights · Q8_0 activations.
-pub(crate) fn dot_q4_0_q8_0(isa: Isa, w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
+/// Quantizes a row to [`BlockA8`] with the best kernel for `isa`.
+pub(crate) fn quantize_a8(isa: Isa, x: &[f32], out: &mut [BlockA8]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: see `quantize_q8_0`.
-        Isa::Avx2 => unsafe { avx2::dot_q4_0_q8_0(w, a) },
-        _ => dot_q4_0_q8_0_scalar(w, a),
+        // SAFETY: `Isa::Avx2` is only produced when the CPU has AVX2/FMA/F16C.
+        Isa::Avx2 => unsafe { avx2::quantize_a8(x, out) },
+        _ => quantize_a8_scalar(x, out),
     }
 }
 
-/// Q4_1 weights · Q8_1 activations.
-pub(crate) fn dot_q4_1_q8_1(isa: Isa, w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
+/// Quantizes a row to [`BlockA8S`] with the best kernel for `isa`.
+pub(crate) fn quantize_a8s(isa: Isa, x: &[f32], out: &mut [BlockA8S]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: see `quantize_q8_0`.
-        Isa::Avx2 => unsafe { avx2::dot_q4_1_q8_1(w, a) },
-        _ => dot_q4_1_q8_1_scalar(w, a),
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::quantize_a8s(x, out) },
+        _ => quantize_a8s_scalar(x, out),
     }
 }
 
-/// Q8_0 weights · Q8_0 activations.
-pub(crate) fn dot_q8_0_q8_0(isa: Isa, w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+/// Q4_0 weights · 8-bit activations.
+pub(crate) fn dot_q4_0_a8(isa: Isa, w: &[BlockQ4_0], a: &[BlockA8]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: see `quantize_q8_0`.
-        Isa::Avx2 => unsafe { avx2::dot_q8_0_q8_0(w, a) },
-        _ => dot_q8_0_q8_0_scalar(w, a),
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::dot_q4_0_a8(w, a) },
+        _ => dot_q4_0_a8_scalar(w, a),
+    }
+}
+
+/// Q4_1 weights · 8-bit activations with sums.
+pub(crate) fn dot_q4_1_a8s(isa: Isa, w: &[BlockQ4_1], a: &[BlockA8S]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::dot_q4_1_a8s(w, a) },
+        _ => dot_q4_1_a8s_scalar(w, a),
+    }
+}
+
+/// One Q4_1 weight row · four activation rows (the weights are unpacked once).
+pub(crate) fn dot_q4_1_a8s_x4(isa: Isa, w: &[BlockQ4_1], a: [&[BlockA8S]; 4]) -> [f32; 4] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::dot_q4_1_a8s_x4(w, a) },
+        _ => a.map(|a| dot_q4_1_a8s_scalar(w, a)),
+    }
+}
+
+/// Q8_0 weights · 8-bit activations.
+pub(crate) fn dot_q8_0_a8(isa: Isa, w: &[BlockQ8_0], a: &[BlockA8]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::dot_q8_0_a8(w, a) },
+        _ => dot_q8_0_a8_scalar(w, a),
     }
 }
 
@@ -298,7 +379,7 @@ pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+    use super::{BlockA8, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -340,63 +421,128 @@ mod avx2 {
         mul_sum_us8(ax, sy)
     }
 
+    /// The two f16 at `p` as f32 lanes 0 and 1.
     #[inline]
-    fn f(h: f16) -> f32 {
-        h.to_f32()
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16x2(p: *const u8) -> __m128 {
+        // SAFETY: caller passes 4 readable bytes.
+        let bits = unsafe { std::ptr::read_unaligned(p.cast::<i32>()) };
+        _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
     }
 
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1_q8_1(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        for (x, y) in w.iter().zip(a) {
-            summs += f(x.m) * f(y.s);
-            let d = _mm256_set1_ps(f(x.d) * f(y.d));
-            // SAFETY: the blocks hold 16 and 32 bytes of quants.
-            let (bx, by) = unsafe {
-                (
-                    nibbles(x.qs.as_ptr()),
-                    _mm256_loadu_si256(y.qs.as_ptr().cast()),
-                )
-            };
-            acc = _mm256_fmadd_ps(d, mul_sum_us8(bx, by), acc);
+    unsafe fn q4_1_block(x: &BlockQ4_1, y: &BlockA8S, acc: &mut __m256, accm: &mut __m128) {
+        // SAFETY: blocks are 20 and 40 bytes; the loads stay inside them.
+        unsafe {
+            let dm = f16x2((x as *const BlockQ4_1).cast());
+            let ds = _mm_castpd_ps(_mm_load_sd((y as *const BlockA8S).cast()));
+            // [dw * da, mw * sa, 0, 0]
+            let p = _mm_mul_ps(dm, ds);
+            *accm = _mm_add_ps(*accm, p);
+            let d = _mm256_broadcastss_ps(p);
+            let bx = nibbles(x.qs.as_ptr());
+            let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+            *acc = _mm256_fmadd_ps(d, mul_sum_us8(bx, by), *acc);
         }
-        hsum_ps(acc) + summs
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_0_q8_0(w: &[BlockQ4_0], a: &[BlockQ8_0]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (x, y) in w.iter().zip(a) {
-            let d = _mm256_set1_ps(f(x.d) * f(y.d));
-            // SAFETY: the blocks hold 16 and 32 bytes of quants.
-            let (bx, by) = unsafe {
-                (
-                    nibbles(x.qs.as_ptr()),
-                    _mm256_loadu_si256(y.qs.as_ptr().cast()),
-                )
-            };
-            let bx = _mm256_sub_epi8(bx, _mm256_set1_epi8(8));
-            acc = _mm256_fmadd_ps(d, mul_sum_i8(bx, by), acc);
+    pub(super) unsafe fn dot_q4_1_a8s(w: &[BlockQ4_1], a: &[BlockA8S]) -> f32 {
+        let n = w.len().min(a.len());
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut m0, mut m1) = (_mm_setzero_ps(), _mm_setzero_ps());
+        let mut i = 0;
+        // SAFETY: indices are below `n`.
+        unsafe {
+            while i + 2 <= n {
+                q4_1_block(w.get_unchecked(i), a.get_unchecked(i), &mut acc0, &mut m0);
+                q4_1_block(
+                    w.get_unchecked(i + 1),
+                    a.get_unchecked(i + 1),
+                    &mut acc1,
+                    &mut m1,
+                );
+                i += 2;
+            }
+            if i < n {
+                q4_1_block(w.get_unchecked(i), a.get_unchecked(i), &mut acc0, &mut m0);
+            }
         }
-        hsum_ps(acc)
+        let m = _mm_add_ps(m0, m1);
+        hsum_ps(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(m))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (x, y) in w.iter().zip(a) {
-            let d = _mm256_set1_ps(f(x.d) * f(y.d));
+    pub(super) unsafe fn dot_q4_1_a8s_x4(w: &[BlockQ4_1], a: [&[BlockA8S]; 4]) -> [f32; 4] {
+        let n = a.iter().fold(w.len(), |n, r| n.min(r.len()));
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut accm = [_mm_setzero_ps(); 4];
+        for i in 0..n {
+            // SAFETY: `i < n` bounds every slice; blocks are 20 and 40 bytes.
+            unsafe {
+                let x = w.get_unchecked(i);
+                let dm = f16x2((x as *const BlockQ4_1).cast());
+                let bx = nibbles(x.qs.as_ptr());
+                for c in 0..4 {
+                    let y = a[c].get_unchecked(i);
+                    let ds = _mm_castpd_ps(_mm_load_sd((y as *const BlockA8S).cast()));
+                    let p = _mm_mul_ps(dm, ds);
+                    accm[c] = _mm_add_ps(accm[c], p);
+                    let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                    acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), mul_sum_us8(bx, by), acc[c]);
+                }
+            }
+        }
+        std::array::from_fn(|c| hsum_ps(acc[c]) + _mm_cvtss_f32(_mm_movehdup_ps(accm[c])))
+    }
+
+    /// `d_w * d_a` broadcast, for blocks whose first two bytes are an f16 scale.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale(w: *const u8, da: f32) -> __m256 {
+        // SAFETY: caller passes 2 readable bytes.
+        let bits = unsafe { std::ptr::read_unaligned(w.cast::<u16>()) };
+        let dw = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)));
+        _mm256_broadcastss_ps(_mm_mul_ss(dw, _mm_set_ss(da)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4_0_a8(w: &[BlockQ4_0], a: &[BlockA8]) -> f32 {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (k, (x, y)) in w.iter().zip(a).enumerate() {
+            // SAFETY: the blocks hold 16 and 32 bytes of quants.
+            unsafe {
+                let d = scale((x as *const BlockQ4_0).cast(), y.d);
+                let bx = _mm256_sub_epi8(nibbles(x.qs.as_ptr()), _mm256_set1_epi8(8));
+                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                if k % 2 == 0 {
+                    acc0 = _mm256_fmadd_ps(d, mul_sum_i8(bx, by), acc0);
+                } else {
+                    acc1 = _mm256_fmadd_ps(d, mul_sum_i8(bx, by), acc1);
+                }
+            }
+        }
+        hsum_ps(_mm256_add_ps(acc0, acc1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q8_0_a8(w: &[BlockQ8_0], a: &[BlockA8]) -> f32 {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for (k, (x, y)) in w.iter().zip(a).enumerate() {
             // SAFETY: both blocks hold 32 bytes of quants.
-            let (bx, by) = unsafe {
-                (
-                    _mm256_loadu_si256(x.qs.as_ptr().cast()),
-                    _mm256_loadu_si256(y.qs.as_ptr().cast()),
-                )
-            };
-            acc = _mm256_fmadd_ps(d, mul_sum_i8(bx, by), acc);
+            unsafe {
+                let d = scale((x as *const BlockQ8_0).cast(), y.d);
+                let bx = _mm256_loadu_si256(x.qs.as_ptr().cast());
+                let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+                if k % 2 == 0 {
+                    acc0 = _mm256_fmadd_ps(d, mul_sum_i8(bx, by), acc0);
+                } else {
+                    acc1 = _mm256_fmadd_ps(d, mul_sum_i8(bx, by), acc1);
+                }
+            }
         }
-        hsum_ps(acc)
+        hsum_ps(_mm256_add_ps(acc0, acc1))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -507,6 +653,40 @@ mod avx2 {
             b.s = f16::from_f32(sum as f32 * d);
         }
     }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_a8(x: &[f32], out: &mut [BlockA8]) {
+        for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+            // SAFETY: chunks are 32 floats; qs holds 32 bytes.
+            unsafe {
+                let (d, q) = quant32(xs);
+                b.d = d;
+                _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), q);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_a8s(x: &[f32], out: &mut [BlockA8S]) {
+        for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+            // SAFETY: chunks are 32 floats; qs holds 32 bytes.
+            unsafe {
+                let (d, q) = quant32(xs);
+                b.d = d;
+                _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), q);
+                // Sum of the 32 i8: widen to i16 pairs, then to i32.
+                let s16 = _mm256_maddubs_epi16(_mm256_set1_epi8(1), q);
+                let s32 = _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
+                let h = _mm_add_epi32(
+                    _mm256_castsi256_si128(s32),
+                    _mm256_extracti128_si256(s32, 1),
+                );
+                let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b01_00_11_10));
+                let h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0b10_11_00_01));
+                b.s = _mm_cvtsi128_si32(h) as f32 * d;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -539,6 +719,15 @@ mod tests {
             s: f16::ZERO,
             qs: [0; 32],
         };
+        let za = BlockA8 {
+            d: 0.0,
+            qs: [0; 32],
+        };
+        let zs = BlockA8S {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; 32],
+        };
         let mut a0 = vec![zero8; n / 32];
         let mut b0 = vec![zero8; n / 32];
         quantize_q8_0_scalar(&x, &mut a0);
@@ -555,38 +744,78 @@ mod tests {
             assert_eq!(p.qs, q.qs);
             assert_eq!(p.s, q.s);
         }
-        // Random weight blocks.
+        let mut c0 = vec![za; n / 32];
+        let mut d0 = vec![za; n / 32];
+        quantize_a8_scalar(&x, &mut c0);
+        quantize_a8(isa, &x, &mut d0);
+        for (p, q) in c0.iter().zip(&d0) {
+            assert_eq!(p.qs, q.qs);
+            assert!((p.d - q.d).abs() <= p.d * 1e-6);
+        }
+        let mut c1 = vec![zs; n / 32];
+        let mut d1 = vec![zs; n / 32];
+        quantize_a8s_scalar(&x, &mut c1);
+        quantize_a8s(isa, &x, &mut d1);
+        for (p, q) in c1.iter().zip(&d1) {
+            assert_eq!(p.qs, q.qs);
+            assert!(
+                (p.s - q.s).abs() <= p.s.abs() * 1e-5 + 1e-6,
+                "{} {}",
+                p.s,
+                q.s
+            );
+        }
+        // Random weight blocks; odd block counts exercise the tails.
         let mut s = 7u64;
         let mut byte = || (lcg(&mut s) * 127.0) as i8;
-        let w41: Vec<BlockQ4_1> = (0..n / 32)
-            .map(|_| BlockQ4_1 {
-                d: f16::from_f32(0.01),
-                m: f16::from_f32(-0.05),
-                qs: std::array::from_fn(|_| byte() as u8),
-            })
-            .collect();
-        let w40: Vec<BlockQ4_0> = w41.iter().map(|b| BlockQ4_0 { d: b.d, qs: b.qs }).collect();
-        let w80: Vec<BlockQ8_0> = (0..n / 32)
-            .map(|_| BlockQ8_0 {
-                d: f16::from_f32(0.02),
-                qs: std::array::from_fn(|_| byte()),
-            })
-            .collect();
-        let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * (1.0 + a.abs());
-        assert!(close(
-            dot_q4_1_q8_1_scalar(&w41, &a1),
-            dot_q4_1_q8_1(isa, &w41, &a1)
-        ));
-        assert!(close(
-            dot_q4_0_q8_0_scalar(&w40, &a0),
-            dot_q4_0_q8_0(isa, &w40, &a0)
-        ));
-        assert!(close(
-            dot_q8_0_q8_0_scalar(&w80, &a0),
-            dot_q8_0_q8_0(isa, &w80, &a0)
-        ));
+        for nb in [n / 32, n / 32 - 1] {
+            let w41: Vec<BlockQ4_1> = (0..nb)
+                .map(|_| BlockQ4_1 {
+                    d: f16::from_f32(0.01),
+                    m: f16::from_f32(-0.05),
+                    qs: std::array::from_fn(|_| byte() as u8),
+                })
+                .collect();
+            let w40: Vec<BlockQ4_0> = w41.iter().map(|b| BlockQ4_0 { d: b.d, qs: b.qs }).collect();
+            let w80: Vec<BlockQ8_0> = (0..nb)
+                .map(|_| BlockQ8_0 {
+                    d: f16::from_f32(0.02),
+                    qs: std::array::from_fn(|_| byte()),
+                })
+                .collect();
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + a.abs());
+            let (c0, c1) = (&c0[..nb], &c1[..nb]);
+            assert!(close(
+                dot_q4_1_a8s_scalar(&w41, c1),
+                dot_q4_1_a8s(isa, &w41, c1)
+            ));
+            assert!(close(
+                dot_q4_0_a8_scalar(&w40, c0),
+                dot_q4_0_a8(isa, &w40, c0)
+            ));
+            let d1r: Vec<BlockA8S> = d1[..nb].iter().rev().copied().collect();
+            let four = dot_q4_1_a8s_x4(isa, &w41, [c1, &d1r, c1, &d1r]);
+            assert!(close(four[0], dot_q4_1_a8s_scalar(&w41, c1)));
+            assert!(close(four[1], dot_q4_1_a8s_scalar(&w41, &d1r)));
+            assert_eq!(four[0], four[2]);
+            assert!(close(
+                dot_q8_0_a8_scalar(&w80, c0),
+                dot_q8_0_a8(isa, &w80, c0)
+            ));
+            // The integer dot against the exact dequantized product.
+            let mut exact = 0f32;
+            for (wb, ab) in w41.iter().zip(c1) {
+                for j in 0..16 {
+                    let lo = f32::from(wb.qs[j] & 15) * wb.d.to_f32() + wb.m.to_f32();
+                    let hi = f32::from(wb.qs[j] >> 4) * wb.d.to_f32() + wb.m.to_f32();
+                    exact += lo * f32::from(ab.qs[j]) * ab.d + hi * f32::from(ab.qs[j + 16]) * ab.d;
+                }
+            }
+            assert!(close(exact, dot_q4_1_a8s(isa, &w41, c1)), "{exact}");
+        }
         let y = rand_vec(n + 3, 2);
         let z = rand_vec(n + 3, 3);
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * (1.0 + a.abs());
         assert!(close(dot_f32_scalar(&y, &z), dot_f32(isa, &y, &z)));
     }
 
@@ -605,6 +834,62 @@ mod tests {
             let b = &q[i / 32];
             let r = f32::from(b.qs[i % 32]) * b.d.to_f32();
             assert!((r - v).abs() <= b.d.to_f32() * 0.5 + 1e-3, "{r} vs {v}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release --lib kernels::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing probe, not a test"]
+    fn q4_1_throughput() {
+        let isa = Isa::detect();
+        let nb = 18; // a 576-wide row
+        let acts = vec![
+            BlockA8S {
+                d: 0.1,
+                s: 1.0,
+                qs: [3; 32]
+            };
+            nb
+        ];
+        for total_mb in [1usize, 96] {
+            let rows = total_mb * (1 << 20) / (nb * 20);
+            let w = vec![
+                BlockQ4_1 {
+                    d: f16::from_f32(0.01),
+                    m: f16::from_f32(0.02),
+                    qs: [0x5a; 16]
+                };
+                rows * nb
+            ];
+            let mut s = 0f32;
+            let cpu = || {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: valid out-pointer.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+            };
+            let t = cpu();
+            let reps = 96 / total_mb;
+            for _ in 0..reps {
+                for r in w.chunks_exact(nb) {
+                    s += dot_q4_1_a8s(isa, r, &acts);
+                }
+            }
+            let dt = cpu() - t;
+            let blocks = (reps * rows * nb) as f64;
+            eprintln!(
+                "{total_mb} MiB: {:.2} ns/block, {:.2} GB/s ({s})",
+                dt * 1e9 / blocks,
+                blocks * 20.0 / dt / 1e9
+            );
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::InferenceError;
 use super::kernels::{
-    self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, Isa, Plain, view, view_mut,
+    self, BlockA8, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, Isa, Plain, view, view_mut,
 };
 use crate::gguf::GgmlType;
 use candle_core::quantized::k_quants::{self as ck, GgmlType as _};
@@ -34,9 +34,16 @@ pub(crate) struct QMatrix {
 pub(crate) enum ActKind {
     F32,
     F16,
+    /// ggml Q8_0 (for candle's Q5_0 kernel).
     Q8_0,
+    /// ggml Q8_1 (for candle's Q5_1 kernel).
     Q8_1,
+    /// ggml Q8_K (for candle's k-quant kernels).
     Q8K,
+    /// Our [`BlockA8`] (Q4_0, Q8_0 weights).
+    A8,
+    /// Our [`BlockA8S`] (Q4_1 weights).
+    A8S,
 }
 
 impl ActKind {
@@ -45,8 +52,10 @@ impl ActKind {
         Some(match ty {
             F32 => ActKind::F32,
             F16 => ActKind::F16,
-            Q4_0 | Q8_0 | Q5_0 => ActKind::Q8_0,
-            Q4_1 | Q5_1 => ActKind::Q8_1,
+            Q4_0 | Q8_0 => ActKind::A8,
+            Q4_1 => ActKind::A8S,
+            Q5_0 => ActKind::Q8_0,
+            Q5_1 => ActKind::Q8_1,
             Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => ActKind::Q8K,
             _ => return None,
         })
@@ -59,6 +68,8 @@ impl ActKind {
             ActKind::Q8_0 => cols / 32 * 34,
             ActKind::Q8_1 => cols / 32 * 36,
             ActKind::Q8K => cols / 256 * std::mem::size_of::<ck::BlockQ8K>(),
+            ActKind::A8 => cols / 32 * 36,
+            ActKind::A8S => cols / 32 * 40,
         }
     }
 }
@@ -97,7 +108,7 @@ impl QMatrix {
         let (blk, bpb) = ty.block_layout();
         let need_block = match ActKind::for_weight(ty) {
             Some(ActKind::Q8K) => 256,
-            Some(ActKind::Q8_0 | ActKind::Q8_1) => 32,
+            Some(ActKind::Q8_0 | ActKind::Q8_1 | ActKind::A8 | ActKind::A8S) => 32,
             _ => 1,
         };
         if cols % blk != 0 || cols % need_block != 0 {
@@ -286,6 +297,16 @@ impl Acts {
                         ck::BlockQ8K::from_float(src, d);
                     }
                 }
+                ActKind::A8 => {
+                    if let Some(d) = view_mut::<BlockA8>(dst) {
+                        kernels::quantize_a8(isa, src, d);
+                    }
+                }
+                ActKind::A8S => {
+                    if let Some(d) = view_mut::<BlockA8S>(dst) {
+                        kernels::quantize_a8s(isa, src, d);
+                    }
+                }
             }
         }
         a
@@ -294,14 +315,10 @@ impl Acts {
     /// The f32 rows (reference path only: activations kept unquantized).
     fn dequant_all(&self, cols: usize) -> Vec<f32> {
         let mut out = vec![0f32; self.n * cols];
-        for (i, o) in out.chunks_exact_mut(cols.max(1)).enumerate() {
-            let ty = match self.kind {
-                ActKind::F32 => GgmlType::F32,
-                ActKind::F16 => GgmlType::F16,
-                ActKind::Q8_0 => GgmlType::Q8_0,
-                _ => GgmlType::F32,
-            };
-            dequant(ty, self.row(i), o);
+        if self.kind == ActKind::F32 {
+            for (i, o) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+                dequant(GgmlType::F32, self.row(i), o);
+            }
         }
         out
     }
@@ -326,9 +343,9 @@ impl Acts {
 fn dot(isa: Isa, ty: GgmlType, cols: usize, w: &[u8], a: &[u8]) -> f32 {
     use GgmlType::*;
     match ty {
-        Q4_1 => kernels::dot_q4_1_q8_1(isa, v(w), v(a)),
-        Q8_0 => kernels::dot_q8_0_q8_0(isa, v(w), v(a)),
-        Q4_0 => kernels::dot_q4_0_q8_0(isa, v(w), v(a)),
+        Q4_1 => kernels::dot_q4_1_a8s(isa, v(w), v(a)),
+        Q8_0 => kernels::dot_q8_0_a8(isa, v(w), v(a)),
+        Q4_0 => kernels::dot_q4_0_a8(isa, v(w), v(a)),
         F32 => kernels::dot_f32(isa, v(w), v(a)),
         F16 => <f16 as ck::GgmlType>::vec_dot(cols, v(w), v(a)),
         Q5_0 => ck::BlockQ5_0::vec_dot(cols, v(w), v(a)),
@@ -418,10 +435,25 @@ impl Exec {
             let r1 = (r0 + per).min(rows);
             for r in r0..r1 {
                 let wr = w.row(base, r);
-                for b in 0..n {
+                let mut b = 0;
+                if w.ty == GgmlType::Q4_1 {
+                    // Four activation rows per pass over the weight row.
+                    let wv = v::<BlockQ4_1>(wr);
+                    while b + 4 <= n {
+                        let a = [0, 1, 2, 3].map(|k| v::<BlockA8S>(acts.row(b + k)));
+                        let vals = kernels::dot_q4_1_a8s_x4(isa, wv, a);
+                        for (k, val) in vals.into_iter().enumerate() {
+                            // SAFETY: (b + k, r) is in bounds and written by this task only.
+                            unsafe { *p.0.add((b + k) * rows + r) = val };
+                        }
+                        b += 4;
+                    }
+                }
+                while b < n {
                     let val = dot(isa, w.ty, w.cols, wr, acts.row(b));
                     // SAFETY: (b, r) is in bounds and written by this task only.
                     unsafe { *p.0.add(b * rows + r) = val };
+                    b += 1;
                 }
             }
         };

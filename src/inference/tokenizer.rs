@@ -9,7 +9,48 @@
 use super::InferenceError;
 use crate::gguf::{Gguf, Value};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+/// A small, fast, non-cryptographic hasher (the rustc "Fx" scheme) for the
+/// vocabulary and merge tables; their keys are not attacker-chosen at a
+/// volume where flooding matters (they come from the model file).
+#[derive(Default, Clone, Copy)]
+struct Fx(u64);
+
+const FX_K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.write_u64(u64::from_le_bytes(w));
+        }
+        let mut w = [0u8; 8];
+        let rest = chunks.remainder();
+        w[..rest.len()].copy_from_slice(rest);
+        self.write_u64(u64::from_le_bytes(w) ^ rest.len() as u64);
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(FX_K);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<Fx>>;
 
 /// gpt2's reversible byte → printable-char map.
 fn byte_to_char() -> [char; 256] {
@@ -75,17 +116,23 @@ fn split_gpt2<'a>(text: &'a str, out: &mut Vec<&'a str>) {
     }
 }
 
+fn pair(a: u32, b: u32) -> u64 {
+    u64::from(a) << 32 | u64::from(b)
+}
+
 /// A byte-level BPE tokenizer built from GGUF metadata.
 #[derive(Debug)]
 pub struct Tokenizer {
-    /// Bytes each token stands for (specials: their text).
-    token_bytes: Vec<Box<[u8]>>,
+    /// Bytes of all tokens, concatenated (specials: their text).
+    bytes: Vec<u8>,
+    /// Token `i` is `bytes[offsets[i]..offsets[i + 1]]`.
+    offsets: Vec<u32>,
     /// GGUF token types (1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte).
     token_type: Vec<i32>,
     /// Token id of each single byte.
     byte_ids: [u32; 256],
-    /// (left, right) → (rank, merged id).
-    merges: HashMap<(u32, u32), (u32, u32)>,
+    /// (left << 32 | right) → (rank, merged id).
+    merges: FxMap<u64, (u32, u32)>,
     /// Special tokens, longest first: (text, id).
     specials: Vec<(String, u32)>,
     pre: PreTok,
@@ -161,24 +208,39 @@ impl Tokenizer {
                 None => vec![1; n],
             };
         let b2c = byte_to_char();
-        let mut c2b: HashMap<char, u8> = HashMap::with_capacity(256);
+        // Inverse map; every gpt2 byte char is below U+0200.
+        let mut c2b = [None::<u8>; 512];
         for (b, c) in b2c.iter().enumerate() {
-            c2b.insert(*c, b as u8);
+            if let Some(slot) = c2b.get_mut(*c as usize) {
+                *slot = Some(b as u8);
+            }
         }
-        let mut ids: HashMap<&str, u32> = HashMap::with_capacity(n);
-        let mut token_bytes = Vec::with_capacity(n);
+        let mut ids: FxMap<&str, u32> = FxMap::with_capacity_and_hasher(n, Default::default());
+        let mut bytes = Vec::with_capacity(n * 6);
+        let mut offsets = Vec::with_capacity(n + 1);
+        offsets.push(0u32);
         for (i, (t, ty)) in tokens.iter().zip(&token_type).enumerate() {
             ids.entry(t).or_insert(i as u32);
-            let bytes: Box<[u8]> = if matches!(ty, 2..=4) {
-                t.as_bytes().into()
-            } else {
-                t.chars()
-                    .map(|c| c2b.get(&c).copied())
-                    .collect::<Option<Vec<u8>>>()
-                    .unwrap_or_else(|| t.as_bytes().to_vec())
-                    .into()
-            };
-            token_bytes.push(bytes);
+            let start = bytes.len();
+            let mut ok = true;
+            if !matches!(ty, 2..=4) {
+                for c in t.chars() {
+                    match c2b.get(c as usize).copied().flatten() {
+                        Some(b) => bytes.push(b),
+                        None => {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if matches!(ty, 2..=4) || !ok {
+                bytes.truncate(start);
+                bytes.extend_from_slice(t.as_bytes());
+            }
+            let end =
+                u32::try_from(bytes.len()).map_err(|_| err("vocabulary text over 4 GiB".into()))?;
+            offsets.push(end);
         }
         let unk = g
             .get("tokenizer.ggml.unknown_token_id")
@@ -201,7 +263,8 @@ impl Tokenizer {
             .get("tokenizer.ggml.merges")
             .and_then(Value::as_array)
             .ok_or_else(|| err("missing tokenizer.ggml.merges".into()))?;
-        let mut merges = HashMap::with_capacity(merges_v.len());
+        let mut merges: FxMap<u64, (u32, u32)> =
+            FxMap::with_capacity_and_hasher(merges_v.len(), Default::default());
         let mut joined = String::new();
         for (rank, m) in merges_v.iter().enumerate() {
             let m = m
@@ -214,7 +277,9 @@ impl Tokenizer {
             joined.push_str(a);
             joined.push_str(b);
             if let (Some(&ia), Some(&ib), Some(&ij)) = (ids.get(a), ids.get(b), ids.get(&*joined)) {
-                merges.entry((ia, ib)).or_insert((rank as u32, ij));
+                merges
+                    .entry(u64::from(ia) << 32 | u64::from(ib))
+                    .or_insert((rank as u32, ij));
             }
         }
         let mut specials: Vec<(String, u32)> = tokens
@@ -248,7 +313,8 @@ impl Tokenizer {
         };
         let eos = id_of("tokenizer.ggml.eos_token_id");
         Ok(Tokenizer {
-            token_bytes,
+            bytes,
+            offsets,
             token_type,
             byte_ids,
             merges,
@@ -266,7 +332,7 @@ impl Tokenizer {
 
     /// Vocabulary size.
     pub fn vocab_size(&self) -> usize {
-        self.token_bytes.len()
+        self.offsets.len() - 1
     }
 
     /// Beginning-of-sequence token.
@@ -296,7 +362,11 @@ impl Tokenizer {
 
     /// The bytes a token stands for (control tokens: their literal text).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.token_bytes.get(id as usize).map_or(&[], |b| b)
+        let i = id as usize;
+        match (self.offsets.get(i), self.offsets.get(i + 1)) {
+            (Some(&a), Some(&b)) => &self.bytes[a as usize..b as usize],
+            _ => &[],
+        }
     }
 
     /// Token ids for `text`. With `parse_special`, control and user-defined
@@ -375,7 +445,7 @@ impl Tokenizer {
         while syms.len() > 1 {
             let mut best: Option<(u32, usize, u32)> = None;
             for i in 0..syms.len() - 1 {
-                if let Some(&(rank, id)) = self.merges.get(&(syms[i], syms[i + 1]))
+                if let Some(&(rank, id)) = self.merges.get(&pair(syms[i], syms[i + 1]))
                     && best.is_none_or(|b| rank < b.0)
                 {
                     best = Some((rank, i, id));
@@ -387,7 +457,7 @@ impl Tokenizer {
             let mut r = 0;
             while r < syms.len() {
                 if r + 1 < syms.len()
-                    && let Some(&(rk, id)) = self.merges.get(&(syms[r], syms[r + 1]))
+                    && let Some(&(rk, id)) = self.merges.get(&pair(syms[r], syms[r + 1]))
                     && rk == rank
                 {
                     syms[w] = id;
