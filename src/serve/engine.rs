@@ -1,7 +1,7 @@
 //! The per-model engine: a bounded queue in front of one generation thread
 //! that uses the prefix KV cache.
 
-use crate::inference::{GenerateConfig, Model, StopReason, generate};
+use crate::inference::{GenerateConfig, KvCache, Model, StopReason, generate};
 use crate::kvcache::{KeyContext, PrefixCache};
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -142,9 +142,10 @@ impl Engine {
             std::thread::Builder::new()
                 .name(format!("engine-{name}"))
                 .spawn(move || {
+                    let mut hot: Option<HotSequence> = None;
                     for q in rx {
                         let t0 = Instant::now();
-                        let cancelled = run_job(&model, kv.as_ref(), q.job);
+                        let cancelled = run_job(&model, kv.as_ref(), &mut hot, q.job);
                         let ms = t0.elapsed().as_millis() as u64;
                         let old = avg.load(Ordering::Relaxed);
                         avg.store((old * 3 + ms) / 4, Ordering::Relaxed);
@@ -245,8 +246,22 @@ impl Engine {
     }
 }
 
+/// The engine thread's last sequence: its tokens and its full f32 KV
+/// cache. A follow-up sharing a prefix with it forks it at the exact
+/// common length (token-granular, zero-copy), which block keys cannot do
+/// for a partial last block.
+struct HotSequence {
+    tokens: Vec<u32>,
+    cache: KvCache,
+}
+
 /// Runs one job; returns true if it ended cancelled.
-fn run_job(model: &Model, kv: Option<&(Arc<PrefixCache>, KeyContext)>, job: Job) -> bool {
+fn run_job(
+    model: &Model,
+    kv: Option<&(Arc<PrefixCache>, KeyContext)>,
+    hot: &mut Option<HotSequence>,
+    job: Job,
+) -> bool {
     let t0 = Instant::now();
     if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
         return true;
@@ -258,15 +273,38 @@ fn run_job(model: &Model, kv: Option<&(Arc<PrefixCache>, KeyContext)>, job: Job)
     if let Some((pc, ctx)) = kv {
         keys = ctx.keys(&job.prompt);
         // Leave at least one prompt token to compute.
-        let usable = (job.prompt.len().saturating_sub(1)) / ctx.block_tokens;
-        let hit = pc.load_prefix(&keys[..usable.min(keys.len())], &model_id, &mut cache);
-        cached = hit.blocks * ctx.block_tokens;
-        tracing::debug!(
-            blocks = hit.blocks,
-            from_ram = hit.from_ram,
-            from_disk = hit.from_disk,
-            "prefix cache"
-        );
+        let last = job.prompt.len().saturating_sub(1);
+        let common = hot.as_ref().map_or(0, |h| {
+            h.tokens
+                .iter()
+                .take(h.cache.len())
+                .zip(&job.prompt[..last])
+                .take_while(|(a, b)| a == b)
+                .count()
+        });
+        if common >= ctx.block_tokens.max(1)
+            && let Some(h) = hot.as_ref()
+        {
+            cache = h.cache.fork(common);
+            cached = common;
+            tracing::debug!(tokens = common, "prefix from the hot sequence");
+        }
+        let usable = last / ctx.block_tokens;
+        let usable = usable.min(keys.len());
+        if cached < usable * ctx.block_tokens {
+            let mut c = model.new_cache();
+            let hit = pc.load_prefix(&keys[..usable], &model_id, &mut c);
+            if hit.blocks * ctx.block_tokens > cached {
+                cache = c;
+                cached = hit.blocks * ctx.block_tokens;
+            }
+            tracing::debug!(
+                blocks = hit.blocks,
+                from_ram = hit.from_ram,
+                from_disk = hit.from_disk,
+                "prefix cache"
+            );
+        }
     }
     let _ = job.events.send(JobEvent::Started {
         prompt_tokens: job.prompt.len(),
@@ -306,7 +344,9 @@ fn run_job(model: &Model, kv: Option<&(Arc<PrefixCache>, KeyContext)>, job: Job)
                 if all.len() > job.prompt.len() {
                     keys = ctx.keys(&all[..cache.len().min(all.len())]);
                 }
-                pc.store_blocks(&cache, &keys, cached / ctx.block_tokens, &model_id);
+                pc.store_blocks(&cache, &keys, 0, &model_id);
+                all.truncate(cache.len());
+                *hot = Some(HotSequence { tokens: all, cache });
             }
             let tail = out
                 .text

@@ -1,0 +1,183 @@
+//! Time to first token of a ~1,000-token prompt through the HTTP API, cold
+//! and with its prefix from the KV cache in RAM and on disk after a restart.
+//!
+//! Run with `scripts/bench-serving.sh` (or `cargo bench --bench serving`).
+//! Each case is measured on the client: from sending a streaming
+//! `/v1/completions` request to receiving its first token. The cold case is
+//! the anchor; the others are reported as ratios to it. Prints a Markdown
+//! table and a JSON line (for the script).
+
+#[path = "../tests/serving_common/mod.rs"]
+#[allow(dead_code)]
+mod serving_common;
+
+use serde_json::json;
+use serving_common::{NAME, TestServer, demo_model_path};
+use shoal::serve::ServeConfig;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn prose(seed: usize, words: usize) -> String {
+    // Varied text whose tokenization is ~1.3 tokens per word.
+    const W: &[&str] = &[
+        "the",
+        "engineer",
+        "measured",
+        "a",
+        "river",
+        "of",
+        "copper",
+        "wire",
+        "beside",
+        "quiet",
+        "harbor",
+        "while",
+        "seven",
+        "students",
+        "asked",
+        "why",
+        "lanterns",
+        "glow",
+        "under",
+        "violet",
+        "clouds",
+        "and",
+        "every",
+        "machine",
+        "on",
+        "line",
+        "four",
+        "reported",
+        "its",
+        "temperature",
+        "to",
+        "orchard",
+        "server",
+        "before",
+        "noon",
+    ];
+    let mut s = format!("Report {seed}. ");
+    let mut x = seed as u64 * 2_654_435_761 + 1;
+    for i in 0..words {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(W[(x % W.len() as u64) as usize]);
+        s.push(if i % 13 == 12 { '.' } else { ' ' });
+        if i % 13 == 12 {
+            s.push(' ');
+        }
+    }
+    s
+}
+
+/// Seconds from sending the request to the first token chunk.
+async fn ttft(addr: std::net::SocketAddr, prompt: &str) -> (f64, u64) {
+    let body = json!({"model": NAME, "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                      "stream": true, "stream_options": {"include_usage": true}})
+    .to_string();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let t0 = Instant::now();
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut first = None;
+    loop {
+        let n = s.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if first.is_none() && String::from_utf8_lossy(&got).contains("data: {") {
+            first = Some(t0.elapsed());
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    let cached = serving_common::sse_data(&text)
+        .iter()
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .filter_map(|v| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64())
+        .next_back()
+        .unwrap_or(0);
+    (first.map_or(f64::NAN, |d| d.as_secs_f64()), cached)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        println!("serving_ttft: benchmark");
+        return;
+    }
+    if demo_model_path().is_none() {
+        eprintln!("demo model missing: run scripts/fetch-model.sh");
+        std::process::exit(1);
+    }
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let words: usize = std::env::var("WORDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(760);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cfg = || {
+            let mut c = ServeConfig::with_data_dir(dir.path());
+            c.response_cache_budget = 0;
+            c
+        };
+        let (mut cold, mut ram, mut disk) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut cached_ram, mut cached_disk, mut prompt_tokens) = (0, 0, 0);
+        let srv = TestServer::start(cfg()).await.expect("server");
+        // Warm-up (page cache, thread pools).
+        let _ = ttft(srv.addr, "Hello there").await;
+        let model = srv.serving.model(NAME).expect("served").engine.model().clone();
+        for r in 0..runs {
+            let base = prose(r, words);
+            prompt_tokens = model.tokenizer().encode(&base, false, true).len();
+            let (t, _) = ttft(srv.addr, &format!("{base}\nQuestion: what was measured?")).await;
+            cold.push(t);
+            let (t, c) = ttft(srv.addr, &format!("{base}\nQuestion: who asked?")).await;
+            ram.push(t);
+            cached_ram = c;
+        }
+        srv.stop().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let srv = TestServer::start(cfg()).await.expect("server");
+        let _ = ttft(srv.addr, "Hello there").await;
+        for r in 0..runs {
+            let base = prose(r, words);
+            let (t, c) = ttft(srv.addr, &format!("{base}\nQuestion: when was it?")).await;
+            disk.push(t);
+            cached_disk = c;
+        }
+        srv.stop().await;
+        let (c, m, d) = (median(cold), median(ram), median(disk));
+        println!("prompt: {prompt_tokens} tokens (+ a question of ~6), block 64, f16, runs {runs} (median)");
+        println!();
+        println!("| case | TTFT s | cached tokens | ratio to cold |");
+        println!("|---|---|---|---|");
+        println!("| cold (anchor) | {c:.3} | 0 | 1 |");
+        println!("| RAM prefix hit | {m:.4} | {cached_ram} | **{:.4}x** |", m / c);
+        println!("| disk prefix hit after restart | {d:.4} | {cached_disk} | **{:.4}x** |", d / c);
+        println!(
+            "{}",
+            json!({"prompt_tokens": prompt_tokens, "cold": c, "ram": m, "disk": d,
+                   "cached_ram": cached_ram, "cached_disk": cached_disk})
+        );
+    });
+}
