@@ -124,6 +124,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    let block: usize = std::env::var("BLOCK")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(16);
     let words: usize = std::env::var("WORDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -138,6 +142,9 @@ fn main() {
         let cfg = || {
             let mut c = ServeConfig::with_data_dir(dir.path());
             c.response_cache_budget = 0;
+            if let Some(k) = &mut c.kv {
+                k.block_tokens = block;
+            }
             c
         };
         let (mut cold, mut ram, mut disk) = (Vec::new(), Vec::new(), Vec::new());
@@ -167,7 +174,7 @@ fn main() {
         }
         srv.stop().await;
         let (c, m, d) = (median(cold), median(ram), median(disk));
-        println!("prompt: {prompt_tokens} tokens (+ a question of ~6), block 64, f16, runs {runs} (median)");
+        println!("prompt: {prompt_tokens} tokens (+ a question of ~6), block {block}, f16, runs {runs} (median)");
         println!();
         println!("| case | TTFT s | cached tokens | ratio to cold |");
         println!("|---|---|---|---|");
@@ -176,7 +183,7 @@ fn main() {
         println!("| disk prefix hit after restart | {d:.4} | {cached_disk} | **{:.4}x** |", d / c);
         println!(
             "{}",
-            json!({"prompt_tokens": prompt_tokens, "cold": c, "ram": m, "disk": d,
+            json!({"block": block, "prompt_tokens": prompt_tokens, "cold": c, "ram": m, "disk": d,
                    "cached_ram": cached_ram, "cached_disk": cached_disk})
         );
     });

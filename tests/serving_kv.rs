@@ -10,7 +10,7 @@ use shoal::kvcache::KvCacheConfig;
 use shoal::serve::ServeConfig;
 use std::sync::atomic::Ordering;
 
-const BLOCK: usize = 64;
+const BLOCK: usize = 16;
 
 fn completion(prompt: &str) -> Value {
     json!({"model": NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0})

@@ -157,7 +157,7 @@ pub fn tokenizer_id(model: &Model) -> [u8; 32] {
 /// Settings of the prefix cache.
 #[derive(Debug, Clone)]
 pub struct KvCacheConfig {
-    /// Tokens per block (default 64).
+    /// Tokens per block (default 16, see docs/SERVING.md).
     pub block_tokens: usize,
     /// Storage format of blocks.
     pub dtype: KvDtype,
@@ -174,7 +174,7 @@ pub struct KvCacheConfig {
 impl Default for KvCacheConfig {
     fn default() -> Self {
         KvCacheConfig {
-            block_tokens: 64,
+            block_tokens: 16,
             dtype: KvDtype::F16,
             ram_budget: 1 << 30,
             ram_ttl: Duration::from_secs(3600),
