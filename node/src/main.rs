@@ -44,6 +44,9 @@ pub enum Command {
     /// Operations commands.
     #[command(flatten)]
     Ops(cmd::ops::OpsCmd),
+    /// Mesh commands.
+    #[command(flatten)]
+    Mesh(cmd::mesh::MeshCmd),
 }
 
 fn main() {
@@ -71,5 +74,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Store(c) => cmd::store::run(&ctx, c),
         Command::Infer(c) => cmd::infer::run(&ctx, c),
         Command::Ops(c) => cmd::ops::run(&ctx, &config, c),
+        Command::Mesh(c) => cmd::mesh::run(&ctx, &config, c),
     }
 }

@@ -58,6 +58,8 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     ));
     let mut kad_config = kad::Config::new(KAD_PROTOCOL);
     kad_config.set_query_timeout(Duration::from_secs(10));
+    // Small meshes: no periodic random walks (they only warn when the table is empty).
+    kad_config.set_periodic_bootstrap_interval(None);
     let mut kad =
         kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     kad.set_mode(Some(kad::Mode::Server));

@@ -1,6 +1,7 @@
 //! Subcommands, one module per layer.
 
 pub mod infer;
+pub mod mesh;
 pub mod ops;
 pub mod store;
 

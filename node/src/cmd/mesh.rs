@@ -1,0 +1,393 @@
+//! Mesh commands: `serve` (the daemon), and `pull`, `peers`, `status`, `psk new`,
+//! which talk to a running daemon over its admin HTTP API.
+
+use super::Ctx;
+use super::ops::ConfigSource;
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use shoal::api::admin::{PeersReport, PullRequest, PullStarted, StatusReport};
+use shoal::api::client::AdminClient;
+use shoal::mesh::download::Phase;
+use shoal::mesh::{self, MeshConfig, Multiaddr, PeerId, Progress};
+use shoal::node::{Node, NodeConfig};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Mesh commands.
+#[derive(Subcommand, Debug)]
+pub enum MeshCmd {
+    /// Run the node: content store, mesh, HTTP API.
+    Serve(ServeArgs),
+    /// Fetch an artifact (id or trusted name) into the running node's store.
+    Pull {
+        /// Artifact id (hex) or trusted release name.
+        artifact: String,
+        /// Admin API of the running node.
+        #[arg(long, default_value = "127.0.0.1:7070", env = "SHOAL_API")]
+        api: String,
+        /// Start the download and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List connected and banned peers of the running node.
+    Peers {
+        /// Admin API of the running node.
+        #[arg(long, default_value = "127.0.0.1:7070", env = "SHOAL_API")]
+        api: String,
+    },
+    /// Show the running node's status.
+    Status {
+        /// Admin API of the running node.
+        #[arg(long, default_value = "127.0.0.1:7070", env = "SHOAL_API")]
+        api: String,
+    },
+    /// Pre-shared keys for private meshes.
+    #[command(subcommand)]
+    Psk(PskCmd),
+}
+
+/// `shoal psk ...`.
+#[derive(Subcommand, Debug)]
+pub enum PskCmd {
+    /// Write a new random key in swarm.key format (to stdout, or to --out, mode 0600).
+    New {
+        /// Output file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `shoal serve` options; unset ones come from the config file (`[mesh]`, `[api]`).
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Mesh listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/7071.
+    #[arg(long)]
+    listen: Vec<Multiaddr>,
+    /// Admin/HTTP API address.
+    #[arg(long)]
+    api: Option<SocketAddr>,
+    /// Static peer (repeatable), e.g. /ip4/10.0.0.2/tcp/7071.
+    #[arg(long)]
+    peer: Vec<Multiaddr>,
+    /// Turn LAN discovery (mDNS) off.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Pre-shared key file: only nodes with the same key can connect.
+    #[arg(long)]
+    psk_file: Option<PathBuf>,
+    /// Never contact anything but the mesh (no origin fetches).
+    #[arg(long)]
+    offline: bool,
+    /// Only these peer ids may connect (repeatable).
+    #[arg(long)]
+    allow_peer: Vec<PeerId>,
+    /// Test mode: serve chunks with flipped bytes (a lying peer).
+    #[arg(long, hide = true)]
+    test_corrupt_chunks: bool,
+}
+
+/// Runs a mesh command.
+pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: MeshCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cmd {
+        MeshCmd::Serve(args) => rt.block_on(serve(ctx, src, args)),
+        MeshCmd::Pull {
+            artifact,
+            api,
+            no_wait,
+        } => rt.block_on(pull(ctx, &api, &artifact, no_wait)),
+        MeshCmd::Peers { api } => rt.block_on(peers(ctx, &api)),
+        MeshCmd::Status { api } => rt.block_on(status(ctx, &api)),
+        MeshCmd::Psk(PskCmd::New { out }) => psk_new(out),
+    }
+}
+
+async fn serve(ctx: &Ctx, src: &ConfigSource, args: ServeArgs) -> Result<()> {
+    let cfg = src.load()?;
+    let mut mesh = MeshConfig::default();
+    mesh.listen = if args.listen.is_empty() {
+        cfg.mesh.listen.clone()
+    } else {
+        args.listen
+    };
+    mesh.peers = cfg.mesh.peers.clone();
+    mesh.peers.extend(args.peer);
+    mesh.mdns = cfg.mesh.mdns && !args.no_mdns;
+    mesh.offline = cfg.mesh.offline || args.offline;
+    mesh.ban_duration = cfg.mesh.ban_duration.0;
+    mesh.test_corrupt_chunks = args.test_corrupt_chunks;
+    if let Some(f) = args.psk_file.or(cfg.mesh.psk_file.clone()) {
+        mesh.psk = Some(mesh::read_psk(&f)?);
+    }
+    mesh.allow_peers = args.allow_peer;
+    for p in &cfg.mesh.allow_peers {
+        mesh.allow_peers
+            .push(p.parse().with_context(|| format!("allow_peers: {p}"))?);
+    }
+    let api_addr = args.api.unwrap_or(cfg.api.listen);
+    let node = Node::start(NodeConfig {
+        data_dir: ctx.data_dir.clone(),
+        store: ctx.store_opts.clone(),
+        mesh,
+    })
+    .await?;
+    let listener = tokio::net::TcpListener::bind(api_addr)
+        .await
+        .with_context(|| format!("binding the API on {api_addr}"))?;
+    eprintln!(
+        "shoal node {} serving; API on http://{}",
+        node.mesh().peer_id(),
+        listener.local_addr()?
+    );
+    let router = shoal::api::router(node.clone());
+    shoal::api::serve(listener, router, shutdown_signal()).await?;
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+fn human(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+fn progress_line(p: &Progress, rate: f64) -> String {
+    let pct = if p.total_bytes == 0 {
+        0.0
+    } else {
+        p.have_bytes as f64 * 100.0 / p.total_bytes as f64
+    };
+    let width = 30usize;
+    let filled = ((pct / 100.0) * width as f64) as usize;
+    let bar: String = "#".repeat(filled.min(width)) + &"-".repeat(width - filled.min(width));
+    let eta = if rate > 0.0 {
+        format!(
+            "{:.0}s",
+            (p.total_bytes.saturating_sub(p.have_bytes)) as f64 / rate
+        )
+    } else {
+        "?".into()
+    };
+    format!(
+        "[{bar}] {pct:5.1}% {} / {}  {}/s  peers {}  eta {eta}",
+        human(p.have_bytes as f64),
+        human(p.total_bytes as f64),
+        human(rate),
+        p.peers
+    )
+}
+
+async fn pull(ctx: &Ctx, api: &str, artifact: &str, no_wait: bool) -> Result<()> {
+    let c = AdminClient::new(api);
+    let started: PullStarted = c
+        .post(
+            "/admin/pull",
+            &PullRequest {
+                artifact: artifact.to_owned(),
+            },
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if no_wait {
+        if ctx.json {
+            ctx.print_json(&started)?;
+        } else {
+            println!("{}", started.id);
+        }
+        return Ok(());
+    }
+    let path = format!("/admin/pull/{}", started.id);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (mut last_bytes, mut last_t) = (started.progress.have_bytes, Instant::now());
+    let mut rate = 0.0f64;
+    let mut printed = Instant::now() - Duration::from_secs(10);
+    let p = loop {
+        let p: Progress = c.get(&path).await.map_err(anyhow::Error::msg)?;
+        let dt = last_t.elapsed().as_secs_f64();
+        if dt >= 0.5 {
+            let inst = p.have_bytes.saturating_sub(last_bytes) as f64 / dt;
+            rate = if rate == 0.0 {
+                inst
+            } else {
+                0.7 * rate + 0.3 * inst
+            };
+            last_bytes = p.have_bytes;
+            last_t = Instant::now();
+        }
+        if matches!(p.phase, Phase::Done | Phase::Failed) {
+            break p;
+        }
+        if !ctx.json && (tty || printed.elapsed() >= Duration::from_secs(5)) {
+            let line = progress_line(&p, rate);
+            if tty {
+                eprint!("\r{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            let _ = std::io::stderr().flush();
+            printed = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if tty && !ctx.json {
+        eprintln!();
+    }
+    if ctx.json {
+        ctx.print_json(&p)?;
+    }
+    if p.phase == Phase::Failed {
+        bail!(
+            "pull of {} failed: {}",
+            started.id,
+            p.error.unwrap_or_default()
+        );
+    }
+    if !ctx.json {
+        let secs = p.elapsed_ms as f64 / 1000.0;
+        println!(
+            "{}  {}  in {secs:.1}s  (peers {}, origin {}, local {} chunks, {} bad chunks, banned {})",
+            started.id,
+            human(p.total_bytes as f64),
+            human(p.bytes_from_peers as f64),
+            human(p.bytes_from_origin as f64),
+            p.local_chunks,
+            p.bad_chunks,
+            p.banned.len()
+        );
+    }
+    Ok(())
+}
+
+async fn peers(ctx: &Ctx, api: &str) -> Result<()> {
+    let r: PeersReport = AdminClient::new(api)
+        .get("/admin/peers")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if ctx.json {
+        return ctx.print_json(&r);
+    }
+    println!("this node: {}", r.peer_id);
+    if r.peers.is_empty() {
+        println!("no peers");
+    }
+    for p in r.peers {
+        match p.banned {
+            Some(why) => println!("{}  BANNED: {why}", p.peer_id),
+            None => println!(
+                "{}  {}  {}s  {}",
+                p.peer_id, p.addr, p.connected_secs, p.agent
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn status(ctx: &Ctx, api: &str) -> Result<()> {
+    let s: StatusReport = AdminClient::new(api)
+        .get("/admin/status")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if ctx.json {
+        return ctx.print_json(&s);
+    }
+    println!("node      {}", s.peer_id);
+    println!("uptime    {}s", s.uptime_secs);
+    println!("listen    {}", s.listen.join(" "));
+    println!(
+        "mesh      {} peers, mDNS {}, {}",
+        s.connected,
+        if s.mdns { "on" } else { "off" },
+        if s.offline {
+            "offline"
+        } else {
+            "origin allowed"
+        }
+    );
+    println!(
+        "served    {} in {} chunks{}",
+        human(s.served.bytes as f64),
+        s.served.chunks,
+        if s.served.corrupted > 0 {
+            format!(" ({} CORRUPTED: test mode)", s.served.corrupted)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(list) = s.artifacts.as_array() {
+        println!("artifacts {}", list.len());
+        for a in list {
+            println!(
+                "  {}  {}  {}  {}",
+                a["id"].as_str().unwrap_or("?"),
+                a["status"].as_str().unwrap_or("?"),
+                human(a["size"].as_f64().unwrap_or(0.0)),
+                a["names"]
+                    .as_array()
+                    .map(|n| n
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for d in &s.downloads {
+        println!(
+            "download  {}  {:?}  {}/{} chunks{}",
+            d.id,
+            d.phase,
+            d.have_chunks,
+            d.total_chunks,
+            d.error
+                .as_ref()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn psk_new(out: Option<PathBuf>) -> Result<()> {
+    let key = mesh::new_psk()?;
+    match out {
+        None => print!("{key}"),
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+            f.write_all(key.as_bytes())?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
