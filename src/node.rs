@@ -49,6 +49,7 @@ struct Inner {
     mesh: Client,
     downloads: Downloads,
     started: Instant,
+    serving: std::sync::OnceLock<Arc<crate::serve::Serving>>,
 }
 
 /// A running node. Cheap to clone.
@@ -75,6 +76,7 @@ impl Node {
                 mesh,
                 downloads: Downloads::default(),
                 started: Instant::now(),
+                serving: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -131,6 +133,29 @@ impl Node {
         Ok((id, self.inner.downloads.start(&self.inner.mesh, id, origin)))
     }
 
+    /// Starts the serving layer (OpenAI API, KV and response caches) with
+    /// `cfg`; models are loaded from the store, and pulled from the mesh,
+    /// on first use. Call before [`crate::api::router`]; a second call
+    /// returns the existing layer.
+    pub fn init_serving(
+        &self,
+        cfg: crate::serve::ServeConfig,
+    ) -> Result<Arc<crate::serve::Serving>, crate::serve::ServeError> {
+        if let Some(s) = self.inner.serving.get() {
+            return Ok(s.clone());
+        }
+        let s = crate::serve::Serving::new(cfg)?;
+        s.set_source(Arc::new(StoreModels(Arc::downgrade(&self.inner))));
+        Ok(self.inner.serving.get_or_init(|| s).clone())
+    }
+
+    /// The serving layer, started with defaults (KV disk tier under
+    /// `<data-dir>/kv`) if [`Node::init_serving`] was not called.
+    pub fn serving(&self) -> Result<Arc<crate::serve::Serving>, crate::serve::ServeError> {
+        let dir = self.inner.store.dir().to_path_buf();
+        self.init_serving(crate::serve::ServeConfig::with_data_dir(dir))
+    }
+
     /// Stops the mesh. The store closes when the last clone of the node is dropped.
     pub async fn shutdown(&self) {
         self.inner.downloads.cancel_all();
@@ -171,5 +196,65 @@ fn node_key(data_dir: &std::path::Path) -> Result<Keypair, NodeError> {
             Ok(key)
         }
         Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Models for the serving layer: a name or id resolved in the store; an
+/// artifact that is not local is pulled from the mesh (or its origin) first.
+struct StoreModels(std::sync::Weak<Inner>);
+
+impl crate::serve::ModelSource for StoreModels {
+    fn locate<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<crate::serve::Located, crate::serve::LocateError>>
+    {
+        use crate::serve::LocateError;
+        Box::pin(async move {
+            let inner = self
+                .0
+                .upgrade()
+                .ok_or_else(|| LocateError::Unavailable("the node is stopping".into()))?;
+            let node = Node { inner };
+            let (id, _) = node.resolve(name).await.map_err(|e| {
+                LocateError::Unknown(format!(
+                    "The model `{name}` does not exist: no local artifact or trusted name matches ({e})."
+                ))
+            })?;
+            let path_of = |node: &Node| {
+                let store = node.inner.store.clone();
+                tokio::task::spawn_blocking(move || store.artifact_path(&id))
+            };
+            if let Ok(Ok(p)) = path_of(&node).await {
+                return Ok((p, Some(*id.as_bytes())));
+            }
+            tracing::info!(model = name, id = %id, "model not local: pulling it for serving");
+            let (_, mut rx) = node
+                .pull(name)
+                .await
+                .map_err(|e| LocateError::Unavailable(e.to_string()))?;
+            let p = rx
+                .wait_for(|p| {
+                    matches!(
+                        p.phase,
+                        mesh::download::Phase::Done | mesh::download::Phase::Failed
+                    )
+                })
+                .await
+                .map_err(|e| LocateError::Unavailable(e.to_string()))?
+                .clone();
+            if p.phase != mesh::download::Phase::Done {
+                return Err(LocateError::Unavailable(format!(
+                    "pulling it failed: {}",
+                    p.error
+                        .unwrap_or_else(|| "no peer or origin holds it".into())
+                )));
+            }
+            match path_of(&node).await {
+                Ok(Ok(p)) => Ok((p, Some(*id.as_bytes()))),
+                Ok(Err(e)) => Err(LocateError::Unavailable(e.to_string())),
+                Err(e) => Err(LocateError::Unavailable(e.to_string())),
+            }
+        })
     }
 }

@@ -22,7 +22,15 @@ pub fn routes() -> Router<Node> {
 
 /// The API router for `node`.
 pub fn router(node: Node) -> Router {
-    routes().with_state(node)
+    let r = routes().with_state(node.clone());
+    // The OpenAI-compatible routes of the serving layer (`crate::serve`).
+    match node.serving() {
+        Ok(s) => r.merge(crate::serve::router(s)),
+        Err(e) => {
+            tracing::error!(error = %e, "serving layer unavailable; OpenAI routes disabled");
+            r
+        }
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then drains open requests.

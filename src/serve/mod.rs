@@ -40,6 +40,31 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// Where models that are not served yet come from (the node's store and
+/// mesh): resolves a name or id to a local GGUF file, fetching it first if
+/// needed, and returns the file and the model id to bind KV to.
+pub trait ModelSource: Send + Sync {
+    /// Finds (and if needed fetches) the model named `name`.
+    fn locate<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Located, LocateError>>;
+}
+
+/// A located model: the GGUF file and the model id to bind KV to.
+pub type Located = (PathBuf, Option<[u8; 32]>);
+
+/// Why a [`ModelSource`] could not provide a model.
+#[derive(Debug, thiserror::Error)]
+pub enum LocateError {
+    /// No artifact or trusted name matches.
+    #[error("{0}")]
+    Unknown(String),
+    /// It is known but could not be fetched (offline, no peer holds it, …).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
 /// Settings of the serving layer.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -53,6 +78,8 @@ pub struct ServeConfig {
     pub response_cache_budget: u64,
     /// Response cache TTL (also the `max-age` served).
     pub response_cache_ttl: Duration,
+    /// Worker threads per model (0 = all cores).
+    pub threads: usize,
 }
 
 impl Default for ServeConfig {
@@ -63,6 +90,7 @@ impl Default for ServeConfig {
             kv: Some(KvCacheConfig::default()),
             response_cache_budget: 64 << 20,
             response_cache_ttl: Duration::from_secs(600),
+            threads: 0,
         }
     }
 }
@@ -75,6 +103,32 @@ impl ServeConfig {
             kv.disk_dir = Some(data_dir.into().join("kv"));
         }
         c
+    }
+
+    /// The serving settings of a node's configuration (`[kv]`,
+    /// `[response_cache]`, `[inference]`), with the KV disk tier under
+    /// `<data_dir>/kv`.
+    pub fn from_config(cfg: &crate::config::Config, data_dir: &std::path::Path) -> ServeConfig {
+        use crate::config::KvDtype as C;
+        let kv = &cfg.kv;
+        ServeConfig {
+            queue_depth: cfg.inference.queue_depth,
+            threads: cfg.inference.threads,
+            kv: Some(KvCacheConfig {
+                block_tokens: kv.block_size as usize,
+                dtype: match kv.dtype {
+                    C::F16 => crate::inference::KvDtype::F16,
+                    C::Q8_0 => crate::inference::KvDtype::Q8_0,
+                },
+                ram_budget: kv.ram_budget.0,
+                ram_ttl: kv.ttl.0,
+                disk_dir: Some(data_dir.join("kv")),
+                disk_budget: kv.disk_budget.0,
+            }),
+            response_cache_budget: cfg.response_cache.budget.0,
+            response_cache_ttl: cfg.response_cache.ttl.0,
+            ..ServeConfig::default()
+        }
     }
 }
 
@@ -99,6 +153,14 @@ pub struct Serving {
     models: parking_lot::RwLock<Vec<Arc<Served>>>,
     kv: Option<Arc<PrefixCache>>,
     respcache: Option<Arc<ResponseCache>>,
+    source: std::sync::OnceLock<Arc<dyn ModelSource>>,
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for dyn ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelSource")
+    }
 }
 
 impl Serving {
@@ -119,7 +181,50 @@ impl Serving {
             models: parking_lot::RwLock::new(Vec::new()),
             kv,
             respcache,
+            source: std::sync::OnceLock::new(),
+            loading: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Sets where unknown model names are looked up (once).
+    pub fn set_source(&self, source: Arc<dyn ModelSource>) {
+        let _ = self.source.set(source);
+    }
+
+    /// The model served under `name`, loading it from the [`ModelSource`]
+    /// (which may fetch it from the mesh) on first use.
+    pub async fn resolve(&self, name: &str) -> Result<Arc<Served>, LocateError> {
+        if let Some(s) = self.model(name) {
+            return Ok(s);
+        }
+        let Some(src) = self.source.get().cloned() else {
+            return Err(LocateError::Unknown(format!(
+                "The model `{name}` does not exist or is not served by this node."
+            )));
+        };
+        let _one_at_a_time = self.loading.lock().await;
+        if let Some(s) = self.model(name) {
+            return Ok(s);
+        }
+        let (path, id) = src.locate(name).await?;
+        let threads = self.cfg.threads;
+        let p = path.clone();
+        let model = tokio::task::spawn_blocking(move || {
+            Model::load_with(
+                &p,
+                &crate::inference::ModelConfig {
+                    threads,
+                    model_id: id,
+                    ..Default::default()
+                },
+            )
+        })
+        .await
+        .map_err(|e| LocateError::Unavailable(e.to_string()))?
+        .map_err(|e| LocateError::Unavailable(format!("loading {}: {e}", path.display())))?;
+        tracing::info!(model = name, path = %path.display(), "model loaded for serving");
+        self.add_model(name, model)
+            .map_err(|e| LocateError::Unavailable(e.to_string()))
     }
 
     /// The configuration.

@@ -628,6 +628,22 @@ async fn run(
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let v = parse_body(body)?;
+    if let Some(name) = v.get("model").and_then(Value::as_str) {
+        s.resolve(name).await.map_err(|e| match e {
+            super::LocateError::Unknown(m) => ApiError {
+                message: m,
+                ..unknown_model(name)
+            },
+            super::LocateError::Unavailable(m) => ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!("The model `{name}` is not available on this node: {m}"),
+                ty: "server_error",
+                param: Some("model"),
+                code: Some("model_unavailable"),
+                retry_after: None,
+            },
+        })?;
+    }
     let p = prepare(&s, &v, kind)?;
     let engine = p.served.engine.clone();
     // Response cache.
