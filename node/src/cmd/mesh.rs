@@ -135,6 +135,7 @@ async fn serve(ctx: &Ctx, src: &ConfigSource, args: ServeArgs) -> Result<()> {
         mesh,
     })
     .await?;
+    let serving = node.init_serving(shoal::serve::ServeConfig::from_config(&cfg, &ctx.data_dir))?;
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await
         .with_context(|| format!("binding the API on {api_addr}"))?;
@@ -145,6 +146,7 @@ async fn serve(ctx: &Ctx, src: &ConfigSource, args: ServeArgs) -> Result<()> {
     );
     let router = shoal::api::router(node.clone());
     shoal::api::serve(listener, router, shutdown_signal()).await?;
+    serving.drain().await;
     node.shutdown().await;
     Ok(())
 }
