@@ -102,7 +102,44 @@ impl Node {
     }
 
     /// Resolves an id or trusted name and the origin URL its release names, if any.
-    pub async fn resolve(
+        pub async fn resolve(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(ArtifactId, Option<String>), NodeError> {
+        match self.resolve_local(id_or_name).await {
+            Err(NodeError::Store(StoreError::Unknown(_))) => {
+                // A name announced before we joined: ask the peers.
+                self.sync_releases().await;
+                self.resolve_local(id_or_name).await
+            }
+            other => other,
+        }
+    }
+
+    /// Asks every connected peer for the releases it knows and applies those
+    /// this node's trust store accepts (signature, publisher, higher sequence).
+    /// Returns how many were applied.
+    pub async fn sync_releases(&self) -> usize {
+        let mesh = &self.inner.mesh;
+        let peers = mesh.connected().await.unwrap_or_default();
+        let mut applied = 0;
+        for peer in peers {
+            let Ok(list) = mesh.releases(peer).await else { continue };
+            let store = self.inner.store.clone();
+            applied += tokio::task::spawn_blocking(move || {
+                list.iter()
+                    .filter(|r| {
+                        matches!(store.apply_release(r), Ok(crate::store::ReleaseOutcome::Applied))
+                    })
+                    .count()
+            })
+            .await
+            .unwrap_or(0);
+        }
+        applied
+    }
+
+    async fn resolve_local(
         &self,
         id_or_name: &str,
     ) -> Result<(ArtifactId, Option<String>), NodeError> {

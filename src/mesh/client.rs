@@ -234,6 +234,18 @@ impl Client {
         }
     }
 
+        /// The signed releases `peer` knows. Undecodable entries are skipped; the
+    /// caller verifies signatures and trust (`Store::apply_release`).
+    pub async fn releases(&self, peer: PeerId) -> Result<Vec<SignedRelease>, MeshError> {
+        match self.meta(peer, MetaRequest::Releases).await? {
+            MetaResponse::Releases(l) => Ok(l
+                .iter()
+                .filter_map(|b| SignedRelease::decode(b).ok())
+                .collect()),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
     /// Advertises that this node provides `id` (Kademlia provider record).
     pub async fn provide(&self, id: ArtifactId) -> Result<(), MeshError> {
         self.send(Command::Provide(id)).await

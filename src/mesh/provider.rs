@@ -99,6 +99,13 @@ impl Provider {
                                 id: a.id,
                                 complete: a.status == ArtifactStatus::Active,
                             })
+                                                        .collect(),
+                    ),
+                    MetaRequest::Releases => MetaResponse::Releases(
+                        store
+                            .releases()?
+                            .iter()
+                            .map(|r| serde_bytes::ByteBuf::from(r.encode()))
                             .collect(),
                     ),
                 })
