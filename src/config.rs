@@ -962,6 +962,53 @@ impl Config {
         }
     }
 
+    /// The mesh settings this configuration asks for (reads the PSK file).
+    /// Settings the file does not cover keep the mesh's defaults.
+    pub fn mesh_config(&self) -> Result<crate::mesh::MeshConfig, ConfigError> {
+        let psk = match &self.mesh.psk_file {
+            Some(p) => Some(
+                crate::mesh::read_psk(p)
+                    .map_err(|e| ConfigError::Invalid(format!("mesh.psk_file: {e}")))?,
+            ),
+            None => None,
+        };
+        let allow_peers = self
+            .mesh
+            .allow_peers
+            .iter()
+            .map(|p| {
+                p.parse()
+                    .map_err(|e| ConfigError::Invalid(format!("mesh.allow_peers: {p:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(crate::mesh::MeshConfig {
+            listen: self.mesh.listen.clone(),
+            peers: self.mesh.peers.clone(),
+            mdns: self.mesh.mdns,
+            psk,
+            allow_peers,
+            offline: self.mesh.offline,
+            ban_duration: self.mesh.ban_duration.get(),
+            ..Default::default()
+        })
+    }
+
+    /// Everything [`crate::node::Node::start`] needs; `default_data_dir` is
+    /// used when `data_dir` is unset.
+    pub fn node_config(
+        &self,
+        default_data_dir: &Path,
+    ) -> Result<crate::node::NodeConfig, ConfigError> {
+        Ok(crate::node::NodeConfig {
+            data_dir: self
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| default_data_dir.to_owned()),
+            store: self.store_options(),
+            mesh: self.mesh_config()?,
+        })
+    }
+
     /// Where to look for a configuration file when none is given: `$SHOAL_CONFIG`,
     /// else `$XDG_CONFIG_HOME/shoal/shoal.toml` (or `~/.config/shoal/shoal.toml`)
     /// if it exists, else `/etc/shoal/shoal.toml` if it exists.
@@ -1121,6 +1168,34 @@ mod tests {
         assert_eq!(back.mesh.peers.len(), 2);
         assert!(!back.mesh.mdns);
         assert_eq!(back.kv.dtype, KvDtype::Q8_0);
+    }
+
+    #[test]
+    fn node_config_carries_the_settings() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let key = d.path().join("swarm.key");
+        std::fs::write(&key, crate::mesh::new_psk().expect("psk")).expect("write");
+        let mut cfg = Config::default();
+        cfg.set("mesh.peers", "/ip4/127.0.0.1/tcp/7101")
+            .expect("set");
+        cfg.set("mesh.mdns", "false").expect("set");
+        cfg.set("mesh.offline", "true").expect("set");
+        cfg.set("mesh.ban_duration", "5m").expect("set");
+        cfg.set("store.quota", "1G").expect("set");
+        cfg.set("mesh.psk_file", key.to_str().expect("utf-8"))
+            .expect("set");
+        let n = cfg.node_config(Path::new("/default")).expect("node config");
+        assert_eq!(n.data_dir, Path::new("/default"));
+        assert_eq!(n.store.quota_bytes, 1 << 30);
+        assert_eq!(n.mesh.peers, cfg.mesh.peers);
+        assert!(!n.mesh.mdns && n.mesh.offline && n.mesh.psk.is_some());
+        assert_eq!(n.mesh.ban_duration, Duration::from_secs(300));
+        cfg.set("mesh.psk_file", "/nonexistent/swarm.key")
+            .expect("set");
+        assert!(matches!(
+            cfg.node_config(Path::new("/d")),
+            Err(ConfigError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 
 pub mod admin;
 pub mod client;
+pub mod dashboard;
+pub mod ops;
 
 use crate::node::Node;
 use axum::Json;
@@ -17,7 +19,10 @@ use std::future::Future;
 
 /// Every route, before the node is attached. Add new route groups here.
 pub fn routes() -> Router<Node> {
-    Router::new().merge(admin::routes())
+    Router::new()
+        .merge(admin::routes())
+        .merge(dashboard::routes())
+        .merge(ops::routes())
 }
 
 /// The API router for `node`.

@@ -66,6 +66,13 @@ pub enum OpsCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Ask the running node to fetch and pin the models in `store.prefetch`
+    /// (plus any given here), one after the other; what the shoal-prefetch
+    /// timer runs off-peak.
+    Prefetch {
+        /// More models (release names or ids).
+        models: Vec<String>,
+    },
 }
 
 /// `shoal config …`
@@ -136,6 +143,53 @@ pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: OpsCmd) -> Result<()> {
             }
             if failed > 0 {
                 bail!("{failed} of {} models failed to import", done.len());
+            }
+        }
+        OpsCmd::Prefetch { models } => {
+            let cfg = src.load()?;
+            let mut all = cfg.store.prefetch.clone();
+            all.extend(models);
+            if all.is_empty() {
+                println!("nothing to prefetch: store.prefetch is empty");
+                return Ok(());
+            }
+            // A node listening on every address is reached on loopback.
+            let mut addr = cfg.api.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(match addr {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let api = shoal::api::client::AdminClient::new(&addr.to_string());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let done = rt.block_on(shoal::api::ops::prefetch(
+                &api,
+                &all,
+                std::time::Duration::from_secs(1),
+            ));
+            if ctx.json {
+                ctx.print_json(&done)?;
+            } else {
+                for r in &done {
+                    match (&r.error, &r.progress) {
+                        (Some(e), _) => eprintln!("{}: failed: {e}", r.model),
+                        (None, Some(p)) => println!(
+                            "{}: {} pinned ({} from peers, {} from origin)",
+                            r.model,
+                            &p.id[..12.min(p.id.len())],
+                            human_bytes(p.bytes_from_peers),
+                            human_bytes(p.bytes_from_origin)
+                        ),
+                        (None, None) => {}
+                    }
+                }
+            }
+            let failed = done.iter().filter(|r| r.error.is_some()).count();
+            if failed > 0 {
+                bail!("{failed} of {} models failed to prefetch", done.len());
             }
         }
         OpsCmd::Config(ConfigCmd::Path) => {
