@@ -87,6 +87,28 @@ fn units_verify_cleanly() {
     assert!(!ok, "a unit whose binary is missing verified");
 }
 
+/// Every ExecStart names a subcommand and flags this binary accepts.
+#[test]
+fn exec_start_commands_exist() {
+    for u in UNITS {
+        let text = std::fs::read_to_string(units_dir().join(u)).expect("read unit");
+        for line in text.lines().filter_map(|l| l.strip_prefix("ExecStart=")) {
+            let mut words = line.split_whitespace();
+            assert_eq!(words.next(), Some("/usr/local/bin/shoal"), "{u}: {line}");
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+                .args(words)
+                .arg("--help")
+                .output()
+                .expect("run shoal");
+            assert!(
+                out.status.success(),
+                "{u}: `{line} --help` failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 #[test]
 fn units_are_hardened() {
     let read = |u: &str| std::fs::read_to_string(units_dir().join(u)).expect("read unit");
