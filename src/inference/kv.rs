@@ -211,49 +211,26 @@ impl KvCache {
         self.len += n;
     }
 
-    fn for_each(
+    /// Contiguous runs (one per block, `take * head_dim` values) of the keys
+    /// (`kv = 0`) or values (`kv = 1`) of one head for positions `0..upto`.
+    pub(crate) fn head_runs(
         &self,
         layer: usize,
         kv: usize,
         head: usize,
         upto: usize,
-        mut f: impl FnMut(&[f32]),
-    ) {
+    ) -> impl Iterator<Item = &[f32]> + '_ {
         let hd = self.layout.head_dim;
-        let mut left = upto;
-        for blk in &self.blocks {
-            if left == 0 {
-                break;
-            }
-            let take = left.min(BLOCK_TOKENS);
-            let i = self.layout.index(layer, kv, head, 0);
-            for row in blk.0[i..i + take * hd].chunks_exact(hd) {
-                f(row);
-            }
-            left -= take;
-        }
-    }
-
-    /// Calls `f` with the key of each position `0..upto` of one head.
-    pub(crate) fn for_each_key(
-        &self,
-        layer: usize,
-        head: usize,
-        upto: usize,
-        f: impl FnMut(&[f32]),
-    ) {
-        self.for_each(layer, 0, head, upto, f)
-    }
-
-    /// Calls `f` with the value of each position `0..upto` of one head.
-    pub(crate) fn for_each_value(
-        &self,
-        layer: usize,
-        head: usize,
-        upto: usize,
-        f: impl FnMut(&[f32]),
-    ) {
-        self.for_each(layer, 1, head, upto, f)
+        let i = self.layout.index(layer, kv, head, 0);
+        let upto = upto.min(self.blocks.len() * BLOCK_TOKENS);
+        self.blocks
+            .iter()
+            .take(upto.div_ceil(BLOCK_TOKENS))
+            .enumerate()
+            .map(move |(b, blk)| {
+                let take = (upto - b * BLOCK_TOKENS).min(BLOCK_TOKENS);
+                &blk.0[i..i + take * hd]
+            })
     }
 
     /// Appends one position: `k` and `v` hold `n_layer * n_kv_head * head_dim`

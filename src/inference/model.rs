@@ -443,7 +443,6 @@ impl Model {
     fn forward_batch(&self, cache: &mut KvCache, tokens: &[u32], want_logits: bool) -> Vec<f32> {
         let hp = &self.hp;
         let base: &[u8] = &self.map;
-        let isa = self.exec.isa;
         let n = tokens.len();
         let (d, hd, nh, nkv) = (hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
         let pos0 = cache.len();
@@ -509,15 +508,17 @@ impl Model {
                     cache.write(li, pos0 + i, h, &k[o..o + hd], &v[o..o + hd]);
                 }
             }
-            // Attention, one task per (token, head).
+            // Attention, one task per (token, kv head) covering its query heads.
             let cache_ref: &KvCache = cache;
             let group = nh / nkv;
             let q_ref = &q;
-            att.par_chunks_mut(hd).enumerate().for_each(|(idx, out)| {
-                let (i, h) = (idx / nh, idx % nh);
-                let qh = &q_ref[idx * hd..(idx + 1) * hd];
-                attend(isa, cache_ref, li, h / group, pos0 + i + 1, qh, scale, out);
-            });
+            att.par_chunks_mut(group * hd)
+                .enumerate()
+                .for_each(|(idx, out)| {
+                    let (i, g) = (idx / nkv, idx % nkv);
+                    let qs = &q_ref[idx * group * hd..(idx + 1) * group * hd];
+                    attend(cache_ref, li, g, pos0 + i + 1, qs, scale, out);
+                });
             let a = self.exec.acts(&l.wo, &att, n, nh * hd);
             self.exec.matmul(base, &l.wo, &a, &mut tmp);
             for (xv, t) in x.iter_mut().zip(&tmp) {
@@ -592,33 +593,47 @@ fn rope(h: &mut [f32], rot: &[(f32, f32)]) {
     }
 }
 
-/// Softmax attention of one query head over cache positions `0..upto`.
-#[allow(clippy::too_many_arguments)]
+/// Softmax attention of the query heads `qs` (consecutive, sharing one kv
+/// head) over cache positions `0..upto`.
 fn attend(
-    isa: Isa,
     cache: &KvCache,
     layer: usize,
     kv_head: usize,
     upto: usize,
-    q: &[f32],
+    qs: &[f32],
     scale: f32,
     out: &mut [f32],
 ) {
-    let mut scores = Vec::with_capacity(upto);
-    cache.for_each_key(layer, kv_head, upto, |key| {
-        scores.push(kernels::dot_f32(isa, q, key) * scale);
-    });
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    let hd = cache.layout().head_dim;
+    let g = qs.len() / hd;
+    let mut scores = vec![0f32; g * upto];
+    let mut t = 0;
+    for run in cache.head_runs(layer, 0, kv_head, upto) {
+        for key in run.chunks_exact(hd) {
+            for (qi, q) in qs.chunks_exact(hd).enumerate() {
+                scores[qi * upto + t] = kernels::dot_f32_scalar(q, key) * scale;
+            }
+            t += 1;
+        }
     }
-    let inv = 1.0 / sum;
+    for row in scores.chunks_exact_mut(upto) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
     out.fill(0.0);
     let mut t = 0;
-    cache.for_each_value(layer, kv_head, upto, |val| {
-        kernels::axpy(out, scores[t] * inv, val);
-        t += 1;
-    });
+    for run in cache.head_runs(layer, 1, kv_head, upto) {
+        for val in run.chunks_exact(hd) {
+            for (qi, o) in out.chunks_exact_mut(hd).enumerate() {
+                kernels::axpy(o, scores[qi * upto + t], val);
+            }
+            t += 1;
+        }
+    }
 }

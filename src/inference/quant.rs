@@ -429,35 +429,29 @@ impl Exec {
         let per = rows.div_ceil(tasks).max(1);
         let ptr = OutPtr(out.as_mut_ptr());
         let isa = self.isa;
-        let job = |t: usize| {
-            let p = ptr;
-            let r0 = t * per;
-            let r1 = (r0 + per).min(rows);
-            for r in r0..r1 {
-                let wr = w.row(base, r);
-                let mut b = 0;
-                if w.ty == GgmlType::Q4_1 {
-                    // Four activation rows per pass over the weight row.
-                    let wv = v::<BlockQ4_1>(wr);
-                    while b + 4 <= n {
-                        let a = [0, 1, 2, 3].map(|k| v::<BlockA8S>(acts.row(b + k)));
-                        let vals = kernels::dot_q4_1_a8s_x4(isa, wv, a);
-                        for (k, val) in vals.into_iter().enumerate() {
-                            // SAFETY: (b + k, r) is in bounds and written by this task only.
-                            unsafe { *p.0.add((b + k) * rows + r) = val };
-                        }
-                        b += 4;
-                    }
-                }
-                while b < n {
-                    let val = dot(isa, w.ty, w.cols, wr, acts.row(b));
-                    // SAFETY: (b, r) is in bounds and written by this task only.
-                    unsafe { *p.0.add(b * rows + r) = val };
-                    b += 1;
-                }
-            }
-        };
         let ntasks = rows.div_ceil(per);
+        let span = |t: usize| (t * per, ((t + 1) * per).min(rows));
+        if !self.reference {
+            match w.ty {
+                GgmlType::Q4_1 => self.par(ntasks, |t| {
+                    let (r0, r1) = span(t);
+                    rows_q4_1(isa, base, w, acts, ptr, r0..r1);
+                }),
+                GgmlType::Q8_0 => self.par(ntasks, |t| {
+                    let (r0, r1) = span(t);
+                    rows_with(base, w, acts, ptr, r0..r1, |wr, ar| {
+                        kernels::dot_q8_0_a8(isa, v(wr), v(ar))
+                    });
+                }),
+                ty => self.par(ntasks, |t| {
+                    let (r0, r1) = span(t);
+                    rows_with(base, w, acts, ptr, r0..r1, |wr, ar| {
+                        dot(isa, ty, w.cols, wr, ar)
+                    });
+                }),
+            }
+            return;
+        }
         if self.reference {
             // Dequantized weights × f32 activations (slow; accuracy reference).
             let cols = w.cols;
@@ -474,13 +468,67 @@ impl Exec {
                     }
                 }
             };
-            (0..ntasks).into_par_iter().for_each(job);
-            return;
+            self.par(ntasks, job);
         }
+    }
+
+    /// Runs `job(0..ntasks)` on the pool (inline when single-threaded).
+    fn par(&self, ntasks: usize, job: impl Fn(usize) + Sync + Send) {
         if self.pool.is_some() && ntasks > 1 {
             (0..ntasks).into_par_iter().for_each(job);
         } else {
             (0..ntasks).for_each(job);
+        }
+    }
+}
+
+/// Output rows `rows` of one matmul with a per-(row, column) dot product.
+#[inline]
+fn rows_with(
+    base: &[u8],
+    w: &QMatrix,
+    acts: &Acts,
+    p: OutPtr,
+    rows: std::ops::Range<usize>,
+    dot: impl Fn(&[u8], &[u8]) -> f32,
+) {
+    for r in rows {
+        let wr = w.row(base, r);
+        for b in 0..acts.n {
+            let val = dot(wr, acts.row(b));
+            // SAFETY: (b, r) is in bounds and written by this task only.
+            unsafe { *p.0.add(b * w.rows + r) = val };
+        }
+    }
+}
+
+/// Q4_1 rows: four activation rows per pass over a weight row.
+fn rows_q4_1(
+    isa: Isa,
+    base: &[u8],
+    w: &QMatrix,
+    acts: &Acts,
+    p: OutPtr,
+    rows: std::ops::Range<usize>,
+) {
+    let n = acts.n;
+    for r in rows {
+        let wv = v::<BlockQ4_1>(w.row(base, r));
+        let mut b = 0;
+        while b + 4 <= n {
+            let a = [0, 1, 2, 3].map(|k| v::<BlockA8S>(acts.row(b + k)));
+            let vals = kernels::dot_q4_1_a8s_x4(isa, wv, a);
+            for (k, val) in vals.into_iter().enumerate() {
+                // SAFETY: (b + k, r) is in bounds and written by this task only.
+                unsafe { *p.0.add((b + k) * w.rows + r) = val };
+            }
+            b += 4;
+        }
+        while b < n {
+            let val = kernels::dot_q4_1_a8s(isa, wv, v(acts.row(b)));
+            // SAFETY: (b, r) is in bounds and written by this task only.
+            unsafe { *p.0.add(b * w.rows + r) = val };
+            b += 1;
         }
     }
 }
