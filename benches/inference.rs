@@ -19,6 +19,17 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time of this process in ms (contention-independent, unlike wall time).
+fn cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut threads: Vec<usize> = vec![1, 2];
@@ -47,6 +58,7 @@ fn main() {
     let rss0 = rss_kib();
     for &t in &threads {
         let t0 = Instant::now();
+        let c0 = cpu_ms();
         let m = match Model::load_with(
             &path,
             &ModelConfig {
@@ -61,6 +73,17 @@ fn main() {
             }
         };
         let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let load_cpu_ms = cpu_ms() - c0;
+        // Tokenizer build alone (not the shared instance), CPU time.
+        let tok_cpu_ms = std::fs::read(&path)
+            .ok()
+            .and_then(|b| shoal::gguf::Gguf::parse(&b).ok())
+            .map(|g| {
+                let c = cpu_ms();
+                let _t = shoal::inference::Tokenizer::from_gguf(&g);
+                cpu_ms() - c
+            })
+            .unwrap_or(f64::NAN);
         let rss_load = rss_kib();
         let vocab = m.hparams().vocab_size as u32;
         // Deterministic pseudo-random prompt tokens (as llama-bench does).
@@ -87,7 +110,7 @@ fn main() {
             best_tg = best_tg.min(t2.elapsed().as_secs_f64());
         }
         println!(
-            "{{\"impl\":\"shoal\",\"threads\":{t},\"pp\":{pp},\"pp_tps\":{:.1},\"tg\":{tg},\"tg_tps\":{:.1},\"load_ms\":{load_ms:.1},\"tokenizer_load_ms\":{:.2},\"rss_before_kib\":{rss0},\"rss_after_load_kib\":{rss_load},\"rss_end_kib\":{},\"file_bytes\":{},\"isa\":\"{:?}\"}}",
+            "{{\"impl\":\"shoal\",\"threads\":{t},\"pp\":{pp},\"pp_tps\":{:.1},\"tg\":{tg},\"tg_tps\":{:.1},\"load_ms\":{load_ms:.1},\"load_cpu_ms\":{load_cpu_ms:.1},\"tokenizer_build_cpu_ms\":{tok_cpu_ms:.2},\"tokenizer_load_ms\":{:.2},\"rss_before_kib\":{rss0},\"rss_after_load_kib\":{rss_load},\"rss_end_kib\":{},\"file_bytes\":{},\"isa\":\"{:?}\"}}",
             pp as f64 / best_pp,
             tg as f64 / best_tg,
             m.tokenizer_load_time().as_secs_f64() * 1e3,

@@ -84,7 +84,9 @@ pub struct GenerateOutput {
 /// `cache` holds the sequence before `prompt` (empty, or e.g. an imported
 /// prefix); `prompt` must hold at least one token (to continue from a cache
 /// holding the whole prompt, truncate it by one and pass the last token).
-/// On return `cache` holds the prompt and every generated token but the last.
+/// On return `cache` holds the prompt and the generated tokens that were run
+/// through the model: all of them after an end token, all but the last
+/// otherwise.
 /// `cancel` is checked before every forward pass.
 pub fn generate(
     model: &Model,
@@ -205,12 +207,9 @@ pub fn generate(
         logits = model.forward(cache, &[id])?;
     }
     if out.stop != StopReason::StopSequence {
-        // Flush held-back text and any incomplete UTF-8.
+        // Incomplete UTF-8 at the end is kept (lossily) in the text; text
+        // held back for a stop sequence that never came is in `text` too.
         text.push_str(&String::from_utf8_lossy(&pending));
-        if released < text.len() && out.stop != StopReason::EndOfSequence {
-            // Callers that stream got everything but the held-back tail;
-            // it is still part of `text`.
-        }
     }
     out.text = text;
     out.gen_time = t1.elapsed();
