@@ -20,7 +20,7 @@ const MEAN_TOL: f32 = 0.2;
 const STEPS: usize = 64;
 /// Largest top-2 logit margin under which the two models may pick different
 /// greedy tokens (both then continue with ours).
-const TIE: f32 = 0.25;
+const TIE: f32 = 0.5;
 /// Near-ties allowed per prompt.
 const MAX_TIES: usize = 3;
 
