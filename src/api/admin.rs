@@ -6,6 +6,7 @@
 //! | `GET /admin/pull/{id}` | progress of that download |
 //! | `GET /admin/peers` | connected and banned peers |
 //! | `GET /admin/status` | identity, addresses, artifacts, downloads, serving counters |
+//! | `GET /admin/manifest/{id}` | the canonical manifest bytes (to publish next to an origin file as `<file>.manifest`) |
 //! | `GET /admin/releases` | known releases |
 //! | `POST /admin/releases` `{"signed": HEX}` | apply a signed release locally and announce it |
 
@@ -26,6 +27,7 @@ pub fn routes() -> Router<Node> {
         .route("/admin/pull/{id}", get(pull_progress))
         .route("/admin/peers", get(peers))
         .route("/admin/status", get(status))
+        .route("/admin/manifest/{id}", get(manifest))
         .route("/admin/releases", get(releases).post(add_release))
 }
 
@@ -68,6 +70,17 @@ async fn pull_progress(
         .get(&id)
         .map(Json)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no download of {id}")))
+}
+
+async fn manifest(State(node): State<Node>, Path(id): Path<String>) -> Result<Vec<u8>, ApiError> {
+    let id: ArtifactId = id.parse().map_err(|e: crate::store::ParseIdError| {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+    })?;
+    let store = node.store().clone();
+    tokio::task::spawn_blocking(move || store.manifest_bytes(&id))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no manifest for {id}")))
 }
 
 /// Answer of `GET /admin/peers`.

@@ -56,6 +56,8 @@ pub enum MeshEvent {
         id: ArtifactId,
         /// What it holds.
         have: Arc<HaveMap>,
+        /// It takes part in fetching from the origin.
+        origin: bool,
     },
     /// A release announcement was processed.
     Release,
@@ -260,10 +262,17 @@ impl Client {
     }
 
     /// Tells peers which chunks of `id` this node now holds.
-    pub async fn announce_have(&self, id: ArtifactId, have: &HaveMap) -> Result<(), MeshError> {
+    /// `origin`: this node is downloading `id` and may fetch from its origin.
+    pub async fn announce_have(
+        &self,
+        id: ArtifactId,
+        have: &HaveMap,
+        origin: bool,
+    ) -> Result<(), MeshError> {
         let data = wire::encode(&HaveAnnounce {
             id,
             have: have.to_bytes(),
+            origin,
         });
         self.send(Command::Publish {
             topic: wire::HAVE_TOPIC,

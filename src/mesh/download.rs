@@ -49,6 +49,12 @@ pub struct DownloadOptions {
     pub announce_every: Duration,
     /// Ask a second source for the last chunks.
     pub endgame: bool,
+    /// The origin is not used during the first moments of a download (to hear
+    /// from other downloaders and split the origin's chunks with them).
+    pub origin_delay: Duration,
+    /// A chunk another downloader should fetch from the origin is fetched here
+    /// anyway when no chunk arrived for this long.
+    pub origin_grace: Duration,
 }
 
 impl Default for DownloadOptions {
@@ -62,6 +68,8 @@ impl Default for DownloadOptions {
             request_timeout: Duration::from_secs(30),
             announce_every: Duration::from_millis(250),
             endgame: true,
+            origin_delay: Duration::from_secs(1),
+            origin_grace: Duration::from_secs(10),
         }
     }
 }
@@ -97,6 +105,8 @@ pub struct Progress {
     pub have_chunks: u32,
     /// Chunks that were already local (resume or dedupe) when the download began.
     pub local_chunks: u32,
+    /// Bytes of those chunks.
+    pub local_bytes: u64,
     /// Sources currently serving this download.
     pub peers: usize,
     /// Verified bytes received from peers.
@@ -187,6 +197,14 @@ struct Sched {
     started: Instant,
     endgame: bool,
     max_failures: u32,
+    /// This node.
+    me: PeerId,
+    /// Peers downloading this artifact that may fetch from the origin.
+    origin_peers: std::collections::BTreeSet<PeerId>,
+    /// The origin is not used before this (time to hear from other downloaders).
+    origin_after: Instant,
+    /// A chunk assigned to another origin peer may be fetched here after this long without progress.
+    origin_grace: Duration,
 }
 
 fn seed_for(s: &Source) -> u64 {
@@ -252,6 +270,9 @@ impl Sched {
     }
 
     fn stop_source(&mut self, src: Source) {
+        if let Source::Peer(p) = src {
+            self.origin_peers.remove(&p);
+        }
         if let Some(s) = self.sources.get_mut(&src)
             && !s.stopped
         {
@@ -279,6 +300,8 @@ impl Sched {
             return Pick::Stop;
         }
         let start = (s.seed % u64::from(n)) as u32;
+        let origin_ok = Instant::now() >= self.origin_after;
+        let stalled = self.last_chunk.elapsed() >= self.origin_grace;
         let mut best: Option<(u32, u32)> = None;
         let mut unassigned = false;
         for k in 0..n {
@@ -288,9 +311,12 @@ impl Sched {
             }
             unassigned = true;
             let a = self.avail[i as usize];
-            // The origin only serves chunks no live peer holds.
+            // The origin only serves chunks no live peer holds, split among
+            // the downloaders that may use it (each byte leaves the origin once).
             let eligible = match src {
-                Source::Origin => a == 0,
+                Source::Origin => {
+                    a == 0 && origin_ok && (stalled || self.origin_owner(i) == self.me)
+                }
                 Source::Peer(_) => s.have.get(i),
             };
             if eligible && best.is_none_or(|(_, b)| a < b) {
@@ -384,6 +410,18 @@ impl Sched {
         }
     }
 
+    /// Which origin-capable downloader fetches chunk `i` from the origin.
+    fn origin_owner(&self, i: u32) -> PeerId {
+        let k = self.origin_peers.len() as u64 + u64::from(!self.origin_peers.contains(&self.me));
+        let slot = (u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17) % k.max(1);
+        std::iter::once(self.me)
+            .chain(self.origin_peers.iter().copied())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .nth(slot as usize)
+            .unwrap_or(self.me)
+    }
+
     fn snapshot(&mut self) -> Progress {
         self.progress.peers = self
             .sources
@@ -461,6 +499,7 @@ pub async fn download(
         pr.total_chunks = m.chunk_count();
         pr.have_chunks = m.chunk_count();
         pr.local_chunks = m.chunk_count();
+        pr.local_bytes = m.size;
         publish(&pr);
         return Ok(DownloadReport {
             id: Some(id),
@@ -468,16 +507,6 @@ pub async fn download(
             ..DownloadReport::default()
         });
     }
-    let manifest = match local {
-        Some(m) => m,
-        None => find_manifest(client, id, opts).await?,
-    };
-    let manifest = Arc::new(manifest);
-    let m2 = manifest.clone();
-    let st = store.clone();
-    let have = blocking(move || st.begin(&m2)).await?;
-    let _ = client.provide(id).await;
-    let local_chunks = have.count();
     let origin = match origin_url {
         Some(url) if !client.config().offline => {
             Some(Origin::new(&url).map_err(MeshError::Origin)?)
@@ -488,6 +517,16 @@ pub async fn download(
         }
         None => None,
     };
+    let manifest = match local {
+        Some(m) => m,
+        None => find_manifest(client, id, opts, origin.as_ref()).await?,
+    };
+    let manifest = Arc::new(manifest);
+    let m2 = manifest.clone();
+    let st = store.clone();
+    let have = blocking(move || st.begin(&m2)).await?;
+    let _ = client.provide(id).await;
+    let local_chunks = have.count();
     pr.phase = Phase::Fetching;
     pr.total_bytes = manifest.size;
     pr.total_chunks = manifest.chunk_count();
@@ -497,6 +536,7 @@ pub async fn download(
         .present()
         .map(|i| u64::from(manifest.chunks[i as usize].len))
         .sum();
+    pr.local_bytes = pr.have_bytes;
     let n = manifest.chunk_count();
     let ctx = Arc::new(Ctx {
         client: client.clone(),
@@ -515,6 +555,10 @@ pub async fn download(
             started,
             endgame: opts.endgame,
             max_failures: opts.max_failures,
+            me: client.peer_id(),
+            origin_peers: Default::default(),
+            origin_after: Instant::now() + opts.origin_delay,
+            origin_grace: opts.origin_grace,
         }),
         notify: Notify::new(),
         opts: opts.clone(),
@@ -526,6 +570,8 @@ pub async fn download(
     }
     let mut asked: HashSet<PeerId> = HashSet::new();
     let mut discover = tokio::time::interval(Duration::from_secs(1));
+    let (prov_tx, mut prov_rx) = tokio::sync::mpsc::channel::<HashSet<PeerId>>(4);
+    let kad_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut announce = tokio::time::interval(opts.announce_every);
     let mut announced = u32::MAX;
     loop {
@@ -549,8 +595,16 @@ pub async fn download(
         }
         tokio::select! {
             ev = events.recv() => match ev {
-                Ok(MeshEvent::Have { peer, id: hid, have }) if hid == id => {
+                Ok(MeshEvent::Have { peer, id: hid, have, origin }) if hid == id => {
                     asked.insert(peer);
+                    {
+                        let mut s = ctx.sched.lock();
+                        if origin {
+                            s.origin_peers.insert(peer);
+                        } else {
+                            s.origin_peers.remove(&peer);
+                        }
+                    }
                     add_source(&ctx, Source::Peer(peer), (*have).clone());
                 }
                 Ok(MeshEvent::Connected(peer)) => {
@@ -559,6 +613,7 @@ pub async fn download(
                 }
                 Ok(MeshEvent::Banned(peer) | MeshEvent::Disconnected(peer)) => {
                     asked.remove(&peer);
+                    ctx.sched.lock().origin_peers.remove(&peer);
                     if matches!(ev, Ok(MeshEvent::Banned(_))) {
                         ctx.sched.lock().stop_source(Source::Peer(peer));
                     }
@@ -569,10 +624,23 @@ pub async fn download(
                     ctx.sched.lock().failed = Some("mesh stopped".into());
                 }
             },
+            Some(found) = prov_rx.recv() => {
+                for p in found {
+                    if p != client.peer_id() && asked.insert(p) {
+                        query_have(&ctx, p);
+                    }
+                }
+            },
             _ = discover.tick() => {
-                let mut cands: HashSet<PeerId> = client.connected().await.unwrap_or_default().into_iter().collect();
-                if asked.len() < 2 {
-                    cands.extend(client.providers(id).await.unwrap_or_default());
+                let cands: HashSet<PeerId> = client.connected().await.unwrap_or_default().into_iter().collect();
+                // Kademlia lookups can take seconds: run them beside the loop, one at a time.
+                if asked.len() < 2 && !kad_busy.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    let (c, tx, busy) = (client.clone(), prov_tx.clone(), kad_busy.clone());
+                    tokio::spawn(async move {
+                        let found = c.providers(id).await.unwrap_or_default();
+                        let _ = tx.send(found).await;
+                        busy.store(false, std::sync::atomic::Ordering::Release);
+                    });
                 }
                 for p in cands {
                     if p != client.peer_id() && asked.insert(p) {
@@ -587,7 +655,7 @@ pub async fn download(
                     announced = count;
                     let st = store.clone();
                     match blocking(move || { st.flush(&id)?; st.have_map(&id) }).await {
-                        Ok(Some(h)) => { let _ = client.announce_have(id, &h).await; }
+                        Ok(Some(h)) => { let _ = client.announce_have(id, &h, ctx.origin.is_some()).await; }
                         Ok(None) => {}
                         Err(e) => tracing::warn!(%id, error = %e, "flush failed"),
                     }
@@ -631,7 +699,7 @@ pub async fn download(
             p.phase = Phase::Done;
             publish(&p);
             let have = HaveMap::full(n);
-            let _ = client.announce_have(id, &have).await;
+            let _ = client.announce_have(id, &have, false).await;
             let _ = client.provide(id).await;
             tracing::info!(%id, bytes = p.total_bytes, from_peers = p.bytes_from_peers, from_origin = p.bytes_from_origin,
                 ms = p.elapsed_ms, "artifact activated");
@@ -657,24 +725,41 @@ async fn find_manifest(
     client: &Client,
     id: ArtifactId,
     opts: &DownloadOptions,
+    origin: Option<&Origin>,
 ) -> Result<Manifest, MeshError> {
     let deadline = Instant::now() + opts.find_timeout;
     let mut tried: HashSet<PeerId> = HashSet::new();
     loop {
+        // Connected peers first; Kademlia (slower) only when none of them has it.
         let mut cands: Vec<PeerId> = client.connected().await?;
-        cands.extend(client.providers(id).await.unwrap_or_default());
-        for p in cands {
-            if p == client.peer_id() || !tried.insert(p) {
-                continue;
+        for round in 0..2 {
+            if round == 1 {
+                cands = client
+                    .providers(id)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect();
             }
-            match client.manifest(p, id).await {
-                Ok(Some(m)) => return Ok(m),
-                Ok(None) => {}
-                Err(MeshError::Protocol { peer, reason }) => {
-                    tracing::warn!(%peer, %reason, "peer sent a manifest that does not verify");
-                    let _ = client.ban(peer, format!("bad manifest: {reason}")).await;
+            for p in std::mem::take(&mut cands) {
+                if p == client.peer_id() || !tried.insert(p) {
+                    continue;
                 }
-                Err(e) => tracing::debug!(peer = %p, error = %e, "manifest request failed"),
+                match client.manifest(p, id).await {
+                    Ok(Some(m)) => return Ok(m),
+                    Ok(None) => {}
+                    Err(MeshError::Protocol { peer, reason }) => {
+                        tracing::warn!(%peer, %reason, "peer sent a manifest that does not verify");
+                        let _ = client.ban(peer, format!("bad manifest: {reason}")).await;
+                    }
+                    Err(e) => tracing::debug!(peer = %p, error = %e, "manifest request failed"),
+                }
+            }
+        }
+        if let Some(o) = origin {
+            match o.manifest(&id).await {
+                Ok(m) => return Ok(m),
+                Err(e) => tracing::warn!(%id, error = %e, "no manifest from the origin"),
             }
         }
         if Instant::now() >= deadline {

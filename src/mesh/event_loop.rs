@@ -477,6 +477,7 @@ impl EventLoop {
                             peer: source,
                             id: h.id,
                             have: Arc::new(have),
+                            origin: h.origin,
                         });
                     }
                     None => tracing::debug!(%source, "malformed have-map"),

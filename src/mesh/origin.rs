@@ -203,6 +203,24 @@ impl Origin {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// Fetches the manifest published next to the file (`<url>.manifest`, the
+    /// canonical bytes) and verifies it against `id`.
+    pub async fn manifest(
+        &self,
+        id: &crate::store::ArtifactId,
+    ) -> Result<crate::store::Manifest, String> {
+        let url = HttpUrl {
+            path: format!("{}.manifest", self.url.path),
+            ..self.url.clone()
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let res = http_request("GET", &url, &[], &[], Duration::from_secs(60)).await?;
+        if res.status != 200 {
+            return Err(format!("origin answered {} for the manifest", res.status));
+        }
+        crate::store::Manifest::decode_verified(&res.body, id).map_err(|e| e.to_string())
+    }
+
     /// Fetches `[offset, offset+len)` with a Range request; the ETag must not change between requests.
     pub async fn fetch(&self, offset: u64, len: u32) -> Result<Vec<u8>, String> {
         let range = format!("bytes={}-{}", offset, offset + u64::from(len) - 1);

@@ -171,6 +171,9 @@ pub struct HaveAnnounce {
     /// The author's have-map for it (`HaveMap::to_bytes`).
     #[serde(with = "serde_bytes")]
     pub have: Vec<u8>,
+    /// The author is downloading it and may fetch from the origin: origin
+    /// chunks are split among such peers so a site fetches each byte once.
+    pub origin: bool,
 }
 
 /// A gossip message on [`RELEASES_TOPIC`]: a signed release (`SignedRelease::encode`).
@@ -381,10 +384,11 @@ mod tests {
         let have = HaveAnnounce {
             id: id(),
             have: vec![9],
+            origin: true,
         };
         assert_eq!(
             hex::encode(encode(&have)),
-            format!("01{}0109", "ab".repeat(32))
+            format!("01{}010901", "ab".repeat(32))
         );
         assert_eq!(decode_have(&encode(&have)), Ok(have));
     }

@@ -1,0 +1,369 @@
+#!/usr/bin/env bash
+# Network-namespace testnet: real `shoal serve` processes, one per namespace,
+# on a Linux bridge, each link rate-limited with tbf, mDNS discovery on.
+#
+#   scripts/testnet.sh [SCENARIO...]        (default: all)
+#
+# Scenarios: fanout seeder-killed liar psk origin sigkill-restart
+# Environment: NODES (default 4), RATE (tbf rate, default 100mbit),
+#   SIZE_MB (artifact size, default 32), SHOAL (binary, default target/release/shoal),
+#   WAIT_SECS (bound on every wait, default 120), KEEP=1 keeps the work dir.
+#
+# Needs root (network namespaces). Without root it says so loudly and exits 0.
+# Everything it creates (namespaces, veths, bridge, processes, files) is removed
+# on exit, also on failure or Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "!!!!!!!! SKIPPED: scripts/testnet.sh needs root for network namespaces !!!!!!!!" >&2
+    exit 0
+fi
+
+NODES=${NODES:-4}
+RATE=${RATE:-100mbit}
+SIZE_MB=${SIZE_MB:-32}
+WAIT_SECS=${WAIT_SECS:-120}
+SHOAL=$(realpath "${SHOAL:-target/release/shoal}")
+[ -x "$SHOAL" ] || { echo "no shoal binary at $SHOAL (cargo build --release -p shoal-node)" >&2; exit 1; }
+SCENARIOS=("$@")
+[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(fanout seeder-killed liar psk origin sigkill-restart)
+
+TAG="sh$$"
+TAG=${TAG:0:8}
+BR="${TAG}br"
+WORK=$(mktemp -d /tmp/shoal-testnet.XXXXXX)
+NSES=()
+PIDS=()
+FAILED=0
+
+log() { echo "[testnet $(date +%T)] $*" >&2; }
+fail() {
+    log "FAIL: $*"
+    FAILED=1
+    exit 1
+}
+
+cleanup() {
+    local rc=$?
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+    for ns in "${NSES[@]}"; do
+        ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    ip link del "$BR" 2>/dev/null || true
+    if [ "${KEEP:-0}" = 1 ] || [ $rc != 0 ]; then
+        log "work dir kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit $rc
+}
+trap cleanup EXIT INT TERM
+
+ns() { echo "${TAG}-$1"; }
+ipof() { echo "10.77.0.$((10 + $1))"; }
+
+setup_net() {
+    ip link add "$BR" type bridge
+    ip link set "$BR" up
+    local i
+    for ((i = 0; i < NODES + 1; i++)); do
+        local n v p
+        n=$(ns "$i") v="${TAG}v$i" p="${TAG}p$i"
+        ip netns add "$n"
+        NSES+=("$n")
+        ip link add "$v" type veth peer name "$p"
+        ip link set "$p" netns "$n"
+        ip -n "$n" link set "$p" name eth0
+        ip -n "$n" addr add "$(ipof "$i")/24" dev eth0
+        ip -n "$n" link set eth0 up
+        ip -n "$n" link set lo up
+        ip -n "$n" route add 224.0.0.0/4 dev eth0
+        ip link set "$v" master "$BR"
+        ip link set "$v" up
+        # Both directions limited: the node's uplink and its downlink.
+        tc -n "$n" qdisc add dev eth0 root tbf rate "$RATE" burst 256kb latency 100ms
+        tc qdisc add dev "$v" root tbf rate "$RATE" burst 256kb latency 100ms
+    done
+    log "network: $((NODES + 1)) namespaces on bridge $BR, links $RATE"
+}
+
+# nsx I ARGS...: run the shoal CLI inside node I's namespace (API on its own loopback).
+nsx() {
+    local i=$1
+    shift
+    ip netns exec "$(ns "$i")" "$SHOAL" --data-dir "$WORK/n$i" "$@"
+}
+
+start_node() {
+    local i=$1
+    shift
+    ip netns exec "$(ns "$i")" "$SHOAL" --data-dir "$WORK/n$i" --log info serve \
+        --listen /ip4/0.0.0.0/tcp/7071 --api 127.0.0.1:7070 "$@" >>"$WORK/n$i.log" 2>&1 &
+    echo $! >"$WORK/n$i.pid"
+    PIDS+=($!)
+    disown $!
+    local t=0
+    until nsx "$i" status >/dev/null 2>&1; do
+        sleep 0.2
+        t=$((t + 1))
+        [ $t -lt $((WAIT_SECS * 5)) ] || fail "node $i never answered (see $WORK/n$i.log)"
+    done
+}
+
+stop_node() {
+    local i=$1 sig=${2:-TERM}
+    local pid
+    pid=$(cat "$WORK/n$i.pid")
+    kill "-$sig" "$pid" 2>/dev/null || true
+    local t=0
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 0.1
+        t=$((t + 1))
+        [ $t -lt $((WAIT_SECS * 10)) ] || fail "node $i does not stop"
+    done
+}
+
+stop_all() {
+    local i
+    for ((i = 0; i < NODES + 1; i++)); do
+        [ -f "$WORK/n$i.pid" ] && stop_node "$i" KILL
+        rm -f "$WORK/n$i.pid"
+    done
+    rm -rf "$WORK"/n*
+}
+
+# jqpy EXPR < json: evaluate a Python expression on the parsed JSON `j`.
+jqpy() { python3 -c "import json,sys; j=json.load(sys.stdin); print($1)"; }
+
+wait_peers() {
+    local i=$1 want=$2 t=0
+    until [ "$(nsx "$i" --json status 2>/dev/null | jqpy 'j["connected"]' 2>/dev/null || echo 0)" -ge "$want" ]; do
+        sleep 0.2
+        t=$((t + 1))
+        [ $t -lt $((WAIT_SECS * 5)) ] || fail "node $i has fewer than $want peers"
+    done
+}
+
+# progress I ID: bytes present of ID's download on node I (0 if none yet).
+progress() {
+    nsx "$1" --json status 2>/dev/null |
+        jqpy "next((d['have_bytes'] for d in j['downloads'] if d['id']=='$2'), 0)" 2>/dev/null || echo 0
+}
+
+wait_progress() {
+    local i=$1 id=$2 bytes=$3 t=0
+    until [ "$(progress "$i" "$id")" -ge "$bytes" ]; do
+        sleep 0.1
+        t=$((t + 1))
+        [ $t -lt $((WAIT_SECS * 10)) ] || fail "node $i never reached $bytes bytes"
+    done
+}
+
+assert_identical() {
+    local i=$1 id=$2
+    cmp -s "$WORK/n$i/objects/$id" "$SRC" || fail "node $i: artifact differs from the source"
+}
+
+seed() {
+    local i=$1
+    "$SHOAL" --data-dir "$WORK/n$i" --json add "$SRC" | jqpy 'j["id"]'
+}
+
+# pull_all ID NODES...: concurrent `shoal pull` on NODES; each one's JSON progress in $WORK/pull-I.json.
+pull_all() {
+    local id=$1
+    shift
+    local pids=() i
+    for i in "$@"; do
+        timeout "$WAIT_SECS" bash -c "ip netns exec $(ns "$i") $SHOAL --json pull $id >$WORK/pull-$i.json 2>>$WORK/pull-$i.err" &
+        pids+=($!)
+    done
+    local k=0
+    for i in "$@"; do
+        wait "${pids[$k]}" || fail "pull on node $i failed: $(cat "$WORK/pull-$i.err" "$WORK/pull-$i.json" 2>/dev/null | tail -3)"
+        k=$((k + 1))
+    done
+}
+
+field() { jqpy "j['$2']" <"$WORK/pull-$1.json"; }
+
+report_pulls() {
+    local i
+    for i in "$@"; do
+        log "  node $i: $(jqpy '"%.1fs, peers %d B, origin %d B, local %d chunks, bad %d, banned %s" % (j["elapsed_ms"]/1000, j["bytes_from_peers"], j["bytes_from_origin"], j["local_chunks"], j["bad_chunks"], j["banned"])' <"$WORK/pull-$i.json")"
+    done
+}
+
+downloaders() { seq 1 $((NODES - 1)); }
+
+scenario_fanout() {
+    local id
+    id=$(seed 0)
+    start_node 0
+    for i in $(downloaders); do start_node "$i"; done
+    for i in $(downloaders); do wait_peers "$i" 1; done
+    local t0=$SECONDS
+    pull_all "$id" $(downloaders)
+    log "fanout: 1 seeder -> $((NODES - 1)) nodes in $((SECONDS - t0))s"
+    report_pulls $(downloaders)
+    for i in $(downloaders); do
+        assert_identical "$i" "$id"
+        [ "$(field "$i" bad_chunks)" = 0 ] || fail "node $i saw bad chunks"
+    done
+    local corrupted
+    for i in 0 $(downloaders); do
+        corrupted=$(nsx "$i" --json status | jqpy 'j["served"]["corrupted"]')
+        [ "$corrupted" = 0 ] || fail "node $i served corrupt chunks"
+    done
+}
+
+scenario_seeder_killed() {
+    local id
+    id=$(seed 0)
+    seed 1 >/dev/null
+    start_node 0
+    start_node 1
+    local ds=($(seq 2 $((NODES - 1))))
+    for i in "${ds[@]}"; do start_node "$i"; done
+    for i in "${ds[@]}"; do wait_peers "$i" 2; done
+    for i in "${ds[@]}"; do nsx "$i" pull --no-wait "$id" >/dev/null; done
+    wait_progress "${ds[0]}" "$id" $((SIZE_MB * 1024 * 1024 / 4))
+    log "killing seeder 0 (SIGKILL) mid-transfer"
+    stop_node 0 KILL
+    rm -f "$WORK/n0.pid"
+    pull_all "$id" "${ds[@]}"
+    report_pulls "${ds[@]}"
+    for i in "${ds[@]}"; do assert_identical "$i" "$id"; done
+}
+
+scenario_liar() {
+    local id liar_id
+    id=$(seed 0)
+    seed 1 >/dev/null
+    start_node 0 --test-corrupt-chunks
+    start_node 1
+    liar_id=$(nsx 0 --json status | jqpy 'j["peer_id"]')
+    local ds=($(seq 2 $((NODES - 1))))
+    for i in "${ds[@]}"; do start_node "$i"; done
+    for i in "${ds[@]}"; do wait_peers "$i" 2; done
+    pull_all "$id" "${ds[@]}"
+    report_pulls "${ds[@]}"
+    local banned_somewhere=0
+    for i in "${ds[@]}"; do
+        assert_identical "$i" "$id"
+        local bad banned
+        bad=$(field "$i" bad_chunks)
+        banned=$(jqpy "'$liar_id' in j['banned']" <"$WORK/pull-$i.json")
+        if [ "$bad" != 0 ]; then
+            [ "$banned" = True ] || fail "node $i got bad chunks but did not ban the liar"
+            banned_somewhere=1
+        fi
+        [ "$(nsx "$i" --json status | jqpy 'j["served"]["corrupted"]')" = 0 ] || fail "node $i served corrupt bytes"
+    done
+    [ $banned_somewhere = 1 ] || fail "no downloader ever met the liar (inconclusive)"
+    [ "$(nsx 0 --json status | jqpy 'j["served"]["corrupted"] > 0')" = True ] || fail "the liar never lied"
+}
+
+scenario_psk() {
+    local id key="$WORK/swarm.key"
+    "$SHOAL" psk new --out "$key" 2>/dev/null
+    id=$(seed 0)
+    start_node 0 --psk-file "$key"
+    start_node 1 --psk-file "$key"
+    start_node 2
+    wait_peers 1 1
+    nsx 2 pull --no-wait "$id" >/dev/null
+    pull_all "$id" 1
+    assert_identical 1 "$id"
+    [ "$(nsx 2 --json status | jqpy 'j["connected"]')" = 0 ] || fail "the node without the key got connected"
+    [ "$(progress 2 "$id")" = 0 ] || fail "the node without the key received bytes"
+    log "psk: member pulled, stranger has no connection"
+}
+
+scenario_origin() {
+    # The origin: node NODES's namespace, a Range/ETag HTTP server; nobody holds the artifact.
+    local o=$NODES oip
+    oip=$(ipof "$o")
+    local url="http://$oip:8000/model.bin"
+    local pub="$WORK/publisher"
+    local id key rel
+    id=$("$SHOAL" --data-dir "$pub" --json add "$SRC" | jqpy 'j["id"]')
+    key=$("$SHOAL" --data-dir "$pub" keygen)
+    rel=$("$SHOAL" --data-dir "$pub" --json publish "$id" --name testnet-model:v1 --origin "$url" | jqpy 'j["release"]')
+    # The manifest goes next to the file (from the publisher's admin API, inside the origin namespace).
+    mkdir -p "$WORK/origin"
+    cp "$SRC" "$WORK/origin/model.bin"
+    ip netns exec "$(ns "$o")" "$SHOAL" --data-dir "$pub" serve --no-mdns --listen /ip4/127.0.0.1/tcp/7071 --api 127.0.0.1:7070 >>"$WORK/pub.log" 2>&1 &
+    local pp=$!
+    PIDS+=($pp)
+    local t=0
+    until ip netns exec "$(ns "$o")" python3 -c "import sys, urllib.request; open(sys.argv[2], 'wb').write(urllib.request.urlopen(sys.argv[1]).read())" \
+        "http://127.0.0.1:7070/admin/manifest/$id" "$WORK/origin/model.bin.manifest" 2>/dev/null; do
+        sleep 0.2
+        t=$((t + 1))
+        [ $t -lt $((WAIT_SECS * 5)) ] || fail "publisher daemon never answered"
+    done
+    kill "$pp"
+    wait "$pp" 2>/dev/null || true
+    ip netns exec "$(ns "$o")" python3 scripts/range-server.py "$WORK/origin" "$oip" 8000 "$WORK/origin.log" &
+    PIDS+=($!)
+    touch "$WORK/origin.log"
+    # Nodes 0 and 1 may use the origin; the others are offline.
+    local online=(0 1) offline=($(seq 2 $((NODES - 1)))) i
+    for i in $(seq 0 $((NODES - 1))); do
+        nsx "$i" trust add "$key" >/dev/null
+        if [ "$i" -le 1 ]; then start_node "$i"; else start_node "$i" --offline; fi
+        ip netns exec "$(ns "$i")" python3 -c "import sys, json, urllib.request; urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7070/admin/releases', json.dumps({'signed': sys.argv[1]}).encode(), {'Content-Type': 'application/json'}))" \
+            "$rel" || fail "node $i refused the release"
+    done
+    for i in $(seq 0 $((NODES - 1))); do wait_peers "$i" 1; done
+    pull_all testnet-model:v1 $(seq 0 $((NODES - 1)))
+    report_pulls $(seq 0 $((NODES - 1)))
+    for i in $(seq 0 $((NODES - 1))); do assert_identical "$i" "$id"; done
+    for i in "${offline[@]}"; do
+        ! grep -q "^$(ipof "$i") " "$WORK/origin.log" || fail "offline node $i contacted the origin"
+        [ "$(field "$i" bytes_from_origin)" = 0 ] || fail "offline node $i counted origin bytes"
+    done
+    local egress size
+    egress=$(awk '$3 == "/model.bin" {s += $2} END {print s + 0}' "$WORK/origin.log")
+    size=$(stat -c %s "$SRC")
+    log "origin egress: $egress bytes for a $size-byte artifact and $NODES nodes ($(python3 -c "print(round($egress / $size, 3))") copies)"
+    python3 -c "import sys; sys.exit(0 if $egress <= 1.1 * $size else 1)" || fail "origin egress is more than one copy"
+}
+
+scenario_sigkill_restart() {
+    local id
+    id=$(seed 0)
+    start_node 0
+    start_node 1
+    wait_peers 1 1
+    nsx 1 pull --no-wait "$id" >/dev/null
+    wait_progress 1 "$id" $((SIZE_MB * 1024 * 1024 * 2 / 5))
+    log "SIGKILL node 1 mid-download"
+    stop_node 1 KILL
+    start_node 1
+    wait_peers 1 1
+    pull_all "$id" 1
+    report_pulls 1
+    assert_identical 1 "$id"
+    local local_chunks total got
+    local_chunks=$(field 1 local_chunks)
+    [ "$local_chunks" -gt 0 ] || fail "nothing survived the SIGKILL (resume not exercised)"
+    total=$(field 1 total_bytes)
+    got=$(jqpy 'j["bytes_from_peers"] + j["bytes_from_origin"] + j["local_bytes"]' <"$WORK/pull-1.json")
+    [ "$got" = "$total" ] || fail "after restart: fetched + kept = $got, file = $total (a verified chunk was fetched again?)"
+    log "restart: $local_chunks chunks kept, the rest fetched once"
+}
+
+setup_net
+SRC="$WORK/model.bin"
+head -c $((SIZE_MB * 1024 * 1024)) /dev/urandom >"$SRC"
+for s in "${SCENARIOS[@]}"; do
+    log "=== scenario $s ==="
+    "scenario_${s//-/_}"
+    stop_all
+    log "=== scenario $s: OK ==="
+done
+log "all scenarios passed: ${SCENARIOS[*]}"
