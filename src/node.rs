@@ -102,7 +102,7 @@ impl Node {
     }
 
     /// Resolves an id or trusted name and the origin URL its release names, if any.
-        pub async fn resolve(
+    pub async fn resolve(
         &self,
         id_or_name: &str,
     ) -> Result<(ArtifactId, Option<String>), NodeError> {
@@ -124,12 +124,17 @@ impl Node {
         let peers = mesh.connected().await.unwrap_or_default();
         let mut applied = 0;
         for peer in peers {
-            let Ok(list) = mesh.releases(peer).await else { continue };
+            let Ok(list) = mesh.releases(peer).await else {
+                continue;
+            };
             let store = self.inner.store.clone();
             applied += tokio::task::spawn_blocking(move || {
                 list.iter()
                     .filter(|r| {
-                        matches!(store.apply_release(r), Ok(crate::store::ReleaseOutcome::Applied))
+                        matches!(
+                            store.apply_release(r),
+                            Ok(crate::store::ReleaseOutcome::Applied)
+                        )
                     })
                     .count()
             })

@@ -236,7 +236,7 @@ impl Client {
         }
     }
 
-        /// The signed releases `peer` knows. Undecodable entries are skipped; the
+    /// The signed releases `peer` knows. Undecodable entries are skipped; the
     /// caller verifies signatures and trust (`Store::apply_release`).
     pub async fn releases(&self, peer: PeerId) -> Result<Vec<SignedRelease>, MeshError> {
         match self.meta(peer, MetaRequest::Releases).await? {

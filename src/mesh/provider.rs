@@ -99,7 +99,7 @@ impl Provider {
                                 id: a.id,
                                 complete: a.status == ArtifactStatus::Active,
                             })
-                                                        .collect(),
+                            .collect(),
                     ),
                     MetaRequest::Releases => MetaResponse::Releases(
                         store

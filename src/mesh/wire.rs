@@ -93,7 +93,7 @@ pub enum MetaRequest {
     Manifest(ArtifactId),
     /// Which chunks of an artifact the peer holds.
     HaveMap(ArtifactId),
-        /// Every artifact the peer holds (complete or partial).
+    /// Every artifact the peer holds (complete or partial).
     List,
     /// Every signed release the peer knows (names it can resolve), so a node
     /// that joined after an announcement can still resolve the name.
@@ -120,7 +120,7 @@ pub enum MetaResponse {
     List(Vec<ArtifactSummary>),
     /// The peer does not hold that artifact.
     NotFound,
-        /// The peer failed to answer.
+    /// The peer failed to answer.
     Error(String),
     /// Signed releases (`SignedRelease::encode` each); the receiver verifies
     /// every one against its own trust store before applying it.
