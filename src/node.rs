@@ -186,7 +186,14 @@ impl Node {
         if let Some(s) = self.inner.serving.get() {
             return Ok(s.clone());
         }
+        let lie = cfg.test_lie_kv;
         let s = crate::serve::Serving::new(cfg)?;
+        if let Some(kv) = s.kv() {
+            match crate::kvcache::mesh::MeshTier::start(self.mesh().clone(), kv.clone(), lie) {
+                Ok(t) => kv.set_mesh(t),
+                Err(e) => tracing::warn!(error = %e, "KV mesh tier not started"),
+            }
+        }
         s.set_source(Arc::new(StoreModels(Arc::downgrade(&self.inner))));
         Ok(self.inner.serving.get_or_init(|| s).clone())
     }

@@ -22,6 +22,7 @@
 //! used. See `docs/SERVING.md`.
 
 pub mod disk;
+pub mod mesh;
 pub mod ram;
 
 use crate::inference::{KvCache, KvDtype, Model};
@@ -206,6 +207,12 @@ pub struct KvStats {
     pub corrupt_dropped: AtomicU64,
     /// Blocks stored.
     pub stored: AtomicU64,
+    /// Blocks taken from neighbours (after their checks).
+    pub mesh_hits: AtomicU64,
+    /// Spot checks that caught a lying neighbour.
+    pub mesh_caught: AtomicU64,
+    /// Spot checks passed.
+    pub mesh_checked: AtomicU64,
 }
 
 /// The outcome of [`PrefixCache::load_prefix`].
@@ -227,6 +234,8 @@ pub struct PrefixCache {
     disk: Option<Arc<DiskTier>>,
     writer: Option<disk::WriteBehind>,
     stats: KvStats,
+    foreign: Mutex<std::collections::HashSet<BlockKey>>,
+    mesh: std::sync::OnceLock<Arc<mesh::MeshTier>>,
 }
 
 impl std::fmt::Debug for PrefixCache {
@@ -256,6 +265,8 @@ impl PrefixCache {
             disk,
             writer,
             stats: KvStats::default(),
+            foreign: Mutex::new(std::collections::HashSet::new()),
+            mesh: std::sync::OnceLock::new(),
         })
     }
 
@@ -314,8 +325,31 @@ impl PrefixCache {
         }
     }
 
+    /// Attaches the mesh tier (once).
+    pub fn set_mesh(&self, tier: Arc<mesh::MeshTier>) {
+        let _ = self.mesh.set(tier);
+    }
+
+    /// The mesh tier, if attached.
+    pub fn mesh(&self) -> Option<&Arc<mesh::MeshTier>> {
+        self.mesh.get()
+    }
+
+    /// Stores a block fetched from a neighbour: RAM only, and never served
+    /// to others (this node did not compute it).
+    pub fn put_foreign(&self, key: BlockKey, blob: Arc<Vec<u8>>) {
+        self.foreign.lock().insert(key);
+        self.ram.lock().insert(key, blob);
+    }
+
+    /// True for blocks that came from a neighbour.
+    pub fn is_foreign(&self, key: &BlockKey) -> bool {
+        self.foreign.lock().contains(key)
+    }
+
     /// Drops a block from every tier (it was found to be bad).
     pub fn remove(&self, key: &BlockKey) {
+        self.foreign.lock().remove(key);
         self.ram.lock().remove(key);
         if let Some(d) = &self.disk {
             d.remove(key);
@@ -402,7 +436,7 @@ impl PrefixCache {
         let b = self.cfg.block_tokens;
         let full = (cache.len() / b).min(keys.len());
         for (i, key) in keys.iter().enumerate().take(full).skip(from) {
-            if self.ram.lock().contains(key) {
+            if self.ram.lock().contains(key) || self.is_foreign(key) {
                 continue;
             }
             match cache.export(i * b..(i + 1) * b, self.cfg.dtype, model_id) {

@@ -302,6 +302,12 @@ impl Client {
         .await
     }
 
+    /// A handle on the swarm's stream behaviour, for other layers' stream
+    /// protocols (e.g. the KV cache's `/shoal/kv/1`).
+    pub fn stream_control(&self) -> libp2p_stream::Control {
+        self.control.clone()
+    }
+
     /// Opens a raw chunk stream to `peer`.
     pub async fn open_chunk_stream(&self, peer: PeerId) -> Result<Stream, MeshError> {
         let mut control = self.control.clone();

@@ -305,6 +305,18 @@ fn run_job(
                 "prefix cache"
             );
         }
+        if let Some(mesh) = pc.mesh()
+            && cached % ctx.block_tokens == 0
+            && cached < usable * ctx.block_tokens
+        {
+            let from = cached / ctx.block_tokens;
+            let run = mesh.fetch_run(&keys[from..usable]);
+            if !run.is_empty() {
+                let (c, n) = take_from_mesh(model, pc, ctx, mesh, &cache, &job.prompt, from, &run);
+                cache = c;
+                cached += n * ctx.block_tokens;
+            }
+        }
     }
     let _ = job.events.send(JobEvent::Started {
         prompt_tokens: job.prompt.len(),
@@ -380,4 +392,69 @@ fn run_job(
             cancelled
         }
     }
+}
+
+/// Imports a run fetched from a neighbour on top of `cache` (which holds
+/// blocks `..from`), spot-checking one block by recomputation when the
+/// trust policy asks for it. Returns the new cache and the blocks taken
+/// (0 if the peer was caught lying: it is banned and its blocks dropped).
+#[allow(clippy::too_many_arguments)]
+fn take_from_mesh(
+    model: &Model,
+    pc: &PrefixCache,
+    ctx: &KeyContext,
+    mesh: &crate::kvcache::mesh::MeshTier,
+    cache: &KvCache,
+    prompt: &[u32],
+    from: usize,
+    run: &[crate::kvcache::mesh::Fetched],
+) -> (KvCache, usize) {
+    let b = ctx.block_tokens;
+    let model_id = model.id();
+    let mut trial = cache.fork(from * b);
+    let mut n = 0;
+    for f in run {
+        if trial.import_append(&f.blob, &model_id).is_err() {
+            break;
+        }
+        n += 1;
+    }
+    if n == 0 {
+        return (cache.fork(usize::MAX), 0);
+    }
+    let peer = run[0].peer;
+    let fresh = !mesh.is_checked(&peer);
+    if fresh || mesh.needs_check(&peer) {
+        // The first fetched block of a new peer, else a random one of the run.
+        let j = if fresh || n == 1 {
+            0
+        } else {
+            let mut r = [0u8; 8];
+            let _ = getrandom::fill(&mut r);
+            (u64::from_le_bytes(r) % n as u64) as usize
+        };
+        let start = (from + j) * b;
+        let mut re = trial.fork(start);
+        let ok = match model.forward(&mut re, &prompt[start..start + b]) {
+            Ok(_) => {
+                let err = crate::kvcache::mesh::kv_rel_error(&trial, &re, start..start + b);
+                tracing::debug!(%peer, err, "KV spot check");
+                err <= crate::kvcache::mesh::SPOT_CHECK_TOL
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            pc.stats().mesh_caught.fetch_add(1, Ordering::Relaxed);
+            mesh.caught(peer, pc);
+            return (cache.fork(usize::MAX), 0);
+        }
+        pc.stats().mesh_checked.fetch_add(1, Ordering::Relaxed);
+        mesh.passed(peer);
+    }
+    for f in &run[..n] {
+        pc.put_foreign(f.key, f.blob.clone());
+    }
+    mesh.took(peer, run[..n].iter().map(|f| f.key));
+    pc.stats().mesh_hits.fetch_add(n as u64, Ordering::Relaxed);
+    (trial, n)
 }

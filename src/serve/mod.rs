@@ -80,6 +80,9 @@ pub struct ServeConfig {
     pub response_cache_ttl: Duration,
     /// Worker threads per model (0 = all cores).
     pub threads: usize,
+    /// Test hook: serve wrong (but validly signed) KV to neighbours.
+    #[doc(hidden)]
+    pub test_lie_kv: bool,
 }
 
 impl Default for ServeConfig {
@@ -91,6 +94,7 @@ impl Default for ServeConfig {
             response_cache_budget: 64 << 20,
             response_cache_ttl: Duration::from_secs(600),
             threads: 0,
+            test_lie_kv: false,
         }
     }
 }

@@ -1,0 +1,194 @@
+//! The mesh tier of the KV cache between real nodes on 127.0.0.1 (mDNS
+//! off): an honest neighbour's blocks are used (same greedy answer, fewer
+//! tokens computed), a lying neighbour is caught by the spot check, banned
+//! and its blocks dropped.
+
+mod serving_common;
+
+use serde_json::json;
+use serving_common::{demo_model_path, eventually, post};
+use shoal::mesh::{MeshConfig, loopback_listen};
+use shoal::node::{Node, NodeConfig};
+use shoal::serve::ServeConfig;
+use shoal::store::{AddOptions, StoreOptions};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>, lie: bool) -> (Node, SocketAddr, String) {
+    let node = Node::start(NodeConfig {
+        data_dir: dir.to_path_buf(),
+        store: StoreOptions::default(),
+        mesh: MeshConfig {
+            listen: vec![loopback_listen()],
+            peers,
+            mdns: false,
+            ..MeshConfig::default()
+        },
+    })
+    .await
+    .expect("node");
+    node.init_serving(ServeConfig {
+        response_cache_budget: 0,
+        test_lie_kv: lie,
+        ..ServeConfig::with_data_dir(dir)
+    })
+    .expect("serving");
+    let model = demo_model_path().expect("model");
+    let store = node.store().clone();
+    let id = tokio::task::spawn_blocking(move || store.add_file(&model, &AddOptions::default()))
+        .await
+        .expect("join")
+        .expect("add");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = shoal::api::router(node.clone());
+    tokio::spawn(async move {
+        let _ = shoal::api::serve(listener, router, std::future::pending()).await;
+    });
+    (node, addr, id.to_hex())
+}
+
+async fn p2p_addr(node: &Node) -> libp2p::Multiaddr {
+    for _ in 0..6000 {
+        if let Some(a) = node
+            .mesh()
+            .listen_addrs()
+            .await
+            .expect("addrs")
+            .into_iter()
+            .next()
+        {
+            return a.with_p2p(node.mesh().peer_id()).expect("p2p");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("node never listened");
+}
+
+/// (text, cached_tokens)
+async fn ask(addr: SocketAddr, model: &str, prompt: &str) -> (String, u64) {
+    let r = post(
+        addr,
+        "/v1/completions",
+        &json!({"model": model, "prompt": prompt,
+        "max_tokens": 10, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    (
+        v["choices"][0]["text"].as_str().expect("text").to_owned(),
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached"),
+    )
+}
+
+async fn connected(a: &Node, b: &Node) {
+    let pb = b.mesh().peer_id();
+    for _ in 0..6000 {
+        if a.mesh().connected().await.expect("peers").contains(&pb) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("never connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neighbour_kv_is_used_and_a_liar_is_banned() {
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let prompt = format!(
+        "{}\nIn short, the list says",
+        serving_common::long_text(200)
+    );
+
+    // Honest pair: A computes the prompt, B takes A's blocks.
+    let (a, a_http, id) = start(&tmp.path().join("a"), Vec::new(), false).await;
+    let (reference, cached) = ask(a_http, &id, &prompt).await;
+    assert_eq!(cached, 0);
+    let (b, b_http, _) = start(&tmp.path().join("b"), vec![p2p_addr(&a).await], false).await;
+    connected(&b, &a).await;
+    let (text, cached) = ask(b_http, &id, &prompt).await;
+    assert!(
+        cached >= 160,
+        "the prefix came from the neighbour: {cached}"
+    );
+    assert_eq!(
+        text, reference,
+        "same greedy answer with the neighbour's KV"
+    );
+    let kv_b = b.serving().expect("serving").kv().expect("kv").clone();
+    assert!(kv_b.stats().mesh_hits.load(Ordering::Relaxed) >= 10);
+    assert_eq!(
+        kv_b.stats().mesh_checked.load(Ordering::Relaxed),
+        1,
+        "first run spot-checked"
+    );
+    assert_eq!(kv_b.stats().mesh_caught.load(Ordering::Relaxed), 0);
+    // Fetched blocks are not served onwards: B never vouches for A's KV.
+    let keys = kv_b
+        .context(
+            b.serving()
+                .expect("s")
+                .model(&id)
+                .expect("m")
+                .engine
+                .model(),
+        )
+        .keys(
+            &b.serving()
+                .expect("s")
+                .model(&id)
+                .expect("m")
+                .engine
+                .model()
+                .tokenizer()
+                .encode(&prompt, false, true),
+        );
+    assert!(kv_b.is_foreign(&keys[0]));
+
+    // Lying pair: L serves perturbed, validly signed KV; C catches it.
+    let (l, l_http, _) = start(&tmp.path().join("l"), Vec::new(), true).await;
+    let (l_text, _) = ask(l_http, &id, &prompt).await;
+    assert_eq!(l_text, reference);
+    let (c, c_http, _) = start(&tmp.path().join("c"), vec![p2p_addr(&l).await], false).await;
+    connected(&c, &l).await;
+    let (text, cached) = ask(c_http, &id, &prompt).await;
+    assert_eq!(cached, 0, "no KV from a liar is used");
+    assert_eq!(text, reference, "the answer is recomputed correctly");
+    let kv_c = c.serving().expect("serving").kv().expect("kv").clone();
+    assert_eq!(kv_c.stats().mesh_caught.load(Ordering::Relaxed), 1);
+    assert_eq!(kv_c.stats().mesh_hits.load(Ordering::Relaxed), 0);
+    assert!(!kv_c.ram().lock().contains(&keys[0]) || !kv_c.is_foreign(&keys[0]));
+    let liar = l.mesh().peer_id();
+    eventually("the liar is banned and disconnected", || {
+        let m = kv_c.mesh().expect("mesh tier");
+        m.banned.lock().contains(&liar)
+    })
+    .await;
+    for _ in 0..6000 {
+        if !c.mesh().connected().await.expect("peers").contains(&liar) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        !c.mesh().connected().await.expect("peers").contains(&liar),
+        "banned on the mesh"
+    );
+    // A second request does not take anything from the liar again.
+    let other = format!("{}\nTo conclude,", serving_common::long_text(200));
+    let _ = ask(c_http, &id, &other).await;
+    assert_eq!(kv_c.stats().mesh_caught.load(Ordering::Relaxed), 1);
+    assert_eq!(kv_c.stats().mesh_hits.load(Ordering::Relaxed), 0);
+    for n in [a, b, l, c] {
+        n.shutdown().await;
+    }
+}
