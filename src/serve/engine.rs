@@ -306,7 +306,7 @@ fn run_job(
             );
         }
         if let Some(mesh) = pc.mesh()
-            && cached % ctx.block_tokens == 0
+            && cached.is_multiple_of(ctx.block_tokens)
             && cached < usable * ctx.block_tokens
         {
             let from = cached / ctx.block_tokens;
