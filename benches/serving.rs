@@ -242,14 +242,23 @@ async fn neighbour(runs: usize, words: usize, block: usize) -> (Vec<f64>, u64) {
         .await
         .expect("join")
         .expect("add");
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = l.local_addr().expect("addr");
         let router = shoal::api::router(node.clone());
         tokio::spawn(async move {
             let _ = shoal::api::serve(l, router, std::future::pending()).await;
         });
         loop {
-            if let Some(a) = node.mesh().listen_addrs().await.expect("addrs").into_iter().next() {
+            if let Some(a) = node
+                .mesh()
+                .listen_addrs()
+                .await
+                .expect("addrs")
+                .into_iter()
+                .next()
+            {
                 peers.push(a.with_p2p(node.mesh().peer_id()).expect("p2p"));
                 break;
             }
@@ -257,7 +266,14 @@ async fn neighbour(runs: usize, words: usize, block: usize) -> (Vec<f64>, u64) {
         }
         nodes.push((node, addr, id.to_hex()));
     }
-    while nodes[1].0.mesh().connected().await.expect("peers").is_empty() {
+    while nodes[1]
+        .0
+        .mesh()
+        .connected()
+        .await
+        .expect("peers")
+        .is_empty()
+    {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (a, b) = (nodes[0].1, nodes[1].1);

@@ -113,15 +113,20 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
     let (a, a_http, id) = start(&tmp.path().join("a"), Vec::new(), false).await;
     let (reference, cached) = ask(a_http, &id, &prompt).await;
     assert_eq!(cached, 0);
+    // A's own answer from its stored (f16) blocks: an unrelated request first
+    // replaces the engine's exact f32 hot sequence.
+    let _ = ask(a_http, &id, "Unrelated.").await;
+    let (from_blocks, cached_a) = ask(a_http, &id, &prompt).await;
+    assert!(cached_a >= 160);
     let (b, b_http, _) = start(&tmp.path().join("b"), vec![p2p_addr(&a).await], false).await;
     connected(&b, &a).await;
     let (text, cached) = ask(b_http, &id, &prompt).await;
-    assert!(
-        cached >= 160,
-        "the prefix came from the neighbour: {cached}"
-    );
+    assert_eq!(cached, cached_a, "the prefix came from the neighbour");
+    // The same blocks give the same answer whichever node holds them (a
+    // reused f16 prefix may flip a near-tie against the f32 cold answer,
+    // see docs/SERVING.md, so the comparison is with A's block answer).
     assert_eq!(
-        text, reference,
+        text, from_blocks,
         "same greedy answer with the neighbour's KV"
     );
     let kv_b = b.serving().expect("serving").kv().expect("kv").clone();
