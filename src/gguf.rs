@@ -744,11 +744,11 @@ mod tests {
     fn bad_magic_and_version() {
         let mut b = sample();
         b[0] = b'X';
-        assert_eq!(Gguf::parse(&b).unwrap_err(), GgufError::BadMagic);
+        assert_eq!(Gguf::parse(&b).expect_err("must fail"), GgufError::BadMagic);
         let mut b = sample();
         b[4] = 9;
         assert_eq!(
-            Gguf::parse(&b).unwrap_err(),
+            Gguf::parse(&b).expect_err("must fail"),
             GgufError::UnsupportedVersion(9)
         );
     }

@@ -5,7 +5,7 @@ pub mod mesh;
 pub mod ops;
 pub mod store;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use shoal::store::{Store, StoreOptions};
 use std::path::PathBuf;
 
@@ -58,32 +58,12 @@ pub fn default_data_dir() -> PathBuf {
     PathBuf::from("shoal-data")
 }
 
-/// Parses sizes like `1024`, `64K`, `512M`, `20G`, `1T` (binary units).
+/// Parses sizes like `1024`, `64K`, `512M`, `20G`, `1T` or `unlimited`
+/// (binary units), the same way the config file does.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        None => (s, 1u64),
-        Some((i, _)) => {
-            let unit = s[i..].to_ascii_uppercase();
-            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => bail!("unknown size unit in {s:?} (use K, M, G, T)"),
-            };
-            (&s[..i], m)
-        }
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("not a size: {s:?}"))?;
-    if !(n >= 0.0) {
-        bail!("not a size: {s:?}");
-    }
-    Ok((n * mult as f64) as u64)
+    s.parse::<shoal::config::ByteSize>()
+        .map(|b| b.0)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Formats bytes for people.
@@ -114,5 +94,6 @@ mod tests {
         assert_eq!(parse_size("2GiB").ok(), Some(2 << 30));
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("-1").is_err());
+        assert_eq!(parse_size("unlimited").ok(), Some(u64::MAX));
     }
 }
