@@ -8,8 +8,8 @@ use clap::{Args, Subcommand};
 use shoal::api::admin::{PeersReport, PullRequest, PullStarted, StatusReport};
 use shoal::api::client::AdminClient;
 use shoal::mesh::download::Phase;
-use shoal::mesh::{self, MeshConfig, Multiaddr, PeerId, Progress};
-use shoal::node::{Node, NodeConfig};
+use shoal::mesh::{self, Multiaddr, PeerId, Progress};
+use shoal::node::Node;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -108,34 +108,25 @@ pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: MeshCmd) -> Result<()> {
 
 async fn serve(ctx: &Ctx, src: &ConfigSource, args: ServeArgs) -> Result<()> {
     let cfg = src.load()?;
-    let mut mesh = MeshConfig::default();
-    mesh.listen = if args.listen.is_empty() {
-        cfg.mesh.listen.clone()
-    } else {
-        args.listen
-    };
-    mesh.peers = cfg.mesh.peers.clone();
+    // Defaults < file < SHOAL_* environment < flags: the config gives the
+    // data dir, store and mesh settings; serve's own flags adjust the mesh.
+    let mut nc = cfg.node_config(&ctx.data_dir)?;
+    let mesh = &mut nc.mesh;
+    if !args.listen.is_empty() {
+        mesh.listen = args.listen;
+    }
     mesh.peers.extend(args.peer);
-    mesh.mdns = cfg.mesh.mdns && !args.no_mdns;
-    mesh.offline = cfg.mesh.offline || args.offline;
-    mesh.ban_duration = cfg.mesh.ban_duration.0;
+    mesh.mdns &= !args.no_mdns;
+    mesh.offline |= args.offline;
     mesh.test_corrupt_chunks = args.test_corrupt_chunks;
-    if let Some(f) = args.psk_file.or(cfg.mesh.psk_file.clone()) {
+    if let Some(f) = args.psk_file {
         mesh.psk = Some(mesh::read_psk(&f)?);
     }
-    mesh.allow_peers = args.allow_peer;
-    for p in &cfg.mesh.allow_peers {
-        mesh.allow_peers
-            .push(p.parse().with_context(|| format!("allow_peers: {p}"))?);
-    }
+    mesh.allow_peers.extend(args.allow_peer);
     let api_addr = args.api.unwrap_or(cfg.api.listen);
-    let node = Node::start(NodeConfig {
-        data_dir: ctx.data_dir.clone(),
-        store: ctx.store_opts.clone(),
-        mesh,
-    })
-    .await?;
-    let serving = node.init_serving(shoal::serve::ServeConfig::from_config(&cfg, &ctx.data_dir))?;
+    let data_dir = nc.data_dir.clone();
+    let node = Node::start(nc).await?;
+    let serving = node.init_serving(shoal::serve::ServeConfig::from_config(&cfg, &data_dir))?;
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await
         .with_context(|| format!("binding the API on {api_addr}"))?;

@@ -17,25 +17,40 @@ pub struct Ctx {
     pub store_opts: StoreOptions,
     /// JSON output.
     pub json: bool,
+    /// Why the configuration could not be loaded, if it could not.
+    pub config_error: Option<String>,
 }
 
 impl Ctx {
     /// Builds the context from parsed arguments.
     pub fn new(cli: &crate::Cli) -> Self {
-        let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
-        let mut store_opts = StoreOptions::default();
-        if let Some(q) = cli.store_quota {
-            store_opts.quota_bytes = q;
-        }
+        // The effective configuration (defaults < file < environment < flags)
+        // decides the data dir and the store options for every command.
+        let (data_dir, store_opts, config_error) = match ops::ConfigSource::from_cli(cli).load() {
+            Ok(cfg) => (
+                cfg.data_dir.clone().unwrap_or_else(default_data_dir),
+                cfg.store_options(),
+                None,
+            ),
+            Err(e) => (
+                cli.data_dir.clone().unwrap_or_else(default_data_dir),
+                StoreOptions::default(),
+                Some(format!("{e:#}")),
+            ),
+        };
         Ctx {
             data_dir,
             store_opts,
             json: cli.json,
+            config_error,
         }
     }
 
     /// Opens the content store (fails clearly when a daemon holds it).
     pub fn store(&self) -> Result<Store> {
+        if let Some(e) = &self.config_error {
+            anyhow::bail!("configuration: {e}");
+        }
         Store::open(&self.data_dir, self.store_opts.clone())
             .with_context(|| format!("opening the store in {}", self.data_dir.display()))
     }
