@@ -124,20 +124,29 @@ done
 say "cache hit ratios (node 3, from /metrics)"
 curl -fsS "http://127.0.0.1:${API[2]}/metrics" | python3 -c '
 import re, sys, collections
-hits = collections.Counter(); total = collections.Counter()
+hits = collections.Counter(); total = collections.Counter(); peer = origin = local = 0.0
 for line in sys.stdin:
     if line.startswith("#"):
         continue
-    m = re.match(r"(shoal_[a-z_]+?)_(hits|misses)_total(\{[^}]*\})?\s+([0-9.e+]+)", line)
+    m = re.match(r"shoal_(kv|response_cache)_lookups_total\{([^}]*)\}\s+([0-9.e+]+)", line)
     if m:
-        key = m.group(1) + (m.group(3) or "")
-        total[key] += float(m.group(4))
-        if m.group(2) == "hits":
-            hits[key] += float(m.group(4))
+        labels = dict(kv.split("=", 1) for kv in m.group(2).split(","))
+        layer = m.group(1) + (" " + labels["tier"].strip(chr(34)) if "tier" in labels else "")
+        n = float(m.group(3))
+        total[layer] += n
+        if labels.get("result", "").strip(chr(34)) == "hit":
+            hits[layer] += n
+    m = re.match(r"shoal_chunk_fetch_bytes_total\{source=.(\w+).\}\s+([0-9.e+]+)", line)
+    if m:
+        b = float(m.group(2))
+        peer += b if m.group(1) == "peer" else 0
+        origin += b if m.group(1) == "origin" else 0
+        local += b if m.group(1) == "local" else 0
 for k in sorted(total):
     t = total[k]
-    print(f"  {k}: {hits[k]:.0f}/{t:.0f} hits" + (f" ({100*hits[k]/t:.0f}%)" if t else ""))
-m = [l for l in open("/dev/null")]
+    print(f"  {k:<22} {hits[k]:.0f}/{t:.0f} hits" + (f" ({100*hits[k]/t:.0f}%)" if t else ""))
+if peer + origin + local:
+    print(f"  chunk bytes by source: peer {peer/2**20:.1f} MiB, origin {origin/2**20:.1f} MiB, local {local/2**20:.1f} MiB")
 ' || echo "  (metrics endpoint not available)"
 
 say "dashboard: http://127.0.0.1:${API[0]}/  http://127.0.0.1:${API[1]}/  http://127.0.0.1:${API[2]}/"
