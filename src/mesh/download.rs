@@ -517,8 +517,8 @@ pub async fn download(
         }
         None => None,
     };
-    let manifest = match local {
-        Some(m) => m,
+    let (manifest, manifest_from) = match local {
+        Some(m) => (m, None),
         None => find_manifest(client, id, opts, origin.as_ref()).await?,
     };
     let manifest = Arc::new(manifest);
@@ -572,6 +572,11 @@ pub async fn download(
     let mut discover = tokio::time::interval(Duration::from_secs(1));
     let (prov_tx, mut prov_rx) = tokio::sync::mpsc::channel::<HashSet<PeerId>>(4);
     let kad_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut kad_round = 0u64;
+    if let Some(p) = manifest_from {
+        asked.insert(p);
+        query_have(&ctx, p);
+    }
     let mut announce = tokio::time::interval(opts.announce_every);
     let mut announced = u32::MAX;
     loop {
@@ -634,7 +639,10 @@ pub async fn download(
             _ = discover.tick() => {
                 let cands: HashSet<PeerId> = client.connected().await.unwrap_or_default().into_iter().collect();
                 // Kademlia lookups can take seconds: run them beside the loop, one at a time.
-                if asked.len() < 2 && !kad_busy.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                kad_round += 1;
+                if (asked.len() < 2 || kad_round % 5 == 1)
+                    && !kad_busy.swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
                     let (c, tx, busy) = (client.clone(), prov_tx.clone(), kad_busy.clone());
                     tokio::spawn(async move {
                         let found = c.providers(id).await.unwrap_or_default();
@@ -726,7 +734,7 @@ async fn find_manifest(
     id: ArtifactId,
     opts: &DownloadOptions,
     origin: Option<&Origin>,
-) -> Result<Manifest, MeshError> {
+) -> Result<(Manifest, Option<PeerId>), MeshError> {
     let deadline = Instant::now() + opts.find_timeout;
     let mut tried: HashSet<PeerId> = HashSet::new();
     loop {
@@ -746,7 +754,7 @@ async fn find_manifest(
                     continue;
                 }
                 match client.manifest(p, id).await {
-                    Ok(Some(m)) => return Ok(m),
+                    Ok(Some(m)) => return Ok((m, Some(p))),
                     Ok(None) => {}
                     Err(MeshError::Protocol { peer, reason }) => {
                         tracing::warn!(%peer, %reason, "peer sent a manifest that does not verify");
@@ -758,7 +766,7 @@ async fn find_manifest(
         }
         if let Some(o) = origin {
             match o.manifest(&id).await {
-                Ok(m) => return Ok(m),
+                Ok(m) => return Ok((m, None)),
                 Err(e) => tracing::warn!(%id, error = %e, "no manifest from the origin"),
             }
         }
