@@ -355,6 +355,7 @@ impl Sched {
             }
         }
         let max_failures = self.max_failures;
+        report_fetch(src, &outcome);
         let Some(s) = self.sources.get_mut(&src) else {
             return;
         };
@@ -1046,4 +1047,20 @@ impl Downloads {
             .map(|j| j.progress.borrow().clone())
             .collect()
     }
+}
+
+/// Counts a finished chunk fetch in the process metrics (by source and outcome).
+fn report_fetch(src: Source, outcome: &Outcome) {
+    use crate::metrics::{Outcome as M, Source as S};
+    let source = match src {
+        Source::Peer(_) => S::Peer,
+        Source::Origin => S::Origin,
+    };
+    let (o, bytes, secs) = match outcome {
+        Outcome::Ok { len, took } => (M::Ok, *len, took.as_secs_f64()),
+        Outcome::Bad => (M::BadHash, 0, 0.0),
+        Outcome::Failed => (M::Failed, 0, 0.0),
+        Outcome::NotFound => return,
+    };
+    crate::metrics::global().chunk_fetch(source, o, bytes, secs);
 }

@@ -299,6 +299,7 @@ impl EventLoop {
                     .insert(peer, (Instant::now() + self.ban_duration, reason));
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
+                crate::metrics::global().peer_banned(self.bans.len());
                 let _ = self.shared.events.send(MeshEvent::Banned(peer));
             }
             Command::Shutdown => {}
@@ -334,6 +335,7 @@ impl EventLoop {
                             agent: String::new(),
                         },
                     );
+                    crate::metrics::global().peers_connected(self.connected.len());
                     let _ = self.shared.events.send(MeshEvent::Connected(peer_id));
                 }
             }
@@ -344,6 +346,7 @@ impl EventLoop {
             } => {
                 tracing::info!(peer = %peer_id, "peer disconnected");
                 self.connected.remove(&peer_id);
+                crate::metrics::global().peers_connected(self.connected.len());
                 let _ = self.shared.events.send(MeshEvent::Disconnected(peer_id));
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),

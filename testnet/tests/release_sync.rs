@@ -2,6 +2,7 @@
 //! its peers for their releases and applies only those its trust store accepts.
 
 use anyhow::Result;
+use shoal::mesh::download::Phase;
 use shoal::store::AddOptions;
 use shoal_testnet::{WAIT, loopback_config, make_file, start_node, wait_peers};
 
@@ -45,5 +46,30 @@ async fn late_joiner_resolves_trusted_names_and_refuses_untrusted_ones() -> Resu
     assert!(err.to_string().contains("unknown artifact"), "{err}");
     // The refused release was not stored either.
     assert!(c.node.store().release("demo:v1")?.is_none());
+
+    // b pulls by name; the fetch is counted in the metrics by source.
+    let peer_bytes = || {
+        shoal::metrics::global()
+            .render()
+            .lines()
+            .find(|l| l.starts_with("shoal_chunk_fetch_bytes_total{source=\"peer\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = peer_bytes();
+    let (_, mut rx) = b.node.pull("demo:v1").await?;
+    let p = tokio::time::timeout(
+        WAIT,
+        rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed)),
+    )
+    .await??
+    .clone();
+    assert_eq!(p.phase, Phase::Done, "pull failed: {:?}", p.error);
+    assert!(
+        peer_bytes() - before >= (3 << 20) as f64,
+        "peer bytes not counted: {} -> {}",
+        before,
+        peer_bytes()
+    );
     Ok(())
 }
