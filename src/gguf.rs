@@ -500,7 +500,7 @@ impl<'a> Reader<'a> {
         if n > rem {
             return Err(GgufError::Truncated {
                 what,
-                need: self.pos as u64 + n,
+                need: (self.pos as u64).saturating_add(n),
                 have: self.b.len() as u64,
             });
         }
@@ -751,6 +751,19 @@ mod tests {
             Gguf::parse(&b).expect_err("must fail"),
             GgufError::UnsupportedVersion(9)
         );
+    }
+
+    /// Found by `scripts/fuzz.sh` (gguf_header): a string length near
+    /// u64::MAX overflowed while building the truncation error.
+    #[test]
+    fn fuzz_regression_huge_string_length() {
+        let b = include_bytes!("../tests/fixtures/fuzz/gguf_header_overflow.bin");
+        match Gguf::parse(b) {
+            Err(GgufError::Truncated { need, have, .. }) => {
+                assert!(need > have, "need {need} <= have {have}")
+            }
+            other => panic!("expected a truncation error, got {other:?}"),
+        }
     }
 
     #[test]
