@@ -136,6 +136,26 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(760);
+    // The exact prompts of this benchmark, for other servers measured beside
+    // shoal (llama.cpp's server, the testnet's neighbour run): a JSON list of
+    // {base, cold, followup} written to the path, then exit.
+    if let Ok(path) = std::env::var("DUMP_PROMPTS") {
+        let cases: Vec<_> = (0..runs)
+            .map(|r| {
+                let base = prose(r, words);
+                json!({"base": base,
+                       "cold": format!("{base}\nQuestion: what was measured?"),
+                       "followup": format!("{base}\nQuestion: who asked?")})
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&cases).expect("json");
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("{path}: {e}");
+            std::process::exit(1);
+        }
+        eprintln!("wrote {runs} prompts of {words} words to {path}");
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -4,8 +4,15 @@
 #
 #   scripts/testnet.sh [SCENARIO...]        (default: all)
 #
-# Scenarios: fanout seeder-killed liar psk origin sigkill-restart
+# Scenarios (the default set are tests): fanout seeder-killed liar psk origin sigkill-restart
+# Benchmark scenarios (run by name; they print figures):
+#   swarm        a single 1 -> 1 transfer, then 1 seeder -> NODES-1 nodes; the last
+#                node's completion time as a ratio to the single transfer
+#   kv-neighbour time to first token on node 1 with the prefix KV blocks of node 0
+#                (which answered the prompt) against node 0's cold answer
+#                (use RATE=1gbit; needs the demo model, SHOAL_TEST_MODEL)
 # Environment: NODES (default 4), RATE (tbf rate, default 100mbit),
+#   ONLINE (origin scenario: how many nodes may use the origin, default 2),
 #   SIZE_MB (artifact size, default 32), SHOAL (binary, default target/release/shoal),
 #   WAIT_SECS (bound on every wait, default 120), KEEP=1 keeps the work dir.
 #
@@ -197,6 +204,8 @@ report_pulls() {
 }
 
 downloaders() { seq 1 $((NODES - 1)); }
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(round($(now) - $1, 2))"; }
 
 scenario_fanout() {
     local id
@@ -310,16 +319,20 @@ scenario_origin() {
     ip netns exec "$(ns "$o")" python3 scripts/range-server.py "$WORK/origin" "$oip" 8000 "$WORK/origin.log" &
     PIDS+=($!)
     touch "$WORK/origin.log"
-    # Nodes 0 and 1 may use the origin; the others are offline.
-    local online=(0 1) offline=($(seq 2 $((NODES - 1)))) i
+    # Nodes 0 .. ONLINE-1 may use the origin; the others are offline.
+    local n_online=${ONLINE:-2} i
+    local offline=($(seq "$n_online" $((NODES - 1))))
     for i in $(seq 0 $((NODES - 1))); do
         nsx "$i" trust add "$key" >/dev/null
-        if [ "$i" -le 1 ]; then start_node "$i"; else start_node "$i" --offline; fi
+        if [ "$i" -lt "$n_online" ]; then start_node "$i"; else start_node "$i" --offline; fi
         ip netns exec "$(ns "$i")" python3 -c "import sys, json, urllib.request; urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7070/admin/releases', json.dumps({'signed': sys.argv[1]}).encode(), {'Content-Type': 'application/json'}))" \
             "$rel" || fail "node $i refused the release"
     done
     for i in $(seq 0 $((NODES - 1))); do wait_peers "$i" 1; done
+    local t0
+    t0=$(now)
     pull_all testnet-model:v1 $(seq 0 $((NODES - 1)))
+    log "origin: $NODES nodes ($n_online online) done in $(since "$t0")s"
     report_pulls $(seq 0 $((NODES - 1)))
     for i in $(seq 0 $((NODES - 1))); do assert_identical "$i" "$id"; done
     for i in "${offline[@]}"; do
@@ -355,6 +368,105 @@ scenario_sigkill_restart() {
     got=$(jqpy 'j["bytes_from_peers"] + j["bytes_from_origin"] + j["local_bytes"]' <"$WORK/pull-1.json")
     [ "$got" = "$total" ] || fail "after restart: fetched + kept = $got, file = $total (a verified chunk was fetched again?)"
     log "restart: $local_chunks chunks kept, the rest fetched once"
+}
+
+scenario_swarm() {
+    local id t0 single all i
+    id=$(seed 0)
+    start_node 0
+    start_node 1
+    wait_peers 1 1
+    t0=$(now)
+    pull_all "$id" 1
+    single=$(since "$t0")
+    assert_identical 1 "$id"
+    log "swarm: single 1 -> 1 transfer of $SIZE_MB MiB at $RATE: ${single}s"
+    stop_all
+    id=$(seed 0)
+    start_node 0
+    for i in $(downloaders); do start_node "$i"; done
+    for i in $(downloaders); do wait_peers "$i" 1; done
+    t0=$(now)
+    pull_all "$id" $(downloaders)
+    all=$(since "$t0")
+    report_pulls $(downloaders)
+    for i in $(downloaders); do assert_identical "$i" "$id"; done
+    local seeded
+    seeded=$(nsx 0 --json status | jqpy 'j["served"]["bytes"]' 2>/dev/null || echo "?")
+    log "swarm: 1 seeder -> $((NODES - 1)) nodes of $SIZE_MB MiB at $RATE: last node done in ${all}s"
+    log "swarm: RESULT nodes=$((NODES - 1)) size_mb=$SIZE_MB rate=$RATE single_s=$single swarm_s=$all ratio=$(python3 -c "print(round($all / $single, 3))") seeder_uploaded=$seeded"
+}
+
+# ttft I PROMPT_FILE: seconds to the first streamed token of a /v1/completions
+# request (max_tokens 2, temperature 0) on node I, and the cached tokens.
+ttft() {
+    ip netns exec "$(ns "$1")" python3 - "$2" "$KV_MODEL_NAME" <<'PY'
+import http.client, json, sys, time
+prompt = open(sys.argv[1]).read()
+body = json.dumps({"model": sys.argv[2], "prompt": prompt, "max_tokens": 2, "temperature": 0,
+                   "stream": True, "stream_options": {"include_usage": True}})
+c = http.client.HTTPConnection("127.0.0.1", 7070, timeout=600)
+t0 = time.monotonic()
+c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+r = c.getresponse()
+assert r.status == 200, (r.status, r.read())
+first, cached = None, 0
+for line in r:
+    line = line.strip()
+    if not line.startswith(b"data: ") or line == b"data: [DONE]":
+        continue
+    j = json.loads(line[6:])
+    if first is None and j.get("choices") and j["choices"][0].get("text") is not None:
+        first = time.monotonic() - t0
+    u = j.get("usage") or {}
+    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", cached) or cached
+print(f"{first:.4f} {cached}")
+PY
+}
+
+scenario_kv_neighbour() {
+    local model=${SHOAL_TEST_MODEL:-}
+    [ -f "$model" ] || fail "kv-neighbour needs the demo model: SHOAL_TEST_MODEL=\$(scripts/fetch-model.sh)"
+    KV_MODEL_NAME=demo
+    local i
+    for i in 0 1; do
+        "$SHOAL" --data-dir "$WORK/n$i" add "$model" --name "$KV_MODEL_NAME" >/dev/null
+    done
+    # The serving benchmark's own prompts (a JSON list of {cold, followup}).
+    local prompts="$WORK/prompts.json"
+    if [ -n "${PROMPTS:-}" ]; then cp "$PROMPTS" "$prompts"; else
+        DUMP_PROMPTS="$prompts" RUNS="${RUNS:-3}" cargo bench -q --bench serving >/dev/null 2>&1 ||
+            fail "could not write the benchmark prompts (cargo bench --bench serving with DUMP_PROMPTS)"
+    fi
+    start_node 0
+    start_node 1
+    wait_peers 1 1
+    local n r cold=() nb=() t c
+    n=$(jqpy 'len(j)' <"$prompts")
+    # Warm-up: load the model on both nodes.
+    echo "Hello there" >"$WORK/hello.txt"
+    ttft 0 "$WORK/hello.txt" >/dev/null
+    ttft 1 "$WORK/hello.txt" >/dev/null
+    for ((r = 0; r < n; r++)); do
+        jqpy "j[$r]['cold']" <"$prompts" >"$WORK/cold-$r.txt"
+        jqpy "j[$r]['followup']" <"$prompts" >"$WORK/follow-$r.txt"
+        # jqpy's print adds a newline; the bench sends the text as is.
+        python3 -c "import sys; p=sys.argv[1]; s=open(p).read(); open(p,'w').write(s[:-1])" "$WORK/cold-$r.txt"
+        python3 -c "import sys; p=sys.argv[1]; s=open(p).read(); open(p,'w').write(s[:-1])" "$WORK/follow-$r.txt"
+        read -r t c < <(ttft 0 "$WORK/cold-$r.txt")
+        log "kv-neighbour: run $r: node 0 cold ${t}s (cached $c)"
+        cold+=("$t")
+        read -r t c < <(ttft 1 "$WORK/follow-$r.txt")
+        log "kv-neighbour: run $r: node 1 follow-up with node 0's blocks ${t}s (cached $c tokens)"
+        [ "$c" -gt 0 ] || fail "node 1 took no KV block from node 0"
+        nb+=("$t")
+    done
+    python3 - "$RATE" "${cold[*]}" "${nb[*]}" <<'PY'
+import statistics, sys
+cold = statistics.median(float(x) for x in sys.argv[2].split())
+nb = statistics.median(float(x) for x in sys.argv[3].split())
+print(f"[testnet] kv-neighbour: RESULT rate={sys.argv[1]} cold_s={cold:.3f} neighbour_s={nb:.4f} ratio={nb / cold:.4f}", file=sys.stderr)
+PY
 }
 
 setup_net
