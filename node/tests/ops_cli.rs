@@ -1,4 +1,5 @@
-//! `shoal config show` and `shoal import` through the real binary.
+//! `shoal config show`, `shoal import` and config switches of `shoal serve`
+//! through the real binary.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -143,4 +144,75 @@ fn import_names_models_and_lists_them() {
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no GGUF models found"));
+}
+
+/// A `shoal serve` child on 127.0.0.1 (mDNS off, ports picked by the OS),
+/// killed when dropped.
+struct Daemon {
+    child: std::process::Child,
+    api: String,
+}
+
+impl Daemon {
+    fn start(dir: &Path, config: &Path) -> Daemon {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["--data-dir", dir.join("data").to_str().expect("utf-8")])
+            .args(["--config", config.to_str().expect("utf-8")])
+            .args(["serve", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--api", "127.0.0.1:0"])
+            .env("HOME", dir)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn shoal serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let api = loop {
+            let line = match lines.next() {
+                Some(Ok(l)) => l,
+                _ => {
+                    let _ = child.kill();
+                    panic!("shoal serve exited before announcing its API");
+                }
+            };
+            if let Some(rest) = line.split("API on http://").nth(1) {
+                break rest.trim().to_owned();
+            }
+        };
+        // Keep draining stderr so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Daemon { child, api }
+    }
+
+    /// Status code of `GET path`.
+    fn get_status(&self, path: &str) -> u16 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.api).expect("connect");
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.api)
+            .expect("send");
+        let mut r = String::new();
+        s.read_to_string(&mut r).expect("read");
+        r.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn metrics_enabled_switch_is_honoured() {
+    let d = tempfile::tempdir().expect("tempdir");
+    for (enabled, want) in [(true, 200), (false, 404)] {
+        let cfg = d.path().join(format!("shoal-{enabled}.toml"));
+        std::fs::write(&cfg, format!("[metrics]\nenabled = {enabled}\n")).expect("write");
+        let sub = d.path().join(format!("n-{enabled}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        let node = Daemon::start(&sub, &cfg);
+        assert_eq!(node.get_status("/metrics"), want, "[metrics] enabled = {enabled}");
+        assert_eq!(node.get_status("/admin/status"), 200);
+    }
 }

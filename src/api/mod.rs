@@ -17,17 +17,44 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use std::future::Future;
 
+/// Switches of the HTTP API (from the config file's `[metrics]`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiOptions {
+    /// Serve Prometheus metrics at `GET /metrics` (`[metrics] enabled`).
+    pub metrics: bool,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        Self { metrics: true }
+    }
+}
+
+impl ApiOptions {
+    /// The options a config file asks for.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            metrics: cfg.metrics.enabled,
+        }
+    }
+}
+
 /// Every route, before the node is attached. Add new route groups here.
-pub fn routes() -> Router<Node> {
+pub fn routes(opts: ApiOptions) -> Router<Node> {
     Router::new()
         .merge(admin::routes())
         .merge(dashboard::routes())
-        .merge(ops::routes())
+        .merge(ops::routes(opts.metrics))
 }
 
-/// The API router for `node`.
+/// The API router for `node`, every route on.
 pub fn router(node: Node) -> Router {
-    let r = routes().with_state(node.clone());
+    router_with(node, ApiOptions::default())
+}
+
+/// The API router for `node` with `opts`.
+pub fn router_with(node: Node, opts: ApiOptions) -> Router {
+    let r = routes(opts).with_state(node.clone());
     // The OpenAI-compatible routes of the serving layer (`crate::serve`).
     match node.serving() {
         Ok(s) => r.merge(crate::serve::router(s)),

@@ -2,7 +2,7 @@
 //!
 //! | route | what |
 //! | --- | --- |
-//! | `GET /metrics` | Prometheus text format ([`crate::metrics`]) |
+//! | `GET /metrics` | Prometheus text format ([`crate::metrics`]); absent with `[metrics] enabled = false` |
 //! | `POST /admin/pin` `{"artifact": ID or NAME, "pinned": true}` | pin or unpin an artifact |
 //!
 //! [`prefetch`] drives a running node through its admin API: pull each
@@ -24,11 +24,14 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// The operations routes.
-pub fn routes() -> Router<Node> {
-    Router::new()
-        .route("/metrics", get(prometheus))
-        .route("/admin/pin", post(pin))
+/// The operations routes; `/metrics` only when `metrics` is on.
+pub fn routes(metrics: bool) -> Router<Node> {
+    let r = Router::new().route("/admin/pin", post(pin));
+    if metrics {
+        r.route("/metrics", get(prometheus))
+    } else {
+        r
+    }
 }
 
 async fn prometheus(State(node): State<Node>) -> Response {

@@ -8,7 +8,7 @@
 //!    announcements; each source gets up to `window` pipelined requests, each
 //!    on its own chunk stream.
 //! 4. Each request picks the rarest missing chunk the source holds (ties broken
-//!    at a random place, so downloaders spread out). When every missing chunk is
+//!    at random, so downloaders spread out). When every missing chunk is
 //!    in flight, idle sources duplicate the oldest requests (endgame).
 //! 5. Every chunk is hashed by `Store::put_chunk` before it is written. A source
 //!    that sends a bad chunk is dropped and banned; the chunk goes back to the pool.
@@ -181,7 +181,6 @@ struct SourceState {
     running: bool,
     stats: SourceStats,
     busy: Duration,
-    seed: u64,
 }
 
 struct Sched {
@@ -205,10 +204,13 @@ struct Sched {
     origin_after: Instant,
     /// A chunk assigned to another origin peer may be fetched here after this long without progress.
     origin_grace: Duration,
+    /// State of the xorshift generator that breaks ties between equally rare chunks.
+    rng: u64,
 }
 
-fn seed_for(s: &Source) -> u64 {
-    std::collections::hash_map::RandomState::new().hash_one(s)
+/// A random non-zero seed (the process's hash keys and the time).
+fn random_seed() -> u64 {
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now()) | 1
 }
 
 impl Sched {
@@ -250,7 +252,6 @@ impl Sched {
                         running: false,
                         stats: SourceStats::default(),
                         busy: Duration::ZERO,
-                        seed: seed_for(&src),
                     },
                 );
             }
@@ -299,13 +300,16 @@ impl Sched {
         if n == 0 {
             return Pick::Stop;
         }
-        let start = (s.seed % u64::from(n)) as u32;
         let origin_ok = Instant::now() >= self.origin_after;
         let stalled = self.last_chunk.elapsed() >= self.origin_grace;
+        // Rarest first; among the equally rare, one chosen at random (reservoir
+        // sampling). Random rather than a walk from a fixed place: downloaders
+        // that walk the same way end up in step, asking a seeder for the same
+        // chunks, and its uplink (the swarm's bottleneck) sends them twice.
         let mut best: Option<(u32, u32)> = None;
+        let mut ties = 0u64;
         let mut unassigned = false;
-        for k in 0..n {
-            let i = (start + k) % n;
+        for i in 0..n {
             if self.have.get(i) || self.inflight.contains_key(&i) {
                 continue;
             }
@@ -319,10 +323,23 @@ impl Sched {
                 }
                 Source::Peer(_) => s.have.get(i),
             };
-            if eligible && best.is_none_or(|(_, b)| a < b) {
-                best = Some((i, a));
-                if a <= 1 {
-                    break;
+            if !eligible {
+                continue;
+            }
+            match best {
+                Some((_, b)) if a > b => {}
+                Some((_, b)) if a == b => {
+                    ties += 1;
+                    self.rng ^= self.rng << 13;
+                    self.rng ^= self.rng >> 7;
+                    self.rng ^= self.rng << 17;
+                    if self.rng % ties == 0 {
+                        best = Some((i, a));
+                    }
+                }
+                _ => {
+                    best = Some((i, a));
+                    ties = 1;
                 }
             }
         }
@@ -560,6 +577,7 @@ pub async fn download(
             origin_peers: Default::default(),
             origin_after: Instant::now() + opts.origin_delay,
             origin_grace: opts.origin_grace,
+            rng: random_seed(),
         }),
         notify: Notify::new(),
         opts: opts.clone(),

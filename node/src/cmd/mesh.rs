@@ -135,7 +135,7 @@ async fn serve(ctx: &Ctx, src: &ConfigSource, args: ServeArgs) -> Result<()> {
         node.mesh().peer_id(),
         listener.local_addr()?
     );
-    let router = shoal::api::router(node.clone());
+    let router = shoal::api::router_with(node.clone(), shoal::api::ApiOptions::from_config(&cfg));
     shoal::api::serve(listener, router, shutdown_signal()).await?;
     serving.drain().await;
     node.shutdown().await;
