@@ -12,6 +12,7 @@
 #                (which answered the prompt) against node 0's cold answer
 #                (use RATE=1gbit; needs the demo model, SHOAL_TEST_MODEL)
 # Environment: NODES (default 4), RATE (tbf rate, default 100mbit),
+#   BURST (tbf bucket, default 256kb; ~1mb for RATE=1gbit),
 #   ONLINE (origin scenario: how many nodes may use the origin, default 2),
 #   SIZE_MB (artifact size, default 32), SHOAL (binary, default target/release/shoal),
 #   WAIT_SECS (bound on every wait, default 120), KEEP=1 keeps the work dir.
@@ -29,6 +30,8 @@ fi
 
 NODES=${NODES:-4}
 RATE=${RATE:-100mbit}
+# tbf's bucket: at least rate / HZ, so 256kb suits 100mbit; use ~1mb for 1gbit.
+BURST=${BURST:-256kb}
 SIZE_MB=${SIZE_MB:-32}
 WAIT_SECS=${WAIT_SECS:-120}
 SHOAL=$(realpath "${SHOAL:-target/release/shoal}")
@@ -90,8 +93,8 @@ setup_net() {
         ip link set "$v" master "$BR"
         ip link set "$v" up
         # Both directions limited: the node's uplink and its downlink.
-        tc -n "$n" qdisc add dev eth0 root tbf rate "$RATE" burst 256kb latency 100ms
-        tc qdisc add dev "$v" root tbf rate "$RATE" burst 256kb latency 100ms
+        tc -n "$n" qdisc add dev eth0 root tbf rate "$RATE" burst "$BURST" latency 100ms
+        tc qdisc add dev "$v" root tbf rate "$RATE" burst "$BURST" latency 100ms
     done
     log "network: $((NODES + 1)) namespaces on bridge $BR, links $RATE"
 }
@@ -328,7 +331,9 @@ scenario_origin() {
         ip netns exec "$(ns "$i")" python3 -c "import sys, json, urllib.request; urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7070/admin/releases', json.dumps({'signed': sys.argv[1]}).encode(), {'Content-Type': 'application/json'}))" \
             "$rel" || fail "node $i refused the release"
     done
-    for i in $(seq 0 $((NODES - 1))); do wait_peers "$i" 1; done
+    if [ "$NODES" -gt 1 ]; then
+        for i in $(seq 0 $((NODES - 1))); do wait_peers "$i" 1; done
+    fi
     local t0
     t0=$(now)
     pull_all testnet-model:v1 $(seq 0 $((NODES - 1)))
