@@ -135,7 +135,7 @@ fn main() {
     let words: usize = std::env::var("WORDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(760);
+        .unwrap_or(925);
     // The exact prompts of this benchmark, for other servers measured beside
     // shoal (llama.cpp's server, the testnet's neighbour run): a JSON list of
     // {base, cold, followup} written to the path, then exit.

@@ -3,7 +3,7 @@
 # cold (the anchor), then a follow-up sharing the prefix from the KV cache in
 # RAM and from disk after a restart. Prints a Markdown table (ratios to cold).
 #
-# Usage: scripts/bench-serving.sh            (RUNS=3 WORDS=760 BLOCK=16)
+# Usage: scripts/bench-serving.sh            (RUNS=3 WORDS=925 BLOCK=16)
 # Needs the demo model (scripts/fetch-model.sh) or SHOAL_TEST_MODEL.
 set -euo pipefail
 cd "$(dirname "$0")/.."

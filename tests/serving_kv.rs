@@ -1,6 +1,7 @@
 //! The prefix KV cache over real HTTP with the demo model: cached_tokens,
 //! the same greedy answer from RAM and from disk after a restart, a corrupt
-//! disk block dropped and recomputed, budgets never exceeded.
+//! disk block dropped and recomputed, tail records reused token by token
+//! (and dropped when corrupt), budgets never exceeded.
 
 mod serving_common;
 
@@ -67,8 +68,8 @@ async fn ram_prefix_reuse_gives_the_same_answer() {
     let (again, _, cached) = ask(&srv, &prompt).await;
     assert_eq!(
         cached,
-        (pt - 1) / BLOCK * BLOCK,
-        "every full block from the RAM tier"
+        pt - 1,
+        "every full block from the RAM tier, and the tail record"
     );
     assert_eq!(again, cold, "same greedy answer from the RAM blocks");
     assert!(kv.stats().ram_hits.load(Ordering::Relaxed) >= blocks_before + 4);
@@ -110,34 +111,24 @@ async fn disk_tier_survives_restart_and_drops_corrupt_blocks() {
     assert_eq!(cached, 0);
     srv.stop().await;
 
-    let srv = TestServer::start(with_disk(dir.path()))
-        .await
-        .expect("server");
+    let srv = restart(dir.path()).await;
     let (cold, _, cached) = ask(&srv, &prompt).await;
     assert_eq!(cached, 0);
     assert_eq!(cold, reference);
     srv.stop().await; // drains and flushes the disk writes
 
     // Restart: RAM is empty, the disk tier serves the prefix.
-    let srv = TestServer::start(with_disk(dir.path()))
-        .await
-        .expect("server");
+    let srv = restart(dir.path()).await;
     let kv = srv.serving.kv().expect("kv").clone();
     assert_eq!(kv.ram().lock().len(), 0);
     let (after, _, cached) = ask(&srv, &prompt).await;
-    assert_eq!(cached, (pt - 1) / BLOCK * BLOCK);
+    assert_eq!(cached, pt - 1, "full blocks and the tail record from disk");
     assert!(kv.stats().disk_hits.load(Ordering::Relaxed) >= 4);
     assert_eq!(
         after, reference,
         "same greedy answer from disk after a restart"
     );
-    let model = srv
-        .serving
-        .model(NAME)
-        .expect("model")
-        .engine
-        .model()
-        .clone();
+    let model = model_of(&srv);
     let tokens = model.tokenizer().encode(&prompt, false, true);
     assert_eq!(tokens.len(), pt);
     let keys = kv.context(&model).keys(&tokens);
@@ -147,13 +138,8 @@ async fn disk_tier_survives_restart_and_drops_corrupt_blocks() {
 
     // Corrupt the first block on disk: it is dropped, the prefix is
     // recomputed (no cached tokens) and the answer stays the same.
-    let mut bytes = std::fs::read(&first).expect("block file");
-    let n = bytes.len();
-    bytes[n - 100] ^= 0x5a;
-    std::fs::write(&first, &bytes).expect("write");
-    let srv = TestServer::start(with_disk(dir.path()))
-        .await
-        .expect("server");
+    let bytes = corrupt(&first);
+    let srv = restart(dir.path()).await;
     let kv = srv.serving.kv().expect("kv").clone();
     let (again, _, cached) = ask(&srv, &prompt).await;
     assert_eq!(cached, 0, "a corrupt first block is never used");
@@ -164,6 +150,103 @@ async fn disk_tier_survives_restart_and_drops_corrupt_blocks() {
     let fresh = std::fs::read(&first).expect("rewritten block");
     assert_ne!(fresh, bytes);
     assert!(shoal::kvcache::disk::decode(&keys[0], &fresh).is_ok());
+    srv.stop().await;
+}
+
+/// Flips a byte near the end of a file; returns the corrupted bytes.
+fn corrupt(path: &std::path::Path) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).expect("block file");
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x5a;
+    std::fs::write(path, &bytes).expect("write");
+    bytes
+}
+
+/// A server on the data dir `dir` (a restart when one ran there before).
+async fn restart(dir: &std::path::Path) -> TestServer {
+    TestServer::start(with_disk(dir)).await.expect("server")
+}
+
+/// The served model.
+fn model_of(srv: &TestServer) -> std::sync::Arc<shoal::inference::Model> {
+    srv.serving
+        .model(NAME)
+        .expect("model")
+        .engine
+        .model()
+        .clone()
+}
+
+/// Tokens two prompts share from the start.
+fn common_prefix(srv: &TestServer, a: &str, b: &str) -> (usize, Vec<u32>) {
+    let model = model_of(srv);
+    let ta = model.tokenizer().encode(a, false, true);
+    let tb = model.tokenizer().encode(b, false, true);
+    let n = ta.iter().zip(&tb).take_while(|(x, y)| x == y).count();
+    (n, tb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_records_reuse_the_partial_last_block() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let base = long_text(200);
+    let q = |s: &str| format!("{base}\nQuestion: {s}");
+    let (first, second, third, fourth) = (
+        q("what is listed?"),
+        q("how many words are there?"),
+        q("which word is first?"),
+        q("is any word repeated?"),
+    );
+    // Reference answers without any cache.
+    let mut nocache = ram_only();
+    nocache.kv = None;
+    let Some(srv) = TestServer::start(nocache).await else {
+        return;
+    };
+    let mut reference = Vec::new();
+    for p in [&second, &third, &fourth] {
+        reference.push(ask(&srv, p).await.0);
+    }
+    srv.stop().await;
+
+    let srv = restart(dir.path()).await;
+    let (shared, _) = common_prefix(&srv, &first, &second);
+    assert!(shared % BLOCK != 0, "the shared prefix ends inside a block");
+    let _ = ask(&srv, &first).await;
+    // Replace the hot sequence: blocks and the tail record serve.
+    let _ = ask(&srv, "Something else entirely.").await;
+    let (a, _, cached) = ask(&srv, &second).await;
+    assert_eq!(cached, shared, "full blocks and the tail's shared tokens");
+    assert_eq!(a, reference[0], "same greedy answer with the tail record");
+    srv.stop().await;
+
+    // After a restart the tail record comes from disk.
+    let srv = restart(dir.path()).await;
+    let (shared, tokens) = common_prefix(&srv, &second, &third);
+    let (b, _, cached) = ask(&srv, &third).await;
+    assert_eq!(cached, shared);
+    assert_eq!(b, reference[1], "same greedy answer from the disk tail");
+    let kv = srv.serving.kv().expect("kv").clone();
+    let model = model_of(&srv);
+    let ctx = kv.context(&model);
+    let keys = ctx.keys(&tokens);
+    let f = shared / BLOCK;
+    let tail = kv
+        .disk()
+        .expect("disk")
+        .path_of(&ctx.tail_key(f.checked_sub(1).map(|i| &keys[i])));
+    srv.stop().await;
+    drop(kv);
+
+    // A corrupt tail record is dropped and never used: only full blocks.
+    corrupt(&tail);
+    let srv = restart(dir.path()).await;
+    let kv = srv.serving.kv().expect("kv").clone();
+    let (shared, _) = common_prefix(&srv, &third, &fourth);
+    let (c, _, cached) = ask(&srv, &fourth).await;
+    assert_eq!(cached, shared / BLOCK * BLOCK, "full blocks only");
+    assert_eq!(kv.stats().corrupt_dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(c, reference[2]);
     srv.stop().await;
 }
 

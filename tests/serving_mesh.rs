@@ -121,7 +121,12 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
     let (b, b_http, _) = start(&tmp.path().join("b"), vec![p2p_addr(&a).await], false).await;
     connected(&b, &a).await;
     let (text, cached) = ask(b_http, &id, &prompt).await;
-    assert_eq!(cached, cached_a, "the prefix came from the neighbour");
+    // Full blocks travel (tail records stay local to A).
+    assert_eq!(
+        cached,
+        cached_a / 16 * 16,
+        "the prefix came from the neighbour"
+    );
     // The same blocks give the same answer whichever node holds them (a
     // reused f16 prefix may flip a near-tie against the f32 cold answer,
     // see docs/SERVING.md, so the comparison is with A's block answer).

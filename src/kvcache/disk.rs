@@ -9,10 +9,10 @@
 //! | 8 | 4 | format version (1) |
 //! | 12 | 32 | block key (must equal the file name's) |
 //! | 44 | 8 | blob length `n` |
-//! | 52 | n | the KV export (`SHOAL-KV` format, ending in its BLAKE3 checksum) |
+//! | 52 | n | the KV export (`SHOAL-KV` format, ending in its BLAKE3 checksum), or a tail record ([`super::tail`]) |
 //!
 //! A read checks all of it (magic, version, key, length, the blob's
-//! checksum); a file failing any check is deleted and reported as corrupt.
+//! checksums); a file failing any check is deleted and reported as corrupt.
 //! Writes go to a temporary file that is renamed into place, so a crash
 //! leaves either the old state or the whole block.
 
@@ -90,7 +90,11 @@ pub fn decode(key: &BlockKey, bytes: &[u8]) -> Result<Vec<u8>, KvCacheError> {
         return Err(bad("length does not match the header"));
     }
     let blob = &bytes[HEADER..];
-    KvCache::inspect(blob).map_err(|e| bad(&e.to_string()))?;
+    if super::tail::is_tail(blob) {
+        super::tail::decode(blob).map_err(|e| bad(&e.to_string()))?;
+    } else {
+        KvCache::inspect(blob).map_err(|e| bad(&e.to_string()))?;
+    }
     Ok(blob.to_vec())
 }
 
@@ -291,6 +295,10 @@ impl WriteBehind {
                 for m in rx {
                     match m {
                         Msg::Put(k, b) => {
+                            if super::tail::is_tail(&b) {
+                                // One tail record per parent: the latest replaces it.
+                                disk.remove(&k);
+                            }
                             if let Err(e) = disk.put(&k, &b) {
                                 tracing::warn!(error = %e, "KV block write failed");
                             }

@@ -323,8 +323,9 @@ async fn answer(
                 break;
             }
             match c.get(&k) {
-                Some((b, _)) => out.push((k, b)),
-                None => break,
+                // Full blocks only: tail records stay local.
+                Some((b, _)) if !super::tail::is_tail(&b) => out.push((k, b)),
+                _ => break,
             }
         }
         out

@@ -24,6 +24,7 @@
 pub mod disk;
 pub mod mesh;
 pub mod ram;
+pub mod tail;
 
 use crate::inference::{KvCache, KvDtype, Model};
 use parking_lot::Mutex;
@@ -128,6 +129,24 @@ impl KeyContext {
             out.push(BlockKey(parent));
         }
         out
+    }
+}
+
+impl KeyContext {
+    /// The key of the tail record after the full block `parent` (`None`:
+    /// at the start of a sequence); see [`tail`].
+    pub fn tail_key(&self, parent: Option<&BlockKey>) -> BlockKey {
+        let mut h = blake3::Hasher::new();
+        h.update(tail::TAIL_DOMAIN);
+        h.update(&self.model_id);
+        h.update(&self.tokenizer_id);
+        h.update(&[
+            format_tag(self.dtype),
+            crate::inference::KV_FORMAT_VERSION as u8,
+        ]);
+        h.update(&(self.block_tokens as u32).to_le_bytes());
+        h.update(parent.map_or(&[0u8; 32], |k| &k.0));
+        BlockKey(*h.finalize().as_bytes())
     }
 }
 
@@ -386,7 +405,10 @@ impl PrefixCache {
                 }
                 break;
             };
-            if let Err(e) = cache.import_append(&blob, model_id) {
+            // RAM blobs were checked when they entered memory (computed here,
+            // read and verified from disk, or verified from a neighbour), and
+            // a disk hit was verified just now: no second checksum pass.
+            if let Err(e) = cache.import_append_prefix(&blob, model_id, usize::MAX, false) {
                 tracing::warn!(key = ?key, error = %e, "dropping a KV block that does not import");
                 self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
                 self.remove(key);
@@ -409,6 +431,112 @@ impl PrefixCache {
         }
         self.report_usage();
         hit
+    }
+
+    /// Stores the tail record `key` (see [`tail`]) for `tokens`, replacing
+    /// the previous one (skipped when it holds the same): a reference to
+    /// the full block `block` when given (whose first positions hold
+    /// `tokens`), else the KV of positions `start..start + tokens.len()` of
+    /// `cache` inline.
+    pub fn store_tail(
+        &self,
+        key: BlockKey,
+        tokens: &[u32],
+        block: Option<BlockKey>,
+        cache: &KvCache,
+        start: usize,
+        model_id: &[u8; 32],
+    ) {
+        if tokens.is_empty() {
+            return;
+        }
+        if let Some(old) = self.ram.lock().get(&key)
+            && tail::decode(&old).is_ok_and(|r| {
+                r.tokens == tokens
+                    && match (r.kv, block) {
+                        (tail::TailKv::Block(k), Some(b)) => k == b,
+                        (tail::TailKv::Inline(_), None) => true,
+                        _ => false,
+                    }
+            })
+        {
+            return;
+        }
+        let rec = match block {
+            Some(k) => tail::encode(tokens, &tail::TailKv::Block(k)),
+            None => match cache.export(start..start + tokens.len(), self.cfg.dtype, model_id) {
+                Ok(kv) => tail::encode(tokens, &tail::TailKv::Inline(&kv)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "KV tail export failed");
+                    return;
+                }
+            },
+        };
+        self.put(key, Arc::new(rec));
+    }
+
+    /// Imports the longest common prefix of the tail record `key` and
+    /// `want` (the tokens after `cache`'s positions) into `cache`; returns
+    /// the positions imported. A record that does not decode or import is
+    /// dropped; a referenced block no tier holds gives 0.
+    pub fn load_tail(
+        &self,
+        key: &BlockKey,
+        want: &[u32],
+        model_id: &[u8; 32],
+        cache: &mut KvCache,
+    ) -> usize {
+        let Some((blob, _)) = self.get(key) else {
+            return 0;
+        };
+        let rec = match tail::decode(&blob) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(key = ?key, error = %e, "dropping a KV tail record");
+                self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+                self.remove(key);
+                return 0;
+            }
+        };
+        let n = rec
+            .tokens
+            .iter()
+            .zip(want)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if n == 0 {
+            return 0;
+        }
+        let (kv, bad_key) = match rec.kv {
+            tail::TailKv::Inline(kv) => (kv, *key),
+            tail::TailKv::Block(k) => match self.get(&k) {
+                Some((b, _)) if !tail::is_tail(&b) => {
+                    return self.import_tail(&b, n, model_id, cache, k);
+                }
+                _ => return 0,
+            },
+        };
+        self.import_tail(kv, n, model_id, cache, bad_key)
+    }
+
+    fn import_tail(
+        &self,
+        kv: &[u8],
+        n: usize,
+        model_id: &[u8; 32],
+        cache: &mut KvCache,
+        key: BlockKey,
+    ) -> usize {
+        // Checked when it entered memory (see load_prefix) or by decode.
+        match cache.import_append_prefix(kv, model_id, n, false) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(key = ?key, error = %e, "dropping KV that does not import");
+                self.stats.corrupt_dropped.fetch_add(1, Ordering::Relaxed);
+                self.remove(&key);
+                0
+            }
+        }
     }
 
     /// Publishes the tiers' sizes to the metrics registry.
@@ -497,6 +625,28 @@ mod tests {
         ] {
             assert_ne!(other.keys(&[1, 2, 3, 4])[0], a[0]);
         }
+    }
+
+    #[test]
+    fn tail_key_fixture_v1() {
+        // Pins the tail key derivation: changing it must change tail::TAIL_DOMAIN.
+        let c = ctx();
+        let k = c.keys(&[1, 2, 3, 4]);
+        let t = c.tail_key(Some(&k[0]));
+        assert_ne!(t, c.tail_key(None));
+        assert_ne!(t, k[0]);
+        assert_ne!(
+            t,
+            KeyContext {
+                block_tokens: 8,
+                ..c
+            }
+            .tail_key(Some(&k[0]))
+        );
+        assert_eq!(
+            t.to_hex(),
+            "7e51eba64bc6232b067e6b1296187c1cf3b0111ce34083809af4c47187e52417"
+        );
     }
 
     #[test]

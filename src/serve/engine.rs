@@ -317,6 +317,17 @@ fn run_job(
                 cached += n * ctx.block_tokens;
             }
         }
+        // The partial block after the last full one, token-granular.
+        let b = ctx.block_tokens;
+        if cached.is_multiple_of(b) && cached < last && cached / b <= keys.len() {
+            let parent = (cached / b).checked_sub(1).map(|i| &keys[i]);
+            let key = ctx.tail_key(parent);
+            let n = pc.load_tail(&key, &job.prompt[cached..last], &model_id, &mut cache);
+            if n > 0 {
+                tracing::debug!(tokens = n, "prefix tail record");
+            }
+            cached += n;
+        }
     }
     let _ = job.events.send(JobEvent::Started {
         prompt_tokens: job.prompt.len(),
@@ -358,6 +369,7 @@ fn run_job(
                 }
                 pc.store_blocks(&cache, &keys, 0, &model_id);
                 all.truncate(cache.len());
+                store_tails(pc, ctx, &cache, &all, &keys, cached, &model_id);
                 *hot = Some(HotSequence { tokens: all, cache });
             }
             let tail = out
@@ -391,6 +403,36 @@ fn run_job(
             let _ = job.events.send(JobEvent::Failed(e.to_string()));
             cancelled
         }
+    }
+}
+
+/// Stores the tail records of a finished sequence (`all`, the tokens
+/// `cache` holds, with the keys of its full blocks; positions before
+/// `reused` came from the cache): after each full block from the one the
+/// request started computing in, a reference to the next full block, and
+/// after the last one the partial block's KV inline.
+#[allow(clippy::too_many_arguments)]
+fn store_tails(
+    pc: &PrefixCache,
+    ctx: &KeyContext,
+    cache: &KvCache,
+    all: &[u32],
+    keys: &[crate::kvcache::BlockKey],
+    reused: usize,
+    model_id: &[u8; 32],
+) {
+    let b = ctx.block_tokens;
+    let n = all.len().min(cache.len());
+    for f in reused / b..=n / b {
+        let start = f * b;
+        if start >= n || f > keys.len() {
+            break;
+        }
+        let key = ctx.tail_key(f.checked_sub(1).map(|j| &keys[j]));
+        let end = n.min(start + b - 1);
+        // A full block's first b - 1 tokens by reference, else the tail inline.
+        let block = keys.get(f).copied();
+        pc.store_tail(key, &all[start..end], block, cache, start, model_id);
     }
 }
 
