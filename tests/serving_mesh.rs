@@ -7,47 +7,26 @@ mod serving_common;
 
 use serde_json::json;
 use serving_common::{demo_model_path, eventually, post};
-use shoal::mesh::{MeshConfig, loopback_listen};
-use shoal::node::{Node, NodeConfig};
+use shoal::node::Node;
 use shoal::serve::ServeConfig;
-use shoal::store::{AddOptions, StoreOptions};
+use shoal::store::AddOptions;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
 async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>, lie: bool) -> (Node, SocketAddr, String) {
-    let node = Node::start(NodeConfig {
-        data_dir: dir.to_path_buf(),
-        store: StoreOptions::default(),
-        mesh: MeshConfig {
-            listen: vec![loopback_listen()],
-            peers,
-            mdns: false,
-            ..MeshConfig::default()
-        },
-    })
-    .await
-    .expect("node");
-    node.init_serving(ServeConfig {
+    let cfg = ServeConfig {
         response_cache_budget: 0,
         test_lie_kv: lie,
         ..ServeConfig::with_data_dir(dir)
-    })
-    .expect("serving");
+    };
+    let (node, addr) = serving_common::start_node(dir, peers, cfg).await;
     let model = demo_model_path().expect("model");
     let store = node.store().clone();
     let id = tokio::task::spawn_blocking(move || store.add_file(&model, &AddOptions::default()))
         .await
         .expect("join")
         .expect("add");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = shoal::api::router(node.clone());
-    tokio::spawn(async move {
-        let _ = shoal::api::serve(listener, router, std::future::pending()).await;
-    });
     (node, addr, id.to_hex())
 }
 

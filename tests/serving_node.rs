@@ -6,40 +6,18 @@ mod serving_common;
 
 use serde_json::json;
 use serving_common::{demo_model_path, error_code, http, post};
-use shoal::mesh::{MeshConfig, loopback_listen};
-use shoal::node::{Node, NodeConfig};
+use shoal::node::Node;
 use shoal::serve::ServeConfig;
-use shoal::store::{AddOptions, StoreOptions};
+use shoal::store::AddOptions;
 use std::net::SocketAddr;
 use std::path::Path;
 
 async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>) -> (Node, SocketAddr) {
-    let node = Node::start(NodeConfig {
-        data_dir: dir.to_path_buf(),
-        store: StoreOptions::default(),
-        mesh: MeshConfig {
-            listen: vec![loopback_listen()],
-            peers,
-            mdns: false,
-            ..MeshConfig::default()
-        },
-    })
-    .await
-    .expect("node");
-    node.init_serving(ServeConfig {
+    let cfg = ServeConfig {
         response_cache_budget: 0,
         ..ServeConfig::with_data_dir(dir)
-    })
-    .expect("serving");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = shoal::api::router(node.clone());
-    tokio::spawn(async move {
-        let _ = shoal::api::serve(listener, router, std::future::pending()).await;
-    });
-    (node, addr)
+    };
+    serving_common::start_node(dir, peers, cfg).await
 }
 
 async fn p2p_addr(node: &Node) -> libp2p::Multiaddr {

@@ -188,11 +188,18 @@ impl Daemon {
     fn get_status(&self, path: &str) -> u16 {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&self.api).expect("connect");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.api)
-            .expect("send");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.api
+        )
+        .expect("send");
         let mut r = String::new();
         s.read_to_string(&mut r).expect("read");
-        r.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line")
+        r.split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status line")
     }
 }
 
@@ -212,7 +219,11 @@ fn metrics_enabled_switch_is_honoured() {
         let sub = d.path().join(format!("n-{enabled}"));
         std::fs::create_dir_all(&sub).expect("mkdir");
         let node = Daemon::start(&sub, &cfg);
-        assert_eq!(node.get_status("/metrics"), want, "[metrics] enabled = {enabled}");
+        assert_eq!(
+            node.get_status("/metrics"),
+            want,
+            "[metrics] enabled = {enabled}"
+        );
         assert_eq!(node.get_status("/admin/status"), 200);
     }
 }

@@ -326,3 +326,35 @@ pub fn ram_only() -> ServeConfig {
         ..ServeConfig::default()
     }
 }
+
+/// A real node in `dir` (store, mesh on 127.0.0.1 with mDNS off and the
+/// given peers, serving with `cfg`) and its HTTP API on 127.0.0.1:0.
+pub async fn start_node(
+    dir: &std::path::Path,
+    peers: Vec<libp2p::Multiaddr>,
+    cfg: ServeConfig,
+) -> (shoal::node::Node, SocketAddr) {
+    use shoal::mesh::{MeshConfig, loopback_listen};
+    let node = shoal::node::Node::start(shoal::node::NodeConfig {
+        data_dir: dir.to_path_buf(),
+        store: shoal::store::StoreOptions::default(),
+        mesh: MeshConfig {
+            listen: vec![loopback_listen()],
+            peers,
+            mdns: false,
+            ..MeshConfig::default()
+        },
+    })
+    .await
+    .expect("node");
+    node.init_serving(cfg).expect("serving");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let router = shoal::api::router(node.clone());
+    tokio::spawn(async move {
+        let _ = shoal::api::serve(listener, router, std::future::pending()).await;
+    });
+    (node, addr)
+}
