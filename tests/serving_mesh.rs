@@ -181,3 +181,44 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
         n.shutdown().await;
     }
 }
+
+/// One have round finds the member with the longest run: C, connected to B
+/// (which computed only the first half of the prompt) and A (which computed
+/// all of it), takes A's whole run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_run_is_found_in_one_round() {
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let text = serving_common::long_text(200);
+    let prompt = format!("{text}\nIn short, the list says");
+    let half = format!("{}\nSo", serving_common::long_text(100));
+    let (a, a_http, id) = start(&tmp.path().join("a"), Vec::new(), false).await;
+    let (b, b_http, _) = start(&tmp.path().join("b"), Vec::new(), false).await;
+    let _ = ask(a_http, &id, &prompt).await;
+    let _ = ask(b_http, &id, &half).await;
+    // A's own follow-up from its blocks, for the full-run length.
+    let _ = ask(a_http, &id, "Unrelated.").await;
+    let (_, cached_a) = ask(a_http, &id, &prompt).await;
+    let full = cached_a / 16 * 16;
+    // B holds a shorter run of the prompt's blocks than A.
+    let sb = b.serving().expect("serving");
+    let model = sb.model(&id).expect("model").engine.model().clone();
+    let kv_b = sb.kv().expect("kv").clone();
+    let keys = kv_b
+        .context(&model)
+        .keys(&model.tokenizer().encode(&prompt, false, true));
+    assert!(kv_b.holds_own(&keys[0]) && !kv_b.holds_own(&keys[full as usize / 16 - 1]));
+    let peers = vec![p2p_addr(&b).await, p2p_addr(&a).await];
+    let (c, c_http, _) = start(&tmp.path().join("c"), peers, false).await;
+    connected(&c, &b).await;
+    connected(&c, &a).await;
+    let (_, cached) = ask(c_http, &id, &prompt).await;
+    assert_eq!(cached, full, "the whole run, from A");
+    let kv_c = c.serving().expect("serving").kv().expect("kv").clone();
+    assert_eq!(kv_c.stats().mesh_hits.load(Ordering::Relaxed), full / 16);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}

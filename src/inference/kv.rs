@@ -50,6 +50,13 @@ pub struct KvLayout {
 }
 
 impl KvLayout {
+    /// Bytes of an export of `tokens` positions in `dtype` (header and checksum included).
+    pub fn export_len(&self, tokens: usize, dtype: KvDtype) -> usize {
+        HEADER_LEN
+            + tokens * self.n_layer * 2 * self.n_kv_head * dtype.head_bytes(self.head_dim)
+            + SUM_LEN
+    }
+
     fn block_len(&self) -> usize {
         self.n_layer * 2 * self.n_kv_head * BLOCK_TOKENS * self.head_dim
     }

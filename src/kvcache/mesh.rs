@@ -4,12 +4,28 @@
 //!
 //! # Protocol (version 1)
 //!
-//! Request: `SKV1` ‖ op `1` (run) ‖ `n: u16 LE` ‖ `n` block keys (32 bytes each).
-//! Response: `m: u16 LE` (the longest run of the requested keys, from the
-//! first, that the peer holds and produced itself; `m ≤ n`), then per block:
+//! Request: `SKV1` ‖ op ‖ `n: u16 LE` ‖ `n` block keys (32 bytes each); op
+//! `2` (have) asks how many, op `1` (run) asks for the blocks.
+//! Have response: `m: u16 LE`, the longest run of the requested keys, from
+//! the first, that the peer holds and produced itself (`m ≤ n`).
+//! Run response: `m: u16 LE` (as for have), then per block:
 //! `len: u32 LE` ‖ the KV blob (`SHOAL-KV` format) ‖ the producer's
 //! protobuf-encoded public key (`u16 LE` length ‖ bytes) ‖ `sig_len: u16 LE`
 //! ‖ the signature over `"shoal-kv-sig-v1" ‖ key ‖ BLAKE3(blob)`.
+//! Requests and have responses are encoded and decoded by [`wire`]
+//! (fuzzed by `fuzz/fuzz_targets/wire_kv.rs`, pinned by a fixture).
+//!
+//! # Finding the best peer
+//!
+//! One round: every connected member (not banned) is asked at once which
+//! of the keys it holds (op 2). The peer with the longest run is chosen (on
+//! a tie the first to answer) and its run fetched (op 1) if that is
+//! cheaper than computing: the estimated fetch time (the have round trip +
+//! the run's bytes at the bandwidth last measured from that peer, 1 Gbit/s
+//! until measured, + one block recomputed when the run must be
+//! spot-checked) against the run's compute time at the engine's measured
+//! prompt rate ([`FetchCost`]). A failed fetch falls to the next-longest
+//! run; when none is worth it, the request computes.
 //!
 //! # Trust policy
 //!
@@ -44,12 +60,173 @@ pub const KV_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/kv/1");
 pub const SPOT_CHECK_P: f64 = 0.1;
 /// Largest accepted relative L2 error between fetched and recomputed KV.
 pub const SPOT_CHECK_TOL: f32 = 0.05;
-const MAGIC: &[u8; 4] = b"SKV1";
 const SIG_DOMAIN: &[u8] = b"shoal-kv-sig-v1";
-const MAX_RUN: usize = 1024;
+use wire::MAX_RUN;
 const MAX_BLOB: usize = 64 << 20;
 /// Time allowed for one peer's answer.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The wire messages of `/shoal/kv/1` that are not streamed: requests and
+/// have responses. Decoders never panic and refuse anything malformed.
+pub mod wire {
+    use super::BlockKey;
+
+    /// Magic (and version) of a request.
+    pub const MAGIC: &[u8; 4] = b"SKV1";
+    /// Op: send the longest run of the keys.
+    pub const OP_RUN: u8 = 1;
+    /// Op: say how long a run of the keys is held.
+    pub const OP_HAVE: u8 = 2;
+    /// Most keys in one request.
+    pub const MAX_RUN: usize = 1024;
+    /// Bytes before the keys: magic, op, count.
+    pub const REQUEST_HEAD: usize = 7;
+
+    /// Errors of the kv wire decoders.
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum WireError {
+        /// Not a `/shoal/kv/1` request.
+        #[error("not a kv/1 request (bad magic)")]
+        Magic,
+        /// An op this version does not know.
+        #[error("unknown kv op {0}")]
+        Op(u8),
+        /// More keys than [`MAX_RUN`].
+        #[error("run of {0} keys is too long")]
+        TooLong(usize),
+        /// The bytes do not match the declared length.
+        #[error("kv message length {got}, expected {want}")]
+        Length {
+            /// Bytes given.
+            got: usize,
+            /// Bytes the header declares.
+            want: usize,
+        },
+        /// A have answer claims more keys than asked.
+        #[error("peer claims {claimed} of {asked} keys")]
+        Claim {
+            /// Keys claimed.
+            claimed: usize,
+            /// Keys asked.
+            asked: usize,
+        },
+    }
+
+    /// A request: an op over a run of keys.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Request {
+        /// [`OP_RUN`] or [`OP_HAVE`].
+        pub op: u8,
+        /// The keys, in prompt order.
+        pub keys: Vec<BlockKey>,
+    }
+
+    /// Encodes a request (at most [`MAX_RUN`] keys are sent).
+    pub fn encode_request(r: &Request) -> Vec<u8> {
+        let keys = &r.keys[..r.keys.len().min(MAX_RUN)];
+        let mut out = Vec::with_capacity(REQUEST_HEAD + 32 * keys.len());
+        out.extend_from_slice(MAGIC);
+        out.push(r.op);
+        out.extend_from_slice(&(keys.len() as u16).to_le_bytes());
+        for k in keys {
+            out.extend_from_slice(&k.0);
+        }
+        out
+    }
+
+    /// The total length of a request from its first [`REQUEST_HEAD`] bytes.
+    pub fn request_len(head: &[u8]) -> Result<usize, WireError> {
+        if head.len() < REQUEST_HEAD {
+            return Err(WireError::Length {
+                got: head.len(),
+                want: REQUEST_HEAD,
+            });
+        }
+        if &head[..4] != MAGIC {
+            return Err(WireError::Magic);
+        }
+        if !matches!(head[4], OP_RUN | OP_HAVE) {
+            return Err(WireError::Op(head[4]));
+        }
+        let n = u16::from_le_bytes([head[5], head[6]]) as usize;
+        if n > MAX_RUN {
+            return Err(WireError::TooLong(n));
+        }
+        Ok(REQUEST_HEAD + 32 * n)
+    }
+
+    /// Decodes a whole request.
+    pub fn decode_request(bytes: &[u8]) -> Result<Request, WireError> {
+        let want = request_len(bytes)?;
+        if bytes.len() != want {
+            return Err(WireError::Length {
+                got: bytes.len(),
+                want,
+            });
+        }
+        let keys = bytes[REQUEST_HEAD..]
+            .chunks_exact(32)
+            .map(|c| {
+                let mut k = [0u8; 32];
+                k.copy_from_slice(c);
+                BlockKey(k)
+            })
+            .collect();
+        Ok(Request { op: bytes[4], keys })
+    }
+
+    /// Encodes a have answer: `m` keys held from the first.
+    pub fn encode_have(m: usize) -> [u8; 2] {
+        (m.min(MAX_RUN) as u16).to_le_bytes()
+    }
+
+    /// Decodes a have answer to a request of `asked` keys.
+    pub fn decode_have(bytes: &[u8], asked: usize) -> Result<usize, WireError> {
+        let [a, b] = bytes else {
+            return Err(WireError::Length {
+                got: bytes.len(),
+                want: 2,
+            });
+        };
+        let m = u16::from_le_bytes([*a, *b]) as usize;
+        if m > asked {
+            return Err(WireError::Claim { claimed: m, asked });
+        }
+        Ok(m)
+    }
+}
+
+/// What fetching a run costs against computing it, for
+/// [`MeshTier::fetch_run`].
+#[derive(Debug, Clone, Copy)]
+pub struct FetchCost {
+    /// Bytes of one block on the wire (its KV blob).
+    pub block_bytes: u64,
+    /// Time this engine takes to compute one block of prompt.
+    pub compute_per_block: Duration,
+}
+
+/// Bandwidth assumed from a peer until a fetch measured it (1 Gbit/s).
+pub const DEFAULT_BYTES_PER_SEC: f64 = 125e6;
+
+impl FetchCost {
+    /// True if fetching `m` blocks (a have round trip of `rtt`, at
+    /// `bytes_per_sec`, plus one block recomputed when `check`) is faster
+    /// than computing them.
+    pub fn worth_fetching(&self, m: usize, rtt: Duration, bytes_per_sec: f64, check: bool) -> bool {
+        if m == 0 {
+            return false;
+        }
+        let transfer = (m as f64 * self.block_bytes as f64) / bytes_per_sec.max(1.0);
+        let checking = if check {
+            self.compute_per_block
+        } else {
+            Duration::ZERO
+        };
+        let fetch = rtt + Duration::from_secs_f64(transfer.min(1e6)) + checking;
+        fetch < self.compute_per_block * m as u32
+    }
+}
 
 /// A block fetched from a peer.
 #[derive(Debug, Clone)]
@@ -80,6 +257,8 @@ pub struct MeshTier {
     taken: Mutex<HashMap<PeerId, Vec<BlockKey>>>,
     /// Peers caught lying.
     pub banned: Mutex<HashSet<PeerId>>,
+    /// Bandwidth measured from each peer (bytes per second).
+    bandwidth: Mutex<HashMap<PeerId, f64>>,
     /// Test hook: serve perturbed (but validly signed) KV.
     #[doc(hidden)]
     pub test_lie: bool,
@@ -145,6 +324,7 @@ impl MeshTier {
             checked: Mutex::new(HashSet::new()),
             taken: Mutex::new(HashMap::new()),
             banned: Mutex::new(HashSet::new()),
+            bandwidth: Mutex::new(HashMap::new()),
             test_lie,
         });
         let weak_cache = Arc::downgrade(&cache);
@@ -152,22 +332,66 @@ impl MeshTier {
         Ok(tier)
     }
 
-    /// Asks connected peers, one after the other, for the longest run of
-    /// `keys` from the first; returns the first non-empty verified run.
+    /// Finds the connected member holding the longest run of `keys` (one
+    /// parallel have round), and fetches that run if it is cheaper than
+    /// computing it (see the module docs); a failed fetch falls to the next
+    /// longest run. Returns the verified blocks, or nothing.
     /// Blocking: call from a non-async thread.
-    pub fn fetch_run(&self, keys: &[BlockKey]) -> Vec<Fetched> {
+    pub fn fetch_run(&self, keys: &[BlockKey], cost: FetchCost) -> Vec<Fetched> {
         if keys.is_empty() {
             return Vec::new();
         }
         let keys = &keys[..keys.len().min(MAX_RUN)];
         self.rt.block_on(async {
             let peers = self.mesh.connected().await.unwrap_or_default();
-            for peer in peers {
-                if self.banned.lock().contains(&peer) {
+            let peers: Vec<PeerId> = {
+                let banned = self.banned.lock();
+                peers.into_iter().filter(|p| !banned.contains(p)).collect()
+            };
+            let asks = peers.into_iter().map(|peer| async move {
+                let t0 = std::time::Instant::now();
+                match tokio::time::timeout(FETCH_TIMEOUT, self.have(peer, keys)).await {
+                    Ok(Ok(m)) => Some((peer, m, t0.elapsed())),
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "kv have failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "kv have timed out");
+                        None
+                    }
+                }
+            });
+            // In answer order, so a stable sort keeps the fastest first on a tie.
+            let mut offers: Vec<(PeerId, usize, Duration)> = futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .flatten()
+                .filter(|(_, m, _)| *m > 0)
+                .collect();
+            offers.sort_by_key(|(_, m, rtt)| (std::cmp::Reverse(*m), *rtt));
+            for (peer, m, rtt) in offers {
+                let bw = self
+                    .bandwidth
+                    .lock()
+                    .get(&peer)
+                    .copied()
+                    .unwrap_or(DEFAULT_BYTES_PER_SEC);
+                let check = !self.is_checked(&peer);
+                if !cost.worth_fetching(m, rtt, bw, check) {
+                    tracing::debug!(%peer, blocks = m, "computing is cheaper than fetching");
                     continue;
                 }
-                match tokio::time::timeout(FETCH_TIMEOUT, self.ask(peer, keys)).await {
-                    Ok(Ok(run)) if !run.is_empty() => return run,
+                let t0 = std::time::Instant::now();
+                match tokio::time::timeout(FETCH_TIMEOUT, self.ask(peer, &keys[..m])).await {
+                    Ok(Ok(run)) if !run.is_empty() => {
+                        let bytes: usize = run.iter().map(|f| f.blob.len()).sum();
+                        let secs = t0.elapsed().as_secs_f64().max(1e-6);
+                        let mut bws = self.bandwidth.lock();
+                        let old = bws.get(&peer).copied().unwrap_or(bytes as f64 / secs);
+                        bws.insert(peer, (old + bytes as f64 / secs) / 2.0);
+                        return run;
+                    }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "kv fetch failed"),
                     Err(_) => tracing::debug!(%peer, "kv fetch timed out"),
@@ -177,20 +401,35 @@ impl MeshTier {
         })
     }
 
-    async fn ask(&self, peer: PeerId, keys: &[BlockKey]) -> std::io::Result<Vec<Fetched>> {
+    async fn open(
+        &self,
+        peer: PeerId,
+        op: u8,
+        keys: &[BlockKey],
+    ) -> std::io::Result<libp2p::Stream> {
         let mut control = self.control.clone();
         let mut s = control
             .open_stream(peer, KV_PROTOCOL)
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let mut req = MAGIC.to_vec();
-        req.push(1);
-        req.extend_from_slice(&(keys.len() as u16).to_le_bytes());
-        for k in keys {
-            req.extend_from_slice(&k.0);
-        }
+        let req = wire::encode_request(&wire::Request {
+            op,
+            keys: keys.to_vec(),
+        });
         s.write_all(&req).await?;
         s.flush().await?;
+        Ok(s)
+    }
+
+    /// How long a run of `keys` `peer` holds (op 2).
+    async fn have(&self, peer: PeerId, keys: &[BlockKey]) -> std::io::Result<usize> {
+        let mut s = self.open(peer, wire::OP_HAVE, keys).await?;
+        let b = read_exact(&mut s, 2).await?;
+        wire::decode_have(&b, keys.len()).map_err(|e| bad(&e.to_string()))
+    }
+
+    async fn ask(&self, peer: PeerId, keys: &[BlockKey]) -> std::io::Result<Vec<Fetched>> {
+        let mut s = self.open(peer, wire::OP_RUN, keys).await?;
         let m = read_u16(&mut s).await?;
         if m > keys.len() {
             return Err(bad("peer sent more blocks than asked"));
@@ -298,23 +537,22 @@ async fn answer(
     pk: &[u8],
     lie: bool,
 ) -> std::io::Result<()> {
-    let head = read_exact(&mut s, 5).await?;
-    if &head[..4] != MAGIC || head[4] != 1 {
-        return Err(bad("not a kv/1 run request"));
+    let head = read_exact(&mut s, wire::REQUEST_HEAD).await?;
+    let len = wire::request_len(&head).map_err(|e| bad(&e.to_string()))?;
+    let mut req = head;
+    req.extend_from_slice(&read_exact(&mut s, len - wire::REQUEST_HEAD).await?);
+    let wire::Request { op, keys } = wire::decode_request(&req).map_err(|e| bad(&e.to_string()))?;
+    if op == wire::OP_HAVE {
+        let c = cache.clone();
+        let m =
+            tokio::task::spawn_blocking(move || keys.iter().take_while(|k| c.holds_own(k)).count())
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        s.write_all(&wire::encode_have(m)).await?;
+        s.flush().await?;
+        s.close().await?;
+        return Ok(());
     }
-    let n = read_u16(&mut s).await?;
-    if n > MAX_RUN {
-        return Err(bad("run too long"));
-    }
-    let raw = read_exact(&mut s, n * 32).await?;
-    let keys: Vec<BlockKey> = raw
-        .chunks_exact(32)
-        .map(|c| {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(c);
-            BlockKey(k)
-        })
-        .collect();
     let c = cache.clone();
     let blobs = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
@@ -380,4 +618,85 @@ pub fn kv_rel_error(
         return if num == 0.0 { 0.0 } else { f32::INFINITY };
     }
     (num / den).sqrt() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire::*;
+    use super::*;
+
+    fn req(op: u8, n: u8) -> Request {
+        Request {
+            op,
+            keys: (0..n).map(|i| BlockKey([i; 32])).collect(),
+        }
+    }
+
+    #[test]
+    fn wire_roundtrip_and_refusals() {
+        for r in [req(OP_HAVE, 0), req(OP_HAVE, 3), req(OP_RUN, 2)] {
+            let b = encode_request(&r);
+            assert_eq!(request_len(&b[..REQUEST_HEAD]), Ok(b.len()));
+            assert_eq!(decode_request(&b), Ok(r));
+        }
+        let b = encode_request(&req(OP_HAVE, 2));
+        assert!(decode_request(&b[..b.len() - 1]).is_err());
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode_request(&long).is_err());
+        let mut m = b.clone();
+        m[0] = b'X';
+        assert_eq!(decode_request(&m), Err(WireError::Magic));
+        let mut op = b.clone();
+        op[4] = 9;
+        assert_eq!(decode_request(&op), Err(WireError::Op(9)));
+        let mut n = b.clone();
+        n[5..7].copy_from_slice(&2000u16.to_le_bytes());
+        assert_eq!(request_len(&n), Err(WireError::TooLong(2000)));
+        assert!(decode_request(&b[..3]).is_err());
+        assert_eq!(decode_have(&encode_have(2), 3), Ok(2));
+        assert!(decode_have(&encode_have(4), 3).is_err(), "more than asked");
+        assert!(decode_have(&[1], 3).is_err());
+        assert!(decode_have(&[1, 0, 0], 3).is_err());
+    }
+
+    /// The wire format is pinned by a fixture: a have request of 2 keys, a
+    /// run request of 1 key, a have answer of 1.
+    #[test]
+    fn wire_fixture_v1() {
+        let mut b = encode_request(&req(OP_HAVE, 2));
+        b.extend(encode_request(&req(OP_RUN, 1)));
+        b.extend(encode_have(1));
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kv-wire-v1.bin");
+        if std::env::var_os("SHOAL_REGEN_FIXTURES").is_some() {
+            std::fs::write(&path, &b).expect("write");
+        }
+        let want = include_bytes!("../../tests/fixtures/kv-wire-v1.bin");
+        assert_eq!(&b[..], &want[..]);
+        assert_eq!(&want[..4], b"SKV1");
+        let (have, rest) = want.split_at(REQUEST_HEAD + 64);
+        let (run, ans) = rest.split_at(REQUEST_HEAD + 32);
+        assert_eq!(decode_request(have), Ok(req(OP_HAVE, 2)));
+        assert_eq!(decode_request(run), Ok(req(OP_RUN, 1)));
+        assert_eq!(decode_have(ans, 1), Ok(1));
+    }
+
+    #[test]
+    fn fetch_only_when_cheaper_than_computing() {
+        let c = FetchCost {
+            block_bytes: 368_748,
+            compute_per_block: Duration::from_millis(32),
+        };
+        let rtt = Duration::from_millis(1);
+        // 10 blocks at 1 Gbit/s: ~30 ms against 320 ms of compute.
+        assert!(c.worth_fetching(10, rtt, DEFAULT_BYTES_PER_SEC, false));
+        assert!(c.worth_fetching(10, rtt, DEFAULT_BYTES_PER_SEC, true));
+        // At 1 MB/s the same run takes ~3.7 s: compute.
+        assert!(!c.worth_fetching(10, rtt, 1e6, false));
+        // A slow round trip or a spot check tips a one-block run.
+        assert!(!c.worth_fetching(1, Duration::from_millis(40), DEFAULT_BYTES_PER_SEC, false));
+        assert!(!c.worth_fetching(1, rtt, DEFAULT_BYTES_PER_SEC, true));
+        assert!(!c.worth_fetching(0, rtt, DEFAULT_BYTES_PER_SEC, false));
+    }
 }

@@ -361,6 +361,14 @@ impl PrefixCache {
         self.ram.lock().insert(key, blob);
     }
 
+    /// True if a tier holds `key` and this node computed it (what a
+    /// neighbour may be offered).
+    pub fn holds_own(&self, key: &BlockKey) -> bool {
+        !self.is_foreign(key)
+            && (self.ram.lock().contains(key)
+                || self.disk.as_ref().is_some_and(|d| d.contains(key)))
+    }
+
     /// True for blocks that came from a neighbour.
     pub fn is_foreign(&self, key: &BlockKey) -> bool {
         self.foreign.lock().contains(key)

@@ -143,9 +143,10 @@ impl Engine {
                 .name(format!("engine-{name}"))
                 .spawn(move || {
                     let mut hot: Option<HotSequence> = None;
+                    let mut rate = PromptRate::default();
                     for q in rx {
                         let t0 = Instant::now();
-                        let cancelled = run_job(&model, kv.as_ref(), &mut hot, q.job);
+                        let cancelled = run_job(&model, kv.as_ref(), &mut hot, &mut rate, q.job);
                         let ms = t0.elapsed().as_millis() as u64;
                         let old = avg.load(Ordering::Relaxed);
                         avg.store((old * 3 + ms) / 4, Ordering::Relaxed);
@@ -255,11 +256,33 @@ struct HotSequence {
     cache: KvCache,
 }
 
+/// The engine's measured prompt throughput: time per prompt token
+/// (moving average), for deciding whether fetching KV beats computing it.
+#[derive(Debug, Clone, Copy)]
+struct PromptRate(Duration);
+
+impl Default for PromptRate {
+    /// Until measured: 5 ms per token (a small model on a few cores).
+    fn default() -> Self {
+        PromptRate(Duration::from_millis(5))
+    }
+}
+
+impl PromptRate {
+    fn observe(&mut self, tokens: usize, took: Duration) {
+        if tokens >= 16 {
+            let t = took / tokens as u32;
+            self.0 = (self.0 + t) / 2;
+        }
+    }
+}
+
 /// Runs one job; returns true if it ended cancelled.
 fn run_job(
     model: &Model,
     kv: Option<&(Arc<PrefixCache>, KeyContext)>,
     hot: &mut Option<HotSequence>,
+    rate: &mut PromptRate,
     job: Job,
 ) -> bool {
     let t0 = Instant::now();
@@ -310,7 +333,14 @@ fn run_job(
             && cached < usable * ctx.block_tokens
         {
             let from = cached / ctx.block_tokens;
-            let run = mesh.fetch_run(&keys[from..usable]);
+            let cost = crate::kvcache::mesh::FetchCost {
+                block_bytes: model
+                    .kv_layout()
+                    .export_len(ctx.block_tokens, pc.config().dtype)
+                    as u64,
+                compute_per_block: rate.0 * ctx.block_tokens as u32,
+            };
+            let run = mesh.fetch_run(&keys[from..usable], cost);
             if !run.is_empty() {
                 let (c, n) = take_from_mesh(model, pc, ctx, mesh, &cache, &job.prompt, from, &run);
                 cache = c;
@@ -360,6 +390,7 @@ fn run_job(
     let cancelled = job.cancel.load(Ordering::Relaxed);
     match res {
         Ok(out) => {
+            rate.observe(job.prompt.len() - cached, out.prompt_time);
             if let Some((pc, ctx)) = kv {
                 // Store the blocks of everything the cache now holds.
                 let mut all = job.prompt.clone();
