@@ -159,6 +159,18 @@ mod pool {
     }
 }
 
+/// One full storage block of a cache ([`BLOCK_TOKENS`] positions, every
+/// layer, f32), shared without copying: see [`KvCache::shared_block`].
+#[derive(Clone)]
+pub struct SharedBlock(Arc<Block>);
+
+impl SharedBlock {
+    /// Bytes of storage it holds.
+    pub fn bytes(&self) -> usize {
+        self.0.0.len() * 4
+    }
+}
+
 /// Keys and values of one sequence, for positions `0..len()`.
 #[derive(Clone)]
 pub struct KvCache {
@@ -230,6 +242,55 @@ impl KvCache {
         let mut c = self.clone();
         c.truncate(n);
         c
+    }
+
+    /// Storage block `j` (positions `j * BLOCK_TOKENS..(j + 1) * BLOCK_TOKENS`)
+    /// when all its positions are held. Later writes to this cache never
+    /// change it (a write into a shared block copies it first).
+    pub fn shared_block(&self, j: usize) -> Option<SharedBlock> {
+        if (j + 1) * BLOCK_TOKENS > self.len {
+            return None;
+        }
+        self.blocks.get(j).map(|b| SharedBlock(b.clone()))
+    }
+
+    /// A copy of storage block `j` (when all its positions are held) with
+    /// every value rounded through `dtype`: exactly what exporting its
+    /// positions and importing them gives, without the bytes in between.
+    pub fn rounded_block(&self, j: usize, dtype: KvDtype) -> Option<SharedBlock> {
+        if (j + 1) * BLOCK_TOKENS > self.len {
+            return None;
+        }
+        let src = &self.blocks.get(j)?.0;
+        let mut out = pool::take(src.len());
+        let mut bytes = Vec::with_capacity(dtype.head_bytes(self.layout.head_dim));
+        let mut tmp = vec![f16::ZERO; self.layout.head_dim];
+        // Head vectors are contiguous runs of head_dim values, as in an export.
+        for (o, x) in out
+            .chunks_exact_mut(self.layout.head_dim)
+            .zip(src.chunks_exact(self.layout.head_dim))
+        {
+            bytes.clear();
+            encode(dtype, x, &mut bytes);
+            decode(dtype, &bytes, o, &mut tmp);
+        }
+        Some(SharedBlock(Arc::new(Block(out))))
+    }
+
+    /// Appends a full storage block (taken from a cache of the same layout
+    /// by [`KvCache::shared_block`]) at `len()`, which must be a multiple of
+    /// [`BLOCK_TOKENS`]. Copies nothing.
+    pub fn push_shared(&mut self, b: SharedBlock) -> Result<(), InferenceError> {
+        if !self.len.is_multiple_of(BLOCK_TOKENS) || b.0.0.len() != self.layout.block_len() {
+            return Err(InferenceError::Kv(format!(
+                "a shared block does not fit a cache of {} positions",
+                self.len
+            )));
+        }
+        self.blocks.truncate(self.len / BLOCK_TOKENS);
+        self.blocks.push(b.0);
+        self.len += BLOCK_TOKENS;
+        Ok(())
     }
 
     /// Makes room for `n` more positions (allocating or un-sharing blocks).
@@ -671,6 +732,33 @@ mod tests {
             2
         );
         assert!(c.get(0, 0, 0, 2).is_none());
+    }
+
+    #[test]
+    fn shared_and_rounded_blocks_match_export_import() {
+        let a = filled(70);
+        let id = [6u8; 32];
+        for dtype in [KvDtype::F16, KvDtype::Q8_0] {
+            let b = KvCache::import(&a.export(0..64, dtype, &id).expect("export"), L, &id)
+                .expect("import");
+            let mut c = KvCache::new(L);
+            for j in 0..2 {
+                c.push_shared(a.rounded_block(j, dtype).expect("full block"))
+                    .expect("push");
+            }
+            assert!(a.rounded_block(2, dtype).is_none(), "block 2 is partial");
+            assert_eq!(c.len(), 64);
+            for p in [0, 31, 32, 63] {
+                for kv in 0..2 {
+                    assert_eq!(c.get(1, kv, 0, p), b.get(1, kv, 0, p), "{dtype:?} {p}");
+                }
+            }
+            // Appending after shared blocks copies them first: the source stays.
+            let mut d = c.fork(40);
+            assert!(d.push_shared(a.shared_block(0).expect("block")).is_err());
+            d.append(&[1.0; 64], &[1.0; 64]).expect("append");
+            assert_eq!(c.get(0, 0, 0, 40), b.get(0, 0, 0, 40));
+        }
     }
 
     /// The byte format is pinned by a checked-in fixture: a 2-position,

@@ -23,7 +23,10 @@ mod tokenizer;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use generate::{GenerateConfig, GenerateOutput, StopReason, TokenEvent, generate};
 pub use kernels::Isa;
-pub use kv::{KV_FORMAT_VERSION, KV_MAGIC, KvCache, KvDtype, KvLayout};
+pub use kv::{
+    BLOCK_TOKENS as KV_STORAGE_TOKENS, KV_FORMAT_VERSION, KV_MAGIC, KvCache, KvDtype, KvLayout,
+    SharedBlock,
+};
 pub use model::{HParams, Model, ModelConfig};
 pub use sample::{Sampler, SamplerConfig};
 pub use tokenizer::Tokenizer;

@@ -26,7 +26,7 @@ pub mod mesh;
 pub mod ram;
 pub mod tail;
 
-use crate::inference::{KvCache, KvDtype, Model};
+use crate::inference::{KV_STORAGE_TOKENS as BLOCK_TOKENS, KvCache, KvDtype, Model};
 use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -404,7 +404,29 @@ impl PrefixCache {
             return hit;
         }
         let m = crate::metrics::global();
-        for key in keys {
+        // Decoded storage blocks first: shared into the cache, no copy.
+        if self.decoded_usable() {
+            let mut j = 0;
+            while let Some(key) = keys.get(self.covering(j)) {
+                let Some(sb) = self.ram.lock().get_decoded(&decoded_key(key, j)) else {
+                    break;
+                };
+                if cache.push_shared(sb).is_err() {
+                    break;
+                }
+                j += 1;
+            }
+            // Back to a boundary of the key blocks (when they span several).
+            cache.truncate(cache.len() / self.cfg.block_tokens * self.cfg.block_tokens);
+            hit.blocks = cache.len() / self.cfg.block_tokens;
+            hit.from_ram = hit.blocks;
+            self.stats
+                .ram_hits
+                .fetch_add(hit.blocks as u64, Ordering::Relaxed);
+            m.kv_lookup(crate::metrics::Tier::Ram, true, hit.blocks as u64);
+        }
+        let first_decoded = cache.len() / BLOCK_TOKENS;
+        for key in &keys[hit.blocks..] {
             let Some((blob, tier)) = self.get(key) else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 m.kv_lookup(crate::metrics::Tier::Ram, false, 1);
@@ -437,8 +459,57 @@ impl PrefixCache {
                 }
             }
         }
+        // Keep what was decoded for next time.
+        self.keep_decoded(cache, keys, first_decoded, false);
         self.report_usage();
         hit
+    }
+
+    /// True when storage blocks line up with key blocks (one divides the other).
+    fn decoded_usable(&self) -> bool {
+        let b = self.cfg.block_tokens;
+        self.cfg.ram_budget > 0
+            && (BLOCK_TOKENS.is_multiple_of(b) || b.is_multiple_of(BLOCK_TOKENS))
+    }
+
+    /// The key block holding the last position of storage block `j`: its key
+    /// pins every token that block depends on.
+    fn covering(&self, j: usize) -> usize {
+        ((j + 1) * BLOCK_TOKENS - 1) / self.cfg.block_tokens
+    }
+
+    /// Keeps the full storage blocks `from_j..` of `cache` (whose key
+    /// blocks are `keys`) in the RAM tier as decoded entries, up to the
+    /// first block that depends on a neighbour's KV. With `round`, values
+    /// are first rounded through the storage dtype (blocks computed in f32),
+    /// so every tier gives the very same KV; without, the blocks were
+    /// imported from blobs and are shared as they are.
+    fn keep_decoded(&self, cache: &KvCache, keys: &[BlockKey], from_j: usize, round: bool) {
+        if !self.decoded_usable() {
+            return;
+        }
+        let own = keys
+            .iter()
+            .position(|k| self.is_foreign(k))
+            .unwrap_or(keys.len());
+        for j in from_j..cache.len() / BLOCK_TOKENS {
+            let i = self.covering(j);
+            if i >= own {
+                break;
+            }
+            let dk = decoded_key(&keys[i], j);
+            if self.ram.lock().contains(&dk) {
+                continue;
+            }
+            let sb = if round {
+                cache.rounded_block(j, self.cfg.dtype)
+            } else {
+                cache.shared_block(j)
+            };
+            if let Some(sb) = sb {
+                self.ram.lock().insert_decoded(dk, sb);
+            }
+        }
     }
 
     /// Stores the tail record `key` (see [`tail`]) for `tokens`, replacing
@@ -583,8 +654,18 @@ impl PrefixCache {
                 }
             }
         }
+        self.keep_decoded(cache, keys, 0, true);
         self.report_usage();
     }
+}
+
+/// The RAM-tier key of storage block `j` decoded, pinned by key block `key`.
+fn decoded_key(key: &BlockKey, j: usize) -> BlockKey {
+    let mut h = blake3::Hasher::new();
+    h.update(b"shoal-kv-f32-v1");
+    h.update(&key.0);
+    h.update(&(j as u64).to_le_bytes());
+    BlockKey(*h.finalize().as_bytes())
 }
 
 impl Drop for PrefixCache {
@@ -633,6 +714,54 @@ mod tests {
         ] {
             assert_ne!(other.keys(&[1, 2, 3, 4])[0], a[0]);
         }
+    }
+
+    #[test]
+    fn decoded_ram_blocks_equal_imported_blobs_and_skip_foreign() {
+        use crate::inference::KvLayout;
+        let l = KvLayout {
+            n_layer: 2,
+            n_kv_head: 1,
+            head_dim: 32,
+        };
+        let mut c = KvCache::new(l);
+        for p in 0..70 {
+            let k: Vec<f32> = (0..64).map(|i| (p * 64 + i) as f32 / 300.0).collect();
+            c.append(&k, &k).expect("append");
+        }
+        let id = [8u8; 32];
+        let cx = KeyContext {
+            block_tokens: 16,
+            ..ctx()
+        };
+        let keys = cx.keys(&(0..70).collect::<Vec<u32>>());
+        let pc = PrefixCache::open(KvCacheConfig::default()).expect("open");
+        pc.store_blocks(&c, &keys, 0, &id);
+        // 4 blobs and 2 decoded storage blocks (64 positions).
+        assert_eq!(pc.ram().lock().len(), 4 + 2);
+        let mut a = KvCache::new(l);
+        assert_eq!(pc.load_prefix(&keys, &id, &mut a).blocks, 4);
+        let mut b = KvCache::new(l);
+        for k in &keys {
+            let (blob, _) = pc.get(k).expect("blob");
+            b.import_append(&blob, &id).expect("import");
+        }
+        for p in [0, 33, 63] {
+            assert_eq!(a.get(1, 1, 0, p), b.get(1, 1, 0, p), "position {p}");
+        }
+        // Nothing decoded from the first foreign block on.
+        let pc = PrefixCache::open(KvCacheConfig::default()).expect("open");
+        pc.put_foreign(keys[2], Arc::new(Vec::new()));
+        pc.store_blocks(&c, &keys, 0, &id);
+        let decoded = (0..2)
+            .filter(|&j| {
+                pc.ram()
+                    .lock()
+                    .get_decoded(&decoded_key(&keys[2 * j + 1], j))
+                    .is_some()
+            })
+            .count();
+        assert_eq!(decoded, 1);
     }
 
     #[test]

@@ -1,12 +1,30 @@
-//! The RAM tier: a size-aware LRU with a byte budget and a TTL.
+//! The RAM tier: a size-aware LRU with a byte budget and a TTL. It holds
+//! KV blobs and decoded storage blocks (ready to share into a cache with
+//! no copy), both counted against the one budget.
 
 use super::BlockKey;
+use crate::inference::SharedBlock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[derive(Clone)]
+enum Val {
+    Blob(Arc<Vec<u8>>),
+    Decoded(SharedBlock),
+}
+
+impl Val {
+    fn size(&self) -> u64 {
+        match self {
+            Val::Blob(b) => b.len() as u64,
+            Val::Decoded(d) => d.bytes() as u64,
+        }
+    }
+}
+
 struct Entry {
-    blob: Arc<Vec<u8>>,
+    val: Val,
     stored: Instant,
     tick: u64,
 }
@@ -73,8 +91,23 @@ impl RamTier {
             .is_some_and(|e| e.stored.elapsed() <= self.ttl)
     }
 
-    /// The block, marking it recently used; expired blocks are dropped.
+    /// The blob, marking it recently used; expired blocks are dropped.
     pub fn get(&mut self, key: &BlockKey) -> Option<Arc<Vec<u8>>> {
+        match self.get_val(key)? {
+            Val::Blob(b) => Some(b),
+            Val::Decoded(_) => None,
+        }
+    }
+
+    /// The decoded block, marking it recently used; expired ones are dropped.
+    pub fn get_decoded(&mut self, key: &BlockKey) -> Option<SharedBlock> {
+        match self.get_val(key)? {
+            Val::Decoded(d) => Some(d),
+            Val::Blob(_) => None,
+        }
+    }
+
+    fn get_val(&mut self, key: &BlockKey) -> Option<Val> {
         let expired = self.map.get(key)?.stored.elapsed() > self.ttl;
         if expired {
             self.remove(key);
@@ -86,13 +119,22 @@ impl RamTier {
         self.lru.remove(&e.tick);
         e.tick = tick;
         self.lru.insert(tick, *key);
-        Some(e.blob.clone())
+        Some(e.val.clone())
     }
 
     /// Stores a block, evicting expired then least recently used blocks
     /// until it fits. Returns false if it is larger than the budget.
     pub fn insert(&mut self, key: BlockKey, blob: Arc<Vec<u8>>) -> bool {
-        let size = blob.len() as u64;
+        self.insert_val(key, Val::Blob(blob))
+    }
+
+    /// Stores a decoded block, like [`RamTier::insert`].
+    pub fn insert_decoded(&mut self, key: BlockKey, block: SharedBlock) -> bool {
+        self.insert_val(key, Val::Decoded(block))
+    }
+
+    fn insert_val(&mut self, key: BlockKey, val: Val) -> bool {
+        let size = val.size();
         self.remove(&key);
         if size > self.budget {
             return false;
@@ -103,7 +145,7 @@ impl RamTier {
                 break;
             };
             if let Some(e) = self.map.remove(&old) {
-                self.used -= e.blob.len() as u64;
+                self.used -= e.val.size();
             }
         }
         self.tick += 1;
@@ -111,7 +153,7 @@ impl RamTier {
         self.map.insert(
             key,
             Entry {
-                blob,
+                val,
                 stored: Instant::now(),
                 tick: self.tick,
             },
@@ -124,7 +166,7 @@ impl RamTier {
     pub fn remove(&mut self, key: &BlockKey) {
         if let Some(e) = self.map.remove(key) {
             self.lru.remove(&e.tick);
-            self.used -= e.blob.len() as u64;
+            self.used -= e.val.size();
         }
     }
 
@@ -185,7 +227,7 @@ mod tests {
             for (key, size, get) in ops {
                 if get { r.get(&k(key)); } else { r.insert(k(key), Arc::new(vec![0; size])); }
                 proptest::prop_assert!(r.used() <= 128);
-                let sum: u64 = r.map.values().map(|e| e.blob.len() as u64).sum();
+                let sum: u64 = r.map.values().map(|e| e.val.size()).sum();
                 proptest::prop_assert_eq!(sum, r.used());
                 proptest::prop_assert_eq!(r.map.len(), r.lru.len());
             }
