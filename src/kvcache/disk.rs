@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 /// Magic bytes of a disk-tier block file.
@@ -275,8 +276,11 @@ impl DiskTier {
     }
 }
 
+/// Longest time a queued block waits for the engines to be idle.
+pub const WRITE_DEFER: std::time::Duration = std::time::Duration::from_secs(2);
+
 enum Msg {
-    Put(BlockKey, Arc<Vec<u8>>),
+    Put(BlockKey, Arc<Vec<u8>>, std::time::Instant),
     Flush(mpsc::SyncSender<()>),
 }
 
@@ -287,14 +291,24 @@ pub(crate) struct WriteBehind {
 }
 
 impl WriteBehind {
-    pub(crate) fn start(disk: Arc<DiskTier>) -> WriteBehind {
+    /// Starts the writer; while `busy` is non-zero (a job is running)
+    /// writes wait, up to [`WRITE_DEFER`] after they were queued.
+    pub(crate) fn start(disk: Arc<DiskTier>, busy: Arc<AtomicUsize>) -> WriteBehind {
         let (tx, rx) = mpsc::channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("kv-write-behind".into())
             .spawn(move || {
                 for m in rx {
                     match m {
-                        Msg::Put(k, b) => {
+                        Msg::Put(k, b, queued) => {
+                            // Let a running job have the cores (writing a
+                            // prompt's blocks slowed the next follow-up's
+                            // forward pass by ~15 ms on 2 cores), but never
+                            // hold a block back more than WRITE_DEFER.
+                            while busy.load(Ordering::Acquire) > 0 && queued.elapsed() < WRITE_DEFER
+                            {
+                                std::thread::sleep(std::time::Duration::from_millis(2));
+                            }
                             if super::tail::is_tail(&b) {
                                 // One tail record per parent: the latest replaces it.
                                 disk.remove(&k);
@@ -321,7 +335,7 @@ impl WriteBehind {
 
     pub(crate) fn queue(&self, key: BlockKey, blob: Arc<Vec<u8>>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.send(Msg::Put(key, blob));
+            let _ = tx.send(Msg::Put(key, blob, std::time::Instant::now()));
         }
     }
 

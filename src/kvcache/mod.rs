@@ -234,6 +234,16 @@ pub struct KvStats {
     pub mesh_checked: AtomicU64,
 }
 
+/// A running job, from [`PrefixCache::busy`].
+#[derive(Debug)]
+pub struct BusyGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The outcome of [`PrefixCache::load_prefix`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrefixHit {
@@ -252,6 +262,7 @@ pub struct PrefixCache {
     ram: Mutex<RamTier>,
     disk: Option<Arc<DiskTier>>,
     writer: Option<disk::WriteBehind>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
     stats: KvStats,
     foreign: Mutex<std::collections::HashSet<BlockKey>>,
     mesh: std::sync::OnceLock<Arc<mesh::MeshTier>>,
@@ -277,12 +288,16 @@ impl PrefixCache {
             Some(d) => Some(Arc::new(DiskTier::open(d, cfg.disk_budget)?)),
             None => None,
         };
-        let writer = disk.as_ref().map(|d| disk::WriteBehind::start(d.clone()));
+        let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer = disk
+            .as_ref()
+            .map(|d| disk::WriteBehind::start(d.clone(), busy.clone()));
         Ok(PrefixCache {
             ram: Mutex::new(RamTier::new(cfg.ram_budget, cfg.ram_ttl)),
             cfg,
             disk,
             writer,
+            busy,
             stats: KvStats::default(),
             foreign: Mutex::new(std::collections::HashSet::new()),
             mesh: std::sync::OnceLock::new(),
@@ -342,6 +357,13 @@ impl PrefixCache {
         if let Some(w) = &self.writer {
             w.queue(key, blob);
         }
+    }
+
+    /// Marks a job as running until the guard is dropped: disk writes wait
+    /// for it (a bounded time, see [`disk::WRITE_DEFER`]).
+    pub fn busy(&self) -> BusyGuard {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        BusyGuard(self.busy.clone())
     }
 
     /// Attaches the mesh tier (once).

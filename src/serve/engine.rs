@@ -289,6 +289,7 @@ fn run_job(
     if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
         return true;
     }
+    let _busy = kv.map(|(pc, _)| pc.busy());
     let model_id = model.id();
     let mut cache = model.new_cache();
     let mut cached = 0usize;
