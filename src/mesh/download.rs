@@ -186,6 +186,8 @@ struct SourceState {
 struct Sched {
     have: HaveMap,
     inflight: HashMap<u32, Vec<Source>>,
+    /// `busy[i]` ⇔ `inflight` has chunk `i` (the pick scan tests this, not the map).
+    busy: Vec<bool>,
     avail: Vec<u32>,
     sources: HashMap<Source, SourceState>,
     fetched: Vec<u32>,
@@ -310,7 +312,7 @@ impl Sched {
         let mut ties = 0u64;
         let mut unassigned = false;
         for i in 0..n {
-            if self.have.get(i) || self.inflight.contains_key(&i) {
+            if self.busy[i as usize] || self.have.get(i) {
                 continue;
             }
             unassigned = true;
@@ -345,6 +347,7 @@ impl Sched {
         }
         if let Some((i, _)) = best {
             self.inflight.insert(i, vec![src]);
+            self.busy[i as usize] = true;
             return Pick::Chunk(i);
         }
         if self.endgame && !unassigned && src != Source::Origin {
@@ -369,6 +372,7 @@ impl Sched {
             by.retain(|s| *s != src);
             if by.is_empty() {
                 self.inflight.remove(&i);
+                self.busy[i as usize] = false;
             }
         }
         let max_failures = self.max_failures;
@@ -387,7 +391,9 @@ impl Sched {
                     return;
                 }
                 self.have.set(i);
-                self.inflight.remove(&i);
+                if self.inflight.remove(&i).is_some() {
+                    self.busy[i as usize] = false;
+                }
                 self.fetched.push(i);
                 self.last_chunk = Instant::now();
                 self.progress.have_bytes += len;
@@ -564,6 +570,7 @@ pub async fn download(
             finished: have.is_complete(),
             have,
             inflight: HashMap::new(),
+            busy: vec![false; n as usize],
             avail: vec![0; n as usize],
             sources: HashMap::new(),
             fetched: Vec::new(),
@@ -747,7 +754,15 @@ pub async fn download(
     }
 }
 
+/// Manifest requests in flight at once while looking for a first source.
+const MANIFEST_FANOUT: usize = 16;
+
 /// Asks connected peers and Kademlia providers for the manifest until one verifies.
+///
+/// Peers are asked in parallel (up to [`MANIFEST_FANOUT`] at a time) and the
+/// first verified manifest wins: on a large mesh a node is connected to dozens
+/// of peers that mostly lack the artifact, and asking them one after the other
+/// cost a round trip each. The Kademlia lookup runs beside the connected round.
 async fn find_manifest(
     client: &Client,
     id: ArtifactId,
@@ -757,31 +772,24 @@ async fn find_manifest(
     let deadline = Instant::now() + opts.find_timeout;
     let mut tried: HashSet<PeerId> = HashSet::new();
     loop {
-        // Connected peers first; Kademlia (slower) only when none of them has it.
-        let mut cands: Vec<PeerId> = client.connected().await?;
-        for round in 0..2 {
-            if round == 1 {
-                cands = client
-                    .providers(id)
-                    .await
-                    .unwrap_or_default()
-                    .into_iter()
-                    .collect();
-            }
-            for p in std::mem::take(&mut cands) {
-                if p == client.peer_id() || !tried.insert(p) {
-                    continue;
-                }
-                match client.manifest(p, id).await {
-                    Ok(Some(m)) => return Ok((m, Some(p))),
-                    Ok(None) => {}
-                    Err(MeshError::Protocol { peer, reason }) => {
-                        tracing::warn!(%peer, %reason, "peer sent a manifest that does not verify");
-                        let _ = client.ban(peer, format!("bad manifest: {reason}")).await;
-                    }
-                    Err(e) => tracing::debug!(peer = %p, error = %e, "manifest request failed"),
-                }
-            }
+        let c = client.clone();
+        let kad = tokio::spawn(async move { c.providers(id).await.unwrap_or_default() });
+        let connected = client.connected().await?;
+        tracing::debug!(
+            connected = connected.len(),
+            "manifest: asking connected peers"
+        );
+        if let Some(found) = ask_manifest(client, id, connected, &mut tried).await {
+            kad.abort();
+            return Ok(found);
+        }
+        let providers: Vec<PeerId> = kad.await.unwrap_or_default().into_iter().collect();
+        tracing::debug!(
+            found = providers.len(),
+            "manifest: asking Kademlia providers"
+        );
+        if let Some(found) = ask_manifest(client, id, providers, &mut tried).await {
+            return Ok(found);
         }
         if let Some(o) = origin {
             match o.manifest(&id).await {
@@ -797,6 +805,41 @@ async fn find_manifest(
         // Peers that lacked it may get it later.
         tried.clear();
         tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Asks `peers` (those not in `tried`) for the manifest, [`MANIFEST_FANOUT`]
+/// at a time; the first that verifies wins and the other requests are dropped.
+/// A peer whose manifest does not verify against `id` is banned.
+async fn ask_manifest(
+    client: &Client,
+    id: ArtifactId,
+    peers: Vec<PeerId>,
+    tried: &mut HashSet<PeerId>,
+) -> Option<(Manifest, Option<PeerId>)> {
+    use futures::StreamExt;
+    let me = client.peer_id();
+    let mut queue = peers
+        .into_iter()
+        .filter(|p| *p != me && tried.insert(*p))
+        .collect::<Vec<_>>()
+        .into_iter();
+    let mut running = futures::stream::FuturesUnordered::new();
+    loop {
+        while running.len() < MANIFEST_FANOUT {
+            let Some(p) = queue.next() else { break };
+            running.push(async move { (p, client.manifest(p, id).await) });
+        }
+        let (p, got) = running.next().await?;
+        match got {
+            Ok(Some(m)) => return Some((m, Some(p))),
+            Ok(None) => {}
+            Err(MeshError::Protocol { peer, reason }) => {
+                tracing::warn!(%peer, %reason, "peer sent a manifest that does not verify");
+                let _ = client.ban(peer, format!("bad manifest: {reason}")).await;
+            }
+            Err(e) => tracing::debug!(peer = %p, error = %e, "manifest request failed"),
+        }
     }
 }
 
@@ -828,6 +871,8 @@ fn add_source(ctx: &Arc<Ctx>, src: Source, have: HaveMap) {
 /// One request slot for one source: picks a chunk, fetches, verifies, stores, repeats.
 async fn worker(ctx: Arc<Ctx>, src: Source) {
     let mut stream: Option<Stream> = None;
+    // One body buffer per worker, reused: no fresh zeroed pages per chunk.
+    let mut buf: Vec<u8> = Vec::new();
     loop {
         let notified = ctx.notify.notified();
         let pick = ctx.sched.lock().pick(src);
@@ -848,33 +893,45 @@ async fn worker(ctx: Arc<Ctx>, src: Source) {
         let t0 = Instant::now();
         let fetched = match src {
             Source::Peer(peer) => {
-                let fut = fetch_from_peer(&ctx, peer, &mut stream, i, chunk.len);
+                let fut = fetch_from_peer(&ctx, peer, &mut stream, i, chunk.len, &mut buf);
                 match tokio::time::timeout(ctx.opts.request_timeout, fut).await {
                     Ok(r) => r,
                     Err(_) => Err(FetchError::Failed("timed out".into())),
                 }
             }
             Source::Origin => match &ctx.origin {
-                Some(o) => o
-                    .fetch(chunk.offset, chunk.len)
-                    .await
-                    .map_err(|e| FetchError::Failed(e.to_string())),
+                Some(o) => match o.fetch(chunk.offset, chunk.len).await {
+                    Ok(body) => {
+                        buf = body;
+                        Ok(())
+                    }
+                    Err(e) => Err(FetchError::Failed(e.to_string())),
+                },
                 None => return,
             },
         };
         let outcome = match fetched {
-            Ok(body) => {
+            Ok(()) => {
+                let len = buf.len() as u64;
                 if ctx.sched.lock().have.get(i) {
                     Outcome::Ok {
-                        len: body.len() as u64,
+                        len,
                         took: t0.elapsed(),
                     }
                 } else {
                     let store = ctx.client.store().clone();
                     let id = ctx.id;
-                    let len = body.len() as u64;
-                    match tokio::task::spawn_blocking(move || store.put_chunk(&id, i, &body)).await
-                    {
+                    let body = std::mem::take(&mut buf);
+                    let put = tokio::task::spawn_blocking(move || {
+                        let r = store.put_chunk(&id, i, &body);
+                        (body, r)
+                    })
+                    .await
+                    .map(|(body, r)| {
+                        buf = body;
+                        r
+                    });
+                    match put {
                         Ok(Ok(())) => Outcome::Ok {
                             len,
                             took: t0.elapsed(),
@@ -943,7 +1000,8 @@ async fn fetch_from_peer(
     stream: &mut Option<Stream>,
     index: u32,
     len: u32,
-) -> Result<Vec<u8>, FetchError> {
+    body: &mut Vec<u8>,
+) -> Result<(), FetchError> {
     let s = match stream {
         Some(s) => s,
         None => stream.insert(
@@ -967,9 +1025,9 @@ async fn fetch_from_peer(
     }
     match h.status {
         ChunkStatus::Ok { len: got } if got == len => {
-            let mut body = vec![0u8; len as usize];
-            s.read_exact(&mut body).await.map_err(io)?;
-            Ok(body)
+            body.resize(len as usize, 0);
+            s.read_exact(body).await.map_err(io)?;
+            Ok(())
         }
         ChunkStatus::Ok { len: got } => Err(FetchError::Lied(format!(
             "chunk of {got} bytes, manifest says {len}"
@@ -1011,16 +1069,20 @@ impl Downloads {
             ..Progress::default()
         });
         let client = client.clone();
-        let task = tokio::spawn(async move {
-            let opts = client.config().download.clone();
-            if let Err(e) = download(&client, id, origin, &opts, Some(&tx)).await {
-                tracing::warn!(%id, error = %e, "download failed");
-                tx.send_modify(|p| {
-                    p.phase = Phase::Failed;
-                    p.error.get_or_insert_with(|| e.to_string());
-                });
-            }
-        });
+        let span = tracing::info_span!("pull", node = %client.peer_id(), id = %id.short());
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let opts = client.config().download.clone();
+                if let Err(e) = download(&client, id, origin, &opts, Some(&tx)).await {
+                    tracing::warn!(%id, error = %e, "download failed");
+                    tx.send_modify(|p| {
+                        p.phase = Phase::Failed;
+                        p.error.get_or_insert_with(|| e.to_string());
+                    });
+                }
+            },
+            span,
+        ));
         jobs.insert(
             id,
             Job {

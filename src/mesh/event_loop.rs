@@ -342,12 +342,21 @@ impl EventLoop {
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established: 0,
+                cause,
                 ..
             } => {
-                tracing::info!(peer = %peer_id, "peer disconnected");
+                tracing::info!(peer = %peer_id, ?cause, "peer disconnected");
                 self.connected.remove(&peer_id);
                 crate::metrics::global().peers_connected(self.connected.len());
                 let _ = self.shared.events.send(MeshEvent::Disconnected(peer_id));
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                cause,
+                ..
+            } => {
+                tracing::debug!(peer = %peer_id, ?cause, num_established, "one connection closed");
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             _ => {}
@@ -435,10 +444,22 @@ impl EventLoop {
                 {
                     found.extend(providers);
                 }
-                if step.last
+                // Answer with the first providers found: waiting for the query to
+                // visit every closest peer costs seconds on a large mesh, and a
+                // download looks up providers again while it runs.
+                let have_some = self
+                    .pending_providers
+                    .get(&id)
+                    .is_some_and(|(found, _)| !found.is_empty());
+                if (step.last || have_some)
                     && let Some((found, reply)) = self.pending_providers.remove(&id)
                 {
                     let _ = reply.send(found);
+                    if !step.last
+                        && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id)
+                    {
+                        q.finish();
+                    }
                 }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {

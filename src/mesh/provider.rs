@@ -83,8 +83,9 @@ impl Provider {
         let res = tokio::task::spawn_blocking(
             move || -> Result<MetaResponse, crate::store::StoreError> {
                 Ok(match req {
-                    MetaRequest::Manifest(id) => match store.manifest(&id)? {
-                        Some(m) => MetaResponse::Manifest(m.encode()),
+                    // The stored bytes are canonical (checked when stored).
+                    MetaRequest::Manifest(id) => match store.manifest_bytes(&id)? {
+                        Some(m) => MetaResponse::Manifest(m),
                         None => MetaResponse::NotFound,
                     },
                     MetaRequest::HaveMap(id) => match store.have_map(&id)? {
@@ -140,26 +141,46 @@ impl Provider {
         }
     }
 
-    async fn read_chunk(&self, id: ArtifactId, index: u32) -> Result<Vec<u8>, ChunkStatus> {
-        let _permit = self.reads.acquire().await.map_err(|_| ChunkStatus::Busy)?;
+    /// Reads chunk `index` into `buf` (a buffer reused across a stream's chunks).
+    async fn read_chunk(
+        &self,
+        id: ArtifactId,
+        index: u32,
+        buf: Vec<u8>,
+    ) -> (Vec<u8>, Result<(), ChunkStatus>) {
+        let Ok(_permit) = self.reads.acquire().await else {
+            return (buf, Err(ChunkStatus::Busy));
+        };
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.read_chunk(&id, index))
-            .await
-            .map_err(|_| ChunkStatus::Error)?
-            .map_err(|e| match e {
-                StoreError::NoChunk { .. } | StoreError::Unknown(_) => ChunkStatus::NotFound,
-                e => {
-                    tracing::warn!(%id, index, error = %e, "cannot read chunk");
-                    ChunkStatus::Error
-                }
-            })
+        let mut buf = buf;
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = store.read_chunk_into(&id, index, &mut buf);
+            (buf, r)
+        })
+        .await;
+        let Ok((buf, r)) = joined else {
+            return (Vec::new(), Err(ChunkStatus::Error));
+        };
+        let r = r.map_err(|e| match e {
+            StoreError::NoChunk { .. } | StoreError::Unknown(_) => ChunkStatus::NotFound,
+            e => {
+                tracing::warn!(%id, index, error = %e, "cannot read chunk");
+                ChunkStatus::Error
+            }
+        });
+        (buf, r)
     }
 
     /// Serves one pipelined chunk stream: requests in, header + raw body out, in order.
     async fn chunk_stream(&self, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
+        let mut body = Vec::new();
         while let Some(req) = wire::read_chunk_request(&mut stream).await? {
-            match self.read_chunk(req.id, req.index).await {
-                Ok(mut body) => {
+            let (buf, read) = self
+                .read_chunk(req.id, req.index, std::mem::take(&mut body))
+                .await;
+            body = buf;
+            match read {
+                Ok(()) => {
                     if self.corrupt
                         && let Some(b) = body.first_mut()
                     {

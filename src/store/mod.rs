@@ -49,6 +49,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const STORE_FORMAT: u32 = 1;
 /// Bytes of written-but-unsynced chunks after which a partial is flushed.
 const AUTO_FLUSH_BYTES: u64 = 16 << 20;
+/// Decoded manifests kept by [`Store::manifest_shared`] (cleared when full).
+const MANIFEST_CACHE_ENTRIES: usize = 64;
 
 /// Errors from the content store.
 #[derive(Debug, thiserror::Error)]
@@ -313,6 +315,8 @@ struct Inner {
     names: Keyspace,
     trust: Keyspace,
     partials: Mutex<HashMap<ArtifactId, Partial>>,
+    /// Decoded manifests of recently read artifacts (immutable: an id names one manifest).
+    manifest_cache: Mutex<HashMap<ArtifactId, Arc<Manifest>>>,
     /// Serializes metadata read-modify-write sequences (releases, activation, eviction).
     meta_lock: Mutex<()>,
 }
@@ -489,6 +493,7 @@ impl Store {
             dir: dir.to_owned(),
             opts,
             partials: Mutex::new(HashMap::new()),
+            manifest_cache: Mutex::new(HashMap::new()),
             meta_lock: Mutex::new(()),
         };
         let store = Store {
@@ -591,6 +596,25 @@ impl Store {
             None => Ok(None),
             Some(b) => Ok(Some(Manifest::decode(&b)?)),
         }
+    }
+
+    /// The manifest of a known artifact, shared: decoded once and kept in a
+    /// small cache (a manifest never changes under its id), so serving a
+    /// chunk does not decode and re-validate the whole manifest each time.
+    pub fn manifest_shared(&self, id: &ArtifactId) -> Result<Option<Arc<Manifest>>, StoreError> {
+        if let Some(m) = self.inner.manifest_cache.lock().get(id) {
+            return Ok(Some(m.clone()));
+        }
+        let Some(m) = self.manifest(id)? else {
+            return Ok(None);
+        };
+        let m = Arc::new(m);
+        let mut cache = self.inner.manifest_cache.lock();
+        if cache.len() >= MANIFEST_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(*id, m.clone());
+        Ok(Some(m))
     }
 
     /// The canonical manifest bytes (what peers hash to check the id).
@@ -989,7 +1013,8 @@ impl Store {
         if manifest.size > 0 {
             // SAFETY: read-only map of our own partial file, which only this store writes.
             let map = unsafe { memmap2::Mmap::map(&*file) }.map_err(io_err("map", &path))?;
-            h.update(&map);
+            // All cores: this pass is on the critical path of every download.
+            h.update_rayon(&map);
         }
         if h.finalize().as_bytes() != &manifest.blake3 {
             return Err(StoreError::FileMismatch(*id));
@@ -1058,16 +1083,27 @@ impl Store {
 
     /// Reads a present chunk, re-verifying its hash (a corrupted disk is never served).
     pub fn read_chunk(&self, id: &ArtifactId, index: u32) -> Result<Vec<u8>, StoreError> {
+        let mut buf = Vec::new();
+        self.read_chunk_into(id, index, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`Store::read_chunk`] into a caller's buffer (reused across chunks: no
+    /// fresh zeroed pages per chunk). On error the buffer's content is unspecified.
+    pub fn read_chunk_into(
+        &self,
+        id: &ArtifactId,
+        index: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), StoreError> {
         let status = self
             .status(id)?
             .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
         let (path, manifest) = match status {
             ArtifactStatus::Active => (
                 self.object_path(id),
-                Arc::new(
-                    self.manifest(id)?
-                        .ok_or_else(|| StoreError::Unknown(id.to_hex()))?,
-                ),
+                self.manifest_shared(id)?
+                    .ok_or_else(|| StoreError::Unknown(id.to_hex()))?,
             ),
             ArtifactStatus::Partial => {
                 self.load_partial(id)?;
@@ -1086,10 +1122,10 @@ impl Store {
             .get(index as usize)
             .ok_or(StoreError::NoChunk { id: *id, index })?;
         let f = File::open(&path).map_err(io_err("open", &path))?;
-        let mut buf = vec![0u8; c.len as usize];
-        f.read_exact_at(&mut buf, c.offset)
+        buf.resize(c.len as usize, 0);
+        f.read_exact_at(buf, c.offset)
             .map_err(io_err("read", &path))?;
-        let got = ChunkHash::of(&buf);
+        let got = ChunkHash::of(buf);
         if got != c.hash {
             tracing::error!(%id, index, "stored chunk is corrupt");
             return Err(StoreError::ChunkMismatch {
@@ -1099,7 +1135,7 @@ impl Store {
                 got,
             });
         }
-        Ok(buf)
+        Ok(())
     }
 
     /// Path of an active artifact's file (for memory-mapping). Marks it used.
@@ -1168,6 +1204,7 @@ impl Store {
     }
 
     fn forget(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        self.inner.manifest_cache.lock().remove(id);
         let m = self.manifest(id).ok().flatten();
         let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
         b.remove(&self.inner.manifests, id.0);

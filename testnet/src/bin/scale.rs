@@ -26,6 +26,14 @@ fn rss_kib() -> u64 {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Logs to stderr with RUST_LOG (off by default: 100 nodes are noisy).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(100);
     let pullers: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(10);
@@ -94,17 +102,39 @@ async fn main() -> Result<()> {
     let mut rxs = Vec::new();
     for i in (1..n).step_by(step).take(pullers) {
         let (_, rx) = nodes[i].node.pull("scale:v1").await?;
+        println!(
+            "  puller {} is node {i} ({})",
+            rxs.len(),
+            nodes[i].peer_id()
+        );
         rxs.push(rx);
     }
-    for mut rx in rxs {
-        let p = rx
-            .wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed))
-            .await
-            .context("download")?
-            .clone();
+    // Each puller's timeline: when it had the manifest (fetching), when it was done.
+    let mut tasks = Vec::new();
+    for (k, mut rx) in rxs.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let fetching = rx
+                .wait_for(|p| p.phase != Phase::Finding)
+                .await
+                .map(|_| t.elapsed().as_secs_f64())
+                .unwrap_or(f64::NAN);
+            let p = rx
+                .wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed))
+                .await
+                .map(|p| p.clone());
+            (k, fetching, t.elapsed().as_secs_f64(), p)
+        }));
+    }
+    for task in tasks {
+        let (k, fetching, done, p) = task.await?;
+        let p = p.context("download")?;
         if p.phase != Phase::Done {
-            bail!("pull failed: {:?}", p.error);
+            bail!("pull {k} failed: {:?}", p.error);
         }
+        println!(
+            "  puller {k}: manifest after {fetching:.2}s, done after {done:.2}s, {} MiB from peers",
+            p.bytes_from_peers >> 20
+        );
     }
     let pull_secs = t.elapsed().as_secs_f64();
     println!(
