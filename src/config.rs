@@ -351,6 +351,8 @@ pub struct MeshConfig {
     pub psk_file: Option<PathBuf>,
     /// Never fetch from an origin URL; only local store and peers.
     pub offline: bool,
+    /// Extra CA certificates (PEM) trusted for `https://` origins, besides the system bundle.
+    pub origin_ca_file: Option<PathBuf>,
     /// Peer ids allowed to connect; empty allows any peer (that knows the PSK, if set).
     #[serde(deserialize_with = "peer_ids")]
     pub allow_peers: Vec<String>,
@@ -456,6 +458,7 @@ impl Default for MeshConfig {
             mdns: true,
             psk_file: None,
             offline: false,
+            origin_ca_file: None,
             allow_peers: Vec::new(),
             ban_duration: HumanDuration::secs(3600),
         }
@@ -660,6 +663,13 @@ pub const SETTINGS: &[Setting] = &[
         Bool,
         "Never fetch from origin URLs (the internet); use only the local store and peers.",
         "false",
+    ),
+    s(
+        "mesh.origin_ca_file",
+        Some("SHOAL_ORIGIN_CA_FILE"),
+        Str,
+        "Extra CA certificates (a PEM file) trusted for https:// origin URLs, on top of the\nsystem's CA bundle: for an origin with a certificate from an internal CA. The\ncertificate must still be valid for the URL's host name. Unset: the system bundle only.",
+        "\"/etc/shoal/origin-ca.pem\"",
     ),
     s(
         "mesh.allow_peers",
@@ -972,6 +982,11 @@ impl Config {
             ),
             None => None,
         };
+        if let Some(p) = &self.mesh.origin_ca_file {
+            // Checked now, so a bad file stops the node at start, not at its first pull.
+            crate::mesh::origin::read_ca_file(p)
+                .map_err(|e| ConfigError::Invalid(format!("mesh.origin_ca_file: {e}")))?;
+        }
         let allow_peers = self
             .mesh
             .allow_peers
@@ -988,6 +1003,7 @@ impl Config {
             psk,
             allow_peers,
             offline: self.mesh.offline,
+            origin_ca_file: self.mesh.origin_ca_file.clone(),
             ban_duration: self.mesh.ban_duration.get(),
             ..Default::default()
         })
@@ -1092,6 +1108,7 @@ mod tests {
             ..Default::default()
         };
         cfg.mesh.psk_file = Some("/k".into());
+        cfg.mesh.origin_ca_file = Some("/ca.pem".into());
         cfg.inference.default_model = Some("m".into());
         let tree = toml::Value::try_from(&cfg).expect("serialize");
         let mut keys = Vec::new();
@@ -1144,6 +1161,7 @@ mod tests {
         let with_examples = Config::from_toml(&uncommented, &path).expect("examples parse");
         assert!(with_examples.data_dir.is_some());
         assert!(with_examples.mesh.psk_file.is_some());
+        assert!(with_examples.mesh.origin_ca_file.is_some());
         assert!(with_examples.inference.default_model.is_some());
     }
 
@@ -1190,12 +1208,24 @@ mod tests {
         assert_eq!(n.mesh.peers, cfg.mesh.peers);
         assert!(!n.mesh.mdns && n.mesh.offline && n.mesh.psk.is_some());
         assert_eq!(n.mesh.ban_duration, Duration::from_secs(300));
+        assert_eq!(n.mesh.origin_ca_file, None);
         cfg.set("mesh.psk_file", "/nonexistent/swarm.key")
             .expect("set");
         assert!(matches!(
             cfg.node_config(Path::new("/d")),
             Err(ConfigError::Invalid(_))
         ));
+        // A CA file that does not hold a certificate stops the node at start.
+        cfg.set("mesh.psk_file", key.to_str().expect("utf-8"))
+            .expect("set");
+        let not_pem = d.path().join("ca.pem");
+        std::fs::write(&not_pem, "not a certificate\n").expect("write");
+        cfg.set("mesh.origin_ca_file", not_pem.to_str().expect("utf-8"))
+            .expect("set");
+        match cfg.node_config(Path::new("/d")) {
+            Err(ConfigError::Invalid(m)) => assert!(m.contains("mesh.origin_ca_file"), "{m}"),
+            other => panic!("expected an invalid CA file, got {other:?}"),
+        }
     }
 
     #[test]

@@ -24,7 +24,7 @@ impl AdminClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, String> {
-        let url = HttpUrl::parse(&format!("{}{path}", self.base))?;
+        let url = HttpUrl::parse(&format!("{}{path}", self.base)).map_err(|e| e.to_string())?;
         let headers: &[(&str, &str)] = if body.is_some() {
             &[("Content-Type", "application/json")]
         } else {

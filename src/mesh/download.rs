@@ -532,9 +532,10 @@ pub async fn download(
         });
     }
     let origin = match origin_url {
-        Some(url) if !client.config().offline => {
-            Some(Origin::new(&url).map_err(MeshError::Origin)?)
-        }
+        Some(url) if !client.config().offline => Some(Origin::new(
+            &url,
+            client.config().origin_ca_file.as_deref(),
+        )?),
         Some(_) => {
             tracing::info!(%id, "offline: the origin will not be contacted");
             None

@@ -26,7 +26,7 @@ pub use libp2p::{Multiaddr, PeerId};
 
 use crate::store::{Store, StoreError};
 use libp2p::{identity::Keypair, pnet::PreSharedKey};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Errors from the mesh.
@@ -79,9 +79,9 @@ pub enum MeshError {
         /// Why.
         reason: String,
     },
-    /// An origin (HTTP) fetch failed.
+    /// An origin (HTTP or HTTPS) could not be used.
     #[error("origin: {0}")]
-    Origin(String),
+    Origin(#[from] origin::OriginError),
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Join(String),
@@ -102,6 +102,9 @@ pub struct MeshConfig {
     pub allow_peers: Vec<PeerId>,
     /// Never contact anything but the mesh (no origin fetches).
     pub offline: bool,
+    /// Extra CA certificates (a PEM file) trusted for `https://` origins, on
+    /// top of the system's CA bundle: for origins with an internal CA.
+    pub origin_ca_file: Option<PathBuf>,
     /// How long a peer that sent a bad chunk stays banned.
     pub ban_duration: Duration,
     /// Idle connections are kept this long.
@@ -125,6 +128,7 @@ impl Default for MeshConfig {
             psk: None,
             allow_peers: Vec::new(),
             offline: false,
+            origin_ca_file: None,
             ban_duration: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(300),
             max_connections: 512,

@@ -80,6 +80,10 @@ pub struct ServeArgs {
     /// Never contact anything but the mesh (no origin fetches).
     #[arg(long)]
     offline: bool,
+    /// Extra CA certificates (PEM) trusted for https:// origins, besides the
+    /// system bundle (overrides mesh.origin_ca_file).
+    #[arg(long, value_name = "FILE")]
+    origin_ca_file: Option<PathBuf>,
     /// Only these peer ids may connect (repeatable).
     #[arg(long)]
     allow_peer: Vec<PeerId>,
@@ -121,6 +125,11 @@ async fn serve(ctx: &Ctx, src: &ConfigSource, args: ServeArgs) -> Result<()> {
     mesh.test_corrupt_chunks = args.test_corrupt_chunks;
     if let Some(f) = args.psk_file {
         mesh.psk = Some(mesh::read_psk(&f)?);
+    }
+    if let Some(f) = args.origin_ca_file {
+        shoal::mesh::origin::read_ca_file(&f)
+            .with_context(|| format!("--origin-ca-file {}", f.display()))?;
+        mesh.origin_ca_file = Some(f);
     }
     mesh.allow_peers.extend(args.allow_peer);
     let api_addr = args.api.unwrap_or(cfg.api.listen);

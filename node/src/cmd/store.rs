@@ -70,7 +70,8 @@ pub enum StoreCmd {
         /// Name, e.g. `smollm2-135m-instruct:q4_1`.
         #[arg(long)]
         name: String,
-        /// Origin URL peers may fetch missing chunks from.
+        /// Origin URL (http:// or https://) peers may fetch missing chunks
+        /// from; its manifest goes next to it as `<URL>.manifest`.
         #[arg(long)]
         origin: Option<String>,
     },
@@ -295,6 +296,9 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             name,
             origin,
         } => {
+            if let Some(u) = &origin {
+                shoal::mesh::origin::HttpUrl::parse(u).context("--origin")?;
+            }
             let id = store.resolve(&artifact)?;
             let s = store.publish(&id, &name, origin)?;
             let r = s.verify()?;
