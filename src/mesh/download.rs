@@ -772,6 +772,8 @@ async fn find_manifest(
 ) -> Result<(Manifest, Option<PeerId>), MeshError> {
     let deadline = Instant::now() + opts.find_timeout;
     let mut tried: HashSet<PeerId> = HashSet::new();
+    // The origin's last answer, so a failed pull says why (e.g. an untrusted certificate).
+    let mut origin_error: Option<String> = None;
     loop {
         let c = client.clone();
         let kad = tokio::spawn(async move { c.providers(id).await.unwrap_or_default() });
@@ -795,13 +797,19 @@ async fn find_manifest(
         if let Some(o) = origin {
             match o.manifest(&id).await {
                 Ok(m) => return Ok((m, None)),
-                Err(e) => tracing::warn!(%id, error = %e, "no manifest from the origin"),
+                Err(e) => {
+                    if origin_error.is_none() {
+                        tracing::warn!(%id, error = %e, "no manifest from the origin");
+                    }
+                    origin_error = Some(e.to_string());
+                }
             }
         }
         if Instant::now() >= deadline {
-            return Err(MeshError::NoSource(format!(
-                "no peer has the manifest of {id}"
-            )));
+            return Err(MeshError::NoSource(match origin_error {
+                Some(e) => format!("no peer has the manifest of {id}; origin: {e}"),
+                None => format!("no peer has the manifest of {id}"),
+            }));
         }
         // Peers that lacked it may get it later.
         tried.clear();

@@ -443,6 +443,12 @@ async fn an_untrusted_ca_fails_with_a_tls_error_and_stores_nothing_active() -> R
     let n = node_with_release(origin_config(Some(&other.ca_file)), &publisher).await?;
     let p = pull_until_end(&n.node, NAME).await?;
     assert_eq!(p.phase, Phase::Failed, "the pull must fail");
+    // The pull's own error names the origin's reason.
+    let err = p.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("origin: TLS") && err.contains("UnknownIssuer"),
+        "the failed pull should say why: {err}"
+    );
     assert_eq!(p.bytes_from_origin, 0);
     assert_not_active(&n.node, publisher.id)?;
     assert!(server.accepts() > 0, "the node did try the origin");
