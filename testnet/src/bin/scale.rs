@@ -132,8 +132,9 @@ async fn main() -> Result<()> {
             bail!("pull {k} failed: {:?}", p.error);
         }
         println!(
-            "  puller {k}: manifest after {fetching:.2}s, done after {done:.2}s, {} MiB from peers",
-            p.bytes_from_peers >> 20
+            "  puller {k}: manifest after {fetching:.2}s, done after {done:.2}s, {} MiB from peers, {} duplicate chunks",
+            p.bytes_from_peers >> 20,
+            p.duplicate_chunks
         );
     }
     let pull_secs = t.elapsed().as_secs_f64();
