@@ -446,7 +446,7 @@ scenario_kv_neighbour() {
     start_node 0
     start_node 1
     wait_peers 1 1
-    local n r cold=() nb=() t c
+    local n r cold=() nb=() sents=() t c sent
     n=$(jqpy 'len(j)' <"$prompts")
     # Warm-up: load the model on both nodes.
     echo "Hello there" >"$WORK/hello.txt"
@@ -461,17 +461,30 @@ scenario_kv_neighbour() {
         read -r t c < <(ttft 0 "$WORK/cold-$r.txt")
         log "kv-neighbour: run $r: node 0 cold ${t}s (cached $c)"
         cold+=("$t")
+        local sent0
+        sent0=$(qdisc_sent 0)
         read -r t c < <(ttft 1 "$WORK/follow-$r.txt")
-        log "kv-neighbour: run $r: node 1 follow-up with node 0's blocks ${t}s (cached $c tokens)"
+        # The blocks must have crossed node 0's tbf-limited uplink.
+        sent=$(($(qdisc_sent 0) - sent0))
+        log "kv-neighbour: run $r: node 1 follow-up with node 0's blocks ${t}s (cached $c tokens; node 0 sent $sent bytes through its $RATE tbf uplink)"
         [ "$c" -gt 0 ] || fail "node 1 took no KV block from node 0"
+        [ "$sent" -gt 1000000 ] || fail "node 0's uplink carried only $sent bytes: the blocks did not cross the tbf link"
         nb+=("$t")
+        sents+=("$sent")
     done
-    python3 - "$RATE" "${cold[*]}" "${nb[*]}" <<'PY'
+    python3 - "$RATE" "${cold[*]}" "${nb[*]}" "${sents[*]}" <<'PY'
 import statistics, sys
 cold = statistics.median(float(x) for x in sys.argv[2].split())
 nb = statistics.median(float(x) for x in sys.argv[3].split())
-print(f"[testnet] kv-neighbour: RESULT rate={sys.argv[1]} cold_s={cold:.3f} neighbour_s={nb:.4f} ratio={nb / cold:.4f}", file=sys.stderr)
+mb = statistics.median(int(x) for x in sys.argv[4].split()) / 1e6
+print(f"[testnet] kv-neighbour: RESULT rate={sys.argv[1]} runs={len(sys.argv[2].split())} cold_s={cold:.3f} "
+      f"neighbour_s={nb:.4f} ratio={nb / cold:.4f} link_mb_per_followup={mb:.1f}", file=sys.stderr)
 PY
+}
+
+# qdisc_sent I: bytes sent so far through the tbf qdisc of node I's eth0.
+qdisc_sent() {
+    tc -n "$(ns "$1")" -s qdisc show dev eth0 | awk '$1 == "Sent" {print $2; exit}'
 }
 
 setup_net
