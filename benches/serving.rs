@@ -8,7 +8,6 @@
 //! table and a JSON line (for the script).
 
 #[path = "../tests/serving_common/mod.rs"]
-#[allow(dead_code)]
 mod serving_common;
 
 use serde_json::json;

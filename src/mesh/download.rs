@@ -335,7 +335,7 @@ impl Sched {
                     self.rng ^= self.rng << 13;
                     self.rng ^= self.rng >> 7;
                     self.rng ^= self.rng << 17;
-                    if self.rng % ties == 0 {
+                    if self.rng.is_multiple_of(ties) {
                         best = Some((i, a));
                     }
                 }

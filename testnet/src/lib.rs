@@ -132,3 +132,24 @@ pub fn file_hash(path: &Path) -> Result<[u8; 32]> {
     h.update_mmap(path)?;
     Ok(*h.finalize().as_bytes())
 }
+
+/// Checks that artifact `id`, as activated in `node`'s store, is byte-identical
+/// to the file `src` and that its whole-file BLAKE3 matches the manifest.
+pub async fn assert_identical(node: &Node, id: shoal::store::ArtifactId, src: &Path) -> Result<()> {
+    let store = node.store().clone();
+    let (path, m) = tokio::task::spawn_blocking(move || -> Result<(PathBuf, _)> {
+        Ok((
+            store.artifact_path(&id)?,
+            store.manifest(&id)?.context("manifest")?,
+        ))
+    })
+    .await??;
+    let got = file_hash(&path)?;
+    if got != m.blake3 {
+        bail!("{id}: whole-file BLAKE3 differs from the manifest");
+    }
+    if got != file_hash(src)? {
+        bail!("{id}: not byte-identical to {}", src.display());
+    }
+    Ok(())
+}

@@ -8,7 +8,8 @@ use shoal::mesh::{self, MeshConfig, Progress};
 use shoal::node::Node;
 use shoal::store::{AddOptions, ArtifactId, HaveMap};
 use shoal_testnet::{
-    TestNode, WAIT, file_hash, loopback_config, make_file, start_mesh, start_node, wait_peers,
+    TestNode, WAIT, assert_identical, loopback_config, make_file, start_mesh, start_node,
+    wait_peers,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,22 +51,6 @@ async fn pull_done(node: &Node, what: &str) -> Result<Progress> {
         bail!("pull failed: {:?}", p.error);
     }
     Ok(p)
-}
-
-/// The artifact as activated in `node`'s store is byte-identical to `src` and to its manifest.
-async fn assert_identical(node: &Node, id: ArtifactId, src: &Path) -> Result<()> {
-    let store = node.store().clone();
-    let (path, m) = tokio::task::spawn_blocking(move || -> Result<(PathBuf, _)> {
-        Ok((
-            store.artifact_path(&id)?,
-            store.manifest(&id)?.context("manifest")?,
-        ))
-    })
-    .await??;
-    let got = file_hash(&path)?;
-    assert_eq!(got, m.blake3, "whole-file BLAKE3 = manifest");
-    assert_eq!(got, file_hash(src)?, "byte-identical to the source");
-    Ok(())
 }
 
 fn tmp_file(dir: &tempfile::TempDir, name: &str, seed: u64) -> Result<PathBuf> {

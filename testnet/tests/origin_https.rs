@@ -15,7 +15,7 @@ use shoal::mesh::{MeshConfig, Progress};
 use shoal::node::Node;
 use shoal::store::{AddOptions, ArtifactId, ArtifactStatus, SignedRelease, Store, StoreOptions};
 use shoal_testnet::{
-    TestNode, WAIT, file_hash, loopback_config, make_file, start_node, wait_peers,
+    TestNode, WAIT, assert_identical, loopback_config, make_file, start_node, wait_peers,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -331,22 +331,6 @@ async fn pull_until_end(node: &Node, what: &str) -> Result<Progress> {
     .context("timed out waiting for the pull")??
     .clone();
     Ok(p)
-}
-
-/// The artifact as activated in `node`'s store is byte-identical to `src` and to its manifest.
-async fn assert_identical(node: &Node, id: ArtifactId, src: &Path) -> Result<()> {
-    let store = node.store().clone();
-    let (path, m) = tokio::task::spawn_blocking(move || -> Result<(PathBuf, _)> {
-        Ok((
-            store.artifact_path(&id)?,
-            store.manifest(&id)?.context("manifest")?,
-        ))
-    })
-    .await??;
-    let got = file_hash(&path)?;
-    assert_eq!(got, m.blake3, "whole-file BLAKE3 = manifest");
-    assert_eq!(got, file_hash(src)?, "byte-identical to the source");
-    Ok(())
 }
 
 fn assert_not_active(node: &Node, id: ArtifactId) -> Result<()> {
