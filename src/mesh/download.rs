@@ -185,9 +185,9 @@ struct SourceState {
 
 struct Sched {
     have: HaveMap,
-    inflight: HashMap<u32, Vec<Source>>,
-    /// `busy[i]` ⇔ `inflight` has chunk `i` (the pick scan tests this, not the map).
-    busy: Vec<bool>,
+    /// `inflight[i]`: the sources chunk `i` is requested from (indexed by
+    /// chunk, so the pick scan tests a slot, not a map).
+    inflight: Vec<Vec<Source>>,
     avail: Vec<u32>,
     sources: HashMap<Source, SourceState>,
     fetched: Vec<u32>,
@@ -312,7 +312,7 @@ impl Sched {
         let mut ties = 0u64;
         let mut unassigned = false;
         for i in 0..n {
-            if self.busy[i as usize] || self.have.get(i) {
+            if !self.inflight[i as usize].is_empty() || self.have.get(i) {
                 continue;
             }
             unassigned = true;
@@ -346,21 +346,16 @@ impl Sched {
             }
         }
         if let Some((i, _)) = best {
-            self.inflight.insert(i, vec![src]);
-            self.busy[i as usize] = true;
+            self.inflight[i as usize].push(src);
             return Pick::Chunk(i);
         }
         if self.endgame && !unassigned && src != Source::Origin {
-            let dup = self
-                .inflight
-                .iter()
-                .filter(|(i, by)| by.len() == 1 && !by.contains(&src) && s.have.get(**i))
-                .map(|(i, _)| *i)
-                .min();
+            let dup = (0..n).find(|&i| {
+                let by = &self.inflight[i as usize];
+                by.len() == 1 && !by.contains(&src) && s.have.get(i)
+            });
             if let Some(i) = dup {
-                if let Some(by) = self.inflight.get_mut(&i) {
-                    by.push(src);
-                }
+                self.inflight[i as usize].push(src);
                 return Pick::Chunk(i);
             }
         }
@@ -368,12 +363,8 @@ impl Sched {
     }
 
     fn complete(&mut self, src: Source, i: u32, outcome: Outcome) {
-        if let Some(by) = self.inflight.get_mut(&i) {
+        if let Some(by) = self.inflight.get_mut(i as usize) {
             by.retain(|s| *s != src);
-            if by.is_empty() {
-                self.inflight.remove(&i);
-                self.busy[i as usize] = false;
-            }
         }
         let max_failures = self.max_failures;
         report_fetch(src, &outcome);
@@ -391,8 +382,8 @@ impl Sched {
                     return;
                 }
                 self.have.set(i);
-                if self.inflight.remove(&i).is_some() {
-                    self.busy[i as usize] = false;
+                if let Some(by) = self.inflight.get_mut(i as usize) {
+                    by.clear();
                 }
                 self.fetched.push(i);
                 self.last_chunk = Instant::now();
@@ -570,8 +561,7 @@ pub async fn download(
         sched: Mutex::new(Sched {
             finished: have.is_complete(),
             have,
-            inflight: HashMap::new(),
-            busy: vec![false; n as usize],
+            inflight: vec![Vec::new(); n as usize],
             avail: vec![0; n as usize],
             sources: HashMap::new(),
             fetched: Vec::new(),
@@ -610,7 +600,8 @@ pub async fn download(
         {
             let mut s = ctx.sched.lock();
             let p = s.snapshot();
-            let stalled = s.last_chunk.elapsed() > opts.stall_timeout && s.inflight.is_empty();
+            let stalled =
+                s.last_chunk.elapsed() > opts.stall_timeout && s.inflight.iter().all(Vec::is_empty);
             if stalled && s.failed.is_none() {
                 s.failed = Some(format!(
                     "no source for the remaining {} chunks after {:?}",
@@ -828,11 +819,7 @@ async fn ask_manifest(
 ) -> Option<(Manifest, Option<PeerId>)> {
     use futures::StreamExt;
     let me = client.peer_id();
-    let mut queue = peers
-        .into_iter()
-        .filter(|p| *p != me && tried.insert(*p))
-        .collect::<Vec<_>>()
-        .into_iter();
+    let mut queue = peers.into_iter().filter(|p| *p != me && tried.insert(*p));
     let mut running = futures::stream::FuturesUnordered::new();
     loop {
         while running.len() < MANIFEST_FANOUT {

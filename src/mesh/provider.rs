@@ -146,13 +146,12 @@ impl Provider {
         &self,
         id: ArtifactId,
         index: u32,
-        buf: Vec<u8>,
+        mut buf: Vec<u8>,
     ) -> (Vec<u8>, Result<(), ChunkStatus>) {
         let Ok(_permit) = self.reads.acquire().await else {
             return (buf, Err(ChunkStatus::Busy));
         };
         let store = self.store.clone();
-        let mut buf = buf;
         let joined = tokio::task::spawn_blocking(move || {
             let r = store.read_chunk_into(&id, index, &mut buf);
             (buf, r)
