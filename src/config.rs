@@ -307,6 +307,8 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// Log filter (tracing `EnvFilter` syntax).
     pub log: String,
+    /// Worker threads of the daemon's async runtime; 0 uses one per core.
+    pub async_threads: usize,
     /// `[store]`: the content store.
     pub store: StoreConfig,
     /// `[mesh]`: peers and transfers.
@@ -349,6 +351,8 @@ pub struct MeshConfig {
     pub mdns: bool,
     /// Pre-shared key file making a private mesh (libp2p pnet).
     pub psk_file: Option<PathBuf>,
+    /// Secure channels offered to peers, most preferred first.
+    pub security: Vec<crate::mesh::secure::SecureChannel>,
     /// Never fetch from an origin URL; only local store and peers.
     pub offline: bool,
     /// Extra CA certificates (PEM) trusted for `https://` origins, besides the system bundle.
@@ -425,6 +429,7 @@ impl Default for Config {
             version: CONFIG_VERSION,
             data_dir: None,
             log: "warn".into(),
+            async_threads: 1,
             store: StoreConfig::default(),
             mesh: MeshConfig::default(),
             api: ApiConfig::default(),
@@ -457,6 +462,7 @@ impl Default for MeshConfig {
             peers: Vec::new(),
             mdns: true,
             psk_file: None,
+            security: crate::mesh::secure::SecureChannel::defaults(),
             offline: false,
             origin_ca_file: None,
             allow_peers: Vec::new(),
@@ -609,6 +615,13 @@ pub const SETTINGS: &[Setting] = &[
         "\"info\"",
     ),
     s(
+        "async_threads",
+        Some("SHOAL_ASYNC_THREADS"),
+        Int,
+        "Worker threads of the daemon's async runtime (network I/O, the mesh protocol, the\nHTTP API); 0 uses one per core. The heavy work runs elsewhere (hashing and disk on\nthe blocking pool, generation on its own threads), and one worker avoids the\ncross-thread wake-ups that cost about 15 % of a transfer's CPU (docs/benchmarks.md).",
+        "1",
+    ),
+    s(
         "store.quota",
         Some("SHOAL_STORE_QUOTA"),
         Str,
@@ -633,7 +646,7 @@ pub const SETTINGS: &[Setting] = &[
         "mesh.listen",
         Some("SHOAL_LISTEN"),
         List,
-        "Multiaddrs the mesh listens on (TCP, Noise, Yamux).",
+        "Multiaddrs the mesh listens on (TCP, then TLS or noise, then yamux).",
         "[\"/ip4/0.0.0.0/tcp/7071\"]",
     ),
     s(
@@ -656,6 +669,13 @@ pub const SETTINGS: &[Setting] = &[
         Str,
         "Pre-shared key file (libp2p pnet, 'swarm.key' format): only nodes with the same key\ncan connect. Unset: an open mesh (peers still verify every chunk by hash).",
         "\"/etc/shoal/swarm.key\"",
+    ),
+    s(
+        "mesh.security",
+        Some("SHOAL_SECURITY"),
+        List,
+        "Secure channels offered to peers, most preferred first: \"tls\" (TLS 1.3 with the\nnode's ed25519 key as a raw public key, AES-GCM first: the fast one on CPUs with AES\ninstructions) and \"noise\" (libp2p noise, ChaCha20-Poly1305). Peers use the first\nchannel both offer.",
+        "[\"tls\", \"noise\"]",
     ),
     s(
         "mesh.offline",
@@ -912,6 +932,9 @@ impl Config {
         if self.mesh.listen.is_empty() {
             return bad("mesh.listen needs at least one address");
         }
+        if self.mesh.security.is_empty() {
+            return bad("mesh.security needs at least one channel (tls, noise)");
+        }
         Ok(())
     }
 
@@ -1001,6 +1024,7 @@ impl Config {
             peers: self.mesh.peers.clone(),
             mdns: self.mesh.mdns,
             psk,
+            security: self.mesh.security.clone(),
             allow_peers,
             offline: self.mesh.offline,
             origin_ca_file: self.mesh.origin_ca_file.clone(),

@@ -3,7 +3,7 @@
 //! | route | what |
 //! | --- | --- |
 //! | `POST /admin/pull` `{"artifact": ID or NAME}` | start (or join) a download; answers `{"id", "progress"}` |
-//! | `GET /admin/pull/{id}` | progress of that download |
+//! | `GET /admin/pull/{id}[?wait_ms=N]` | progress of that download; with `wait_ms` (≤ 10 000) it answers when the download ends or after N ms, whichever is first |
 //! | `GET /admin/peers` | connected and banned peers |
 //! | `GET /admin/status` | identity, addresses, artifacts, downloads, serving counters |
 //! | `GET /admin/manifest/{id}` | the canonical manifest bytes (to publish next to an origin file as `<file>.manifest`) |
@@ -14,11 +14,12 @@ use super::ApiError;
 use crate::mesh::{PeerInfo, Progress, provider::ServeSnapshot};
 use crate::node::Node;
 use crate::store::{ArtifactId, SignedRelease};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// The admin routes.
 pub fn routes() -> Router<Node> {
@@ -59,17 +60,35 @@ async fn pull(
     }))
 }
 
+/// Query of `GET /admin/pull/{id}`.
+#[derive(Debug, Deserialize)]
+struct ProgressQuery {
+    /// Wait up to this long for the download to end (a long poll), at most [`MAX_WAIT_MS`].
+    wait_ms: Option<u64>,
+}
+
+/// Longest long poll of `GET /admin/pull/{id}`.
+const MAX_WAIT_MS: u64 = 10_000;
+
 async fn pull_progress(
     State(node): State<Node>,
     Path(id): Path<String>,
+    Query(q): Query<ProgressQuery>,
 ) -> Result<Json<Progress>, ApiError> {
     let id: ArtifactId = id.parse().map_err(|e: crate::store::ParseIdError| {
         ApiError(StatusCode::BAD_REQUEST, e.to_string())
     })?;
-    node.downloads()
-        .get(&id)
-        .map(Json)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no download of {id}")))
+    let mut rx = node
+        .downloads()
+        .watch(&id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no download of {id}")))?;
+    if let Some(ms) = q.wait_ms {
+        let wait = Duration::from_millis(ms.min(MAX_WAIT_MS));
+        // Ends early when the download does; a closed channel also ends the wait.
+        let _ = tokio::time::timeout(wait, rx.wait_for(|p| p.phase.is_final())).await;
+    }
+    let p = rx.borrow().clone();
+    Ok(Json(p))
 }
 
 async fn manifest(State(node): State<Node>, Path(id): Path<String>) -> Result<Vec<u8>, ApiError> {

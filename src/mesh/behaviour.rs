@@ -9,7 +9,7 @@ use libp2p::core::transport::{Boxed, upgrade::Version};
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
 use libp2p::{
     PeerId, Swarm, Transport, allow_block_list, connection_limits, gossipsub, identify,
-    identity::Keypair, kad, mdns, noise, ping, pnet::PnetConfig, request_response, tcp, yamux,
+    identity::Keypair, kad, mdns, ping, pnet::PnetConfig, request_response, tcp, yamux,
 };
 use std::time::Duration;
 
@@ -102,19 +102,20 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     })
 }
 
-/// Builds the swarm: TCP (+ pnet when a key is set) + noise + yamux.
+/// Builds the swarm: TCP (+ pnet when a key is set) + TLS or noise ([`super::secure`]) + yamux.
 pub fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
     let key = config
         .keypair
         .clone()
         .unwrap_or_else(Keypair::generate_ed25519);
     let psk = config.psk;
+    let security = config.security.clone();
     let built = behaviour(&key, config)?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(
             |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                let noise = noise::Config::new(key)?;
+                let secure = super::secure::Config::new(key, &security)?;
                 let mut yamux = yamux::Config::default();
                 yamux.set_max_num_streams(1024);
                 let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
@@ -122,13 +123,13 @@ pub fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
                     Some(psk) => tcp
                         .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
                         .upgrade(Version::V1Lazy)
-                        .authenticate(noise)
+                        .authenticate(secure)
                         .multiplex(yamux)
                         .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
                         .boxed(),
                     None => tcp
                         .upgrade(Version::V1Lazy)
-                        .authenticate(noise)
+                        .authenticate(secure)
                         .multiplex(yamux)
                         .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
                         .boxed(),

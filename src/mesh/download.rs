@@ -88,6 +88,13 @@ pub enum Phase {
     Failed,
 }
 
+impl Phase {
+    /// Done or failed: nothing more will happen to this download.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Done | Phase::Failed)
+    }
+}
+
 /// Live progress of one download (served by `/admin/pull/{id}`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Progress {
@@ -304,14 +311,28 @@ impl Sched {
         }
         let origin_ok = Instant::now() >= self.origin_after;
         let stalled = self.last_chunk.elapsed() >= self.origin_grace;
-        // Rarest first; among the equally rare, one chosen at random (reservoir
-        // sampling). Random rather than a walk from a fixed place: downloaders
-        // that walk the same way end up in step, asking a seeder for the same
-        // chunks, and its uplink (the swarm's bottleneck) sends them twice.
+        // Rarest first; among the equally rare, one chosen at random. Random
+        // rather than a walk from a fixed place: downloaders that walk the
+        // same way end up in step, asking a seeder for the same chunks, and
+        // its uplink (the swarm's bottleneck) sends them twice. The scan
+        // starts at a random chunk and stops at the first chunk that is as
+        // rare as any can be (only this source has it, or no peer has it for
+        // the origin); otherwise the equally rare are sampled (reservoir).
+        // A pick then costs a short walk, not a pass over every chunk.
+        let floor = match src {
+            Source::Origin => 0,
+            Source::Peer(_) => 1,
+        };
+        let start = (xorshift(&mut self.rng) % u64::from(n)) as u32;
         let mut best: Option<(u32, u32)> = None;
         let mut ties = 0u64;
         let mut unassigned = false;
-        for i in 0..n {
+        for k in 0..n {
+            let i = if k < n - start {
+                start + k
+            } else {
+                k - (n - start)
+            };
             if !self.inflight[i as usize].is_empty() || self.have.get(i) {
                 continue;
             }
@@ -328,14 +349,15 @@ impl Sched {
             if !eligible {
                 continue;
             }
+            if a <= floor {
+                best = Some((i, a));
+                break;
+            }
             match best {
                 Some((_, b)) if a > b => {}
                 Some((_, b)) if a == b => {
                     ties += 1;
-                    self.rng ^= self.rng << 13;
-                    self.rng ^= self.rng >> 7;
-                    self.rng ^= self.rng << 17;
-                    if self.rng.is_multiple_of(ties) {
+                    if xorshift(&mut self.rng).is_multiple_of(ties) {
                         best = Some((i, a));
                     }
                 }
@@ -898,8 +920,9 @@ async fn worker(ctx: Arc<Ctx>, src: Source) {
             Source::Origin => match &ctx.origin {
                 Some(o) => match o.fetch(chunk.offset, chunk.len).await {
                     Ok(body) => {
+                        let n = body.len();
                         buf = body;
-                        Ok(())
+                        Ok(n)
                     }
                     Err(e) => Err(FetchError::Failed(e.to_string())),
                 },
@@ -907,8 +930,9 @@ async fn worker(ctx: Arc<Ctx>, src: Source) {
             },
         };
         let outcome = match fetched {
-            Ok(()) => {
-                let len = buf.len() as u64;
+            // The chunk is buf[..n].
+            Ok(n) => {
+                let len = n as u64;
                 if ctx.sched.lock().have.get(i) {
                     Outcome::Ok {
                         len,
@@ -919,7 +943,7 @@ async fn worker(ctx: Arc<Ctx>, src: Source) {
                     let id = ctx.id;
                     let body = std::mem::take(&mut buf);
                     let put = tokio::task::spawn_blocking(move || {
-                        let r = store.put_chunk(&id, i, &body);
+                        let r = store.put_chunk(&id, i, &body[..n]);
                         (body, r)
                     })
                     .await
@@ -981,6 +1005,14 @@ async fn worker(ctx: Arc<Ctx>, src: Source) {
     }
 }
 
+/// xorshift64: cheap, and random enough to keep downloaders out of step.
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 enum FetchError {
     /// The source does not hold the chunk.
     NotFound,
@@ -997,7 +1029,7 @@ async fn fetch_from_peer(
     index: u32,
     len: u32,
     body: &mut Vec<u8>,
-) -> Result<(), FetchError> {
+) -> Result<usize, FetchError> {
     let s = match stream {
         Some(s) => s,
         None => stream.insert(
@@ -1021,9 +1053,13 @@ async fn fetch_from_peer(
     }
     match h.status {
         ChunkStatus::Ok { len: got } if got == len => {
-            body.resize(len as usize, 0);
-            s.read_exact(body).await.map_err(io)?;
-            Ok(())
+            // The buffer only grows: no fresh zeroing for every larger chunk.
+            let n = len as usize;
+            if body.len() < n {
+                body.resize(n, 0);
+            }
+            s.read_exact(&mut body[..n]).await.map_err(io)?;
+            Ok(n)
         }
         ChunkStatus::Ok { len: got } => Err(FetchError::Lied(format!(
             "chunk of {got} bytes, manifest says {len}"
@@ -1107,7 +1143,12 @@ impl Downloads {
         }
     }
 
-    /// Progress of the download of `id`, if one was started.
+    /// A receiver of the progress of the download of `id`, if one was started.
+    pub fn watch(&self, id: &ArtifactId) -> Option<watch::Receiver<Progress>> {
+        self.jobs.lock().get(id).map(|j| j.progress.clone())
+    }
+
+    /// The current progress of the download of `id`, if one was started.
     pub fn get(&self, id: &ArtifactId) -> Option<Progress> {
         self.jobs
             .lock()

@@ -17,6 +17,7 @@ pub mod download;
 pub mod event_loop;
 pub mod origin;
 pub mod provider;
+pub mod secure;
 pub mod wire;
 
 pub use client::{Client, PeerInfo};
@@ -98,6 +99,8 @@ pub struct MeshConfig {
     pub mdns: bool,
     /// Private mesh: only nodes holding this key can connect (TCP only).
     pub psk: Option<PreSharedKey>,
+    /// Secure channels offered, in order of preference (default: TLS, then noise).
+    pub security: Vec<secure::SecureChannel>,
     /// When non-empty, only these peers may connect.
     pub allow_peers: Vec<PeerId>,
     /// Never contact anything but the mesh (no origin fetches).
@@ -126,6 +129,7 @@ impl Default for MeshConfig {
             peers: Vec::new(),
             mdns: true,
             psk: None,
+            security: secure::SecureChannel::defaults(),
             allow_peers: Vec::new(),
             offline: false,
             origin_ca_file: None,

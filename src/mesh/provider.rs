@@ -141,13 +141,13 @@ impl Provider {
         }
     }
 
-    /// Reads chunk `index` into `buf` (a buffer reused across a stream's chunks).
+    /// Reads chunk `index` into `buf[..n]` (a buffer reused across a stream's chunks).
     async fn read_chunk(
         &self,
         id: ArtifactId,
         index: u32,
         mut buf: Vec<u8>,
-    ) -> (Vec<u8>, Result<(), ChunkStatus>) {
+    ) -> (Vec<u8>, Result<usize, ChunkStatus>) {
         let Ok(_permit) = self.reads.acquire().await else {
             return (buf, Err(ChunkStatus::Busy));
         };
@@ -179,17 +179,16 @@ impl Provider {
                 .await;
             body = buf;
             match read {
-                Ok(()) => {
+                Ok(n) => {
+                    let chunk = &mut body[..n];
                     if self.corrupt
-                        && let Some(b) = body.first_mut()
+                        && let Some(b) = chunk.first_mut()
                     {
                         *b ^= 0xff;
                         self.stats.corrupted.fetch_add(1, Ordering::Relaxed);
                     }
-                    wire::write_chunk_response(&mut stream, req.index, Ok(&body)).await?;
-                    self.stats
-                        .bytes
-                        .fetch_add(body.len() as u64, Ordering::Relaxed);
+                    wire::write_chunk_response(&mut stream, req.index, Ok(chunk)).await?;
+                    self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
                     self.stats.chunks.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(status) => {

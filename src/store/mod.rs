@@ -1084,18 +1084,21 @@ impl Store {
     /// Reads a present chunk, re-verifying its hash (a corrupted disk is never served).
     pub fn read_chunk(&self, id: &ArtifactId, index: u32) -> Result<Vec<u8>, StoreError> {
         let mut buf = Vec::new();
-        self.read_chunk_into(id, index, &mut buf)?;
+        let n = self.read_chunk_into(id, index, &mut buf)?;
+        buf.truncate(n);
         Ok(buf)
     }
 
-    /// [`Store::read_chunk`] into a caller's buffer (reused across chunks: no
-    /// fresh zeroed pages per chunk). On error the buffer's content is unspecified.
+    /// [`Store::read_chunk`] into a caller's buffer, reused across chunks:
+    /// the chunk is `buf[..n]` for the returned `n`. The buffer only grows,
+    /// so a stream of chunks of varying sizes zeroes no fresh memory once it
+    /// has seen the largest. On error the buffer's content is unspecified.
     pub fn read_chunk_into(
         &self,
         id: &ArtifactId,
         index: u32,
         buf: &mut Vec<u8>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let status = self
             .status(id)?
             .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
@@ -1122,10 +1125,14 @@ impl Store {
             .get(index as usize)
             .ok_or(StoreError::NoChunk { id: *id, index })?;
         let f = File::open(&path).map_err(io_err("open", &path))?;
-        buf.resize(c.len as usize, 0);
-        f.read_exact_at(buf, c.offset)
+        let n = c.len as usize;
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        let data = &mut buf[..n];
+        f.read_exact_at(data, c.offset)
             .map_err(io_err("read", &path))?;
-        let got = ChunkHash::of(buf);
+        let got = ChunkHash::of(data);
         if got != c.hash {
             tracing::error!(%id, index, "stored chunk is corrupt");
             return Err(StoreError::ChunkMismatch {
@@ -1135,7 +1142,7 @@ impl Store {
                 got,
             });
         }
-        Ok(())
+        Ok(n)
     }
 
     /// Path of an active artifact's file (for memory-mapping). Marks it used.

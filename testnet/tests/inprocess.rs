@@ -4,7 +4,8 @@
 
 use anyhow::{Context, Result, bail};
 use shoal::mesh::download::{self, Phase};
-use shoal::mesh::{self, MeshConfig, Progress};
+use shoal::mesh::secure::SecureChannel;
+use shoal::mesh::{self, MeshConfig, Multiaddr, Progress};
 use shoal::node::Node;
 use shoal::store::{AddOptions, ArtifactId, HaveMap};
 use shoal_testnet::{
@@ -289,6 +290,55 @@ async fn psk_keeps_strangers_out() -> Result<()> {
             .connected()
             .await?
             .contains(&stranger.peer_id())
+    );
+    Ok(())
+}
+
+/// TLS is preferred, noise is the fallback, and two nodes with no channel in
+/// common never connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_channels_negotiate_tls_then_noise() -> Result<()> {
+    init_tracing();
+    let dir = tempfile::tempdir()?;
+    let src = tmp_file(&dir, "a.bin", 8)?;
+    let with = |security: Vec<SecureChannel>, peers: Vec<Multiaddr>| MeshConfig {
+        security,
+        ..loopback_config(peers)
+    };
+    // The seeder offers both, in the default order.
+    let seeder = start_node(with(SecureChannel::defaults(), vec![]), None).await?;
+    let id = add(&seeder.node, &src).await?;
+    // A TLS-only node and a noise-only node both reach it and pull byte-identical copies.
+    let tls = start_node(
+        with(vec![SecureChannel::Tls], vec![seeder.addr.clone()]),
+        None,
+    )
+    .await?;
+    let noise = start_node(
+        with(vec![SecureChannel::Noise], vec![seeder.addr.clone()]),
+        None,
+    )
+    .await?;
+    for n in [&tls, &noise] {
+        wait_peers(&n.node, 1).await?;
+        pull_done(&n.node, &id.to_hex()).await?;
+        assert_identical(&n.node, id, &src).await?;
+    }
+    // TLS only against noise only: no channel in common, no connection.
+    let mut cfg = with(vec![SecureChannel::Tls], vec![noise.addr.clone()]);
+    cfg.download.find_timeout = Duration::from_secs(3);
+    let lonely = start_node(cfg, None).await?;
+    let (_, mut rx) = lonely.node.pull(&id.to_hex()).await?;
+    let p = wait_until(&mut rx, |p| p.phase == Phase::Done).await?;
+    assert_eq!(p.phase, Phase::Failed);
+    assert!(lonely.node.mesh().connected().await?.is_empty());
+    assert!(
+        !noise
+            .node
+            .mesh()
+            .connected()
+            .await?
+            .contains(&lonely.peer_id())
     );
     Ok(())
 }

@@ -80,6 +80,10 @@ pub struct ServeArgs {
     /// Never contact anything but the mesh (no origin fetches).
     #[arg(long)]
     offline: bool,
+    /// Secure channels offered to peers, most preferred first (overrides
+    /// mesh.security), e.g. `tls,noise` or `noise`.
+    #[arg(long, value_delimiter = ',', value_name = "CHANNELS")]
+    security: Vec<shoal::mesh::secure::SecureChannel>,
     /// Extra CA certificates (PEM) trusted for https:// origins, besides the
     /// system bundle (overrides mesh.origin_ca_file).
     #[arg(long, value_name = "FILE")]
@@ -94,24 +98,38 @@ pub struct ServeArgs {
 
 /// Runs a mesh command.
 pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: MeshCmd) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
     match cmd {
-        MeshCmd::Serve(args) => rt.block_on(serve(ctx, src, args)),
+        MeshCmd::Serve(args) => {
+            // A daemon must outlive any peer that hangs up: a write to a
+            // socket closed by the other side has to fail with EPIPE, not
+            // kill the process (main sets SIGPIPE to its default for the
+            // short-lived commands, `shoal ls | head`). Set before the
+            // runtime starts its threads.
+            // SAFETY: only the main thread exists here; SIG_IGN is async-signal-safe.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
+            // The daemon's runtime size is a setting (`async_threads`).
+            let cfg = src.load()?;
+            if cfg.async_threads > 0 {
+                rt.worker_threads(cfg.async_threads);
+            }
+            rt.build()?.block_on(serve(ctx, cfg, args))
+        }
         MeshCmd::Pull {
             artifact,
             api,
             no_wait,
-        } => rt.block_on(pull(ctx, &api, &artifact, no_wait)),
-        MeshCmd::Peers { api } => rt.block_on(peers(ctx, &api)),
-        MeshCmd::Status { api } => rt.block_on(status(ctx, &api)),
+        } => rt.build()?.block_on(pull(ctx, &api, &artifact, no_wait)),
+        MeshCmd::Peers { api } => rt.build()?.block_on(peers(ctx, &api)),
+        MeshCmd::Status { api } => rt.build()?.block_on(status(ctx, &api)),
         MeshCmd::Psk(PskCmd::New { out }) => psk_new(out),
     }
 }
 
-async fn serve(ctx: &Ctx, src: &ConfigSource, args: ServeArgs) -> Result<()> {
-    let cfg = src.load()?;
+async fn serve(ctx: &Ctx, cfg: shoal::config::Config, args: ServeArgs) -> Result<()> {
     // Defaults < file < SHOAL_* environment < flags: the config gives the
     // data dir, store and mesh settings; serve's own flags adjust the mesh.
     let mut nc = cfg.node_config(&ctx.data_dir)?;
@@ -122,6 +140,9 @@ async fn serve(ctx: &Ctx, src: &ConfigSource, args: ServeArgs) -> Result<()> {
     mesh.peers.extend(args.peer);
     mesh.mdns &= !args.no_mdns;
     mesh.offline |= args.offline;
+    if !args.security.is_empty() {
+        mesh.security = args.security;
+    }
     mesh.test_corrupt_chunks = args.test_corrupt_chunks;
     if let Some(f) = args.psk_file {
         mesh.psk = Some(mesh::read_psk(&f)?);
@@ -223,7 +244,8 @@ async fn pull(ctx: &Ctx, api: &str, artifact: &str, no_wait: bool) -> Result<()>
         }
         return Ok(());
     }
-    let path = format!("/admin/pull/{}", started.id);
+    // A long poll: the answer comes when the download ends, or after 200 ms.
+    let path = format!("/admin/pull/{}?wait_ms=200", started.id);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (mut last_bytes, mut last_t) = (started.progress.have_bytes, Instant::now());
     let mut rate = 0.0f64;
@@ -241,7 +263,7 @@ async fn pull(ctx: &Ctx, api: &str, artifact: &str, no_wait: bool) -> Result<()>
             last_bytes = p.have_bytes;
             last_t = Instant::now();
         }
-        if matches!(p.phase, Phase::Done | Phase::Failed) {
+        if p.phase.is_final() {
             break p;
         }
         if !ctx.json && (tty || printed.elapsed() >= Duration::from_secs(5)) {
@@ -254,7 +276,6 @@ async fn pull(ctx: &Ctx, api: &str, artifact: &str, no_wait: bool) -> Result<()>
             let _ = std::io::stderr().flush();
             printed = Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     };
     if tty && !ctx.json {
         eprintln!();
