@@ -15,7 +15,10 @@
 #           so outside a namespace it would send DNS and HTTPS to the internet.
 #
 #   SIZE_MB=1024 scripts/bench-mesh.sh      (SIZE_MB=1024 by default)
-#   SENDME=/path/to/sendme, NGINX=0 (force http.server), SHOAL=/path/to/shoal
+#   SENDME=/path/to/sendme (SENDME=none skips it), NGINX=0 (force http.server),
+#   SHOAL=/path/to/shoal; the daemons read SHOAL_* settings from the
+#   environment, e.g. SHOAL_SECURITY=noise or SHOAL_ASYNC_THREADS=0 for the
+#   ablations in docs/benchmarks.md.
 #
 # Prints a Markdown table (ratios to the HTTP anchor and to sendme) and a
 # RESULT line; figures go to docs/benchmarks.md.
@@ -24,7 +27,7 @@ cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-1024}
 SHOAL=$(realpath "${SHOAL:-${CARGO_TARGET_DIR:-target}/release/shoal}")
 SENDME=${SENDME:-$(command -v sendme || echo "$HOME/.cache/shoal/tools/bin/sendme")}
-[ -x "$SENDME" ] || SENDME=""
+[ -x "$SENDME" ] || SENDME=""  # SENDME=none skips it
 W=$(mktemp -d /tmp/shoal-bench.XXXXXX)
 PIDS=()
 cleanup() {
@@ -35,6 +38,24 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 now() { date +%s.%N; }
+# settle: run right before each timed section. `sync` first, so no system
+# pays for another's (or the test file's) writeback. Then touch and free
+# PREFAULT_MB of memory (default 2.5x the file): on a VM whose balloon
+# reports free pages to the host (virtio-balloon free page reporting, on
+# this machine), the first write to a reported page faults in the host, and
+# a page-cache write ran at a third of its speed in `perf` (kernel
+# copy_folio_from_iter_atomic). Touching the memory first hands every
+# system freshly backed pages; PREFAULT_MB=0 turns it off.
+PREFAULT_MB=${PREFAULT_MB:-$((SIZE_MB * 5 / 2))}
+export PREFAULT_MB
+settle() {
+    sync
+    [ "$PREFAULT_MB" -gt 0 ] || return 0
+    python3 -c "
+n = $PREFAULT_MB << 20
+b = bytearray(n)
+b[::4096] = b'\\x01' * len(range(0, n, 4096))"
+}
 rate() { python3 -c "print('%.0f' % ($SIZE_MB * 1048576 / ($2 - $1) / 1e6))"; }
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 
@@ -74,9 +95,7 @@ else
     PIDS+=($!)
 fi
 until curl -s -o /dev/null http://127.0.0.1:18900/; do sleep 0.1; done
-# Every timed section starts with nothing dirty in the page cache, so no
-# system pays for another's (or the test file's) writeback.
-sync
+settle
 t0=$(now)
 curl -sf -o "$W/http.bin" http://127.0.0.1:18900/f.bin
 sync "$W/http.bin"
@@ -95,7 +114,7 @@ PIDS+=($!)
     --peer /ip4/127.0.0.1/tcp/18971 >"$W/b.log" 2>&1 &
 PIDS+=($!)
 until [ "$("$SHOAL" --json status --api 127.0.0.1:18980 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["connected"])' 2>/dev/null || echo 0)" -ge 1 ]; do sleep 0.1; done
-sync
+settle
 t0=$(now)
 "$SHOAL" --json pull "$ID" --api 127.0.0.1:18980 >"$W/pull.json"
 t1=$(now)
@@ -115,7 +134,8 @@ if [ -n "$SENDME" ]; then
     [ "$(id -u)" = 0 ] || NS=(unshare --user --map-root-user --net)
     mkdir -p "$W/send" "$W/recv"
     ln "$W/f.bin" "$W/send/f.bin"
-    OUT=$(W="$W" SENDME="$SENDME" "${NS[@]}" bash -euo pipefail -c '
+    OUT=$(W="$W" SENDME="$SENDME" SETTLE="$(declare -f settle)" "${NS[@]}" bash -euo pipefail -c '
+        eval "$SETTLE"
         ip link set lo up
         now() { python3 -c "import time; print(time.monotonic())"; }
         common=(--relay disabled --no-progress --magic-ipv4-addr 127.0.0.1:0 --magic-ipv6-addr "[::1]:0")
@@ -128,7 +148,7 @@ if [ -n "$SENDME" ]; then
             sleep 0.1
         done
         cd "$W/recv"
-        sync
+        settle
         t0=$(now)
         "$SENDME" receive "${common[@]}" -v "$TICKET" >"$W/sendme-recv.out" 2>"$W/sendme-recv.err"
         sync f.bin

@@ -5,10 +5,10 @@
 //! 2. `Store::begin` registers the artifact and copies chunks already present
 //!    in any local artifact (local dedupe) or verified before a restart (resume).
 //! 3. Sources are learnt from connected peers, Kademlia providers and have
-//!    announcements; each source gets up to `window` pipelined requests, each
-//!    on its own chunk stream.
+//!    announcements; each source gets up to `window` pipelined requests
+//!    (`fast_window` once it is fast), each on its own chunk stream.
 //! 4. Each request picks the rarest missing chunk the source holds (ties broken
-//!    at random, so downloaders spread out). When every missing chunk is
+//!    uniformly at random, so downloaders spread out). When every missing chunk is
 //!    in flight, idle sources duplicate the oldest requests (endgame).
 //! 5. Every chunk is hashed by `Store::put_chunk` before it is written. A source
 //!    that sends a bad chunk is dropped and banned; the chunk goes back to the pool.
@@ -35,6 +35,14 @@ use tokio::sync::{Notify, broadcast, watch};
 pub struct DownloadOptions {
     /// Requests in flight per peer (each on its own stream).
     pub window: usize,
+    /// Requests in flight per peer once that peer delivers at least
+    /// [`DownloadOptions::fast_rate`]: on a fast link the time per chunk is
+    /// mostly processing at both ends, and more requests keep both busy; on
+    /// a slow link `window` already fills it, and more would only delay each
+    /// chunk's completion, and so its announcement to the swarm.
+    pub fast_window: usize,
+    /// Bytes per second from one peer above which it gets `fast_window`.
+    pub fast_rate: f64,
     /// Requests in flight to the origin.
     pub origin_window: usize,
     /// Failures (timeouts, resets) before a peer is dropped from this download.
@@ -61,6 +69,9 @@ impl Default for DownloadOptions {
     fn default() -> Self {
         Self {
             window: 4,
+            fast_window: 8,
+            // Three times a 100 Mbit/s link: LAN swarms stay at `window`.
+            fast_rate: 40e6,
             origin_window: 4,
             max_failures: 8,
             find_timeout: Duration::from_secs(30),
@@ -188,6 +199,8 @@ struct SourceState {
     running: bool,
     stats: SourceStats,
     busy: Duration,
+    /// When its workers started (for its delivered rate).
+    since: Instant,
 }
 
 struct Sched {
@@ -261,6 +274,7 @@ impl Sched {
                         running: false,
                         stats: SourceStats::default(),
                         busy: Duration::ZERO,
+                        since: Instant::now(),
                     },
                 );
             }
@@ -295,64 +309,79 @@ impl Sched {
         }
     }
 
+    /// Whether `src` has delivered at least `rate` bytes/s since it was added
+    /// (and for at least 250 ms, so one quick chunk does not count).
+    fn is_fast(&self, src: Source, rate: f64) -> bool {
+        self.sources.get(&src).is_some_and(|s| {
+            let t = s.since.elapsed().as_secs_f64();
+            t >= 0.25 && s.stats.bytes as f64 / t >= rate
+        })
+    }
+
+    /// Whether [`Sched::pick`] would answer `Stop` for `src` (done, failed, or source stopped).
+    fn pick_would_stop(&self, src: Source) -> bool {
+        self.finished || self.failed.is_some() || self.sources.get(&src).is_none_or(|s| s.stopped)
+    }
+
     fn pick(&mut self, src: Source) -> Pick {
-        if self.finished || self.failed.is_some() {
+        if self.pick_would_stop(src) {
             return Pick::Stop;
         }
         let Some(s) = self.sources.get(&src) else {
             return Pick::Stop;
         };
-        if s.stopped {
-            return Pick::Stop;
-        }
         let n = self.have.len();
         if n == 0 {
             return Pick::Stop;
         }
         let origin_ok = Instant::now() >= self.origin_after;
         let stalled = self.last_chunk.elapsed() >= self.origin_grace;
-        // Rarest first; among the equally rare, one chosen at random. Random
-        // rather than a walk from a fixed place: downloaders that walk the
-        // same way end up in step, asking a seeder for the same chunks, and
-        // its uplink (the swarm's bottleneck) sends them twice. The scan
-        // starts at a random chunk and stops at the first chunk that is as
-        // rare as any can be (only this source has it, or no peer has it for
-        // the origin); otherwise the equally rare are sampled (reservoir).
-        // A pick then costs a short walk, not a pass over every chunk.
+        // Rarest first; among the equally rare, one chosen uniformly at
+        // random. Uniformly, not "the first free one from some place": such
+        // walks put downloaders in step (the next free chunk after a run of
+        // taken ones is the same for all of them), so they ask a seeder for
+        // the same chunks and its uplink (the swarm's bottleneck) sends them
+        // twice. First a few uniform random probes: a probed chunk as rare as
+        // any can be (only this source has it; for the origin, no peer has
+        // it) is a uniform choice among those, found without a pass over
+        // every chunk. Otherwise a full pass samples the rarest (reservoir).
         let floor = match src {
             Source::Origin => 0,
             Source::Peer(_) => 1,
         };
-        let start = (xorshift(&mut self.rng) % u64::from(n)) as u32;
+        let eligible = |this: &Self, i: u32| -> Option<u32> {
+            if !this.inflight[i as usize].is_empty() || this.have.get(i) {
+                return None;
+            }
+            let a = this.avail[i as usize];
+            // The origin only serves chunks no live peer holds, split among
+            // the downloaders that may use it (each byte leaves the origin once).
+            let ok = match src {
+                Source::Origin => {
+                    a == 0 && origin_ok && (stalled || this.origin_owner(i) == this.me)
+                }
+                Source::Peer(_) => s.have.get(i),
+            };
+            ok.then_some(a)
+        };
+        for _ in 0..PICK_PROBES {
+            let i = (xorshift(&mut self.rng) % u64::from(n)) as u32;
+            if eligible(self, i).is_some_and(|a| a <= floor) {
+                self.inflight[i as usize].push(src);
+                return Pick::Chunk(i);
+            }
+        }
         let mut best: Option<(u32, u32)> = None;
         let mut ties = 0u64;
         let mut unassigned = false;
-        for k in 0..n {
-            let i = if k < n - start {
-                start + k
-            } else {
-                k - (n - start)
-            };
+        for i in 0..n {
             if !self.inflight[i as usize].is_empty() || self.have.get(i) {
                 continue;
             }
             unassigned = true;
-            let a = self.avail[i as usize];
-            // The origin only serves chunks no live peer holds, split among
-            // the downloaders that may use it (each byte leaves the origin once).
-            let eligible = match src {
-                Source::Origin => {
-                    a == 0 && origin_ok && (stalled || self.origin_owner(i) == self.me)
-                }
-                Source::Peer(_) => s.have.get(i),
-            };
-            if !eligible {
+            let Some(a) = eligible(self, i) else {
                 continue;
-            }
-            if a <= floor {
-                best = Some((i, a));
-                break;
-            }
+            };
             match best {
                 Some((_, b)) if a > b => {}
                 Some((_, b)) if a == b => {
@@ -877,23 +906,36 @@ fn add_source(ctx: &Arc<Ctx>, src: Source, have: HaveMap) {
     if start {
         let slots = match src {
             Source::Origin => ctx.opts.origin_window,
-            Source::Peer(_) => ctx.opts.window,
+            Source::Peer(_) => ctx.opts.window.max(ctx.opts.fast_window),
         };
-        for _ in 0..slots.max(1) {
-            tokio::spawn(worker(ctx.clone(), src));
+        for slot in 0..slots.max(1) {
+            tokio::spawn(worker(ctx.clone(), src, slot));
         }
     }
     ctx.notify.notify_waiters();
 }
 
-/// One request slot for one source: picks a chunk, fetches, verifies, stores, repeats.
-async fn worker(ctx: Arc<Ctx>, src: Source) {
+/// One request slot for one source: picks a chunk, fetches, verifies, stores,
+/// repeats. Slots from `window` up work only while the source is fast.
+async fn worker(ctx: Arc<Ctx>, src: Source, slot: usize) {
+    let extra = matches!(src, Source::Peer(_)) && slot >= ctx.opts.window.max(1);
     let mut stream: Option<Stream> = None;
     // One body buffer per worker, reused: no fresh zeroed pages per chunk.
     let mut buf: Vec<u8> = Vec::new();
     loop {
         let notified = ctx.notify.notified();
-        let pick = ctx.sched.lock().pick(src);
+        let pick = {
+            let mut sched = ctx.sched.lock();
+            if extra && !sched.is_fast(src, ctx.opts.fast_rate) {
+                // Idle, not stopped: the source may speed up (or the download end).
+                match sched.pick_would_stop(src) {
+                    true => Pick::Stop,
+                    false => Pick::Wait,
+                }
+            } else {
+                sched.pick(src)
+            }
+        };
         let i = match pick {
             Pick::Stop => return,
             Pick::Wait => {
@@ -1004,6 +1046,9 @@ async fn worker(ctx: Arc<Ctx>, src: Source) {
         }
     }
 }
+
+/// Random probes [`Sched::pick`] makes before a full pass over the chunks.
+const PICK_PROBES: u32 = 32;
 
 /// xorshift64: cheap, and random enough to keep downloaders out of step.
 fn xorshift(state: &mut u64) -> u64 {
@@ -1180,4 +1225,107 @@ fn report_fetch(src: Source, outcome: &Outcome) {
         Outcome::NotFound => return,
     };
     crate::metrics::global().chunk_fetch(source, o, bytes, secs);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(n: u32) -> Sched {
+        Sched {
+            finished: false,
+            have: HaveMap::new(n),
+            inflight: vec![Vec::new(); n as usize],
+            avail: vec![0; n as usize],
+            sources: HashMap::new(),
+            fetched: Vec::new(),
+            progress: Progress::default(),
+            failed: None,
+            last_chunk: Instant::now(),
+            started: Instant::now(),
+            endgame: false,
+            max_failures: 8,
+            me: PeerId::random(),
+            origin_peers: Default::default(),
+            origin_after: Instant::now(),
+            origin_grace: Duration::from_secs(10),
+            rng: random_seed(),
+        }
+    }
+
+    fn have(n: u32, which: impl Iterator<Item = u32>) -> HaveMap {
+        let mut h = HaveMap::new(n);
+        for i in which {
+            h.set(i);
+        }
+        h
+    }
+
+    #[test]
+    fn a_single_source_gets_every_chunk_once() {
+        let n = 1000;
+        let mut s = sched(n);
+        let p = Source::Peer(PeerId::random());
+        assert!(s.add_source(p, HaveMap::full(n)));
+        let mut seen = HashSet::new();
+        for _ in 0..n {
+            match s.pick(p) {
+                Pick::Chunk(i) => assert!(seen.insert(i), "chunk {i} picked twice"),
+                _ => panic!("a chunk was left"),
+            }
+        }
+        assert!(matches!(s.pick(p), Pick::Wait), "nothing left to ask for");
+    }
+
+    #[test]
+    fn the_rarest_come_first_and_are_chosen_uniformly() {
+        // Chunks 0..100 are held by two peers, 100..200 by `a` alone.
+        let n = 200;
+        let (a, b) = (
+            Source::Peer(PeerId::random()),
+            Source::Peer(PeerId::random()),
+        );
+        let mut firsts = HashSet::new();
+        for _ in 0..300 {
+            let mut s = sched(n);
+            s.add_source(a, HaveMap::full(n));
+            s.add_source(b, have(n, 0..100));
+            for _ in 0..100 {
+                match s.pick(a) {
+                    Pick::Chunk(i) => {
+                        assert!(i >= 100, "picked {i}, held by two, before a rare one")
+                    }
+                    _ => panic!("rare chunks were left"),
+                }
+            }
+            // Then the common ones.
+            assert!(matches!(s.pick(a), Pick::Chunk(i) if i < 100));
+            let mut s = sched(n);
+            s.add_source(a, HaveMap::full(n));
+            if let Pick::Chunk(i) = s.pick(a) {
+                firsts.insert(i);
+            }
+        }
+        // 300 fresh downloads do not start in step: their first picks spread
+        // over the file (uniform over 200 chunks gives ~155 distinct values).
+        assert!(firsts.len() > 100, "first picks: {} distinct", firsts.len());
+    }
+
+    #[test]
+    fn a_source_is_fast_only_after_delivering_at_the_rate() {
+        let mut s = sched(4);
+        let p = Source::Peer(PeerId::random());
+        s.add_source(p, HaveMap::full(4));
+        assert!(!s.is_fast(p, 1.0), "no bytes yet");
+        if let Some(st) = s.sources.get_mut(&p) {
+            st.since = Instant::now() - Duration::from_secs(1);
+            st.stats.bytes = 50_000_000;
+        }
+        assert!(s.is_fast(p, 40e6));
+        assert!(!s.is_fast(p, 60e6));
+        assert!(
+            !s.is_fast(Source::Peer(PeerId::random()), 1.0),
+            "unknown source"
+        );
+    }
 }
