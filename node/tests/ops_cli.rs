@@ -227,3 +227,27 @@ fn metrics_enabled_switch_is_honoured() {
         assert_eq!(node.get_status("/admin/status"), 200);
     }
 }
+
+/// The daemon must outlive peers that hang up: a write to a socket the other
+/// side closed has to fail with EPIPE, not kill it (the short-lived commands
+/// keep SIGPIPE's default, for `shoal ls | head`). A liar banned by its
+/// peers died of exactly that in the netns liar scenario.
+#[test]
+fn the_daemon_ignores_sigpipe() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let cfg = d.path().join("shoal.toml");
+    std::fs::write(&cfg, "async_threads = 1\n").expect("write");
+    let node = Daemon::start(d.path(), &cfg);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", node.child.id())).expect("/proc status");
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .expect("SigIgn line");
+    assert_ne!(ignored & (1 << (SIGPIPE - 1)), 0, "SIGPIPE is not ignored");
+    assert_eq!(node.get_status("/admin/status"), 200);
+}
+
+/// SIGPIPE's number on Linux.
+const SIGPIPE: u32 = 13;
