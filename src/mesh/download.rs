@@ -349,10 +349,9 @@ impl Sched {
             Source::Origin => 0,
             Source::Peer(_) => 1,
         };
+        let free = |this: &Self, i: u32| this.inflight[i as usize].is_empty() && !this.have.get(i);
+        // The holders of a free chunk `i`, if this source may be asked for it.
         let eligible = |this: &Self, i: u32| -> Option<u32> {
-            if !this.inflight[i as usize].is_empty() || this.have.get(i) {
-                return None;
-            }
             let a = this.avail[i as usize];
             // The origin only serves chunks no live peer holds, split among
             // the downloaders that may use it (each byte leaves the origin once).
@@ -366,7 +365,7 @@ impl Sched {
         };
         for _ in 0..PICK_PROBES {
             let i = (xorshift(&mut self.rng) % u64::from(n)) as u32;
-            if eligible(self, i).is_some_and(|a| a <= floor) {
+            if free(self, i) && eligible(self, i).is_some_and(|a| a <= floor) {
                 self.inflight[i as usize].push(src);
                 return Pick::Chunk(i);
             }
@@ -375,7 +374,7 @@ impl Sched {
         let mut ties = 0u64;
         let mut unassigned = false;
         for i in 0..n {
-            if !self.inflight[i as usize].is_empty() || self.have.get(i) {
+            if !free(self, i) {
                 continue;
             }
             unassigned = true;
@@ -928,9 +927,10 @@ async fn worker(ctx: Arc<Ctx>, src: Source, slot: usize) {
             let mut sched = ctx.sched.lock();
             if extra && !sched.is_fast(src, ctx.opts.fast_rate) {
                 // Idle, not stopped: the source may speed up (or the download end).
-                match sched.pick_would_stop(src) {
-                    true => Pick::Stop,
-                    false => Pick::Wait,
+                if sched.pick_would_stop(src) {
+                    Pick::Stop
+                } else {
+                    Pick::Wait
                 }
             } else {
                 sched.pick(src)

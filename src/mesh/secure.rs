@@ -68,14 +68,6 @@ impl SecureChannel {
         vec![SecureChannel::Tls, SecureChannel::Noise]
     }
 
-    /// Lower-case name, as in the config file and on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            SecureChannel::Tls => "tls",
-            SecureChannel::Noise => "noise",
-        }
-    }
-
     fn protocol(self) -> &'static str {
         match self {
             SecureChannel::Tls => TLS_PROTOCOL,
