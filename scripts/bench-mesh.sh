@@ -5,7 +5,7 @@
 #           else python3 http.server + curl; then `sync` of the file
 #           (no encryption, no verification)
 #   shoal:  two daemons (mDNS off, static peer), `shoal pull` until activated
-#           (noise encryption, per-chunk BLAKE3, fdatasync, whole-file check)
+#           (TLS 1.3 AES-GCM, per-chunk BLAKE3, fdatasync, whole-file check)
 #   sendme: iroh's sendme (`cargo install sendme --root ~/.cache/shoal/tools`),
 #           --relay disabled, address-only ticket on 127.0.0.1, received into
 #           a directory on the same filesystem, then `sync`; timed until the

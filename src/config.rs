@@ -362,6 +362,8 @@ pub struct MeshConfig {
     pub allow_peers: Vec<String>,
     /// How long a peer that served a bad chunk is banned.
     pub ban_duration: HumanDuration,
+    /// Largest yamux data frame this node sends (1K to 1M).
+    pub frame_size: ByteSize,
 }
 
 /// `[api]` settings.
@@ -467,6 +469,7 @@ impl Default for MeshConfig {
             origin_ca_file: None,
             allow_peers: Vec::new(),
             ban_duration: HumanDuration::secs(3600),
+            frame_size: ByteSize(crate::mesh::muxer::SPLIT_SEND_SIZE as u64),
         }
     }
 }
@@ -704,6 +707,13 @@ pub const SETTINGS: &[Setting] = &[
         Str,
         "How long a peer that served a chunk failing its hash is banned.",
         "\"1h\"",
+    ),
+    s(
+        "mesh.frame_size",
+        Some("SHOAL_FRAME_SIZE"),
+        Str,
+        "Largest yamux data frame this node sends, 1K to 1M. Each frame is one flush of the\nconnection and its own TLS record for the frame header: 256K frames cost a 16th of\nthe flushes of yamux's usual 16K (docs/benchmarks.md). Any yamux peer reads them.",
+        "\"256K\"",
     ),
     s(
         "api.listen",
@@ -1019,6 +1029,13 @@ impl Config {
                     .map_err(|e| ConfigError::Invalid(format!("mesh.allow_peers: {p:?}: {e}")))
             })
             .collect::<Result<_, _>>()?;
+        let frame_size = self.mesh.frame_size.0;
+        if !(1 << 10..=1 << 20).contains(&frame_size) {
+            return Err(ConfigError::Invalid(format!(
+                "mesh.frame_size: {} is outside 1K..1M",
+                self.mesh.frame_size
+            )));
+        }
         Ok(crate::mesh::MeshConfig {
             listen: self.mesh.listen.clone(),
             peers: self.mesh.peers.clone(),
@@ -1029,6 +1046,7 @@ impl Config {
             offline: self.mesh.offline,
             origin_ca_file: self.mesh.origin_ca_file.clone(),
             ban_duration: self.mesh.ban_duration.get(),
+            frame_size: frame_size as usize,
             ..Default::default()
         })
     }
@@ -1233,6 +1251,18 @@ mod tests {
         assert!(!n.mesh.mdns && n.mesh.offline && n.mesh.psk.is_some());
         assert_eq!(n.mesh.ban_duration, Duration::from_secs(300));
         assert_eq!(n.mesh.origin_ca_file, None);
+        assert_eq!(n.mesh.frame_size, 256 << 10);
+        cfg.set("mesh.frame_size", "64K").expect("set");
+        let n = cfg.node_config(Path::new("/d")).expect("64K frames");
+        assert_eq!(n.mesh.frame_size, 64 << 10);
+        for bad in ["2M", "512"] {
+            cfg.set("mesh.frame_size", bad).expect("set");
+            assert!(
+                matches!(cfg.node_config(Path::new("/d")), Err(ConfigError::Invalid(m)) if m.contains("frame_size")),
+                "{bad}"
+            );
+        }
+        cfg.set("mesh.frame_size", "256K").expect("set");
         cfg.set("mesh.psk_file", "/nonexistent/swarm.key")
             .expect("set");
         assert!(matches!(

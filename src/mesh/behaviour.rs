@@ -9,7 +9,7 @@ use libp2p::core::transport::{Boxed, upgrade::Version};
 use libp2p::swarm::{NetworkBehaviour, behaviour::toggle::Toggle};
 use libp2p::{
     PeerId, Swarm, Transport, allow_block_list, connection_limits, gossipsub, identify,
-    identity::Keypair, kad, mdns, ping, pnet::PnetConfig, request_response, tcp, yamux,
+    identity::Keypair, kad, mdns, ping, pnet::PnetConfig, request_response, tcp,
 };
 use std::time::Duration;
 
@@ -110,14 +110,14 @@ pub fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
         .unwrap_or_else(Keypair::generate_ed25519);
     let psk = config.psk;
     let security = config.security.clone();
+    let frame_size = config.frame_size;
     let built = behaviour(&key, config)?;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_other_transport(
             |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
                 let secure = super::secure::Config::new(key, &security)?;
-                let mut yamux = yamux::Config::default();
-                yamux.set_max_num_streams(1024);
+                let yamux = super::muxer::Config::new(1024, frame_size);
                 let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
                 let transport: Boxed<(PeerId, StreamMuxerBox)> = match psk {
                     Some(psk) => tcp

@@ -15,6 +15,7 @@ pub mod behaviour;
 pub mod client;
 pub mod download;
 pub mod event_loop;
+pub mod muxer;
 pub mod origin;
 pub mod provider;
 pub mod secure;
@@ -110,6 +111,8 @@ pub struct MeshConfig {
     pub origin_ca_file: Option<PathBuf>,
     /// How long a peer that sent a bad chunk stays banned.
     pub ban_duration: Duration,
+    /// Largest yamux data frame sent ([`muxer::SPLIT_SEND_SIZE`] by default).
+    pub frame_size: usize,
     /// Idle connections are kept this long.
     pub idle_timeout: Duration,
     /// Most established connections in total.
@@ -134,6 +137,7 @@ impl Default for MeshConfig {
             offline: false,
             origin_ca_file: None,
             ban_duration: Duration::from_secs(600),
+            frame_size: muxer::SPLIT_SEND_SIZE,
             idle_timeout: Duration::from_secs(300),
             max_connections: 512,
             keypair: None,
@@ -195,6 +199,25 @@ where
         .await
         .map_err(join_err)?
         .map_err(MeshError::Store)
+}
+
+/// Helpers shared by the mesh's unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use libp2p::tcp::tokio::TcpStream;
+
+    /// A connected pair of loopback TCP sockets (dialer, listener).
+    pub(crate) async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (c, s) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        (
+            TcpStream(c.expect("connect")),
+            TcpStream(s.expect("accept").0),
+        )
+    }
 }
 
 #[cfg(test)]

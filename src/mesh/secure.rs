@@ -448,18 +448,7 @@ mod tests {
     use super::*;
     use libp2p::tcp::tokio::TcpStream;
 
-    /// A connected pair of loopback TCP sockets.
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let (c, s) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
-        (
-            TcpStream(c.expect("connect")),
-            TcpStream(s.expect("accept").0),
-        )
-    }
+    use crate::mesh::test_util::tcp_pair as pair;
 
     /// Runs one TLS handshake: `client` dials, `server` accepts.
     async fn handshake(

@@ -296,6 +296,11 @@ pub struct GcReport {
 /// Per-partial in-memory state.
 struct Partial {
     file: Arc<File>,
+    /// Held around each chunk write. The kernel takes the inode's lock for
+    /// every buffered write anyway; taking ours first makes a second writer
+    /// sleep instead of spinning on that lock while the first copies its
+    /// chunk (3 % of a receiver's CPU on two cores in `perf`).
+    write_lock: Arc<Mutex<()>>,
     manifest: Arc<Manifest>,
     /// Persisted presence.
     have: HaveMap,
@@ -792,6 +797,7 @@ impl Store {
             id,
             Partial {
                 file: Arc::new(f),
+                write_lock: Arc::default(),
                 manifest: Arc::new(manifest.clone()),
                 have,
                 pending: Vec::new(),
@@ -823,6 +829,7 @@ impl Store {
             .map_err(io_err("open", &path))?;
         self.inner.partials.lock().entry(*id).or_insert(Partial {
             file: Arc::new(f),
+            write_lock: Arc::default(),
             manifest: Arc::new(manifest),
             have,
             pending: Vec::new(),
@@ -900,7 +907,7 @@ impl Store {
             Ok(Some(ArtifactStatus::Active)) => Ok(()),
             _ => Err(e),
         })?;
-        let (file, c) = {
+        let (file, write_lock, c) = {
             let parts = self.inner.partials.lock();
             let Some(p) = parts.get(id) else {
                 return Ok(()); // already active: nothing to write
@@ -911,7 +918,7 @@ impl Store {
             if p.have.get(index) || p.pending.contains(&index) {
                 return Ok(());
             }
-            (p.file.clone(), c)
+            (p.file.clone(), p.write_lock.clone(), c)
         };
         let got = ChunkHash::of(data);
         if got != c.hash || data.len() != c.len as usize {
@@ -923,8 +930,11 @@ impl Store {
             });
         }
         let path = self.partial_path(id);
-        file.write_all_at(data, c.offset)
-            .map_err(io_err("write", &path))?;
+        {
+            let _one_writer = write_lock.lock();
+            file.write_all_at(data, c.offset)
+                .map_err(io_err("write", &path))?;
+        }
         let flush = {
             let mut parts = self.inner.partials.lock();
             let Some(p) = parts.get_mut(id) else {
