@@ -26,6 +26,7 @@ pub mod havemap;
 pub mod id;
 pub mod manifest;
 pub mod release;
+pub mod treehash;
 
 pub use havemap::HaveMap;
 pub use id::{ArtifactId, ChunkHash, ParseIdError};
@@ -49,6 +50,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const STORE_FORMAT: u32 = 1;
 /// Bytes of written-but-unsynced chunks after which a partial is flushed.
 const AUTO_FLUSH_BYTES: u64 = 16 << 20;
+/// Downloads at least this large leave the page cache once durable.
+const DROP_PAGES_FROM: u64 = 64 << 20;
+
+/// Asks the kernel to drop the file's clean (already synced) pages.
+///
+/// A download is not read again before activation (the whole-file hash is
+/// built from the chunks in memory, [`treehash`]), so keeping its pages
+/// would only push out what the node does read: the weights of the model it
+/// is serving. Dropped pages go straight back to the allocator, and the
+/// next chunk is written into the same, already-touched memory: on this
+/// project's VM, where freed memory is handed back to the host, writes into
+/// fresh page cache cost 2-8x the CPU (docs/benchmarks.md). Advisory: a
+/// failure changes nothing but the cache.
+fn drop_clean_pages(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on an open descriptor we own; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        tracing::debug!(errno = r, "posix_fadvise(DONTNEED) failed");
+    }
+}
 /// Decoded manifests kept by [`Store::manifest_shared`] (cleared when full).
 const MANIFEST_CACHE_ENTRIES: usize = 64;
 
@@ -301,6 +323,10 @@ struct Partial {
     /// sleep instead of spinning on that lock while the first copies its
     /// chunk (3 % of a receiver's CPU on two cores in `perf`).
     write_lock: Arc<Mutex<()>>,
+    /// The whole-file hash, built from the chunks as they are written
+    /// ([`treehash`]); `None` for small files and for downloads resumed
+    /// after a restart, which hash the file at activation instead.
+    tree: Option<Arc<Mutex<treehash::TreeHasher>>>,
     manifest: Arc<Manifest>,
     /// Persisted presence.
     have: HaveMap,
@@ -798,6 +824,7 @@ impl Store {
             Partial {
                 file: Arc::new(f),
                 write_lock: Arc::default(),
+                tree: treehash::TreeHasher::new(manifest.size).map(|t| Arc::new(Mutex::new(t))),
                 manifest: Arc::new(manifest.clone()),
                 have,
                 pending: Vec::new(),
@@ -827,9 +854,15 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(io_err("open", &path))?;
+        // Chunks written before a restart are not in a fresh tracker.
+        let tree = (have.count() == 0)
+            .then(|| treehash::TreeHasher::new(manifest.size))
+            .flatten()
+            .map(|t| Arc::new(Mutex::new(t)));
         self.inner.partials.lock().entry(*id).or_insert(Partial {
             file: Arc::new(f),
             write_lock: Arc::default(),
+            tree,
             manifest: Arc::new(manifest),
             have,
             pending: Vec::new(),
@@ -907,7 +940,7 @@ impl Store {
             Ok(Some(ArtifactStatus::Active)) => Ok(()),
             _ => Err(e),
         })?;
-        let (file, write_lock, c) = {
+        let (file, write_lock, tree, size, c) = {
             let parts = self.inner.partials.lock();
             let Some(p) = parts.get(id) else {
                 return Ok(()); // already active: nothing to write
@@ -918,7 +951,13 @@ impl Store {
             if p.have.get(index) || p.pending.contains(&index) {
                 return Ok(());
             }
-            (p.file.clone(), p.write_lock.clone(), c)
+            (
+                p.file.clone(),
+                p.write_lock.clone(),
+                p.tree.clone(),
+                p.manifest.size,
+                c,
+            )
         };
         let got = ChunkHash::of(data);
         if got != c.hash || data.len() != c.len as usize {
@@ -934,6 +973,12 @@ impl Store {
             let _one_writer = write_lock.lock();
             file.write_all_at(data, c.offset)
                 .map_err(io_err("write", &path))?;
+        }
+        if let Some(t) = tree {
+            // Hashed here, from the verified bytes in memory; the lock is
+            // only taken to file the result.
+            let piece = treehash::TreeHasher::hash_piece(size, index, c.offset, data);
+            t.lock().add(piece);
         }
         let flush = {
             let mut parts = self.inner.partials.lock();
@@ -953,7 +998,7 @@ impl Store {
     /// Makes written chunks durable and records them present: fdatasync of
     /// the data first, then the have-map.
     pub fn flush(&self, id: &ArtifactId) -> Result<(), StoreError> {
-        let (file, pending) = {
+        let (file, pending, drop_pages) = {
             let mut parts = self.inner.partials.lock();
             let Some(p) = parts.get_mut(id) else {
                 return Ok(());
@@ -962,7 +1007,8 @@ impl Store {
                 return Ok(());
             }
             p.pending_bytes = 0;
-            (p.file.clone(), std::mem::take(&mut p.pending))
+            let drop_pages = p.tree.is_some() && p.manifest.size >= DROP_PAGES_FROM;
+            (p.file.clone(), std::mem::take(&mut p.pending), drop_pages)
         };
         let path = self.partial_path(id);
         if let Err(e) = file.sync_data() {
@@ -971,6 +1017,9 @@ impl Store {
                 p.pending.extend(pending);
             }
             return Err(io_err("sync", &path)(e));
+        }
+        if drop_pages {
+            drop_clean_pages(&file);
         }
         let (have_bytes, manifest) = {
             let mut parts = self.inner.partials.lock();
@@ -1004,12 +1053,17 @@ impl Store {
         }
         self.load_partial(id)?;
         self.flush(id)?;
-        let (file, manifest, have) = {
+        let (file, manifest, have, tree) = {
             let parts = self.inner.partials.lock();
             let p = parts
                 .get(id)
                 .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
-            (p.file.clone(), p.manifest.clone(), p.have.clone())
+            (
+                p.file.clone(),
+                p.manifest.clone(),
+                p.have.clone(),
+                p.tree.clone(),
+            )
         };
         if !have.is_complete() {
             return Err(StoreError::Incomplete {
@@ -1019,14 +1073,25 @@ impl Store {
             });
         }
         let path = self.partial_path(id);
-        let mut h = blake3::Hasher::new();
-        if manifest.size > 0 {
-            // SAFETY: read-only map of our own partial file, which only this store writes.
-            let map = unsafe { memmap2::Mmap::map(&*file) }.map_err(io_err("map", &path))?;
-            // All cores: this pass is on the critical path of every download.
-            h.update_rayon(&map);
-        }
-        if h.finalize().as_bytes() != &manifest.blake3 {
+        // The tree built from the chunks as they were written, when it saw
+        // them all; otherwise a pass over the file.
+        let built = tree.and_then(|t| t.lock().root());
+        let whole = match built {
+            Some(root) => root,
+            None => {
+                let mut h = blake3::Hasher::new();
+                if manifest.size > 0 {
+                    // SAFETY: read-only map of our own partial file, which only this store writes.
+                    let map =
+                        unsafe { memmap2::Mmap::map(&*file) }.map_err(io_err("map", &path))?;
+                    // All cores: this pass is on the critical path of every download.
+                    h.update_rayon(&map);
+                }
+                h.finalize()
+            }
+        };
+        tracing::debug!(%id, from_tree = built.is_some(), "whole-file hash");
+        if whole.as_bytes() != &manifest.blake3 {
             return Err(StoreError::FileMismatch(*id));
         }
         let _g = self.inner.meta_lock.lock();
