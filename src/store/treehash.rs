@@ -88,24 +88,17 @@ impl TreeHasher {
         // be short; it is whole when the piece reaches the end of the file.
         let lo = offset.div_ceil(LEAF) * LEAF;
         let hi = if end == size { end } else { end / LEAF * LEAF };
-        if lo >= hi {
-            // No whole leaf: at most two leaf pieces, either side of `lo`.
-            let cut = lo.min(end);
+        // Sub-leaf pieces either side; with no whole leaf inside, the
+        // piece splits at the one leaf boundary it may cross.
+        let head_end = lo.min(end);
+        let tail_start = hi.max(head_end);
+        if offset < head_end {
             out.edges
-                .push((offset, data[..(cut - offset) as usize].to_vec()));
-            if cut < end {
-                out.edges
-                    .push((cut, data[(cut - offset) as usize..].to_vec()));
-            }
-            return out;
+                .push((offset, data[..(head_end - offset) as usize].to_vec()));
         }
-        if offset < lo {
+        if tail_start < end {
             out.edges
-                .push((offset, data[..(lo - offset) as usize].to_vec()));
-        }
-        if hi < end {
-            out.edges
-                .push((hi, data[(hi - offset) as usize..].to_vec()));
+                .push((tail_start, data[(tail_start - offset) as usize..].to_vec()));
         }
         let mut at = lo;
         while at < hi {
