@@ -53,7 +53,8 @@ const AUTO_FLUSH_BYTES: u64 = 16 << 20;
 /// Downloads at least this large leave the page cache once durable.
 const DROP_PAGES_FROM: u64 = 64 << 20;
 
-/// Asks the kernel to drop the file's clean (already synced) pages.
+/// Asks the kernel to drop the clean (already synced) pages of `ranges`
+/// (offset, length) of the file.
 ///
 /// A download is not read again before activation (the whole-file hash is
 /// built from the chunks in memory, [`treehash`]), so keeping its pages
@@ -61,15 +62,47 @@ const DROP_PAGES_FROM: u64 = 64 << 20;
 /// is serving. Dropped pages go straight back to the allocator, and the
 /// next chunk is written into the same, already-touched memory: on this
 /// project's VM, where freed memory is handed back to the host, writes into
-/// fresh page cache cost 2-8x the CPU (docs/benchmarks.md). Advisory: a
-/// failure changes nothing but the cache.
-fn drop_clean_pages(file: &File) {
+/// fresh page cache cost 2-8x the CPU (docs/benchmarks.md).
+///
+/// Only the given ranges, never the whole file: content-defined chunks do not
+/// start on page boundaries, and a page that a chunk shares with a neighbour
+/// not yet written must stay, or writing the neighbour reads it back from
+/// disk (one synchronous read per chunk boundary, under the writer lock).
+/// The kernel drops only the pages a range covers whole. Advisory: a failure
+/// changes nothing but the cache.
+fn drop_clean_pages(file: &File, ranges: &[(u64, u64)]) {
     use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on an open descriptor we own; no memory is passed.
-    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    if r != 0 {
-        tracing::debug!(errno = r, "posix_fadvise(DONTNEED) failed");
+    for &(offset, len) in ranges {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            continue;
+        };
+        // SAFETY: plain syscall on an open descriptor we own; no memory is passed.
+        let r =
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            tracing::debug!(errno = r, "posix_fadvise(DONTNEED) failed");
+            return;
+        }
     }
+}
+
+/// The byte ranges of `chunks` (indices into `manifest`), adjacent chunks
+/// merged, in file order.
+fn chunk_ranges(manifest: &Manifest, chunks: &[u32]) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = chunks
+        .iter()
+        .filter_map(|i| manifest.chunks.get(*i as usize))
+        .map(|c| (c.offset, c.offset + u64::from(c.len)))
+        .collect();
+    spans.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
+    for (start, end) in spans {
+        match out.last_mut() {
+            Some(last) if last.1 >= start => last.1 = last.1.max(end),
+            _ => out.push((start, end)),
+        }
+    }
+    out.into_iter().map(|(s, e)| (s, e - s)).collect()
 }
 /// Decoded manifests kept by [`Store::manifest_shared`] (cleared when full).
 const MANIFEST_CACHE_ENTRIES: usize = 64;
@@ -1007,8 +1040,10 @@ impl Store {
                 return Ok(());
             }
             p.pending_bytes = 0;
-            let drop_pages = p.tree.is_some() && p.manifest.size >= DROP_PAGES_FROM;
-            (p.file.clone(), std::mem::take(&mut p.pending), drop_pages)
+            let pending = std::mem::take(&mut p.pending);
+            let drop_pages = (p.tree.is_some() && p.manifest.size >= DROP_PAGES_FROM)
+                .then(|| chunk_ranges(&p.manifest, &pending));
+            (p.file.clone(), pending, drop_pages)
         };
         let path = self.partial_path(id);
         if let Err(e) = file.sync_data() {
@@ -1018,8 +1053,8 @@ impl Store {
             }
             return Err(io_err("sync", &path)(e));
         }
-        if drop_pages {
-            drop_clean_pages(&file);
+        if let Some(ranges) = drop_pages {
+            drop_clean_pages(&file, &ranges);
         }
         let (have_bytes, manifest) = {
             let mut parts = self.inner.partials.lock();
@@ -1722,5 +1757,48 @@ impl Lease {
     pub fn map(&self) -> Result<memmap2::Mmap, StoreError> {
         // SAFETY: objects are read-only and never modified in place by the store.
         unsafe { memmap2::Mmap::map(&self.file) }.map_err(io_err("map", &self.path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(lens: &[u32]) -> Manifest {
+        let mut offset = 0;
+        let chunks = lens
+            .iter()
+            .map(|&len| {
+                let c = ChunkRef {
+                    offset,
+                    len,
+                    hash: ChunkHash::of(&[]),
+                };
+                offset += u64::from(len);
+                c
+            })
+            .collect();
+        Manifest {
+            format: MANIFEST_FORMAT,
+            kind: ArtifactKind::Gguf,
+            size: offset,
+            blake3: [0; 32],
+            chunks,
+            tensors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn dropped_ranges_are_the_flushed_chunks_merged_never_their_neighbours() {
+        // Chunks at 0, 5000, 12000, 12100, 20000 (unaligned, as CDC cuts them).
+        let m = manifest(&[5000, 7000, 100, 7900, 3000]);
+        // Out of order, one twice, one out of range: runs of adjacent
+        // chunks merge; chunk 1 (5000..12000), not flushed, stays out.
+        assert_eq!(
+            chunk_ranges(&m, &[3, 0, 2, 3, 99, 4]),
+            vec![(0, 5000), (12000, 11000)]
+        );
+        assert_eq!(chunk_ranges(&m, &[1]), vec![(5000, 7000)]);
+        assert!(chunk_ranges(&m, &[]).is_empty());
     }
 }
