@@ -15,7 +15,8 @@
 #   BURST (tbf bucket, default 256kb; ~1mb for RATE=1gbit),
 #   ONLINE (origin scenario: how many nodes may use the origin, default 2),
 #   SIZE_MB (artifact size, default 32), SHOAL (binary, default target/release/shoal),
-#   WAIT_SECS (bound on every wait, default 120), KEEP=1 keeps the work dir.
+#   WAIT_SECS (bound on every wait, default 120), KEEP=1 keeps the work dir,
+#   NODE_LOG (the nodes' --log filter, default info; e.g. info,shoal::mesh=debug).
 #
 # Needs root (network namespaces). Without root it says so loudly and exits 0.
 # Everything it creates (namespaces, veths, bridge, processes, files) is removed
@@ -109,7 +110,7 @@ nsx() {
 start_node() {
     local i=$1
     shift
-    ip netns exec "$(ns "$i")" "$SHOAL" --data-dir "$WORK/n$i" --log info serve \
+    ip netns exec "$(ns "$i")" "$SHOAL" --data-dir "$WORK/n$i" --log "${NODE_LOG:-info}" serve \
         --listen /ip4/0.0.0.0/tcp/7071 --api 127.0.0.1:7070 "$@" >>"$WORK/n$i.log" 2>&1 &
     echo $! >"$WORK/n$i.pid"
     PIDS+=($!)
@@ -141,7 +142,7 @@ stop_all() {
         [ -f "$WORK/n$i.pid" ] && stop_node "$i" KILL
         rm -f "$WORK/n$i.pid"
     done
-    rm -rf "$WORK"/n*
+    rm -rf "$WORK"/n*/  # data dirs; the logs stay for KEEP=1
 }
 
 # jqpy EXPR < json: evaluate a Python expression on the parsed JSON `j`.
