@@ -92,7 +92,7 @@ fn chunk_ranges(manifest: &Manifest, chunks: &[u32]) -> Vec<(u64, u64)> {
     let mut spans: Vec<(u64, u64)> = chunks
         .iter()
         .filter_map(|i| manifest.chunks.get(*i as usize))
-        .map(|c| (c.offset, c.offset + u64::from(c.len)))
+        .map(|c| (c.offset, c.span().end()))
         .collect();
     spans.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(spans.len());
