@@ -1002,6 +1002,7 @@ impl Config {
         crate::store::StoreOptions {
             quota_bytes: self.store.quota.bytes(),
             partial_ttl: self.store.partial_ttl.get(),
+            ..Default::default()
         }
     }
 

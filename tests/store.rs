@@ -402,6 +402,7 @@ fn eviction_respects_quota_pins_and_leases() {
     let opts = StoreOptions {
         quota_bytes: 3_500_000,
         partial_ttl: Duration::from_secs(3600),
+        ..StoreOptions::default()
     };
     let store = Store::open(&t.path().join("s"), opts).expect("open");
     let add = |name: &str, seed: u64, pin: bool| {
@@ -484,6 +485,63 @@ fn a_second_process_gets_a_clear_lock_error() {
         Err(e) => panic!("unexpected error: {e}"),
         Ok(_) => panic!("opened a locked store twice"),
     }
+}
+
+/// Flips one byte of chunk `index` in the artifact's file.
+fn corrupt_chunk(store: &Store, id: &shoal::store::ArtifactId, index: usize) {
+    let m = store.manifest(id).expect("m").expect("m");
+    let obj = store.artifact_path(id).expect("path");
+    let mut perm = fs::metadata(&obj).expect("meta").permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perm.set_readonly(false);
+    fs::set_permissions(&obj, perm).expect("chmod");
+    let mut data = fs::read(&obj).expect("read");
+    data[(m.chunks[index].offset + 5) as usize] ^= 0x01;
+    fs::write(&obj, &data).expect("corrupt");
+}
+
+#[test]
+fn a_served_chunk_is_hashed_again_unless_hashed_within_the_window() {
+    let t = tempfile::tempdir().expect("tmp");
+    let model = gguf_model(&[2_000_000, 2_000_000], 7);
+    let p = write_file(t.path(), "m.gguf", &model);
+    // Window zero: every read hashes, so a chunk corrupted after a good read
+    // is refused at the next one.
+    let every = Store::open(
+        &t.path().join("a"),
+        StoreOptions {
+            reverify_after: Duration::ZERO,
+            ..StoreOptions::default()
+        },
+    )
+    .expect("open");
+    let id = every.add_file(&p, &AddOptions::default()).expect("add");
+    assert!(every.read_chunk(&id, 2).is_ok());
+    corrupt_chunk(&every, &id, 2);
+    assert!(matches!(
+        every.read_chunk(&id, 2),
+        Err(StoreError::ChunkMismatch { index: 2, .. })
+    ));
+    // The default window: a chunk hashed a moment ago is not hashed again,
+    // until `verify` finds it bad; from then on every read refuses it.
+    let windowed = open(&t.path().join("b"));
+    let id = windowed.add_file(&p, &AddOptions::default()).expect("add");
+    let good = windowed.read_chunk(&id, 2).expect("first read hashes");
+    corrupt_chunk(&windowed, &id, 2);
+    let served = windowed.read_chunk(&id, 2).expect("within the window");
+    assert_ne!(served, good, "read again from disk, not from a cache");
+    let r = windowed.verify(&id).expect("verify");
+    assert_eq!(r.bad_chunks.len(), 1);
+    assert!(matches!(
+        windowed.read_chunk(&id, 2),
+        Err(StoreError::ChunkMismatch { index: 2, .. })
+    ));
+    // A chunk never read is hashed at its first read.
+    corrupt_chunk(&windowed, &id, 3);
+    assert!(matches!(
+        windowed.read_chunk(&id, 3),
+        Err(StoreError::ChunkMismatch { index: 3, .. })
+    ));
 }
 
 #[test]

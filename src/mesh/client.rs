@@ -32,6 +32,10 @@ pub(crate) enum Command {
         topic: &'static str,
         data: Vec<u8>,
     },
+    PushHave {
+        peers: Vec<PeerId>,
+        msg: wire::HaveAnnounce,
+    },
     Ban {
         peer: PeerId,
         reason: String,
@@ -279,6 +283,27 @@ impl Client {
             data,
         })
         .await
+    }
+
+    /// Pushes this node's have-map of `id` to `peers` directly (fire and
+    /// forget; a peer that misses one gets the next).
+    /// `origin`: this node is downloading `id` and may fetch from its origin.
+    pub async fn push_have(
+        &self,
+        peers: Vec<PeerId>,
+        id: ArtifactId,
+        have: &HaveMap,
+        origin: bool,
+    ) -> Result<(), MeshError> {
+        if peers.is_empty() {
+            return Ok(());
+        }
+        let msg = wire::HaveAnnounce {
+            id,
+            have: have.to_bytes(),
+            origin,
+        };
+        self.send(Command::PushHave { peers, msg }).await
     }
 
     /// Publishes a signed release to the mesh (receivers apply it only if they trust its key).

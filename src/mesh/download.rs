@@ -8,11 +8,15 @@
 //!    announcements; each source gets up to `window` pipelined requests
 //!    (`fast_window` once it is fast), each on its own chunk stream.
 //! 4. Each request picks the rarest missing chunk the source holds (ties broken
-//!    uniformly at random, so downloaders spread out). When every missing chunk is
-//!    in flight, idle sources duplicate the oldest requests (endgame).
+//!    uniformly at random, so downloaders spread out; from a seed, this node's
+//!    share of the chunks only the seed holds comes first). When every missing
+//!    chunk is in flight, idle sources duplicate the oldest late request (endgame).
 //! 5. Every chunk is hashed by `Store::put_chunk` before it is written. A source
-//!    that sends a bad chunk is dropped and banned; the chunk goes back to the pool.
-//! 6. Chunks no peer holds may come from the release's origin over HTTP Range
+//!    that sends a bad chunk is dropped and banned; the chunk goes back to the
+//!    pool. A peer that keeps failing is paused, then asked again.
+//! 6. New chunks are made durable and pushed to the fellow downloaders (the
+//!    partial sources) as have-maps every `announce_every`.
+//! 7. Chunks no peer holds may come from the release's origin over HTTP Range
 //!    requests, unless the node is offline.
 
 use super::client::{Client, MeshEvent};
@@ -45,8 +49,15 @@ pub struct DownloadOptions {
     pub fast_rate: f64,
     /// Requests in flight to the origin.
     pub origin_window: usize,
-    /// Failures (timeouts, resets) before a peer is dropped from this download.
+    /// Failures (timeouts, resets) in a row, with no chunk delivered between
+    /// them, before a source is paused. A peer is paused for `pause` (doubled
+    /// on each pause after a failed retry, up to `max_pause`) and then asked
+    /// again; the origin is dropped from the download.
     pub max_failures: u32,
+    /// First pause of a peer after `max_failures` failures in a row.
+    pub pause: Duration,
+    /// Longest pause of a peer.
+    pub max_pause: Duration,
     /// How long to look for a first source of the manifest.
     pub find_timeout: Duration,
     /// Fail when no chunk arrived for this long.
@@ -74,6 +85,8 @@ impl Default for DownloadOptions {
             fast_rate: 40e6,
             origin_window: 4,
             max_failures: 8,
+            pause: Duration::from_secs(2),
+            max_pause: Duration::from_secs(30),
             find_timeout: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(60),
             request_timeout: Duration::from_secs(30),
@@ -152,6 +165,8 @@ pub struct SourceStats {
     pub chunks: u32,
     /// Timeouts, resets, refusals.
     pub failures: u32,
+    /// Times the source was paused after failures in a row.
+    pub pauses: u32,
     /// Chunks that failed verification.
     pub bad: u32,
     /// Score: verified bytes per second of request time.
@@ -187,15 +202,25 @@ enum Pick {
 }
 
 enum Outcome {
-    Ok { len: u64, took: Duration },
+    Ok {
+        len: u64,
+        took: Duration,
+    },
     Bad,
     NotFound,
     Failed,
+    /// A fresh stream was dropped by the peer before it answered (see
+    /// [`FetchError::Refused`]): asked again, not held against the peer.
+    Refused,
 }
 
 struct SourceState {
     have: HaveMap,
     stopped: bool,
+    /// Failures since its last delivered chunk.
+    strikes: u32,
+    /// Not asked before this (a pause after failures in a row).
+    paused_until: Option<Instant>,
     running: bool,
     stats: SourceStats,
     busy: Duration,
@@ -208,6 +233,12 @@ struct Sched {
     /// `inflight[i]`: the sources chunk `i` is requested from (indexed by
     /// chunk, so the pick scan tests a slot, not a map).
     inflight: Vec<Vec<Source>>,
+    /// Chunks with at least one request in flight.
+    inflight_chunks: u32,
+    /// `asked_at[i]`: when chunk `i`'s first request in flight was sent.
+    asked_at: Vec<Instant>,
+    /// Mean time of a verified chunk request to a peer (moving average, s).
+    took_avg: f64,
     avail: Vec<u32>,
     sources: HashMap<Source, SourceState>,
     fetched: Vec<u32>,
@@ -218,6 +249,8 @@ struct Sched {
     started: Instant,
     endgame: bool,
     max_failures: u32,
+    pause: Duration,
+    max_pause: Duration,
     /// This node.
     me: PeerId,
     /// Peers downloading this artifact that may fetch from the origin.
@@ -228,6 +261,13 @@ struct Sched {
     origin_grace: Duration,
     /// State of the xorshift generator that breaks ties between equally rare chunks.
     rng: u64,
+    /// The downloaders of this artifact this node knows (itself and every
+    /// source with a partial have-map), sorted: a chunk that only a seed
+    /// holds is fetched from it first by its owner among them (see
+    /// [`Sched::is_my_share`]).
+    sharers: Vec<PeerId>,
+    /// This node's place in `sharers`.
+    my_share: usize,
 }
 
 /// A random non-zero seed (the process's hash keys and the time).
@@ -236,6 +276,37 @@ fn random_seed() -> u64 {
 }
 
 impl Sched {
+    /// Recomputes [`Sched::sharers`] from the live sources' have-maps.
+    fn update_sharers(&mut self) {
+        let mut v: Vec<PeerId> = self
+            .sources
+            .iter()
+            .filter_map(|(k, s)| match k {
+                Source::Peer(p) if !s.stopped && !s.have.is_complete() => Some(*p),
+                _ => None,
+            })
+            .chain(std::iter::once(self.me))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        self.my_share = v.iter().position(|p| *p == self.me).unwrap_or(0);
+        self.sharers = v;
+    }
+
+    /// Whether chunk `i` is this node's to fetch from a seed while no other
+    /// peer holds it. Seeds (complete sources) hold every chunk, and their
+    /// uplink is a swarm's bottleneck: downloaders that choose at random
+    /// among the chunks only a seed holds ask it for the same chunk before
+    /// either has announced it, and the seed sends it twice. Split among the
+    /// downloaders (the same hash on every node), each chunk leaves the seed
+    /// once; a downloader takes another's share only when its own is all in
+    /// flight or done, so no chunk waits for a slow or unknown owner.
+    fn is_my_share(&self, i: u32) -> bool {
+        let k = self.sharers.len().max(1) as u64;
+        let slot = (u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 23) % k;
+        slot as usize == self.my_share
+    }
+
     fn missing(&self) -> u32 {
         self.have.len() - self.have.count()
     }
@@ -271,6 +342,8 @@ impl Sched {
                     SourceState {
                         have,
                         stopped: false,
+                        strikes: 0,
+                        paused_until: None,
                         running: false,
                         stats: SourceStats::default(),
                         busy: Duration::ZERO,
@@ -279,6 +352,7 @@ impl Sched {
                 );
             }
         }
+        self.update_sharers();
         // Start workers when this source holds something we miss.
         let useful = self
             .sources
@@ -307,6 +381,7 @@ impl Sched {
                 }
             }
         }
+        self.update_sharers();
     }
 
     /// Whether `src` has delivered at least `rate` bytes/s since it was added
@@ -323,9 +398,20 @@ impl Sched {
         self.finished || self.failed.is_some() || self.sources.get(&src).is_none_or(|s| s.stopped)
     }
 
+    /// Whether `src` is in a pause after failures in a row.
+    fn is_paused(&self, src: Source) -> bool {
+        self.sources
+            .get(&src)
+            .and_then(|s| s.paused_until)
+            .is_some_and(|t| Instant::now() < t)
+    }
+
     fn pick(&mut self, src: Source) -> Pick {
         if self.pick_would_stop(src) {
             return Pick::Stop;
+        }
+        if self.is_paused(src) {
+            return Pick::Wait;
         }
         let Some(s) = self.sources.get(&src) else {
             return Pick::Stop;
@@ -349,6 +435,10 @@ impl Sched {
             Source::Origin => 0,
             Source::Peer(_) => 1,
         };
+        // Rank: twice the holders. From a seed, a chunk no one else holds
+        // is ranked by whose share it is: this node's own first, then the
+        // others' (after every chunk as rare, before any chunk held twice).
+        let seed = src != Source::Origin && s.have.is_complete() && self.sharers.len() > 1;
         let free = |this: &Self, i: u32| this.inflight[i as usize].is_empty() && !this.have.get(i);
         // The holders of a free chunk `i`, if this source may be asked for it.
         let eligible = |this: &Self, i: u32| -> Option<u32> {
@@ -361,23 +451,25 @@ impl Sched {
                 }
                 Source::Peer(_) => s.have.get(i),
             };
-            ok.then_some(a)
+            let others = seed && a <= 1 && !this.is_my_share(i);
+            ok.then_some(2 * a + u32::from(others))
         };
         for _ in 0..PICK_PROBES {
             let i = (xorshift(&mut self.rng) % u64::from(n)) as u32;
-            if free(self, i) && eligible(self, i).is_some_and(|a| a <= floor) {
-                self.inflight[i as usize].push(src);
-                return Pick::Chunk(i);
+            if free(self, i) && eligible(self, i).is_some_and(|r| r <= 2 * floor) {
+                return self.take(i, src);
             }
         }
         let mut best: Option<(u32, u32)> = None;
         let mut ties = 0u64;
-        let mut unassigned = false;
-        for i in 0..n {
-            if !free(self, i) {
+        // A missing chunk no request is out for (from any source).
+        let unassigned = self.missing() > self.inflight_chunks;
+        // Only what this source holds and this node lacks, a byte of the
+        // maps at a time: most of a late download's chunks are skipped.
+        for i in s.have.present_not_in(&self.have) {
+            if !self.inflight[i as usize].is_empty() {
                 continue;
             }
-            unassigned = true;
             let Some(a) = eligible(self, i) else {
                 continue;
             };
@@ -396,15 +488,25 @@ impl Sched {
             }
         }
         if let Some((i, _)) = best {
-            self.inflight[i as usize].push(src);
-            return Pick::Chunk(i);
+            return self.take(i, src);
         }
         if self.endgame && !unassigned && src != Source::Origin {
-            let dup = (0..n).find(|&i| {
-                let by = &self.inflight[i as usize];
-                by.len() == 1 && !by.contains(&src) && s.have.get(i)
-            });
-            if let Some(i) = dup {
+            // Endgame: the oldest request that is late (in flight for twice
+            // the mean request time) gets a second source. Late only: every
+            // lane that falls idle near the end would otherwise duplicate a
+            // request on time, and on a shared link the copies slow the
+            // originals (and a seed's uplink sends chunks twice).
+            let late = Duration::from_secs_f64((2.0 * self.took_avg).max(ENDGAME_MIN_AGE));
+            let now = Instant::now();
+            let dup = (0..n)
+                .filter(|&i| {
+                    let by = &self.inflight[i as usize];
+                    by.len() == 1 && !by.contains(&src) && s.have.get(i)
+                })
+                .map(|i| (i, self.asked_at[i as usize]))
+                .filter(|(_, t)| now.duration_since(*t) >= late)
+                .min_by_key(|(_, t)| *t);
+            if let Some((i, _)) = dup {
                 self.inflight[i as usize].push(src);
                 return Pick::Chunk(i);
             }
@@ -412,28 +514,67 @@ impl Sched {
         Pick::Wait
     }
 
-    fn complete(&mut self, src: Source, i: u32, outcome: Outcome) {
-        if let Some(by) = self.inflight.get_mut(i as usize) {
-            by.retain(|s| *s != src);
+    /// Puts chunk `i` in flight from `src` (its first request).
+    fn take(&mut self, i: u32, src: Source) -> Pick {
+        if self.inflight[i as usize].is_empty() {
+            self.inflight_chunks += 1;
         }
-        let max_failures = self.max_failures;
+        self.inflight[i as usize].push(src);
+        self.asked_at[i as usize] = Instant::now();
+        Pick::Chunk(i)
+    }
+
+    /// Removes `src`'s request of chunk `i`.
+    fn release(&mut self, i: u32, src: Source) {
+        if let Some(by) = self.inflight.get_mut(i as usize)
+            && !by.is_empty()
+        {
+            by.retain(|s| *s != src);
+            if by.is_empty() {
+                self.inflight_chunks -= 1;
+            }
+        }
+    }
+
+    fn complete(&mut self, src: Source, i: u32, outcome: Outcome) {
+        self.release(i, src);
+        let (max_failures, base_pause, max_pause) = (self.max_failures, self.pause, self.max_pause);
         report_fetch(src, &outcome);
         let Some(s) = self.sources.get_mut(&src) else {
             return;
         };
         match outcome {
             Outcome::Ok { len, took } => {
+                s.strikes = 0;
+                if matches!(src, Source::Peer(_)) {
+                    let t = took.as_secs_f64();
+                    self.took_avg = match self.took_avg {
+                        0.0 => t,
+                        avg => avg + (t - avg) / 16.0,
+                    };
+                }
                 s.stats.bytes += len;
                 s.stats.chunks += 1;
                 s.busy += took;
                 s.stats.rate = s.stats.bytes as f64 / s.busy.as_secs_f64().max(1e-6);
+                tracing::trace!(
+                    ?src,
+                    chunk = i,
+                    ms = took.as_millis() as u64,
+                    dup = self.have.get(i),
+                    "chunk verified"
+                );
                 if self.have.get(i) {
                     self.progress.duplicate_chunks += 1;
                     return;
                 }
                 self.have.set(i);
-                if let Some(by) = self.inflight.get_mut(i as usize) {
+                // The other requests of this chunk (endgame) are moot.
+                if let Some(by) = self.inflight.get_mut(i as usize)
+                    && !by.is_empty()
+                {
                     by.clear();
+                    self.inflight_chunks -= 1;
                 }
                 self.fetched.push(i);
                 self.last_chunk = Instant::now();
@@ -457,6 +598,7 @@ impl Sched {
                 }
                 self.stop_source(src);
             }
+            Outcome::Refused => {}
             Outcome::NotFound => {
                 if s.have.get(i) {
                     s.have.clear(i);
@@ -467,9 +609,26 @@ impl Sched {
             }
             Outcome::Failed => {
                 s.stats.failures += 1;
-                if s.stats.failures > max_failures {
-                    tracing::info!(?src, "dropping source after repeated failures");
-                    self.stop_source(src);
+                s.strikes += 1;
+                if s.strikes > max_failures {
+                    s.strikes = 0;
+                    match src {
+                        // An origin that keeps failing (e.g. the file changed
+                        // under its ETag) will not heal: drop it.
+                        Source::Origin => {
+                            tracing::info!("dropping the origin after repeated failures");
+                            self.stop_source(src);
+                        }
+                        // A peer may be busy, or a connection to it closed:
+                        // pause it, then ask again, for longer each time.
+                        Source::Peer(peer) => {
+                            let shift = s.stats.pauses.min(16);
+                            let pause = base_pause.saturating_mul(1 << shift).min(max_pause);
+                            s.stats.pauses += 1;
+                            s.paused_until = Some(Instant::now() + pause);
+                            tracing::info!(%peer, ?pause, "pausing source after repeated failures");
+                        }
+                    }
                 }
             }
         }
@@ -491,7 +650,12 @@ impl Sched {
         self.progress.peers = self
             .sources
             .iter()
-            .filter(|(k, s)| matches!(k, Source::Peer(_)) && !s.stopped && s.running)
+            .filter(|(k, s)| {
+                matches!(k, Source::Peer(_))
+                    && !s.stopped
+                    && s.running
+                    && s.paused_until.is_none_or(|t| Instant::now() >= t)
+            })
             .count();
         self.progress.elapsed_ms = self.started.elapsed().as_millis() as u64;
         self.progress.clone()
@@ -612,6 +776,9 @@ pub async fn download(
             finished: have.is_complete(),
             have,
             inflight: vec![Vec::new(); n as usize],
+            inflight_chunks: 0,
+            asked_at: vec![Instant::now(); n as usize],
+            took_avg: 0.0,
             avail: vec![0; n as usize],
             sources: HashMap::new(),
             fetched: Vec::new(),
@@ -621,11 +788,15 @@ pub async fn download(
             started,
             endgame: opts.endgame,
             max_failures: opts.max_failures,
+            pause: opts.pause,
+            max_pause: opts.max_pause,
             me: client.peer_id(),
             origin_peers: Default::default(),
             origin_after: Instant::now() + opts.origin_delay,
             origin_grace: opts.origin_grace,
             rng: random_seed(),
+            sharers: vec![client.peer_id()],
+            my_share: 0,
         }),
         notify: Notify::new(),
         opts: opts.clone(),
@@ -646,6 +817,8 @@ pub async fn download(
     }
     let mut announce = tokio::time::interval(opts.announce_every);
     let mut announced = u32::MAX;
+    // Fellow downloaders that have our have-map (see the announce tick).
+    let mut told: HashSet<PeerId> = HashSet::new();
     loop {
         {
             let mut s = ctx.sched.lock();
@@ -725,13 +898,37 @@ pub async fn download(
                 }
             },
             _ = announce.tick() => {
-                // Make new chunks durable (so they can be served) and tell peers.
-                let count = ctx.sched.lock().have.count();
-                if count != announced {
+                // Make new chunks durable (so they can be served) and tell the
+                // fellow downloaders: all of them when we have new chunks, and
+                // any we learnt of since. Pushed directly, not gossiped: a
+                // gossip message is signed, relayed by several mesh peers, and
+                // each copy's signature checked, which at four announcements a
+                // second from each of 16 downloaders took a sixth of the CPU.
+                // Gossip carries the first announcement (so downloaders that do
+                // not know us yet learn of us) and the last.
+                let (count, sharers) = {
+                    let s = ctx.sched.lock();
+                    let me = client.peer_id();
+                    (s.have.count(), s.sharers.iter().copied().filter(|p| *p != me).collect::<Vec<_>>())
+                };
+                let first = announced == u32::MAX;
+                let targets: Vec<PeerId> = if count != announced {
+                    sharers
+                } else {
+                    sharers.into_iter().filter(|p| !told.contains(p)).collect()
+                };
+                if first || count != announced || !targets.is_empty() {
                     announced = count;
                     let st = store.clone();
                     match blocking(move || { st.flush(&id)?; st.have_map(&id) }).await {
-                        Ok(Some(h)) => { let _ = client.announce_have(id, &h, ctx.origin.is_some()).await; }
+                        Ok(Some(h)) => {
+                            let origin = ctx.origin.is_some();
+                            if first {
+                                let _ = client.announce_have(id, &h, origin).await;
+                            }
+                            told.extend(targets.iter().copied());
+                            let _ = client.push_have(targets, id, &h, origin).await;
+                        }
                         Ok(None) => {}
                         Err(e) => tracing::warn!(%id, error = %e, "flush failed"),
                     }
@@ -770,11 +967,24 @@ pub async fn download(
         }
     };
     let mut p = ctx.sched.lock().snapshot();
+    for (peer, st) in &peers {
+        tracing::debug!(%peer, bytes = st.bytes, chunks = st.chunks, failures = st.failures,
+            pauses = st.pauses, "source figures");
+    }
     match outcome {
         Ok(()) => {
             p.phase = Phase::Done;
             publish(&p);
             let have = HaveMap::full(n);
+            let sharers: Vec<PeerId> = {
+                let s = ctx.sched.lock();
+                s.sharers
+                    .iter()
+                    .copied()
+                    .filter(|p| *p != client.peer_id())
+                    .collect()
+            };
+            let _ = client.push_have(sharers, id, &have, false).await;
             let _ = client.announce_have(id, &have, false).await;
             let _ = client.provide(id).await;
             tracing::info!(%id, bytes = p.total_bytes, from_peers = p.bytes_from_peers, from_origin = p.bytes_from_origin,
@@ -921,6 +1131,14 @@ async fn worker(ctx: Arc<Ctx>, src: Source, slot: usize) {
     let mut stream: Option<Stream> = None;
     // One body buffer per worker, reused: no fresh zeroed pages per chunk.
     let mut buf: Vec<u8> = Vec::new();
+    let mut refusals = 0u32;
+    let mut rng = random_seed();
+    // The lanes to a new source open their streams a little apart: a burst
+    // of new streams is what a peer refuses (see `FetchError::Refused`).
+    if slot > 0 {
+        let ms = 2 * slot as u64 + xorshift(&mut rng) % 8;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     loop {
         let notified = ctx.notify.notified();
         let pick = {
@@ -1015,7 +1233,13 @@ async fn worker(ctx: Arc<Ctx>, src: Source, slot: usize) {
                 Outcome::Bad
             }
             Err(FetchError::NotFound) => Outcome::NotFound,
-            Err(FetchError::Failed(reason)) => {
+            Err(FetchError::Refused(reason)) if refusals < MAX_REFUSALS => {
+                tracing::debug!(?src, chunk = i, %reason, "fresh chunk stream refused");
+                stream = None;
+                refusals += 1;
+                Outcome::Refused
+            }
+            Err(FetchError::Refused(reason) | FetchError::Failed(reason)) => {
                 tracing::debug!(?src, chunk = i, %reason, "chunk request failed");
                 stream = None;
                 Outcome::Failed
@@ -1023,6 +1247,10 @@ async fn worker(ctx: Arc<Ctx>, src: Source, slot: usize) {
         };
         let bad = matches!(outcome, Outcome::Bad);
         let failed = matches!(outcome, Outcome::Failed);
+        let refused = matches!(outcome, Outcome::Refused);
+        if matches!(outcome, Outcome::Ok { .. }) {
+            refusals = 0;
+        }
         if bad {
             // Ban before the failure shows in the progress.
             match src {
@@ -1043,9 +1271,21 @@ async fn worker(ctx: Arc<Ctx>, src: Source, slot: usize) {
         }
         if failed {
             tokio::time::sleep(Duration::from_millis(200)).await;
+        } else if refused {
+            // A short random wait, so the lanes that were refused together
+            // do not all come back in the same instant.
+            let ms = 5 + xorshift(&mut rng) % (20 * u64::from(refusals));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
     }
 }
+
+/// Refused fresh streams in a row (see [`FetchError::Refused`]) before a
+/// worker counts the next one as a failure.
+const MAX_REFUSALS: u32 = 5;
+
+/// Shortest time a request is in flight before the endgame asks a second source.
+const ENDGAME_MIN_AGE: f64 = 0.25;
 
 /// Random probes [`Sched::pick`] makes before a full pass over the chunks.
 const PICK_PROBES: u32 = 32;
@@ -1061,6 +1301,12 @@ fn xorshift(state: &mut u64) -> u64 {
 enum FetchError {
     /// The source does not hold the chunk.
     NotFound,
+    /// A stream opened for this request was closed before the answer began.
+    /// libp2p-stream hands inbound streams to the provider through a channel
+    /// with room for one: a peer that receives several new streams at once
+    /// (many downloaders starting together) drops the others, and the writer
+    /// sees "connection is closed". Not a failure of the peer: asked again.
+    Refused(String),
     /// The source broke the protocol (wrong length, wrong index): as bad as a corrupt chunk.
     Lied(String),
     /// Transport trouble; try again elsewhere.
@@ -1075,6 +1321,7 @@ async fn fetch_from_peer(
     len: u32,
     body: &mut Vec<u8>,
 ) -> Result<usize, FetchError> {
+    let fresh = stream.is_none();
     let s = match stream {
         Some(s) => s,
         None => stream.insert(
@@ -1085,11 +1332,16 @@ async fn fetch_from_peer(
         ),
     };
     let io = |e: std::io::Error| FetchError::Failed(e.to_string());
+    // Before the answer's header, a fresh stream's error is a refusal.
+    let early = |e: std::io::Error| match fresh {
+        true => FetchError::Refused(e.to_string()),
+        false => FetchError::Failed(e.to_string()),
+    };
     wire::write_chunk_request(s, &ChunkRequest { id: ctx.id, index })
         .await
-        .map_err(io)?;
-    s.flush().await.map_err(io)?;
-    let h = wire::read_chunk_header(s).await.map_err(io)?;
+        .map_err(early)?;
+    s.flush().await.map_err(early)?;
+    let h = wire::read_chunk_header(s).await.map_err(early)?;
     if h.index != index {
         return Err(FetchError::Lied(format!(
             "answered chunk {} for {index}",
@@ -1221,7 +1473,7 @@ fn report_fetch(src: Source, outcome: &Outcome) {
     let (o, bytes, secs) = match outcome {
         Outcome::Ok { len, took } => (M::Ok, *len, took.as_secs_f64()),
         Outcome::Bad => (M::BadHash, 0, 0.0),
-        Outcome::Failed => (M::Failed, 0, 0.0),
+        Outcome::Failed | Outcome::Refused => (M::Failed, 0, 0.0),
         Outcome::NotFound => return,
     };
     crate::metrics::global().chunk_fetch(source, o, bytes, secs);
@@ -1236,6 +1488,9 @@ mod tests {
             finished: false,
             have: HaveMap::new(n),
             inflight: vec![Vec::new(); n as usize],
+            inflight_chunks: 0,
+            asked_at: vec![Instant::now(); n as usize],
+            took_avg: 0.0,
             avail: vec![0; n as usize],
             sources: HashMap::new(),
             fetched: Vec::new(),
@@ -1245,11 +1500,15 @@ mod tests {
             started: Instant::now(),
             endgame: false,
             max_failures: 8,
+            pause: Duration::from_secs(2),
+            max_pause: Duration::from_secs(30),
             me: PeerId::random(),
             origin_peers: Default::default(),
             origin_after: Instant::now(),
             origin_grace: Duration::from_secs(10),
             rng: random_seed(),
+            sharers: Vec::new(),
+            my_share: 0,
         }
     }
 
@@ -1309,6 +1568,108 @@ mod tests {
         // 300 fresh downloads do not start in step: their first picks spread
         // over the file (uniform over 200 chunks gives ~155 distinct values).
         assert!(firsts.len() > 100, "first picks: {} distinct", firsts.len());
+    }
+
+    #[test]
+    fn failing_peers_are_paused_then_asked_again_and_the_origin_dropped() {
+        let n = 8;
+        let mut s = sched(n);
+        let p = Source::Peer(PeerId::random());
+        s.add_source(p, HaveMap::full(n));
+        let fail = |s: &mut Sched, src: Source, times: u32| {
+            for _ in 0..times {
+                let Pick::Chunk(i) = s.pick(src) else {
+                    panic!("{src:?} was not asked");
+                };
+                s.complete(src, i, Outcome::Failed);
+            }
+        };
+        // Failures with a delivered chunk between them do not add up.
+        fail(&mut s, p, 8);
+        let Pick::Chunk(i) = s.pick(p) else {
+            panic!("not asked")
+        };
+        s.complete(
+            p,
+            i,
+            Outcome::Ok {
+                len: 1,
+                took: Duration::from_millis(1),
+            },
+        );
+        fail(&mut s, p, 8);
+        assert!(
+            matches!(s.pick(p), Pick::Chunk(_)),
+            "8 in a row: still asked"
+        );
+        // A ninth in a row: paused, not stopped, and not counted as a live peer.
+        s.inflight.iter_mut().for_each(Vec::clear);
+        fail(&mut s, p, 1);
+        assert!(matches!(s.pick(p), Pick::Wait), "paused");
+        assert!(!s.pick_would_stop(p));
+        assert_eq!(s.snapshot().peers, 0);
+        assert_eq!(s.sources[&p].stats.pauses, 1);
+        let first = s.sources[&p].paused_until.map(|t| t - Instant::now());
+        assert!(first.is_some_and(|d| d <= Duration::from_secs(2)));
+        // After the pause it is asked again; the next pause is longer.
+        if let Some(st) = s.sources.get_mut(&p) {
+            st.paused_until = Some(Instant::now());
+        }
+        fail(&mut s, p, 9);
+        let second = s.sources[&p].paused_until.map(|t| t - Instant::now());
+        assert!(second.is_some_and(|d| d > Duration::from_secs(2) && d <= Duration::from_secs(4)));
+        assert_eq!(s.sources[&p].stats.failures, 8 + 8 + 1 + 9);
+        // The origin is dropped for good after as many.
+        let mut s = sched(n);
+        s.add_source(Source::Origin, HaveMap::full(n));
+        fail(&mut s, Source::Origin, 9);
+        assert!(matches!(s.pick(Source::Origin), Pick::Stop));
+    }
+
+    #[test]
+    fn from_a_seed_this_nodes_share_comes_first_then_the_others() {
+        let n = 400;
+        let mut s = sched(n);
+        let seed = Source::Peer(PeerId::random());
+        s.add_source(seed, HaveMap::full(n));
+        // Three fellow downloaders with nothing yet, and one that holds 0..10.
+        for _ in 0..3 {
+            s.add_source(Source::Peer(PeerId::random()), HaveMap::new(n));
+        }
+        let holder = Source::Peer(PeerId::random());
+        s.add_source(holder, have(n, 0..10));
+        assert_eq!(s.sharers.len(), 5, "this node and four partial sources");
+        let mine: HashSet<u32> = (10..n).filter(|&i| s.is_my_share(i)).collect();
+        assert!(
+            (40..120).contains(&mine.len()),
+            "about a fifth of 390: {}",
+            mine.len()
+        );
+        let mut picks = Vec::new();
+        while let Pick::Chunk(i) = s.pick(seed) {
+            picks.push(i);
+        }
+        assert_eq!(picks.len(), n as usize, "every chunk, once");
+        let (first, rest) = picks.split_at(mine.len());
+        assert!(first.iter().all(|i| mine.contains(i)), "own share first");
+        let (others, common) = rest.split_at(390 - mine.len());
+        assert!(
+            others.iter().all(|&i| i >= 10 && !mine.contains(&i)),
+            "then the others' share"
+        );
+        assert!(common.iter().all(|&i| i < 10), "then what a peer holds too");
+        // Another node, with the same downloaders, owns other chunks: the
+        // shares split the chunks (the same hash everywhere).
+        let mut t = sched(n);
+        t.me = s.sharers[(s.my_share + 1) % s.sharers.len()];
+        t.add_source(seed, HaveMap::full(n));
+        for p in s.sharers.clone() {
+            if p != t.me {
+                t.add_source(Source::Peer(p), HaveMap::new(n));
+            }
+        }
+        assert_eq!(t.sharers, s.sharers);
+        assert!((0..n).all(|i| !(s.is_my_share(i) && t.is_my_share(i))));
     }
 
     #[test]

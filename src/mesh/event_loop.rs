@@ -3,7 +3,7 @@
 use super::behaviour::{Behaviour, BehaviourEvent, build_swarm};
 use super::client::{Client, Command, MeshEvent, PeerInfo, Shared};
 use super::provider::Provider;
-use super::wire::{self, CHUNK_PROTOCOL, KAD_PROTOCOL, MetaResponse, RELEASES_TOPIC};
+use super::wire::{self, CHUNK_PROTOCOL, KAD_PROTOCOL, MetaRequest, MetaResponse, RELEASES_TOPIC};
 use super::{MeshConfig, MeshError};
 use crate::store::{HaveMap, SignedRelease, Store};
 use futures::StreamExt;
@@ -287,6 +287,15 @@ impl EventLoop {
                     .get_providers(kad::RecordKey::new(&id.0));
                 self.pending_providers.insert(q, (HashSet::new(), reply));
             }
+            Command::PushHave { peers, msg } => {
+                for p in peers {
+                    if !self.bans.contains_key(&p) && self.connected.contains_key(&p) {
+                        // Not tracked: the answer is an Ack, dropped on arrival.
+                        let req = MetaRequest::Have(msg.clone());
+                        self.swarm.behaviour_mut().meta.send_request(&p, req);
+                    }
+                }
+            }
             Command::Publish { topic, data } => {
                 let t = gossipsub::IdentTopic::new(topic);
                 if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(t, data) {
@@ -397,6 +406,21 @@ impl EventLoop {
             BehaviourEvent::Meta(request_response::Event::Message { peer, message, .. }) => {
                 match message {
                     request_response::Message::Request {
+                        request: MetaRequest::Have(h),
+                        channel,
+                        ..
+                    } => {
+                        self.on_have(peer, h);
+                        let ack = self
+                            .swarm
+                            .behaviour_mut()
+                            .meta
+                            .send_response(channel, MetaResponse::Ack);
+                        if ack.is_err() {
+                            tracing::debug!(%peer, "have ack dropped: requester went away");
+                        }
+                    }
+                    request_response::Message::Request {
                         request, channel, ..
                     } => {
                         let provider = self.provider.clone();
@@ -414,7 +438,7 @@ impl EventLoop {
                     } => {
                         if let Some(reply) = self.pending_meta.remove(&request_id) {
                             let _ = reply.send(Ok(response));
-                        } else {
+                        } else if response != MetaResponse::Ack {
                             tracing::debug!(%peer, "unexpected meta response");
                         }
                     }
@@ -495,19 +519,24 @@ impl EventLoop {
             });
         } else {
             match wire::decode_have(&message.data) {
-                Ok(h) => match HaveMap::from_bytes(&h.have) {
-                    Some(have) => {
-                        let _ = self.shared.events.send(MeshEvent::Have {
-                            peer: source,
-                            id: h.id,
-                            have: Arc::new(have),
-                            origin: h.origin,
-                        });
-                    }
-                    None => tracing::debug!(%source, "malformed have-map"),
-                },
+                Ok(h) => self.on_have(source, h),
                 Err(e) => tracing::debug!(%source, error = %e, "bad have announcement"),
             }
+        }
+    }
+
+    /// A have-map from `peer` (gossiped or pushed): tell the downloads.
+    fn on_have(&mut self, peer: PeerId, h: wire::HaveAnnounce) {
+        match HaveMap::from_bytes(&h.have) {
+            Some(have) => {
+                let _ = self.shared.events.send(MeshEvent::Have {
+                    peer,
+                    id: h.id,
+                    have: Arc::new(have),
+                    origin: h.origin,
+                });
+            }
+            None => tracing::debug!(%peer, "malformed have-map"),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The serving side: answers meta requests and chunk streams from the store.
 //!
 //! Chunks of partial artifacts are served as soon as the store marks them
-//! present; `Store::read_chunk` re-verifies each chunk's hash, so nothing
-//! corrupt on disk is ever served onward.
+//! present; `Store::read_chunk_into` hashes each chunk again unless it was
+//! hashed within the store's `reverify_after` window (see `docs/DESIGN.md`).
 
 use super::wire::{self, ArtifactSummary, ChunkStatus, MetaRequest, MetaResponse};
 use crate::store::{ArtifactId, ArtifactStatus, Store, StoreError};
@@ -102,6 +102,8 @@ impl Provider {
                             })
                             .collect(),
                     ),
+                    // Pushed have-maps are taken by the event loop.
+                    MetaRequest::Have(_) => MetaResponse::Ack,
                     MetaRequest::Releases => MetaResponse::Releases(
                         store
                             .releases()?

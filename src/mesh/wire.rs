@@ -98,6 +98,11 @@ pub enum MetaRequest {
     /// Every signed release the peer knows (names it can resolve), so a node
     /// that joined after an announcement can still resolve the name.
     Releases,
+    /// The sender's have-map of an artifact both are downloading, pushed to
+    /// it directly (answered with [`MetaResponse::Ack`]). The sender is the
+    /// connection's authenticated peer: no signature to check, no copies
+    /// relayed by a gossip mesh.
+    Have(HaveAnnounce),
 }
 
 /// One entry of [`MetaResponse::List`].
@@ -125,6 +130,8 @@ pub enum MetaResponse {
     /// Signed releases (`SignedRelease::encode` each); the receiver verifies
     /// every one against its own trust store before applying it.
     Releases(Vec<serde_bytes::ByteBuf>),
+    /// Received (the answer to [`MetaRequest::Have`]).
+    Ack,
 }
 
 /// A request on a `/shoal/chunk/1` stream. Requests are pipelined: the
@@ -163,7 +170,9 @@ pub struct ChunkHeader {
     pub status: ChunkStatus,
 }
 
-/// A gossip message on [`HAVE_TOPIC`]: the author gained chunks of an artifact.
+/// A have announcement: on [`HAVE_TOPIC`] (gossip, signed by its author) when
+/// a download starts and ends, and pushed to fellow downloaders directly
+/// ([`MetaRequest::Have`]) as chunks arrive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HaveAnnounce {
     /// Artifact id.
@@ -312,7 +321,8 @@ impl libp2p::request_response::Codec for MetaCodec {
     where
         T: AsyncRead + Unpin + Send,
     {
-        let b = read_frame(io, MAX_CHUNK_HEADER).await?;
+        // A pushed have-map is as large as a manifest's chunk count allows.
+        let b = read_frame(io, MAX_META_BYTES).await?;
         Ok(decode_meta_request(&b)?)
     }
 
@@ -390,7 +400,17 @@ mod tests {
             hex::encode(encode(&have)),
             format!("01{}010901", "ab".repeat(32))
         );
-        assert_eq!(decode_have(&encode(&have)), Ok(have));
+        assert_eq!(decode_have(&encode(&have)), Ok(have.clone()));
+        // Appended variants: a pushed have-map (request 4) and its Ack
+        // (response 6); the older variants keep their numbers.
+        let push = MetaRequest::Have(have);
+        assert_eq!(
+            hex::encode(encode(&push)),
+            format!("0104{}010901", "ab".repeat(32))
+        );
+        assert_eq!(decode_meta_request(&encode(&push)), Ok(push));
+        assert_eq!(hex::encode(encode(&MetaResponse::Ack)), "0106");
+        assert_eq!(hex::encode(encode(&MetaRequest::Releases)), "0103");
     }
 
     #[test]

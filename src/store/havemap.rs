@@ -66,6 +66,27 @@ impl HaveMap {
     pub fn present(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.len).filter(|&i| self.get(i))
     }
+    /// Indexes present here and absent from `other`, in order, a byte of
+    /// the maps at a time (the downloader's scan: what a source has that
+    /// this node lacks). Bits past `other`'s end count as absent.
+    pub fn present_not_in<'a>(&'a self, other: &'a HaveMap) -> impl Iterator<Item = u32> + 'a {
+        let theirs = other.bits.iter().copied().chain(std::iter::repeat(0));
+        self.bits
+            .iter()
+            .zip(theirs)
+            .enumerate()
+            .flat_map(|(at, (mine, theirs))| {
+                let mut m = mine & !theirs;
+                std::iter::from_fn(move || {
+                    (m != 0).then(|| {
+                        let bit = m.trailing_zeros();
+                        m &= m - 1;
+                        at as u32 * 8 + bit
+                    })
+                })
+            })
+            .filter(move |&i| i < self.len)
+    }
     /// Compact encoding (postcard).
     pub fn to_bytes(&self) -> Vec<u8> {
         postcard::to_stdvec(self).unwrap_or_default()
@@ -73,7 +94,15 @@ impl HaveMap {
     /// Decodes [`HaveMap::to_bytes`]; `None` when malformed.
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
         let m: HaveMap = postcard::from_bytes(b).ok()?;
-        (m.bits.len() == (m.len as usize).div_ceil(8)).then_some(m)
+        if m.bits.len() != (m.len as usize).div_ceil(8) {
+            return None;
+        }
+        // No bit past the end: `count` would count it.
+        let tail = m.len % 8;
+        match m.bits.last() {
+            Some(&last) if tail != 0 && last >> tail != 0 => None,
+            _ => Some(m),
+        }
     }
 }
 
@@ -97,5 +126,25 @@ mod tests {
         assert_eq!(m.count(), 1);
         assert!(HaveMap::full(9).is_complete());
         assert!(HaveMap::from_bytes(&[5, 0]).is_none());
+        // A bit past the end is malformed (len 3, bits 0b1000).
+        assert!(HaveMap::from_bytes(&[3, 1, 0b1000]).is_none());
+        assert!(HaveMap::from_bytes(&[3, 1, 0b0111]).is_some());
+    }
+
+    #[test]
+    fn present_not_in_is_the_difference() {
+        let (mut a, mut b) = (HaveMap::new(21), HaveMap::new(21));
+        for i in [0, 3, 7, 8, 15, 16, 20] {
+            a.set(i);
+        }
+        for i in [3, 8, 9, 20] {
+            b.set(i);
+        }
+        let got: Vec<u32> = a.present_not_in(&b).collect();
+        assert_eq!(got, vec![0, 7, 15, 16]);
+        let want: Vec<u32> = a.present().filter(|&i| !b.get(i)).collect();
+        assert_eq!(got, want);
+        assert_eq!(HaveMap::full(21).present_not_in(&a).count(), 14);
+        assert_eq!(a.present_not_in(&HaveMap::new(0)).count(), 7);
     }
 }

@@ -237,6 +237,12 @@ pub struct StoreOptions {
     pub quota_bytes: u64,
     /// Partial artifacts untouched for longer than this are collected by [`Store::gc`].
     pub partial_ttl: Duration,
+    /// A chunk served to a peer is hashed again before it leaves
+    /// ([`Store::read_chunk_into`]) unless this node hashed it (on receipt or
+    /// on an earlier read) less than this long ago. In a swarm every chunk is
+    /// served many times within seconds of its arrival; one hash per window
+    /// instead of one per send. `Duration::ZERO`: hash every read.
+    pub reverify_after: Duration,
 }
 
 impl Default for StoreOptions {
@@ -244,6 +250,7 @@ impl Default for StoreOptions {
         Self {
             quota_bytes: u64::MAX,
             partial_ttl: Duration::from_secs(24 * 3600),
+            reverify_after: Duration::from_secs(60),
         }
     }
 }
@@ -383,6 +390,11 @@ struct Inner {
     manifest_cache: Mutex<HashMap<ArtifactId, Arc<Manifest>>>,
     /// Serializes metadata read-modify-write sequences (releases, activation, eviction).
     meta_lock: Mutex<()>,
+    /// When each chunk was last hashed and found right, per artifact: seconds
+    /// since `epoch`, plus one (0: not since this process started).
+    verified: Mutex<HashMap<ArtifactId, Vec<u32>>>,
+    /// The clock of `verified`.
+    epoch: std::time::Instant,
 }
 
 /// A handle on a node's content store. Cheap to clone.
@@ -559,6 +571,8 @@ impl Store {
             partials: Mutex::new(HashMap::new()),
             manifest_cache: Mutex::new(HashMap::new()),
             meta_lock: Mutex::new(()),
+            verified: Mutex::new(HashMap::new()),
+            epoch: std::time::Instant::now(),
         };
         let store = Store {
             inner: Arc::new(inner),
@@ -973,7 +987,7 @@ impl Store {
             Ok(Some(ArtifactStatus::Active)) => Ok(()),
             _ => Err(e),
         })?;
-        let (file, write_lock, tree, size, c) = {
+        let (file, write_lock, tree, size, c, chunks) = {
             let parts = self.inner.partials.lock();
             let Some(p) = parts.get(id) else {
                 return Ok(()); // already active: nothing to write
@@ -990,6 +1004,7 @@ impl Store {
                 p.tree.clone(),
                 p.manifest.size,
                 c,
+                p.manifest.chunks.len(),
             )
         };
         let got = ChunkHash::of(data);
@@ -1007,6 +1022,7 @@ impl Store {
             file.write_all_at(data, c.offset)
                 .map_err(io_err("write", &path))?;
         }
+        self.stamp_verified(id, index, chunks);
         if let Some(t) = tree {
             // Hashed here, from the verified bytes in memory; the lock is
             // only taken to file the result.
@@ -1242,6 +1258,9 @@ impl Store {
         let data = &mut buf[..n];
         f.read_exact_at(data, c.offset)
             .map_err(io_err("read", &path))?;
+        if self.recently_verified(id, index) {
+            return Ok(n);
+        }
         let got = ChunkHash::of(data);
         if got != c.hash {
             tracing::error!(%id, index, "stored chunk is corrupt");
@@ -1252,7 +1271,59 @@ impl Store {
                 got,
             });
         }
+        self.stamp_verified(id, index, manifest.chunks.len());
         Ok(n)
+    }
+
+    /// Notes that chunk `index` of `id` (of `chunks` chunks) was just hashed and found right.
+    fn stamp_verified(&self, id: &ArtifactId, index: u32, chunks: usize) {
+        if self.inner.opts.reverify_after.is_zero() {
+            return;
+        }
+        let now = u32::try_from(self.inner.epoch.elapsed().as_secs())
+            .unwrap_or(u32::MAX - 1)
+            .saturating_add(1);
+        let mut v = self.inner.verified.lock();
+        let stamps = v.entry(*id).or_default();
+        if stamps.len() < chunks {
+            stamps.resize(chunks, 0);
+        }
+        if let Some(s) = stamps.get_mut(index as usize) {
+            *s = now;
+        }
+    }
+
+    /// Whether chunk `index` of `id` was hashed and found right within `reverify_after`.
+    fn recently_verified(&self, id: &ArtifactId, index: u32) -> bool {
+        let window = self.inner.opts.reverify_after;
+        if window.is_zero() {
+            return false;
+        }
+        let Some(stamp) = self
+            .inner
+            .verified
+            .lock()
+            .get(id)
+            .and_then(|v| v.get(index as usize).copied())
+            .filter(|s| *s > 0)
+        else {
+            return false;
+        };
+        let at = Duration::from_secs(u64::from(stamp - 1));
+        self.inner.epoch.elapsed().saturating_sub(at) < window
+    }
+
+    /// Forgets that chunk `index` of `id` was verified (it was found corrupt).
+    fn unstamp(&self, id: &ArtifactId, index: u32) {
+        if let Some(s) = self
+            .inner
+            .verified
+            .lock()
+            .get_mut(id)
+            .and_then(|v| v.get_mut(index as usize))
+        {
+            *s = 0;
+        }
     }
 
     /// Path of an active artifact's file (for memory-mapping). Marks it used.
@@ -1322,6 +1393,7 @@ impl Store {
 
     fn forget(&self, id: &ArtifactId) -> Result<(), StoreError> {
         self.inner.manifest_cache.lock().remove(id);
+        self.inner.verified.lock().remove(id);
         let m = self.manifest(id).ok().flatten();
         let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
         b.remove(&self.inner.manifests, id.0);
@@ -1410,6 +1482,7 @@ impl Store {
             report.checked += 1;
             if !ok {
                 report.bad_chunks.push((i, c.offset));
+                self.unstamp(id, i);
             }
             if status == ArtifactStatus::Active {
                 whole.update(&buf);

@@ -396,3 +396,59 @@ async fn providers_are_found_through_kademlia() -> Result<()> {
     );
     Ok(())
 }
+
+/// A have-map pushed to a peer (the downloaders' announcements) arrives as a
+/// `Have` event naming the sender, with the map and the origin flag as sent;
+/// a push to a peer that is not connected goes nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_have_maps_reach_the_peer_as_the_senders() -> Result<()> {
+    init_tracing();
+    let nodes = start_mesh(3, |i, c| {
+        // Node 2 knows no one: nothing is pushed to it.
+        if i == 2 {
+            c.peers.clear();
+        }
+    })
+    .await?;
+    let (a, b, lonely) = (&nodes[0], &nodes[1], &nodes[2]);
+    wait_peers(&b.node, 1).await?;
+    let mut events = b.node.mesh().events();
+    let mut lonely_events = lonely.node.mesh().events();
+    let id = ArtifactId([7; 32]);
+    let mut have = HaveMap::new(100);
+    for i in [0, 9, 63, 99] {
+        have.set(i);
+    }
+    a.node
+        .mesh()
+        .push_have(vec![b.peer_id(), lonely.peer_id()], id, &have, true)
+        .await?;
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            match events.recv().await {
+                Ok(mesh::client::MeshEvent::Have {
+                    peer,
+                    id: hid,
+                    have,
+                    origin,
+                }) if hid == id => return Ok::<_, anyhow::Error>((peer, have, origin)),
+                Ok(_) => {}
+                Err(e) => bail!("events: {e}"),
+            }
+        }
+    })
+    .await
+    .context("no Have event")??;
+    assert_eq!(got.0, a.peer_id(), "the sender is the connection's peer");
+    assert_eq!(*got.1, have);
+    assert!(got.2, "origin flag kept");
+    // The lonely node heard nothing of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(ev) = lonely_events.try_recv() {
+        assert!(
+            !matches!(ev, mesh::client::MeshEvent::Have { id: hid, .. } if hid == id),
+            "pushed to a peer that is not connected"
+        );
+    }
+    Ok(())
+}
