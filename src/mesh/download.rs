@@ -51,8 +51,8 @@ pub struct DownloadOptions {
     pub origin_window: usize,
     /// Failures (timeouts, resets) in a row, with no chunk delivered between
     /// them, before a source is paused. A peer is paused for `pause` (doubled
-    /// on each pause after a failed retry, up to `max_pause`) and then asked
-    /// again; the origin is dropped from the download.
+    /// at each further pause, up to `max_pause`) and then asked again; the
+    /// origin is dropped from the download.
     pub max_failures: u32,
     /// First pause of a peer after `max_failures` failures in a row.
     pub pause: Duration,
@@ -166,6 +166,7 @@ pub struct SourceStats {
     /// Timeouts, resets, refusals.
     pub failures: u32,
     /// Times the source was paused after failures in a row.
+    #[serde(default)]
     pub pauses: u32,
     /// Chunks that failed verification.
     pub bad: u32,
@@ -1598,13 +1599,12 @@ mod tests {
             },
         );
         fail(&mut s, p, 8);
-        assert!(
-            matches!(s.pick(p), Pick::Chunk(_)),
-            "8 in a row: still asked"
-        );
+        let Pick::Chunk(i) = s.pick(p) else {
+            panic!("8 in a row: still asked")
+        };
         // A ninth in a row: paused, not stopped, and not counted as a live peer.
-        s.inflight.iter_mut().for_each(Vec::clear);
-        fail(&mut s, p, 1);
+        s.complete(p, i, Outcome::Failed);
+        assert_eq!(s.inflight_chunks, 0, "every request answered");
         assert!(matches!(s.pick(p), Pick::Wait), "paused");
         assert!(!s.pick_would_stop(p));
         assert_eq!(s.snapshot().peers, 0);
@@ -1670,6 +1670,42 @@ mod tests {
         }
         assert_eq!(t.sharers, s.sharers);
         assert!((0..n).all(|i| !(s.is_my_share(i) && t.is_my_share(i))));
+    }
+
+    #[test]
+    fn the_endgame_duplicates_only_late_requests_oldest_first() {
+        let n = 4;
+        let mut s = sched(n);
+        s.endgame = true;
+        let (a, b) = (
+            Source::Peer(PeerId::random()),
+            Source::Peer(PeerId::random()),
+        );
+        s.add_source(a, HaveMap::full(n));
+        s.add_source(b, HaveMap::full(n));
+        for _ in 0..n {
+            assert!(matches!(s.pick(a), Pick::Chunk(_)));
+        }
+        // Every chunk is in flight, none late yet: b waits.
+        assert!(matches!(s.pick(b), Pick::Wait), "nothing late");
+        // Requests take 100 ms on average: late is twice that (at least 250 ms).
+        s.took_avg = 0.1;
+        let now = Instant::now();
+        s.asked_at[1] = now - Duration::from_millis(400);
+        s.asked_at[3] = now - Duration::from_millis(900);
+        s.asked_at[0] = now - Duration::from_millis(200);
+        assert!(matches!(s.pick(b), Pick::Chunk(3)), "the oldest late one");
+        assert!(matches!(s.pick(b), Pick::Chunk(1)));
+        assert!(matches!(s.pick(b), Pick::Wait), "chunk 0 is not late");
+        // The first copy wins; the second is a duplicate.
+        let ok = || Outcome::Ok {
+            len: 1,
+            took: Duration::from_millis(100),
+        };
+        s.complete(b, 3, ok());
+        s.complete(a, 3, ok());
+        assert_eq!(s.progress.duplicate_chunks, 1);
+        assert_eq!(s.inflight_chunks, 3);
     }
 
     #[test]
