@@ -308,6 +308,15 @@ impl Sched {
         slot as usize == self.my_share
     }
 
+    /// The other downloaders this node knows: where its have-map is pushed.
+    fn fellow_downloaders(&self) -> Vec<PeerId> {
+        self.sharers
+            .iter()
+            .copied()
+            .filter(|p| *p != self.me)
+            .collect()
+    }
+
     fn missing(&self) -> u32 {
         self.have.len() - self.have.count()
     }
@@ -909,8 +918,7 @@ pub async fn download(
                 // not know us yet learn of us) and the last.
                 let (count, sharers) = {
                     let s = ctx.sched.lock();
-                    let me = client.peer_id();
-                    (s.have.count(), s.sharers.iter().copied().filter(|p| *p != me).collect::<Vec<_>>())
+                    (s.have.count(), s.fellow_downloaders())
                 };
                 let first = announced == u32::MAX;
                 let targets: Vec<PeerId> = if count != announced {
@@ -977,15 +985,8 @@ pub async fn download(
             p.phase = Phase::Done;
             publish(&p);
             let have = HaveMap::full(n);
-            let sharers: Vec<PeerId> = {
-                let s = ctx.sched.lock();
-                s.sharers
-                    .iter()
-                    .copied()
-                    .filter(|p| *p != client.peer_id())
-                    .collect()
-            };
-            let _ = client.push_have(sharers, id, &have, false).await;
+            let fellows = ctx.sched.lock().fellow_downloaders();
+            let _ = client.push_have(fellows, id, &have, false).await;
             let _ = client.announce_have(id, &have, false).await;
             let _ = client.provide(id).await;
             tracing::info!(%id, bytes = p.total_bytes, from_peers = p.bytes_from_peers, from_origin = p.bytes_from_origin,
