@@ -464,15 +464,17 @@ fn stale_partials_are_collected_and_orphans_cleaned_on_open() {
         assert_eq!(r.partials_removed, vec![m.id()]);
         assert!(store.list().expect("list").is_empty());
     }
-    // Leftovers of a crashed add and an unknown object file.
+    // Leftovers of a crashed add and an unknown object file: the add's temp
+    // file goes, the object that is not what its name says is kept aside.
     fs::write(dir.join("tmp/add-123-456"), b"junk").expect("tmp junk");
     fs::write(dir.join("objects").join("ab".repeat(32)), b"junk").expect("orphan");
-    let _store = open(&dir);
+    let store = open(&dir);
     assert_eq!(fs::read_dir(dir.join("tmp")).expect("tmp").count(), 0);
     assert_eq!(
         fs::read_dir(dir.join("objects")).expect("objects").count(),
         0
     );
+    assert_eq!(store.lost_and_found().expect("lf").len(), 1);
 }
 
 #[test]
@@ -490,7 +492,8 @@ fn a_second_process_gets_a_clear_lock_error() {
 /// Flips one byte of chunk `index` in the artifact's file.
 fn corrupt_chunk(store: &Store, id: &shoal::store::ArtifactId, index: usize) {
     let m = store.manifest(id).expect("m").expect("m");
-    let obj = store.artifact_path(id).expect("path");
+    // Not `artifact_path`: that refuses an artifact already marked corrupt.
+    let obj = store.dir().join("objects").join(id.to_hex());
     let mut perm = fs::metadata(&obj).expect("meta").permissions();
     #[allow(clippy::permissions_set_readonly_false)]
     perm.set_readonly(false);
@@ -569,4 +572,426 @@ fn chunk_reads_reuse_a_buffer_and_removal_forgets_the_cached_manifest() {
         store.read_chunk_into(&id, 0, &mut buf),
         Err(StoreError::Unknown(_))
     ));
+}
+
+#[test]
+fn verify_marks_corrupt_and_repair_refetches_only_the_bad_chunks() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("s");
+    let model = gguf_model(&[2_000_000, 2_000_000], 11);
+    let p = write_file(t.path(), "m.gguf", &model);
+    let told = Arc::new(AtomicUsize::new(0));
+    let hook_told = told.clone();
+    let opts = StoreOptions {
+        on_corrupt: Some(Arc::new(move |_id: &shoal::store::ArtifactId| {
+            hook_told.fetch_add(1, Ordering::SeqCst);
+        })),
+        ..StoreOptions::default()
+    };
+    assert!(format!("{opts:?}").contains("on_corrupt"));
+    let id = {
+        let store = Store::open(&dir, opts.clone()).expect("open");
+        let id = store.add_file(&p, &AddOptions::default()).expect("add");
+        assert!(store.corrupt_artifacts().expect("marks").is_empty());
+        corrupt_chunk(&store, &id, 3);
+        assert!(!store.verify(&id).expect("verify").ok());
+        assert_eq!(told.load(Ordering::SeqCst), 1, "the hook heard of the mark");
+        // The same finding again is no new mark.
+        store.verify(&id).expect("verify again");
+        assert_eq!(told.load(Ordering::SeqCst), 1);
+        id
+    };
+    // The mark is durable.
+    let store = Store::open(&dir, opts).expect("reopen");
+    assert_eq!(
+        store.corrupt_artifacts().expect("marks"),
+        vec![(id, vec![3])]
+    );
+    for r in [
+        store.artifact_path(&id).map(|_| ()),
+        store.lease(&id).map(|_| ()),
+    ] {
+        match r {
+            Err(StoreError::Corrupt {
+                id: got,
+                bad_chunks,
+            }) => {
+                assert_eq!((got, bad_chunks), (id, vec![3]));
+            }
+            other => panic!("a corrupt artifact was handed out: {other:?}"),
+        }
+    }
+    let info = store.list().expect("list");
+    assert_eq!(info[0].corrupt, Some(vec![3]));
+    assert!(!store.have_map(&id).expect("have").expect("have").get(3));
+    // Repair: the file moves to partial/, every chunk but the bad one present.
+    let have = store.repair(&id).expect("repair");
+    let m = store.manifest(&id).expect("m").expect("m");
+    assert_eq!(have.missing().collect::<Vec<_>>(), vec![3]);
+    assert_eq!(
+        store.status(&id).expect("status"),
+        Some(ArtifactStatus::Partial)
+    );
+    assert!(!dir.join("objects").join(id.to_hex()).exists());
+    assert!(dir.join("partial").join(id.to_hex()).exists());
+    assert!(store.corrupt_artifacts().expect("marks").is_empty());
+    // A download resumes it through `begin` and needs only chunk 3.
+    drop(store);
+    let store = open(&dir);
+    let have = store.begin(&m).expect("begin resumes");
+    assert_eq!(have.missing().collect::<Vec<_>>(), vec![3]);
+    let c = m.chunks[3];
+    let good = &model[c.offset as usize..(c.offset + u64::from(c.len)) as usize];
+    store.put_chunk(&id, 3, good).expect("put the good chunk");
+    store.finish(&id).expect("activate");
+    assert_eq!(
+        store.status(&id).expect("status"),
+        Some(ArtifactStatus::Active)
+    );
+    assert!(store.corrupt_artifacts().expect("marks").is_empty());
+    assert!(store.verify(&id).expect("verify").ok());
+    assert_eq!(object_bytes(&store, &id), model);
+    assert!(store.lease(&id).is_ok());
+}
+
+#[test]
+fn a_corrupt_chunk_read_marks_the_artifact() {
+    let t = tempfile::tempdir().expect("tmp");
+    let store = Store::open(
+        &t.path().join("s"),
+        StoreOptions {
+            reverify_after: Duration::ZERO,
+            ..StoreOptions::default()
+        },
+    )
+    .expect("open");
+    let model = gguf_model(&[2_000_000, 2_000_000], 12);
+    let p = write_file(t.path(), "m.gguf", &model);
+    let id = store.add_file(&p, &AddOptions::default()).expect("add");
+    corrupt_chunk(&store, &id, 2);
+    assert!(store.read_chunk(&id, 1).is_ok());
+    assert!(matches!(
+        store.read_chunk(&id, 2),
+        Err(StoreError::ChunkMismatch { index: 2, .. })
+    ));
+    assert_eq!(
+        store.corrupt_artifacts().expect("marks"),
+        vec![(id, vec![2])]
+    );
+    assert!(matches!(
+        store.artifact_path(&id),
+        Err(StoreError::Corrupt { .. })
+    ));
+    // Marks add up; a chunk index outside the manifest is refused.
+    store.mark_corrupt(&id, &[0]).expect("mark");
+    assert_eq!(
+        store.corrupt_artifacts().expect("marks"),
+        vec![(id, vec![0, 2])]
+    );
+    assert!(matches!(
+        store.mark_corrupt(&id, &[10_000]),
+        Err(StoreError::NoChunk { .. })
+    ));
+}
+
+#[test]
+fn a_wrong_length_is_marked_and_repaired_in_place() {
+    let t = tempfile::tempdir().expect("tmp");
+    let store = open(&t.path().join("s"));
+    let model = gguf_model(&[500_000], 13);
+    let p = write_file(t.path(), "m.gguf", &model);
+    let id = store.add_file(&p, &AddOptions::default()).expect("add");
+    let obj = store.dir().join("objects").join(id.to_hex());
+    fs::set_permissions(&obj, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(&obj)
+        .expect("open");
+    std::io::Write::write_all(&mut f, b"trailing junk").expect("append");
+    drop(f);
+    assert!(!store.verify(&id).expect("verify").ok());
+    assert_eq!(
+        store.corrupt_artifacts().expect("marks"),
+        vec![(id, vec![])]
+    );
+    let have = store.repair(&id).expect("repair");
+    assert!(have.is_complete());
+    assert_eq!(
+        store.status(&id).expect("status"),
+        Some(ArtifactStatus::Active)
+    );
+    assert!(store.corrupt_artifacts().expect("marks").is_empty());
+    assert_eq!(object_bytes(&store, &id), model);
+}
+
+// ---- damaged metadata never loses model bytes ----
+
+/// Every regular file under `dir` (recursively) with its bytes.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else if let Ok(b) = fs::read(&p) {
+            out.push((p, b));
+        }
+    }
+    out
+}
+
+/// Asserts every artifact file of `before` is still in the store
+/// (`objects/`, `partial/`) or in `lost+found/`, byte for byte.
+fn nothing_lost(dir: &Path, before: &[(std::path::PathBuf, Vec<u8>)], when: &str) {
+    let now: Vec<_> = ["objects", "partial", "lost+found"]
+        .iter()
+        .flat_map(|s| files_under(&dir.join(s)))
+        .collect();
+    for (p, b) in before {
+        assert!(
+            now.iter().any(|(_, nb)| nb == b),
+            "{when}: the bytes of {} are gone (files now: {:?})",
+            p.display(),
+            now.iter().map(|(p, _)| p).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Length of the journal's written part (it is preallocated with zeros).
+fn journal_used(j: &[u8]) -> usize {
+    j.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1)
+}
+
+type Mutation = (&'static str, fn(&Path));
+
+fn journal(meta: &Path) -> std::path::PathBuf {
+    meta.join("0.jnl")
+}
+
+fn edit_journal(meta: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let p = journal(meta);
+    let mut j = fs::read(&p).expect("read journal");
+    f(&mut j);
+    fs::write(&p, &j).expect("write journal");
+}
+
+const MUTATIONS: &[Mutation] = &[
+    ("flip the first byte of the journal", |m| {
+        edit_journal(m, |j| j[0] ^= 0xff)
+    }),
+    ("flip a middle byte of the journal", |m| {
+        edit_journal(m, |j| {
+            let u = journal_used(j);
+            j[u / 2] ^= 0x01;
+        })
+    }),
+    ("flip the last written byte of the journal", |m| {
+        edit_journal(m, |j| {
+            let u = journal_used(j);
+            j[u - 1] ^= 0x80;
+        })
+    }),
+    ("truncate the journal to 0", |m| {
+        edit_journal(m, |j| j.clear())
+    }),
+    ("truncate the journal mid-record", |m| {
+        edit_journal(m, |j| {
+            let u = journal_used(j);
+            j.truncate(u / 2 + 3);
+        })
+    }),
+    ("append garbage to the journal", |m| {
+        edit_journal(m, |j| {
+            let u = journal_used(j);
+            j.truncate(u);
+            j.extend((0..5000u32).map(|i| (i * 7 + 13) as u8));
+        })
+    }),
+    ("zero a 4 KiB page of the journal", |m| {
+        edit_journal(m, |j| {
+            let u = journal_used(j);
+            let start = (u / 2) & !4095;
+            j[start..(start + 4096).min(u)].fill(0);
+        })
+    }),
+    ("duplicate the journal's records", |m| {
+        edit_journal(m, |j| {
+            let u = journal_used(j);
+            let copy = j[..u].to_vec();
+            j.truncate(u);
+            j.extend(copy);
+        })
+    }),
+    ("delete the journal", |m| {
+        fs::remove_file(journal(m)).expect("rm journal")
+    }),
+    ("delete meta/", |m| fs::remove_dir_all(m).expect("rm meta")),
+    ("replace meta/ with a file", |m| {
+        fs::remove_dir_all(m).expect("rm meta");
+        fs::write(m, b"not a database").expect("file");
+    }),
+    ("make the journal unreadable (a directory)", |m| {
+        fs::remove_file(journal(m)).expect("rm journal");
+        fs::create_dir(journal(m)).expect("dir");
+    }),
+    ("flip a byte in every keyspace file", |m| {
+        for (p, mut b) in files_under(&m.join("keyspaces")) {
+            let mid = b.len() / 2;
+            if let Some(x) = b.get_mut(mid) {
+                *x ^= 0x10;
+                fs::write(&p, &b).expect("write");
+            }
+        }
+    }),
+    ("delete fjall's version file", |m| {
+        fs::remove_file(m.join("version")).expect("rm version")
+    }),
+];
+
+#[test]
+fn damaged_metadata_never_loses_model_bytes_and_fsck_rebuilds_it() {
+    let src = tempfile::tempdir().expect("src");
+    let model = gguf_model(&[1_500_000, 700_000], 21);
+    let model_p = write_file(src.path(), "m.gguf", &model);
+    let tok: Vec<u8> = bytes(22, 700_000);
+    let tok_p = write_file(src.path(), "tokenizer.json", &tok);
+    let part = gguf_model(&[1_200_000, 1_200_000], 23);
+    let part_p = write_file(src.path(), "p.gguf", &part);
+    let part_m = build_manifest(&part_p, &part, None).expect("manifest");
+    for (what, mutate) in MUTATIONS {
+        let t = tempfile::tempdir().expect("tmp");
+        let dir = t.path().join("s");
+        let (model_id, tok_id) = {
+            let store = open(&dir);
+            store.keygen(false).expect("keygen");
+            let model_id = store
+                .add_file(
+                    &model_p,
+                    &AddOptions {
+                        pin: true,
+                        ..AddOptions::default()
+                    },
+                )
+                .expect("add model");
+            store.publish(&model_id, "tiny:v1", None).expect("publish");
+            let tok_id = store
+                .add_file(&tok_p, &AddOptions::default())
+                .expect("add tokenizer");
+            assert_eq!(
+                store.manifest(&tok_id).expect("m").expect("m").kind,
+                ArtifactKind::Tokenizer
+            );
+            // A partial download, half there.
+            store.begin(&part_m).expect("begin");
+            for (i, c) in part_m.chunks.iter().enumerate().step_by(2) {
+                let r = c.offset as usize..(c.offset + u64::from(c.len)) as usize;
+                store
+                    .put_chunk(&part_m.id(), i as u32, &part[r])
+                    .expect("put");
+            }
+            store.flush(&part_m.id()).expect("flush");
+            (model_id, tok_id)
+        };
+        let before: Vec<_> = ["objects", "partial"]
+            .iter()
+            .flat_map(|s| files_under(&dir.join(s)))
+            .collect();
+        assert_eq!(before.len(), 3);
+        mutate(&dir.join("meta"));
+        // Opening either works (and lists the models) or explains itself.
+        match Store::open(&dir, StoreOptions::default()) {
+            Ok(store) => {
+                let ids: Vec<_> = store.list().expect("list").iter().map(|a| a.id).collect();
+                assert!(
+                    ids.contains(&model_id) && ids.contains(&tok_id),
+                    "{what}: opened, but the models are not listed"
+                );
+            }
+            Err(e) => {
+                assert!(
+                    matches!(e, StoreError::DamagedMetadata { .. }),
+                    "{what}: unexpected error {e}"
+                );
+                assert!(e.to_string().contains("shoal fsck"), "{what}: {e}");
+            }
+        }
+        nothing_lost(&dir, &before, &format!("{what}, after open"));
+        let (store, reports) = Store::fsck(&dir, StoreOptions::default())
+            .unwrap_or_else(|e| panic!("{what}: fsck: {e}"));
+        nothing_lost(&dir, &before, &format!("{what}, after fsck"));
+        assert!(reports.iter().all(|r| r.ok()), "{what}: {reports:?}");
+        for id in [model_id, tok_id] {
+            assert_eq!(
+                store.status(&id).expect("status"),
+                Some(ArtifactStatus::Active),
+                "{what}: {id} not active after fsck"
+            );
+            assert!(store.verify(&id).expect("verify").ok(), "{what}");
+        }
+        assert_eq!(
+            store.manifest(&tok_id).expect("m").expect("m").kind,
+            ArtifactKind::Tokenizer,
+            "{what}"
+        );
+        assert_eq!(
+            store
+                .resolve("tiny:v1")
+                .unwrap_or_else(|e| panic!("{what}: name: {e}")),
+            model_id,
+            "{what}"
+        );
+        assert_eq!(object_bytes(&store, &model_id), model, "{what}");
+        // The partial is kept if its manifest survived, else it is in lost+found.
+        let kept = store.status(&part_m.id()).expect("status").is_some();
+        let in_lf = !store.lost_and_found().expect("lf").is_empty();
+        assert!(kept || in_lf, "{what}: the partial vanished");
+        // A second fsck finds nothing more to do.
+        drop(store);
+        let (again, _) = Store::fsck(&dir, StoreOptions::default()).expect("fsck again");
+        let rec = again.recovery_report();
+        assert!(
+            rec.is_clean(),
+            "{what}: second fsck still repaired: {rec:?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_files_go_to_lost_and_found_and_verified_orphans_come_back() {
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("s");
+    let model = gguf_model(&[900_000], 31);
+    let p = write_file(t.path(), "m.gguf", &model);
+    let id = {
+        let store = open(&dir);
+        store.add_file(&p, &AddOptions::default()).expect("add")
+    };
+    // An object whose record is gone (removed through a second store
+    // handle's metadata only), a junk object named like an id, a file with
+    // a foreign name, an unknown partial.
+    let obj = dir.join("objects").join(id.to_hex());
+    let keep = fs::read(&obj).expect("read");
+    fs::remove_dir_all(dir.join("meta")).expect("rm meta");
+    let junk_id = "ab".repeat(32);
+    fs::write(dir.join("objects").join(&junk_id), b"junk").expect("junk");
+    fs::write(dir.join("objects").join("notes.txt"), b"mine").expect("notes");
+    fs::write(dir.join("partial").join("cd".repeat(32)), b"part").expect("part");
+    let store = open(&dir);
+    let rec = store.recovery_report();
+    assert_eq!(rec.reregistered, vec![id]);
+    assert_eq!(rec.lost.len(), 3, "{rec:?}");
+    assert_eq!(store.status(&id).expect("s"), Some(ArtifactStatus::Active));
+    assert_eq!(fs::read(&obj).expect("read"), keep);
+    let lf = store.lost_and_found().expect("lf");
+    let mut contents: Vec<Vec<u8>> = lf.iter().map(|p| fs::read(p).expect("r")).collect();
+    contents.sort();
+    assert_eq!(
+        contents,
+        vec![b"junk".to_vec(), b"mine".to_vec(), b"part".to_vec()]
+    );
 }

@@ -108,6 +108,10 @@ fn add_ls_show_verify_and_corruption() {
         err.contains("chunk 2") && err.contains(&format!("offset {off}")),
         "{err}"
     );
+    // It is marked corrupt: `ls` says so.
+    let ls = ls_json(&data);
+    assert_eq!(ls[0]["corrupt"], serde_json::json!([2]));
+    assert!(ok(&data, &["ls"]).contains("CORRUPT"));
 
     // rm, then unknown id.
     ok(&data, &["unpin", &id]);
@@ -276,4 +280,141 @@ fn sigkill_while_adding_leaves_a_working_store() {
         .map(|e| e.expect("e").path())
         .collect();
     assert_eq!(leftovers.len(), 1);
+}
+
+/// The demo model if present (the real case), else a synthetic GGUF.
+fn a_model(dir: &Path) -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_TEST_MODEL").map(PathBuf::from)
+        && p.exists()
+    {
+        return p;
+    }
+    let f = dir.join("m.gguf");
+    gguf(&f, &[1_500_000, 300_000], 9);
+    f
+}
+
+fn flip_first_journal_byte(data: &Path) {
+    let j = data.join("meta").join("0.jnl");
+    let mut b = std::fs::read(&j).expect("journal");
+    b[0] ^= 0xff;
+    std::fs::write(&j, &b).expect("write journal");
+}
+
+#[test]
+fn a_flipped_journal_byte_loses_no_model_and_fsck_restores_the_name() {
+    let t = tempfile::tempdir().expect("tmp");
+    let data = t.path().join("data");
+    let model = a_model(t.path());
+    let id = ok(
+        &data,
+        &[
+            "add",
+            model.to_str().expect("p"),
+            "--name",
+            "smol:q4",
+            "--pin",
+        ],
+    )
+    .trim()
+    .to_string();
+    flip_first_journal_byte(&data);
+    // A plain `ls` keeps the model: re-verified and listed again.
+    let ls = ls_json(&data);
+    assert!(ls.iter().any(|a| a["id"] == id.as_str()), "{ls:?}");
+    let obj = data.join("objects").join(&id);
+    assert_eq!(
+        std::fs::read(&obj).expect("the object is still there"),
+        std::fs::read(&model).expect("model")
+    );
+    // fsck: nothing lost, the name is back, it verifies.
+    let out = ok(&data, &["fsck"]);
+    assert!(out.contains("ok"), "{out}");
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(&data, &["show", "smol:q4", "--json"])).expect("json");
+    assert_eq!(show["id"], id.as_str());
+    ok(&data, &["verify"]);
+}
+
+#[test]
+fn metadata_that_cannot_open_is_explained_and_fsck_rebuilds_it() {
+    let t = tempfile::tempdir().expect("tmp");
+    let data = t.path().join("data");
+    let f = t.path().join("m.gguf");
+    let bytes = gguf(&f, &[1_500_000, 300_000], 4);
+    let id = ok(&data, &["add", f.to_str().expect("p"), "--name", "tiny:v1"])
+        .trim()
+        .to_string();
+    let meta = data.join("meta");
+    std::fs::remove_dir_all(&meta).expect("rm meta");
+    std::fs::write(&meta, b"not a database").expect("meta file");
+    let err = fails(&data, &["ls"]);
+    assert!(
+        err.contains("shoal fsck") && err.contains("damaged"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        std::fs::read(data.join("objects").join(&id)).expect("object"),
+        bytes
+    );
+    let out = ok(&data, &["fsck"]);
+    assert!(
+        out.contains("moved aside") && out.contains("restored name tiny:v1"),
+        "{out}"
+    );
+    // The damaged copy is kept.
+    let aside: Vec<_> = std::fs::read_dir(&data)
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("meta.damaged-"))
+        .collect();
+    assert_eq!(aside.len(), 1);
+    assert_eq!(
+        std::fs::read(aside[0].path()).expect("aside"),
+        b"not a database"
+    );
+    let ls = ls_json(&data);
+    assert_eq!(ls[0]["id"], id.as_str());
+    assert_eq!(ls[0]["names"][0], "tiny:v1");
+    ok(&data, &["verify"]);
+}
+
+#[test]
+fn files_the_store_cannot_account_for_fail_verify_and_fsck() {
+    let t = tempfile::tempdir().expect("tmp");
+    let data = t.path().join("data");
+    let f = t.path().join("m.gguf");
+    gguf(&f, &[200_000], 5);
+    ok(&data, &["add", f.to_str().expect("p")]);
+    let junk = data.join("objects").join("ab".repeat(32));
+    std::fs::write(&junk, b"not what its name says").expect("junk");
+    ok(&data, &["ls"]);
+    assert!(!junk.exists());
+    let err = fails(&data, &["verify"]);
+    assert!(err.contains("lost+found"), "{err}");
+    let err = fails(&data, &["fsck"]);
+    assert!(err.contains("lost+found"), "{err}");
+    let lf: Vec<_> = std::fs::read_dir(data.join("lost+found"))
+        .expect("lost+found")
+        .flatten()
+        .collect();
+    assert_eq!(lf.len(), 1);
+    assert_eq!(
+        std::fs::read(lf[0].path()).expect("kept"),
+        b"not what its name says"
+    );
+}
+
+#[test]
+fn huge_names_get_a_clear_error_not_a_panic() {
+    let t = tempfile::tempdir().expect("tmp");
+    let data = t.path().join("data");
+    for arg in ["a".repeat(70_000), "ab".repeat(35_000)] {
+        for cmd in ["show", "pin", "rm", "verify"] {
+            let err = fails(&data, &[cmd, &arg]);
+            assert!(err.contains("bytes long"), "{cmd}: {err}");
+            assert!(!err.contains("panicked"), "{cmd}: {err}");
+        }
+    }
 }

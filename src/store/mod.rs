@@ -48,6 +48,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// On-disk layout version of the store directory.
 pub const STORE_FORMAT: u32 = 1;
+/// Where files the store cannot account for are moved (never deleted).
+pub const LOST_AND_FOUND: &str = "lost+found";
+/// Directory of the signed release files (one per name), from which names
+/// are restored when the metadata is lost.
+const RELEASES_DIR: &str = "releases";
+/// First line of `keys/trusted`.
+const TRUST_FILE_HEADER: &str = "shoal-trust 1";
+pub use release::MAX_NAME;
 /// Bytes of written-but-unsynced chunks after which a partial is flushed.
 const AUTO_FLUSH_BYTES: u64 = 16 << 20;
 /// Downloads at least this large leave the page cache once durable.
@@ -218,8 +226,40 @@ pub enum StoreError {
         quota: u64,
     },
     /// Metadata that does not decode (a corrupt or foreign database).
-    #[error("corrupt metadata: {0}")]
-    Corrupt(String),
+    #[error("corrupt metadata: {0} (run `shoal fsck` to rebuild the metadata from the files)")]
+    BadMetadata(String),
+    /// The metadata database cannot be opened or read. Nothing was changed;
+    /// [`Store::fsck`] moves it aside and rebuilds it from the files.
+    #[error(
+        "the metadata database at {path} is damaged ({why}); no model file was touched. Run `shoal fsck` to rebuild it from the files (the damaged copy is kept aside, not deleted)"
+    )]
+    DamagedMetadata {
+        /// The `meta/` directory.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A name or id argument longer than any name or id can be.
+    #[error("{what} is {len} bytes long; names are at most {MAX_NAME} bytes and ids 64 hex digits")]
+    TooLong {
+        /// What was given ("name", "id or name").
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The artifact's bytes failed verification: it is marked corrupt and is
+    /// not served until [`Store::repair`] and a download fetched the bad
+    /// chunks again. An empty `bad_chunks` means the chunks are right but the
+    /// file as a whole is not (wrong length).
+    #[error(
+        "artifact {id} is corrupt (bad chunks: {bad_chunks:?}); it is not served until repaired from peers (`shoal verify`, `shoal pull`)"
+    )]
+    Corrupt {
+        /// Artifact.
+        id: ArtifactId,
+        /// Indices of the chunks whose bytes did not match the manifest.
+        bad_chunks: Vec<u32>,
+    },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -230,8 +270,12 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
+/// Called with the id of an artifact each time it is newly marked corrupt
+/// ([`StoreOptions::on_corrupt`]).
+pub type CorruptHook = Arc<dyn Fn(&ArtifactId) + Send + Sync>;
+
 /// Store settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// Byte quota for artifacts (active and partial). `u64::MAX` for none.
     pub quota_bytes: u64,
@@ -243,6 +287,26 @@ pub struct StoreOptions {
     /// served many times within seconds of its arrival; one hash per window
     /// instead of one per send. `Duration::ZERO`: hash every read.
     pub reverify_after: Duration,
+    /// Told (on the thread that found it, after the mark is durable) when an
+    /// artifact is newly marked corrupt by [`Store::verify`], a failed
+    /// verify-on-read or [`Store::mark_corrupt`], so the node can react (drop
+    /// derived caches, fetch the bad chunks again) without polling. Must not
+    /// block for long.
+    pub on_corrupt: Option<CorruptHook>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("quota_bytes", &self.quota_bytes)
+            .field("partial_ttl", &self.partial_ttl)
+            .field("reverify_after", &self.reverify_after)
+            .field(
+                "on_corrupt",
+                &self.on_corrupt.as_ref().map(|_| "Fn(&ArtifactId)"),
+            )
+            .finish()
+    }
 }
 
 impl Default for StoreOptions {
@@ -251,6 +315,7 @@ impl Default for StoreOptions {
             quota_bytes: u64::MAX,
             partial_ttl: Duration::from_secs(24 * 3600),
             reverify_after: Duration::from_secs(60),
+            on_corrupt: None,
         }
     }
 }
@@ -280,12 +345,85 @@ pub enum ArtifactStatus {
     Active,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An artifact's record (the `records` keyspace).
+///
+/// Encoding: the postcard encoding of [`RecordV1`] (format 1, the only
+/// encoding before corrupt marks existed), followed, only when there is
+/// something to add, by an extension: `u8` extension version (2) and the
+/// postcard encoding of [`RecordExt2`]. A record without the tail decodes
+/// with no mark, so older stores read unchanged; an unknown extension
+/// version is refused (never silently dropped).
+#[derive(Debug, Clone)]
 struct Record {
     status: ArtifactStatus,
     pinned: bool,
     created: u64,
     last_used: u64,
+    /// `Some` when the artifact is marked corrupt: the bad chunk indices
+    /// (sorted, unique; empty: the file as a whole is wrong).
+    corrupt: Option<Vec<u32>>,
+}
+
+/// Record format 1 (and the head of every later format).
+#[derive(Serialize, Deserialize)]
+struct RecordV1 {
+    status: ArtifactStatus,
+    pinned: bool,
+    created: u64,
+    last_used: u64,
+}
+
+/// Version of the record extension written after [`RecordV1`].
+const RECORD_EXT_VERSION: u8 = 2;
+
+/// Record extension, version 2.
+#[derive(Serialize, Deserialize)]
+struct RecordExt2 {
+    /// Bad chunk indices of an artifact marked corrupt.
+    corrupt: Option<Vec<u32>>,
+}
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = encode(&RecordV1 {
+            status: self.status,
+            pinned: self.pinned,
+            created: self.created,
+            last_used: self.last_used,
+        });
+        if self.corrupt.is_some() {
+            out.push(RECORD_EXT_VERSION);
+            out.extend(encode(&RecordExt2 {
+                corrupt: self.corrupt.clone(),
+            }));
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<Record, StoreError> {
+        let (v1, rest): (RecordV1, &[u8]) = postcard::take_from_bytes(b)
+            .map_err(|e| StoreError::BadMetadata(format!("record: {e}")))?;
+        let mut r = Record {
+            status: v1.status,
+            pinned: v1.pinned,
+            created: v1.created,
+            last_used: v1.last_used,
+            corrupt: None,
+        };
+        match rest.split_first() {
+            None => {}
+            Some((&RECORD_EXT_VERSION, ext)) => {
+                let e: RecordExt2 = decode("record extension", ext)?;
+                r.corrupt = e.corrupt;
+            }
+            Some((v, _)) => {
+                return Err(StoreError::BadMetadata(format!(
+                    "record extension version {v} is not supported (this build reads {RECORD_EXT_VERSION})"
+                )));
+            }
+        }
+        Ok(r)
+    }
 }
 
 /// A line of [`Store::list`].
@@ -311,6 +449,9 @@ pub struct ArtifactInfo {
     pub pinned: bool,
     /// Unix seconds of last use.
     pub last_used: u64,
+    /// `Some(bad chunk indices)` when the artifact is marked corrupt (not
+    /// served until repaired; empty: the file as a whole is wrong).
+    pub corrupt: Option<Vec<u32>>,
 }
 
 /// Result of [`Store::verify`].
@@ -355,6 +496,50 @@ pub struct GcReport {
     pub bytes_freed: u64,
 }
 
+/// A file moved to `lost+found/` (see [`RecoveryReport`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct LostFile {
+    /// Where it was.
+    pub from: PathBuf,
+    /// Where it is now (equal to `from` if it could not be moved).
+    pub to: PathBuf,
+    /// Why the store could not account for it.
+    pub why: String,
+}
+
+/// What opening the store ([`Store::open`], [`Store::fsck`]) repaired.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecoveryReport {
+    /// Where damaged metadata was moved aside (by [`Store::fsck`]).
+    pub meta_moved_to: Option<PathBuf>,
+    /// Artifact files without a record whose bytes matched their id:
+    /// registered again, active and unpinned.
+    pub reregistered: Vec<ArtifactId>,
+    /// Partial downloads without a record whose manifest survived: kept.
+    pub partials_recovered: Vec<ArtifactId>,
+    /// Files the store could not account for, moved to `lost+found/`.
+    pub lost: Vec<LostFile>,
+    /// Records whose file had vanished (forgotten: nothing to lose).
+    pub forgotten: Vec<ArtifactId>,
+    /// Trusted keys restored from `keys/trusted` and `keys/publisher.key`.
+    pub keys_restored: usize,
+    /// Names restored from the release files in `releases/`.
+    pub names_restored: Vec<String>,
+}
+
+impl RecoveryReport {
+    /// True when nothing had to be repaired.
+    pub fn is_clean(&self) -> bool {
+        self.meta_moved_to.is_none()
+            && self.reregistered.is_empty()
+            && self.partials_recovered.is_empty()
+            && self.lost.is_empty()
+            && self.forgotten.is_empty()
+            && self.keys_restored == 0
+            && self.names_restored.is_empty()
+    }
+}
+
 /// Per-partial in-memory state.
 struct Partial {
     file: Arc<File>,
@@ -395,6 +580,10 @@ struct Inner {
     verified: Mutex<HashMap<ArtifactId, Vec<u32>>>,
     /// The clock of `verified`.
     epoch: std::time::Instant,
+    /// What opening the store repaired.
+    recovery: Mutex<RecoveryReport>,
+    /// `<dir>/LOCK`, flocked exclusively while the store is open.
+    _lock: File,
 }
 
 /// A handle on a node's content store. Cheap to clone.
@@ -411,7 +600,7 @@ fn now_secs() -> u64 {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(b).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    postcard::from_bytes(b).map_err(|e| StoreError::BadMetadata(format!("{what}: {e}")))
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -476,7 +665,7 @@ pub fn build_manifest(
             .collect();
         (whole.join(), hashes)
     });
-    let whole = whole.map_err(|_| StoreError::Corrupt("hashing thread panicked".into()))?;
+    let whole = whole.map_err(|_| StoreError::BadMetadata("hashing thread panicked".into()))?;
     let chunks: Vec<ChunkRef> = spans
         .iter()
         .zip(chunk_hashes)
@@ -518,6 +707,43 @@ pub fn build_manifest(
     Ok(m)
 }
 
+/// Why [`open_db`] failed.
+enum DbOpen {
+    /// Another process has it open.
+    Locked,
+    /// It cannot be opened: what is wrong.
+    Damaged(String),
+}
+
+/// Opens the fjall database in `meta`. fjall asserts some things about its
+/// directory instead of returning errors (a journal that is not a regular
+/// file panics): those are checked first, and a panic inside fjall all the
+/// same is caught and reported as damage, never a crash.
+fn open_db(meta: &Path) -> Result<Database, DbOpen> {
+    for e in fs::read_dir(meta)
+        .map_err(|e| DbOpen::Damaged(format!("cannot list it: {e}")))?
+        .flatten()
+    {
+        let name = e.file_name();
+        let is_journal = name.to_str().is_some_and(|n| n.ends_with(".jnl"));
+        if is_journal && !e.file_type().is_ok_and(|t| t.is_file()) {
+            return Err(DbOpen::Damaged(format!(
+                "journal {} is not a regular file",
+                e.path().display()
+            )));
+        }
+    }
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Database::builder(meta).open()
+    }));
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(fjall::Error::Locked)) => Err(DbOpen::Locked),
+        Ok(Err(e)) => Err(DbOpen::Damaged(e.to_string())),
+        Err(_) => Err(DbOpen::Damaged("the database library failed on it".into())),
+    }
+}
+
 /// Tries to clone `src` into `dst` sharing blocks (FICLONE). False when unsupported.
 fn try_reflink(src: &File, dst: &File) -> bool {
     // FICLONE = _IOW(0x94, 9, int)
@@ -531,8 +757,57 @@ fn try_reflink(src: &File, dst: &File) -> bool {
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
+    ///
+    /// Files and metadata are reconciled ([`Store::recovery_report`] says
+    /// what was done); no byte the store cannot account for is deleted:
+    /// objects without a record are re-verified and registered again, what
+    /// cannot be checked goes to `lost+found/`. Metadata that cannot be
+    /// opened or decoded is [`StoreError::DamagedMetadata`]: nothing is
+    /// touched, and [`Store::fsck`] (`shoal fsck`) rebuilds it.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
-        for sub in ["", "objects", "partial", "tmp", "keys", "meta"] {
+        let lock = Self::prepare(dir)?;
+        Self::open_locked(dir, opts, lock, None)
+    }
+
+    /// Checks the store's metadata and rebuilds it from the files when it is
+    /// damaged, then re-verifies every artifact.
+    ///
+    /// Metadata that fjall cannot open, or whose records, manifests,
+    /// have-maps, names or trusted keys do not decode, is moved aside to
+    /// `meta.damaged-<unix time>/` (never deleted) and rebuilt: every object
+    /// is hashed and registered again if its bytes match its id (unpinned),
+    /// partial downloads whose manifest survived are kept, trusted keys come
+    /// back from `keys/trusted` (and `keys/publisher.key`), names from the
+    /// signed release files in `releases/`. Whatever cannot be accounted for
+    /// is moved to `lost+found/`. Returns the opened store (whose
+    /// [`Store::recovery_report`] lists what was done) and one verification
+    /// report per artifact (corrupt ones are marked).
+    pub fn fsck(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<VerifyReport>), StoreError> {
+        let lock = Self::prepare(dir)?;
+        let meta = dir.join("meta");
+        let moved = match Self::check_meta(&meta) {
+            Ok(()) => None,
+            Err(why) => {
+                let to = Self::move_meta_aside(dir)?;
+                tracing::warn!(
+                    from = %meta.display(), to = %to.display(), %why,
+                    "damaged metadata moved aside (kept, not deleted); rebuilding it from the files"
+                );
+                Some(to)
+            }
+        };
+        let store = Self::open_locked(dir, opts, lock, moved)?;
+        let mut reports = Vec::new();
+        for a in store.list()? {
+            reports.push(store.verify(&a.id)?);
+        }
+        Ok((store, reports))
+    }
+
+    /// Creates the directory layout, checks `FORMAT`, and takes the store's
+    /// lock (`LOCK`, held for the life of the [`Store`]).
+    fn prepare(dir: &Path) -> Result<File, StoreError> {
+        for sub in ["", "objects", "partial", "tmp", "keys"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
         }
@@ -551,13 +826,121 @@ impl Store {
             }
             Err(e) => return Err(io_err("read", &fmt_path)(e)),
         }
-        let meta = dir.join("meta");
-        let db = match Database::builder(&meta).open() {
-            Ok(db) => db,
-            Err(fjall::Error::Locked) => return Err(StoreError::Locked(dir.to_owned())),
-            Err(e) => return Err(e.into()),
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))?;
+        // SAFETY: flock on an fd we own; released when the file is closed.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
         };
-        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(StoreError::Locked(dir.to_owned()));
+            }
+            return Err(io_err("lock", &lock_path)(e));
+        }
+        Ok(lock)
+    }
+
+    /// Whether the metadata at `meta` opens and every value in it decodes.
+    /// A missing `meta/` is sound (a fresh store); the error says what is wrong.
+    fn check_meta(meta: &Path) -> Result<(), String> {
+        match fs::symlink_metadata(meta) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("cannot inspect it: {e}")),
+            Ok(m) if !m.is_dir() => return Err("it is not a directory".into()),
+            Ok(_) => {}
+        }
+        let db = open_db(meta).map_err(|e| match e {
+            DbOpen::Locked => "it is in use".to_owned(),
+            DbOpen::Damaged(why) => why,
+        })?;
+        let scan = |name: &str, check: &dyn Fn(&[u8], &[u8]) -> bool| -> Result<(), String> {
+            let ks = db
+                .keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| format!("keyspace {name}: {e}"))?;
+            for kv in ks.iter() {
+                let (k, v) = kv
+                    .into_inner()
+                    .map_err(|e| format!("keyspace {name}: {e}"))?;
+                if !check(&k, &v) {
+                    return Err(format!("keyspace {name}: a value does not decode"));
+                }
+            }
+            Ok(())
+        };
+        scan("records", &|k, v| {
+            ArtifactId::from_slice(k).is_some() && Record::decode(v).is_ok()
+        })?;
+        scan("manifests", &|k, v| {
+            ArtifactId::from_slice(k)
+                .is_some_and(|id| Manifest::decode(v).is_ok_and(|m| m.id() == id))
+        })?;
+        scan("haves", &|_, v| HaveMap::from_bytes(v).is_some())?;
+        scan("names", &|_, v| SignedRelease::decode(v).is_ok())?;
+        scan("trust", &|k, _| k.len() == 32)?;
+        scan("chunk_index", &|k, _| k.len() == 68)?;
+        Ok(())
+    }
+
+    /// Renames `meta/` to a fresh `meta.damaged-<unix time>[-n]` beside it.
+    fn move_meta_aside(dir: &Path) -> Result<PathBuf, StoreError> {
+        let meta = dir.join("meta");
+        let base = format!("meta.damaged-{}", now_secs());
+        let mut to = dir.join(&base);
+        let mut n = 1;
+        while to.exists() {
+            to = dir.join(format!("{base}-{n}"));
+            n += 1;
+        }
+        fs::rename(&meta, &to).map_err(io_err("move aside", &meta))?;
+        fsync_dir(dir)?;
+        Ok(to)
+    }
+
+    fn open_locked(
+        dir: &Path,
+        opts: StoreOptions,
+        lock: File,
+        meta_moved_to: Option<PathBuf>,
+    ) -> Result<Store, StoreError> {
+        let meta = dir.join("meta");
+        let damaged = |why: String| StoreError::DamagedMetadata {
+            path: meta.clone(),
+            why,
+        };
+        match fs::symlink_metadata(&meta) {
+            Ok(m) if !m.is_dir() => return Err(damaged("it is not a directory".into())),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if meta_moved_to.is_none()
+                    && fs::read_dir(dir.join("objects")).is_ok_and(|mut d| d.next().is_some())
+                {
+                    tracing::warn!(path = %meta.display(), "the metadata database is missing: rebuilding it from the files");
+                }
+                fs::create_dir_all(&meta).map_err(io_err("create directory", &meta))?;
+            }
+            Err(e) => return Err(damaged(format!("cannot inspect it: {e}"))),
+        }
+        let db = match open_db(&meta) {
+            Ok(db) => db,
+            Err(DbOpen::Locked) => return Err(StoreError::Locked(dir.to_owned())),
+            Err(DbOpen::Damaged(why)) => return Err(damaged(why)),
+        };
+        let ks = |name: &str| {
+            db.keyspace(name, KeyspaceCreateOptions::default)
+                .map_err(|e| damaged(format!("keyspace {name}: {e}")))
+        };
         let inner = Inner {
             manifests: ks("manifests")?,
             records: ks("records")?,
@@ -573,13 +956,47 @@ impl Store {
             meta_lock: Mutex::new(()),
             verified: Mutex::new(HashMap::new()),
             epoch: std::time::Instant::now(),
+            recovery: Mutex::new(RecoveryReport {
+                meta_moved_to,
+                ..RecoveryReport::default()
+            }),
+            _lock: lock,
         };
         let store = Store {
             inner: Arc::new(inner),
         };
-        store.reconcile()?;
+        match store.reconcile() {
+            Ok(()) => {}
+            Err(StoreError::Db(e)) => return Err(damaged(e.to_string())),
+            Err(StoreError::BadMetadata(why)) => return Err(damaged(why)),
+            Err(e) => return Err(e),
+        }
         crate::metrics::global().store_opened(&store);
         Ok(store)
+    }
+
+    /// What opening the store had to repair (empty after a clean shutdown).
+    pub fn recovery_report(&self) -> RecoveryReport {
+        self.inner.recovery.lock().clone()
+    }
+
+    /// Files in `lost+found/`: bytes the store could not account for (moved
+    /// there, never deleted). Empty when all is well; `shoal verify` fails
+    /// while any are there. Look at them, then remove them by hand.
+    pub fn lost_and_found(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let d = self.inner.dir.join(LOST_AND_FOUND);
+        let mut out = Vec::new();
+        match fs::read_dir(&d) {
+            Ok(rd) => {
+                for e in rd {
+                    out.push(e.map_err(io_err("list", &d))?.path());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("list", &d)(e)),
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// The data directory.
@@ -600,10 +1017,12 @@ impl Store {
         self.inner.dir.join("partial").join(id.to_hex())
     }
 
-    /// Brings files and metadata back in agreement after a crash.
+    /// Brings files and metadata back in agreement after a crash or damage.
+    /// Never deletes a byte it cannot account for.
     fn reconcile(&self) -> Result<(), StoreError> {
         let tmp = self.inner.dir.join("tmp");
         for e in fs::read_dir(&tmp).map_err(io_err("list", &tmp))?.flatten() {
+            // Adds in progress: copies (or links) of files that exist elsewhere.
             let _ = fs::remove_file(e.path());
         }
         let mut records = HashMap::new();
@@ -612,32 +1031,48 @@ impl Store {
             let Some(id) = ArtifactId::from_slice(&k) else {
                 continue;
             };
-            records.insert(id, decode::<Record>("record", &v)?);
+            records.insert(id, Record::decode(&v)?);
         }
-        // Files nobody knows about: an add or activation that crashed before its metadata commit.
+        // Files without a matching record: an add or activation that crashed
+        // before its metadata commit, or metadata that was lost.
         for (sub, status) in [
             ("objects", ArtifactStatus::Active),
             ("partial", ArtifactStatus::Partial),
         ] {
             let d = self.inner.dir.join(sub);
             for e in fs::read_dir(&d).map_err(io_err("list", &d))?.flatten() {
-                let known = e
+                let path = e.path();
+                let named = e
                     .file_name()
                     .to_str()
-                    .and_then(|n| n.parse::<ArtifactId>().ok())
-                    .and_then(|id| records.get(&id).map(|r| (id, r.status)));
-                match known {
-                    Some((_, s)) if s == status => {}
-                    Some((id, ArtifactStatus::Partial)) if status == ArtifactStatus::Active => {
+                    .and_then(|n| n.parse::<ArtifactId>().ok());
+                let Some(id) = named else {
+                    self.to_lost_and_found(&path, "its name is not an artifact id".into());
+                    continue;
+                };
+                match records.get(&id).map(|r| r.status) {
+                    Some(s) if s == status => {}
+                    Some(ArtifactStatus::Partial) if status == ArtifactStatus::Active => {
                         // Crashed between the rename to objects/ and the metadata commit:
                         // the rename only happens after the whole-file hash verified.
                         tracing::info!(%id, "completing an activation interrupted by a crash");
                         self.commit_activation(&id)?;
                     }
-                    _ => {
-                        tracing::warn!(path = %e.path().display(), "removing an orphaned file");
-                        let _ = fs::remove_file(e.path());
+                    Some(ArtifactStatus::Active)
+                        if status == ArtifactStatus::Partial && !self.object_path(&id).exists() =>
+                    {
+                        // Crashed inside `repair`, between the rename to
+                        // partial/ and the metadata batch: finish it, keeping
+                        // the chunks that hash right.
+                        tracing::warn!(%id, "completing a repair interrupted by a crash");
+                        self.finish_interrupted_repair(&id)?;
                     }
+                    Some(_) => self.to_lost_and_found(
+                        &path,
+                        "a second copy of an artifact that is complete in objects/".into(),
+                    ),
+                    None if status == ArtifactStatus::Active => self.recover_object(&id, &path)?,
+                    None => self.recover_partial(&id, &path)?,
                 }
             }
         }
@@ -650,21 +1085,231 @@ impl Store {
             if !p.exists() && !self.object_path(id).exists() {
                 tracing::warn!(%id, "artifact file is missing; forgetting the artifact");
                 self.forget(id)?;
+                self.inner.recovery.lock().forgotten.push(*id);
             }
         }
+        self.restore_trust()?;
+        self.restore_releases()?;
         Ok(())
+    }
+
+    /// Moves a file the store cannot account for to `lost+found/` (never
+    /// deletes it). A failure to move is logged and the file stays.
+    fn to_lost_and_found(&self, path: &Path, why: String) {
+        let lf = self.inner.dir.join(LOST_AND_FOUND);
+        let from_dir = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let to = lf.join(format!("{from_dir}-{name}-{}", now_nanos()));
+        let moved = fs::create_dir_all(&lf)
+            .and_then(|_| fs::rename(path, &to))
+            .and_then(|_| File::open(&lf).and_then(|f| f.sync_all()));
+        match moved {
+            Ok(()) => {
+                let _ = fsync_dir(path.parent().unwrap_or(&self.inner.dir));
+                tracing::warn!(from = %path.display(), to = %to.display(), %why, "moved to lost+found (not deleted)");
+                self.inner.recovery.lock().lost.push(LostFile {
+                    from: path.to_owned(),
+                    to,
+                    why,
+                });
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), %why, error = %e, "cannot move a file the store cannot account for to lost+found; left in place");
+                self.inner.recovery.lock().lost.push(LostFile {
+                    from: path.to_owned(),
+                    to: path.to_owned(),
+                    why: format!("{why}; could not be moved: {e}"),
+                });
+            }
+        }
+    }
+
+    /// Rebuilds the manifest of the file at `path` and returns it if its id
+    /// is `id` (the bytes are what the name says). GGUF files are cut along
+    /// tensors, others by content; the kind of a non-GGUF artifact is not in
+    /// its bytes, so each kind is tried (the chunks do not depend on it).
+    fn rebuild_manifest(
+        &self,
+        id: &ArtifactId,
+        path: &Path,
+    ) -> Result<Option<Manifest>, StoreError> {
+        let f = File::open(path).map_err(io_err("open", path))?;
+        let len = f.metadata().map_err(io_err("stat", path))?.len();
+        // SAFETY: read-only private map of a file in the store; nothing writes it
+        // while the store is being opened (the store lock is held).
+        let map = if len == 0 {
+            None
+        } else {
+            Some(unsafe { memmap2::Mmap::map(&f) }.map_err(io_err("map", path))?)
+        };
+        let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
+        let kinds = [
+            ArtifactKind::Other,
+            ArtifactKind::Tokenizer,
+            ArtifactKind::KvBlock,
+        ];
+        let matching = |m: Manifest| -> Option<Manifest> {
+            if m.id() == *id {
+                return Some(m);
+            }
+            if m.kind == ArtifactKind::Gguf {
+                return None;
+            }
+            kinds.iter().find_map(|k| {
+                let mut other = m.clone();
+                other.kind = *k;
+                (other.id() == *id).then_some(other)
+            })
+        };
+        if let Ok(m) = build_manifest(path, bytes, None)
+            && let Some(m) = matching(m)
+        {
+            return Ok(Some(m));
+        }
+        // GGUF bytes added with a forced non-GGUF kind are cut by content.
+        if bytes.starts_with(crate::gguf::MAGIC)
+            && let Ok(m) = build_manifest(path, bytes, Some(ArtifactKind::Other))
+        {
+            return Ok(matching(m));
+        }
+        Ok(None)
+    }
+
+    /// An `objects/<id>` with no record: registered again (active,
+    /// unpinned) if its bytes are `id`, else moved to `lost+found/`.
+    fn recover_object(&self, id: &ArtifactId, path: &Path) -> Result<(), StoreError> {
+        let m = match self.rebuild_manifest(id, path) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                self.to_lost_and_found(
+                    path,
+                    "an object with no record whose bytes do not match its id".into(),
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                self.to_lost_and_found(
+                    path,
+                    format!("an object with no record that cannot be read: {e}"),
+                );
+                return Ok(());
+            }
+        };
+        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o444));
+        self.recover_object_registered(id, &m)
+    }
+
+    /// A `partial/<id>` with no record: kept as a partial download if its
+    /// manifest survived (the chunks that hash right count as present),
+    /// activated if the file is complete and its bytes are `id`, else moved
+    /// to `lost+found/`.
+    fn recover_partial(&self, id: &ArtifactId, path: &Path) -> Result<(), StoreError> {
+        let manifest = self
+            .inner
+            .manifests
+            .get(id.0)
+            .ok()
+            .flatten()
+            .and_then(|b| Manifest::decode(&b).ok())
+            .filter(|m| m.id() == *id);
+        let len = fs::metadata(path).map(|m| m.len()).ok();
+        if let Some(m) = manifest
+            && len.is_some_and(|l| l <= m.size)
+        {
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io_err("open", path))?;
+            f.set_len(m.size).map_err(io_err("size", path))?;
+            let mut have = HaveMap::new(m.chunk_count());
+            let mut buf = Vec::new();
+            for (i, c) in m.chunks.iter().enumerate() {
+                buf.resize(c.len as usize, 0);
+                if f.read_exact_at(&mut buf, c.offset).is_ok() && ChunkHash::of(&buf) == c.hash {
+                    have.set(i as u32);
+                }
+            }
+            f.sync_all().map_err(io_err("sync", path))?;
+            let mut b = self.register_batch(id, &m, ArtifactStatus::Partial, false);
+            b.insert(&self.inner.haves, id.0, have.to_bytes());
+            for i in have.present() {
+                let c = &m.chunks[i as usize];
+                b.insert(&self.inner.chunk_index, index_key(&c.hash, id, i), []);
+            }
+            b.commit()?;
+            crate::metrics::global().store_added(crate::metrics::ArtifactState::Partial, m.size);
+            tracing::warn!(%id, present = have.count(), chunks = m.chunk_count(), "a partial download had no record: registered again");
+            self.inner.recovery.lock().partials_recovered.push(*id);
+            return Ok(());
+        }
+        let obj = self.object_path(id);
+        if !obj.exists()
+            && let Ok(Some(m)) = self.rebuild_manifest(id, path)
+        {
+            // Complete and right: activate it.
+            let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o444));
+            fs::rename(path, &obj).map_err(io_err("rename into", &obj))?;
+            fsync_dir(&self.inner.dir.join("objects"))?;
+            fsync_dir(&self.inner.dir.join("partial"))?;
+            return self.recover_object_registered(id, &m);
+        }
+        self.to_lost_and_found(
+            path,
+            "a partial download with no record and no manifest: its bytes cannot be checked".into(),
+        );
+        Ok(())
+    }
+
+    fn recover_object_registered(&self, id: &ArtifactId, m: &Manifest) -> Result<(), StoreError> {
+        let mut b = self.register_batch(id, m, ArtifactStatus::Active, false);
+        b.remove(&self.inner.haves, id.0);
+        self.index_chunks(&mut b, id, m);
+        b.commit()?;
+        crate::metrics::global().store_added(crate::metrics::ArtifactState::Active, m.size);
+        tracing::warn!(%id, size = m.size, "an artifact file had no record: its bytes match its id, registered again as active (unpinned)");
+        self.inner.recovery.lock().reregistered.push(*id);
+        Ok(())
+    }
+
+    /// See [`Store::reconcile`]: the record says active, the file is in partial/.
+    fn finish_interrupted_repair(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let r = self
+            .record(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let path = self.partial_path(id);
+        let f = File::open(&path).map_err(io_err("open", &path))?;
+        let mut have = HaveMap::new(m.chunk_count());
+        let mut buf = Vec::new();
+        for (i, c) in m.chunks.iter().enumerate() {
+            buf.resize(c.len as usize, 0);
+            if f.read_exact_at(&mut buf, c.offset).is_ok() && ChunkHash::of(&buf) == c.hash {
+                have.set(i as u32);
+            }
+        }
+        self.reopen_as_partial(id, &m, r, &have)
     }
 
     fn record(&self, id: &ArtifactId) -> Result<Option<Record>, StoreError> {
         self.inner
             .records
             .get(id.0)?
-            .map(|v| decode("record", &v))
+            .map(|v| Record::decode(&v))
             .transpose()
     }
 
     fn put_record(&self, id: &ArtifactId, r: &Record) -> Result<(), StoreError> {
-        self.inner.records.insert(id.0, encode(r))?;
+        self.inner.records.insert(id.0, r.encode())?;
         Ok(())
     }
 
@@ -714,7 +1359,12 @@ impl Store {
             let m = self
                 .manifest(id)?
                 .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
-            return Ok(Some(HaveMap::full(m.chunk_count())));
+            let mut have = HaveMap::full(m.chunk_count());
+            // A corrupt artifact does not offer its bad chunks.
+            for i in rec.corrupt.iter().flatten() {
+                have.clear(*i);
+            }
+            return Ok(Some(have));
         }
         if let Some(p) = self.inner.partials.lock().get(id) {
             return Ok(Some(p.have.clone()));
@@ -722,7 +1372,7 @@ impl Store {
         match self.inner.haves.get(id.0)? {
             Some(b) => HaveMap::from_bytes(&b)
                 .map(Some)
-                .ok_or_else(|| StoreError::Corrupt(format!("have-map of {id}"))),
+                .ok_or_else(|| StoreError::BadMetadata(format!("have-map of {id}"))),
             None => Ok(None),
         }
     }
@@ -798,7 +1448,7 @@ impl Store {
             (m, copier.join())
         });
         let manifest = manifest?;
-        copied.map_err(|_| StoreError::Corrupt("copy thread panicked".into()))??;
+        copied.map_err(|_| StoreError::BadMetadata("copy thread panicked".into()))??;
         let id = manifest.id();
         let _g = self.inner.meta_lock.lock();
         if let Some(mut rec) = self.record(&id)? {
@@ -892,7 +1542,7 @@ impl Store {
             .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
         let have = match self.inner.haves.get(id.0)? {
             Some(b) => HaveMap::from_bytes(&b)
-                .ok_or_else(|| StoreError::Corrupt(format!("have-map of {id}")))?,
+                .ok_or_else(|| StoreError::BadMetadata(format!("have-map of {id}")))?,
             None => HaveMap::new(manifest.chunk_count()),
         };
         let path = self.partial_path(id);
@@ -1167,8 +1817,10 @@ impl Store {
             .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
         rec.status = ArtifactStatus::Active;
         rec.last_used = now_secs();
+        // The whole file verified again: a repaired artifact is whole.
+        rec.corrupt = None;
         let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
-        b.insert(&self.inner.records, id.0, encode(&rec));
+        b.insert(&self.inner.records, id.0, rec.encode());
         b.remove(&self.inner.haves, id.0);
         self.index_chunks(&mut b, id, &manifest);
         b.commit()?;
@@ -1191,8 +1843,9 @@ impl Store {
             pinned,
             created: now,
             last_used: now,
+            corrupt: None,
         };
-        b.insert(&self.inner.records, id.0, encode(&rec));
+        b.insert(&self.inner.records, id.0, rec.encode());
         b
     }
 
@@ -1256,14 +1909,21 @@ impl Store {
             buf.resize(n, 0);
         }
         let data = &mut buf[..n];
-        f.read_exact_at(data, c.offset)
-            .map_err(io_err("read", &path))?;
+        if let Err(e) = f.read_exact_at(data, c.offset) {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                // The file is shorter than its manifest: the chunk is gone.
+                tracing::error!(%id, index, path = %path.display(), "stored file is truncated");
+                self.mark_corrupt_quietly(id, index);
+            }
+            return Err(io_err("read", &path)(e));
+        }
         if self.recently_verified(id, index) {
             return Ok(n);
         }
         let got = ChunkHash::of(data);
         if got != c.hash {
             tracing::error!(%id, index, "stored chunk is corrupt");
+            self.mark_corrupt_quietly(id, index);
             return Err(StoreError::ChunkMismatch {
                 id: *id,
                 index,
@@ -1327,10 +1987,18 @@ impl Store {
     }
 
     /// Path of an active artifact's file (for memory-mapping). Marks it used.
+    /// A corrupt artifact is refused with [`StoreError::Corrupt`].
     pub fn artifact_path(&self, id: &ArtifactId) -> Result<PathBuf, StoreError> {
+        let _g = self.inner.meta_lock.lock();
         match self.record(id)? {
             None => Err(StoreError::Unknown(id.to_hex())),
             Some(r) if r.status != ArtifactStatus::Active => Err(StoreError::NotActive(*id)),
+            Some(Record {
+                corrupt: Some(bad), ..
+            }) => Err(StoreError::Corrupt {
+                id: *id,
+                bad_chunks: bad,
+            }),
             Some(mut r) => {
                 r.last_used = now_secs();
                 self.put_record(id, &r)?;
@@ -1341,6 +2009,7 @@ impl Store {
 
     /// Opens an active artifact for reading and holds a shared lock on it:
     /// while the returned [`Lease`] lives, eviction (in any process) skips it.
+    /// A corrupt artifact is refused with [`StoreError::Corrupt`].
     pub fn lease(&self, id: &ArtifactId) -> Result<Lease, StoreError> {
         let path = self.artifact_path(id)?;
         let file = File::open(&path).map_err(io_err("open", &path))?;
@@ -1417,7 +2086,7 @@ impl Store {
             let Some(id) = ArtifactId::from_slice(&k) else {
                 continue;
             };
-            let r: Record = decode("record", &v)?;
+            let r = Record::decode(&v)?;
             let Some(m) = self.manifest(&id)? else {
                 continue;
             };
@@ -1439,6 +2108,7 @@ impl Store {
                 present_chunks: have.count(),
                 pinned: r.pinned,
                 last_used: r.last_used,
+                corrupt: r.corrupt,
             });
         }
         Ok(out)
@@ -1488,25 +2158,200 @@ impl Store {
                 whole.update(&buf);
             }
         }
+        let bad: Vec<u32> = report.bad_chunks.iter().map(|(i, _)| *i).collect();
         if status == ArtifactStatus::Active {
             report.file_ok = Some(flen == m.size && whole.finalize().as_bytes() == &m.blake3);
-        } else if !report.bad_chunks.is_empty() {
-            self.load_partial(id)?;
-            let bytes = {
-                let mut parts = self.inner.partials.lock();
-                parts.get_mut(id).map(|p| {
-                    for (i, _) in &report.bad_chunks {
-                        p.have.clear(*i);
-                    }
-                    p.have.to_bytes()
-                })
-            };
-            if let Some(b) = bytes {
-                self.inner.haves.insert(id.0, b)?;
-                self.inner.db.persist(PersistMode::SyncAll)?;
+            if !report.ok() {
+                self.mark_corrupt(id, &bad)?;
             }
+        } else if !bad.is_empty() {
+            self.clear_present(id, &bad)?;
         }
         Ok(report)
+    }
+
+    /// Marks chunks of a partial artifact missing again (their bytes were
+    /// found wrong), so a download fetches them anew.
+    fn clear_present(&self, id: &ArtifactId, bad: &[u32]) -> Result<(), StoreError> {
+        self.load_partial(id)?;
+        for i in bad {
+            self.unstamp(id, *i);
+        }
+        let bytes = {
+            let mut parts = self.inner.partials.lock();
+            parts.get_mut(id).map(|p| {
+                for i in bad {
+                    p.have.clear(*i);
+                }
+                p.have.to_bytes()
+            })
+        };
+        if let Some(b) = bytes {
+            self.inner.haves.insert(id.0, b)?;
+            self.inner.db.persist(PersistMode::SyncAll)?;
+        }
+        Ok(())
+    }
+
+    /// Marks an artifact corrupt: `bad_chunks` (chunk indices) failed
+    /// verification. The mark is durable (in the artifact's record) and
+    /// adds to any earlier mark. A marked artifact stays on disk but is not
+    /// served ([`Store::artifact_path`] and [`Store::lease`] answer
+    /// [`StoreError::Corrupt`], its have-map leaves the bad chunks out) until
+    /// [`Store::repair`] and a download make it whole again. An empty
+    /// `bad_chunks` marks the file as a whole (e.g. wrong length). For a
+    /// partial artifact the chunks are marked missing instead (a download
+    /// fetches them again). A new mark is reported to
+    /// [`StoreOptions::on_corrupt`].
+    pub fn mark_corrupt(&self, id: &ArtifactId, bad_chunks: &[u32]) -> Result<(), StoreError> {
+        let m = self
+            .manifest_shared(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        if let Some(&index) = bad_chunks.iter().find(|i| **i >= m.chunk_count()) {
+            return Err(StoreError::NoChunk { id: *id, index });
+        }
+        let newly = {
+            let _g = self.inner.meta_lock.lock();
+            let mut r = self
+                .record(id)?
+                .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+            if r.status == ArtifactStatus::Partial {
+                drop(_g);
+                return self.clear_present(id, bad_chunks);
+            }
+            for i in bad_chunks {
+                self.unstamp(id, *i);
+            }
+            let mut set = r.corrupt.clone().unwrap_or_default();
+            set.extend_from_slice(bad_chunks);
+            set.sort_unstable();
+            set.dedup();
+            let newly = r.corrupt.as_ref() != Some(&set);
+            if newly {
+                tracing::error!(%id, bad_chunks = ?set, "artifact marked corrupt: not served until repaired");
+                r.corrupt = Some(set);
+                self.put_record(id, &r)?;
+                self.inner.db.persist(PersistMode::SyncAll)?;
+            }
+            newly
+        };
+        if newly && let Some(hook) = &self.inner.opts.on_corrupt {
+            hook(id);
+        }
+        Ok(())
+    }
+
+    /// [`Store::mark_corrupt`] from a read path: a failure to persist the
+    /// mark is logged (the read fails anyway).
+    fn mark_corrupt_quietly(&self, id: &ArtifactId, index: u32) {
+        if let Err(e) = self.mark_corrupt(id, &[index]) {
+            tracing::error!(%id, index, error = %e, "could not mark the artifact corrupt");
+        }
+    }
+
+    /// Every artifact marked corrupt, with its bad chunk indices.
+    pub fn corrupt_artifacts(&self) -> Result<Vec<(ArtifactId, Vec<u32>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.records.iter() {
+            let (k, v) = kv.into_inner()?;
+            let Some(id) = ArtifactId::from_slice(&k) else {
+                continue;
+            };
+            if let Some(bad) = Record::decode(&v)?.corrupt {
+                out.push((id, bad));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Turns a corrupt active artifact back into a partial download whose
+    /// have-map holds every chunk but the bad ones: the file moves (rename,
+    /// no copy) to `partial/`, so [`Store::begin`] (any download: `shoal
+    /// pull`, the mesh) resumes it and fetches only the bad chunks; when it
+    /// activates again (whole-file hash verified) the mark is gone. Returns
+    /// the have-map. An artifact that is already partial answers its
+    /// have-map; an active artifact that is not marked is left alone (full
+    /// have-map). A mark with no bad chunk (wrong length) is repaired here:
+    /// the file is cut back to its size and activated if it verifies.
+    pub fn repair(&self, id: &ArtifactId) -> Result<HaveMap, StoreError> {
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let g = self.inner.meta_lock.lock();
+        let r = self
+            .record(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let bad = match (&r.status, &r.corrupt) {
+            (ArtifactStatus::Partial, _) => {
+                drop(g);
+                return self
+                    .have_map(id)?
+                    .ok_or_else(|| StoreError::Unknown(id.to_hex()));
+            }
+            (ArtifactStatus::Active, None) => return Ok(HaveMap::full(m.chunk_count())),
+            (ArtifactStatus::Active, Some(bad)) => bad.clone(),
+        };
+        let obj = self.object_path(id);
+        let part = self.partial_path(id);
+        if part.exists() {
+            return Err(io_err("repair into", &part)(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a partial file of this artifact already exists",
+            )));
+        }
+        fs::set_permissions(&obj, fs::Permissions::from_mode(0o644))
+            .map_err(io_err("make writable", &obj))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&obj)
+            .map_err(io_err("open", &obj))?;
+        f.set_len(m.size).map_err(io_err("size", &obj))?;
+        f.sync_all().map_err(io_err("sync", &obj))?;
+        drop(f);
+        fs::rename(&obj, &part).map_err(io_err("rename into", &part))?;
+        fsync_dir(&self.inner.dir.join("partial"))?;
+        fsync_dir(&self.inner.dir.join("objects"))?;
+        let mut have = HaveMap::full(m.chunk_count());
+        for i in &bad {
+            have.clear(*i);
+        }
+        self.reopen_as_partial(id, &m, r, &have)?;
+        drop(g);
+        crate::metrics::global().store_removed(crate::metrics::ArtifactState::Active, m.size);
+        crate::metrics::global().store_added(crate::metrics::ArtifactState::Partial, m.size);
+        tracing::warn!(%id, bad_chunks = ?bad, "corrupt artifact reopened as a partial download: its bad chunks will be fetched again");
+        if have.is_complete() {
+            // Only the length was wrong, and it is cut back: verify and activate.
+            self.finish(id)?;
+        }
+        Ok(have)
+    }
+
+    /// The metadata half of [`Store::repair`] (the file is in `partial/`
+    /// already): one synced batch makes the record partial, unmarked, with
+    /// the have-map `have`, and drops the bad chunks from the chunk index.
+    fn reopen_as_partial(
+        &self,
+        id: &ArtifactId,
+        m: &Manifest,
+        mut r: Record,
+        have: &HaveMap,
+    ) -> Result<(), StoreError> {
+        self.inner.partials.lock().remove(id);
+        self.inner.verified.lock().remove(id);
+        r.status = ArtifactStatus::Partial;
+        r.corrupt = None;
+        r.last_used = now_secs();
+        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.inner.records, id.0, r.encode());
+        b.insert(&self.inner.haves, id.0, have.to_bytes());
+        for (i, c) in m.chunks.iter().enumerate() {
+            if !have.get(i as u32) {
+                b.remove(&self.inner.chunk_index, index_key(&c.hash, id, i as u32));
+            }
+        }
+        b.commit()?;
+        Ok(())
     }
 
     // ---- eviction ----
@@ -1593,6 +2438,7 @@ impl Store {
 
     /// Marks a partial as touched now (downloads in progress are not collected).
     pub fn touch(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        let _g = self.inner.meta_lock.lock();
         if let Some(mut r) = self.record(id)? {
             r.last_used = now_secs();
             self.put_record(id, &r)?;
@@ -1624,6 +2470,12 @@ impl Store {
 
     /// The release currently bound to a name.
     pub fn release(&self, name: &str) -> Result<Option<SignedRelease>, StoreError> {
+        if name.len() > MAX_NAME {
+            return Err(StoreError::TooLong {
+                what: "name",
+                len: name.len(),
+            });
+        }
         self.inner
             .names
             .get(name.as_bytes())?
@@ -1634,6 +2486,16 @@ impl Store {
     /// Checks a signed release (signature, trusted publisher) and applies it if
     /// its sequence number is higher than the one known for its name.
     pub fn apply_release(&self, s: &SignedRelease) -> Result<ReleaseOutcome, StoreError> {
+        self.apply_release_inner(s, true)
+    }
+
+    /// [`Store::apply_release`]; `write_file`: also write its release file
+    /// (not when restoring from that file).
+    fn apply_release_inner(
+        &self,
+        s: &SignedRelease,
+        write_file: bool,
+    ) -> Result<ReleaseOutcome, StoreError> {
         let r = s.verify()?;
         if !self.is_trusted(&s.publisher)? {
             return Err(StoreError::Untrusted {
@@ -1653,6 +2515,10 @@ impl Store {
                 return Ok(ReleaseOutcome::Stale);
             }
         }
+        // The file first: if the metadata is lost, names come back from it.
+        if write_file {
+            self.write_release_file(&r.name, s)?;
+        }
         self.inner.names.insert(r.name.as_bytes(), s.encode())?;
         self.inner.db.persist(PersistMode::SyncAll)?;
         tracing::info!(name = %r.name, id = %r.id, seq = r.seq, "release applied");
@@ -1661,6 +2527,12 @@ impl Store {
 
     /// Resolves a 64-hex id or a trusted release name to an artifact id.
     pub fn resolve(&self, id_or_name: &str) -> Result<ArtifactId, StoreError> {
+        if id_or_name.len() > MAX_NAME.max(64) {
+            return Err(StoreError::TooLong {
+                what: "id or name",
+                len: id_or_name.len(),
+            });
+        }
         if let Ok(id) = id_or_name.parse::<ArtifactId>() {
             return Ok(id);
         }
@@ -1691,6 +2563,12 @@ impl Store {
 
     /// Adds a publisher key to the trust store.
     pub fn trust_add(&self, key: [u8; 32], label: &str) -> Result<(), StoreError> {
+        let _g = self.inner.meta_lock.lock();
+        let mut keys = self.trust_list()?;
+        keys.retain(|(k, _)| *k != key);
+        keys.push((key, label.to_owned()));
+        // The file first: if the metadata is lost, trust comes back from it.
+        self.write_trust_file(&keys)?;
         self.inner.trust.insert(key, label.as_bytes())?;
         self.inner.db.persist(PersistMode::SyncAll)?;
         Ok(())
@@ -1698,10 +2576,155 @@ impl Store {
 
     /// Removes a publisher key; returns whether it was there.
     pub fn trust_remove(&self, key: &[u8; 32]) -> Result<bool, StoreError> {
+        let _g = self.inner.meta_lock.lock();
         let had = self.inner.trust.contains_key(key)?;
+        let mut keys = self.trust_list()?;
+        keys.retain(|(k, _)| k != key);
+        // The file first: a crash in between must not bring the key back.
+        self.write_trust_file(&keys)?;
         self.inner.trust.remove(*key)?;
         self.inner.db.persist(PersistMode::SyncAll)?;
         Ok(had)
+    }
+
+    fn trust_file(&self) -> PathBuf {
+        self.inner.dir.join("keys").join("trusted")
+    }
+
+    fn release_file(&self, name: &str) -> PathBuf {
+        // Names are [a-z0-9._-]+ with one optional `:tag` (checked by
+        // `verify`): safe as a file name once suffixed.
+        self.inner
+            .dir
+            .join(RELEASES_DIR)
+            .join(format!("{name}.release"))
+    }
+
+    /// `keys/trusted`: the header line, then one `<64 hex> <label>` per line.
+    fn write_trust_file(&self, keys: &[([u8; 32], String)]) -> Result<(), StoreError> {
+        let mut text = format!("{TRUST_FILE_HEADER}\n");
+        for (k, label) in keys {
+            // A label is one line.
+            let label: String = label.chars().filter(|c| !c.is_control()).collect();
+            text.push_str(&format!("{} {label}\n", hex::encode(k)));
+        }
+        write_atomically(&self.trust_file(), text.as_bytes(), 0o644)
+    }
+
+    /// Reads `keys/trusted` (`None` if absent).
+    fn read_trust_file(&self) -> Result<Option<Vec<([u8; 32], String)>>, StoreError> {
+        let p = self.trust_file();
+        let text = match fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("read", &p)(e)),
+        };
+        let mut lines = text.lines();
+        if lines.next() != Some(TRUST_FILE_HEADER) {
+            return Err(StoreError::BadMetadata(format!(
+                "{}: not a `{TRUST_FILE_HEADER}` file",
+                p.display()
+            )));
+        }
+        let mut out = Vec::new();
+        for line in lines.filter(|l| !l.is_empty()) {
+            let (k, label) = line.split_once(' ').unwrap_or((line, ""));
+            let mut key = [0u8; 32];
+            hex::decode_to_slice(k, &mut key).map_err(|_| {
+                StoreError::BadMetadata(format!("{}: bad key line {line:?}", p.display()))
+            })?;
+            out.push((key, label.to_owned()));
+        }
+        Ok(Some(out))
+    }
+
+    /// Writes a release's file (`releases/<name>.release`: the
+    /// [`SignedRelease`] encoding, format-versioned and signed).
+    fn write_release_file(&self, name: &str, s: &SignedRelease) -> Result<(), StoreError> {
+        let d = self.inner.dir.join(RELEASES_DIR);
+        fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+        write_atomically(&self.release_file(name), &s.encode(), 0o644)
+    }
+
+    /// Brings back trusted keys from `keys/trusted` that the metadata lacks
+    /// (and this node's own key when neither knows any). Writes the file
+    /// from the metadata when there is none yet (a store made before it).
+    fn restore_trust(&self) -> Result<(), StoreError> {
+        let known = self.trust_list()?;
+        let from_file = match self.read_trust_file() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "the trusted-keys file is unreadable; not restoring from it");
+                return Ok(());
+            }
+        };
+        let Some(file_keys) = from_file else {
+            if known.is_empty()
+                && let Ok(Some(k)) = self.publisher_key()
+            {
+                // Metadata lost before the trust file existed: trust self again.
+                self.trust_add(k.verifying_key().to_bytes(), "self")?;
+                self.inner.recovery.lock().keys_restored += 1;
+                return Ok(());
+            }
+            return self.write_trust_file(&known);
+        };
+        let mut restored = 0;
+        for (k, label) in file_keys {
+            if !known.iter().any(|(kk, _)| *kk == k) {
+                self.inner.trust.insert(k, label.as_bytes())?;
+                restored += 1;
+            }
+        }
+        if restored > 0 {
+            self.inner.db.persist(PersistMode::SyncAll)?;
+            tracing::warn!(keys = restored, "trusted keys restored from keys/trusted");
+            self.inner.recovery.lock().keys_restored += restored;
+        }
+        Ok(())
+    }
+
+    /// Applies the release files in `releases/` the metadata lacks (the
+    /// usual checks: signature, trusted publisher, higher sequence). Writes
+    /// the files from the metadata when the directory does not exist yet.
+    fn restore_releases(&self) -> Result<(), StoreError> {
+        let d = self.inner.dir.join(RELEASES_DIR);
+        if !d.exists() {
+            fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+            for s in self.releases()? {
+                if let Ok(r) = s.verify() {
+                    self.write_release_file(&r.name, &s)?;
+                }
+            }
+            return Ok(());
+        }
+        let mut files: Vec<PathBuf> = fs::read_dir(&d)
+            .map_err(io_err("list", &d))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "release"))
+            .collect();
+        files.sort();
+        for p in files {
+            let outcome = fs::read(&p)
+                .map_err(io_err("read", &p))
+                .and_then(|b| Ok(SignedRelease::decode(&b)?))
+                .and_then(|s| {
+                    let r = s.verify()?;
+                    Ok((r.name, self.apply_release_inner(&s, false)?))
+                });
+            match outcome {
+                Ok((name, ReleaseOutcome::Applied)) => {
+                    tracing::warn!(%name, "name restored from its release file");
+                    self.inner.recovery.lock().names_restored.push(name);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "release file not applied");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Trusted keys with their labels.
@@ -1732,7 +2755,7 @@ impl Store {
             Ok(s) => {
                 let mut seed = [0u8; 32];
                 hex::decode_to_slice(s.trim(), &mut seed).map_err(|_| {
-                    StoreError::Corrupt(format!("{} is not a hex key", p.display()))
+                    StoreError::BadMetadata(format!("{} is not a hex key", p.display()))
                 })?;
                 Ok(Some(SigningKey::from_bytes(&seed)))
             }
@@ -1749,18 +2772,7 @@ impl Store {
         }
         let p = self.key_path();
         let k = release::generate_key().map_err(io_err("generate key", &p))?;
-        let tmp = p.with_extension("tmp");
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        f.write_all(hex::encode(k.to_bytes()).as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(io_err("write", &tmp))?;
-        fs::rename(&tmp, &p).map_err(io_err("rename", &p))?;
+        write_atomically(&p, hex::encode(k.to_bytes()).as_bytes(), 0o600)?;
         let public = k.verifying_key().to_bytes();
         self.trust_add(public, "self")?;
         Ok(public)
@@ -1803,6 +2815,31 @@ fn now_nanos() -> u128 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
+}
+
+/// Writes `data` to `path` atomically: a sibling `.tmp` file (mode
+/// `mode`), synced, renamed over `path`, directory synced. On any failure
+/// the temporary file is removed and `path` is left as it was.
+fn write_atomically(path: &Path, data: &[u8], mode: u32) -> Result<(), StoreError> {
+    let tmp = path.with_extension("tmp");
+    let guard = TmpGuard(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(io_err("write", &tmp))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    std::mem::forget(guard);
+    if let Some(d) = path.parent() {
+        fsync_dir(d)?;
+    }
+    Ok(())
 }
 
 /// Removes a temporary file unless disarmed with `mem::forget`.
@@ -1859,6 +2896,37 @@ mod tests {
             chunks,
             tensors: Vec::new(),
         }
+    }
+
+    #[test]
+    fn record_format_fixture_old_records_decode_without_a_mark() {
+        let mut r = Record {
+            status: ArtifactStatus::Active,
+            pinned: true,
+            created: 300,
+            last_used: 301,
+            corrupt: None,
+        };
+        // Format 1, as every store before corrupt marks wrote it: unchanged.
+        let v1 = [1, 1, 0xac, 0x02, 0xad, 0x02];
+        assert_eq!(r.encode(), v1);
+        assert_eq!(Record::decode(&v1).expect("v1").corrupt, None);
+        // With a mark: the extension, version 2.
+        r.corrupt = Some(vec![3, 200]);
+        let v2 = [1, 1, 0xac, 0x02, 0xad, 0x02, 2, 1, 2, 3, 0xc8, 0x01];
+        assert_eq!(r.encode(), v2);
+        assert_eq!(Record::decode(&v2).expect("v2").corrupt, Some(vec![3, 200]));
+        // An empty mark (the file as a whole) is a mark.
+        r.corrupt = Some(vec![]);
+        assert_eq!(
+            Record::decode(&r.encode()).expect("v2").corrupt,
+            Some(vec![])
+        );
+        // An unknown extension is refused, not dropped.
+        assert!(matches!(
+            Record::decode(&[1, 1, 0xac, 0x02, 0xad, 0x02, 9, 0]),
+            Err(StoreError::BadMetadata(_))
+        ));
     }
 
     #[test]

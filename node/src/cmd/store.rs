@@ -1,4 +1,4 @@
-//! Content-store subcommands: add, ls, show, verify, pin, unpin, rm, gc, keygen, trust, publish.
+//! Content-store subcommands: add, ls, show, verify, fsck, pin, unpin, rm, gc, keygen, trust, publish.
 
 use super::{Ctx, human_bytes};
 use anyhow::{Context, Result, bail};
@@ -32,11 +32,22 @@ pub enum StoreCmd {
         /// Id (or unique prefix) or name.
         artifact: String,
     },
-    /// Re-hash artifacts; non-zero exit naming the bad chunk on corruption.
+    /// Re-hash artifacts; non-zero exit naming the bad chunk on corruption
+    /// (the artifact is marked corrupt and not served), or the files in
+    /// lost+found/.
     Verify {
         /// Id or name; all artifacts when omitted.
         artifact: Option<String>,
+        /// Do what `shoal fsck` does (check and rebuild the metadata, then
+        /// verify everything).
+        #[arg(long, conflicts_with = "artifact")]
+        repair: bool,
     },
+    /// Check the store, rebuild damaged metadata from the files (objects/,
+    /// keys/, releases/; the damaged copy is moved aside, never deleted) and
+    /// re-verify every artifact. Non-zero exit when anything could not be
+    /// accounted for (moved to lost+found/) or is corrupt.
+    Fsck,
     /// Pin an artifact (never evicted).
     Pin {
         /// Id or name.
@@ -113,6 +124,9 @@ pub enum TrustCmd {
 
 /// Runs a store command.
 pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
+    if let StoreCmd::Fsck | StoreCmd::Verify { repair: true, .. } = cmd {
+        return fsck(ctx);
+    }
     let store = ctx.store()?;
     match cmd {
         StoreCmd::Add {
@@ -158,6 +172,7 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             );
             for a in list {
                 let status = match a.status {
+                    ArtifactStatus::Active if a.corrupt.is_some() => "CORRUPT".to_string(),
                     ArtifactStatus::Active => "active".to_string(),
                     ArtifactStatus::Partial => {
                         format!("{}%", a.present_bytes * 100 / a.size.max(1))
@@ -209,7 +224,7 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
                 println!("  {i:>5} {:>12} {:>8} {}", c.offset, c.len, c.hash);
             }
         }
-        StoreCmd::Verify { artifact } => {
+        StoreCmd::Verify { artifact, .. } => {
             let ids = match artifact {
                 Some(a) => vec![store.resolve(&a)?],
                 None => store.list()?.into_iter().map(|a| a.id).collect(),
@@ -229,6 +244,12 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
                     println!("{id}: ok ({} chunks)", r.checked);
                 }
                 reports.push(r);
+            }
+            for p in store.lost_and_found()? {
+                bad.push(format!(
+                    "{}: bytes the store could not account for (moved there, not deleted; see `shoal fsck`)",
+                    p.display()
+                ));
             }
             if ctx.json {
                 ctx.print_json(&reports)?;
@@ -318,6 +339,82 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             delay_ms,
             flush_every,
         } => debug_fill(&store, &file, delay_ms, flush_every)?,
+        StoreCmd::Fsck => unreachable!("handled above"),
+    }
+    Ok(())
+}
+
+/// `shoal fsck`.
+fn fsck(ctx: &Ctx) -> Result<()> {
+    if let Some(e) = &ctx.config_error {
+        bail!("configuration: {e}");
+    }
+    let (store, reports) = Store::fsck(&ctx.data_dir, ctx.store_opts.clone())
+        .with_context(|| format!("checking the store in {}", ctx.data_dir.display()))?;
+    let rec = store.recovery_report();
+    let lost = store.lost_and_found()?;
+    let corrupt: Vec<_> = reports.iter().filter(|r| !r.ok()).collect();
+    if ctx.json {
+        ctx.print_json(&json!({
+            "recovery": rec,
+            "lost_and_found": lost,
+            "verified": reports,
+            "artifacts": store.list()?.len(),
+        }))?;
+    } else {
+        if let Some(p) = &rec.meta_moved_to {
+            println!(
+                "damaged metadata moved aside to {} (not deleted); rebuilt from the files",
+                p.display()
+            );
+        }
+        for id in &rec.reregistered {
+            println!("recovered {id} (its bytes match its id; active, unpinned)");
+        }
+        for id in &rec.partials_recovered {
+            println!("recovered partial download {id}");
+        }
+        for n in &rec.names_restored {
+            println!("restored name {n}");
+        }
+        if rec.keys_restored > 0 {
+            println!("restored {} trusted key(s)", rec.keys_restored);
+        }
+        for id in &rec.forgotten {
+            println!("forgot {id} (its file was gone)");
+        }
+        for l in &rec.lost {
+            println!(
+                "moved {} to {}: {}",
+                l.from.display(),
+                l.to.display(),
+                l.why
+            );
+        }
+        for r in &reports {
+            if r.ok() {
+                println!("{}: ok ({} chunks)", r.id, r.checked);
+            }
+        }
+    }
+    let mut bad: Vec<String> = corrupt
+        .iter()
+        .map(|r| {
+            format!(
+                "{}: corrupt (bad chunks {:?}); marked, not served; `shoal pull` fetches them again",
+                r.id,
+                r.bad_chunks.iter().map(|(i, _)| *i).collect::<Vec<_>>()
+            )
+        })
+        .collect();
+    for p in &lost {
+        bad.push(format!(
+            "{}: could not be accounted for (kept in lost+found/, not deleted)",
+            p.display()
+        ));
+    }
+    if !bad.is_empty() {
+        bail!("fsck found problems:\n{}", bad.join("\n"));
     }
     Ok(())
 }
