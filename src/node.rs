@@ -248,47 +248,149 @@ fn node_key(data_dir: &std::path::Path) -> Result<Keypair, NodeError> {
     }
 }
 
+/// How long serving waits for peers' answers to "do you have the manifest
+/// of this id?" before it says nobody has it (and for Kademlia providers).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Node {
+    /// Whether a connected peer or a Kademlia provider has the manifest of
+    /// `id`: one round of the lookup a pull starts with, bounded by
+    /// [`PROBE_TIMEOUT`] per question, so that serving can say at once that
+    /// nobody has a model instead of waiting for a pull to time out.
+    pub async fn someone_has(&self, id: ArtifactId) -> bool {
+        use futures::StreamExt;
+        let mesh = self.inner.mesh.clone();
+        let me = mesh.peer_id();
+        let m = mesh.clone();
+        let providers = tokio::spawn(async move {
+            tokio::time::timeout(PROBE_TIMEOUT, m.providers(id))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        });
+        let ask = |peers: Vec<libp2p::PeerId>| {
+            let mesh = mesh.clone();
+            async move {
+                let mut answers = futures::stream::iter(peers.into_iter().filter(|p| *p != me))
+                    .map(|p| {
+                        let mesh = mesh.clone();
+                        async move {
+                            matches!(
+                                tokio::time::timeout(PROBE_TIMEOUT, mesh.manifest(p, id)).await,
+                                Ok(Ok(Some(_)))
+                            )
+                        }
+                    })
+                    .buffer_unordered(16);
+                while let Some(has) = answers.next().await {
+                    if has {
+                        return true;
+                    }
+                }
+                false
+            }
+        };
+        let connected = mesh.connected().await.unwrap_or_default();
+        if ask(connected.clone()).await {
+            providers.abort();
+            return true;
+        }
+        let more: Vec<libp2p::PeerId> = providers
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !connected.contains(p))
+            .collect();
+        ask(more).await
+    }
+}
+
 /// Models for the serving layer: a name or id resolved in the store; an
-/// artifact that is not local is pulled from the mesh (or its origin) first.
+/// artifact that is not local is pulled from the mesh (or its origin)
+/// first, if any peer (or the origin of its release) has it. The file is
+/// leased (kept from eviction) for as long as serving holds the guard.
 struct StoreModels(std::sync::Weak<Inner>);
 
+impl StoreModels {
+    fn node(&self) -> Result<Node, crate::serve::LocateError> {
+        self.0
+            .upgrade()
+            .map(|inner| Node { inner })
+            .ok_or_else(|| crate::serve::LocateError::Unavailable("the node is stopping".into()))
+    }
+}
+
+/// Leases an active artifact for serving: the file and the lease as guard.
+async fn lease_for_serving(
+    node: &Node,
+    id: ArtifactId,
+) -> Result<Result<crate::serve::Located, StoreError>, crate::serve::LocateError> {
+    let store = node.inner.store.clone();
+    let r = tokio::task::spawn_blocking(move || store.lease(&id))
+        .await
+        .map_err(|e| crate::serve::LocateError::Unavailable(e.to_string()))?;
+    Ok(r.map(|lease| crate::serve::Located {
+        path: lease.path.clone(),
+        guard: Some(Box::new(lease)),
+    }))
+}
+
 impl crate::serve::ModelSource for StoreModels {
-    fn locate<'a>(
+    fn resolve<'a>(
         &'a self,
         name: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<crate::serve::Located, crate::serve::LocateError>>
-    {
+    ) -> futures::future::BoxFuture<'a, Result<[u8; 32], crate::serve::LocateError>> {
         use crate::serve::LocateError;
         Box::pin(async move {
-            let inner = self
-                .0
-                .upgrade()
-                .ok_or_else(|| LocateError::Unavailable("the node is stopping".into()))?;
-            let node = Node { inner };
+            crate::serve::check_model_name(name)?;
+            let node = self.node()?;
             let (id, _) = node.resolve(name).await.map_err(|e| {
                 LocateError::Unknown(format!(
                     "The model `{name}` does not exist: no local artifact or trusted name matches ({e})."
                 ))
             })?;
-            let path_of = |node: &Node| {
-                let store = node.inner.store.clone();
-                tokio::task::spawn_blocking(move || store.artifact_path(&id))
-            };
-            if let Ok(Ok(p)) = path_of(&node).await {
-                return Ok((p, Some(*id.as_bytes())));
+            Ok(*id.as_bytes())
+        })
+    }
+
+    fn locate<'a>(
+        &'a self,
+        id: [u8; 32],
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<crate::serve::Located, crate::serve::LocateError>>
+    {
+        use crate::serve::LocateError;
+        Box::pin(async move {
+            let node = self.node()?;
+            let id = ArtifactId(id);
+            match lease_for_serving(&node, id).await? {
+                Ok(l) => return Ok(l),
+                Err(StoreError::Unknown(_) | StoreError::NotActive(_)) => {}
+                Err(e) => return Err(LocateError::Unavailable(e.to_string())),
             }
-            tracing::info!(model = name, id = %id, "model not local: pulling it for serving");
-            let (_, mut rx) = node
-                .pull(name)
-                .await
-                .map_err(|e| LocateError::Unavailable(e.to_string()))?;
+            let mut rx = match node.inner.downloads.watch(&id) {
+                Some(rx) if rx.borrow().phase != mesh::download::Phase::Failed => rx,
+                _ => {
+                    let (_, origin) = node
+                        .resolve_local(&id.to_hex())
+                        .await
+                        .map_err(|e| LocateError::Unavailable(e.to_string()))?;
+                    if origin.is_none() && !node.someone_has(id).await {
+                        return Err(LocateError::Unknown(format!(
+                            "The model `{name}` ({id}) is not on this node and no peer has it."
+                        )));
+                    }
+                    tracing::info!(model = name, id = %id, "model not local: pulling it for serving");
+                    let (_, rx) = node
+                        .pull(&id.to_hex())
+                        .await
+                        .map_err(|e| LocateError::Unavailable(e.to_string()))?;
+                    rx
+                }
+            };
             let p = rx
-                .wait_for(|p| {
-                    matches!(
-                        p.phase,
-                        mesh::download::Phase::Done | mesh::download::Phase::Failed
-                    )
-                })
+                .wait_for(|p| p.phase.is_final())
                 .await
                 .map_err(|e| LocateError::Unavailable(e.to_string()))?
                 .clone();
@@ -299,11 +401,9 @@ impl crate::serve::ModelSource for StoreModels {
                         .unwrap_or_else(|| "no peer or origin holds it".into())
                 )));
             }
-            match path_of(&node).await {
-                Ok(Ok(p)) => Ok((p, Some(*id.as_bytes()))),
-                Ok(Err(e)) => Err(LocateError::Unavailable(e.to_string())),
-                Err(e) => Err(LocateError::Unavailable(e.to_string())),
-            }
+            lease_for_serving(&node, id)
+                .await?
+                .map_err(|e| LocateError::Unavailable(e.to_string()))
         })
     }
 }
