@@ -490,7 +490,8 @@ fn a_second_process_gets_a_clear_lock_error() {
 /// Flips one byte of chunk `index` in the artifact's file.
 fn corrupt_chunk(store: &Store, id: &shoal::store::ArtifactId, index: usize) {
     let m = store.manifest(id).expect("m").expect("m");
-    let obj = store.artifact_path(id).expect("path");
+    // Not `artifact_path`: that refuses an artifact already marked corrupt.
+    let obj = store.dir().join("objects").join(id.to_hex());
     let mut perm = fs::metadata(&obj).expect("meta").permissions();
     #[allow(clippy::permissions_set_readonly_false)]
     perm.set_readonly(false);
@@ -569,4 +570,156 @@ fn chunk_reads_reuse_a_buffer_and_removal_forgets_the_cached_manifest() {
         store.read_chunk_into(&id, 0, &mut buf),
         Err(StoreError::Unknown(_))
     ));
+}
+
+#[test]
+fn verify_marks_corrupt_and_repair_refetches_only_the_bad_chunks() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("s");
+    let model = gguf_model(&[2_000_000, 2_000_000], 11);
+    let p = write_file(t.path(), "m.gguf", &model);
+    let told = Arc::new(AtomicUsize::new(0));
+    let hook_told = told.clone();
+    let opts = StoreOptions {
+        on_corrupt: Some(Arc::new(move |_id: &shoal::store::ArtifactId| {
+            hook_told.fetch_add(1, Ordering::SeqCst);
+        })),
+        ..StoreOptions::default()
+    };
+    assert!(format!("{opts:?}").contains("on_corrupt"));
+    let id = {
+        let store = Store::open(&dir, opts.clone()).expect("open");
+        let id = store.add_file(&p, &AddOptions::default()).expect("add");
+        assert!(store.corrupt_artifacts().expect("marks").is_empty());
+        corrupt_chunk(&store, &id, 3);
+        assert!(!store.verify(&id).expect("verify").ok());
+        assert_eq!(told.load(Ordering::SeqCst), 1, "the hook heard of the mark");
+        // The same finding again is no new mark.
+        store.verify(&id).expect("verify again");
+        assert_eq!(told.load(Ordering::SeqCst), 1);
+        id
+    };
+    // The mark is durable.
+    let store = Store::open(&dir, opts).expect("reopen");
+    assert_eq!(
+        store.corrupt_artifacts().expect("marks"),
+        vec![(id, vec![3])]
+    );
+    for r in [
+        store.artifact_path(&id).map(|_| ()),
+        store.lease(&id).map(|_| ()),
+    ] {
+        match r {
+            Err(StoreError::Corrupt {
+                id: got,
+                bad_chunks,
+            }) => {
+                assert_eq!((got, bad_chunks), (id, vec![3]));
+            }
+            other => panic!("a corrupt artifact was handed out: {other:?}"),
+        }
+    }
+    let info = store.list().expect("list");
+    assert_eq!(info[0].corrupt, Some(vec![3]));
+    assert!(!store.have_map(&id).expect("have").expect("have").get(3));
+    // Repair: the file moves to partial/, every chunk but the bad one present.
+    let have = store.repair(&id).expect("repair");
+    let m = store.manifest(&id).expect("m").expect("m");
+    assert_eq!(have.missing().collect::<Vec<_>>(), vec![3]);
+    assert_eq!(
+        store.status(&id).expect("status"),
+        Some(ArtifactStatus::Partial)
+    );
+    assert!(!dir.join("objects").join(id.to_hex()).exists());
+    assert!(dir.join("partial").join(id.to_hex()).exists());
+    assert!(store.corrupt_artifacts().expect("marks").is_empty());
+    // A download resumes it through `begin` and needs only chunk 3.
+    drop(store);
+    let store = open(&dir);
+    let have = store.begin(&m).expect("begin resumes");
+    assert_eq!(have.missing().collect::<Vec<_>>(), vec![3]);
+    let c = m.chunks[3];
+    let good = &model[c.offset as usize..(c.offset + u64::from(c.len)) as usize];
+    store.put_chunk(&id, 3, good).expect("put the good chunk");
+    store.finish(&id).expect("activate");
+    assert_eq!(
+        store.status(&id).expect("status"),
+        Some(ArtifactStatus::Active)
+    );
+    assert!(store.corrupt_artifacts().expect("marks").is_empty());
+    assert!(store.verify(&id).expect("verify").ok());
+    assert_eq!(object_bytes(&store, &id), model);
+    assert!(store.lease(&id).is_ok());
+}
+
+#[test]
+fn a_corrupt_chunk_read_marks_the_artifact() {
+    let t = tempfile::tempdir().expect("tmp");
+    let store = Store::open(
+        &t.path().join("s"),
+        StoreOptions {
+            reverify_after: Duration::ZERO,
+            ..StoreOptions::default()
+        },
+    )
+    .expect("open");
+    let model = gguf_model(&[2_000_000, 2_000_000], 12);
+    let p = write_file(t.path(), "m.gguf", &model);
+    let id = store.add_file(&p, &AddOptions::default()).expect("add");
+    corrupt_chunk(&store, &id, 2);
+    assert!(store.read_chunk(&id, 1).is_ok());
+    assert!(matches!(
+        store.read_chunk(&id, 2),
+        Err(StoreError::ChunkMismatch { index: 2, .. })
+    ));
+    assert_eq!(
+        store.corrupt_artifacts().expect("marks"),
+        vec![(id, vec![2])]
+    );
+    assert!(matches!(
+        store.artifact_path(&id),
+        Err(StoreError::Corrupt { .. })
+    ));
+    // Marks add up; a chunk index outside the manifest is refused.
+    store.mark_corrupt(&id, &[0]).expect("mark");
+    assert_eq!(
+        store.corrupt_artifacts().expect("marks"),
+        vec![(id, vec![0, 2])]
+    );
+    assert!(matches!(
+        store.mark_corrupt(&id, &[10_000]),
+        Err(StoreError::NoChunk { .. })
+    ));
+}
+
+#[test]
+fn a_wrong_length_is_marked_and_repaired_in_place() {
+    let t = tempfile::tempdir().expect("tmp");
+    let store = open(&t.path().join("s"));
+    let model = gguf_model(&[500_000], 13);
+    let p = write_file(t.path(), "m.gguf", &model);
+    let id = store.add_file(&p, &AddOptions::default()).expect("add");
+    let obj = store.dir().join("objects").join(id.to_hex());
+    fs::set_permissions(&obj, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(&obj)
+        .expect("open");
+    std::io::Write::write_all(&mut f, b"trailing junk").expect("append");
+    drop(f);
+    assert!(!store.verify(&id).expect("verify").ok());
+    assert_eq!(
+        store.corrupt_artifacts().expect("marks"),
+        vec![(id, vec![])]
+    );
+    let have = store.repair(&id).expect("repair");
+    assert!(have.is_complete());
+    assert_eq!(
+        store.status(&id).expect("status"),
+        Some(ArtifactStatus::Active)
+    );
+    assert!(store.corrupt_artifacts().expect("marks").is_empty());
+    assert_eq!(object_bytes(&store, &id), model);
 }

@@ -219,7 +219,20 @@ pub enum StoreError {
     },
     /// Metadata that does not decode (a corrupt or foreign database).
     #[error("corrupt metadata: {0}")]
-    Corrupt(String),
+    BadMetadata(String),
+    /// The artifact's bytes failed verification: it is marked corrupt and is
+    /// not served until [`Store::repair`] and a download fetched the bad
+    /// chunks again. An empty `bad_chunks` means the chunks are right but the
+    /// file as a whole is not (wrong length).
+    #[error(
+        "artifact {id} is corrupt (bad chunks: {bad_chunks:?}); it is not served until repaired from peers (`shoal verify`, `shoal pull`)"
+    )]
+    Corrupt {
+        /// Artifact.
+        id: ArtifactId,
+        /// Indices of the chunks whose bytes did not match the manifest.
+        bad_chunks: Vec<u32>,
+    },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
@@ -230,8 +243,12 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
+/// Called with the id of an artifact each time it is newly marked corrupt
+/// ([`StoreOptions::on_corrupt`]).
+pub type CorruptHook = Arc<dyn Fn(&ArtifactId) + Send + Sync>;
+
 /// Store settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// Byte quota for artifacts (active and partial). `u64::MAX` for none.
     pub quota_bytes: u64,
@@ -243,6 +260,26 @@ pub struct StoreOptions {
     /// served many times within seconds of its arrival; one hash per window
     /// instead of one per send. `Duration::ZERO`: hash every read.
     pub reverify_after: Duration,
+    /// Told (on the thread that found it, after the mark is durable) when an
+    /// artifact is newly marked corrupt by [`Store::verify`], a failed
+    /// verify-on-read or [`Store::mark_corrupt`], so the node can react (drop
+    /// derived caches, fetch the bad chunks again) without polling. Must not
+    /// block for long.
+    pub on_corrupt: Option<CorruptHook>,
+}
+
+impl std::fmt::Debug for StoreOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("quota_bytes", &self.quota_bytes)
+            .field("partial_ttl", &self.partial_ttl)
+            .field("reverify_after", &self.reverify_after)
+            .field(
+                "on_corrupt",
+                &self.on_corrupt.as_ref().map(|_| "Fn(&ArtifactId)"),
+            )
+            .finish()
+    }
 }
 
 impl Default for StoreOptions {
@@ -251,6 +288,7 @@ impl Default for StoreOptions {
             quota_bytes: u64::MAX,
             partial_ttl: Duration::from_secs(24 * 3600),
             reverify_after: Duration::from_secs(60),
+            on_corrupt: None,
         }
     }
 }
@@ -280,12 +318,85 @@ pub enum ArtifactStatus {
     Active,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// An artifact's record (the `records` keyspace).
+///
+/// Encoding: the postcard encoding of [`RecordV1`] (format 1, the only
+/// encoding before corrupt marks existed), followed, only when there is
+/// something to add, by an extension: `u8` extension version (2) and the
+/// postcard encoding of [`RecordExt2`]. A record without the tail decodes
+/// with no mark, so older stores read unchanged; an unknown extension
+/// version is refused (never silently dropped).
+#[derive(Debug, Clone)]
 struct Record {
     status: ArtifactStatus,
     pinned: bool,
     created: u64,
     last_used: u64,
+    /// `Some` when the artifact is marked corrupt: the bad chunk indices
+    /// (sorted, unique; empty: the file as a whole is wrong).
+    corrupt: Option<Vec<u32>>,
+}
+
+/// Record format 1 (and the head of every later format).
+#[derive(Serialize, Deserialize)]
+struct RecordV1 {
+    status: ArtifactStatus,
+    pinned: bool,
+    created: u64,
+    last_used: u64,
+}
+
+/// Version of the record extension written after [`RecordV1`].
+const RECORD_EXT_VERSION: u8 = 2;
+
+/// Record extension, version 2.
+#[derive(Serialize, Deserialize)]
+struct RecordExt2 {
+    /// Bad chunk indices of an artifact marked corrupt.
+    corrupt: Option<Vec<u32>>,
+}
+
+impl Record {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = encode(&RecordV1 {
+            status: self.status,
+            pinned: self.pinned,
+            created: self.created,
+            last_used: self.last_used,
+        });
+        if self.corrupt.is_some() {
+            out.push(RECORD_EXT_VERSION);
+            out.extend(encode(&RecordExt2 {
+                corrupt: self.corrupt.clone(),
+            }));
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Result<Record, StoreError> {
+        let (v1, rest): (RecordV1, &[u8]) = postcard::take_from_bytes(b)
+            .map_err(|e| StoreError::BadMetadata(format!("record: {e}")))?;
+        let mut r = Record {
+            status: v1.status,
+            pinned: v1.pinned,
+            created: v1.created,
+            last_used: v1.last_used,
+            corrupt: None,
+        };
+        match rest.split_first() {
+            None => {}
+            Some((&RECORD_EXT_VERSION, ext)) => {
+                let e: RecordExt2 = decode("record extension", ext)?;
+                r.corrupt = e.corrupt;
+            }
+            Some((v, _)) => {
+                return Err(StoreError::BadMetadata(format!(
+                    "record extension version {v} is not supported (this build reads {RECORD_EXT_VERSION})"
+                )));
+            }
+        }
+        Ok(r)
+    }
 }
 
 /// A line of [`Store::list`].
@@ -311,6 +422,9 @@ pub struct ArtifactInfo {
     pub pinned: bool,
     /// Unix seconds of last use.
     pub last_used: u64,
+    /// `Some(bad chunk indices)` when the artifact is marked corrupt (not
+    /// served until repaired; empty: the file as a whole is wrong).
+    pub corrupt: Option<Vec<u32>>,
 }
 
 /// Result of [`Store::verify`].
@@ -411,7 +525,7 @@ fn now_secs() -> u64 {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T, StoreError> {
-    postcard::from_bytes(b).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    postcard::from_bytes(b).map_err(|e| StoreError::BadMetadata(format!("{what}: {e}")))
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -476,7 +590,7 @@ pub fn build_manifest(
             .collect();
         (whole.join(), hashes)
     });
-    let whole = whole.map_err(|_| StoreError::Corrupt("hashing thread panicked".into()))?;
+    let whole = whole.map_err(|_| StoreError::BadMetadata("hashing thread panicked".into()))?;
     let chunks: Vec<ChunkRef> = spans
         .iter()
         .zip(chunk_hashes)
@@ -612,7 +726,7 @@ impl Store {
             let Some(id) = ArtifactId::from_slice(&k) else {
                 continue;
             };
-            records.insert(id, decode::<Record>("record", &v)?);
+            records.insert(id, Record::decode(&v)?);
         }
         // Files nobody knows about: an add or activation that crashed before its metadata commit.
         for (sub, status) in [
@@ -633,6 +747,15 @@ impl Store {
                         // the rename only happens after the whole-file hash verified.
                         tracing::info!(%id, "completing an activation interrupted by a crash");
                         self.commit_activation(&id)?;
+                    }
+                    Some((id, ArtifactStatus::Active))
+                        if status == ArtifactStatus::Partial && !self.object_path(&id).exists() =>
+                    {
+                        // Crashed inside `repair`, between the rename to
+                        // partial/ and the metadata batch: finish it, keeping
+                        // the chunks that hash right.
+                        tracing::warn!(%id, "completing a repair interrupted by a crash");
+                        self.finish_interrupted_repair(&id)?;
                     }
                     _ => {
                         tracing::warn!(path = %e.path().display(), "removing an orphaned file");
@@ -655,16 +778,37 @@ impl Store {
         Ok(())
     }
 
+    /// See [`Store::reconcile`]: the record says active, the file is in partial/.
+    fn finish_interrupted_repair(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let r = self
+            .record(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let path = self.partial_path(id);
+        let f = File::open(&path).map_err(io_err("open", &path))?;
+        let mut have = HaveMap::new(m.chunk_count());
+        let mut buf = Vec::new();
+        for (i, c) in m.chunks.iter().enumerate() {
+            buf.resize(c.len as usize, 0);
+            if f.read_exact_at(&mut buf, c.offset).is_ok() && ChunkHash::of(&buf) == c.hash {
+                have.set(i as u32);
+            }
+        }
+        self.reopen_as_partial(id, &m, r, &have)
+    }
+
     fn record(&self, id: &ArtifactId) -> Result<Option<Record>, StoreError> {
         self.inner
             .records
             .get(id.0)?
-            .map(|v| decode("record", &v))
+            .map(|v| Record::decode(&v))
             .transpose()
     }
 
     fn put_record(&self, id: &ArtifactId, r: &Record) -> Result<(), StoreError> {
-        self.inner.records.insert(id.0, encode(r))?;
+        self.inner.records.insert(id.0, r.encode())?;
         Ok(())
     }
 
@@ -714,7 +858,12 @@ impl Store {
             let m = self
                 .manifest(id)?
                 .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
-            return Ok(Some(HaveMap::full(m.chunk_count())));
+            let mut have = HaveMap::full(m.chunk_count());
+            // A corrupt artifact does not offer its bad chunks.
+            for i in rec.corrupt.iter().flatten() {
+                have.clear(*i);
+            }
+            return Ok(Some(have));
         }
         if let Some(p) = self.inner.partials.lock().get(id) {
             return Ok(Some(p.have.clone()));
@@ -722,7 +871,7 @@ impl Store {
         match self.inner.haves.get(id.0)? {
             Some(b) => HaveMap::from_bytes(&b)
                 .map(Some)
-                .ok_or_else(|| StoreError::Corrupt(format!("have-map of {id}"))),
+                .ok_or_else(|| StoreError::BadMetadata(format!("have-map of {id}"))),
             None => Ok(None),
         }
     }
@@ -798,7 +947,7 @@ impl Store {
             (m, copier.join())
         });
         let manifest = manifest?;
-        copied.map_err(|_| StoreError::Corrupt("copy thread panicked".into()))??;
+        copied.map_err(|_| StoreError::BadMetadata("copy thread panicked".into()))??;
         let id = manifest.id();
         let _g = self.inner.meta_lock.lock();
         if let Some(mut rec) = self.record(&id)? {
@@ -892,7 +1041,7 @@ impl Store {
             .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
         let have = match self.inner.haves.get(id.0)? {
             Some(b) => HaveMap::from_bytes(&b)
-                .ok_or_else(|| StoreError::Corrupt(format!("have-map of {id}")))?,
+                .ok_or_else(|| StoreError::BadMetadata(format!("have-map of {id}")))?,
             None => HaveMap::new(manifest.chunk_count()),
         };
         let path = self.partial_path(id);
@@ -1167,8 +1316,10 @@ impl Store {
             .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
         rec.status = ArtifactStatus::Active;
         rec.last_used = now_secs();
+        // The whole file verified again: a repaired artifact is whole.
+        rec.corrupt = None;
         let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
-        b.insert(&self.inner.records, id.0, encode(&rec));
+        b.insert(&self.inner.records, id.0, rec.encode());
         b.remove(&self.inner.haves, id.0);
         self.index_chunks(&mut b, id, &manifest);
         b.commit()?;
@@ -1191,8 +1342,9 @@ impl Store {
             pinned,
             created: now,
             last_used: now,
+            corrupt: None,
         };
-        b.insert(&self.inner.records, id.0, encode(&rec));
+        b.insert(&self.inner.records, id.0, rec.encode());
         b
     }
 
@@ -1256,14 +1408,21 @@ impl Store {
             buf.resize(n, 0);
         }
         let data = &mut buf[..n];
-        f.read_exact_at(data, c.offset)
-            .map_err(io_err("read", &path))?;
+        if let Err(e) = f.read_exact_at(data, c.offset) {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                // The file is shorter than its manifest: the chunk is gone.
+                tracing::error!(%id, index, path = %path.display(), "stored file is truncated");
+                self.mark_corrupt_quietly(id, index);
+            }
+            return Err(io_err("read", &path)(e));
+        }
         if self.recently_verified(id, index) {
             return Ok(n);
         }
         let got = ChunkHash::of(data);
         if got != c.hash {
             tracing::error!(%id, index, "stored chunk is corrupt");
+            self.mark_corrupt_quietly(id, index);
             return Err(StoreError::ChunkMismatch {
                 id: *id,
                 index,
@@ -1327,10 +1486,18 @@ impl Store {
     }
 
     /// Path of an active artifact's file (for memory-mapping). Marks it used.
+    /// A corrupt artifact is refused with [`StoreError::Corrupt`].
     pub fn artifact_path(&self, id: &ArtifactId) -> Result<PathBuf, StoreError> {
+        let _g = self.inner.meta_lock.lock();
         match self.record(id)? {
             None => Err(StoreError::Unknown(id.to_hex())),
             Some(r) if r.status != ArtifactStatus::Active => Err(StoreError::NotActive(*id)),
+            Some(Record {
+                corrupt: Some(bad), ..
+            }) => Err(StoreError::Corrupt {
+                id: *id,
+                bad_chunks: bad,
+            }),
             Some(mut r) => {
                 r.last_used = now_secs();
                 self.put_record(id, &r)?;
@@ -1341,6 +1508,7 @@ impl Store {
 
     /// Opens an active artifact for reading and holds a shared lock on it:
     /// while the returned [`Lease`] lives, eviction (in any process) skips it.
+    /// A corrupt artifact is refused with [`StoreError::Corrupt`].
     pub fn lease(&self, id: &ArtifactId) -> Result<Lease, StoreError> {
         let path = self.artifact_path(id)?;
         let file = File::open(&path).map_err(io_err("open", &path))?;
@@ -1417,7 +1585,7 @@ impl Store {
             let Some(id) = ArtifactId::from_slice(&k) else {
                 continue;
             };
-            let r: Record = decode("record", &v)?;
+            let r = Record::decode(&v)?;
             let Some(m) = self.manifest(&id)? else {
                 continue;
             };
@@ -1439,6 +1607,7 @@ impl Store {
                 present_chunks: have.count(),
                 pinned: r.pinned,
                 last_used: r.last_used,
+                corrupt: r.corrupt,
             });
         }
         Ok(out)
@@ -1488,25 +1657,200 @@ impl Store {
                 whole.update(&buf);
             }
         }
+        let bad: Vec<u32> = report.bad_chunks.iter().map(|(i, _)| *i).collect();
         if status == ArtifactStatus::Active {
             report.file_ok = Some(flen == m.size && whole.finalize().as_bytes() == &m.blake3);
-        } else if !report.bad_chunks.is_empty() {
-            self.load_partial(id)?;
-            let bytes = {
-                let mut parts = self.inner.partials.lock();
-                parts.get_mut(id).map(|p| {
-                    for (i, _) in &report.bad_chunks {
-                        p.have.clear(*i);
-                    }
-                    p.have.to_bytes()
-                })
-            };
-            if let Some(b) = bytes {
-                self.inner.haves.insert(id.0, b)?;
-                self.inner.db.persist(PersistMode::SyncAll)?;
+            if !report.ok() {
+                self.mark_corrupt(id, &bad)?;
             }
+        } else if !bad.is_empty() {
+            self.clear_present(id, &bad)?;
         }
         Ok(report)
+    }
+
+    /// Marks chunks of a partial artifact missing again (their bytes were
+    /// found wrong), so a download fetches them anew.
+    fn clear_present(&self, id: &ArtifactId, bad: &[u32]) -> Result<(), StoreError> {
+        self.load_partial(id)?;
+        for i in bad {
+            self.unstamp(id, *i);
+        }
+        let bytes = {
+            let mut parts = self.inner.partials.lock();
+            parts.get_mut(id).map(|p| {
+                for i in bad {
+                    p.have.clear(*i);
+                }
+                p.have.to_bytes()
+            })
+        };
+        if let Some(b) = bytes {
+            self.inner.haves.insert(id.0, b)?;
+            self.inner.db.persist(PersistMode::SyncAll)?;
+        }
+        Ok(())
+    }
+
+    /// Marks an artifact corrupt: `bad_chunks` (chunk indices) failed
+    /// verification. The mark is durable (in the artifact's record) and
+    /// adds to any earlier mark. A marked artifact stays on disk but is not
+    /// served ([`Store::artifact_path`] and [`Store::lease`] answer
+    /// [`StoreError::Corrupt`], its have-map leaves the bad chunks out) until
+    /// [`Store::repair`] and a download make it whole again. An empty
+    /// `bad_chunks` marks the file as a whole (e.g. wrong length). For a
+    /// partial artifact the chunks are marked missing instead (a download
+    /// fetches them again). A new mark is reported to
+    /// [`StoreOptions::on_corrupt`].
+    pub fn mark_corrupt(&self, id: &ArtifactId, bad_chunks: &[u32]) -> Result<(), StoreError> {
+        let m = self
+            .manifest_shared(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        if let Some(&index) = bad_chunks.iter().find(|i| **i >= m.chunk_count()) {
+            return Err(StoreError::NoChunk { id: *id, index });
+        }
+        let newly = {
+            let _g = self.inner.meta_lock.lock();
+            let mut r = self
+                .record(id)?
+                .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+            if r.status == ArtifactStatus::Partial {
+                drop(_g);
+                return self.clear_present(id, bad_chunks);
+            }
+            for i in bad_chunks {
+                self.unstamp(id, *i);
+            }
+            let mut set = r.corrupt.clone().unwrap_or_default();
+            set.extend_from_slice(bad_chunks);
+            set.sort_unstable();
+            set.dedup();
+            let newly = r.corrupt.as_ref() != Some(&set);
+            if newly {
+                tracing::error!(%id, bad_chunks = ?set, "artifact marked corrupt: not served until repaired");
+                r.corrupt = Some(set);
+                self.put_record(id, &r)?;
+                self.inner.db.persist(PersistMode::SyncAll)?;
+            }
+            newly
+        };
+        if newly && let Some(hook) = &self.inner.opts.on_corrupt {
+            hook(id);
+        }
+        Ok(())
+    }
+
+    /// [`Store::mark_corrupt`] from a read path: a failure to persist the
+    /// mark is logged (the read fails anyway).
+    fn mark_corrupt_quietly(&self, id: &ArtifactId, index: u32) {
+        if let Err(e) = self.mark_corrupt(id, &[index]) {
+            tracing::error!(%id, index, error = %e, "could not mark the artifact corrupt");
+        }
+    }
+
+    /// Every artifact marked corrupt, with its bad chunk indices.
+    pub fn corrupt_artifacts(&self) -> Result<Vec<(ArtifactId, Vec<u32>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.records.iter() {
+            let (k, v) = kv.into_inner()?;
+            let Some(id) = ArtifactId::from_slice(&k) else {
+                continue;
+            };
+            if let Some(bad) = Record::decode(&v)?.corrupt {
+                out.push((id, bad));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Turns a corrupt active artifact back into a partial download whose
+    /// have-map holds every chunk but the bad ones: the file moves (rename,
+    /// no copy) to `partial/`, so [`Store::begin`] (any download: `shoal
+    /// pull`, the mesh) resumes it and fetches only the bad chunks; when it
+    /// activates again (whole-file hash verified) the mark is gone. Returns
+    /// the have-map. An artifact that is already partial answers its
+    /// have-map; an active artifact that is not marked is left alone (full
+    /// have-map). A mark with no bad chunk (wrong length) is repaired here:
+    /// the file is cut back to its size and activated if it verifies.
+    pub fn repair(&self, id: &ArtifactId) -> Result<HaveMap, StoreError> {
+        let m = self
+            .manifest(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let g = self.inner.meta_lock.lock();
+        let r = self
+            .record(id)?
+            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+        let bad = match (&r.status, &r.corrupt) {
+            (ArtifactStatus::Partial, _) => {
+                drop(g);
+                return self
+                    .have_map(id)?
+                    .ok_or_else(|| StoreError::Unknown(id.to_hex()));
+            }
+            (ArtifactStatus::Active, None) => return Ok(HaveMap::full(m.chunk_count())),
+            (ArtifactStatus::Active, Some(bad)) => bad.clone(),
+        };
+        let obj = self.object_path(id);
+        let part = self.partial_path(id);
+        if part.exists() {
+            return Err(io_err("repair into", &part)(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a partial file of this artifact already exists",
+            )));
+        }
+        fs::set_permissions(&obj, fs::Permissions::from_mode(0o644))
+            .map_err(io_err("make writable", &obj))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&obj)
+            .map_err(io_err("open", &obj))?;
+        f.set_len(m.size).map_err(io_err("size", &obj))?;
+        f.sync_all().map_err(io_err("sync", &obj))?;
+        drop(f);
+        fs::rename(&obj, &part).map_err(io_err("rename into", &part))?;
+        fsync_dir(&self.inner.dir.join("partial"))?;
+        fsync_dir(&self.inner.dir.join("objects"))?;
+        let mut have = HaveMap::full(m.chunk_count());
+        for i in &bad {
+            have.clear(*i);
+        }
+        self.reopen_as_partial(id, &m, r, &have)?;
+        drop(g);
+        crate::metrics::global().store_removed(crate::metrics::ArtifactState::Active, m.size);
+        crate::metrics::global().store_added(crate::metrics::ArtifactState::Partial, m.size);
+        tracing::warn!(%id, bad_chunks = ?bad, "corrupt artifact reopened as a partial download: its bad chunks will be fetched again");
+        if have.is_complete() {
+            // Only the length was wrong, and it is cut back: verify and activate.
+            self.finish(id)?;
+        }
+        Ok(have)
+    }
+
+    /// The metadata half of [`Store::repair`] (the file is in `partial/`
+    /// already): one synced batch makes the record partial, unmarked, with
+    /// the have-map `have`, and drops the bad chunks from the chunk index.
+    fn reopen_as_partial(
+        &self,
+        id: &ArtifactId,
+        m: &Manifest,
+        mut r: Record,
+        have: &HaveMap,
+    ) -> Result<(), StoreError> {
+        self.inner.partials.lock().remove(id);
+        self.inner.verified.lock().remove(id);
+        r.status = ArtifactStatus::Partial;
+        r.corrupt = None;
+        r.last_used = now_secs();
+        let mut b = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        b.insert(&self.inner.records, id.0, r.encode());
+        b.insert(&self.inner.haves, id.0, have.to_bytes());
+        for (i, c) in m.chunks.iter().enumerate() {
+            if !have.get(i as u32) {
+                b.remove(&self.inner.chunk_index, index_key(&c.hash, id, i as u32));
+            }
+        }
+        b.commit()?;
+        Ok(())
     }
 
     // ---- eviction ----
@@ -1593,6 +1937,7 @@ impl Store {
 
     /// Marks a partial as touched now (downloads in progress are not collected).
     pub fn touch(&self, id: &ArtifactId) -> Result<(), StoreError> {
+        let _g = self.inner.meta_lock.lock();
         if let Some(mut r) = self.record(id)? {
             r.last_used = now_secs();
             self.put_record(id, &r)?;
@@ -1732,7 +2077,7 @@ impl Store {
             Ok(s) => {
                 let mut seed = [0u8; 32];
                 hex::decode_to_slice(s.trim(), &mut seed).map_err(|_| {
-                    StoreError::Corrupt(format!("{} is not a hex key", p.display()))
+                    StoreError::BadMetadata(format!("{} is not a hex key", p.display()))
                 })?;
                 Ok(Some(SigningKey::from_bytes(&seed)))
             }
@@ -1859,6 +2204,37 @@ mod tests {
             chunks,
             tensors: Vec::new(),
         }
+    }
+
+    #[test]
+    fn record_format_fixture_old_records_decode_without_a_mark() {
+        let mut r = Record {
+            status: ArtifactStatus::Active,
+            pinned: true,
+            created: 300,
+            last_used: 301,
+            corrupt: None,
+        };
+        // Format 1, as every store before corrupt marks wrote it: unchanged.
+        let v1 = [1, 1, 0xac, 0x02, 0xad, 0x02];
+        assert_eq!(r.encode(), v1);
+        assert_eq!(Record::decode(&v1).expect("v1").corrupt, None);
+        // With a mark: the extension, version 2.
+        r.corrupt = Some(vec![3, 200]);
+        let v2 = [1, 1, 0xac, 0x02, 0xad, 0x02, 2, 1, 2, 3, 0xc8, 0x01];
+        assert_eq!(r.encode(), v2);
+        assert_eq!(Record::decode(&v2).expect("v2").corrupt, Some(vec![3, 200]));
+        // An empty mark (the file as a whole) is a mark.
+        r.corrupt = Some(vec![]);
+        assert_eq!(
+            Record::decode(&r.encode()).expect("v2").corrupt,
+            Some(vec![])
+        );
+        // An unknown extension is refused, not dropped.
+        assert!(matches!(
+            Record::decode(&[1, 1, 0xac, 0x02, 0xad, 0x02, 9, 0]),
+            Err(StoreError::BadMetadata(_))
+        ));
     }
 
     #[test]

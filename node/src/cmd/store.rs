@@ -158,6 +158,7 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             );
             for a in list {
                 let status = match a.status {
+                    ArtifactStatus::Active if a.corrupt.is_some() => "CORRUPT".to_string(),
                     ArtifactStatus::Active => "active".to_string(),
                     ArtifactStatus::Partial => {
                         format!("{}%", a.present_bytes * 100 / a.size.max(1))
