@@ -133,7 +133,13 @@ async fn every_alias_of_an_artifact_reaches_one_engine() {
     let mixed: String = hex
         .chars()
         .enumerate()
-        .map(|(i, c)| if i % 2 == 0 { c.to_ascii_uppercase() } else { c })
+        .map(|(i, c)| {
+            if i % 2 == 0 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
         .collect();
     let aliases = [
         hex.clone(),
@@ -279,7 +285,13 @@ async fn an_id_nobody_has_fails_fast_and_a_long_pull_holds_up_no_other_model() {
         .expect("join");
 
     let dir_a = tmp.path().join("a");
-    let (a, addr) = start(&dir_a, vec![p2p_addr(&b).await], StoreOptions::default(), cfg(&dir_a)).await;
+    let (a, addr) = start(
+        &dir_a,
+        vec![p2p_addr(&b).await],
+        StoreOptions::default(),
+        cfg(&dir_a),
+    )
+    .await;
     connected(&a, &b).await;
     let demo = add(&a, &model).await.to_hex();
 
@@ -290,13 +302,20 @@ async fn an_id_nobody_has_fails_fast_and_a_long_pull_holds_up_no_other_model() {
     assert_eq!(error_code(&r), "model_not_found");
     assert!(r.text().contains("no peer has it"), "{}", r.text());
     let bogus_id: ArtifactId = bogus.parse().expect("id");
-    assert!(a.downloads().get(&bogus_id).is_none(), "no pull was started");
+    assert!(
+        a.downloads().get(&bogus_id).is_none(),
+        "no pull was started"
+    );
 
     // A model that only a long pull can bring does not hold up the demo model.
-    let slow_req = tokio::spawn(async move {
-        post(addr, "/v1/chat/completions", &chat(&slow.to_hex())).await
-    });
-    eventually("the slow pull started", || a.downloads().get(&slow).is_some()).await;
+    let slow_req =
+        tokio::spawn(
+            async move { post(addr, "/v1/chat/completions", &chat(&slow.to_hex())).await },
+        );
+    eventually("the slow pull started", || {
+        a.downloads().get(&slow).is_some()
+    })
+    .await;
     let r = post(addr, "/v1/chat/completions", &chat(&demo)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(
@@ -329,8 +348,19 @@ async fn a_huge_model_name_is_refused_at_the_edge() {
         assert_eq!(error_code(&r), "string_above_max_length");
         assert!(r.text().len() < 4096, "the name is not echoed whole");
     }
-    let r = http(addr, "GET", &format!("/v1/models/{}", "m".repeat(70_000)), &[], b"").await;
-    assert!(r.status == 400 || r.status == 414 || r.status == 431, "{}", r.status);
+    let r = http(
+        addr,
+        "GET",
+        &format!("/v1/models/{}", "m".repeat(70_000)),
+        &[],
+        b"",
+    )
+    .await;
+    assert!(
+        r.status == 400 || r.status == 414 || r.status == 431,
+        "{}",
+        r.status
+    );
     // The node still answers.
     let r = post(addr, "/v1/chat/completions", &chat(&id)).await;
     assert_eq!(r.status, 200, "{}", r.text());

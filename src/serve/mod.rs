@@ -559,7 +559,10 @@ impl Serving {
                     gone.push(slot);
                 }
             }
-            gone.extend(self.make_room(&mut t, mem_bytes).map_err(InsertError::Room)?);
+            gone.extend(
+                self.make_room(&mut t, mem_bytes)
+                    .map_err(InsertError::Room)?,
+            );
             let engine = Engine::start(name, model, self.kv.clone(), self.cfg.queue_depth)
                 .map_err(|e| InsertError::Serve(e.into()))?;
             let served = Arc::new(Served {
