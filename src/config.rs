@@ -384,6 +384,13 @@ pub struct InferenceConfig {
     pub queue_depth: usize,
     /// Model used when a request names none (a release name or artifact id).
     pub default_model: Option<String>,
+    // -- bounded models (issue 14, item 2) --
+    /// Models loaded at once; loading one more unloads the least recently
+    /// used idle one.
+    pub max_loaded: usize,
+    /// Memory the loaded models may take together (file size plus the KV
+    /// of one 4096-token sequence each); `None`: three quarters of the RAM.
+    pub memory_budget: Option<ByteSize>,
 }
 
 /// `[kv]` settings.
@@ -488,6 +495,8 @@ impl Default for InferenceConfig {
             threads: 0,
             queue_depth: 16,
             default_model: None,
+            max_loaded: 2,
+            memory_budget: None,
         }
     }
 }
@@ -743,6 +752,21 @@ pub const SETTINGS: &[Setting] = &[
         "Model used when a request names none or names \"default\" (release name or id).",
         "\"smollm2-135m-instruct:q4_1\"",
     ),
+    // -- bounded models (issue 14, item 2) --
+    s(
+        "inference.max_loaded",
+        Some("SHOAL_MAX_LOADED"),
+        Int,
+        "Models loaded at once (at least 1). A request for one more unloads the least recently\nused idle model; if every loaded model is busy it gets HTTP 503 with Retry-After.",
+        "2",
+    ),
+    s(
+        "inference.memory_budget",
+        Some("SHOAL_MEMORY_BUDGET"),
+        Str,
+        "Memory the loaded models may take together, each counted as its file size plus the f32 KV\nof one 4096-token sequence. Unset: three quarters of the machine's RAM.",
+        "\"6G\"",
+    ),
     s(
         "kv.ram_budget",
         Some("SHOAL_KV_RAM"),
@@ -938,6 +962,12 @@ impl Config {
         }
         if self.inference.queue_depth == 0 {
             return bad("inference.queue_depth must be at least 1");
+        }
+        if self.inference.max_loaded == 0 {
+            return bad("inference.max_loaded must be at least 1");
+        }
+        if self.inference.memory_budget.is_some_and(|b| b.bytes() == 0) {
+            return bad("inference.memory_budget must not be 0");
         }
         if self.mesh.listen.is_empty() {
             return bad("mesh.listen needs at least one address");

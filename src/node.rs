@@ -50,6 +50,11 @@ struct Inner {
     downloads: Downloads,
     started: Instant,
     serving: std::sync::OnceLock<Arc<crate::serve::Serving>>,
+    /// Artifacts marked corrupt that are being re-fetched, with their
+    /// number of bad chunks: not served until the download completes.
+    repairing: parking_lot::Mutex<std::collections::HashMap<ArtifactId, usize>>,
+    /// Set by [`Node::shutdown`]: repairs stop retrying.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// A running node. Cheap to clone.
@@ -61,7 +66,17 @@ pub struct Node {
 impl Node {
     /// Opens the store and starts the mesh on the current tokio runtime.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
-        let (dir, opts) = (config.data_dir.clone(), config.store.clone());
+        let (dir, mut opts) = (config.data_dir.clone(), config.store.clone());
+        // Artifacts newly marked corrupt (verify, verify-on-read) are
+        // repaired by the node: see `Node::on_corrupt`.
+        let (corrupt_tx, corrupt_rx) = tokio::sync::mpsc::unbounded_channel::<ArtifactId>();
+        let earlier = opts.on_corrupt.take();
+        opts.on_corrupt = Some(Arc::new(move |id: &ArtifactId| {
+            if let Some(h) = &earlier {
+                h(id);
+            }
+            let _ = corrupt_tx.send(*id);
+        }));
         let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
             .await
             .map_err(|e| NodeError::Join(e.to_string()))??;
@@ -70,15 +85,86 @@ impl Node {
             mesh_config.keypair = Some(node_key(&config.data_dir)?);
         }
         let mesh = mesh::start(mesh_config, store.clone()).await?;
-        Ok(Node {
+        let node = Node {
             inner: Arc::new(Inner {
                 store,
                 mesh,
                 downloads: Downloads::default(),
                 started: Instant::now(),
                 serving: std::sync::OnceLock::new(),
+                repairing: parking_lot::Mutex::new(std::collections::HashMap::new()),
+                stopping: std::sync::atomic::AtomicBool::new(false),
             }),
-        })
+        };
+        node.watch_corrupt(corrupt_rx);
+        Ok(node)
+    }
+
+    /// Repairs every artifact marked corrupt before this start, then each
+    /// one the store reports (its `on_corrupt` hook feeds `rx`).
+    fn watch_corrupt(&self, mut rx: tokio::sync::mpsc::UnboundedReceiver<ArtifactId>) {
+        let weak = Arc::downgrade(&self.inner);
+        let store = self.inner.store.clone();
+        tokio::spawn(async move {
+            let marked = tokio::task::spawn_blocking(move || store.corrupt_artifacts()).await;
+            match marked {
+                Ok(Ok(list)) => {
+                    for (id, bad) in list {
+                        let Some(inner) = weak.upgrade() else { return };
+                        Node { inner }.on_corrupt(id, bad.len());
+                    }
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot list corrupt artifacts"),
+                Err(e) => tracing::error!(error = %e, "cannot list corrupt artifacts"),
+            }
+            while let Some(id) = rx.recv().await {
+                let Some(inner) = weak.upgrade() else { return };
+                let node = Node { inner };
+                let store = node.inner.store.clone();
+                let bad = tokio::task::spawn_blocking(move || store.corrupt_artifacts())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .and_then(|l| l.into_iter().find(|(i, _)| *i == id))
+                    .map_or(0, |(_, b)| b.len());
+                node.on_corrupt(id, bad);
+            }
+        });
+    }
+
+    /// Reacts to artifact `id` being marked corrupt (`bad` chunks): it is
+    /// not served any more (an engine loaded for it is unloaded), and it is
+    /// repaired in the background: [`Store::repair`] reopens it as a partial
+    /// missing only the bad chunks, and a download fetches them from peers
+    /// (retried every 30 s until it succeeds or the node stops). Once active
+    /// again it is served again. Calling it again while a repair runs only
+    /// updates the count.
+    pub fn on_corrupt(&self, id: ArtifactId, bad: usize) {
+        {
+            let mut r = self.inner.repairing.lock();
+            if let Some(n) = r.get_mut(&id) {
+                *n = (*n).max(bad);
+                return;
+            }
+            r.insert(id, bad);
+        }
+        tracing::warn!(%id, bad_chunks = bad, "corrupt artifact: not served; re-fetching its bad chunks from peers");
+        if let Some(s) = self.inner.serving.get() {
+            s.on_model_corrupt(id.as_bytes());
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(repair(weak, id));
+    }
+
+    /// Artifacts being repaired (marked corrupt, re-fetching), with their
+    /// number of bad chunks.
+    pub fn repairing(&self) -> Vec<(ArtifactId, usize)> {
+        self.inner
+            .repairing
+            .lock()
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
     }
 
     /// The store.
@@ -207,8 +293,69 @@ impl Node {
 
     /// Stops the mesh. The store closes when the last clone of the node is dropped.
     pub async fn shutdown(&self) {
+        self.inner
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.inner.downloads.cancel_all();
         self.inner.mesh.shutdown().await;
+    }
+}
+
+/// Pause between attempts to re-fetch a corrupt artifact's bad chunks.
+const REPAIR_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The background half of [`Node::on_corrupt`].
+async fn repair(weak: std::sync::Weak<Inner>, id: ArtifactId) {
+    use std::sync::atomic::Ordering;
+    let mut reopened = false;
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        let node = Node { inner };
+        if !reopened {
+            let store = node.inner.store.clone();
+            match tokio::task::spawn_blocking(move || store.repair(&id)).await {
+                Ok(Ok(have)) => {
+                    reopened = true;
+                    tracing::info!(%id, missing = have.missing().count(), "corrupt artifact reopened for re-fetching");
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(%id, error = %e, "cannot reopen the corrupt artifact")
+                }
+                Err(e) => tracing::error!(%id, error = %e, "cannot reopen the corrupt artifact"),
+            }
+        }
+        if reopened {
+            match node.pull(&id.to_hex()).await {
+                Ok((_, mut rx)) => {
+                    drop(node);
+                    let end = rx.wait_for(|p| p.phase.is_final()).await.map(|p| p.clone());
+                    match end {
+                        Ok(p) if p.phase == mesh::download::Phase::Done => {
+                            if let Some(inner) = weak.upgrade() {
+                                inner.repairing.lock().remove(&id);
+                            }
+                            tracing::info!(%id, "corrupt artifact repaired from peers: served again");
+                            return;
+                        }
+                        Ok(p) => {
+                            tracing::warn!(%id, error = ?p.error, "re-fetching the corrupt artifact failed; retrying")
+                        }
+                        Err(_) => {
+                            tracing::warn!(%id, "re-fetching the corrupt artifact was stopped")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "cannot re-fetch the corrupt artifact; retrying")
+                }
+            }
+        } else {
+            drop(node);
+        }
+        tokio::time::sleep(REPAIR_RETRY).await;
     }
 }
 
@@ -248,47 +395,161 @@ fn node_key(data_dir: &std::path::Path) -> Result<Keypair, NodeError> {
     }
 }
 
+/// How long serving waits for peers' answers to "do you have the manifest
+/// of this id?" before it says nobody has it (and for Kademlia providers).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Node {
+    /// Whether a connected peer or a Kademlia provider has the manifest of
+    /// `id`: one round of the lookup a pull starts with, bounded by
+    /// [`PROBE_TIMEOUT`] per question, so that serving can say at once that
+    /// nobody has a model instead of waiting for a pull to time out.
+    pub async fn someone_has(&self, id: ArtifactId) -> bool {
+        use futures::StreamExt;
+        let mesh = self.inner.mesh.clone();
+        let me = mesh.peer_id();
+        let m = mesh.clone();
+        let providers = tokio::spawn(async move {
+            tokio::time::timeout(PROBE_TIMEOUT, m.providers(id))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        });
+        let ask = |peers: Vec<libp2p::PeerId>| {
+            let mesh = mesh.clone();
+            async move {
+                let mut answers = futures::stream::iter(peers.into_iter().filter(|p| *p != me))
+                    .map(|p| {
+                        let mesh = mesh.clone();
+                        async move {
+                            matches!(
+                                tokio::time::timeout(PROBE_TIMEOUT, mesh.manifest(p, id)).await,
+                                Ok(Ok(Some(_)))
+                            )
+                        }
+                    })
+                    .buffer_unordered(16);
+                while let Some(has) = answers.next().await {
+                    if has {
+                        return true;
+                    }
+                }
+                false
+            }
+        };
+        let connected = mesh.connected().await.unwrap_or_default();
+        if ask(connected.clone()).await {
+            providers.abort();
+            return true;
+        }
+        let more: Vec<libp2p::PeerId> = providers
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !connected.contains(p))
+            .collect();
+        ask(more).await
+    }
+}
+
 /// Models for the serving layer: a name or id resolved in the store; an
-/// artifact that is not local is pulled from the mesh (or its origin) first.
+/// artifact that is not local is pulled from the mesh (or its origin)
+/// first, if any peer (or the origin of its release) has it. The file is
+/// leased (kept from eviction) for as long as serving holds the guard.
 struct StoreModels(std::sync::Weak<Inner>);
 
+impl StoreModels {
+    fn node(&self) -> Result<Node, crate::serve::LocateError> {
+        self.0
+            .upgrade()
+            .map(|inner| Node { inner })
+            .ok_or_else(|| crate::serve::LocateError::Unavailable("the node is stopping".into()))
+    }
+}
+
+/// Leases an active artifact for serving: the file and the lease as guard.
+async fn lease_for_serving(
+    node: &Node,
+    id: ArtifactId,
+) -> Result<Result<crate::serve::Located, StoreError>, crate::serve::LocateError> {
+    let store = node.inner.store.clone();
+    let r = tokio::task::spawn_blocking(move || store.lease(&id))
+        .await
+        .map_err(|e| crate::serve::LocateError::Unavailable(e.to_string()))?;
+    Ok(r.map(|lease| crate::serve::Located {
+        path: lease.path.clone(),
+        guard: Some(Box::new(lease)),
+    }))
+}
+
 impl crate::serve::ModelSource for StoreModels {
-    fn locate<'a>(
+    fn resolve<'a>(
         &'a self,
         name: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<crate::serve::Located, crate::serve::LocateError>>
-    {
+    ) -> futures::future::BoxFuture<'a, Result<[u8; 32], crate::serve::LocateError>> {
         use crate::serve::LocateError;
         Box::pin(async move {
-            let inner = self
-                .0
-                .upgrade()
-                .ok_or_else(|| LocateError::Unavailable("the node is stopping".into()))?;
-            let node = Node { inner };
+            crate::serve::check_model_name(name)?;
+            let node = self.node()?;
             let (id, _) = node.resolve(name).await.map_err(|e| {
                 LocateError::Unknown(format!(
                     "The model `{name}` does not exist: no local artifact or trusted name matches ({e})."
                 ))
             })?;
-            let path_of = |node: &Node| {
-                let store = node.inner.store.clone();
-                tokio::task::spawn_blocking(move || store.artifact_path(&id))
+            Ok(*id.as_bytes())
+        })
+    }
+
+    fn locate<'a>(
+        &'a self,
+        id: [u8; 32],
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<crate::serve::Located, crate::serve::LocateError>>
+    {
+        use crate::serve::LocateError;
+        Box::pin(async move {
+            let node = self.node()?;
+            let id = ArtifactId(id);
+            let corrupt = |bad: usize| {
+                LocateError::Corrupt(format!(
+                    "model {name} is corrupt ({bad} bad chunks); re-fetching from peers"
+                ))
             };
-            if let Ok(Ok(p)) = path_of(&node).await {
-                return Ok((p, Some(*id.as_bytes())));
+            if let Some(bad) = node.inner.repairing.lock().get(&id).copied() {
+                return Err(corrupt(bad));
             }
-            tracing::info!(model = name, id = %id, "model not local: pulling it for serving");
-            let (_, mut rx) = node
-                .pull(name)
-                .await
-                .map_err(|e| LocateError::Unavailable(e.to_string()))?;
+            match lease_for_serving(&node, id).await? {
+                Ok(l) => return Ok(l),
+                Err(StoreError::Unknown(_) | StoreError::NotActive(_)) => {}
+                Err(StoreError::Corrupt { bad_chunks, .. }) => {
+                    node.on_corrupt(id, bad_chunks.len());
+                    return Err(corrupt(bad_chunks.len()));
+                }
+                Err(e) => return Err(LocateError::Unavailable(e.to_string())),
+            }
+            let mut rx = match node.inner.downloads.watch(&id) {
+                Some(rx) if rx.borrow().phase != mesh::download::Phase::Failed => rx,
+                _ => {
+                    let (_, origin) = node
+                        .resolve_local(&id.to_hex())
+                        .await
+                        .map_err(|e| LocateError::Unavailable(e.to_string()))?;
+                    if origin.is_none() && !node.someone_has(id).await {
+                        return Err(LocateError::Unknown(format!(
+                            "The model `{name}` ({id}) is not on this node and no peer has it."
+                        )));
+                    }
+                    tracing::info!(model = name, id = %id, "model not local: pulling it for serving");
+                    let (_, rx) = node
+                        .pull(&id.to_hex())
+                        .await
+                        .map_err(|e| LocateError::Unavailable(e.to_string()))?;
+                    rx
+                }
+            };
             let p = rx
-                .wait_for(|p| {
-                    matches!(
-                        p.phase,
-                        mesh::download::Phase::Done | mesh::download::Phase::Failed
-                    )
-                })
+                .wait_for(|p| p.phase.is_final())
                 .await
                 .map_err(|e| LocateError::Unavailable(e.to_string()))?
                 .clone();
@@ -299,11 +560,9 @@ impl crate::serve::ModelSource for StoreModels {
                         .unwrap_or_else(|| "no peer or origin holds it".into())
                 )));
             }
-            match path_of(&node).await {
-                Ok(Ok(p)) => Ok((p, Some(*id.as_bytes()))),
-                Ok(Err(e)) => Err(LocateError::Unavailable(e.to_string())),
-                Err(e) => Err(LocateError::Unavailable(e.to_string())),
-            }
+            lease_for_serving(&node, id)
+                .await?
+                .map_err(|e| LocateError::Unavailable(e.to_string()))
         })
     }
 }

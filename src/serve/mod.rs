@@ -16,6 +16,8 @@ pub use openai::router;
 use crate::inference::{ChatTemplate, Model};
 use crate::kvcache::{KvCacheConfig, KvCacheError, PrefixCache};
 use crate::respcache::ResponseCache;
+use futures::FutureExt;
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,31 +40,84 @@ pub enum ServeError {
     /// Socket or thread errors.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// No room for one more model (`inference.max_loaded`,
+    /// `inference.memory_budget`) and every loaded one is in use.
+    #[error("{0}")]
+    Full(String),
 }
 
+/// Longest accepted model name, alias or id, in bytes. Longer names are
+/// refused at the HTTP edge with 400 (`string_above_max_length`) before
+/// any lookup: release names are far shorter, and an id is 64 hex digits.
+pub const MAX_MODEL_NAME: usize = 256;
+
 /// Where models that are not served yet come from (the node's store and
-/// mesh): resolves a name or id to a local GGUF file, fetching it first if
-/// needed, and returns the file and the model id to bind KV to.
+/// mesh). Serving first [resolves](ModelSource::resolve) a name to an
+/// artifact id (cheap, no load, no fetch) and looks its engines up by id;
+/// only an id with no engine is [located](ModelSource::locate), which may
+/// fetch it.
 pub trait ModelSource: Send + Sync {
-    /// Finds (and if needed fetches) the model named `name`.
+    /// The artifact id that `name` (a trusted name, an id or a unique id
+    /// prefix of 8+ hex digits, in any letter case) stands for. Does not
+    /// load or fetch anything.
+    fn resolve<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<[u8; 32], LocateError>>;
+
+    /// The local GGUF file of artifact `id` (requested as `name`), fetching
+    /// it first if needed. Fails fast when no peer has it.
     fn locate<'a>(
         &'a self,
+        id: [u8; 32],
         name: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Located, LocateError>>;
 }
 
-/// A located model: the GGUF file and the model id to bind KV to.
-pub type Located = (PathBuf, Option<[u8; 32]>);
+/// A located model: its GGUF file and a guard that keeps the file from
+/// being evicted from the store (a store lease) for as long as the engine
+/// serving it lives.
+pub struct Located {
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Held by the engine until it is unloaded; opaque to serving.
+    pub guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
 
-/// Why a [`ModelSource`] could not provide a model.
-#[derive(Debug, thiserror::Error)]
+impl std::fmt::Debug for Located {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Located")
+            .field("path", &self.path)
+            .field("guard", &self.guard.is_some())
+            .finish()
+    }
+}
+
+/// Why a [`ModelSource`] (or the serving layer) could not provide a model.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LocateError {
-    /// No artifact or trusted name matches.
+    /// No artifact or trusted name matches, or no peer has it (HTTP 404).
     #[error("{0}")]
     Unknown(String),
-    /// It is known but could not be fetched (offline, no peer holds it, …).
+    /// It is known but could not be fetched or loaded (HTTP 503).
     #[error("{0}")]
     Unavailable(String),
+    /// The local copy failed verification; it is being re-fetched (HTTP 503).
+    #[error("{0}")]
+    Corrupt(String),
+    /// Loading it would exceed `inference.max_loaded` or
+    /// `inference.memory_budget` and every loaded model is in use (HTTP 503
+    /// with `Retry-After`).
+    #[error("{message}")]
+    Busy {
+        /// What is full.
+        message: String,
+        /// Seconds to wait before retrying.
+        retry_after: u64,
+    },
+    /// The name itself is invalid (too long; HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Settings of the serving layer.
@@ -80,6 +135,12 @@ pub struct ServeConfig {
     pub response_cache_ttl: Duration,
     /// Worker threads per model (0 = all cores).
     pub threads: usize,
+    /// Models loaded at once, at least 1 (`inference.max_loaded`). Loading
+    /// one more unloads the least recently used idle one.
+    pub max_loaded: usize,
+    /// Bytes the loaded models may take together, as [`memory_estimate`]
+    /// counts them (`inference.memory_budget`).
+    pub memory_budget: u64,
     /// Test hook: serve wrong (but validly signed) KV to neighbours.
     #[doc(hidden)]
     pub test_lie_kv: bool,
@@ -94,6 +155,8 @@ impl Default for ServeConfig {
             response_cache_budget: 64 << 20,
             response_cache_ttl: Duration::from_secs(600),
             threads: 0,
+            max_loaded: DEFAULT_MAX_LOADED,
+            memory_budget: default_memory_budget(),
             test_lie_kv: false,
         }
     }
@@ -118,6 +181,11 @@ impl ServeConfig {
         ServeConfig {
             queue_depth: cfg.inference.queue_depth,
             threads: cfg.inference.threads,
+            max_loaded: cfg.inference.max_loaded.max(1),
+            memory_budget: cfg
+                .inference
+                .memory_budget
+                .map_or_else(default_memory_budget, |b| b.bytes()),
             kv: Some(KvCacheConfig {
                 block_tokens: kv.block_size as usize,
                 dtype: match kv.dtype {
@@ -136,6 +204,43 @@ impl ServeConfig {
     }
 }
 
+/// Models loaded at once by default (`inference.max_loaded`).
+pub const DEFAULT_MAX_LOADED: usize = 2;
+
+/// Tokens of KV counted per model by [`memory_estimate`] (or the model's
+/// context length, if shorter).
+pub const KV_ESTIMATE_TOKENS: usize = 4096;
+
+/// The default `inference.memory_budget`: three quarters of the machine's
+/// RAM (`MemTotal` of `/proc/meminfo`), or 4 GiB where that is unknown.
+pub fn default_memory_budget() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kib| kib.saturating_mul(1024) / 4 * 3)
+}
+
+/// What a loaded model is counted as against `inference.memory_budget`:
+/// its file size (the mapping: every weight is paged in by the first
+/// request) plus the f32 KV of one sequence of [`KV_ESTIMATE_TOKENS`]
+/// tokens (or the context length, if shorter). Worker thread stacks are
+/// not counted (a few pages each).
+pub fn memory_estimate(model: &Model) -> u64 {
+    let file_bytes = model.file_len() as u64;
+    let l = model.kv_layout();
+    let per_token = (l.n_layer * l.n_kv_head * l.head_dim * 2 * 4) as u64;
+    let tokens = model
+        .hparams()
+        .context_length
+        .min(KV_ESTIMATE_TOKENS)
+        .max(1) as u64;
+    file_bytes.saturating_add(per_token.saturating_mul(tokens))
+}
+
 /// A served model: its engine and chat template.
 #[derive(Debug)]
 pub struct Served {
@@ -145,26 +250,89 @@ pub struct Served {
     pub template: ChatTemplate,
     /// The model id in hex (also accepted as the model name).
     pub id_hex: String,
+    /// What it counts against `inference.memory_budget` ([`memory_estimate`]).
+    pub mem_bytes: u64,
+    /// Keeps the file from eviction while the engine lives (see [`Located`]).
+    /// Dropped after the engine (fields drop in order).
+    _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// ChatML, used when a model carries no chat template.
 pub const CHATML: &str = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
+/// A loaded model in the table.
+#[derive(Debug)]
+struct Slot {
+    served: Arc<Served>,
+    /// Tick of the last request that reached it (LRU order).
+    last_used: u64,
+    /// Added with [`Serving::add_model`]: never unloaded for room.
+    fixed: bool,
+}
+
+/// The loaded models: one engine per artifact id, and the names it was
+/// loaded or added under.
+#[derive(Debug, Default)]
+struct Table {
+    slots: HashMap<[u8; 32], Slot>,
+    names: HashMap<String, [u8; 32]>,
+    tick: u64,
+}
+
+impl Table {
+    fn touch(&mut self, id: &[u8; 32]) -> Option<Arc<Served>> {
+        self.tick += 1;
+        let t = self.tick;
+        self.slots.get_mut(id).map(|s| {
+            s.last_used = t;
+            s.served.clone()
+        })
+    }
+
+    fn remove(&mut self, id: &[u8; 32]) -> Option<Slot> {
+        self.names.retain(|_, v| v != id);
+        self.slots.remove(id)
+    }
+}
+
+type SharedLoad =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<Arc<Served>, LocateError>>>;
+
 /// Everything the HTTP handlers need. Share it with `Arc`.
 #[derive(Debug)]
 pub struct Serving {
     cfg: ServeConfig,
-    models: parking_lot::RwLock<Vec<Arc<Served>>>,
+    table: parking_lot::Mutex<Table>,
     kv: Option<Arc<PrefixCache>>,
     respcache: Option<Arc<ResponseCache>>,
     source: std::sync::OnceLock<Arc<dyn ModelSource>>,
-    loading: tokio::sync::Mutex<()>,
+    /// Loads (and pulls) in progress, one per artifact id: requests for the
+    /// same id share it, other ids are not held up by it.
+    loads: parking_lot::Mutex<HashMap<[u8; 32], SharedLoad>>,
+    /// Bounds the model files being mapped and set up at once.
+    load_permits: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for dyn ModelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ModelSource")
     }
+}
+
+/// Refuses names longer than [`MAX_MODEL_NAME`].
+pub fn check_model_name(name: &str) -> Result<(), LocateError> {
+    if name.len() > MAX_MODEL_NAME {
+        return Err(LocateError::Invalid(format!(
+            "The model name is {} bytes long; at most {MAX_MODEL_NAME} are accepted.",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+fn parse_id(s: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    (s.len() == 64 && hex::decode_to_slice(s, &mut out).is_ok()).then_some(out)
 }
 
 impl Serving {
@@ -180,13 +348,15 @@ impl Serving {
                 cfg.response_cache_ttl,
             ))
         });
+        let permits = cfg.max_loaded.max(1);
         Ok(Arc::new(Serving {
             cfg,
-            models: parking_lot::RwLock::new(Vec::new()),
+            table: parking_lot::Mutex::new(Table::default()),
             kv,
             respcache,
             source: std::sync::OnceLock::new(),
-            loading: tokio::sync::Mutex::new(()),
+            loads: parking_lot::Mutex::new(HashMap::new()),
+            load_permits: tokio::sync::Semaphore::new(permits),
         }))
     }
 
@@ -195,10 +365,15 @@ impl Serving {
         let _ = self.source.set(source);
     }
 
-    /// The model served under `name`, loading it from the [`ModelSource`]
-    /// (which may fetch it from the mesh) on first use.
-    pub async fn resolve(&self, name: &str) -> Result<Arc<Served>, LocateError> {
-        if let Some(s) = self.model(name) {
+    /// The model served under `name` (a served name, an artifact id, a
+    /// unique id prefix or a trusted name, in any letter case), loading it
+    /// from the [`ModelSource`] (which may fetch it from the mesh) on first
+    /// use. Every name of one artifact reaches the same engine. Loading one
+    /// model does not hold up requests for another; concurrent requests for
+    /// the same model share one load.
+    pub async fn resolve(self: &Arc<Self>, name: &str) -> Result<Arc<Served>, LocateError> {
+        check_model_name(name)?;
+        if let Some(s) = self.lookup(name) {
             return Ok(s);
         }
         let Some(src) = self.source.get().cloned() else {
@@ -206,29 +381,212 @@ impl Serving {
                 "The model `{name}` does not exist or is not served by this node."
             )));
         };
-        let _one_at_a_time = self.loading.lock().await;
-        if let Some(s) = self.model(name) {
+        let id = src.resolve(name).await?;
+        if let Some(s) = self.table.lock().touch(&id) {
             return Ok(s);
         }
-        let (path, id) = src.locate(name).await?;
+        let load = {
+            let mut loads = self.loads.lock();
+            match loads.get(&id) {
+                Some(l) => l.clone(),
+                None => {
+                    let me = self.clone();
+                    let name = name.to_owned();
+                    // A task of its own: a client that goes away does not
+                    // abort a load others wait for.
+                    let task = tokio::spawn(async move {
+                        let r = me.load_id(src, id, &name).await;
+                        me.loads.lock().remove(&id);
+                        r
+                    });
+                    let l = async move {
+                        task.await
+                            .unwrap_or_else(|e| Err(LocateError::Unavailable(e.to_string())))
+                    }
+                    .boxed()
+                    .shared();
+                    loads.insert(id, l.clone());
+                    l
+                }
+            }
+        };
+        load.await
+    }
+
+    /// Locates, loads and starts serving artifact `id`, making room for it.
+    async fn load_id(
+        self: &Arc<Self>,
+        src: Arc<dyn ModelSource>,
+        id: [u8; 32],
+        name: &str,
+    ) -> Result<Arc<Served>, LocateError> {
+        if let Some(s) = self.table.lock().touch(&id) {
+            return Ok(s);
+        }
+        let located = src.locate(id, name).await?;
+        let _permit = self
+            .load_permits
+            .acquire()
+            .await
+            .map_err(|e| LocateError::Unavailable(e.to_string()))?;
         let threads = self.cfg.threads;
-        let p = path.clone();
+        let path = located.path.clone();
         let model = tokio::task::spawn_blocking(move || {
             Model::load_with(
-                &p,
+                &path,
                 &crate::inference::ModelConfig {
                     threads,
-                    model_id: id,
+                    model_id: Some(id),
                     ..Default::default()
                 },
             )
         })
         .await
         .map_err(|e| LocateError::Unavailable(e.to_string()))?
-        .map_err(|e| LocateError::Unavailable(format!("loading {}: {e}", path.display())))?;
-        tracing::info!(model = name, path = %path.display(), "model loaded for serving");
-        self.add_model(name, model)
-            .map_err(|e| LocateError::Unavailable(e.to_string()))
+        .map_err(|e| {
+            LocateError::Unavailable(format!("loading {}: {e}", located.path.display()))
+        })?;
+        let mem = memory_estimate(&model);
+        let served = self
+            .insert(name, model, mem, located.guard, false)
+            .map_err(|e| match e {
+                InsertError::Room(l) => l,
+                InsertError::Serve(e) => LocateError::Unavailable(e.to_string()),
+            })?;
+        tracing::info!(
+            model = name,
+            id = %hex::encode(id),
+            path = %located.path.display(),
+            mem_bytes = mem,
+            "model loaded for serving"
+        );
+        Ok(served)
+    }
+
+    /// Unloads least recently used idle, non-fixed engines until one more
+    /// model of `need` bytes fits both bounds. Returns the unloaded slots
+    /// (to drop outside the lock).
+    fn make_room(&self, t: &mut Table, need: u64) -> Result<Vec<Slot>, LocateError> {
+        let mut gone = Vec::new();
+        loop {
+            let used: u64 = t.slots.values().map(|s| s.served.mem_bytes).sum();
+            let fits_count = t.slots.len() < self.cfg.max_loaded.max(1);
+            // A model alone larger than the budget is still served, alone.
+            let fits_mem =
+                t.slots.is_empty() || used.saturating_add(need) <= self.cfg.memory_budget;
+            if fits_count && fits_mem {
+                return Ok(gone);
+            }
+            let victim = t
+                .slots
+                .iter()
+                .filter(|(_, s)| {
+                    !s.fixed && s.served.engine.pending() == 0 && Arc::strong_count(&s.served) == 1
+                })
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(id, _)| *id);
+            let Some(victim) = victim else {
+                let retry_after = t
+                    .slots
+                    .values()
+                    .map(|s| s.served.engine.retry_after_secs())
+                    .min()
+                    .unwrap_or(1);
+                return Err(LocateError::Busy {
+                    message: format!(
+                        "{} model(s) are loaded ({} bytes of the memory budget of {}; at most {}) and all are in use; retry later.",
+                        t.slots.len(),
+                        used,
+                        self.cfg.memory_budget,
+                        self.cfg.max_loaded
+                    ),
+                    retry_after,
+                });
+            };
+            if let Some(slot) = t.remove(&victim) {
+                tracing::info!(
+                    model = slot.served.engine.name(),
+                    id = %slot.served.id_hex,
+                    "unloading the least recently used idle model"
+                );
+                gone.push(slot);
+            }
+        }
+    }
+
+    fn insert(
+        &self,
+        name: &str,
+        model: Arc<Model>,
+        mem_bytes: u64,
+        guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+        fixed: bool,
+    ) -> Result<Arc<Served>, InsertError> {
+        let id = model.id();
+        let tok = model.tokenizer().clone();
+        let text = |id: Option<u32>| {
+            id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
+                .unwrap_or_default()
+        };
+        let src = model.chat_template().unwrap_or(CHATML);
+        let template = ChatTemplate::new(src, &text(tok.bos()), &text(tok.eos()))
+            .or_else(|e| {
+                tracing::warn!(model = name, error = %e, "chat template does not compile; using ChatML");
+                ChatTemplate::new(CHATML, &text(tok.bos()), &text(tok.eos()))
+            })
+            .map_err(|source| {
+                InsertError::Serve(ServeError::Model {
+                    name: name.to_owned(),
+                    source,
+                })
+            })?;
+        let mut gone = Vec::new();
+        let served = {
+            let mut t = self.table.lock();
+            if let Some(s) = t.touch(&id) {
+                // Already served (another name of the same bytes).
+                t.names.insert(name.to_owned(), id);
+                if fixed && let Some(slot) = t.slots.get_mut(&id) {
+                    slot.fixed = true;
+                }
+                return Ok(s);
+            }
+            if fixed {
+                // Replaces the model served under that name.
+                if let Some(old) = t.names.get(name).copied()
+                    && let Some(slot) = t.remove(&old)
+                {
+                    gone.push(slot);
+                }
+            }
+            gone.extend(
+                self.make_room(&mut t, mem_bytes)
+                    .map_err(InsertError::Room)?,
+            );
+            let engine = Engine::start(name, model, self.kv.clone(), self.cfg.queue_depth)
+                .map_err(|e| InsertError::Serve(e.into()))?;
+            let served = Arc::new(Served {
+                engine,
+                template,
+                id_hex: hex::encode(id),
+                mem_bytes,
+                _guard: guard,
+            });
+            t.tick += 1;
+            let last_used = t.tick;
+            t.slots.insert(
+                id,
+                Slot {
+                    served: served.clone(),
+                    last_used,
+                    fixed,
+                },
+            );
+            t.names.insert(name.to_owned(), id);
+            served
+        };
+        drop(gone);
+        Ok(served)
     }
 
     /// The configuration.
@@ -247,33 +605,16 @@ impl Serving {
     }
 
     /// Serves a loaded model under `name` (replacing a model of that name).
+    /// Models added this way are never unloaded for room, but count against
+    /// `max_loaded` and the memory budget. If its bytes are already served
+    /// under another name, `name` becomes one more name of that engine.
     pub fn add_model(&self, name: &str, model: Arc<Model>) -> Result<Arc<Served>, ServeError> {
-        let tok = model.tokenizer().clone();
-        let text = |id: Option<u32>| {
-            id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
-                .unwrap_or_default()
-        };
-        let src = model.chat_template().unwrap_or(CHATML);
-        let template = ChatTemplate::new(src, &text(tok.bos()), &text(tok.eos()))
-            .or_else(|e| {
-                tracing::warn!(model = name, error = %e, "chat template does not compile; using ChatML");
-                ChatTemplate::new(CHATML, &text(tok.bos()), &text(tok.eos()))
+        let mem = memory_estimate(&model);
+        self.insert(name, model, mem, None, true)
+            .map_err(|e| match e {
+                InsertError::Serve(e) => e,
+                InsertError::Room(l) => ServeError::Full(l.to_string()),
             })
-            .map_err(|source| ServeError::Model {
-                name: name.to_owned(),
-                source,
-            })?;
-        let id_hex = hex::encode(model.id());
-        let engine = Engine::start(name, model, self.kv.clone(), self.cfg.queue_depth)?;
-        let served = Arc::new(Served {
-            engine,
-            template,
-            id_hex,
-        });
-        let mut m = self.models.write();
-        m.retain(|s| s.engine.name() != name);
-        m.push(served.clone());
-        Ok(served)
     }
 
     /// Loads a GGUF file and serves it under `name`.
@@ -289,18 +630,50 @@ impl Serving {
         self.add_model(name, model)
     }
 
-    /// The model served under `name` (or whose id is `name` in hex).
+    /// The model loaded under `name` or whose id is `name` in hex (any
+    /// case), without loading anything. Aliases (id prefixes, other
+    /// trusted names) are found by [`Serving::resolve`].
     pub fn model(&self, name: &str) -> Option<Arc<Served>> {
-        self.models
-            .read()
-            .iter()
-            .find(|s| s.engine.name() == name || s.id_hex == name)
-            .cloned()
+        let t = self.table.lock();
+        let id = t.names.get(name).copied().or_else(|| parse_id(name))?;
+        t.slots.get(&id).map(|s| s.served.clone())
     }
 
-    /// All served models.
+    fn lookup(&self, name: &str) -> Option<Arc<Served>> {
+        let mut t = self.table.lock();
+        let id = t.names.get(name).copied().or_else(|| parse_id(name))?;
+        t.touch(&id)
+    }
+
+    /// All loaded models.
     pub fn models(&self) -> Vec<Arc<Served>> {
-        self.models.read().clone()
+        let t = self.table.lock();
+        let mut v: Vec<(u64, Arc<Served>)> = t
+            .slots
+            .values()
+            .map(|s| (s.last_used, s.served.clone()))
+            .collect();
+        v.sort_by_key(|(u, _)| *u);
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Stops serving artifact `id` because its file was found corrupt: its
+    /// engine is unloaded (requests already running finish on their own
+    /// reference), so the next request asks the [`ModelSource`] again,
+    /// which answers [`LocateError::Corrupt`] until the file is repaired.
+    /// Returns whether an engine was unloaded.
+    pub fn on_model_corrupt(&self, id: &[u8; 32]) -> bool {
+        let gone = self.table.lock().remove(id);
+        // The prefix KV cache's blocks of this model go here (the lead
+        // wires `PrefixCache::drop_model(id)`).
+        if let Some(slot) = &gone {
+            tracing::warn!(
+                model = slot.served.engine.name(),
+                id = %slot.served.id_hex,
+                "model found corrupt: unloaded"
+            );
+        }
+        gone.is_some()
     }
 
     /// Waits until every engine is idle and flushes the KV disk writes.
@@ -312,6 +685,14 @@ impl Serving {
             let _ = tokio::task::spawn_blocking(move || kv.flush()).await;
         }
     }
+}
+
+/// Why a model could not be added to the table.
+enum InsertError {
+    /// No room (every loaded model in use).
+    Room(LocateError),
+    /// Starting it failed.
+    Serve(ServeError),
 }
 
 /// Serves the OpenAI routes of `serving` on `listener` until `shutdown`

@@ -110,6 +110,8 @@ struct StreamOptions {
 /// Parameters shared by both endpoints.
 #[derive(Debug, Deserialize)]
 struct Params {
+    /// Required (its absence is reported from here); `run` reads it first.
+    #[allow(dead_code)]
     model: String,
     #[serde(default)]
     max_tokens: Option<i64>,
@@ -264,9 +266,52 @@ async fn list_models(State(s): State<Arc<Serving>>) -> Response {
 }
 
 async fn get_model(State(s): State<Arc<Serving>>, Path(name): Path<String>) -> Response {
+    if let Err(e) = super::check_model_name(&name) {
+        return locate_error(&name, e).into_response();
+    }
     match s.model(&name) {
         Some(m) => axum::Json(model_json(&m)).into_response(),
         None => unknown_model(&name).into_response(),
+    }
+}
+
+/// The error response of a model that cannot be served. Names in messages
+/// are cut to [`super::MAX_MODEL_NAME`] bytes.
+fn locate_error(name: &str, e: super::LocateError) -> ApiError {
+    use super::LocateError as L;
+    let mut cut = name.len().min(super::MAX_MODEL_NAME);
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let name = &name[..cut];
+    let unavailable = |message: String, code: &'static str, retry_after: Option<u64>| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message,
+        ty: "server_error",
+        param: Some("model"),
+        code: Some(code),
+        retry_after,
+    };
+    match e {
+        L::Unknown(m) => ApiError {
+            message: m,
+            ..unknown_model(name)
+        },
+        L::Unavailable(m) => unavailable(
+            format!("The model `{name}` is not available on this node: {m}"),
+            "model_unavailable",
+            None,
+        ),
+        L::Corrupt(m) => unavailable(m, "model_corrupt", Some(30)),
+        L::Busy {
+            message,
+            retry_after,
+        } => unavailable(
+            format!("The model `{name}` cannot be loaded now: {message}"),
+            "models_busy",
+            Some(retry_after),
+        ),
+        L::Invalid(m) => ApiError::invalid(m, Some("model"), Some("string_above_max_length")),
     }
 }
 
@@ -291,9 +336,8 @@ struct Prepared {
     model_name: String,
 }
 
-fn prepare(s: &Serving, v: &Value, kind: Kind) -> Result<Prepared, ApiError> {
+fn prepare(served: Arc<Served>, v: &Value, kind: Kind) -> Result<Prepared, ApiError> {
     let p: Params = typed(v)?;
-    let served = s.model(&p.model).ok_or_else(|| unknown_model(&p.model))?;
     if p.n.unwrap_or(1) != 1 {
         return Err(ApiError::invalid(
             "Only n = 1 is supported.",
@@ -628,23 +672,17 @@ async fn run(
     kind: Kind,
 ) -> Result<Response, ApiError> {
     let v = parse_body(body)?;
-    if let Some(name) = v.get("model").and_then(Value::as_str) {
-        s.resolve(name).await.map_err(|e| match e {
-            super::LocateError::Unknown(m) => ApiError {
-                message: m,
-                ..unknown_model(name)
-            },
-            super::LocateError::Unavailable(m) => ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: format!("The model `{name}` is not available on this node: {m}"),
-                ty: "server_error",
-                param: Some("model"),
-                code: Some("model_unavailable"),
-                retry_after: None,
-            },
-        })?;
-    }
-    let p = prepare(&s, &v, kind)?;
+    let Some(name) = v.get("model").and_then(Value::as_str) else {
+        // Missing or not a string: say so as the typed parse words it.
+        typed::<Params>(&v)?;
+        return Err(ApiError::invalid(
+            "model must be a string.",
+            Some("model"),
+            None,
+        ));
+    };
+    let served = s.resolve(name).await.map_err(|e| locate_error(name, e))?;
+    let p = prepare(served, &v, kind)?;
     let engine = p.served.engine.clone();
     // Response cache.
     let rc = s
