@@ -633,7 +633,13 @@ fn encode(dtype: KvDtype, vals: &[f32], out: &mut Vec<u8>) {
 fn q8_block(c: &[f32]) -> (f16, [i8; 32]) {
     let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    // A scale that is zero in f16 gives zero quants (not ±0 values that a
+    // second round trip would turn into +0).
+    let id = if f16::from_f32(d) != f16::ZERO {
+        1.0 / d
+    } else {
+        0.0
+    };
     let mut q = [0i8; 32];
     for (o, v) in q.iter_mut().zip(c) {
         *o = (v * id).round() as i8;
