@@ -7,7 +7,10 @@
 mod inference_common;
 
 use inference_common::demo_model;
-use shoal::inference::{KvCache, KvDtype, Model, ModelConfig};
+use shoal::inference::{
+    GenerateConfig, KvCache, KvDtype, Model, ModelConfig, SamplerConfig, generate, generate_after,
+};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 fn demo() -> Option<Arc<Model>> {
@@ -130,6 +133,49 @@ fn live_kv_survives_a_round_trip_unchanged() {
         }
         // Re-exporting the imported cache gives the same bytes.
         let again = back.export(0..back.len(), dtype, &id).expect("export");
-        assert!(again == blob, "{dtype:?}: a second round trip changed bytes");
+        assert!(
+            again == blob,
+            "{dtype:?}: a second round trip changed bytes"
+        );
+    }
+}
+
+/// With a repetition penalty, a run continuing a restored prefix samples
+/// what a cold run samples when the restored tokens are passed as the
+/// history before the prompt ([`generate_after`], as the engine does).
+#[test]
+fn repetition_penalty_sees_the_restored_prefix() {
+    let Some(m) = demo() else { return };
+    let all = prompt(&m);
+    let cfg = GenerateConfig {
+        max_tokens: 24,
+        stop_at_eos: false,
+        sampler: SamplerConfig {
+            repeat_penalty: 1.5,
+            repeat_last_n: 200,
+            ..SamplerConfig::default()
+        },
+        ..Default::default()
+    };
+    fn go(_: &shoal::inference::TokenEvent<'_>) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+    let cold = generate(&m, &mut m.new_cache(), &all, &cfg, None, go).expect("cold");
+    for split in [16, 64, all.len() - 1] {
+        let mut c = m.new_cache();
+        m.forward(&mut c, &all[..split]).expect("prefix");
+        let blob = c.export(0..split, KvDtype::F16, &m.id()).expect("export");
+        let mut restored = KvCache::import(&blob, m.kv_layout(), &m.id()).expect("import");
+        let warm = generate_after(
+            &m,
+            &mut restored,
+            &all[..split],
+            &all[split..],
+            &cfg,
+            None,
+            go,
+        )
+        .expect("warm");
+        assert_eq!(warm.tokens, cold.tokens, "split at {split}");
     }
 }

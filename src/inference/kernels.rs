@@ -495,11 +495,8 @@ mod avx2 {
                     let p = _mm_mul_ps(dm, ds);
                     accm[par][c] = _mm_add_ps(accm[par][c], p);
                     let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                    acc[par][c] = _mm256_fmadd_ps(
-                        _mm256_broadcastss_ps(p),
-                        mul_sum_us8(bx, by),
-                        acc[par][c],
-                    );
+                    acc[par][c] =
+                        _mm256_fmadd_ps(_mm256_broadcastss_ps(p), mul_sum_us8(bx, by), acc[par][c]);
                 }
             }
         }

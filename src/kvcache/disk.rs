@@ -176,15 +176,10 @@ impl DiskTier {
         model: &[u8; 32],
         also_gone: &HashSet<BlockKey>,
     ) -> Result<Vec<BlockKey>, KvCacheError> {
-        Ok(purge_model_files(
-            &self.dir,
-            model,
-            also_gone,
-            |key, _| {
-                self.remove(key);
-                Ok(())
-            },
-        )?)
+        Ok(purge_model_files(&self.dir, model, also_gone, |key, _| {
+            self.remove(key);
+            Ok(())
+        })?)
     }
 
     /// Opens (creating) `dir` and indexes its block files, oldest first;

@@ -441,7 +441,9 @@ impl PrefixCache {
         }
         // Tail records in RAM referring to a dropped block.
         let refs = self.ram.lock().remove_if(|_, e| match e {
-            ram::RamEntry::Blob(b) => matches!(tail::owner(b), Owner::Refers(k) if gone.contains(&k)),
+            ram::RamEntry::Blob(b) => {
+                matches!(tail::owner(b), Owner::Refers(k) if gone.contains(&k))
+            }
             ram::RamEntry::Decoded { .. } => false,
         });
         n += refs.len();
@@ -908,13 +910,30 @@ mod tests {
             let keys = cx.keys(&tokens);
             pc.store_blocks(&c, &keys, 0, &cx.model_id);
             // Inline tail after the last full block, reference tail after the first.
-            pc.store_tail(cx.tail_key(Some(&keys[3])), &tokens[64..70], None, &c, 64, &cx.model_id);
-            pc.store_tail(cx.tail_key(Some(&keys[0])), &tokens[16..20], Some(keys[1]), &c, 16, &cx.model_id);
+            pc.store_tail(
+                cx.tail_key(Some(&keys[3])),
+                &tokens[64..70],
+                None,
+                &c,
+                64,
+                &cx.model_id,
+            );
+            pc.store_tail(
+                cx.tail_key(Some(&keys[0])),
+                &tokens[16..20],
+                Some(keys[1]),
+                &c,
+                16,
+                &cx.model_id,
+            );
             all_keys.push(keys);
         }
         pc.flush();
-        std::fs::write(dir.join(format!("{}.kvb", hex::encode([0xcc; 32]))), b"not a block")
-            .expect("stray");
+        std::fs::write(
+            dir.join(format!("{}.kvb", hex::encode([0xcc; 32]))),
+            b"not a block",
+        )
+        .expect("stray");
         (pc, cxs, all_keys)
     }
 
@@ -944,10 +963,16 @@ mod tests {
         let mut c = KvCache::new(l);
         assert_eq!(pc.load_prefix(&keys[0], &a.model_id, &mut c).blocks, 0);
         let want: Vec<u32> = (64..70).collect();
-        assert_eq!(pc.load_tail(&a.tail_key(Some(&keys[0][3])), &want, &a.model_id, &mut c), 0);
+        assert_eq!(
+            pc.load_tail(&a.tail_key(Some(&keys[0][3])), &want, &a.model_id, &mut c),
+            0
+        );
         let mut c = KvCache::new(l);
         assert_eq!(pc.load_prefix(&keys[1], &b.model_id, &mut c).blocks, 4);
-        assert_eq!(pc.load_tail(&b.tail_key(Some(&keys[1][3])), &want, &b.model_id, &mut c), 6);
+        assert_eq!(
+            pc.load_tail(&b.tail_key(Some(&keys[1][3])), &want, &b.model_id, &mut c),
+            6
+        );
         assert_eq!(pc.drop_model(&a.model_id), 0, "nothing left to drop");
         drop(pc);
         // After a restart the disk tier still has nothing of a, all of b.
@@ -970,15 +995,27 @@ mod tests {
         let (pc, [a, b], _) = two_models(d.path());
         drop(pc);
         assert_eq!(files(d.path()), 13);
-        assert_eq!(purge_model_on_disk(d.path(), &a.model_id).expect("purge"), 6);
+        assert_eq!(
+            purge_model_on_disk(d.path(), &a.model_id).expect("purge"),
+            6
+        );
         assert_eq!(files(d.path()), 7, "b's 6 files and the stray one stay");
-        assert_eq!(purge_model_on_disk(d.path(), &a.model_id).expect("again"), 0);
+        assert_eq!(
+            purge_model_on_disk(d.path(), &a.model_id).expect("again"),
+            0
+        );
         let stray = d.path().join(format!("{}.kvb", hex::encode([0xcc; 32])));
         assert_eq!(std::fs::read(&stray).expect("stray"), b"not a block");
-        assert_eq!(purge_model_on_disk(d.path(), &b.model_id).expect("purge b"), 6);
+        assert_eq!(
+            purge_model_on_disk(d.path(), &b.model_id).expect("purge b"),
+            6
+        );
         assert_eq!(files(d.path()), 1);
         let missing = d.path().join("nope");
-        assert_eq!(purge_model_on_disk(&missing, &a.model_id).expect("missing"), 0);
+        assert_eq!(
+            purge_model_on_disk(&missing, &a.model_id).expect("missing"),
+            0
+        );
     }
 
     #[test]

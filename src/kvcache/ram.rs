@@ -148,7 +148,10 @@ impl RamTier {
 
     /// Drops every entry (expired or not) for which `f` is true; returns
     /// their keys.
-    pub fn remove_if(&mut self, mut f: impl FnMut(&BlockKey, RamEntry<'_>) -> bool) -> Vec<BlockKey> {
+    pub fn remove_if(
+        &mut self,
+        mut f: impl FnMut(&BlockKey, RamEntry<'_>) -> bool,
+    ) -> Vec<BlockKey> {
         let dead: Vec<BlockKey> = self
             .map
             .iter()
