@@ -157,12 +157,40 @@ fn kv_export_import_continues_identically() {
         if dtype == KvDtype::F16 {
             assert_eq!(cont.tokens, full.tokens, "{dtype:?}: continuation differs");
         } else {
-            // q8_0 is lossy (8 bits per value): the start must agree; later a
-            // near-tie may go the other way.
+            // A q8_0 export of f16 values is lossy: the start must agree,
+            // later a near-tie may go the other way. A cache holding q8_0
+            // values from the start continues exactly (below).
             assert_eq!(
                 cont.tokens[..4],
                 full.tokens[..4],
                 "{dtype:?}: continuation differs"
+            );
+            let whole = generate(
+                &m,
+                &mut m.new_cache_with(dtype),
+                &prompt,
+                &greedy(n),
+                None,
+                |_| ControlFlow::Continue(()),
+            )
+            .expect("generate");
+            let mut q = m.new_cache_with(dtype);
+            m.forward(&mut q, &prompt[..prompt.len() - 1])
+                .expect("prefix");
+            let blob = q.export(0..q.len(), dtype, &id).expect("export");
+            let mut restored = KvCache::import(&blob, m.kv_layout(), &id).expect("import");
+            let cont = generate(
+                &m,
+                &mut restored,
+                &prompt[prompt.len() - 1..],
+                &greedy(n),
+                None,
+                |_| ControlFlow::Continue(()),
+            )
+            .expect("continue");
+            assert_eq!(
+                cont.tokens, whole.tokens,
+                "q8_0 cache: continuation differs"
             );
         }
         // A corrupted or foreign blob is refused.

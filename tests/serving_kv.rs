@@ -289,3 +289,225 @@ async fn budgets_are_never_exceeded() {
     assert!(kv.disk().expect("disk").len() >= 4);
     srv.stop().await;
 }
+
+/// 20 chats: four system prompts, five messages each (the fifth a second
+/// turn after the first answer, given by `first_answers`, one per system).
+fn chats(first_answers: &[String]) -> Vec<Value> {
+    let systems = [
+        "You are a patient history teacher. Answer in one short sentence and name the key date or person.",
+        "You are a careful geography tutor for twelve-year-old pupils. Use simple words, write one sentence only, and always name the country you are talking about.",
+        "You are a science teacher. Explain things to a beginner in at most two sentences and give one example from everyday life that a child would know.",
+        "You are the friendly assistant of a small bakery in Lyon. Be brief and warm, answer in English, and suggest one of our products (croissants, baguettes, fruit tarts, brioche) when it fits the question.",
+    ];
+    let questions = [
+        [
+            "What is the name of the national anthem of France?",
+            "Who was the first president of the United States?",
+            "When did the Berlin Wall fall?",
+            "Who painted the Mona Lisa?",
+        ],
+        [
+            "What is the longest river in Africa?",
+            "Which city is the capital of Australia?",
+            "Where is Mount Kilimanjaro?",
+            "Which ocean lies between Europe and America?",
+        ],
+        [
+            "Why is the sky blue?",
+            "What makes ice float on water?",
+            "How do plants make their food?",
+            "Why do we see lightning before we hear thunder?",
+        ],
+        [
+            "What should I bring to a birthday breakfast?",
+            "Do you have anything without sugar?",
+            "How long does a baguette stay fresh?",
+            "What goes well with coffee in the afternoon?",
+        ],
+    ];
+    let mut out = Vec::new();
+    for (s, (system, qs)) in systems.iter().zip(questions).enumerate() {
+        for q in qs {
+            out.push(json!([
+                {"role": "system", "content": system},
+                {"role": "user", "content": q}]));
+        }
+        if let Some(a) = first_answers.get(s) {
+            out.push(json!([
+                {"role": "system", "content": system},
+                {"role": "user", "content": qs[0]},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": "Can you say that again in other words?"}]));
+        }
+    }
+    out
+}
+
+/// (text, completion_tokens, cached_tokens) of a greedy chat completion.
+async fn chat(addr: std::net::SocketAddr, model: &str, messages: &Value) -> (String, u64, u64) {
+    let body = json!({"model": model, "messages": messages, "max_tokens": 20, "temperature": 0});
+    let r = post(addr, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    (
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+            .to_owned(),
+        v["usage"]["completion_tokens"].as_u64().expect("ct"),
+        v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached"),
+    )
+}
+
+/// The 20 chats' greedy answers with no cache at all: the 4 first answers
+/// make the second turns.
+async fn cold_answers(addr: std::net::SocketAddr, model: &str) -> Vec<(String, u64)> {
+    let mut firsts = Vec::new();
+    for m in chats(&[]).iter().step_by(4) {
+        firsts.push(chat(addr, model, m).await.0);
+    }
+    let mut out = Vec::new();
+    for m in chats(&firsts) {
+        let (t, n, cached) = chat(addr, model, &m).await;
+        assert_eq!(cached, 0, "the cold run uses no cache");
+        out.push((t, n));
+    }
+    out
+}
+
+/// Asks every chat and checks the answer equals the cold one; returns the
+/// cached tokens in all.
+async fn same_answers(
+    addr: std::net::SocketAddr,
+    model: &str,
+    cold: &[(String, u64)],
+    tier: &str,
+) -> u64 {
+    let firsts: Vec<String> = cold.iter().step_by(5).map(|c| c.0.clone()).collect();
+    let mut cached_sum = 0;
+    for (i, (m, want)) in chats(&firsts).iter().zip(cold).enumerate() {
+        let (text, n, cached) = chat(addr, model, m).await;
+        assert_eq!(
+            (&text, n),
+            (&want.0, want.1),
+            "chat {i} ({tier}, {cached} cached tokens): the answer differs from the cold one"
+        );
+        cached_sum += cached;
+    }
+    cached_sum
+}
+
+/// Greedy answers are the same cold, with the prefix from the RAM tier and
+/// from the disk tier after a restart (the neighbour tier: see
+/// `greedy_answers_are_the_same_with_a_neighbours_kv`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_answers_do_not_depend_on_the_cache_tier() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut nocache = ram_only();
+    nocache.kv = None;
+    let Some(srv) = TestServer::start(nocache).await else {
+        return;
+    };
+    let cold = cold_answers(srv.addr, NAME).await;
+    assert_eq!(cold.len(), 20);
+    srv.stop().await;
+
+    let srv = restart(dir.path()).await;
+    // The first pass reuses the shared system prompts (hot sequence, RAM
+    // blocks and tail records), the second whole prompts.
+    let first = same_answers(srv.addr, NAME, &cold, "first pass").await;
+    let again = same_answers(srv.addr, NAME, &cold, "RAM").await;
+    assert!(first > 0 && again > first, "cached tokens {first}, {again}");
+    let kv = srv.serving.kv().expect("kv").clone();
+    assert!(kv.stats().ram_hits.load(Ordering::Relaxed) > 0);
+    srv.stop().await;
+    drop(kv);
+
+    let srv = restart(dir.path()).await;
+    let kv = srv.serving.kv().expect("kv").clone();
+    let disk = same_answers(srv.addr, NAME, &cold, "disk").await;
+    assert!(disk >= again / 2, "cached tokens {disk}");
+    assert!(kv.stats().disk_hits.load(Ordering::Relaxed) >= 20);
+    srv.stop().await;
+}
+
+async fn p2p_addr(node: &shoal::node::Node) -> libp2p::Multiaddr {
+    for _ in 0..6000 {
+        if let Some(a) = node
+            .mesh()
+            .listen_addrs()
+            .await
+            .expect("addrs")
+            .into_iter()
+            .next()
+        {
+            return a.with_p2p(node.mesh().peer_id()).expect("p2p");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("node never listened");
+}
+
+/// A node in `dir` serving the demo model (added to its store) with the
+/// response cache off; returns it, its HTTP address and the model's name.
+async fn node(
+    dir: &std::path::Path,
+    peers: Vec<libp2p::Multiaddr>,
+) -> (shoal::node::Node, std::net::SocketAddr, String) {
+    let cfg = ServeConfig {
+        response_cache_budget: 0,
+        ..ServeConfig::with_data_dir(dir)
+    };
+    let (node, addr) = start_node(dir, peers, cfg).await;
+    let model = demo_model_path().expect("model");
+    let store = node.store().clone();
+    let id = tokio::task::spawn_blocking(move || {
+        store.add_file(&model, &shoal::store::AddOptions::default())
+    })
+    .await
+    .expect("join")
+    .expect("add");
+    (node, addr, id.to_hex())
+}
+
+/// Greedy answers are the same cold and with the prefix taken from a
+/// neighbour's KV blocks (two in-process nodes on 127.0.0.1, mDNS off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_answers_are_the_same_with_a_neighbours_kv() {
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut nocache = ram_only();
+    nocache.kv = None;
+    let Some(srv) = TestServer::start(nocache).await else {
+        return;
+    };
+    let cold = cold_answers(srv.addr, NAME).await;
+    srv.stop().await;
+
+    // A computes every chat; B takes the blocks from A.
+    let (a, a_http, id) = node(&tmp.path().join("a"), Vec::new()).await;
+    same_answers(a_http, &id, &cold, "node A").await;
+    let (b, b_http, _) = node(&tmp.path().join("b"), vec![p2p_addr(&a).await]).await;
+    let pb = a.mesh().peer_id();
+    for _ in 0..6000 {
+        if b.mesh().connected().await.expect("peers").contains(&pb) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    same_answers(b_http, &id, &cold, "neighbour").await;
+    let kv_b = b.serving().expect("serving").kv().expect("kv").clone();
+    assert!(
+        kv_b.stats().mesh_hits.load(Ordering::Relaxed) > 0,
+        "blocks came from the neighbour: {}",
+        kv_b.stats().mesh_hits.load(Ordering::Relaxed)
+    );
+    assert_eq!(kv_b.stats().mesh_caught.load(Ordering::Relaxed), 0);
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}

@@ -88,9 +88,32 @@ pub struct GenerateOutput {
 /// through the model: all of them after an end token, all but the last
 /// otherwise.
 /// `cancel` is checked before every forward pass.
+///
+/// The repetition penalty looks at `prompt` and the output only; when
+/// `cache` holds earlier tokens (a restored prefix), use
+/// [`generate_after`] so that the answer does not depend on how much of
+/// the sequence came from a cache.
 pub fn generate(
     model: &Model,
     cache: &mut KvCache,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    cancel: Option<&AtomicBool>,
+    on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
+) -> Result<GenerateOutput, InferenceError> {
+    generate_after(model, cache, &[], prompt, cfg, cancel, on_token)
+}
+
+/// [`generate`] where `cache` holds the tokens `before` (e.g. a prefix
+/// restored from the KV cache): they count for the repetition penalty
+/// exactly as if they had been part of `prompt`, so a cached and a cold
+/// run of the same sequence sample the same tokens. `before` is not run
+/// through the model (its keys and values are in `cache`); only its last
+/// `repeat_last_n` tokens matter.
+pub fn generate_after(
+    model: &Model,
+    cache: &mut KvCache,
+    before: &[u32],
     prompt: &[u32],
     cfg: &GenerateConfig,
     cancel: Option<&AtomicBool>,
@@ -120,7 +143,11 @@ pub fn generate(
     let mut logits = model.forward(cache, prompt)?;
     out.prompt_time = t0.elapsed();
     let t1 = Instant::now();
-    let mut history: Vec<u32> = prompt.to_vec();
+    let keep = before
+        .len()
+        .min(cfg.sampler.repeat_last_n.saturating_sub(prompt.len()));
+    let mut history: Vec<u32> = before[before.len() - keep..].to_vec();
+    history.extend_from_slice(prompt);
     let mut pending: Vec<u8> = Vec::new();
     // Text decoded so far; `released` bytes of it went to the callback.
     let mut text = String::new();

@@ -473,12 +473,17 @@ mod avx2 {
         hsum_ps(_mm256_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_movehdup_ps(m))
     }
 
+    /// Four [`dot_q4_1_a8s`] at once, bit for bit: the same operations in
+    /// the same order per activation row (even blocks into one accumulator,
+    /// odd blocks into another, summed at the end), so a token's result
+    /// does not depend on whether its batch had it in a group of four.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_q4_1_a8s_x4(w: &[BlockQ4_1], a: [&[BlockA8S]; 4]) -> [f32; 4] {
         let n = a.iter().fold(w.len(), |n, r| n.min(r.len()));
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut accm = [_mm_setzero_ps(); 4];
+        let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+        let mut accm = [[_mm_setzero_ps(); 4]; 2];
         for i in 0..n {
+            let par = i % 2;
             // SAFETY: `i < n` bounds every slice; blocks are 20 and 40 bytes.
             unsafe {
                 let x = w.get_unchecked(i);
@@ -488,13 +493,17 @@ mod avx2 {
                     let y = a[c].get_unchecked(i);
                     let ds = _mm_castpd_ps(_mm_load_sd((y as *const BlockA8S).cast()));
                     let p = _mm_mul_ps(dm, ds);
-                    accm[c] = _mm_add_ps(accm[c], p);
+                    accm[par][c] = _mm_add_ps(accm[par][c], p);
                     let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-                    acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), mul_sum_us8(bx, by), acc[c]);
+                    acc[par][c] =
+                        _mm256_fmadd_ps(_mm256_broadcastss_ps(p), mul_sum_us8(bx, by), acc[par][c]);
                 }
             }
         }
-        std::array::from_fn(|c| hsum_ps(acc[c]) + _mm_cvtss_f32(_mm_movehdup_ps(accm[c])))
+        std::array::from_fn(|c| {
+            let m = _mm_add_ps(accm[0][c], accm[1][c]);
+            hsum_ps(_mm256_add_ps(acc[0][c], acc[1][c])) + _mm_cvtss_f32(_mm_movehdup_ps(m))
+        })
     }
 
     /// `d_w * d_a` broadcast, for blocks whose first two bytes are an f16 scale.
@@ -798,6 +807,15 @@ mod tests {
             assert!(close(four[0], dot_q4_1_a8s_scalar(&w41, c1)));
             assert!(close(four[1], dot_q4_1_a8s_scalar(&w41, &d1r)));
             assert_eq!(four[0], four[2]);
+            // Bit for bit the single-row kernel: a token's matmul result
+            // must not depend on its place in the batch.
+            for (k, r) in [c1, &d1r[..], c1, &d1r[..]].into_iter().enumerate() {
+                assert_eq!(
+                    four[k].to_bits(),
+                    dot_q4_1_a8s(isa, &w41, r).to_bits(),
+                    "x4 lane {k}, {nb} blocks"
+                );
+            }
             assert!(close(
                 dot_q8_0_a8_scalar(&w80, c0),
                 dot_q8_0_a8(isa, &w80, c0)

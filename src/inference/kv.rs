@@ -1,8 +1,12 @@
 //! The explicit per-sequence KV cache and its versioned byte format.
 //!
-//! Keys and values are kept in f32, in blocks of [`BLOCK_TOKENS`] positions
-//! shared through `Arc`: [`KvCache::fork`] copies no data (blocks are cloned
-//! only when a fork writes into a shared one). Keys are stored after RoPE.
+//! Keys and values are kept in f32 storage, in blocks of [`BLOCK_TOKENS`]
+//! positions shared through `Arc`: [`KvCache::fork`] copies no data (blocks
+//! are cloned only when a fork writes into a shared one). Keys are stored
+//! after RoPE. Every value written is first rounded through the cache's
+//! [`KvDtype`] (f16 by default), so the live cache holds exactly what an
+//! export and import of it holds: a prefix restored from stored blocks and
+//! the same prefix computed cold give bit-identical attention.
 //!
 //! # Byte format (version 1, little-endian)
 //!
@@ -172,9 +176,17 @@ impl SharedBlock {
 }
 
 /// Keys and values of one sequence, for positions `0..len()`.
+///
+/// Every value is kept exactly as the cache's [`KvDtype`] stores it: a
+/// computed key or value is rounded through that encoding when it is
+/// written, so exporting positions and importing them changes no bit, and
+/// a prefix restored from blocks attends over the very values a cold
+/// computation of the same tokens attends over (see docs/INFERENCE.md,
+/// "KV cache and determinism").
 #[derive(Clone)]
 pub struct KvCache {
     layout: KvLayout,
+    dtype: KvDtype,
     len: usize,
     blocks: Vec<Arc<Block>>,
 }
@@ -183,6 +195,7 @@ impl std::fmt::Debug for KvCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvCache")
             .field("layout", &self.layout)
+            .field("dtype", &self.dtype)
             .field("len", &self.len)
             .finish_non_exhaustive()
     }
@@ -204,13 +217,27 @@ pub struct KvHeader {
 }
 
 impl KvCache {
-    /// An empty cache.
+    /// An empty cache holding f16 values (see [`KvCache::with_dtype`]).
     pub fn new(layout: KvLayout) -> Self {
+        Self::with_dtype(layout, KvDtype::F16)
+    }
+
+    /// An empty cache whose values are rounded through `dtype` when they
+    /// are written (for q8_0 with a head dim that is not a multiple of 32,
+    /// which cannot be exported as q8_0, through f16), and which imports
+    /// only blobs of that `dtype`.
+    pub fn with_dtype(layout: KvLayout, dtype: KvDtype) -> Self {
         KvCache {
             layout,
+            dtype,
             len: 0,
             blocks: Vec::new(),
         }
+    }
+
+    /// The encoding the values are held in.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
     }
 
     /// The layout.
@@ -261,18 +288,18 @@ impl KvCache {
         if (j + 1) * BLOCK_TOKENS > self.len {
             return None;
         }
+        if dtype == self.dtype {
+            // Values already are what a round trip through `dtype` gives.
+            return self.shared_block(j);
+        }
         let src = &self.blocks.get(j)?.0;
         let mut out = pool::take(src.len());
-        let mut bytes = Vec::with_capacity(dtype.head_bytes(self.layout.head_dim));
-        let mut tmp = vec![f16::ZERO; self.layout.head_dim];
         // Head vectors are contiguous runs of head_dim values, as in an export.
         for (o, x) in out
             .chunks_exact_mut(self.layout.head_dim)
             .zip(src.chunks_exact(self.layout.head_dim))
         {
-            bytes.clear();
-            encode(dtype, x, &mut bytes);
-            decode(dtype, &bytes, o, &mut tmp);
+            round_through(dtype, x, o);
         }
         Some(SharedBlock(Arc::new(Block(out))))
     }
@@ -307,16 +334,18 @@ impl KvCache {
         }
     }
 
-    /// Writes K and V of one head at position `pos` (room made by `reserve`).
+    /// Writes K and V of one head at position `pos` (room made by `reserve`),
+    /// rounded through the cache's dtype.
     pub(crate) fn write(&mut self, layer: usize, pos: usize, head: usize, k: &[f32], v: &[f32]) {
         let hd = self.layout.head_dim;
         let (b, t) = (pos / BLOCK_TOKENS, pos % BLOCK_TOKENS);
         let layout = self.layout;
+        let dtype = self.dtype;
         let blk = &mut Arc::make_mut(&mut self.blocks[b]).0;
         let ik = layout.index(layer, 0, head, t);
-        blk[ik..ik + hd].copy_from_slice(k);
+        round_through(dtype, k, &mut blk[ik..ik + hd]);
         let iv = layout.index(layer, 1, head, t);
-        blk[iv..iv + hd].copy_from_slice(v);
+        round_through(dtype, v, &mut blk[iv..iv + hd]);
     }
 
     /// Marks `n` written positions as part of the cache.
@@ -488,19 +517,22 @@ impl KvCache {
         })
     }
 
-    /// Builds a cache from a blob that starts at position 0.
+    /// Builds a cache from a blob that starts at position 0 (holding values
+    /// of the blob's dtype).
     pub fn import(
         bytes: &[u8],
         layout: KvLayout,
         model_id: &[u8; 32],
     ) -> Result<KvCache, InferenceError> {
-        let mut c = KvCache::new(layout);
+        let h = Self::parse(bytes, false)?;
+        let mut c = KvCache::with_dtype(layout, h.dtype);
         c.import_append(bytes, model_id)?;
         Ok(c)
     }
 
     /// Appends the positions of a blob whose range starts at `len()`.
-    /// Refuses blobs of another model, another layout, or corrupted ones.
+    /// Refuses blobs of another model, another layout, another dtype, or
+    /// corrupted ones.
     pub fn import_append(
         &mut self,
         bytes: &[u8],
@@ -534,6 +566,12 @@ impl KvCache {
             return Err(InferenceError::Kv(format!(
                 "KV blob layout {:?} does not match {:?}",
                 h.layout, self.layout
+            )));
+        }
+        if h.dtype != self.dtype {
+            return Err(InferenceError::Kv(format!(
+                "KV blob holds {:?} values, this cache {:?}",
+                h.dtype, self.dtype
             )));
         }
         if h.range.start != self.len {
@@ -582,11 +620,52 @@ fn encode(dtype: KvDtype, vals: &[f32], out: &mut Vec<u8>) {
         }
         KvDtype::Q8_0 => {
             for c in vals.chunks_exact(32) {
-                let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-                out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-                out.extend(c.iter().map(|v| (v * id).round() as i8 as u8));
+                let (d, q) = q8_block(c);
+                out.extend_from_slice(&d.to_le_bytes());
+                out.extend(q.iter().map(|&v| v as u8));
+            }
+        }
+    }
+}
+
+/// One q8_0 run of 32 values: its f16 scale and quants (ggml's Q8_0).
+#[inline]
+fn q8_block(c: &[f32]) -> (f16, [i8; 32]) {
+    let amax = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    // A scale that is zero in f16 gives zero quants (not ±0 values that a
+    // second round trip would turn into +0).
+    let id = if f16::from_f32(d) != f16::ZERO {
+        1.0 / d
+    } else {
+        0.0
+    };
+    let mut q = [0i8; 32];
+    for (o, v) in q.iter_mut().zip(c) {
+        *o = (v * id).round() as i8;
+    }
+    (f16::from_f32(d), q)
+}
+
+/// Writes `src` rounded through `dtype` to `out`: exactly what encoding
+/// `src` as in an export and decoding it gives (the same functions do
+/// both). q8_0 needs runs of 32 values; any other length goes through f16
+/// (such a cache cannot be exported as q8_0 anyway).
+fn round_through(dtype: KvDtype, src: &[f32], out: &mut [f32]) {
+    match dtype {
+        KvDtype::Q8_0 if src.len().is_multiple_of(32) => {
+            for (o, c) in out.chunks_exact_mut(32).zip(src.chunks_exact(32)) {
+                let (d, q) = q8_block(c);
+                let d = d.to_f32();
+                for (x, q) in o.iter_mut().zip(q) {
+                    *x = f32::from(q) * d;
+                }
+            }
+        }
+        _ => {
+            // f16 -> f32 is exact: any conversion matches `decode`.
+            for (o, v) in out.iter_mut().zip(src) {
+                *o = f16::from_f32(*v).to_f32();
             }
         }
     }
@@ -625,7 +704,11 @@ mod tests {
     };
 
     fn filled(n: usize) -> KvCache {
-        let mut c = KvCache::new(L);
+        filled_as(n, KvDtype::F16)
+    }
+
+    fn filled_as(n: usize, dtype: KvDtype) -> KvCache {
+        let mut c = KvCache::with_dtype(L, dtype);
         let w = L.n_layer * L.n_kv_head * L.head_dim;
         for p in 0..n {
             let k: Vec<f32> = (0..w).map(|i| (p * 100 + i) as f32 / 64.0).collect();
@@ -653,9 +736,9 @@ mod tests {
 
     #[test]
     fn export_import_ranges() {
-        let a = filled(70);
         let id = [7u8; 32];
         for dtype in [KvDtype::F16, KvDtype::Q8_0] {
+            let a = filled_as(70, dtype);
             let head = a.export(0..33, dtype, &id).expect("export");
             let tail = a.export(33..70, dtype, &id).expect("export");
             let mut b = KvCache::import(&head, L, &id).expect("import");
@@ -761,14 +844,72 @@ mod tests {
         }
     }
 
+    /// Written values are rounded through the cache's dtype: exporting and
+    /// importing them changes no bit (also for tiny and zero runs), and a
+    /// blob of another dtype is refused.
+    #[test]
+    fn live_values_are_round_trip_exact() {
+        let id = [9u8; 32];
+        let w = L.n_layer * L.n_kv_head * L.head_dim;
+        for dtype in [KvDtype::F16, KvDtype::Q8_0] {
+            let mut c = KvCache::with_dtype(L, dtype);
+            let mut seed = 0x1234_5678_u32;
+            let mut rnd = || {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            };
+            for p in 0..40 {
+                let scale = [1e-9f32, 1e-6, 0.0, 1.0, 300.0][p % 5];
+                let k: Vec<f32> = (0..w).map(|_| rnd() * scale).collect();
+                let v: Vec<f32> = (0..w).map(|_| rnd() * scale * 7.0).collect();
+                c.append(&k, &v).expect("append");
+            }
+            let blob = c.export(0..40, dtype, &id).expect("export");
+            let b = KvCache::import(&blob, L, &id).expect("import");
+            assert_eq!(b.dtype(), dtype);
+            for p in 0..40 {
+                for layer in 0..L.n_layer {
+                    for kv in 0..2 {
+                        let (x, y) = (c.get(layer, kv, 0, p), b.get(layer, kv, 0, p));
+                        let bits = |v: Option<&[f32]>| {
+                            v.map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+                        };
+                        assert_eq!(bits(x), bits(y), "{dtype:?} position {p}");
+                    }
+                }
+            }
+            assert_eq!(
+                b.export(0..40, dtype, &id).expect("export"),
+                blob,
+                "{dtype:?}: a second round trip changed bytes"
+            );
+            // The decoded block of a cache equals its rounded block.
+            let r = c.rounded_block(0, dtype).expect("block");
+            let mut d = KvCache::with_dtype(L, dtype);
+            d.push_shared(r).expect("push");
+            assert_eq!(d.get(1, 1, 0, 7), c.get(1, 1, 0, 7));
+            let other = match dtype {
+                KvDtype::F16 => KvDtype::Q8_0,
+                KvDtype::Q8_0 => KvDtype::F16,
+            };
+            let e = KvCache::with_dtype(L, other)
+                .import_append(&blob, &id)
+                .expect_err("dtype mismatch accepted");
+            assert!(e.to_string().contains("values, this cache"), "{e}");
+        }
+    }
+
     /// The byte format is pinned by a checked-in fixture: a 2-position,
     /// 2-layer, 1-head, head-dim-32 cache exported as f16 and as q8_0.
     #[test]
     fn fixture_v1() {
-        let a = filled(2);
         let id = [0xab; 32];
-        let f16_blob = a.export(0..2, KvDtype::F16, &id).expect("export");
-        let q8_blob = a.export(0..2, KvDtype::Q8_0, &id).expect("export");
+        let f16_blob = filled_as(2, KvDtype::F16)
+            .export(0..2, KvDtype::F16, &id)
+            .expect("export");
+        let q8_blob = filled_as(2, KvDtype::Q8_0)
+            .export(0..2, KvDtype::Q8_0, &id)
+            .expect("export");
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         if std::env::var_os("SHOAL_REGEN_FIXTURES").is_some() {
             std::fs::write(dir.join("kv_v1_f16.bin"), &f16_blob).expect("write");

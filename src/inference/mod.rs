@@ -21,7 +21,9 @@ mod sample;
 mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
-pub use generate::{GenerateConfig, GenerateOutput, StopReason, TokenEvent, generate};
+pub use generate::{
+    GenerateConfig, GenerateOutput, StopReason, TokenEvent, generate, generate_after,
+};
 pub use kernels::Isa;
 pub use kv::{
     BLOCK_TOKENS as KV_STORAGE_TOKENS, KV_FORMAT_VERSION, KV_MAGIC, KvCache, KvDtype, KvLayout,

@@ -2,7 +2,7 @@
 
 use super::InferenceError;
 use super::kernels::{self, Isa};
-use super::kv::{KvCache, KvLayout};
+use super::kv::{KvCache, KvDtype, KvLayout};
 use super::quant::{Exec, QMatrix, dequant};
 use super::tokenizer::Tokenizer;
 use crate::gguf::{GgmlType, Gguf, TensorInfo, Value};
@@ -400,9 +400,15 @@ impl Model {
         }
     }
 
-    /// An empty KV cache for this model.
+    /// An empty KV cache for this model, holding f16 values.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.kv_layout())
+    }
+
+    /// An empty KV cache for this model holding values of `dtype` (the
+    /// format its blocks are exported in: see [`KvCache::with_dtype`]).
+    pub fn new_cache_with(&self, dtype: KvDtype) -> KvCache {
+        KvCache::with_dtype(self.kv_layout(), dtype)
     }
 
     /// Runs `tokens` through the model after the cache's contents, appends

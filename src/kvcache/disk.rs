@@ -16,10 +16,11 @@
 //! Writes go to a temporary file that is renamed into place, so a crash
 //! leaves either the old state or the whole block.
 
+use super::tail::Owner;
 use super::{BlockKey, KvCacheError};
 use crate::inference::KvCache;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -99,7 +100,88 @@ pub fn decode(key: &BlockKey, bytes: &[u8]) -> Result<Vec<u8>, KvCacheError> {
     Ok(blob.to_vec())
 }
 
+/// The owner of a block file whose name says `key`: `Unknown` when its
+/// header is not a valid one for that key (such files are left to the
+/// checks of a read). `Ok(None)` when the file is gone.
+pub(crate) fn file_owner(path: &Path, key: &BlockKey) -> std::io::Result<Option<Owner>> {
+    use std::io::Read;
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut head = Vec::with_capacity(HEADER + 64);
+    f.take((HEADER + super::tail::OWNER_PREFIX) as u64)
+        .read_to_end(&mut head)?;
+    if head.len() < HEADER
+        || &head[..8] != MAGIC
+        || head[8..12] != VERSION.to_le_bytes()
+        || head[12..44] != key.0
+    {
+        return Ok(Some(Owner::Unknown));
+    }
+    Ok(Some(super::tail::owner(&head[HEADER..])))
+}
+
+/// The block files of `dir` (`<hex key>.kvb`) with their keys.
+fn block_files(dir: &Path) -> std::io::Result<Vec<(BlockKey, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(k) = name.strip_suffix(".kvb").and_then(BlockKey::from_hex) {
+            out.push((k, e.path()));
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes the block files of `dir` holding KV of `model`, and the tail
+/// records referring to those blocks or to blocks in `also_gone`; returns
+/// the keys of the deleted files. Files whose header is not valid are left
+/// alone.
+pub(crate) fn purge_model_files(
+    dir: &Path,
+    model: &[u8; 32],
+    also_gone: &HashSet<BlockKey>,
+    mut delete: impl FnMut(&BlockKey, &Path) -> std::io::Result<()>,
+) -> std::io::Result<Vec<BlockKey>> {
+    let mut gone = Vec::new();
+    let mut refs = Vec::new();
+    for (key, path) in block_files(dir)? {
+        match file_owner(&path, &key)? {
+            Some(Owner::Model(m)) if &m == model => {
+                delete(&key, &path)?;
+                gone.push(key);
+            }
+            Some(Owner::Refers(target)) => refs.push((key, path, target)),
+            _ => {}
+        }
+    }
+    let dropped: HashSet<BlockKey> = gone.iter().copied().collect();
+    for (key, path, target) in refs {
+        if dropped.contains(&target) || also_gone.contains(&target) {
+            delete(&key, &path)?;
+            gone.push(key);
+        }
+    }
+    Ok(gone)
+}
+
 impl DiskTier {
+    /// Deletes this tier's blocks of `model` (see [`purge_model_files`]);
+    /// returns their keys.
+    pub fn remove_model(
+        &self,
+        model: &[u8; 32],
+        also_gone: &HashSet<BlockKey>,
+    ) -> Result<Vec<BlockKey>, KvCacheError> {
+        Ok(purge_model_files(&self.dir, model, also_gone, |key, _| {
+            self.remove(key);
+            Ok(())
+        })?)
+    }
+
     /// Opens (creating) `dir` and indexes its block files, oldest first;
     /// stray temporary files are removed and the budget is enforced.
     pub fn open(dir: &Path, budget: u64) -> Result<DiskTier, KvCacheError> {

@@ -405,6 +405,55 @@ impl PrefixCache {
         }
     }
 
+    /// Drops every stored entry holding KV computed by `model` (its id as
+    /// written in the blocks): KV blocks, tail records and decoded blocks
+    /// in RAM, block files on disk, and the tail records that refer to a
+    /// dropped block. Returns how many entries were dropped (a block held
+    /// in RAM and on disk counts twice). For KV computed from bytes later
+    /// found corrupt: call it when no engine runs on that model any more
+    /// (queued disk writes are flushed first). A disk error is logged and
+    /// ends the disk pass (what it dropped is counted).
+    pub fn drop_model(&self, model: &[u8; 32]) -> usize {
+        use std::collections::HashSet;
+        use tail::Owner;
+        self.flush();
+        let own = |b: &[u8]| matches!(tail::owner(b), Owner::Model(m) if &m == model);
+        let mut gone: HashSet<BlockKey> = self
+            .ram
+            .lock()
+            .remove_if(|_, e| match e {
+                ram::RamEntry::Blob(b) => own(b),
+                ram::RamEntry::Decoded { model: m } => m == model,
+            })
+            .into_iter()
+            .collect();
+        let mut n = gone.len();
+        if let Some(d) = &self.disk {
+            match d.remove_model(model, &gone) {
+                Ok(keys) => {
+                    n += keys.len();
+                    gone.extend(keys);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, dir = %d.dir().display(), "dropping a model's KV blocks from disk failed");
+                }
+            }
+        }
+        // Tail records in RAM referring to a dropped block.
+        let refs = self.ram.lock().remove_if(|_, e| match e {
+            ram::RamEntry::Blob(b) => {
+                matches!(tail::owner(b), Owner::Refers(k) if gone.contains(&k))
+            }
+            ram::RamEntry::Decoded { .. } => false,
+        });
+        n += refs.len();
+        gone.extend(refs);
+        self.foreign.lock().retain(|k| !gone.contains(k));
+        tracing::info!(model = %hex::encode(model), dropped = n, "KV blocks of a model dropped");
+        self.report_usage();
+        n
+    }
+
     /// Waits until every queued disk write is done.
     pub fn flush(&self) {
         if let Some(w) = &self.writer {
@@ -423,6 +472,12 @@ impl PrefixCache {
     ) -> PrefixHit {
         let mut hit = PrefixHit::default();
         if !cache.is_empty() {
+            return hit;
+        }
+        if cache.dtype() != self.cfg.dtype {
+            // Its values would not be the blocks' (and the blocks would not
+            // import): a caller's mistake, not a bad block.
+            tracing::warn!(cache = ?cache.dtype(), blocks = ?self.cfg.dtype, "KV cache of another dtype; prefix cache not used");
             return hit;
         }
         let m = crate::metrics::global();
@@ -482,7 +537,7 @@ impl PrefixCache {
             }
         }
         // Keep what was decoded for next time.
-        self.keep_decoded(cache, keys, first_decoded, false);
+        self.keep_decoded(cache, keys, first_decoded, false, model_id);
         self.report_usage();
         hit
     }
@@ -506,7 +561,14 @@ impl PrefixCache {
     /// are first rounded through the storage dtype (blocks computed in f32),
     /// so every tier gives the very same KV; without, the blocks were
     /// imported from blobs and are shared as they are.
-    fn keep_decoded(&self, cache: &KvCache, keys: &[BlockKey], from_j: usize, round: bool) {
+    fn keep_decoded(
+        &self,
+        cache: &KvCache,
+        keys: &[BlockKey],
+        from_j: usize,
+        round: bool,
+        model_id: &[u8; 32],
+    ) {
         if !self.decoded_usable() {
             return;
         }
@@ -529,7 +591,7 @@ impl PrefixCache {
                 cache.shared_block(j)
             };
             if let Some(sb) = sb {
-                self.ram.lock().insert_decoded(dk, sb);
+                self.ram.lock().insert_decoded(dk, sb, *model_id);
             }
         }
     }
@@ -587,6 +649,9 @@ impl PrefixCache {
         model_id: &[u8; 32],
         cache: &mut KvCache,
     ) -> usize {
+        if cache.dtype() != self.cfg.dtype {
+            return 0;
+        }
         let Some((blob, _)) = self.get(key) else {
             return 0;
         };
@@ -676,9 +741,36 @@ impl PrefixCache {
                 }
             }
         }
-        self.keep_decoded(cache, keys, 0, true);
+        self.keep_decoded(cache, keys, 0, true, model_id);
         self.report_usage();
     }
+}
+
+/// Deletes the disk-tier files under `kv_dir` (`<data-dir>/kv`) holding KV
+/// computed by `model` (its id as written in the blocks), and the tail
+/// records referring to those blocks; returns how many files were deleted.
+/// For use while no prefix cache has the directory open (e.g. `shoal
+/// verify` with the daemon stopped): a running node calls
+/// [`PrefixCache::drop_model`]. A missing directory holds nothing (0).
+/// Files that are not valid block files are left alone.
+pub fn purge_model_on_disk(
+    kv_dir: &std::path::Path,
+    model: &[u8; 32],
+) -> Result<usize, KvCacheError> {
+    if !kv_dir.exists() {
+        return Ok(0);
+    }
+    let gone = disk::purge_model_files(
+        kv_dir,
+        model,
+        &std::collections::HashSet::new(),
+        |_, path| match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    )?;
+    tracing::info!(dir = %kv_dir.display(), model = %hex::encode(model), dropped = gone.len(), "KV blocks of a model purged from disk");
+    Ok(gone.len())
 }
 
 /// The RAM-tier key of storage block `j` decoded, pinned by key block `key`.
@@ -784,6 +876,146 @@ mod tests {
             })
             .count();
         assert_eq!(decoded, 1);
+    }
+
+    /// Two models' blocks, decoded blocks and tail records (inline and by
+    /// reference) in RAM and on disk, with a stray file that is not a
+    /// valid block file.
+    fn two_models(dir: &std::path::Path) -> (PrefixCache, [KeyContext; 2], Vec<Vec<BlockKey>>) {
+        use crate::inference::KvLayout;
+        let l = KvLayout {
+            n_layer: 2,
+            n_kv_head: 1,
+            head_dim: 32,
+        };
+        let pc = PrefixCache::open(KvCacheConfig {
+            block_tokens: 16,
+            disk_dir: Some(dir.to_path_buf()),
+            ..KvCacheConfig::default()
+        })
+        .expect("open");
+        let cxs = [[0xaa; 32], [0xbb; 32]].map(|m| KeyContext {
+            model_id: m,
+            block_tokens: 16,
+            ..ctx()
+        });
+        let tokens: Vec<u32> = (0..70).collect();
+        let mut all_keys = Vec::new();
+        for (i, cx) in cxs.iter().enumerate() {
+            let mut c = KvCache::new(l);
+            for p in 0..70 {
+                let k: Vec<f32> = (0..64).map(|x| (p * 64 + x + i) as f32 / 300.0).collect();
+                c.append(&k, &k).expect("append");
+            }
+            let keys = cx.keys(&tokens);
+            pc.store_blocks(&c, &keys, 0, &cx.model_id);
+            // Inline tail after the last full block, reference tail after the first.
+            pc.store_tail(
+                cx.tail_key(Some(&keys[3])),
+                &tokens[64..70],
+                None,
+                &c,
+                64,
+                &cx.model_id,
+            );
+            pc.store_tail(
+                cx.tail_key(Some(&keys[0])),
+                &tokens[16..20],
+                Some(keys[1]),
+                &c,
+                16,
+                &cx.model_id,
+            );
+            all_keys.push(keys);
+        }
+        pc.flush();
+        std::fs::write(
+            dir.join(format!("{}.kvb", hex::encode([0xcc; 32]))),
+            b"not a block",
+        )
+        .expect("stray");
+        (pc, cxs, all_keys)
+    }
+
+    fn files(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir).expect("dir").count()
+    }
+
+    #[test]
+    fn drop_model_drops_ram_and_disk_of_that_model_only() {
+        use crate::inference::KvLayout;
+        let l = KvLayout {
+            n_layer: 2,
+            n_kv_head: 1,
+            head_dim: 32,
+        };
+        let d = tempfile::tempdir().expect("tmp");
+        let (pc, [a, b], keys) = two_models(d.path());
+        // Per model: 4 blocks + 2 tail records on disk; the stray file.
+        assert_eq!(files(d.path()), 2 * 6 + 1);
+        let ram_before = pc.ram().lock().len();
+        // RAM: per model 4 blobs, 2 decoded blocks, 2 tail records.
+        assert_eq!(ram_before, 2 * 8);
+        let n = pc.drop_model(&a.model_id);
+        assert_eq!(n, 8 + 6, "RAM entries and disk files of model a");
+        assert_eq!(pc.ram().lock().len(), 8);
+        assert_eq!(files(d.path()), 6 + 1, "b's files and the stray one stay");
+        let mut c = KvCache::new(l);
+        assert_eq!(pc.load_prefix(&keys[0], &a.model_id, &mut c).blocks, 0);
+        let want: Vec<u32> = (64..70).collect();
+        assert_eq!(
+            pc.load_tail(&a.tail_key(Some(&keys[0][3])), &want, &a.model_id, &mut c),
+            0
+        );
+        let mut c = KvCache::new(l);
+        assert_eq!(pc.load_prefix(&keys[1], &b.model_id, &mut c).blocks, 4);
+        assert_eq!(
+            pc.load_tail(&b.tail_key(Some(&keys[1][3])), &want, &b.model_id, &mut c),
+            6
+        );
+        assert_eq!(pc.drop_model(&a.model_id), 0, "nothing left to drop");
+        drop(pc);
+        // After a restart the disk tier still has nothing of a, all of b.
+        let pc = PrefixCache::open(KvCacheConfig {
+            block_tokens: 16,
+            disk_dir: Some(d.path().to_path_buf()),
+            ..KvCacheConfig::default()
+        })
+        .expect("reopen");
+        let mut c = KvCache::new(l);
+        assert_eq!(pc.load_prefix(&keys[0], &a.model_id, &mut c).blocks, 0);
+        let mut c = KvCache::new(l);
+        let hit = pc.load_prefix(&keys[1], &b.model_id, &mut c);
+        assert_eq!((hit.blocks, hit.from_disk), (4, 4));
+    }
+
+    #[test]
+    fn purge_model_on_disk_without_a_running_cache() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (pc, [a, b], _) = two_models(d.path());
+        drop(pc);
+        assert_eq!(files(d.path()), 13);
+        assert_eq!(
+            purge_model_on_disk(d.path(), &a.model_id).expect("purge"),
+            6
+        );
+        assert_eq!(files(d.path()), 7, "b's 6 files and the stray one stay");
+        assert_eq!(
+            purge_model_on_disk(d.path(), &a.model_id).expect("again"),
+            0
+        );
+        let stray = d.path().join(format!("{}.kvb", hex::encode([0xcc; 32])));
+        assert_eq!(std::fs::read(&stray).expect("stray"), b"not a block");
+        assert_eq!(
+            purge_model_on_disk(d.path(), &b.model_id).expect("purge b"),
+            6
+        );
+        assert_eq!(files(d.path()), 1);
+        let missing = d.path().join("nope");
+        assert_eq!(
+            purge_model_on_disk(&missing, &a.model_id).expect("missing"),
+            0
+        );
     }
 
     #[test]

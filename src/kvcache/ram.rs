@@ -11,16 +11,29 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 enum Val {
     Blob(Arc<Vec<u8>>),
-    Decoded(SharedBlock),
+    /// A decoded storage block and the id of the model that computed it.
+    Decoded(SharedBlock, [u8; 32]),
 }
 
 impl Val {
     fn size(&self) -> u64 {
         match self {
             Val::Blob(b) => b.len() as u64,
-            Val::Decoded(d) => d.bytes() as u64,
+            Val::Decoded(d, _) => d.bytes() as u64,
         }
     }
+}
+
+/// What one RAM entry holds, as shown to [`RamTier::remove_if`].
+#[derive(Debug, Clone, Copy)]
+pub enum RamEntry<'a> {
+    /// A KV blob or a tail record.
+    Blob(&'a [u8]),
+    /// A decoded storage block computed by this model.
+    Decoded {
+        /// The model id it was stored under.
+        model: &'a [u8; 32],
+    },
 }
 
 struct Entry {
@@ -95,14 +108,14 @@ impl RamTier {
     pub fn get(&mut self, key: &BlockKey) -> Option<Arc<Vec<u8>>> {
         match self.get_val(key)? {
             Val::Blob(b) => Some(b),
-            Val::Decoded(_) => None,
+            Val::Decoded(..) => None,
         }
     }
 
     /// The decoded block, marking it recently used; expired ones are dropped.
     pub fn get_decoded(&mut self, key: &BlockKey) -> Option<SharedBlock> {
         match self.get_val(key)? {
-            Val::Decoded(d) => Some(d),
+            Val::Decoded(d, _) => Some(d),
             Val::Blob(_) => None,
         }
     }
@@ -128,9 +141,35 @@ impl RamTier {
         self.insert_val(key, Val::Blob(blob))
     }
 
-    /// Stores a decoded block, like [`RamTier::insert`].
-    pub fn insert_decoded(&mut self, key: BlockKey, block: SharedBlock) -> bool {
-        self.insert_val(key, Val::Decoded(block))
+    /// Stores a decoded block computed by `model`, like [`RamTier::insert`].
+    pub fn insert_decoded(&mut self, key: BlockKey, block: SharedBlock, model: [u8; 32]) -> bool {
+        self.insert_val(key, Val::Decoded(block, model))
+    }
+
+    /// Drops every entry (expired or not) for which `f` is true; returns
+    /// their keys.
+    pub fn remove_if(
+        &mut self,
+        mut f: impl FnMut(&BlockKey, RamEntry<'_>) -> bool,
+    ) -> Vec<BlockKey> {
+        let dead: Vec<BlockKey> = self
+            .map
+            .iter()
+            .filter(|(k, e)| {
+                f(
+                    k,
+                    match &e.val {
+                        Val::Blob(b) => RamEntry::Blob(b),
+                        Val::Decoded(_, m) => RamEntry::Decoded { model: m },
+                    },
+                )
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &dead {
+            self.remove(k);
+        }
+        dead
     }
 
     fn insert_val(&mut self, key: BlockKey, val: Val) -> bool {

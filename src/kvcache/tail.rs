@@ -151,6 +151,56 @@ pub fn decode(bytes: &[u8]) -> Result<TailRecord<'_>, KvCacheError> {
     Ok(TailRecord { tokens, kv })
 }
 
+/// Whose KV a stored blob (a block's KV export or a tail record) is, read
+/// from its header alone (no checksum pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// KV computed by this model (a block, or a tail record holding it inline).
+    Model([u8; 32]),
+    /// A tail record referring to this full block (it holds no KV).
+    Refers(BlockKey),
+    /// Not recognizable: left alone.
+    Unknown,
+}
+
+/// Bytes of a blob's start that [`owner`] needs at most (a tail record with
+/// the most tokens, then the start of its inline export).
+pub(crate) const OWNER_PREFIX: usize = HEAD + 4 * MAX_TOKENS + 32 + 44;
+
+/// The owner of a blob, from its first bytes (at least [`OWNER_PREFIX`] of
+/// them, or all).
+pub(crate) fn owner(bytes: &[u8]) -> Owner {
+    let model_at = |b: &[u8]| -> Owner {
+        if b.len() >= 44 && b.starts_with(crate::inference::KV_MAGIC) {
+            let mut m = [0u8; 32];
+            m.copy_from_slice(&b[12..44]);
+            Owner::Model(m)
+        } else {
+            Owner::Unknown
+        }
+    };
+    if !is_tail(bytes) {
+        return model_at(bytes);
+    }
+    if bytes.len() < HEAD || bytes[8..12] != TAIL_VERSION.to_le_bytes() {
+        return Owner::Unknown;
+    }
+    let n = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]) as usize;
+    if n > MAX_TOKENS {
+        return Owner::Unknown;
+    }
+    let at = HEAD + 4 * n;
+    match bytes[12] {
+        0 => bytes.get(at + 32..).map_or(Owner::Unknown, model_at),
+        1 => bytes.get(at..at + 32).map_or(Owner::Unknown, |k| {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(k);
+            Owner::Refers(BlockKey(key))
+        }),
+        _ => Owner::Unknown,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

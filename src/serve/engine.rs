@@ -1,7 +1,7 @@
 //! The per-model engine: a bounded queue in front of one generation thread
 //! that uses the prefix KV cache.
 
-use crate::inference::{GenerateConfig, KvCache, Model, StopReason, generate};
+use crate::inference::{GenerateConfig, KvCache, KvDtype, Model, StopReason, generate_after};
 use crate::kvcache::{KeyContext, PrefixCache};
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -291,7 +291,9 @@ fn run_job(
     }
     let _busy = kv.map(|(pc, _)| pc.busy());
     let model_id = model.id();
-    let mut cache = model.new_cache();
+    // Live values in the blocks' format: cached and cold runs are bit-identical.
+    let dtype = kv.map_or(KvDtype::F16, |(_, ctx)| ctx.dtype);
+    let mut cache = model.new_cache_with(dtype);
     let mut cached = 0usize;
     let mut keys = Vec::new();
     if let Some((pc, ctx)) = kv {
@@ -316,7 +318,7 @@ fn run_job(
         let usable = last / ctx.block_tokens;
         let usable = usable.min(keys.len());
         if cached < usable * ctx.block_tokens {
-            let mut c = model.new_cache();
+            let mut c = model.new_cache_with(dtype);
             let hit = pc.load_prefix(&keys[..usable], &model_id, &mut c);
             if hit.blocks * ctx.block_tokens > cached {
                 cache = c;
@@ -366,9 +368,10 @@ fn run_job(
     });
     let mut ttft = None;
     let mut released = String::new();
-    let res = generate(
+    let res = generate_after(
         model,
         &mut cache,
+        &job.prompt[..cached],
         &job.prompt[cached..],
         &job.cfg,
         Some(&job.cancel),
