@@ -621,13 +621,25 @@ fn sse_event(v: &Value) -> Result<Event, Infallible> {
     Ok(Event::default().data(v.to_string()))
 }
 
+/// Longest a request may spend validating, rendering its chat template and
+/// tokenizing its prompt (on a blocking thread) before it fails.
+const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn run(
     s: Arc<Serving>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
+    // Parsing a large body, rendering the model's chat template (which comes
+    // with the model file, so may be anyone's) and tokenizing a long prompt
+    // are CPU work: they run on a blocking thread, never on the async
+    // runtime. The render is bounded (`TemplateLimits`); this timeout bounds
+    // the request even if one step of a hostile template is slow.
+    let v = tokio::task::spawn_blocking(move || parse_body(body))
+        .await
+        .map_err(|e| ApiError::server(format!("parsing the request failed: {e}")))??;
+    let v = Arc::new(v);
     if let Some(name) = v.get("model").and_then(Value::as_str) {
         s.resolve(name).await.map_err(|e| match e {
             super::LocateError::Unknown(m) => ApiError {
@@ -644,7 +656,20 @@ async fn run(
             },
         })?;
     }
-    let p = prepare(&s, &v, kind)?;
+    let p = {
+        let (s, v) = (s.clone(), v.clone());
+        let limit = PREPARE_TIMEOUT;
+        let job = tokio::task::spawn_blocking(move || prepare(&s, &v, kind));
+        match tokio::time::timeout(limit, job).await {
+            Ok(Ok(p)) => p?,
+            Ok(Err(e)) => return Err(ApiError::server(format!("preparing the prompt failed: {e}"))),
+            Err(_) => {
+                return Err(ApiError::server(format!(
+                    "template limit: rendering the chat template and tokenizing the prompt took longer than {limit:?}"
+                )));
+            }
+        }
+    };
     let engine = p.served.engine.clone();
     // Response cache.
     let rc = s
