@@ -385,7 +385,8 @@ mod tests {
     /// must end with a clear error naming the limit, not run for hours.
     #[test]
     fn hostile_loops_run_out_of_fuel() {
-        let src = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let src =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
         let t = ChatTemplate::new(src, "", "").expect("compile");
         let e = t
             .render(&[ChatMessage::new("user", "hi")], true)
@@ -411,7 +412,8 @@ mod tests {
     /// A render that writes past its deadline stops at the next write.
     #[test]
     fn slow_render_stops_at_the_deadline() {
-        let src = "{% for i in range(100000) %}{% for j in range(100000) %}.{% endfor %}{% endfor %}";
+        let src =
+            "{% for i in range(100000) %}{% for j in range(100000) %}.{% endfor %}{% endfor %}";
         let limits = TemplateLimits {
             fuel: u64::MAX,
             max_output: usize::MAX,

@@ -300,7 +300,9 @@ fn run_job(
     }
     if model.mapping_damaged() {
         *hot = None;
-        let _ = job.events.send(JobEvent::Failed(damaged_model_message(model)));
+        let _ = job
+            .events
+            .send(JobEvent::Failed(damaged_model_message(model)));
         return false;
     }
     let _busy = kv.map(|(pc, _)| pc.busy());
@@ -411,7 +413,9 @@ fn run_job(
         // Keep no KV computed from this model: it may hold zeros.
         *hot = None;
         tracing::error!(path = %model.path().display(), "model file changed on disk while serving; failing the request");
-        let _ = job.events.send(JobEvent::Failed(damaged_model_message(model)));
+        let _ = job
+            .events
+            .send(JobEvent::Failed(damaged_model_message(model)));
         return cancelled;
     }
     match res {

@@ -662,7 +662,11 @@ async fn run(
         let job = tokio::task::spawn_blocking(move || prepare(&s, &v, kind));
         match tokio::time::timeout(limit, job).await {
             Ok(Ok(p)) => p?,
-            Ok(Err(e)) => return Err(ApiError::server(format!("preparing the prompt failed: {e}"))),
+            Ok(Err(e)) => {
+                return Err(ApiError::server(format!(
+                    "preparing the prompt failed: {e}"
+                )));
+            }
             Err(_) => {
                 return Err(ApiError::server(format!(
                     "template limit: rendering the chat template and tokenizing the prompt took longer than {limit:?}"
