@@ -372,6 +372,9 @@ pub struct MeshConfig {
 pub struct ApiConfig {
     /// Address of the HTTP API (OpenAI-compatible API, admin API, `/metrics`, dashboard).
     pub listen: SocketAddr,
+    /// On SIGTERM/SIGINT, how long open requests may run before the daemon
+    /// exits anyway (non-zero, logging what was still running).
+    pub drain_timeout: HumanDuration,
 }
 
 /// `[inference]` settings.
@@ -485,6 +488,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
+            drain_timeout: HumanDuration::secs(30),
         }
     }
 }
@@ -730,6 +734,13 @@ pub const SETTINGS: &[Setting] = &[
         Str,
         "Address of the HTTP API. Loopback by default; use \"0.0.0.0:7070\" to serve the LAN\n(or put NGINX in front, see docs/OPERATIONS.md).",
         "\"127.0.0.1:7070\"",
+    ),
+    s(
+        "api.drain_timeout",
+        Some("SHOAL_DRAIN_TIMEOUT"),
+        Str,
+        "On SIGTERM or Ctrl-C, how long running requests may finish before the daemon exits\nanyway (with a non-zero status, logging what was still running). A second signal\nexits at once.",
+        "\"30s\"",
     ),
     s(
         "inference.threads",

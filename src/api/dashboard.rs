@@ -245,7 +245,14 @@ async fn peer_holdings(
     };
     let mut out = Vec::new();
     for a in list {
-        let local = node.store().manifest(&a.id).ok().flatten();
+        // A manifest of a large model is megabytes to read and decode: off the runtime.
+        let store = node.store().clone();
+        let id = a.id;
+        let local = tokio::task::spawn_blocking(move || store.manifest(&id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
         let manifest = match local {
             Some(m) => Some(m),
             None => tokio::time::timeout(PEER_TIMEOUT, mesh.manifest(peer, a.id))

@@ -3,6 +3,75 @@
 use super::InferenceError;
 use minijinja::value::{Value as JValue, ValueKind};
 use minijinja::{Environment, Error as JError, ErrorKind, State};
+use std::time::{Duration, Instant};
+
+/// Bounds on one render of a chat template. A template comes with the model
+/// file, which may be anyone's (a chat request naming an id pulls it from the
+/// mesh), so a render must not be able to run, or grow, without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplateLimits {
+    /// minijinja fuel: instructions one render may execute (about one per
+    /// loop iteration, output and expression step).
+    pub fuel: u64,
+    /// Largest rendered text in bytes.
+    pub max_output: usize,
+    /// Wall time after which a render stops at its next write of output
+    /// (loops that write nothing are bounded by `fuel`).
+    pub time: Duration,
+    /// Renders of one template that may run at once; more are refused. A
+    /// render that is slow per step (huge string operations) is bounded by
+    /// `fuel` only, so this caps the CPU one hostile template can hold.
+    pub concurrent: usize,
+}
+
+impl Default for TemplateLimits {
+    /// 20 million instructions (about a second; a real template spends a
+    /// few dozen per message), 8 MiB of text (8x the default request body
+    /// limit), 2 s, 4 renders at once.
+    fn default() -> Self {
+        TemplateLimits {
+            fuel: 20_000_000,
+            max_output: 8 << 20,
+            time: Duration::from_secs(2),
+            concurrent: 4,
+        }
+    }
+}
+
+/// Which limit a render hit (set by the writer, read after the render).
+#[derive(Debug, Clone, Copy)]
+enum Hit {
+    Output,
+    Time,
+}
+
+/// Collects a render's output, refusing to grow past `max` bytes or past
+/// the deadline.
+struct Bounded {
+    buf: Vec<u8>,
+    max: usize,
+    deadline: Instant,
+    hit: Option<Hit>,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.max {
+            self.hit = Some(Hit::Output);
+            return Err(std::io::Error::other("template output limit"));
+        }
+        if Instant::now() >= self.deadline {
+            self.hit = Some(Hit::Time);
+            return Err(std::io::Error::other("template time limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,6 +97,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    limits: TemplateLimits,
+    running: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -180,9 +251,22 @@ fn py_methods(_state: &State, v: &JValue, name: &str, args: &[JValue]) -> Result
 }
 
 impl ChatTemplate {
-    /// Compiles a template; `bos` and `eos` are the texts of the BOS/EOS tokens.
+    /// Compiles a template with the default [`TemplateLimits`]; `bos` and
+    /// `eos` are the texts of the BOS/EOS tokens.
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self, InferenceError> {
+        Self::with_limits(source, bos, eos, TemplateLimits::default())
+    }
+
+    /// Compiles a template whose renders are bounded by `limits`.
+    pub fn with_limits(
+        source: &str,
+        bos: &str,
+        eos: &str,
+        limits: TemplateLimits,
+    ) -> Result<Self, InferenceError> {
         let mut env = Environment::new();
+        // minijinja keeps the fuel in an isize.
+        env.set_fuel(Some(limits.fuel.min(isize::MAX as u64)));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
@@ -194,7 +278,14 @@ impl ChatTemplate {
             env,
             bos: bos.to_owned(),
             eos: eos.to_owned(),
+            limits,
+            running: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// The limits renders run under.
+    pub fn limits(&self) -> TemplateLimits {
+        self.limits
     }
 
     /// Renders the conversation; with `add_generation_prompt` the text ends
@@ -208,14 +299,57 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| InferenceError::Template(e.to_string()))?;
-        t.render(minijinja::context! {
+        use std::sync::atomic::Ordering;
+        let l = self.limits;
+        if self.running.fetch_add(1, Ordering::AcqRel) >= l.concurrent {
+            self.running.fetch_sub(1, Ordering::AcqRel);
+            return Err(InferenceError::Template(format!(
+                "template limit: {} renders of this model's chat template are already running",
+                l.concurrent
+            )));
+        }
+        struct Running<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _running = Running(&self.running);
+        let mut out = Bounded {
+            buf: Vec::new(),
+            max: self.limits.max_output,
+            deadline: Instant::now() + self.limits.time,
+            hit: None,
+        };
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),
-        })
-        .map_err(|e| InferenceError::Template(e.to_string()))
+        };
+        let res = t.render_captured_to(ctx, &mut out);
+        match (res, out.hit) {
+            (Ok(_), _) => String::from_utf8(out.buf)
+                .map_err(|_| InferenceError::Template("rendered text is not UTF-8".into())),
+            (Err(_), Some(Hit::Output)) => Err(InferenceError::Template(format!(
+                "template limit: the rendered prompt exceeds {} bytes",
+                l.max_output
+            ))),
+            (Err(_), Some(Hit::Time)) => Err(InferenceError::Template(format!(
+                "template limit: rendering took longer than {:?}",
+                l.time
+            ))),
+            (Err(e), None) if is_out_of_fuel(&e) => Err(InferenceError::Template(format!(
+                "template limit: rendering exceeded {} steps (the model's chat template loops too long)",
+                l.fuel
+            ))),
+            (Err(e), None) => Err(InferenceError::Template(e.to_string())),
+        }
     }
+}
+
+fn is_out_of_fuel(e: &JError) -> bool {
+    matches!(e.kind(), ErrorKind::OutOfFuel)
 }
 
 #[cfg(test)]
@@ -245,5 +379,49 @@ mod tests {
             .expect_err("raise");
         assert!(e.to_string().contains("no"), "{e}");
         assert!(ChatTemplate::new("{% if %}", "", "").is_err());
+    }
+
+    /// The template of issue 14: two nested `range(100000)` loops. It
+    /// must end with a clear error naming the limit, not run for hours.
+    #[test]
+    fn hostile_loops_run_out_of_fuel() {
+        let src =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").expect("compile");
+        let e = t
+            .render(&[ChatMessage::new("user", "hi")], true)
+            .expect_err("must run out");
+        let m = e.to_string();
+        assert!(m.contains("template limit") && m.contains("steps"), "{m}");
+    }
+
+    /// Output is bounded even when the loop is short.
+    #[test]
+    fn huge_output_is_refused() {
+        let src = "{% for i in range(100000) %}{{ 'x' * 100000 }}{% endfor %}";
+        let limits = TemplateLimits {
+            max_output: 1 << 20,
+            ..TemplateLimits::default()
+        };
+        let t = ChatTemplate::with_limits(src, "", "", limits).expect("compile");
+        let e = t.render(&[], true).expect_err("must stop");
+        let m = e.to_string();
+        assert!(m.contains("template limit") && m.contains("bytes"), "{m}");
+    }
+
+    /// A render that writes past its deadline stops at the next write.
+    #[test]
+    fn slow_render_stops_at_the_deadline() {
+        let src =
+            "{% for i in range(100000) %}{% for j in range(100000) %}.{% endfor %}{% endfor %}";
+        let limits = TemplateLimits {
+            fuel: u64::MAX,
+            max_output: usize::MAX,
+            time: Duration::ZERO,
+            concurrent: 1,
+        };
+        let t = ChatTemplate::with_limits(src, "", "", limits).expect("compile");
+        let e = t.render(&[], true).expect_err("must stop");
+        assert!(e.to_string().contains("took longer"), "{e}");
     }
 }

@@ -15,12 +15,13 @@ mod chat;
 mod generate;
 mod kernels;
 mod kv;
+mod mapguard;
 mod model;
 mod quant;
 mod sample;
 mod tokenizer;
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, TemplateLimits};
 pub use generate::{
     GenerateConfig, GenerateOutput, StopReason, TokenEvent, generate, generate_after,
 };

@@ -73,7 +73,7 @@ struct Layer {
 /// A loaded model: the mapping, tensor views, tokenizer and worker pool.
 /// Share it with `Arc`; forward passes take `&self`.
 pub struct Model {
-    map: memmap2::Mmap,
+    map: super::mapguard::GuardedMap,
     path: PathBuf,
     hp: HParams,
     tok_embd: QMatrix,
@@ -260,10 +260,11 @@ impl Model {
         let t0 = Instant::now();
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path)?;
-        // SAFETY: the file is opened read-only; callers load only complete,
-        // activated artifacts that are not modified while mapped (the store
-        // never rewrites an activated artifact in place).
-        let map = unsafe { memmap2::Mmap::map(&file)? };
+        // The store never rewrites an activated artifact in place, but root
+        // can truncate it: the guard turns the lost pages into zeros (not a
+        // SIGBUS that kills the node) and marks the map damaged, which
+        // `mapping_damaged` reports and the serving engine checks.
+        let map = super::mapguard::GuardedMap::map(&file)?;
         let g = Gguf::parse(&map)?;
         let hp = HParams::from_gguf(&g)?;
         let (d, hd) = (hp.n_embd, hp.head_dim);
@@ -364,6 +365,13 @@ impl Model {
     /// Size of the mapped file in bytes.
     pub fn file_len(&self) -> usize {
         self.map.len()
+    }
+
+    /// True once the model file was found to have shrunk while mapped:
+    /// weights read since may have been zeros, so nothing computed from this
+    /// model may be used any more (reload it from a good copy).
+    pub fn mapping_damaged(&self) -> bool {
+        self.map.damaged()
     }
 
     /// Wall time of [`Model::load_with`] (including the tokenizer).

@@ -277,6 +277,15 @@ impl PromptRate {
     }
 }
 
+/// Why a job fails once the model file shrank under its mapping (see
+/// [`Model::mapping_damaged`]): its weights may now read as zeros.
+pub fn damaged_model_message(model: &Model) -> String {
+    format!(
+        "model file changed on disk: {} shrank while it was served; this model is unusable until it is reloaded from a good copy",
+        model.path().display()
+    )
+}
+
 /// Runs one job; returns true if it ended cancelled.
 fn run_job(
     model: &Model,
@@ -288,6 +297,13 @@ fn run_job(
     let t0 = Instant::now();
     if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
         return true;
+    }
+    if model.mapping_damaged() {
+        *hot = None;
+        let _ = job
+            .events
+            .send(JobEvent::Failed(damaged_model_message(model)));
+        return false;
     }
     let _busy = kv.map(|(pc, _)| pc.busy());
     let model_id = model.id();
@@ -376,6 +392,10 @@ fn run_job(
         &job.cfg,
         Some(&job.cancel),
         |ev| {
+            // Never emit a token that may have been computed from zeros.
+            if model.mapping_damaged() {
+                return ControlFlow::Break(());
+            }
             if ttft.is_none() {
                 ttft = Some(t0.elapsed());
             }
@@ -392,6 +412,15 @@ fn run_job(
         },
     );
     let cancelled = job.cancel.load(Ordering::Relaxed);
+    if model.mapping_damaged() {
+        // Keep no KV computed from this model: it may hold zeros.
+        *hot = None;
+        tracing::error!(path = %model.path().display(), "model file changed on disk while serving; failing the request");
+        let _ = job
+            .events
+            .send(JobEvent::Failed(damaged_model_message(model)));
+        return cancelled;
+    }
     match res {
         Ok(out) => {
             rate.observe(job.prompt.len() - cached, out.prompt_time);

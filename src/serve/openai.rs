@@ -665,13 +665,25 @@ fn sse_event(v: &Value) -> Result<Event, Infallible> {
     Ok(Event::default().data(v.to_string()))
 }
 
+/// Longest a request may spend validating, rendering its chat template and
+/// tokenizing its prompt (on a blocking thread) before it fails.
+const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn run(
     s: Arc<Serving>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     kind: Kind,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
+    // Parsing a large body, rendering the model's chat template (which comes
+    // with the model file, so may be anyone's) and tokenizing a long prompt
+    // are CPU work: they run on a blocking thread, never on the async
+    // runtime. The render is bounded (`TemplateLimits`); this timeout bounds
+    // the request even if one step of a hostile template is slow.
+    let v = tokio::task::spawn_blocking(move || parse_body(body))
+        .await
+        .map_err(|e| ApiError::server(format!("parsing the request failed: {e}")))??;
+    let v = Arc::new(v);
     let Some(name) = v.get("model").and_then(Value::as_str) else {
         // Missing or not a string: say so as the typed parse words it.
         typed::<Params>(&v)?;
@@ -682,7 +694,24 @@ async fn run(
         ));
     };
     let served = s.resolve(name).await.map_err(|e| locate_error(name, e))?;
-    let p = prepare(served, &v, kind)?;
+    let p = {
+        let limit = PREPARE_TIMEOUT;
+        let v = v.clone();
+        let job = tokio::task::spawn_blocking(move || prepare(served, &v, kind));
+        match tokio::time::timeout(limit, job).await {
+            Ok(Ok(p)) => p?,
+            Ok(Err(e)) => {
+                return Err(ApiError::server(format!(
+                    "preparing the prompt failed: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ApiError::server(format!(
+                    "template limit: rendering the chat template and tokenizing the prompt took longer than {limit:?}"
+                )));
+            }
+        }
+    };
     let engine = p.served.engine.clone();
     // Response cache.
     let rc = s

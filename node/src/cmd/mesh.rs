@@ -189,26 +189,76 @@ async fn serve(ctx: &Ctx, cfg: shoal::config::Config, args: ServeArgs) -> Result
         listener.local_addr()?
     );
     let router = shoal::api::router_with(node.clone(), shoal::api::ApiOptions::from_config(&cfg));
-    shoal::api::serve(listener, router, shutdown_signal()).await?;
+    let stop = watch_signals(cfg.api.drain_timeout.get(), serving.clone())?;
+    shoal::api::serve(listener, router, async move {
+        let _ = stop.await;
+    })
+    .await?;
     serving.drain().await;
     node.shutdown().await;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+/// Watches SIGINT and SIGTERM on a thread of its own (with its own small
+/// runtime), so that a signal is seen even if the daemon's async workers
+/// are busy. The first signal resolves the returned receiver (the daemon
+/// stops accepting and drains); if the daemon has not exited `drain`
+/// later, or on a second signal, the process exits with status 1, logging
+/// the requests still running.
+fn watch_signals(
+    drain: std::time::Duration,
+    serving: std::sync::Arc<shoal::serve::Serving>,
+) -> Result<tokio::sync::oneshot::Receiver<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int) = {
+        let _in_rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term => {},
-    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("shoal-signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let first = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                tracing::info!(signal = first, timeout = ?drain, "shutting down: draining open requests");
+                let _ = tx.send(());
+                let why = tokio::select! {
+                    _ = tokio::time::sleep(drain) => "the drain timeout passed",
+                    _ = term.recv() => "a second signal came",
+                    _ = int.recv() => "a second signal came",
+                };
+                let running: Vec<String> = serving
+                    .models()
+                    .iter()
+                    .filter(|m| m.engine.pending() > 0)
+                    .map(|m| format!("{} ({} requests)", m.engine.name(), m.engine.pending()))
+                    .collect();
+                tracing::error!(
+                    still_running = ?running,
+                    timeout = ?drain,
+                    "drain timeout: {why} before open requests finished; exiting anyway"
+                );
+                eprintln!(
+                    "shoal: drain timeout: {why} before open requests finished (still running: {}); exiting with status 1",
+                    if running.is_empty() {
+                        "open HTTP connections".to_owned()
+                    } else {
+                        running.join(", ")
+                    }
+                );
+                std::process::exit(1);
+            });
+        })?;
+    Ok(rx)
 }
 
 fn human(bytes: f64) -> String {

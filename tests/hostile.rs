@@ -1,0 +1,126 @@
+//! A model whose chat template never ends (issue 14, item 4) must not stall
+//! the server: the request fails with a clear error naming the template
+//! limit, and other routes answer meanwhile. The server runs on a runtime
+//! with a single thread (as the daemon's runtime can), on a thread of its
+//! own; the client uses blocking sockets with read timeouts, so a stalled
+//! server fails the test instead of hanging it.
+
+mod inference_common;
+
+use shoal::gguf::writer::{TensorSpec, write};
+use shoal::gguf::{GgmlType, Gguf, Value};
+use shoal::serve::{ServeConfig, Serving};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+/// Two nested `range(100000)` loops: 10^10 iterations.
+const HOSTILE: &str =
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+
+/// The tiny llama of the inference tests with `tokenizer.chat_template` set.
+fn tiny_with_template(template: &str) -> Vec<u8> {
+    let bytes = inference_common::tiny_llama(GgmlType::Q8_0, "llama");
+    let g = Gguf::parse(&bytes).expect("parse tiny model");
+    let mut meta: Vec<(&str, Value)> = g
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    meta.push((
+        "tokenizer.chat_template",
+        Value::String(template.to_owned()),
+    ));
+    let tensors: Vec<TensorSpec> = g
+        .tensors
+        .iter()
+        .map(|t| {
+            let start = (g.data_offset + t.offset) as usize;
+            TensorSpec {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+                data: bytes[start..start + t.size as usize].to_vec(),
+            }
+        })
+        .collect();
+    write(&meta, &tensors)
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the whole response, or an
+/// error if the server does not answer within `wait`.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str, wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        panic!(
+            "{method} {path}: no complete answer within {wait:?} ({e}); got {:?}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn a_template_that_never_ends_fails_clearly_and_stalls_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("hostile.gguf");
+    std::fs::write(&path, tiny_with_template(HOSTILE)).expect("write model");
+    let serving = Serving::new(ServeConfig {
+        kv: None,
+        response_cache_budget: 0,
+        threads: 1,
+        ..ServeConfig::default()
+    })
+    .expect("serving");
+    serving.load_model("hostile", &path).expect("load");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = std::thread::spawn(move || {
+        rt.block_on(shoal::serve::serve(listener, serving, async {
+            let _ = stop_rx.await;
+        }))
+        .expect("serve");
+    });
+    let chat = std::thread::spawn(move || {
+        http(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model":"hostile","messages":[{"role":"user","content":"hi"}],"max_tokens":4}"#,
+            Duration::from_secs(120),
+        )
+    });
+    // Let the chat request reach its render before asking for the models.
+    std::thread::sleep(Duration::from_millis(300));
+    let models = http(addr, "GET", "/v1/models", "", Duration::from_secs(60));
+    assert!(models.starts_with("HTTP/1.1 200"), "{models}");
+    assert!(models.contains("\"hostile\""), "{models}");
+    let answer = chat.join().expect("chat thread");
+    let status = answer.split_whitespace().nth(1).unwrap_or_default();
+    assert!(
+        status.starts_with('4') || status.starts_with('5'),
+        "the request must fail: {answer}"
+    );
+    assert!(answer.contains("template limit"), "{answer}");
+    // The server is still fine afterwards.
+    let models = http(addr, "GET", "/v1/models", "", Duration::from_secs(60));
+    assert!(models.starts_with("HTTP/1.1 200"), "{models}");
+    let _ = stop_tx.send(());
+    server.join().expect("server thread");
+}
