@@ -1292,6 +1292,8 @@ mod tests {
         cfg.mesh.psk_file = Some("/k".into());
         cfg.mesh.origin_ca_file = Some("/ca.pem".into());
         cfg.inference.default_model = Some("m".into());
+        cfg.api.admin_token_file = Some("/t".into());
+        cfg.api.keys_file = Some("/k".into());
         let tree = toml::Value::try_from(&cfg).expect("serialize");
         let mut keys = Vec::new();
         for (k, v) in tree.as_table().expect("table") {
@@ -1345,6 +1347,8 @@ mod tests {
         assert!(with_examples.mesh.psk_file.is_some());
         assert!(with_examples.mesh.origin_ca_file.is_some());
         assert!(with_examples.inference.default_model.is_some());
+        assert!(with_examples.api.keys_file.is_some());
+        assert!(with_examples.api.admin_token_file.is_some());
     }
 
     #[test]
@@ -1500,6 +1504,105 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(msg.contains("shoal.toml:2:9:"), "{msg}");
+    }
+
+    /// `inference.threads = 100000` started 1,857 threads and hung a request;
+    /// `data_dir = ""` silently meant the current directory. Both are refused.
+    #[test]
+    fn threads_data_dir_and_api_values_are_validated() {
+        let invalid = |text: &str| {
+            let (_d, p) = write_tmp(text);
+            match Config::load_with(Some(&p), env_of(&[])) {
+                Err(ConfigError::Invalid(m)) => m,
+                other => panic!("{text:?}: expected an invalid configuration, got {other:?}"),
+            }
+        };
+        let m = invalid("[inference]\nthreads = 100000\n");
+        assert!(m.contains("inference.threads") && m.contains("4 x"), "{m}");
+        let max = max_inference_threads();
+        let (_d, p) = write_tmp(&format!("[inference]\nthreads = {max}\n"));
+        assert_eq!(
+            Config::load_with(Some(&p), env_of(&[]))
+                .expect("the largest thread count is fine")
+                .inference
+                .threads,
+            max
+        );
+        let m = invalid(&format!("[inference]\nthreads = {}\n", max + 1));
+        assert!(m.contains("inference.threads"), "{m}");
+        assert!(invalid("data_dir = \"\"\n").contains("data_dir is empty"));
+        let mut cfg = Config::default();
+        assert!(cfg.set("data_dir", "").is_err());
+        assert!(cfg.set("inference.threads", "100000").is_err());
+        assert_eq!(cfg, Config::default());
+        assert!(matches!(
+            Config::load_with(None, env_of(&[("SHOAL_DATA_DIR", "")])),
+            Err(ConfigError::Env { .. })
+        ));
+        assert!(invalid("[api]\nmax_pulls = 0\n").contains("api.max_pulls"));
+        assert!(invalid("[api]\nheader_timeout = \"0s\"\n").contains("api.header_timeout"));
+        assert!(invalid("[api]\nidle_timeout = \"30d\"\n").contains("api.idle_timeout"));
+        assert!(invalid("[api]\nallowed_hosts = [\"http://pi\"]\n").contains("allowed_hosts"));
+        assert!(
+            invalid("[api]\nallowed_origins = [\"notebook.lan\"]\n").contains("allowed_origins")
+        );
+        // Good values of the [api] section parse.
+        let (_d, p) = write_tmp(
+            "[api]\nadmin_token_file = \"/t\"\nkeys_file = \"/k\"\nallowed_hosts = [\"pi.local\", \"*.lan\"]\n\
+             allowed_origins = [\"http://nb.lan:8888\", \"*\"]\nmax_pulls = 2\nheader_timeout = \"5s\"\n",
+        );
+        let cfg = Config::load_with(Some(&p), env_of(&[])).expect("valid [api]");
+        assert_eq!(cfg.api.max_pulls, 2);
+        assert_eq!(cfg.api.header_timeout, HumanDuration::secs(5));
+        assert_eq!(cfg.api.keys_file.as_deref(), Some(Path::new("/k")));
+    }
+
+    /// The serving layer's built-in defaults are the configuration's, and the
+    /// documents quote the same numbers (queue full is 429, depth 16, TTL 1h).
+    #[test]
+    fn serving_defaults_and_docs_agree_with_the_config() {
+        let cfg = Config::default();
+        let serve = crate::serve::ServeConfig::default();
+        assert_eq!(serve.queue_depth, cfg.inference.queue_depth);
+        assert_eq!(serve.response_cache_ttl, cfg.response_cache.ttl.get());
+        assert_eq!(
+            serve.response_cache_budget,
+            cfg.response_cache.budget.bytes()
+        );
+        let from = crate::serve::ServeConfig::from_config(&cfg, Path::new("/d"));
+        assert_eq!(from.queue_depth, serve.queue_depth);
+        assert_eq!(from.response_cache_ttl, serve.response_cache_ttl);
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        let read = |f: &str| std::fs::read_to_string(docs.join(f)).expect("doc");
+        let ops = read("OPERATIONS.md");
+        let serving = read("SERVING.md");
+        for (doc, text) in [("OPERATIONS.md", &ops), ("SERVING.md", &serving)] {
+            for para in text.split("\n\n").filter(|p| p.contains("queue")) {
+                assert!(
+                    !para.contains("503"),
+                    "{doc} says a full queue is 503:\n{para}"
+                );
+            }
+        }
+        assert!(ops.contains("HTTP 429 with `Retry-After`"), "OPERATIONS.md");
+        let depth = format!("default depth\n{}", cfg.inference.queue_depth);
+        let depth_flat = format!("default depth {}", cfg.inference.queue_depth);
+        assert!(
+            serving.contains(&depth) || serving.contains(&depth_flat),
+            "SERVING.md must quote queue depth {}",
+            cfg.inference.queue_depth
+        );
+        let quoted = serving
+            .split_once("TTL (default ")
+            .map(|(_, rest)| rest.split([',', ')']).next().unwrap_or(rest));
+        assert_eq!(
+            quoted,
+            Some(cfg.response_cache.ttl.to_string().as_str()),
+            "SERVING.md's response-cache TTL"
+        );
+        for st in SETTINGS {
+            assert!(!st.doc.contains("HTTP 503"), "{}: {}", st.key, st.doc);
+        }
     }
 
     #[test]
