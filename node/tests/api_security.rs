@@ -243,8 +243,22 @@ fn every_admin_route_needs_the_token_and_the_cli_reads_it() {
     assert_eq!(ok.status, 200, "{ok:?}");
 
     // Read-only pages stay public: the dashboard, its state, the metrics.
-    for path in ["/", "/dashboard/state", "/metrics"] {
+    for path in [
+        "/",
+        "/dashboard/app.js",
+        "/dashboard/view.js",
+        "/dashboard/style.css",
+        "/dashboard/state",
+        "/metrics",
+    ] {
         assert_eq!(node.req("GET", path, &[], "").status, 200, "{path}");
+        // As the dashboard's own page asks (same origin): allowed too.
+        let own = format!("http://{}", node.api);
+        assert_eq!(
+            node.req("GET", path, &[("Origin", &own)], "").status,
+            200,
+            "{path}"
+        );
     }
 
     // The CLI on the same machine reads the token from the data dir.

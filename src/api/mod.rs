@@ -140,6 +140,7 @@ pub fn try_router(node: Node, opts: &ApiOptions) -> Result<Router, AuthError> {
     if let Some(k) = &keys {
         tracing::info!(keys = k.len(), "the OpenAI routes need an API key");
     }
+    tracing::info!(token = %path.display(), "the admin API needs the token in this file");
     Ok(build(node, opts, Ok(admin), keys, path))
 }
 
@@ -215,5 +216,27 @@ impl From<crate::mesh::MeshError> for ApiError {
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
         crate::node::NodeError::Store(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_api_on_the_network_is_warned_about() {
+        let lan: SocketAddr = "0.0.0.0:7070".parse().expect("addr");
+        let lo: SocketAddr = "127.0.0.1:7070".parse().expect("addr");
+        let w = exposure_warning(lan, false).expect("a warning");
+        assert!(
+            w.contains("api.keys_file") && w.contains("0.0.0.0:7070"),
+            "{w}"
+        );
+        assert_eq!(exposure_warning(lan, true), None);
+        assert_eq!(exposure_warning(lo, false), None);
+        assert_eq!(
+            exposure_warning("[::1]:7070".parse().expect("addr"), false),
+            None
+        );
     }
 }
