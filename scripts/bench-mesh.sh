@@ -113,10 +113,10 @@ PIDS+=($!)
 "$SHOAL" --data-dir "$W/b" serve --no-mdns --listen /ip4/127.0.0.1/tcp/18981 --api 127.0.0.1:18980 \
     --peer /ip4/127.0.0.1/tcp/18971 >"$W/b.log" 2>&1 &
 PIDS+=($!)
-until [ "$("$SHOAL" --json status --api 127.0.0.1:18980 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["connected"])' 2>/dev/null || echo 0)" -ge 1 ]; do sleep 0.1; done
+until [ "$("$SHOAL" --data-dir "$W/b" --json status --api 127.0.0.1:18980 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["connected"])' 2>/dev/null || echo 0)" -ge 1 ]; do sleep 0.1; done
 settle
 t0=$(now)
-"$SHOAL" --json pull "$ID" --api 127.0.0.1:18980 >"$W/pull.json"
+"$SHOAL" --data-dir "$W/b" --json pull "$ID" --api 127.0.0.1:18980 >"$W/pull.json"
 t1=$(now)
 SHOAL_RATE=$(rate "$t0" "$t1")
 INNER=$(python3 -c "import json; j=json.load(open('$W/pull.json')); print('%.0f' % ($SIZE_MB*1048576/(j['elapsed_ms']/1000)/1e6))")

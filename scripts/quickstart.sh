@@ -80,23 +80,26 @@ for i in 0 1 2; do
 done
 for i in 0 1 2; do
   for _ in $(seq 1 100); do
-    curl -fsS "http://127.0.0.1:${API[$i]}/admin/status" >/dev/null 2>&1 && break
+    # The admin API needs the node's token (made at its first start in its data dir).
+    curl -fsS -H "Authorization: Bearer $(cat "$DATA/n$((i + 1))/admin.token" 2>/dev/null)" \
+      "http://127.0.0.1:${API[$i]}/admin/status" >/dev/null 2>&1 && break
     sleep 0.1
   done
-  curl -fsS "http://127.0.0.1:${API[$i]}/admin/status" >/dev/null || {
+  curl -fsS -H "Authorization: Bearer $(cat "$DATA/n$((i + 1))/admin.token" 2>/dev/null)" \
+    "http://127.0.0.1:${API[$i]}/admin/status" >/dev/null || {
     echo "node $((i + 1)) did not start; its log:" >&2; cat "$DATA/n$((i + 1)).log" >&2; exit 1; }
 done
 # Let the nodes connect to each other.
 for _ in $(seq 1 100); do
-  n="$("$SHOAL" peers --api "127.0.0.1:${API[2]}" --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d.get("connected", d) if isinstance(d, dict) else d))' 2>/dev/null || echo 0)"
+  n="$("$SHOAL" --data-dir "$DATA/n3" peers --api "127.0.0.1:${API[2]}" --json 2>/dev/null | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d.get("connected", d) if isinstance(d, dict) else d))' 2>/dev/null || echo 0)"
   [ "$n" -ge 2 ] && break
   sleep 0.1
 done
-"$SHOAL" peers --api "127.0.0.1:${API[2]}"
+"$SHOAL" --data-dir "$DATA/n3" peers --api "127.0.0.1:${API[2]}"
 
 say "nodes 2 and 3 pull $NAME from the mesh"
-"$SHOAL" pull --api "127.0.0.1:${API[1]}" "$NAME"
-"$SHOAL" pull --api "127.0.0.1:${API[2]}" "$NAME"
+"$SHOAL" --data-dir "$DATA/n2" pull --api "127.0.0.1:${API[1]}" "$NAME"
+"$SHOAL" --data-dir "$DATA/n3" pull --api "127.0.0.1:${API[2]}" "$NAME"
 
 say "asking node 3 (OpenAI API, http://127.0.0.1:${API[2]}/v1/chat/completions)"
 REQ="{\"model\":\"$NAME\",\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of France? Answer in one sentence.\"}],\"max_tokens\":32,\"temperature\":0}"
@@ -118,7 +121,7 @@ done
 say "where the bytes came from"
 for i in 0 1 2; do
   echo "node $((i + 1)):"
-  "$SHOAL" status --api "127.0.0.1:${API[$i]}" | sed 's/^/  /'
+  "$SHOAL" --data-dir "$DATA/n$((i + 1))" status --api "127.0.0.1:${API[$i]}" | sed 's/^/  /'
 done
 
 say "cache hit ratios (node 3, from /metrics)"

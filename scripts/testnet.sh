@@ -188,7 +188,7 @@ pull_all() {
     shift
     local pids=() i
     for i in "$@"; do
-        timeout "$WAIT_SECS" bash -c "ip netns exec $(ns "$i") $SHOAL --json pull $id >$WORK/pull-$i.json 2>>$WORK/pull-$i.err" &
+        timeout "$WAIT_SECS" bash -c "ip netns exec $(ns "$i") $SHOAL --data-dir $WORK/n$i --json pull $id >$WORK/pull-$i.json 2>>$WORK/pull-$i.err" &
         pids+=($!)
     done
     local k=0
@@ -312,8 +312,9 @@ scenario_origin() {
     local pp=$!
     PIDS+=($pp)
     local t=0
-    until ip netns exec "$(ns "$o")" python3 -c "import sys, urllib.request; open(sys.argv[2], 'wb').write(urllib.request.urlopen(sys.argv[1]).read())" \
-        "http://127.0.0.1:7070/admin/manifest/$id" "$WORK/origin/model.bin.manifest" 2>/dev/null; do
+    # The admin API needs the node's token (in its data dir).
+    until ip netns exec "$(ns "$o")" python3 -c "import sys, urllib.request; open(sys.argv[2], 'wb').write(urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={'Authorization': 'Bearer ' + open(sys.argv[3]).read().strip()})).read())" \
+        "http://127.0.0.1:7070/admin/manifest/$id" "$WORK/origin/model.bin.manifest" "$pub/admin.token" 2>/dev/null; do
         sleep 0.2
         t=$((t + 1))
         [ $t -lt $((WAIT_SECS * 5)) ] || fail "publisher daemon never answered"
@@ -329,8 +330,8 @@ scenario_origin() {
     for i in $(seq 0 $((NODES - 1))); do
         nsx "$i" trust add "$key" >/dev/null
         if [ "$i" -lt "$n_online" ]; then start_node "$i"; else start_node "$i" --offline; fi
-        ip netns exec "$(ns "$i")" python3 -c "import sys, json, urllib.request; urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7070/admin/releases', json.dumps({'signed': sys.argv[1]}).encode(), {'Content-Type': 'application/json'}))" \
-            "$rel" || fail "node $i refused the release"
+        ip netns exec "$(ns "$i")" python3 -c "import sys, json, urllib.request; urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7070/admin/releases', json.dumps({'signed': sys.argv[1]}).encode(), {'Content-Type': 'application/json', 'Authorization': 'Bearer ' + open(sys.argv[2]).read().strip()}))" \
+            "$rel" "$WORK/n$i/admin.token" || fail "node $i refused the release"
     done
     if [ "$NODES" -gt 1 ]; then
         for i in $(seq 0 $((NODES - 1))); do wait_peers "$i" 1; done

@@ -375,6 +375,22 @@ pub struct ApiConfig {
     /// On SIGTERM/SIGINT, how long open requests may run before the daemon
     /// exits anyway (non-zero, logging what was still running).
     pub drain_timeout: HumanDuration,
+    /// Bearer token file of the admin API; unset: `<data_dir>/admin.token` (made at first start).
+    pub admin_token_file: Option<PathBuf>,
+    /// API keys of the OpenAI routes (one per line); unset: the `/v1/*` routes need no key.
+    pub keys_file: Option<PathBuf>,
+    /// Host names accepted in the `Host` header besides IP addresses and `localhost`.
+    pub allowed_hosts: Vec<String>,
+    /// Browser origins (`scheme://host[:port]`) allowed to call the API cross-origin.
+    pub allowed_origins: Vec<String>,
+    /// Downloads started through `POST /admin/pull` that may run at once (more: HTTP 429).
+    pub max_pulls: usize,
+    /// Time a client has to send a request's headers.
+    pub header_timeout: HumanDuration,
+    /// Time a client may leave a request body without sending more of it.
+    pub body_timeout: HumanDuration,
+    /// Keep-alive connections with no request for this long are closed.
+    pub idle_timeout: HumanDuration,
 }
 
 /// `[inference]` settings.
@@ -383,7 +399,7 @@ pub struct ApiConfig {
 pub struct InferenceConfig {
     /// Compute threads; 0 uses one per available core.
     pub threads: usize,
-    /// Requests waiting per model before new ones are refused (HTTP 503).
+    /// Requests waiting per model before new ones are refused (HTTP 429).
     pub queue_depth: usize,
     /// Model used when a request names none (a release name or artifact id).
     pub default_model: Option<String>,
@@ -428,6 +444,12 @@ pub struct ResponseCacheConfig {
 pub struct MetricsConfig {
     /// Serve Prometheus metrics at `GET /metrics` on the API address.
     pub enabled: bool,
+}
+
+/// The most inference threads `inference.threads` accepts: 4 x the cores of
+/// this machine (more only adds contention; 1,857 threads hung a request).
+pub fn max_inference_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Port of the HTTP API by default.
@@ -489,6 +511,14 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
             drain_timeout: HumanDuration::secs(30),
+            admin_token_file: None,
+            keys_file: None,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_pulls: 4,
+            header_timeout: HumanDuration::secs(10),
+            body_timeout: HumanDuration::secs(30),
+            idle_timeout: HumanDuration::secs(30),
         }
     }
 }
@@ -732,7 +762,7 @@ pub const SETTINGS: &[Setting] = &[
         "api.listen",
         Some("SHOAL_API"),
         Str,
-        "Address of the HTTP API. Loopback by default; use \"0.0.0.0:7070\" to serve the LAN\n(or put NGINX in front, see docs/OPERATIONS.md).",
+        "Address of the HTTP API. Loopback by default; use \"0.0.0.0:7070\" to serve the LAN\n(or put NGINX in front, see docs/OPERATIONS.md). On a non-loopback address, set\napi.keys_file too (the node warns at start when it is unset).",
         "\"127.0.0.1:7070\"",
     ),
     s(
@@ -743,17 +773,73 @@ pub const SETTINGS: &[Setting] = &[
         "\"30s\"",
     ),
     s(
+        "api.admin_token_file",
+        Some("SHOAL_ADMIN_TOKEN_FILE"),
+        Str,
+        "Bearer token of the admin API (/admin/*: pull, pin, releases, status), required from\nevery caller. Unset: <data_dir>/admin.token, a random 256-bit token (hex) written\nat first start with mode 0600; the shoal CLI on the same machine reads it. A file\nyou write yourself must hold one token of at least 32 characters.",
+        "\"/var/lib/shoal/admin.token\"",
+    ),
+    s(
+        "api.keys_file",
+        Some("SHOAL_KEYS_FILE"),
+        Str,
+        "API keys of the OpenAI-compatible routes (/v1/*): one key per line, # comments.\nClients send \"Authorization: Bearer <key>\" (the openai client's api_key). Unset:\n/v1/* needs no key (fine on loopback; read at start).",
+        "\"/etc/shoal/api-keys\"",
+    ),
+    s(
+        "api.allowed_hosts",
+        Some("SHOAL_ALLOWED_HOSTS"),
+        List,
+        "Host names accepted in requests' Host header, besides IP addresses, \"localhost\"\nand *.localhost (a leading \"*.\" matches subdomains; \"*\" accepts any). Other\nnames get 403: this stops DNS-rebinding pages from reaching the node.",
+        "[\"pi-07.local\", \"ai.example.lan\"]",
+    ),
+    s(
+        "api.allowed_origins",
+        Some("SHOAL_ALLOWED_ORIGINS"),
+        List,
+        "Web origins allowed to call the API from a browser (CORS), e.g.\n\"http://notebook.example.lan:8888\"; \"*\" allows any. The node's own pages (same\norigin) always may; requests from other origins get 403.",
+        "[\"http://notebook.example.lan:8888\"]",
+    ),
+    s(
+        "api.max_pulls",
+        Some("SHOAL_MAX_PULLS"),
+        Int,
+        "Downloads started through POST /admin/pull that may run at once; more get HTTP 429\nwith Retry-After (joining a running download is always allowed).",
+        "4",
+    ),
+    s(
+        "api.header_timeout",
+        Some("SHOAL_HEADER_TIMEOUT"),
+        Str,
+        "A client must send a request's headers within this time from its first byte; a\nslower one is disconnected.",
+        "\"10s\"",
+    ),
+    s(
+        "api.body_timeout",
+        Some("SHOAL_BODY_TIMEOUT"),
+        Str,
+        "A request body that receives no bytes for this long fails (the connection closes).",
+        "\"30s\"",
+    ),
+    s(
+        "api.idle_timeout",
+        Some("SHOAL_IDLE_TIMEOUT"),
+        Str,
+        "A keep-alive connection with no request in progress for this long is closed (a\nlong generation or event stream is a request in progress, not idle).",
+        "\"30s\"",
+    ),
+    s(
         "inference.threads",
         Some("SHOAL_THREADS"),
         Int,
-        "Compute threads for inference; 0 uses one per available core.",
+        "Compute threads for inference; 0 uses one per available core. At most 4 x the\ncores (a larger value is refused).",
         "4",
     ),
     s(
         "inference.queue_depth",
         Some("SHOAL_QUEUE_DEPTH"),
         Int,
-        "Requests that may wait per model; more are refused with HTTP 503 and Retry-After.",
+        "Requests that may wait per model; more are refused with HTTP 429 and Retry-After.",
         "16",
     ),
     s(
@@ -986,6 +1072,59 @@ impl Config {
         if self.mesh.security.is_empty() {
             return bad("mesh.security needs at least one channel (tls, noise)");
         }
+        if self
+            .data_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return bad("data_dir is empty (it would mean the current directory); \
+                 give a path, or leave it unset for the default");
+        }
+        let max_threads = max_inference_threads();
+        if self.inference.threads > max_threads {
+            return Err(ConfigError::Invalid(format!(
+                "inference.threads = {} is more than 4 x this machine's cores ({max_threads}); \
+                 use 0 for one per core",
+                self.inference.threads
+            )));
+        }
+        if self.api.max_pulls == 0 {
+            return bad("api.max_pulls must be at least 1");
+        }
+        for (key, d) in [
+            ("api.header_timeout", self.api.header_timeout),
+            ("api.body_timeout", self.api.body_timeout),
+            ("api.idle_timeout", self.api.idle_timeout),
+        ] {
+            if d.get() < Duration::from_millis(100) || d.get() > Duration::from_secs(24 * 3600) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} = {d} is outside 100ms..24h"
+                )));
+            }
+        }
+        if let Some(h) = self
+            .api
+            .allowed_hosts
+            .iter()
+            .find(|h| h.is_empty() || h.contains(|c: char| c.is_whitespace() || c == '/'))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "api.allowed_hosts: {h:?} is not a host name (no scheme, path or spaces)"
+            )));
+        }
+        if let Some(o) = self.api.allowed_origins.iter().find(|o| {
+            let rest = o
+                .strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"));
+            o.as_str() != "*"
+                && rest.is_none_or(|r| {
+                    r.is_empty() || r.contains(|c: char| c.is_whitespace() || c == '/')
+                })
+        }) {
+            return Err(ConfigError::Invalid(format!(
+                "api.allowed_origins: {o:?} is not an origin (scheme://host[:port], no path, or \"*\")"
+            )));
+        }
         Ok(())
     }
 
@@ -1194,6 +1333,8 @@ mod tests {
         cfg.mesh.psk_file = Some("/k".into());
         cfg.mesh.origin_ca_file = Some("/ca.pem".into());
         cfg.inference.default_model = Some("m".into());
+        cfg.api.admin_token_file = Some("/t".into());
+        cfg.api.keys_file = Some("/k".into());
         let tree = toml::Value::try_from(&cfg).expect("serialize");
         let mut keys = Vec::new();
         for (k, v) in tree.as_table().expect("table") {
@@ -1247,6 +1388,8 @@ mod tests {
         assert!(with_examples.mesh.psk_file.is_some());
         assert!(with_examples.mesh.origin_ca_file.is_some());
         assert!(with_examples.inference.default_model.is_some());
+        assert!(with_examples.api.keys_file.is_some());
+        assert!(with_examples.api.admin_token_file.is_some());
     }
 
     #[test]
@@ -1402,6 +1545,105 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(msg.contains("shoal.toml:2:9:"), "{msg}");
+    }
+
+    /// `inference.threads = 100000` started 1,857 threads and hung a request;
+    /// `data_dir = ""` silently meant the current directory. Both are refused.
+    #[test]
+    fn threads_data_dir_and_api_values_are_validated() {
+        let invalid = |text: &str| {
+            let (_d, p) = write_tmp(text);
+            match Config::load_with(Some(&p), env_of(&[])) {
+                Err(ConfigError::Invalid(m)) => m,
+                other => panic!("{text:?}: expected an invalid configuration, got {other:?}"),
+            }
+        };
+        let m = invalid("[inference]\nthreads = 100000\n");
+        assert!(m.contains("inference.threads") && m.contains("4 x"), "{m}");
+        let max = max_inference_threads();
+        let (_d, p) = write_tmp(&format!("[inference]\nthreads = {max}\n"));
+        assert_eq!(
+            Config::load_with(Some(&p), env_of(&[]))
+                .expect("the largest thread count is fine")
+                .inference
+                .threads,
+            max
+        );
+        let m = invalid(&format!("[inference]\nthreads = {}\n", max + 1));
+        assert!(m.contains("inference.threads"), "{m}");
+        assert!(invalid("data_dir = \"\"\n").contains("data_dir is empty"));
+        let mut cfg = Config::default();
+        assert!(cfg.set("data_dir", "").is_err());
+        assert!(cfg.set("inference.threads", "100000").is_err());
+        assert_eq!(cfg, Config::default());
+        assert!(matches!(
+            Config::load_with(None, env_of(&[("SHOAL_DATA_DIR", "")])),
+            Err(ConfigError::Env { .. })
+        ));
+        assert!(invalid("[api]\nmax_pulls = 0\n").contains("api.max_pulls"));
+        assert!(invalid("[api]\nheader_timeout = \"0s\"\n").contains("api.header_timeout"));
+        assert!(invalid("[api]\nidle_timeout = \"30d\"\n").contains("api.idle_timeout"));
+        assert!(invalid("[api]\nallowed_hosts = [\"http://pi\"]\n").contains("allowed_hosts"));
+        assert!(
+            invalid("[api]\nallowed_origins = [\"notebook.lan\"]\n").contains("allowed_origins")
+        );
+        // Good values of the [api] section parse.
+        let (_d, p) = write_tmp(
+            "[api]\nadmin_token_file = \"/t\"\nkeys_file = \"/k\"\nallowed_hosts = [\"pi.local\", \"*.lan\"]\n\
+             allowed_origins = [\"http://nb.lan:8888\", \"*\"]\nmax_pulls = 2\nheader_timeout = \"5s\"\n",
+        );
+        let cfg = Config::load_with(Some(&p), env_of(&[])).expect("valid [api]");
+        assert_eq!(cfg.api.max_pulls, 2);
+        assert_eq!(cfg.api.header_timeout, HumanDuration::secs(5));
+        assert_eq!(cfg.api.keys_file.as_deref(), Some(Path::new("/k")));
+    }
+
+    /// The serving layer's built-in defaults are the configuration's, and the
+    /// documents quote the same numbers (queue full is 429, depth 16, TTL 1h).
+    #[test]
+    fn serving_defaults_and_docs_agree_with_the_config() {
+        let cfg = Config::default();
+        let serve = crate::serve::ServeConfig::default();
+        assert_eq!(serve.queue_depth, cfg.inference.queue_depth);
+        assert_eq!(serve.response_cache_ttl, cfg.response_cache.ttl.get());
+        assert_eq!(
+            serve.response_cache_budget,
+            cfg.response_cache.budget.bytes()
+        );
+        let from = crate::serve::ServeConfig::from_config(&cfg, Path::new("/d"));
+        assert_eq!(from.queue_depth, serve.queue_depth);
+        assert_eq!(from.response_cache_ttl, serve.response_cache_ttl);
+        let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+        let read = |f: &str| std::fs::read_to_string(docs.join(f)).expect("doc");
+        let ops = read("OPERATIONS.md");
+        let serving = read("SERVING.md");
+        for (doc, text) in [("OPERATIONS.md", &ops), ("SERVING.md", &serving)] {
+            for para in text.split("\n\n").filter(|p| p.contains("queue")) {
+                assert!(
+                    !para.contains("503"),
+                    "{doc} says a full queue is 503:\n{para}"
+                );
+            }
+        }
+        assert!(ops.contains("HTTP 429 with `Retry-After`"), "OPERATIONS.md");
+        let depth = format!("default depth\n{}", cfg.inference.queue_depth);
+        let depth_flat = format!("default depth {}", cfg.inference.queue_depth);
+        assert!(
+            serving.contains(&depth) || serving.contains(&depth_flat),
+            "SERVING.md must quote queue depth {}",
+            cfg.inference.queue_depth
+        );
+        let quoted = serving
+            .split_once("TTL (default ")
+            .map(|(_, rest)| rest.split([',', ')']).next().unwrap_or(rest));
+        assert_eq!(
+            quoted,
+            Some(cfg.response_cache.ttl.to_string().as_str()),
+            "SERVING.md's response-cache TTL"
+        );
+        for st in SETTINGS {
+            assert!(!st.doc.contains("HTTP 503"), "{}: {}", st.key, st.doc);
+        }
     }
 
     #[test]

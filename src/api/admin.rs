@@ -1,5 +1,9 @@
 //! `/admin/*`: what the CLI uses to drive a running daemon.
 //!
+//! Every route needs `Authorization: Bearer <admin token>` ([`super::auth`]);
+//! `POST` bodies must be `application/json`. At most `api.max_pulls`
+//! downloads started here run at once; one more gets 429 with `Retry-After`.
+//!
 //! | route | what |
 //! | --- | --- |
 //! | `POST /admin/pull` `{"artifact": ID or NAME}` | start (or join) a download; answers `{"id", "progress"}` |
@@ -11,13 +15,15 @@
 //! | `POST /admin/releases` `{"signed": HEX}` | apply a signed release locally and announce it |
 
 use super::ApiError;
+use super::auth::PullGate;
 use crate::mesh::{PeerInfo, Progress, provider::ServeSnapshot};
 use crate::node::Node;
 use crate::store::{ArtifactId, SignedRelease};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -48,12 +54,76 @@ pub struct PullStarted {
     pub progress: Progress,
 }
 
+/// Longest artifact id or release name accepted (ids are 64 hex digits;
+/// names are short): longer ones are refused before they reach the store.
+pub const MAX_ARTIFACT_LEN: usize = 1024;
+
+/// Refuses an empty or over-long artifact argument.
+pub(crate) fn check_artifact(a: &str) -> Result<(), ApiError> {
+    if a.is_empty() || a.len() > MAX_ARTIFACT_LEN {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "artifact must be an id or a release name of 1 to {MAX_ARTIFACT_LEN} bytes (got {})",
+                a.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Seconds a client refused for too many pulls is asked to wait.
+const PULL_RETRY_AFTER_SECS: u64 = 5;
+
 async fn pull(
     State(node): State<Node>,
+    Extension(gate): Extension<PullGate>,
     Json(req): Json<PullRequest>,
-) -> Result<Json<PullStarted>, ApiError> {
-    let (id, rx) = node.pull(&req.artifact).await?;
+) -> Result<Json<PullStarted>, Response> {
+    check_artifact(&req.artifact).map_err(IntoResponse::into_response)?;
+    let permit = match gate.try_acquire() {
+        Some(p) => Some(p),
+        None => {
+            // Joining a download that is already running takes no new slot.
+            let (id, _) = node
+                .resolve(&req.artifact)
+                .await
+                .map_err(|e| ApiError::from(e).into_response())?;
+            let running = node
+                .downloads()
+                .watch(&id)
+                .is_some_and(|rx| !rx.borrow().phase.is_final());
+            if !running {
+                return Err((
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [(header::RETRY_AFTER, PULL_RETRY_AFTER_SECS.to_string())],
+                    Json(serde_json::json!({
+                        "error": format!(
+                            "{} downloads started through the admin API are running (api.max_pulls); \
+                             try again when one ends",
+                            gate.max()
+                        )
+                    })),
+                )
+                    .into_response());
+            }
+            None
+        }
+    };
+    let (id, mut rx) = node
+        .pull(&req.artifact)
+        .await
+        .map_err(|e| ApiError::from(e).into_response())?;
     let progress = rx.borrow().clone();
+    if let Some(permit) = permit
+        && !progress.phase.is_final()
+    {
+        // The slot is held until the download ends (or its registry drops it).
+        tokio::spawn(async move {
+            let _ = rx.wait_for(|p| p.phase.is_final()).await;
+            drop(permit);
+        });
+    }
     Ok(Json(PullStarted {
         id: id.to_hex(),
         progress,
@@ -219,6 +289,10 @@ async fn add_release(
     let bad = |e: String| ApiError(StatusCode::BAD_REQUEST, e);
     let bytes = hex::decode(req.signed.trim()).map_err(|e| bad(e.to_string()))?;
     let signed = SignedRelease::decode(&bytes).map_err(|e| bad(e.to_string()))?;
+    // A tampered or malformed release is the caller's fault: 400, not 500.
+    signed
+        .verify()
+        .map_err(|e| bad(format!("release does not verify: {e}")))?;
     let store = node.store().clone();
     let s2 = signed.clone();
     let outcome = tokio::task::spawn_blocking(move || store.apply_release(&s2))

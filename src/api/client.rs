@@ -1,20 +1,54 @@
 //! A small client for the admin API (used by the CLI; plain HTTP/1.1 on loopback).
+//!
+//! The admin API needs the node's bearer token: [`AdminClient::with_token_file`]
+//! reads it from the node's data directory (`<data_dir>/admin.token`, or
+//! `api.admin_token_file`), which is what the CLI on the same machine does.
 
+use super::auth::AdminToken;
 use crate::mesh::origin::{HttpUrl, http_request};
 use serde::{Serialize, de::DeserializeOwned};
+use std::path::Path;
 use std::time::Duration;
 
 /// Talks to a daemon's admin API at `host:port`.
 #[derive(Debug, Clone)]
 pub struct AdminClient {
     base: String,
+    /// `Authorization` header value.
+    auth: Option<String>,
+    /// Why no token could be read, added to a 401's message.
+    token_problem: Option<String>,
 }
 
 impl AdminClient {
-    /// A client for the API at `addr` (`host:port`).
+    /// A client for the API at `addr` (`host:port`), without a token.
     pub fn new(addr: &str) -> Self {
         Self {
             base: format!("http://{addr}"),
+            auth: None,
+            token_problem: None,
+        }
+    }
+
+    /// Sends `token` with every request.
+    pub fn with_token(mut self, token: &AdminToken) -> Self {
+        self.auth = Some(format!("Bearer {}", token.secret()));
+        self.token_problem = None;
+        self
+    }
+
+    /// Sends the token read from `path` with every request; if it cannot be
+    /// read, requests go without one and a refusal says why.
+    pub fn with_token_file(self, path: &Path) -> Self {
+        match AdminToken::read(path) {
+            Ok(t) => self.with_token(&t),
+            Err(e) => Self {
+                token_problem: Some(format!(
+                    "could not read the admin token: {e} (run the command as the node's user, \
+                     or give the node's --data-dir / api.admin_token_file)"
+                )),
+                ..self
+            },
         }
     }
 
@@ -25,15 +59,17 @@ impl AdminClient {
         body: Option<Vec<u8>>,
     ) -> Result<T, String> {
         let url = HttpUrl::parse(&format!("{}{path}", self.base)).map_err(|e| e.to_string())?;
-        let headers: &[(&str, &str)] = if body.is_some() {
-            &[("Content-Type", "application/json")]
-        } else {
-            &[]
-        };
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        if let Some(a) = &self.auth {
+            headers.push(("Authorization", a));
+        }
         let res = http_request(
             method,
             &url,
-            headers,
+            &headers,
             body.as_deref().unwrap_or(&[]),
             Duration::from_secs(30),
         )
@@ -49,7 +85,11 @@ impl AdminClient {
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
                 .unwrap_or_else(|| String::from_utf8_lossy(&res.body).into_owned());
-            return Err(format!("{} {path}: {} {msg}", method, res.status));
+            let hint = match (&self.token_problem, res.status) {
+                (Some(p), 401) => format!(" ({p})"),
+                _ => String::new(),
+            };
+            return Err(format!("{} {path}: {} {msg}{hint}", method, res.status));
         }
         serde_json::from_slice(&res.body).map_err(|e| format!("{path}: bad answer: {e}"))
     }

@@ -75,6 +75,7 @@ async fn pin(
     State(node): State<Node>,
     Json(req): Json<PinRequest>,
 ) -> Result<Json<PinAnswer>, ApiError> {
+    super::admin::check_artifact(&req.artifact)?;
     let store = node.store().clone();
     let pinned = req.pinned;
     let id = tokio::task::spawn_blocking(move || {

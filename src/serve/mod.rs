@@ -147,13 +147,16 @@ pub struct ServeConfig {
 }
 
 impl Default for ServeConfig {
+    /// The configuration file's defaults (`[inference]`, `[response_cache]`):
+    /// one source of truth for the numbers the docs quote.
     fn default() -> Self {
+        let cfg = crate::config::Config::default();
         ServeConfig {
             body_limit: 1 << 20,
-            queue_depth: 8,
+            queue_depth: cfg.inference.queue_depth,
             kv: Some(KvCacheConfig::default()),
-            response_cache_budget: 64 << 20,
-            response_cache_ttl: Duration::from_secs(600),
+            response_cache_budget: cfg.response_cache.budget.bytes(),
+            response_cache_ttl: cfg.response_cache.ttl.get(),
             threads: 0,
             max_loaded: DEFAULT_MAX_LOADED,
             memory_budget: default_memory_budget(),

@@ -205,7 +205,9 @@ async fn prefetch_pulls_and_pins_through_the_admin_api() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let id = seed_named(seed, node, dir.path(), 3 << 20, "tiny:q8_0").await?;
     let (addr, stop_tx, server) = serve(node).await?;
-    let api = shoal::api::client::AdminClient::new(&addr.to_string());
+    // The admin API needs the node's token, made in its data dir by `serve`.
+    let api = shoal::api::client::AdminClient::new(&addr.to_string())
+        .with_token_file(&node.store().dir().join(shoal::api::auth::ADMIN_TOKEN_FILE));
     let missing = "f".repeat(64);
     let done = tokio::time::timeout(
         WAIT,

@@ -6,7 +6,6 @@ use super::ops::ConfigSource;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use shoal::api::admin::{PeersReport, PullRequest, PullStarted, StatusReport};
-use shoal::api::client::AdminClient;
 use shoal::mesh::download::Phase;
 use shoal::mesh::{self, Multiaddr, PeerId, Progress};
 use shoal::node::Node;
@@ -183,14 +182,17 @@ async fn serve(ctx: &Ctx, cfg: shoal::config::Config, args: ServeArgs) -> Result
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await
         .with_context(|| format!("binding the API on {api_addr}"))?;
+    let mut api_opts = shoal::api::ApiOptions::from_config(&cfg);
+    api_opts.listen = Some(listener.local_addr()?);
+    // Reads (or makes) the admin token and reads the API keys before announcing the API.
+    let router = shoal::api::try_router(node.clone(), &api_opts)?;
     eprintln!(
         "shoal node {} serving; API on http://{}",
         node.mesh().peer_id(),
         listener.local_addr()?
     );
-    let router = shoal::api::router_with(node.clone(), shoal::api::ApiOptions::from_config(&cfg));
     let stop = watch_signals(cfg.api.drain_timeout.get(), serving.clone())?;
-    shoal::api::serve(listener, router, async move {
+    shoal::api::serve_with(listener, router, api_opts.timeouts, async move {
         let _ = stop.await;
     })
     .await?;
@@ -299,7 +301,7 @@ fn progress_line(p: &Progress, rate: f64) -> String {
 }
 
 async fn pull(ctx: &Ctx, api: &str, artifact: &str, no_wait: bool) -> Result<()> {
-    let c = AdminClient::new(api);
+    let c = ctx.admin_client(api);
     let started: PullStarted = c
         .post(
             "/admin/pull",
@@ -380,7 +382,8 @@ async fn pull(ctx: &Ctx, api: &str, artifact: &str, no_wait: bool) -> Result<()>
 }
 
 async fn peers(ctx: &Ctx, api: &str) -> Result<()> {
-    let r: PeersReport = AdminClient::new(api)
+    let r: PeersReport = ctx
+        .admin_client(api)
         .get("/admin/peers")
         .await
         .map_err(anyhow::Error::msg)?;
@@ -404,7 +407,8 @@ async fn peers(ctx: &Ctx, api: &str) -> Result<()> {
 }
 
 async fn status(ctx: &Ctx, api: &str) -> Result<()> {
-    let s: StatusReport = AdminClient::new(api)
+    let s: StatusReport = ctx
+        .admin_client(api)
         .get("/admin/status")
         .await
         .map_err(anyhow::Error::msg)?;

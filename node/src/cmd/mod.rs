@@ -6,6 +6,7 @@ pub mod ops;
 pub mod store;
 
 use anyhow::{Context, Result};
+use shoal::api::client::AdminClient;
 use shoal::store::{Store, StoreOptions};
 use std::path::PathBuf;
 
@@ -19,6 +20,8 @@ pub struct Ctx {
     pub json: bool,
     /// Why the configuration could not be loaded, if it could not.
     pub config_error: Option<String>,
+    /// The running node's admin token (`api.admin_token_file`, else `<data_dir>/admin.token`).
+    pub admin_token_file: PathBuf,
 }
 
 impl Ctx {
@@ -26,24 +29,36 @@ impl Ctx {
     pub fn new(cli: &crate::Cli) -> Self {
         // The effective configuration (defaults < file < environment < flags)
         // decides the data dir and the store options for every command.
-        let (data_dir, store_opts, config_error) = match ops::ConfigSource::from_cli(cli).load() {
-            Ok(cfg) => (
-                cfg.data_dir.clone().unwrap_or_else(default_data_dir),
-                cfg.store_options(),
-                None,
-            ),
-            Err(e) => (
-                cli.data_dir.clone().unwrap_or_else(default_data_dir),
-                StoreOptions::default(),
-                Some(format!("{e:#}")),
-            ),
-        };
+        let (data_dir, store_opts, token_file, config_error) =
+            match ops::ConfigSource::from_cli(cli).load() {
+                Ok(cfg) => (
+                    cfg.data_dir.clone().unwrap_or_else(default_data_dir),
+                    cfg.store_options(),
+                    cfg.api.admin_token_file.clone(),
+                    None,
+                ),
+                Err(e) => (
+                    cli.data_dir.clone().unwrap_or_else(default_data_dir),
+                    StoreOptions::default(),
+                    None,
+                    Some(format!("{e:#}")),
+                ),
+            };
+        let admin_token_file =
+            token_file.unwrap_or_else(|| data_dir.join(shoal::api::auth::ADMIN_TOKEN_FILE));
         Ctx {
             data_dir,
             store_opts,
             json: cli.json,
             config_error,
+            admin_token_file,
         }
+    }
+
+    /// A client for the running node's admin API at `addr` (`host:port`),
+    /// sending the node's admin token read from [`Ctx::admin_token_file`].
+    pub fn admin_client(&self, addr: &str) -> AdminClient {
+        AdminClient::new(addr).with_token_file(&self.admin_token_file)
     }
 
     /// Opens the content store (fails clearly when a daemon holds it).

@@ -39,6 +39,8 @@ impl ConfigSource {
         if let Some(q) = self.store_quota {
             cfg.store.quota = shoal::config::ByteSize(q);
         }
+        // Flags go through the same checks as the file (e.g. an empty --data-dir).
+        cfg.validate()?;
         Ok(cfg)
     }
 }
@@ -161,7 +163,7 @@ pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: OpsCmd) -> Result<()> {
                     std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
                 });
             }
-            let api = shoal::api::client::AdminClient::new(&addr.to_string());
+            let api = ctx.admin_client(&addr.to_string());
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
