@@ -283,7 +283,25 @@ struct Table {
 }
 
 impl Table {
+    /// The loaded model `id`, marked as just used. A model whose file
+    /// shrank while it was mapped (`Model::mapping_damaged`) is unloaded
+    /// instead: nothing more may be computed from it, and the next request
+    /// loads the file again (which fails while it stays truncated).
     fn touch(&mut self, id: &[u8; 32]) -> Option<Arc<Served>> {
+        if self
+            .slots
+            .get(id)
+            .is_some_and(|s| s.served.engine.model().mapping_damaged())
+        {
+            if let Some(slot) = self.remove(id) {
+                tracing::error!(
+                    model = slot.served.engine.name(),
+                    "{}; unloaded",
+                    engine::damaged_model_message(slot.served.engine.model())
+                );
+            }
+            return None;
+        }
         self.tick += 1;
         let t = self.tick;
         self.slots.get_mut(id).map(|s| {
@@ -667,8 +685,22 @@ impl Serving {
     /// Returns whether an engine was unloaded.
     pub fn on_model_corrupt(&self, id: &[u8; 32]) -> bool {
         let gone = self.table.lock().remove(id);
-        // The prefix KV cache's blocks of this model go here (the lead
-        // wires `PrefixCache::drop_model(id)`).
+        // KV blocks computed from the corrupt bytes must not outlive them:
+        // drop this model's blocks from every tier (disk work: off the
+        // async runtime when there is one).
+        if let Some(kv) = self.kv.clone() {
+            let id = *id;
+            let drop_kv = move || {
+                let n = kv.drop_model(&id);
+                tracing::warn!(id = %hex::encode(id), blocks = n, "KV blocks of a corrupt model dropped");
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn_blocking(drop_kv);
+                }
+                Err(_) => drop_kv(),
+            }
+        }
         if let Some(slot) = &gone {
             tracing::warn!(
                 model = slot.served.engine.name(),

@@ -234,6 +234,14 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             for id in ids {
                 let r = store.verify(&id)?;
                 if !r.ok() {
+                    // KV blocks computed from these bytes must not outlive them
+                    // (the daemon drops them too when it learns of the mark).
+                    let kv_dir = ctx.data_dir.join("kv");
+                    match shoal::kvcache::purge_model_on_disk(&kv_dir, id.as_bytes()) {
+                        Ok(0) => {}
+                        Ok(n) => eprintln!("{id}: dropped {n} KV cache blocks computed from it"),
+                        Err(e) => eprintln!("{id}: could not drop its KV cache blocks: {e}"),
+                    }
                     for (i, off) in &r.bad_chunks {
                         bad.push(format!("{id}: chunk {i} at offset {off} is corrupt"));
                     }
