@@ -511,3 +511,45 @@ async fn greedy_answers_are_the_same_with_a_neighbours_kv() {
         n.shutdown().await;
     }
 }
+
+/// KV blocks computed by a model can be dropped (issue 14: blocks computed
+/// from a corrupt file must not outlive the repair): on a running server
+/// with `PrefixCache::drop_model`, and with the server stopped with
+/// `kvcache::purge_model_on_disk`; after a restart nothing of it is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_models_blocks_can_be_dropped_running_and_stopped() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let Some(srv) = TestServer::start(with_disk(dir.path())).await else {
+        return;
+    };
+    let prompt = format!("{}\nThe last word above is", long_text(120));
+    let (reference, pt, _) = ask(&srv, &prompt).await;
+    let _ = ask(&srv, "Unrelated.").await;
+    let kv = srv.serving.kv().expect("kv").clone();
+    let id = model_of(&srv).id();
+    kv.flush();
+    assert!(kv.disk().expect("disk").len() >= pt / BLOCK);
+    let dropped = kv.drop_model(&id);
+    assert!(dropped >= 2 * (pt / BLOCK), "dropped {dropped}");
+    assert_eq!(kv.disk().expect("disk").len(), 0);
+    let (again, _, cached) = ask(&srv, &prompt).await;
+    assert_eq!(cached, 0, "nothing of the dropped model is used");
+    assert_eq!(again, reference);
+    srv.stop().await;
+    drop(kv);
+
+    // Stored again by the last request; purged with the server stopped.
+    let kv_dir = dir.path().join("kv");
+    let files = std::fs::read_dir(&kv_dir).expect("dir").count();
+    assert!(files >= pt / BLOCK);
+    let purged = shoal::kvcache::purge_model_on_disk(&kv_dir, &id).expect("purge");
+    assert_eq!(purged, files);
+    assert_eq!(std::fs::read_dir(&kv_dir).expect("dir").count(), 0);
+    let srv = restart(dir.path()).await;
+    let kv = srv.serving.kv().expect("kv").clone();
+    let (after, _, cached) = ask(&srv, &prompt).await;
+    assert_eq!(cached, 0, "nothing purged is used after a restart");
+    assert_eq!(kv.stats().disk_hits.load(Ordering::Relaxed), 0);
+    assert_eq!(after, reference);
+    srv.stop().await;
+}
