@@ -2667,7 +2667,11 @@ impl Store {
                 self.inner.recovery.lock().keys_restored += 1;
                 return Ok(());
             }
-            return self.write_trust_file(&known);
+            // Best effort: a store on a full disk still opens.
+            if let Err(e) = self.write_trust_file(&known) {
+                tracing::warn!(error = %e, "cannot write keys/trusted yet");
+            }
+            return Ok(());
         };
         let mut restored = 0;
         for (k, label) in file_keys {
@@ -2690,11 +2694,20 @@ impl Store {
     fn restore_releases(&self) -> Result<(), StoreError> {
         let d = self.inner.dir.join(RELEASES_DIR);
         if !d.exists() {
-            fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+            // A store made before release files: write them (best effort:
+            // a store on a full disk still opens; the next open retries).
+            let mut written = true;
             for s in self.releases()? {
-                if let Ok(r) = s.verify() {
-                    self.write_release_file(&r.name, &s)?;
+                if let Ok(r) = s.verify()
+                    && let Err(e) = self.write_release_file(&r.name, &s)
+                {
+                    tracing::warn!(error = %e, "cannot write release files yet");
+                    written = false;
+                    break;
                 }
+            }
+            if written && let Err(e) = fs::create_dir_all(&d) {
+                tracing::warn!(error = %e, "cannot create releases/ yet");
             }
             return Ok(());
         }
