@@ -1029,6 +1029,21 @@ fn trust_and_release_files_fixture() {
     assert_eq!(rec.names_restored, vec!["tiny:v1".to_string()]);
     assert!(store.is_trusted(&pk).expect("trusted"));
     assert_eq!(store.resolve("tiny:v1").expect("name"), id);
+    // A store made before these files gets them at its next open.
+    fs::remove_file(dir.join("keys/trusted")).expect("rm trusted");
+    fs::remove_dir_all(dir.join("releases")).expect("rm releases");
+    drop(store);
+    let store = open(&dir);
+    assert!(store.recovery_report().is_clean());
+    assert_eq!(
+        fs::read(dir.join("releases/tiny:v1.release")).expect("written again"),
+        s.encode()
+    );
+    assert!(
+        fs::read_to_string(dir.join("keys/trusted"))
+            .expect("written again")
+            .contains(&hex::encode(pk))
+    );
     // Un-trusting survives the metadata being lost again.
     store.trust_remove(&pk).expect("untrust");
     drop(store);

@@ -55,6 +55,8 @@ pub const LOST_AND_FOUND: &str = "lost+found";
 const RELEASES_DIR: &str = "releases";
 /// First line of `keys/trusted`.
 const TRUST_FILE_HEADER: &str = "shoal-trust 1";
+/// A trusted publisher key and its label.
+type TrustedKey = ([u8; 32], String);
 pub use release::MAX_NAME;
 /// Bytes of written-but-unsynced chunks after which a partial is flushed.
 const AUTO_FLUSH_BYTES: u64 = 16 << 20;
@@ -252,7 +254,7 @@ pub enum StoreError {
     /// chunks again. An empty `bad_chunks` means the chunks are right but the
     /// file as a whole is not (wrong length).
     #[error(
-        "artifact {id} is corrupt (bad chunks: {bad_chunks:?}); it is not served until repaired from peers (`shoal verify`, `shoal pull`)"
+        "artifact {id} is corrupt (bad chunks: {bad_chunks:?}); it is not served until its bad chunks are fetched again from peers"
     )]
     Corrupt {
         /// Artifact.
@@ -2612,7 +2614,7 @@ impl Store {
     }
 
     /// Reads `keys/trusted` (`None` if absent).
-    fn read_trust_file(&self) -> Result<Option<Vec<([u8; 32], String)>>, StoreError> {
+    fn read_trust_file(&self) -> Result<Option<Vec<TrustedKey>>, StoreError> {
         let p = self.trust_file();
         let text = match fs::read_to_string(&p) {
             Ok(t) => t,
@@ -2724,6 +2726,10 @@ impl Store {
                 .and_then(|b| Ok(SignedRelease::decode(&b)?))
                 .and_then(|s| {
                     let r = s.verify()?;
+                    if self.release(&r.name)?.as_ref() == Some(&s) {
+                        // The usual case: the metadata has it already.
+                        return Ok((r.name, ReleaseOutcome::AlreadyKnown));
+                    }
                     Ok((r.name, self.apply_release_inner(&s, false)?))
                 });
             match outcome {

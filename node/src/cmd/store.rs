@@ -401,7 +401,7 @@ fn fsck(ctx: &Ctx) -> Result<()> {
         .iter()
         .map(|r| {
             format!(
-                "{}: corrupt (bad chunks {:?}); marked, not served; `shoal pull` fetches them again",
+                "{}: corrupt (bad chunks {:?}); marked, not served until its bad chunks are fetched again from peers",
                 r.id,
                 r.bad_chunks.iter().map(|(i, _)| *i).collect::<Vec<_>>()
             )
