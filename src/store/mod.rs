@@ -13,6 +13,10 @@
 //! <data-dir>/partial/<id>      artifacts being filled chunk by chunk, in place
 //! <data-dir>/tmp/              files being added (removed on open)
 //! <data-dir>/keys/publisher.key  this node's release-signing key (0600)
+//! <data-dir>/keys/trusted      trusted publisher keys (copy of the trust store)
+//! <data-dir>/releases/         one signed release file per name (copy of the names)
+//! <data-dir>/LOCK              held (flock) while the store is open
+//! <data-dir>/lost+found/       files the store could not account for (never deleted)
 //! ```
 //!
 //! Guarantees: a chunk is marked present only after its bytes were verified
@@ -20,6 +24,12 @@
 //! becomes visible only once complete and its whole-file hash verified, by an
 //! atomic rename followed by one atomic metadata batch. A crash at any point
 //! loses at most unsynced chunks; reopening reconciles files and metadata.
+//! Damaged or lost metadata never costs an artifact's bytes: files without a
+//! record are re-verified against their id and registered again, or moved
+//! to `lost+found/`; metadata that cannot be opened is reported
+//! ([`StoreError::DamagedMetadata`]) and rebuilt by [`Store::fsck`]. An
+//! artifact found corrupt is marked and not served ([`Store::mark_corrupt`],
+//! [`Store::repair`]).
 
 pub mod chunker;
 pub mod havemap;

@@ -339,7 +339,7 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             delay_ms,
             flush_every,
         } => debug_fill(&store, &file, delay_ms, flush_every)?,
-        StoreCmd::Fsck => unreachable!("handled above"),
+        StoreCmd::Fsck => bail!("fsck runs before the store is opened"),
     }
     Ok(())
 }
