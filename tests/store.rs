@@ -995,3 +995,84 @@ fn unknown_files_go_to_lost_and_found_and_verified_orphans_come_back() {
         vec![b"junk".to_vec(), b"mine".to_vec(), b"part".to_vec()]
     );
 }
+
+#[test]
+fn trust_and_release_files_fixture() {
+    let t = tempfile::tempdir().expect("tmp");
+    let dir = t.path().join("s");
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let pk = key.verifying_key().to_bytes();
+    let id = shoal::store::ArtifactId([1; 32]);
+    let s = release(&key, "tiny:v1", id, 1);
+    {
+        let store = open(&dir);
+        store.trust_add(pk, "teacher").expect("trust");
+        assert_eq!(
+            store.apply_release(&s).expect("apply"),
+            ReleaseOutcome::Applied
+        );
+    }
+    // keys/trusted, format 1.
+    assert_eq!(
+        fs::read_to_string(dir.join("keys/trusted")).expect("trusted"),
+        format!("shoal-trust 1\n{} teacher\n", hex::encode(pk))
+    );
+    // releases/<name>.release: the SignedRelease encoding, format 1.
+    let file = fs::read(dir.join("releases/tiny:v1.release")).expect("release file");
+    assert_eq!(file, s.encode());
+    assert_eq!(&file[..1], &[1], "format 1 first");
+    // With the metadata gone, both come back at open.
+    fs::remove_dir_all(dir.join("meta")).expect("rm meta");
+    let store = open(&dir);
+    let rec = store.recovery_report();
+    assert_eq!(rec.keys_restored, 1);
+    assert_eq!(rec.names_restored, vec!["tiny:v1".to_string()]);
+    assert!(store.is_trusted(&pk).expect("trusted"));
+    assert_eq!(store.resolve("tiny:v1").expect("name"), id);
+    // A store made before these files gets them at its next open.
+    fs::remove_file(dir.join("keys/trusted")).expect("rm trusted");
+    fs::remove_dir_all(dir.join("releases")).expect("rm releases");
+    drop(store);
+    let store = open(&dir);
+    assert!(store.recovery_report().is_clean());
+    assert_eq!(
+        fs::read(dir.join("releases/tiny:v1.release")).expect("written again"),
+        s.encode()
+    );
+    assert!(
+        fs::read_to_string(dir.join("keys/trusted"))
+            .expect("written again")
+            .contains(&hex::encode(pk))
+    );
+    // Un-trusting survives the metadata being lost again.
+    store.trust_remove(&pk).expect("untrust");
+    drop(store);
+    fs::remove_dir_all(dir.join("meta")).expect("rm meta");
+    let store = open(&dir);
+    assert!(!store.is_trusted(&pk).expect("trusted"));
+    assert!(
+        store.resolve("tiny:v1").is_err(),
+        "an untrusted release is not restored"
+    );
+}
+
+#[test]
+fn names_and_ids_longer_than_any_name_are_refused_clearly() {
+    let t = tempfile::tempdir().expect("tmp");
+    let store = open(&t.path().join("s"));
+    let huge = "a".repeat(70_000);
+    for r in [
+        store.resolve(&huge).map(|_| ()),
+        store.release(&huge).map(|_| ()),
+    ] {
+        match r {
+            Err(StoreError::TooLong { len: 70_000, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // At the limit it is just unknown.
+    assert!(matches!(
+        store.resolve(&"a".repeat(128)),
+        Err(StoreError::Unknown(_))
+    ));
+}

@@ -147,3 +147,40 @@ fn chunk_writes_on_a_full_disk_fail_clearly_and_keep_verified_chunks() {
         r.bad_chunks
     );
 }
+
+/// Fills the filesystem holding `dir` until a write fails with ENOSPC.
+fn fill_up(dir: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join("filler")).expect("filler");
+    for size in [1 << 20, 4096, 1] {
+        let block = vec![0x5a_u8; size];
+        while f.write_all(&block).is_ok() {}
+    }
+    let _ = f.sync_all();
+}
+
+#[test]
+fn keygen_on_a_full_disk_fails_clearly_and_leaves_no_temp_file() {
+    let Some(fs) = Tmpfs::mount("8m") else {
+        return;
+    };
+    let dir = fs.path().join("s");
+    let store = Store::open(&dir, StoreOptions::default()).expect("open");
+    let first = store.keygen(false).expect("keygen with room");
+    let key_file = dir.join("keys/publisher.key");
+    let before = std::fs::read(&key_file).expect("key");
+    fill_up(fs.path());
+    let e = store.keygen(true).expect_err("no room for a new key");
+    assert!(is_no_space(&e), "unexpected error: {e}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.join("keys"))
+        .expect("keys")
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    // The old key is intact and still this node's key.
+    assert_eq!(std::fs::read(&key_file).expect("key"), before);
+    let k = store.publisher_key().expect("read").expect("some");
+    assert_eq!(k.verifying_key().to_bytes(), first);
+}

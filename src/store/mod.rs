@@ -13,6 +13,10 @@
 //! <data-dir>/partial/<id>      artifacts being filled chunk by chunk, in place
 //! <data-dir>/tmp/              files being added (removed on open)
 //! <data-dir>/keys/publisher.key  this node's release-signing key (0600)
+//! <data-dir>/keys/trusted      trusted publisher keys (copy of the trust store)
+//! <data-dir>/releases/         one signed release file per name (copy of the names)
+//! <data-dir>/LOCK              held (flock) while the store is open
+//! <data-dir>/lost+found/       files the store could not account for (never deleted)
 //! ```
 //!
 //! Guarantees: a chunk is marked present only after its bytes were verified
@@ -20,6 +24,12 @@
 //! becomes visible only once complete and its whole-file hash verified, by an
 //! atomic rename followed by one atomic metadata batch. A crash at any point
 //! loses at most unsynced chunks; reopening reconciles files and metadata.
+//! Damaged or lost metadata never costs an artifact's bytes: files without a
+//! record are re-verified against their id and registered again, or moved
+//! to `lost+found/`; metadata that cannot be opened is reported
+//! ([`StoreError::DamagedMetadata`]) and rebuilt by [`Store::fsck`]. An
+//! artifact found corrupt is marked and not served ([`Store::mark_corrupt`],
+//! [`Store::repair`]).
 
 pub mod chunker;
 pub mod havemap;
@@ -55,6 +65,8 @@ pub const LOST_AND_FOUND: &str = "lost+found";
 const RELEASES_DIR: &str = "releases";
 /// First line of `keys/trusted`.
 const TRUST_FILE_HEADER: &str = "shoal-trust 1";
+/// A trusted publisher key and its label.
+type TrustedKey = ([u8; 32], String);
 pub use release::MAX_NAME;
 /// Bytes of written-but-unsynced chunks after which a partial is flushed.
 const AUTO_FLUSH_BYTES: u64 = 16 << 20;
@@ -252,7 +264,7 @@ pub enum StoreError {
     /// chunks again. An empty `bad_chunks` means the chunks are right but the
     /// file as a whole is not (wrong length).
     #[error(
-        "artifact {id} is corrupt (bad chunks: {bad_chunks:?}); it is not served until repaired from peers (`shoal verify`, `shoal pull`)"
+        "artifact {id} is corrupt (bad chunks: {bad_chunks:?}); it is not served until its bad chunks are fetched again from peers"
     )]
     Corrupt {
         /// Artifact.
@@ -2612,7 +2624,7 @@ impl Store {
     }
 
     /// Reads `keys/trusted` (`None` if absent).
-    fn read_trust_file(&self) -> Result<Option<Vec<([u8; 32], String)>>, StoreError> {
+    fn read_trust_file(&self) -> Result<Option<Vec<TrustedKey>>, StoreError> {
         let p = self.trust_file();
         let text = match fs::read_to_string(&p) {
             Ok(t) => t,
@@ -2667,7 +2679,11 @@ impl Store {
                 self.inner.recovery.lock().keys_restored += 1;
                 return Ok(());
             }
-            return self.write_trust_file(&known);
+            // Best effort: a store on a full disk still opens.
+            if let Err(e) = self.write_trust_file(&known) {
+                tracing::warn!(error = %e, "cannot write keys/trusted yet");
+            }
+            return Ok(());
         };
         let mut restored = 0;
         for (k, label) in file_keys {
@@ -2690,11 +2706,20 @@ impl Store {
     fn restore_releases(&self) -> Result<(), StoreError> {
         let d = self.inner.dir.join(RELEASES_DIR);
         if !d.exists() {
-            fs::create_dir_all(&d).map_err(io_err("create directory", &d))?;
+            // A store made before release files: write them (best effort:
+            // a store on a full disk still opens; the next open retries).
+            let mut written = true;
             for s in self.releases()? {
-                if let Ok(r) = s.verify() {
-                    self.write_release_file(&r.name, &s)?;
+                if let Ok(r) = s.verify()
+                    && let Err(e) = self.write_release_file(&r.name, &s)
+                {
+                    tracing::warn!(error = %e, "cannot write release files yet");
+                    written = false;
+                    break;
                 }
+            }
+            if written && let Err(e) = fs::create_dir_all(&d) {
+                tracing::warn!(error = %e, "cannot create releases/ yet");
             }
             return Ok(());
         }
@@ -2711,6 +2736,10 @@ impl Store {
                 .and_then(|b| Ok(SignedRelease::decode(&b)?))
                 .and_then(|s| {
                     let r = s.verify()?;
+                    if self.release(&r.name)?.as_ref() == Some(&s) {
+                        // The usual case: the metadata has it already.
+                        return Ok((r.name, ReleaseOutcome::AlreadyKnown));
+                    }
                     Ok((r.name, self.apply_release_inner(&s, false)?))
                 });
             match outcome {

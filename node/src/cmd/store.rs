@@ -347,7 +347,7 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             delay_ms,
             flush_every,
         } => debug_fill(&store, &file, delay_ms, flush_every)?,
-        StoreCmd::Fsck => unreachable!("handled above"),
+        StoreCmd::Fsck => bail!("fsck runs before the store is opened"),
     }
     Ok(())
 }
@@ -409,7 +409,7 @@ fn fsck(ctx: &Ctx) -> Result<()> {
         .iter()
         .map(|r| {
             format!(
-                "{}: corrupt (bad chunks {:?}); marked, not served; `shoal pull` fetches them again",
+                "{}: corrupt (bad chunks {:?}); marked, not served until its bad chunks are fetched again from peers",
                 r.id,
                 r.bad_chunks.iter().map(|(i, _)| *i).collect::<Vec<_>>()
             )
