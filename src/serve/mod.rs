@@ -236,8 +236,7 @@ pub fn memory_estimate(model: &Model) -> u64 {
     let tokens = model
         .hparams()
         .context_length
-        .min(KV_ESTIMATE_TOKENS)
-        .max(1) as u64;
+        .clamp(1, KV_ESTIMATE_TOKENS) as u64;
     file_bytes.saturating_add(per_token.saturating_mul(tokens))
 }
 
