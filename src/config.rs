@@ -1323,6 +1323,22 @@ mod tests {
         }
     }
 
+    // -- bounded models (issue 14, item 2) --
+    #[test]
+    fn loaded_model_bounds_parse_and_are_validated() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.inference.max_loaded, 2);
+        assert_eq!(cfg.inference.memory_budget, None);
+        cfg.set("inference.max_loaded", "1").expect("set");
+        cfg.set("inference.memory_budget", "6G").expect("set");
+        assert_eq!(cfg.inference.max_loaded, 1);
+        assert_eq!(cfg.inference.memory_budget, Some(ByteSize(6 << 30)));
+        assert!(cfg.set("inference.max_loaded", "0").is_err());
+        assert!(cfg.set("inference.memory_budget", "0").is_err());
+        let serve = crate::serve::ServeConfig::from_config(&cfg, Path::new("/x"));
+        assert_eq!((serve.max_loaded, serve.memory_budget), (1, 6 << 30));
+    }
+
     /// Every serialized key has a documented setting, and every setting exists.
     #[test]
     fn settings_table_covers_every_field() {
@@ -1335,6 +1351,7 @@ mod tests {
         cfg.inference.default_model = Some("m".into());
         cfg.api.admin_token_file = Some("/t".into());
         cfg.api.keys_file = Some("/k".into());
+        cfg.inference.memory_budget = Some(ByteSize(6 << 30));
         let tree = toml::Value::try_from(&cfg).expect("serialize");
         let mut keys = Vec::new();
         for (k, v) in tree.as_table().expect("table") {

@@ -236,11 +236,7 @@ pub fn memory_estimate(model: &Model) -> u64 {
     let file_bytes = model.file_len() as u64;
     let l = model.kv_layout();
     let per_token = (l.n_layer * l.n_kv_head * l.head_dim * 2 * 4) as u64;
-    let tokens = model
-        .hparams()
-        .context_length
-        .min(KV_ESTIMATE_TOKENS)
-        .max(1) as u64;
+    let tokens = model.hparams().context_length.clamp(1, KV_ESTIMATE_TOKENS) as u64;
     file_bytes.saturating_add(per_token.saturating_mul(tokens))
 }
 
