@@ -151,6 +151,8 @@ fn import_names_models_and_lists_them() {
 struct Daemon {
     child: std::process::Child,
     api: String,
+    /// The admin API's token, from the node's data dir.
+    token: String,
 }
 
 impl Daemon {
@@ -181,17 +183,21 @@ impl Daemon {
         };
         // Keep draining stderr so the daemon never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Daemon { child, api }
+        let token = std::fs::read_to_string(dir.join("data/admin.token"))
+            .expect("the node made its admin token")
+            .trim()
+            .to_owned();
+        Daemon { child, api, token }
     }
 
-    /// Status code of `GET path`.
+    /// Status code of `GET path` (with the admin token).
     fn get_status(&self, path: &str) -> u16 {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&self.api).expect("connect");
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.api
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            self.api, self.token
         )
         .expect("send");
         let mut r = String::new();
