@@ -438,7 +438,15 @@ impl Node {
                 false
             }
         };
-        let connected = mesh.connected().await.unwrap_or_default();
+        let mut connected = mesh.connected().await.unwrap_or_default();
+        // A node that has just started (or lost its peers) may not be
+        // connected yet: give discovery and static peers a moment before
+        // saying that nobody has it.
+        let wait_until = tokio::time::Instant::now() + PROBE_TIMEOUT;
+        while connected.is_empty() && tokio::time::Instant::now() < wait_until {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            connected = mesh.connected().await.unwrap_or_default();
+        }
         if ask(connected.clone()).await {
             providers.abort();
             return true;
