@@ -37,6 +37,10 @@ pub fn routes() -> Router<Node> {
 pub struct PullRequest {
     /// Artifact id (hex) or trusted release name.
     pub artifact: String,
+    /// Seconds to wait for a peer holding the manifest (default: the mesh's
+    /// find timeout, at most an hour); see docs/PROTOCOL.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_secs: Option<u64>,
 }
 
 /// Answer of `POST /admin/pull`.
@@ -52,7 +56,8 @@ async fn pull(
     State(node): State<Node>,
     Json(req): Json<PullRequest>,
 ) -> Result<Json<PullStarted>, ApiError> {
-    let (id, rx) = node.pull(&req.artifact).await?;
+    let wait = req.wait_secs.map(Duration::from_secs);
+    let (id, rx) = node.pull_with(&req.artifact, wait).await?;
     let progress = rx.borrow().clone();
     Ok(Json(PullStarted {
         id: id.to_hex(),
