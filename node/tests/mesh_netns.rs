@@ -35,7 +35,9 @@ fn netns_scenarios() {
 fn netns_discovery_cold_starts() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("!!!!!!!! SKIPPED netns_discovery_cold_starts: network namespaces need root !!!!!!!!");
+        eprintln!(
+            "!!!!!!!! SKIPPED netns_discovery_cold_starts: network namespaces need root !!!!!!!!"
+        );
         return;
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
