@@ -153,7 +153,9 @@ fn hex_id(i: u8) -> String {
 
 /// A pull that resumes an interrupted download reports the bytes already
 /// present in its very first progress (what `/admin/pull` answers first).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Current-thread runtime: the download task cannot run before the first
+/// progress is read, as when the admin API answers the pull.
+#[tokio::test(flavor = "current_thread")]
 async fn a_resumed_pull_reports_its_bytes_first() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let src = make_file(&tmp.path().join("a.bin"), 12 << 20, 7)?;
