@@ -1531,6 +1531,25 @@ struct Job {
     seq: u64,
 }
 
+impl Jobs {
+    /// Forgets the oldest finished downloads beyond [`KEEP_FINISHED`].
+    fn prune(&mut self) {
+        let mut finished: Vec<(u64, ArtifactId)> = self
+            .map
+            .iter()
+            .filter(|(_, j)| j.is_final())
+            .map(|(k, j)| (j.seq, *k))
+            .collect();
+        if finished.len() > KEEP_FINISHED {
+            finished.sort_unstable();
+            let drop_n = finished.len() - KEEP_FINISHED;
+            for (_, k) in finished.into_iter().take(drop_n) {
+                self.map.remove(&k);
+            }
+        }
+    }
+}
+
 impl Job {
     fn is_final(&self) -> bool {
         self.progress.borrow().phase.is_final() || self.task.is_finished()
@@ -1597,20 +1616,7 @@ impl Downloads {
                 seq,
             },
         );
-        // Forget the oldest finished downloads beyond KEEP_FINISHED.
-        let mut finished: Vec<(u64, ArtifactId)> = jobs
-            .map
-            .iter()
-            .filter(|(_, j)| j.is_final())
-            .map(|(k, j)| (j.seq, *k))
-            .collect();
-        if finished.len() > KEEP_FINISHED {
-            finished.sort_unstable();
-            let drop_n = finished.len() - KEEP_FINISHED;
-            for (_, k) in finished.into_iter().take(drop_n) {
-                jobs.map.remove(&k);
-            }
-        }
+        jobs.prune();
         Ok(rx)
     }
 
@@ -1648,7 +1654,9 @@ impl Downloads {
 
     /// Progress of every download remembered (running, and the latest finished), oldest first.
     pub fn all(&self) -> Vec<Progress> {
-        let jobs = self.jobs.lock();
+        let mut jobs = self.jobs.lock();
+        // Downloads that ended since the last start count against the bound too.
+        jobs.prune();
         let mut v: Vec<(u64, Progress)> = jobs
             .map
             .values()

@@ -506,15 +506,16 @@ impl EventLoop {
                     self.iface_addrs.remove(&ip);
                 }
             }
-            SwarmEvent::OutgoingConnectionError { error, .. } => {
-                if let DialError::Transport(errs) = &error {
-                    for (addr, e) in errs {
-                        if let libp2p::TransportError::Other(e) = e
-                            && !is_connect_error(e)
-                            && let Some(ip) = ip_of(addr)
-                        {
-                            self.on_handshake_failure(ip, addr, &error_chain(e));
-                        }
+            SwarmEvent::OutgoingConnectionError {
+                error: DialError::Transport(errs),
+                ..
+            } => {
+                for (addr, e) in &errs {
+                    if let libp2p::TransportError::Other(e) = e
+                        && !is_connect_error(e)
+                        && let Some(ip) = ip_of(addr)
+                    {
+                        self.on_handshake_failure(ip, addr, &error_chain(e));
                     }
                 }
             }
