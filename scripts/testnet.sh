@@ -5,6 +5,16 @@
 #   scripts/testnet.sh [SCENARIO...]        (default: all)
 #
 # Scenarios (the default set are tests): fanout seeder-killed liar psk origin sigkill-restart
+#   discovery-redial
+# Discovery scenarios (run by name; the netns test runs them with STARTS=3):
+#   discovery-soak   STARTS (default 20) cold starts of NODES nodes with mDNS on one
+#                    bridge; in each, every node must be connected to all the others
+#                    within DISCOVERY_SECS (default 5) of the last node's start (the
+#                    nodes' own log timestamps);
+#                    one line per start and a summary (LOAD=N adds N busy loops)
+#   discovery-redial two nodes find each other by mDNS while their TCP ports are
+#                    unreachable; once reachable they must connect (a failed dial
+#                    to an mDNS peer is retried)
 # Benchmark scenarios (run by name; they print figures):
 #   swarm        a single 1 -> 1 transfer, then 1 seeder -> NODES-1 nodes; the last
 #                node's completion time as a ratio to the single transfer
@@ -38,7 +48,7 @@ WAIT_SECS=${WAIT_SECS:-120}
 SHOAL=$(realpath "${SHOAL:-target/release/shoal}")
 [ -x "$SHOAL" ] || { echo "no shoal binary at $SHOAL (cargo build --release -p shoal-node)" >&2; exit 1; }
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(fanout seeder-killed liar psk origin sigkill-restart)
+[ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(fanout seeder-killed liar psk origin sigkill-restart discovery-redial)
 
 TAG="sh$$"
 TAG=${TAG:0:8}
@@ -107,7 +117,8 @@ nsx() {
     ip netns exec "$(ns "$i")" "$SHOAL" --data-dir "$WORK/n$i" "$@"
 }
 
-start_node() {
+# launch_node I ARGS...: start node I's daemon without waiting for it.
+launch_node() {
     local i=$1
     shift
     ip netns exec "$(ns "$i")" "$SHOAL" --data-dir "$WORK/n$i" --log "${NODE_LOG:-info}" serve \
@@ -115,7 +126,16 @@ start_node() {
     echo $! >"$WORK/n$i.pid"
     PIDS+=($!)
     disown $!
-    local t=0
+}
+
+start_node() {
+    launch_node "$@"
+    wait_up "$1"
+}
+
+# wait_up I: until node I's API answers.
+wait_up() {
+    local i=$1 t=0
     until nsx "$i" status >/dev/null 2>&1; do
         sleep 0.2
         t=$((t + 1))
@@ -482,6 +502,123 @@ mb = statistics.median(int(x) for x in sys.argv[4].split()) / 1e6
 print(f"[testnet] kv-neighbour: RESULT rate={sys.argv[1]} runs={len(sys.argv[2].split())} cold_s={cold:.3f} "
       f"neighbour_s={nb:.4f} ratio={nb / cold:.4f} link_mb_per_followup={mb:.1f}", file=sys.stderr)
 PY
+}
+
+# connected I: node I's connected peers (0 while its API does not answer).
+connected() {
+    nsx "$1" --json status 2>/dev/null | jqpy 'j["connected"]' 2>/dev/null || echo 0
+}
+
+scenario_discovery_soak() {
+    local starts=${STARTS:-20} bound=${DISCOVERY_SECS:-5} k i load=()
+    local want=$((NODES - 1)) over=0 times=()
+    for ((i = 0; i < ${LOAD:-0}; i++)); do
+        (while :; do :; done) &
+        load+=($!)
+        PIDS+=($!)
+    done
+    [ ${#load[@]} = 0 ] || log "discovery-soak: ${#load[@]} busy loops running"
+    for ((k = 1; k <= starts; k++)); do
+        local t0 up
+        t0=$(now)
+        for i in $(seq 0 $((NODES - 1))); do launch_node "$i"; done
+        for i in $(seq 0 $((NODES - 1))); do wait_up "$i"; done
+        up=$(now)
+        # Wait (bounded) until every node is connected to all the others; one
+        # poller per node. The figures come from the nodes' own log timestamps,
+        # so the polling's delay does not count.
+        local pollers=()
+        for i in $(seq 0 $((NODES - 1))); do
+            (
+                local n=0
+                while [ "$n" -lt $(((bound + 25) * 5)) ]; do
+                    [ "$(connected "$i")" -ge "$want" ] && break
+                    sleep 0.2
+                    n=$((n + 1))
+                done
+            ) &
+            pollers+=($!)
+        done
+        for p in "${pollers[@]}"; do wait "$p" || true; done
+        local worst line
+        # worst: from the last node's mesh start (its first "listening" line)
+        # until the last node has seen all the others connect; "inf" if one never did.
+        read -r worst line < <(python3 - "$want" "$WORK" "$NODES" <<'PY'
+import datetime, re, sys
+want, work, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ansi = re.compile(r"\x1b\[[0-9;]*m")
+def ts(l):
+    return datetime.datetime.fromisoformat(l.split()[0].rstrip("Z")).timestamp()
+starts, dones = [], []
+for i in range(n):
+    start, peers, done = None, set(), None
+    for l in open(f"{work}/n{i}.log", errors="replace"):
+        l = ansi.sub("", l)
+        if start is None and " listening " in l:
+            start = ts(l)
+        m = re.search(r"peer connected peer=(\S+)", l)
+        if m and done is None:
+            peers.add(m.group(1))
+            if len(peers) >= want:
+                done = ts(l)
+    starts.append(start)
+    dones.append(done)
+if None in starts or None in dones:
+    print("inf", "per node: " + " ".join("-" if d is None or s is None else f"{d - s:.2f}" for s, d in zip(starts, dones)))
+else:
+    print(f"{max(dones) - max(starts):.3f}", "per node (from its own start): " + " ".join(f"{d - s:.2f}" for s, d in zip(starts, dones)))
+PY
+        )
+        line="start $k/$starts: nodes up in $(python3 -c "print(round($up - $t0, 2))")s, all $NODES connected to all peers ${worst}s after the last one started ($line)"
+        if [ "$worst" = inf ] || python3 -c "import sys; sys.exit(0 if $worst > $bound else 1)"; then
+            over=$((over + 1))
+            log "discovery-soak: $line  OVER ${bound}s"
+            for i in $(seq 0 $((NODES - 1))); do cp "$WORK/n$i.log" "$WORK/soak-$k-n$i.log"; done
+        else
+            log "discovery-soak: $line"
+        fi
+        times+=("$worst")
+        stop_all
+        for i in $(seq 0 $((NODES - 1))); do mv "$WORK/n$i.log" "$WORK/start-$k-n$i.log"; done
+    done
+    for p in ${load[@]+"${load[@]}"}; do kill "$p" 2>/dev/null || true; done
+    python3 - "$bound" "$over" "${times[@]}" <<'PY' >&2
+import statistics, sys
+bound, over, t = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+ok = sorted(float(x) for x in t if x != "inf")
+print(f"[testnet] discovery-soak: RESULT starts={len(t)} over_{bound:g}s={over} "
+      f"median_s={statistics.median(ok) if ok else 'nan'} max_s={max(ok) if ok else 'nan'} never={len(t) - len(ok)}")
+PY
+    [ "$over" = 0 ] || fail "discovery-soak: $over of $starts starts took more than ${bound}s (logs: $WORK/soak-*)"
+}
+
+scenario_discovery_redial() {
+    # Unicast between nodes 0 and 1 is unreachable (mDNS is multicast and passes):
+    # each finds the other and its dial fails.
+    ip -n "$(ns 0)" route add unreachable "$(ipof 1)/32"
+    ip -n "$(ns 1)" route add unreachable "$(ipof 0)/32"
+    start_node 0
+    start_node 1
+    local t=0 i
+    for i in 0 1; do
+        until grep -q "discovered via mDNS" "$WORK/n$i.log"; do
+            sleep 0.1
+            t=$((t + 1))
+            [ $t -lt $((WAIT_SECS * 10)) ] || fail "node $i never discovered the other by mDNS"
+        done
+    done
+    [ "$(connected 0)" = 0 ] || fail "nodes connected through an unreachable route (inconclusive)"
+    ip -n "$(ns 0)" route del unreachable "$(ipof 1)/32"
+    ip -n "$(ns 1)" route del unreachable "$(ipof 0)/32"
+    log "discovery-redial: routes open; the nodes must now connect by themselves"
+    # Generous: the redial backoff is at most 30 s; mDNS alone would not retry for minutes.
+    t=0
+    until [ "$(connected 0)" -ge 1 ] && [ "$(connected 1)" -ge 1 ]; do
+        sleep 0.2
+        t=$((t + 1))
+        [ $t -lt 200 ] || fail "discovery-redial: nodes found by mDNS were never redialled"
+    done
+    log "discovery-redial: connected after the failed first dials"
 }
 
 # qdisc_sent I: bytes sent so far through the tbf qdisc of node I's eth0.

@@ -364,6 +364,12 @@ pub struct MeshConfig {
     pub ban_duration: HumanDuration,
     /// Largest yamux data frame this node sends (1K to 1M).
     pub frame_size: ByteSize,
+
+    // Discovery and download bounds (issue 14).
+    /// mDNS query period once peers answered.
+    pub mdns_query_interval: HumanDuration,
+    /// Most downloads running at once.
+    pub max_downloads: usize,
 }
 
 /// `[api]` settings.
@@ -502,6 +508,9 @@ impl Default for MeshConfig {
             allow_peers: Vec::new(),
             ban_duration: HumanDuration::secs(3600),
             frame_size: ByteSize(crate::mesh::muxer::SPLIT_SEND_SIZE as u64),
+            // Discovery and download bounds.
+            mdns_query_interval: HumanDuration::secs(30),
+            max_downloads: 4,
         }
     }
 }
@@ -757,6 +766,20 @@ pub const SETTINGS: &[Setting] = &[
         Str,
         "Largest yamux data frame this node sends, 1K to 1M. Each frame is one flush of the\nconnection and its own TLS record for the frame header: 256K frames cost a 16th of\nthe flushes of yamux's usual 16K (docs/benchmarks.md). Any yamux peer reads them.",
         "\"256K\"",
+    ),
+    s(
+        "mesh.mdns_query_interval",
+        Some("SHOAL_MDNS_QUERY_INTERVAL"),
+        Str,
+        "How often mDNS asks the link for peers once some answered (at start it asks at\n0.5 s, 1 s, 2 s, ...). While no peer is connected the node also asks by itself,\n0.5 s apart and doubling up to 8 s, and redials every peer it found and lost.",
+        "\"30s\"",
+    ),
+    s(
+        "mesh.max_downloads",
+        Some("SHOAL_MAX_DOWNLOADS"),
+        Int,
+        "Most downloads running at once; a further pull is refused (HTTP 429) until one ends.",
+        "4",
     ),
     s(
         "api.listen",
@@ -1125,6 +1148,12 @@ impl Config {
                 "api.allowed_origins: {o:?} is not an origin (scheme://host[:port], no path, or \"*\")"
             )));
         }
+        if self.mesh.max_downloads == 0 {
+            return bad("mesh.max_downloads must be at least 1");
+        }
+        if self.mesh.mdns_query_interval.get() < std::time::Duration::from_secs(1) {
+            return bad("mesh.mdns_query_interval must be at least 1s");
+        }
         Ok(())
     }
 
@@ -1228,6 +1257,8 @@ impl Config {
             origin_ca_file: self.mesh.origin_ca_file.clone(),
             ban_duration: self.mesh.ban_duration.get(),
             frame_size: frame_size as usize,
+            mdns_query_interval: self.mesh.mdns_query_interval.get(),
+            max_downloads: self.mesh.max_downloads,
             ..Default::default()
         })
     }

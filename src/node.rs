@@ -257,8 +257,24 @@ impl Node {
         &self,
         id_or_name: &str,
     ) -> Result<(ArtifactId, watch::Receiver<Progress>), NodeError> {
+        self.pull_with(id_or_name, None).await
+    }
+
+    /// [`Node::pull`], waiting up to `find_timeout` (instead of the mesh's
+    /// `find_timeout`) for a peer that holds the manifest. Fails with
+    /// [`MeshError::TooManyDownloads`] when `mesh.max_downloads` are running.
+    pub async fn pull_with(
+        &self,
+        id_or_name: &str,
+        find_timeout: Option<std::time::Duration>,
+    ) -> Result<(ArtifactId, watch::Receiver<Progress>), NodeError> {
         let (id, origin) = self.resolve(id_or_name).await?;
-        Ok((id, self.inner.downloads.start(&self.inner.mesh, id, origin)))
+        let rx = self
+            .inner
+            .downloads
+            .start(&self.inner.mesh, id, origin, find_timeout)
+            .await?;
+        Ok((id, rx))
     }
 
     /// Starts the serving layer (OpenAI API, KV and response caches) with

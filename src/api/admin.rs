@@ -43,6 +43,10 @@ pub fn routes() -> Router<Node> {
 pub struct PullRequest {
     /// Artifact id (hex) or trusted release name.
     pub artifact: String,
+    /// Seconds to wait for a peer holding the manifest (default: the mesh's
+    /// find timeout, at most an hour); see docs/PROTOCOL.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_secs: Option<u64>,
 }
 
 /// Answer of `POST /admin/pull`.
@@ -110,8 +114,9 @@ async fn pull(
             None
         }
     };
+    let wait = req.wait_secs.map(Duration::from_secs);
     let (id, mut rx) = node
-        .pull(&req.artifact)
+        .pull_with(&req.artifact, wait)
         .await
         .map_err(|e| ApiError::from(e).into_response())?;
     let progress = rx.borrow().clone();

@@ -201,15 +201,32 @@ impl From<crate::node::NodeError> for ApiError {
             NodeError::Store(StoreError::Unknown(_)) => StatusCode::NOT_FOUND,
             NodeError::Store(StoreError::Untrusted { .. }) => StatusCode::FORBIDDEN,
             NodeError::Store(StoreError::Release(_)) => StatusCode::BAD_REQUEST,
+            NodeError::Store(StoreError::TooLong { .. }) => StatusCode::BAD_REQUEST,
+            NodeError::Store(StoreError::Corrupt { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Store(StoreError::DamagedMetadata { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            NodeError::Mesh(m) => return ApiError(mesh_status(m), e.to_string()),
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
     }
 }
 
+/// The HTTP status of a mesh failure: too many downloads is the caller's to
+/// retry later (429), a full disk is 507, anything else 503.
+fn mesh_status(e: &crate::mesh::MeshError) -> StatusCode {
+    use crate::mesh::MeshError;
+    match e {
+        MeshError::TooManyDownloads { .. } => StatusCode::TOO_MANY_REQUESTS,
+        MeshError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 impl From<crate::mesh::MeshError> for ApiError {
     fn from(e: crate::mesh::MeshError) -> Self {
-        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        ApiError(mesh_status(&e), e.to_string())
     }
 }
 
@@ -238,5 +255,28 @@ mod tests {
             exposure_warning("[::1]:7070".parse().expect("addr"), false),
             None
         );
+    }
+
+    #[test]
+    fn mesh_and_store_failures_get_the_status_a_client_can_act_on() {
+        use crate::mesh::MeshError;
+        use crate::node::NodeError;
+        use crate::store::StoreError;
+        let too_many = MeshError::TooManyDownloads { limit: 4 };
+        assert_eq!(ApiError::from(too_many).0, StatusCode::TOO_MANY_REQUESTS);
+        let via_node = NodeError::Mesh(MeshError::TooManyDownloads { limit: 4 });
+        assert_eq!(ApiError::from(via_node).0, StatusCode::TOO_MANY_REQUESTS);
+        let full = NodeError::Mesh(MeshError::DiskFull {
+            id: "ab".into(),
+            detail: "No space left on device".into(),
+        });
+        let e = ApiError::from(full);
+        assert_eq!(e.0, StatusCode::INSUFFICIENT_STORAGE);
+        assert!(e.1.contains("disk is full"), "{}", e.1);
+        let long = NodeError::Store(StoreError::TooLong {
+            what: "name",
+            len: 70_000,
+        });
+        assert_eq!(ApiError::from(long).0, StatusCode::BAD_REQUEST);
     }
 }

@@ -136,6 +136,7 @@ async fn prefetch_one(
             "/admin/pull",
             &PullRequest {
                 artifact: model.to_owned(),
+                wait_secs: None,
             },
         )
         .await?;

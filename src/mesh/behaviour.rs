@@ -82,8 +82,14 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     );
     let mdns = if config.mdns {
         Some(
-            mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
-                .map_err(|e| MeshError::Swarm(e.to_string()))?,
+            mdns::tokio::Behaviour::new(
+                mdns::Config {
+                    query_interval: config.mdns_query_interval,
+                    ..mdns::Config::default()
+                },
+                peer_id,
+            )
+            .map_err(|e| MeshError::Swarm(e.to_string()))?,
         )
     } else {
         None

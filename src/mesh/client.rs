@@ -40,6 +40,8 @@ pub(crate) enum Command {
         peer: PeerId,
         reason: String,
     },
+    Rediscover,
+    HandshakeFailures(oneshot::Sender<u64>),
     Shutdown,
 }
 
@@ -325,6 +327,20 @@ impl Client {
             reason: reason.into(),
         })
         .await
+    }
+
+    /// Looks for peers again now: an mDNS query, a redial of every known
+    /// peer that is not connected, a Kademlia bootstrap. For a download that
+    /// found no source; rounds run at most once a second.
+    pub async fn rediscover(&self) -> Result<(), MeshError> {
+        self.send(Command::Rediscover).await
+    }
+
+    /// Connections that failed in their handshake (pnet, secure channel,
+    /// muxer) since start, every retry counted; each remote address is
+    /// logged once.
+    pub async fn handshake_failures(&self) -> Result<u64, MeshError> {
+        self.ask(Command::HandshakeFailures).await
     }
 
     /// A handle on the swarm's stream behaviour, for other layers' stream

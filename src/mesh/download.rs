@@ -154,6 +154,10 @@ pub struct Progress {
     pub elapsed_ms: u64,
     /// Why it failed.
     pub error: Option<String>,
+    /// While finding the manifest: the peers connected at the last round
+    /// (`Some(0)`: waiting for peers to appear; `None`: not asked yet).
+    #[serde(default)]
+    pub connected: Option<usize>,
 }
 
 /// Per-source figures.
@@ -246,6 +250,8 @@ struct Sched {
     progress: Progress,
     finished: bool,
     failed: Option<String>,
+    /// The store reported a full disk (the download stops with that error).
+    disk_full: Option<String>,
     last_chunk: Instant,
     started: Instant,
     endgame: bool,
@@ -706,12 +712,56 @@ impl Drop for CancelGuard {
 /// Fetches an artifact into the local store from the mesh (and the origin, when given and allowed).
 ///
 /// Returns once the artifact is verified and activated. Progress is published on `progress`.
+/// The manifest is looked for during [`DownloadOptions::find_timeout`].
 pub async fn download(
     client: &Client,
     id: ArtifactId,
     origin_url: Option<String>,
     opts: &DownloadOptions,
     progress: Option<&watch::Sender<Progress>>,
+) -> Result<DownloadReport, MeshError> {
+    let deadline = FindDeadline::after(opts.find_timeout);
+    download_until(client, id, origin_url, opts, progress, &deadline).await
+}
+
+/// Longest time a pull may ask to wait for a manifest holder.
+pub const MAX_FIND_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Until when a download looks for a first holder of the manifest; a pull
+/// that joins the download may push it later.
+#[derive(Debug, Clone)]
+pub struct FindDeadline(Arc<Mutex<Instant>>);
+
+impl FindDeadline {
+    /// `wait` from now (at most [`MAX_FIND_TIMEOUT`]).
+    pub fn after(wait: Duration) -> Self {
+        Self(Arc::new(Mutex::new(
+            Instant::now() + wait.min(MAX_FIND_TIMEOUT),
+        )))
+    }
+
+    /// Moves the deadline to `wait` from now if that is later.
+    pub fn extend(&self, wait: Duration) {
+        let t = Instant::now() + wait.min(MAX_FIND_TIMEOUT);
+        let mut d = self.0.lock();
+        if t > *d {
+            *d = t;
+        }
+    }
+
+    fn passed(&self) -> bool {
+        Instant::now() >= *self.0.lock()
+    }
+}
+
+/// [`download`] with a deadline for finding the manifest that others may extend.
+pub async fn download_until(
+    client: &Client,
+    id: ArtifactId,
+    origin_url: Option<String>,
+    opts: &DownloadOptions,
+    progress: Option<&watch::Sender<Progress>>,
+    find_deadline: &FindDeadline,
 ) -> Result<DownloadReport, MeshError> {
     let store = client.store().clone();
     let started = Instant::now();
@@ -720,15 +770,19 @@ pub async fn download(
             tx.send_replace(p.clone());
         }
     };
-    let mut pr = Progress {
-        id: id.to_hex(),
-        ..Progress::default()
-    };
-    publish(&pr);
     // Subscribe before asking anyone, so no announcement is missed.
     let mut events = client.events();
     let st = store.clone();
-    let (status, local) = blocking(move || Ok((st.status(&id)?, st.manifest(&id)?))).await?;
+    let (status, local, mut pr) = blocking(move || {
+        Ok((
+            st.status(&id)?,
+            st.manifest(&id)?,
+            initial_progress(&st, &id)?,
+        ))
+    })
+    .await?;
+    // A resumed download shows the bytes it already has from its first report.
+    publish(&pr);
     if status == Some(ArtifactStatus::Active)
         && let Some(m) = &local
     {
@@ -759,12 +813,21 @@ pub async fn download(
     };
     let (manifest, manifest_from) = match local {
         Some(m) => (m, None),
-        None => find_manifest(client, id, opts, origin.as_ref()).await?,
+        None => {
+            let waiting = |connected: usize| {
+                if let Some(tx) = progress {
+                    tx.send_modify(|p| p.connected = Some(connected));
+                }
+            };
+            find_manifest(client, id, find_deadline, origin.as_ref(), waiting).await?
+        }
     };
     let manifest = Arc::new(manifest);
     let m2 = manifest.clone();
     let st = store.clone();
-    let have = blocking(move || st.begin(&m2)).await?;
+    let have = blocking(move || st.begin(&m2))
+        .await
+        .map_err(|e| disk_full_or(id, e))?;
     let _ = client.provide(id).await;
     let local_chunks = have.count();
     pr.phase = Phase::Fetching;
@@ -794,6 +857,7 @@ pub async fn download(
             fetched: Vec::new(),
             progress: pr,
             failed: None,
+            disk_full: None,
             last_chunk: Instant::now(),
             started,
             endgame: opts.endgame,
@@ -947,7 +1011,7 @@ pub async fn download(
         }
     }
     ctx.notify.notify_waiters();
-    let (failed, fetched, peers, origin_stats) = {
+    let (failed, disk_full, fetched, peers, origin_stats) = {
         let s = ctx.sched.lock();
         let mut peers = HashMap::new();
         let mut origin_stats = SourceStats::default();
@@ -959,21 +1023,33 @@ pub async fn download(
                 Source::Origin => origin_stats = v.stats.clone(),
             }
         }
-        (s.failed.clone(), s.fetched.clone(), peers, origin_stats)
+        (
+            s.failed.clone(),
+            s.disk_full.clone(),
+            s.fetched.clone(),
+            peers,
+            origin_stats,
+        )
     };
     let st = store.clone();
-    let outcome = match failed {
-        Some(e) => {
+    let outcome = match (failed, disk_full) {
+        (_, Some(detail)) => {
+            let _ = blocking(move || st.flush(&id)).await;
+            Err(MeshError::DiskFull {
+                id: id.to_hex(),
+                detail,
+            })
+        }
+        (Some(e), None) => {
             let _ = blocking(move || st.flush(&id)).await;
             Err(MeshError::NoSource(format!("{id}: {e}")))
         }
-        None => {
-            blocking(move || {
-                st.flush(&id)?;
-                st.finish(&id)
-            })
-            .await
-        }
+        (None, None) => blocking(move || {
+            st.flush(&id)?;
+            st.finish(&id)
+        })
+        .await
+        .map_err(|e| disk_full_or(id, e)),
     };
     let mut p = ctx.sched.lock().snapshot();
     for (peer, st) in &peers {
@@ -1008,6 +1084,46 @@ pub async fn download(
     }
 }
 
+/// A [`MeshError::DiskFull`] when the store's error is a full disk, else [`MeshError::Store`].
+fn disk_full_or(id: ArtifactId, e: MeshError) -> MeshError {
+    match e {
+        MeshError::Store(se) if MeshError::is_disk_full(&se) => MeshError::DiskFull {
+            id: id.to_hex(),
+            detail: se.to_string(),
+        },
+        other => other,
+    }
+}
+
+/// The progress of a download of `id` before anything is fetched: the
+/// chunks a previous, interrupted download left (resume) are counted, so
+/// the first report of a resumed pull does not say 0 bytes.
+pub fn initial_progress(
+    store: &crate::store::Store,
+    id: &ArtifactId,
+) -> Result<Progress, StoreError> {
+    let mut p = Progress {
+        id: id.to_hex(),
+        ..Progress::default()
+    };
+    if let Some(m) = store.manifest(id)?
+        && let Some(have) = store.have_map(id)?
+        && have.len() == m.chunk_count()
+    {
+        p.total_bytes = m.size;
+        p.total_chunks = m.chunk_count();
+        p.have_chunks = have.count();
+        p.have_bytes = have
+            .present()
+            .filter_map(|i| m.chunks.get(i as usize))
+            .map(|c| u64::from(c.len))
+            .sum();
+        p.local_chunks = p.have_chunks;
+        p.local_bytes = p.have_bytes;
+    }
+    Ok(p)
+}
+
 /// Manifest requests in flight at once while looking for a first source.
 const MANIFEST_FANOUT: usize = 16;
 
@@ -1017,13 +1133,18 @@ const MANIFEST_FANOUT: usize = 16;
 /// first verified manifest wins: on a large mesh a node is connected to dozens
 /// of peers that mostly lack the artifact, and asking them one after the other
 /// cost a round trip each. The Kademlia lookup runs beside the connected round.
+///
+/// `connected(n)` reports the connected peers at each round. A round that
+/// finds no holder asks the mesh to look for peers again
+/// ([`Client::rediscover`]); rounds go on until `deadline`.
 async fn find_manifest(
     client: &Client,
     id: ArtifactId,
-    opts: &DownloadOptions,
+    deadline: &FindDeadline,
     origin: Option<&Origin>,
+    connected_now: impl Fn(usize),
 ) -> Result<(Manifest, Option<PeerId>), MeshError> {
-    let deadline = Instant::now() + opts.find_timeout;
+    let mut waiting_logged = false;
     let mut tried: HashSet<PeerId> = HashSet::new();
     // The origin's last answer, so a failed pull says why (e.g. an untrusted certificate).
     let mut origin_error: Option<String> = None;
@@ -1031,6 +1152,11 @@ async fn find_manifest(
         let c = client.clone();
         let kad = tokio::spawn(async move { c.providers(id).await.unwrap_or_default() });
         let connected = client.connected().await?;
+        connected_now(connected.len());
+        if connected.is_empty() && !waiting_logged {
+            tracing::info!(%id, "waiting for peers to look for the manifest");
+            waiting_logged = true;
+        }
         tracing::debug!(
             connected = connected.len(),
             "manifest: asking connected peers"
@@ -1058,13 +1184,18 @@ async fn find_manifest(
                 }
             }
         }
-        if Instant::now() >= deadline {
+        if deadline.passed() {
+            let peers = client.connected().await.map(|c| c.len()).unwrap_or(0);
             return Err(MeshError::NoSource(match origin_error {
-                Some(e) => format!("no peer has the manifest of {id}; origin: {e}"),
-                None => format!("no peer has the manifest of {id}"),
+                Some(e) => {
+                    format!("no peer has the manifest of {id} ({peers} connected); origin: {e}")
+                }
+                None => format!("no peer has the manifest of {id} ({peers} connected)"),
             }));
         }
-        // Peers that lacked it may get it later.
+        // Nobody has it (or nobody is there): look for more peers. Peers
+        // that lacked it may get it later.
+        let _ = client.rediscover().await;
         tried.clear();
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -1220,7 +1351,11 @@ async fn worker(ctx: Arc<Ctx>, src: Source, slot: usize) {
                         },
                         Ok(Err(StoreError::ChunkMismatch { .. })) => Outcome::Bad,
                         Ok(Err(e)) => {
-                            ctx.sched.lock().failed = Some(format!("store: {e}"));
+                            let mut s = ctx.sched.lock();
+                            if MeshError::is_disk_full(&e) {
+                                s.disk_full.get_or_insert_with(|| e.to_string());
+                            }
+                            s.failed = Some(format!("store: {e}"));
                             Outcome::Failed
                         }
                         Err(e) => {
@@ -1370,41 +1505,97 @@ async fn fetch_from_peer(
     }
 }
 
-/// Running downloads, one per artifact: a second pull of the same artifact joins the first.
+/// Finished (done or failed) downloads kept for `/admin/pull/{id}` and the
+/// status; beyond this many the oldest are forgotten.
+pub const KEEP_FINISHED: usize = 32;
+
+/// Running downloads, one per artifact: a second pull of the same artifact
+/// joins the first. At most [`super::MeshConfig::max_downloads`] run at once;
+/// at most [`KEEP_FINISHED`] finished ones are remembered.
 #[derive(Clone, Default)]
 pub struct Downloads {
-    jobs: Arc<Mutex<HashMap<ArtifactId, Job>>>,
+    jobs: Arc<Mutex<Jobs>>,
+}
+
+#[derive(Default)]
+struct Jobs {
+    map: HashMap<ArtifactId, Job>,
+    /// Start order of the next job.
+    next_seq: u64,
 }
 
 struct Job {
     progress: watch::Receiver<Progress>,
     task: tokio::task::AbortHandle,
+    deadline: FindDeadline,
+    seq: u64,
+}
+
+impl Jobs {
+    /// Forgets the oldest finished downloads beyond [`KEEP_FINISHED`].
+    fn prune(&mut self) {
+        let mut finished: Vec<(u64, ArtifactId)> = self
+            .map
+            .iter()
+            .filter(|(_, j)| j.is_final())
+            .map(|(k, j)| (j.seq, *k))
+            .collect();
+        if finished.len() > KEEP_FINISHED {
+            finished.sort_unstable();
+            let drop_n = finished.len() - KEEP_FINISHED;
+            for (_, k) in finished.into_iter().take(drop_n) {
+                self.map.remove(&k);
+            }
+        }
+    }
+}
+
+impl Job {
+    fn is_final(&self) -> bool {
+        self.progress.borrow().phase.is_final() || self.task.is_finished()
+    }
 }
 
 impl Downloads {
-    /// Starts fetching `id` in the background, or joins the download already running.
-    pub fn start(
+    /// Starts fetching `id` in the background, or joins the download already
+    /// running (or done). `find_timeout`: how long to wait for a peer holding
+    /// the manifest (default [`DownloadOptions::find_timeout`], at most
+    /// [`MAX_FIND_TIMEOUT`]); joining a download that is still looking
+    /// extends its wait to this. Fails with [`MeshError::TooManyDownloads`]
+    /// when `max_downloads` are running.
+    pub async fn start(
         &self,
         client: &Client,
         id: ArtifactId,
         origin: Option<String>,
-    ) -> watch::Receiver<Progress> {
+        find_timeout: Option<Duration>,
+    ) -> Result<watch::Receiver<Progress>, MeshError> {
+        // Read before taking the registry: a resumed download's first report
+        // carries the bytes already present.
+        let st = client.store().clone();
+        let first = blocking(move || initial_progress(&st, &id)).await?;
+        let opts = client.config().download.clone();
+        let limit = client.config().max_downloads.max(1);
+        let wait = find_timeout.unwrap_or(opts.find_timeout);
         let mut jobs = self.jobs.lock();
-        if let Some(j) = jobs.get(&id)
+        if let Some(j) = jobs.map.get(&id)
             && !matches!(j.progress.borrow().phase, Phase::Failed)
         {
-            return j.progress.clone();
+            j.deadline.extend(wait);
+            return Ok(j.progress.clone());
         }
-        let (tx, rx) = watch::channel(Progress {
-            id: id.to_hex(),
-            ..Progress::default()
-        });
+        let running = jobs.map.values().filter(|j| !j.is_final()).count();
+        if running >= limit {
+            return Err(MeshError::TooManyDownloads { limit });
+        }
+        let (tx, rx) = watch::channel(first);
+        let deadline = FindDeadline::after(wait);
         let client = client.clone();
         let span = tracing::info_span!("pull", node = %client.peer_id(), id = %id.short());
+        let d2 = deadline.clone();
         let task = tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let opts = client.config().download.clone();
-                if let Err(e) = download(&client, id, origin, &opts, Some(&tx)).await {
+                if let Err(e) = download_until(&client, id, origin, &opts, Some(&tx), &d2).await {
                     tracing::warn!(%id, error = %e, "download failed");
                     tx.send_modify(|p| {
                         p.phase = Phase::Failed;
@@ -1414,19 +1605,24 @@ impl Downloads {
             },
             span,
         ));
-        jobs.insert(
+        let seq = jobs.next_seq;
+        jobs.next_seq += 1;
+        jobs.map.insert(
             id,
             Job {
                 progress: rx.clone(),
                 task: task.abort_handle(),
+                deadline,
+                seq,
             },
         );
-        rx
+        jobs.prune();
+        Ok(rx)
     }
 
     /// Stops the download of `id` (what was verified stays; a later pull resumes).
     pub fn cancel(&self, id: &ArtifactId) -> bool {
-        match self.jobs.lock().remove(id) {
+        match self.jobs.lock().map.remove(id) {
             Some(j) => {
                 j.task.abort();
                 true
@@ -1437,31 +1633,47 @@ impl Downloads {
 
     /// Stops every download.
     pub fn cancel_all(&self) {
-        for (_, j) in self.jobs.lock().drain() {
+        for (_, j) in self.jobs.lock().map.drain() {
             j.task.abort();
         }
     }
 
     /// A receiver of the progress of the download of `id`, if one was started.
     pub fn watch(&self, id: &ArtifactId) -> Option<watch::Receiver<Progress>> {
-        self.jobs.lock().get(id).map(|j| j.progress.clone())
+        self.jobs.lock().map.get(id).map(|j| j.progress.clone())
     }
 
     /// The current progress of the download of `id`, if one was started.
     pub fn get(&self, id: &ArtifactId) -> Option<Progress> {
         self.jobs
             .lock()
+            .map
             .get(id)
             .map(|j| j.progress.borrow().clone())
     }
 
-    /// Progress of every download started.
+    /// Progress of every download remembered (running, and the latest finished), oldest first.
     pub fn all(&self) -> Vec<Progress> {
+        let mut jobs = self.jobs.lock();
+        // Downloads that ended since the last start count against the bound too.
+        jobs.prune();
+        let mut v: Vec<(u64, Progress)> = jobs
+            .map
+            .values()
+            .map(|j| (j.seq, j.progress.borrow().clone()))
+            .collect();
+        v.sort_unstable_by_key(|(seq, _)| *seq);
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Downloads running now.
+    pub fn running(&self) -> usize {
         self.jobs
             .lock()
+            .map
             .values()
-            .map(|j| j.progress.borrow().clone())
-            .collect()
+            .filter(|j| !j.is_final())
+            .count()
     }
 }
 
@@ -1498,6 +1710,7 @@ mod tests {
             fetched: Vec::new(),
             progress: Progress::default(),
             failed: None,
+            disk_full: None,
             last_chunk: Instant::now(),
             started: Instant::now(),
             endgame: false,

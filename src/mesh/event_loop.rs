@@ -38,7 +38,45 @@ pub struct EventLoop {
     /// Artifacts advertised in Kademlia (re-advertised when the routing table grows).
     provided: HashSet<crate::store::ArtifactId>,
     routing_size: usize,
+    /// Peers found by mDNS (until their records expire), redialled while disconnected.
+    mdns_peers: HashMap<PeerId, MdnsPeer>,
+    /// This node's non-loopback IPv4 listen addresses: where its own mDNS queries go out.
+    iface_addrs: HashSet<std::net::Ipv4Addr>,
+    /// Rediscovery while no peer is connected.
+    rediscover: Backoff,
+    /// When the last rediscovery round ran (rounds asked for by downloads are rate-limited).
+    last_round: Option<Instant>,
+    /// Remote IPs whose failed handshake was logged (one warning per address).
+    handshake_warned: HashSet<std::net::IpAddr>,
+    /// Failed handshakes seen (every retry), for tests and diagnostics.
+    handshake_failures: u64,
 }
+
+/// A peer found by mDNS.
+struct MdnsPeer {
+    addrs: Vec<Multiaddr>,
+    /// Not redialled before this.
+    next_dial: Instant,
+    /// Pause before the next redial (doubles after each, up to [`REDIAL_MAX`]).
+    backoff: Duration,
+}
+
+/// A rediscovery schedule: rounds at `next`, each pause twice the one before.
+struct Backoff {
+    next: Instant,
+    pause: Duration,
+}
+
+/// First pause between rediscovery rounds while no peer is connected.
+const REDISCOVER_FIRST: Duration = Duration::from_millis(500);
+/// First pause before redialling a lost mDNS peer.
+const REDIAL_FIRST: Duration = Duration::from_secs(1);
+/// Longest pause before redialling a lost mDNS peer.
+const REDIAL_MAX: Duration = Duration::from_secs(30);
+/// Rediscovery rounds asked for by downloads run at most this often.
+const ROUND_MIN_GAP: Duration = Duration::from_secs(1);
+/// The mDNS service name libp2p peers answer for.
+const MDNS_SERVICE: &[&[u8]] = &[b"_p2p", b"_udp", b"local"];
 
 struct Connected {
     addr: Multiaddr,
@@ -102,6 +140,15 @@ pub async fn new(config: MeshConfig, store: Store) -> Result<(Client, EventLoop)
         stopped: stopped_tx,
         provided: HashSet::new(),
         routing_size: 0,
+        mdns_peers: HashMap::new(),
+        iface_addrs: HashSet::new(),
+        rediscover: Backoff {
+            next: Instant::now() + REDISCOVER_FIRST,
+            pause: REDISCOVER_FIRST,
+        },
+        last_round: None,
+        handshake_warned: HashSet::new(),
+        handshake_failures: 0,
     };
     // Advertise what we already hold.
     let held = super::blocking(move || store.list()).await?;
@@ -123,6 +170,9 @@ impl EventLoop {
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Rediscovery deadlines are checked this often (cheap: a few comparisons).
+        let mut discover = tokio::time::interval(Duration::from_millis(250));
+        discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -131,6 +181,7 @@ impl EventLoop {
                     Some(cmd) => self.on_command(cmd),
                 },
                 _ = tick.tick() => self.on_tick(),
+                _ = discover.tick() => self.on_discover_tick(),
             }
         }
         tracing::info!(peer = %self.shared.peer_id, "mesh event loop stopped");
@@ -168,6 +219,131 @@ impl EventLoop {
         }
     }
 
+    /// While no peer is connected: a rediscovery round at 0.5 s, 1 s, 2 s, ...
+    /// up to [`super::REDISCOVER_MAX`] apart. A lost mDNS peer is redialled on
+    /// its own backoff whether or not other peers are connected.
+    fn on_discover_tick(&mut self) {
+        let now = Instant::now();
+        if self.connected.is_empty() {
+            if now >= self.rediscover.next {
+                self.rediscover_round("no peer connected");
+                self.rediscover.pause = (self.rediscover.pause * 2).min(super::REDISCOVER_MAX);
+                self.rediscover.next = now + self.rediscover.pause;
+            }
+        } else {
+            // When the last peer goes, rediscovery starts fast again.
+            self.rediscover.pause = REDISCOVER_FIRST;
+            self.rediscover.next = now + REDISCOVER_FIRST;
+        }
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .mdns_peers
+            .iter_mut()
+            .filter(|(p, m)| {
+                now >= m.next_dial && !self.connected.contains_key(p) && !self.bans.contains_key(p)
+            })
+            .map(|(p, m)| {
+                m.next_dial = now + m.backoff;
+                m.backoff = (m.backoff * 2).min(REDIAL_MAX);
+                (*p, m.addrs.clone())
+            })
+            .collect();
+        for (p, addrs) in due {
+            tracing::debug!(peer = %p, "redialling an mDNS peer");
+            self.dial_peer(p, addrs);
+        }
+    }
+
+    /// One rediscovery round: an mDNS query of our own (libp2p's stop once it
+    /// heard one answer, and an answer it already knows is not reported
+    /// again), a redial of every static and mDNS peer not connected, and a
+    /// Kademlia bootstrap.
+    fn rediscover_round(&mut self, why: &str) {
+        self.last_round = Some(Instant::now());
+        let queried = if self.shared.config.mdns {
+            self.send_mdns_query()
+        } else {
+            0
+        };
+        tracing::debug!(why, queried, "rediscovery round");
+        let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .mdns_peers
+            .iter()
+            .filter(|(p, _)| !self.connected.contains_key(p) && !self.bans.contains_key(p))
+            .map(|(p, m)| (*p, m.addrs.clone()))
+            .collect();
+        for (p, addrs) in lost {
+            self.dial_peer(p, addrs);
+        }
+        self.redial_static();
+        // Fails harmlessly when the routing table is empty.
+        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+    }
+
+    /// Sends an mDNS query for libp2p peers (`_p2p._udp.local` PTR) from each
+    /// listen address; the answers (multicast) reach the mDNS behaviour.
+    /// Returns on how many interfaces it went out.
+    fn send_mdns_query(&self) -> usize {
+        let packet = mdns_query_packet();
+        let dst = std::net::SocketAddr::from(([224, 0, 0, 251], 5353));
+        let mut sent = 0;
+        for ip in &self.iface_addrs {
+            let res = std::net::UdpSocket::bind((*ip, 0)).and_then(|s| {
+                s.set_nonblocking(true)?;
+                s.send_to(&packet, dst)
+            });
+            match res {
+                Ok(_) => sent += 1,
+                Err(e) => tracing::debug!(%ip, error = %e, "mDNS query not sent"),
+            }
+        }
+        sent
+    }
+
+    fn dial_peer(&mut self, p: PeerId, addrs: Vec<Multiaddr>) {
+        let opts = DialOpts::peer_id(p)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => tracing::debug!(peer = %p, error = %e, "dial failed"),
+        }
+    }
+
+    fn redial_static(&mut self) {
+        let redial: Vec<Multiaddr> = self
+            .static_peers
+            .iter()
+            .filter(|(_, p)| {
+                p.is_none_or(|p| !self.connected.contains_key(&p) && !self.bans.contains_key(&p))
+            })
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in redial {
+            self.dial(a);
+        }
+    }
+
+    /// A connection that failed after its TCP connection was made (pnet, the
+    /// secure channel or the muxer): one warning per remote address, since
+    /// the cause (most often a different swarm key) does not go away by itself.
+    fn on_handshake_failure(&mut self, ip: std::net::IpAddr, addr: &Multiaddr, error: &str) {
+        self.handshake_failures += 1;
+        tracing::debug!(%addr, error, "handshake failed");
+        if self.handshake_warned.insert(ip) {
+            let cause = if self.shared.config.psk.is_some() {
+                "most likely a different swarm key (mesh.psk_file) on the other side, or none"
+            } else {
+                "most likely the other side uses a swarm key (mesh.psk_file) and this node does not"
+            };
+            tracing::warn!(
+                %addr,
+                error,
+                "handshake with {ip} failed: {cause}; logged once per address"
+            );
+        }
+    }
+
     fn on_tick(&mut self) {
         // Provider records only reach peers in the routing table: re-advertise when it grows.
         let size: usize = self
@@ -196,17 +372,7 @@ impl EventLoop {
             self.swarm.behaviour_mut().blocked.unblock_peer(p);
             tracing::info!(peer = %p, "ban expired");
         }
-        let redial: Vec<Multiaddr> = self
-            .static_peers
-            .iter()
-            .filter(|(_, p)| {
-                p.is_none_or(|p| !self.connected.contains_key(&p) && !self.bans.contains_key(&p))
-            })
-            .map(|(a, _)| a.clone())
-            .collect();
-        for a in redial {
-            self.dial(a);
-        }
+        self.redial_static();
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -311,6 +477,15 @@ impl EventLoop {
                 crate::metrics::global().peer_banned(self.bans.len());
                 let _ = self.shared.events.send(MeshEvent::Banned(peer));
             }
+            Command::Rediscover => {
+                let recent = self.last_round.is_some_and(|t| t.elapsed() < ROUND_MIN_GAP);
+                if !recent {
+                    self.rediscover_round("a download found no source");
+                }
+            }
+            Command::HandshakeFailures(reply) => {
+                let _ = reply.send(self.handshake_failures);
+            }
             Command::Shutdown => {}
         }
     }
@@ -319,6 +494,40 @@ impl EventLoop {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, peer = %self.shared.peer_id, "listening");
+                if let Some(Protocol::Ip4(ip)) = address.iter().next()
+                    && !ip.is_loopback()
+                    && !ip.is_unspecified()
+                {
+                    self.iface_addrs.insert(ip);
+                }
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                if let Some(Protocol::Ip4(ip)) = address.iter().next() {
+                    self.iface_addrs.remove(&ip);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                error: DialError::Transport(errs),
+                ..
+            } => {
+                for (addr, e) in &errs {
+                    if let libp2p::TransportError::Other(e) = e
+                        && !is_connect_error(e)
+                        && let Some(ip) = ip_of(addr)
+                    {
+                        self.on_handshake_failure(ip, addr, &error_chain(e));
+                    }
+                }
+            }
+            SwarmEvent::IncomingConnectionError {
+                send_back_addr,
+                error: libp2p::swarm::ListenError::Transport(libp2p::TransportError::Other(e)),
+                ..
+            } => {
+                // Accepted, then failed: the handshake (the port is the peer's ephemeral one).
+                if let Some(ip) = ip_of(&send_back_addr) {
+                    self.on_handshake_failure(ip, &send_back_addr, &error_chain(&e));
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -333,6 +542,12 @@ impl EventLoop {
                             *p = Some(peer_id);
                         }
                     }
+                }
+                if let Some(ip) = ip_of(&addr) {
+                    self.handshake_warned.remove(&ip);
+                }
+                if let Some(m) = self.mdns_peers.get_mut(&peer_id) {
+                    m.backoff = REDIAL_FIRST;
                 }
                 if num_established.get() == 1 {
                     tracing::info!(peer = %peer_id, %addr, "peer connected");
@@ -392,14 +607,33 @@ impl EventLoop {
                     self.swarm.behaviour_mut().kad.add_address(&p, a.clone());
                     by_peer.entry(p).or_default().push(a);
                 }
+                let now = Instant::now();
                 for (p, addrs) in by_peer {
+                    // Remembered, so a failed dial is retried (mDNS reports an address once).
+                    let m = self.mdns_peers.entry(p).or_insert_with(|| MdnsPeer {
+                        addrs: Vec::new(),
+                        next_dial: now,
+                        backoff: REDIAL_FIRST,
+                    });
+                    for a in &addrs {
+                        if !m.addrs.contains(a) {
+                            m.addrs.push(a.clone());
+                        }
+                    }
+                    m.next_dial = now + m.backoff;
                     if !self.connected.contains_key(&p) && !self.bans.contains_key(&p) {
                         tracing::info!(peer = %p, "discovered via mDNS");
-                        let opts = DialOpts::peer_id(p)
-                            .addresses(addrs)
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
-                            .build();
-                        let _ = self.swarm.dial(opts);
+                        self.dial_peer(p, addrs);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
+                for (p, a) in gone {
+                    if let Some(m) = self.mdns_peers.get_mut(&p) {
+                        m.addrs.retain(|x| x != &a);
+                        if m.addrs.is_empty() {
+                            self.mdns_peers.remove(&p);
+                        }
                     }
                 }
             }
@@ -539,6 +773,75 @@ impl EventLoop {
             None => tracing::debug!(%peer, "malformed have-map"),
         }
     }
+}
+
+/// The IP address of a multiaddr, if it starts with one.
+fn ip_of(a: &Multiaddr) -> Option<std::net::IpAddr> {
+    match a.iter().next()? {
+        Protocol::Ip4(ip) => Some(ip.into()),
+        Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    }
+}
+
+/// Whether a dial failed before a TCP connection existed (refused,
+/// unreachable): not a handshake failure.
+fn is_connect_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                K::ConnectionRefused
+                    | K::HostUnreachable
+                    | K::NetworkUnreachable
+                    | K::AddrNotAvailable
+                    | K::AddrInUse
+            )
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// An error and its sources, joined with ": ".
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = err.source();
+    }
+    out
+}
+
+/// An mDNS query for `_p2p._udp.local` PTR records (what libp2p peers answer).
+fn mdns_query_packet() -> Vec<u8> {
+    let mut out = Vec::with_capacity(33);
+    let id: u16 = random_seed_u16();
+    out.extend_from_slice(&id.to_be_bytes());
+    // Flags 0 (a query), one question, no answers/authorities/additionals.
+    out.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in MDNS_SERVICE {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+    // PTR, class IN.
+    out.extend_from_slice(&[0, 0x0c, 0, 0x01]);
+    out
+}
+
+fn random_seed_u16() -> u16 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now()) as u16
 }
 
 fn is_unspecified(a: &Multiaddr) -> bool {

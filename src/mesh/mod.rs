@@ -87,6 +87,41 @@ pub enum MeshError {
     /// A blocking task panicked or was cancelled.
     #[error("background task failed: {0}")]
     Join(String),
+    /// The local disk is full: the download stopped (what was verified is kept).
+    #[error("the disk is full: cannot store {id} ({detail})")]
+    DiskFull {
+        /// The artifact being stored.
+        id: String,
+        /// The store's error.
+        detail: String,
+    },
+    /// As many downloads as `mesh.max_downloads` allows are running already.
+    #[error(
+        "too many downloads: {limit} are running (mesh.max_downloads); try again when one ends"
+    )]
+    TooManyDownloads {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl MeshError {
+    /// Whether a store error is a full disk: an `io::ErrorKind::StorageFull`
+    /// (ENOSPC) or a quota error (EDQUOT) anywhere in its source chain.
+    pub fn is_disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+        while let Some(err) = cur {
+            if let Some(io) = err.downcast_ref::<std::io::Error>()
+                && (io.kind() == std::io::ErrorKind::StorageFull
+                    || io.kind() == std::io::ErrorKind::QuotaExceeded
+                    || io.raw_os_error() == Some(libc::ENOSPC))
+            {
+                return true;
+            }
+            cur = err.source();
+        }
+        false
+    }
 }
 
 /// How a node takes part in the mesh.
@@ -98,6 +133,14 @@ pub struct MeshConfig {
     pub peers: Vec<Multiaddr>,
     /// LAN discovery via mDNS. Off for any node in the machine's own network namespace.
     pub mdns: bool,
+    /// mDNS query period once a first answer arrived (libp2p probes at 0.5 s,
+    /// 1 s, 2 s, ... before that). Besides, while no peer is connected the
+    /// node sends its own queries, 0.5 s apart and doubling up to
+    /// [`REDISCOVER_MAX`], and it redials every discovered peer it lost.
+    pub mdns_query_interval: Duration,
+    /// Most downloads running at once; a further pull fails with
+    /// [`MeshError::TooManyDownloads`].
+    pub max_downloads: usize,
     /// Private mesh: only nodes holding this key can connect (TCP only).
     pub psk: Option<PreSharedKey>,
     /// Secure channels offered, in order of preference (default: TLS, then noise).
@@ -131,6 +174,8 @@ impl Default for MeshConfig {
             listen: vec![default_listen()],
             peers: Vec::new(),
             mdns: true,
+            mdns_query_interval: Duration::from_secs(30),
+            max_downloads: 4,
             psk: None,
             security: secure::SecureChannel::defaults(),
             allow_peers: Vec::new(),
@@ -146,6 +191,9 @@ impl Default for MeshConfig {
         }
     }
 }
+
+/// Longest pause between two rediscovery rounds while no peer is connected.
+pub const REDISCOVER_MAX: Duration = Duration::from_secs(8);
 
 /// `/ip4/0.0.0.0/tcp/0`.
 pub fn default_listen() -> Multiaddr {

@@ -29,6 +29,10 @@ pub enum MeshCmd {
         /// Start the download and return without waiting.
         #[arg(long)]
         no_wait: bool,
+        /// Seconds to wait for a peer that holds the artifact (while the
+        /// node has no peers, or none of them has it yet) before failing.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        timeout: u64,
     },
     /// List connected and banned peers of the running node.
     Peers {
@@ -144,7 +148,14 @@ pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: MeshCmd) -> Result<()> {
             artifact,
             api,
             no_wait,
-        } => rt.build()?.block_on(pull(ctx, &api, &artifact, no_wait)),
+            timeout,
+        } => rt.build()?.block_on(pull(
+            ctx,
+            &api,
+            &artifact,
+            no_wait,
+            Duration::from_secs(timeout),
+        )),
         MeshCmd::Peers { api } => rt.build()?.block_on(peers(ctx, &api)),
         MeshCmd::Status { api } => rt.build()?.block_on(status(ctx, &api)),
         MeshCmd::Psk(PskCmd::New { out }) => psk_new(out),
@@ -300,17 +311,47 @@ fn progress_line(p: &Progress, rate: f64) -> String {
     )
 }
 
-async fn pull(ctx: &Ctx, api: &str, artifact: &str, no_wait: bool) -> Result<()> {
+async fn pull(
+    ctx: &Ctx,
+    api: &str,
+    artifact: &str,
+    no_wait: bool,
+    timeout: Duration,
+) -> Result<()> {
     let c = ctx.admin_client(api);
-    let started: PullStarted = c
-        .post(
-            "/admin/pull",
-            &PullRequest {
-                artifact: artifact.to_owned(),
-            },
-        )
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let deadline = Instant::now() + timeout;
+    let mut said_waiting = false;
+    let mut say_waiting = |what: &str| {
+        if !said_waiting && !ctx.json {
+            eprintln!("waiting for peers ({what}; up to {}s)", timeout.as_secs());
+            said_waiting = true;
+        }
+    };
+    // The daemon looks for a manifest holder until the deadline; a name it
+    // does not know yet is retried while it has no peer to learn it from.
+    let started: PullStarted = loop {
+        let req = PullRequest {
+            artifact: artifact.to_owned(),
+            wait_secs: Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+                    .max(1),
+            ),
+        };
+        match c.post("/admin/pull", &req).await {
+            Ok(s) => break s,
+            Err(e) if e.contains(": 404 ") && Instant::now() < deadline => {
+                let s: StatusReport = c.get("/admin/status").await.map_err(anyhow::Error::msg)?;
+                if s.connected > 0 {
+                    bail!(e);
+                }
+                say_waiting("no peer knows this name yet");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => bail!(e),
+        }
+    };
     if no_wait {
         if ctx.json {
             ctx.print_json(&started)?;
@@ -340,6 +381,10 @@ async fn pull(ctx: &Ctx, api: &str, artifact: &str, no_wait: bool) -> Result<()>
         }
         if p.phase.is_final() {
             break p;
+        }
+        if p.phase == Phase::Finding && p.connected == Some(0) {
+            say_waiting("no peer connected");
+            continue;
         }
         if !ctx.json && (tty || printed.elapsed() >= Duration::from_secs(5)) {
             let line = progress_line(&p, rate);
