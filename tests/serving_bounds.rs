@@ -8,7 +8,7 @@
 mod serving_common;
 
 use serde_json::json;
-use serving_common::{demo_model_path, error_code, eventually, http, post};
+use serving_common::{demo_model_path, error_code, eventually, http, p2p_addr, post};
 use shoal::node::Node;
 use shoal::serve::ServeConfig;
 use shoal::store::{AddOptions, ArtifactId, StoreOptions};
@@ -82,23 +82,6 @@ fn variant(demo: &Path, dir: &Path, letter: u8) -> PathBuf {
 fn chat(model: &str) -> serde_json::Value {
     json!({"model": model, "max_tokens": 2, "temperature": 0,
            "messages": [{"role": "user", "content": "Say hello."}]})
-}
-
-async fn p2p_addr(node: &Node) -> libp2p::Multiaddr {
-    for _ in 0..6000 {
-        if let Some(a) = node
-            .mesh()
-            .listen_addrs()
-            .await
-            .expect("addrs")
-            .into_iter()
-            .next()
-        {
-            return a.with_p2p(node.mesh().peer_id()).expect("p2p");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("node never listened");
 }
 
 async fn connected(a: &Node, b: &Node) {

@@ -7,7 +7,7 @@
 mod serving_common;
 
 use serde_json::json;
-use serving_common::{demo_model_path, error_code, eventually, post};
+use serving_common::{demo_model_path, error_code, eventually, p2p_addr, post};
 use shoal::node::Node;
 use shoal::serve::ServeConfig;
 use shoal::store::{AddOptions, ArtifactId, Store, StoreOptions};
@@ -44,23 +44,6 @@ fn damage(file: &Path) {
     f.seek(SeekFrom::Start(len / 2)).expect("seek");
     f.write_all(&[0x55; 4096]).expect("write");
     f.sync_all().expect("sync");
-}
-
-async fn p2p_addr(node: &Node) -> libp2p::Multiaddr {
-    for _ in 0..6000 {
-        if let Some(a) = node
-            .mesh()
-            .listen_addrs()
-            .await
-            .expect("addrs")
-            .into_iter()
-            .next()
-        {
-            return a.with_p2p(node.mesh().peer_id()).expect("p2p");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("node never listened");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -433,23 +433,6 @@ async fn greedy_answers_do_not_depend_on_the_cache_tier() {
     srv.stop().await;
 }
 
-async fn p2p_addr(node: &shoal::node::Node) -> libp2p::Multiaddr {
-    for _ in 0..6000 {
-        if let Some(a) = node
-            .mesh()
-            .listen_addrs()
-            .await
-            .expect("addrs")
-            .into_iter()
-            .next()
-        {
-            return a.with_p2p(node.mesh().peer_id()).expect("p2p");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("node never listened");
-}
-
 /// A node in `dir` serving the demo model (added to its store) with the
 /// response cache off; returns it, its HTTP address and the model's name.
 async fn node(

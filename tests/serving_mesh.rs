@@ -6,7 +6,7 @@
 mod serving_common;
 
 use serde_json::json;
-use serving_common::{demo_model_path, eventually, post};
+use serving_common::{demo_model_path, eventually, p2p_addr, post};
 use shoal::node::Node;
 use shoal::serve::ServeConfig;
 use shoal::store::AddOptions;
@@ -28,23 +28,6 @@ async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>, lie: bool) -> (Node, S
         .expect("join")
         .expect("add");
     (node, addr, id.to_hex())
-}
-
-async fn p2p_addr(node: &Node) -> libp2p::Multiaddr {
-    for _ in 0..6000 {
-        if let Some(a) = node
-            .mesh()
-            .listen_addrs()
-            .await
-            .expect("addrs")
-            .into_iter()
-            .next()
-        {
-            return a.with_p2p(node.mesh().peer_id()).expect("p2p");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("node never listened");
 }
 
 /// (text, cached_tokens)

@@ -5,7 +5,7 @@
 mod serving_common;
 
 use serde_json::json;
-use serving_common::{demo_model_path, error_code, http, post};
+use serving_common::{demo_model_path, error_code, http, p2p_addr, post};
 use shoal::node::Node;
 use shoal::serve::ServeConfig;
 use shoal::store::AddOptions;
@@ -18,23 +18,6 @@ async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>) -> (Node, SocketAddr) 
         ..ServeConfig::with_data_dir(dir)
     };
     serving_common::start_node(dir, peers, cfg).await
-}
-
-async fn p2p_addr(node: &Node) -> libp2p::Multiaddr {
-    for _ in 0..6000 {
-        if let Some(a) = node
-            .mesh()
-            .listen_addrs()
-            .await
-            .expect("addrs")
-            .into_iter()
-            .next()
-        {
-            return a.with_p2p(node.mesh().peer_id()).expect("p2p");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("node never listened");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -358,3 +358,21 @@ pub async fn start_node(
     });
     (node, addr)
 }
+
+/// The first listen address of `node`, with its peer id (waits until it listens).
+pub async fn p2p_addr(node: &shoal::node::Node) -> libp2p::Multiaddr {
+    for _ in 0..6000 {
+        if let Some(a) = node
+            .mesh()
+            .listen_addrs()
+            .await
+            .expect("addrs")
+            .into_iter()
+            .next()
+        {
+            return a.with_p2p(node.mesh().peer_id()).expect("p2p");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("node never listened");
+}
