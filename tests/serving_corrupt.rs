@@ -17,9 +17,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>) -> (Node, SocketAddr) {
-    // No response or KV cache: both nodes compute every answer cold, so
-    // equal answers mean equal weights (a neighbour's KV blocks can flip
-    // a near-tie, issue 14 item 7).
+    // No response or KV cache: both nodes compute every answer from their
+    // own weights, so equal answers mean equal weights.
     let cfg = ServeConfig {
         response_cache_budget: 0,
         kv: None,

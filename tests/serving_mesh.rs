@@ -89,9 +89,8 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
         cached_a / 16 * 16,
         "the prefix came from the neighbour"
     );
-    // The same blocks give the same answer whichever node holds them (a
-    // reused f16 prefix may flip a near-tie against the f32 cold answer,
-    // see docs/SERVING.md, so the comparison is with A's block answer).
+    // The same blocks give the same answer whichever node holds them (and
+    // the same as a cold computation: see tests/serving_kv.rs).
     assert_eq!(
         text, from_blocks,
         "same greedy answer with the neighbour's KV"

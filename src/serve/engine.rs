@@ -247,8 +247,8 @@ impl Engine {
     }
 }
 
-/// The engine thread's last sequence: its tokens and its full f32 KV
-/// cache. A follow-up sharing a prefix with it forks it at the exact
+/// The engine thread's last sequence: its tokens and its full KV cache
+/// (values rounded through the prefix cache's dtype, as stored blocks are). A follow-up sharing a prefix with it forks it at the exact
 /// common length (token-granular, zero-copy), which block keys cannot do
 /// for a partial last block.
 struct HotSequence {
