@@ -653,6 +653,45 @@ pub mod writer {
         }
     }
 
+    /// A copy of the GGUF file `bytes` with the metadata `key` set to
+    /// `value` (replaced or added) and the same tensors: how tests make
+    /// variants of a real model (another chat template, another id).
+    pub fn with_metadata(
+        bytes: &[u8],
+        key: &str,
+        value: Value,
+    ) -> Result<Vec<u8>, super::GgufError> {
+        let g = super::Gguf::parse(bytes)?;
+        // `write` lays the tensors out at its own alignment.
+        let mut meta: Vec<(&str, Value)> = g
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != "general.alignment" && k.as_str() != key)
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        meta.push((key, value));
+        let mut tensors = Vec::with_capacity(g.tensors.len());
+        for t in &g.tensors {
+            let r = g.tensor_range(t);
+            let data = usize::try_from(r.start)
+                .ok()
+                .zip(usize::try_from(r.end).ok())
+                .and_then(|(a, b)| bytes.get(a..b))
+                .ok_or(super::GgufError::Truncated {
+                    what: "tensor data",
+                    need: r.end,
+                    have: bytes.len() as u64,
+                })?;
+            tensors.push(TensorSpec {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+                data: data.to_vec(),
+            });
+        }
+        Ok(write(&meta, &tensors))
+    }
+
     /// Serializes a GGUF v3 file with 32-byte alignment.
     pub fn write(metadata: &[(&str, Value)], tensors: &[TensorSpec]) -> Vec<u8> {
         const ALIGN: u64 = 32;

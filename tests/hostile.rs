@@ -7,8 +7,8 @@
 
 mod inference_common;
 
-use shoal::gguf::writer::{TensorSpec, write};
-use shoal::gguf::{GgmlType, Gguf, Value};
+use shoal::gguf::writer::with_metadata;
+use shoal::gguf::{GgmlType, Value};
 use shoal::serve::{ServeConfig, Serving};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -21,31 +21,12 @@ const HOSTILE: &str =
 /// The tiny llama of the inference tests with `tokenizer.chat_template` set.
 fn tiny_with_template(template: &str) -> Vec<u8> {
     let bytes = inference_common::tiny_llama(GgmlType::Q8_0, "llama");
-    let g = Gguf::parse(&bytes).expect("parse tiny model");
-    let mut meta: Vec<(&str, Value)> = g
-        .metadata
-        .iter()
-        .filter(|(k, _)| k.as_str() != "general.alignment")
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
-    meta.push((
+    with_metadata(
+        &bytes,
         "tokenizer.chat_template",
         Value::String(template.to_owned()),
-    ));
-    let tensors: Vec<TensorSpec> = g
-        .tensors
-        .iter()
-        .map(|t| {
-            let start = (g.data_offset + t.offset) as usize;
-            TensorSpec {
-                name: t.name.clone(),
-                dims: t.dims.clone(),
-                ty: t.ty,
-                data: bytes[start..start + t.size as usize].to_vec(),
-            }
-        })
-        .collect();
-    write(&meta, &tensors)
+    )
+    .expect("rewrite tiny model")
 }
 
 /// One HTTP/1.1 request with `Connection: close`; the whole response, or an

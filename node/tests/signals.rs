@@ -312,34 +312,13 @@ const HOSTILE: &str =
 
 /// The demo model with `tokenizer.chat_template` replaced by `template`.
 fn with_template(model: &Path, template: &str) -> Vec<u8> {
-    use shoal::gguf::writer::{TensorSpec, write};
-    use shoal::gguf::{Gguf, Value};
     let bytes = std::fs::read(model).expect("read the demo model");
-    let g = Gguf::parse(&bytes).expect("parse the demo model");
-    let mut meta: Vec<(&str, Value)> = g
-        .metadata
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "general.alignment" | "tokenizer.chat_template"))
-        .map(|(k, v)| (k.as_str(), v.clone()))
-        .collect();
-    meta.push((
+    shoal::gguf::writer::with_metadata(
+        &bytes,
         "tokenizer.chat_template",
-        Value::String(template.to_owned()),
-    ));
-    let tensors: Vec<TensorSpec> = g
-        .tensors
-        .iter()
-        .map(|t| {
-            let start = (g.data_offset + t.offset) as usize;
-            TensorSpec {
-                name: t.name.clone(),
-                dims: t.dims.clone(),
-                ty: t.ty,
-                data: bytes[start..start + t.size as usize].to_vec(),
-            }
-        })
-        .collect();
-    write(&meta, &tensors)
+        shoal::gguf::Value::String(template.to_owned()),
+    )
+    .expect("rewrite the demo model")
 }
 
 /// Issue 14, item 4, as reported: a model whose chat template never ends,
