@@ -23,29 +23,7 @@ async fn start(
     store: StoreOptions,
     cfg: ServeConfig,
 ) -> (Node, SocketAddr) {
-    use shoal::mesh::{MeshConfig, loopback_listen};
-    let node = Node::start(shoal::node::NodeConfig {
-        data_dir: dir.to_path_buf(),
-        store,
-        mesh: MeshConfig {
-            listen: vec![loopback_listen()],
-            peers,
-            mdns: false,
-            ..MeshConfig::default()
-        },
-    })
-    .await
-    .expect("node");
-    node.init_serving(cfg).expect("serving");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = shoal::api::router(node.clone());
-    tokio::spawn(async move {
-        let _ = shoal::api::serve(listener, router, std::future::pending()).await;
-    });
-    (node, addr)
+    serving_common::start_node_with(dir, peers, store, cfg).await
 }
 
 fn cfg(dir: &Path) -> ServeConfig {

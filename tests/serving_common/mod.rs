@@ -334,10 +334,20 @@ pub async fn start_node(
     peers: Vec<libp2p::Multiaddr>,
     cfg: ServeConfig,
 ) -> (shoal::node::Node, SocketAddr) {
+    start_node_with(dir, peers, shoal::store::StoreOptions::default(), cfg).await
+}
+
+/// [`start_node`] with the store's options (a quota, say).
+pub async fn start_node_with(
+    dir: &std::path::Path,
+    peers: Vec<libp2p::Multiaddr>,
+    store: shoal::store::StoreOptions,
+    cfg: ServeConfig,
+) -> (shoal::node::Node, SocketAddr) {
     use shoal::mesh::{MeshConfig, loopback_listen};
     let node = shoal::node::Node::start(shoal::node::NodeConfig {
         data_dir: dir.to_path_buf(),
-        store: shoal::store::StoreOptions::default(),
+        store,
         mesh: MeshConfig {
             listen: vec![loopback_listen()],
             peers,
