@@ -25,7 +25,7 @@ use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -251,10 +251,11 @@ impl Default for Metrics {
     }
 }
 
-/// The process-wide metrics.
-pub fn global() -> &'static Metrics {
-    static GLOBAL: OnceLock<Metrics> = OnceLock::new();
-    GLOBAL.get_or_init(Metrics::new)
+/// The process-wide metrics (being phased out: each node owns an
+/// `Arc<Metrics>` and hands it to its layers).
+pub fn global() -> Arc<Metrics> {
+    static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
+    GLOBAL.get_or_init(|| Arc::new(Metrics::new())).clone()
 }
 
 impl Metrics {
@@ -449,23 +450,19 @@ impl Metrics {
         });
     }
 
-    /// Counts the artifacts of a store just opened, and sets its quota.
-    pub fn store_opened(&self, store: &crate::store::Store) {
-        self.store_quota(store.options().quota_bytes);
-        match store.list() {
-            Ok(list) => {
-                for a in list {
-                    let state = match a.status {
-                        crate::store::ArtifactStatus::Active => ArtifactState::Active,
-                        crate::store::ArtifactStatus::Partial => ArtifactState::Partial,
-                    };
-                    self.store_artifacts
-                        .get_or_create(&StatusLabel { status: state })
-                        .inc();
-                    self.store_bytes.inc_by(clamp(a.size));
-                }
-            }
-            Err(e) => tracing::warn!("counting the store's artifacts for metrics: {e}"),
+    /// Counts the artifacts of a store just opened (`(state, size)` of
+    /// each), and sets its quota.
+    pub fn store_opened(
+        &self,
+        quota_bytes: u64,
+        artifacts: impl IntoIterator<Item = (ArtifactState, u64)>,
+    ) {
+        self.store_quota(quota_bytes);
+        for (state, size) in artifacts {
+            self.store_artifacts
+                .get_or_create(&StatusLabel { status: state })
+                .inc();
+            self.store_bytes.inc_by(clamp(size));
         }
     }
 

@@ -983,7 +983,19 @@ impl Store {
             Err(StoreError::BadMetadata(why)) => return Err(damaged(why)),
             Err(e) => return Err(e),
         }
-        crate::metrics::global().store_opened(&store);
+        match store.list() {
+            Ok(list) => crate::metrics::global().store_opened(
+                store.options().quota_bytes,
+                list.iter().map(|a| {
+                    let state = match a.status {
+                        ArtifactStatus::Active => crate::metrics::ArtifactState::Active,
+                        ArtifactStatus::Partial => crate::metrics::ArtifactState::Partial,
+                    };
+                    (state, a.size)
+                }),
+            ),
+            Err(e) => tracing::warn!("counting the store's artifacts for metrics: {e}"),
+        }
         Ok(store)
     }
 
