@@ -174,35 +174,7 @@ pub fn generate_after(
         };
         text.push_str(&String::from_utf8_lossy(&pending[..valid]));
         pending.drain(..valid);
-        // Stop sequences: search the unreleased tail (with overlap).
-        let mut stop_at = None;
-        for s in &cfg.stop {
-            let from = released.saturating_sub(s.len());
-            let from = (from..=released)
-                .find(|&i| text.is_char_boundary(i))
-                .unwrap_or(released);
-            if let Some(p) = text[from..].find(s.as_str()) {
-                let at = from + p;
-                stop_at = Some(stop_at.map_or(at, |x: usize| x.min(at)));
-            }
-        }
-        let release_to = match stop_at {
-            Some(at) => at.max(released),
-            None => {
-                // Hold back a suffix that is a prefix of some stop sequence.
-                let mut hold = text.len();
-                for s in &cfg.stop {
-                    for (i, _) in text[released..].char_indices() {
-                        let at = released + i;
-                        if s.starts_with(&text[at..]) {
-                            hold = hold.min(at);
-                            break;
-                        }
-                    }
-                }
-                hold
-            }
-        };
+        let (stop_at, release_to) = scan_stops(&text, released, &cfg.stop);
         let ev = TokenEvent {
             index: out.tokens.len() - 1,
             id,
@@ -241,4 +213,37 @@ pub fn generate_after(
     out.text = text;
     out.gen_time = t1.elapsed();
     Ok(out)
+}
+
+/// Where the text may be released up to after new text was appended:
+/// `(Some(at), at)` when a stop sequence starts at byte `at` (searched in
+/// the unreleased tail, overlapping what was released by the length of the
+/// sequence), else `(None, to)` where `to` holds back a suffix that could
+/// still become a stop sequence.
+fn scan_stops(text: &str, released: usize, stops: &[String]) -> (Option<usize>, usize) {
+    let mut stop_at = None;
+    for s in stops {
+        let from = released.saturating_sub(s.len());
+        let from = (from..=released)
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(released);
+        if let Some(p) = text[from..].find(s.as_str()) {
+            let at = from + p;
+            stop_at = Some(stop_at.map_or(at, |x: usize| x.min(at)));
+        }
+    }
+    if let Some(at) = stop_at {
+        return (stop_at, at.max(released));
+    }
+    let mut hold = text.len();
+    for s in stops {
+        for (i, _) in text[released..].char_indices() {
+            let at = released + i;
+            if s.starts_with(&text[at..]) {
+                hold = hold.min(at);
+                break;
+            }
+        }
+    }
+    (None, hold)
 }

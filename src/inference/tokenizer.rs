@@ -208,80 +208,13 @@ impl Tokenizer {
                 None => vec![1; n],
             };
         let b2c = byte_to_char();
-        // Inverse map; every gpt2 byte char is below U+0200.
-        let mut c2b = [None::<u8>; 512];
-        for (b, c) in b2c.iter().enumerate() {
-            if let Some(slot) = c2b.get_mut(*c as usize) {
-                *slot = Some(b as u8);
-            }
-        }
-        let mut ids: FxMap<&str, u32> = FxMap::with_capacity_and_hasher(n, Default::default());
-        let mut bytes = Vec::with_capacity(n * 6);
-        let mut offsets = Vec::with_capacity(n + 1);
-        offsets.push(0u32);
-        for (i, (t, ty)) in tokens.iter().zip(&token_type).enumerate() {
-            ids.entry(t).or_insert(i as u32);
-            let start = bytes.len();
-            let mut ok = true;
-            if !matches!(ty, 2..=4) {
-                for c in t.chars() {
-                    match c2b.get(c as usize).copied().flatten() {
-                        Some(b) => bytes.push(b),
-                        None => {
-                            ok = false;
-                            break;
-                        }
-                    }
-                }
-            }
-            if matches!(ty, 2..=4) || !ok {
-                bytes.truncate(start);
-                bytes.extend_from_slice(t.as_bytes());
-            }
-            let end =
-                u32::try_from(bytes.len()).map_err(|_| err("vocabulary text over 4 GiB".into()))?;
-            offsets.push(end);
-        }
+        let (bytes, offsets, ids) = vocab_bytes(&tokens, &token_type, &b2c)?;
         let unk = g
             .get("tokenizer.ggml.unknown_token_id")
             .and_then(Value::as_u64)
             .map(|v| v as u32);
-        let mut byte_ids = [0u32; 256];
-        let mut buf = [0u8; 4];
-        for (b, id) in byte_ids.iter_mut().enumerate() {
-            let s = b2c[b].encode_utf8(&mut buf);
-            *id = match ids.get(&*s) {
-                Some(&i) => i,
-                None => unk.ok_or_else(|| {
-                    err(format!(
-                        "byte {b:#x} has no token and there is no unknown token"
-                    ))
-                })?,
-            };
-        }
-        let merges_v = g
-            .get("tokenizer.ggml.merges")
-            .and_then(Value::as_array)
-            .ok_or_else(|| err("missing tokenizer.ggml.merges".into()))?;
-        let mut merges: FxMap<u64, (u32, u32)> =
-            FxMap::with_capacity_and_hasher(merges_v.len(), Default::default());
-        let mut joined = String::new();
-        for (rank, m) in merges_v.iter().enumerate() {
-            let m = m
-                .as_str()
-                .ok_or_else(|| err("merge is not a string".into()))?;
-            let (a, b) = m
-                .split_once(' ')
-                .ok_or_else(|| err(format!("bad merge {m:?}")))?;
-            joined.clear();
-            joined.push_str(a);
-            joined.push_str(b);
-            if let (Some(&ia), Some(&ib), Some(&ij)) = (ids.get(a), ids.get(b), ids.get(&*joined)) {
-                merges
-                    .entry(u64::from(ia) << 32 | u64::from(ib))
-                    .or_insert((rank as u32, ij));
-            }
-        }
+        let byte_ids = byte_token_ids(&ids, &b2c, unk)?;
+        let merges = merge_table(g, &ids)?;
         let mut specials: Vec<(String, u32)> = tokens
             .iter()
             .zip(&token_type)
@@ -290,21 +223,11 @@ impl Tokenizer {
             .map(|(i, (t, _))| ((*t).to_owned(), i as u32))
             .collect();
         specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
-        let pre_name = g
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let pre = match pre_name {
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
-            | "minerva" => PreTok::DigitsGpt2,
-            "default" | "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es"
-            | "jina-v2-de" | "jina-v2-code" | "roberta-bpe" => PreTok::Gpt2,
-            other => {
-                return Err(err(format!(
-                    "pre-tokenizer {other:?} is not supported (supported: gpt2 and smollm families)"
-                )));
-            }
-        };
+        let pre = pre_tokenizer(
+            g.get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .unwrap_or("default"),
+        )?;
         let id_of = |key: &str| -> Option<u32> {
             g.get(key)
                 .and_then(Value::as_u64)
@@ -488,6 +411,119 @@ impl Tokenizer {
     /// unless `with_special`.
     pub fn decode(&self, ids: &[u32], with_special: bool) -> String {
         String::from_utf8_lossy(&self.decode_bytes(ids, with_special)).into_owned()
+    }
+}
+
+/// The vocabulary as one byte buffer with offsets (token `i` is
+/// `bytes[offsets[i]..offsets[i + 1]]`), and the id of each token text.
+/// Normal tokens are written in gpt2's byte-to-char alphabet and decoded
+/// back to bytes; control, user-defined and unused tokens are their text.
+fn vocab_bytes<'a>(
+    tokens: &[&'a str],
+    token_type: &[i32],
+    b2c: &[char; 256],
+) -> Result<(Vec<u8>, Vec<u32>, FxMap<&'a str, u32>), InferenceError> {
+    // Inverse map; every gpt2 byte char is below U+0200.
+    let mut c2b = [None::<u8>; 512];
+    for (b, c) in b2c.iter().enumerate() {
+        if let Some(slot) = c2b.get_mut(*c as usize) {
+            *slot = Some(b as u8);
+        }
+    }
+    let n = tokens.len();
+    let mut ids: FxMap<&str, u32> = FxMap::with_capacity_and_hasher(n, Default::default());
+    let mut bytes = Vec::with_capacity(n * 6);
+    let mut offsets = Vec::with_capacity(n + 1);
+    offsets.push(0u32);
+    for (i, (t, ty)) in tokens.iter().zip(token_type).enumerate() {
+        ids.entry(t).or_insert(i as u32);
+        let start = bytes.len();
+        let mut ok = true;
+        if !matches!(ty, 2..=4) {
+            for c in t.chars() {
+                match c2b.get(c as usize).copied().flatten() {
+                    Some(b) => bytes.push(b),
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+        }
+        if matches!(ty, 2..=4) || !ok {
+            bytes.truncate(start);
+            bytes.extend_from_slice(t.as_bytes());
+        }
+        let end = u32::try_from(bytes.len())
+            .map_err(|_| InferenceError::Tokenizer("vocabulary text over 4 GiB".into()))?;
+        offsets.push(end);
+    }
+    Ok((bytes, offsets, ids))
+}
+
+/// The token of each byte value (its gpt2 char), else the unknown token.
+fn byte_token_ids(
+    ids: &FxMap<&str, u32>,
+    b2c: &[char; 256],
+    unk: Option<u32>,
+) -> Result<[u32; 256], InferenceError> {
+    let mut byte_ids = [0u32; 256];
+    let mut buf = [0u8; 4];
+    for (b, id) in byte_ids.iter_mut().enumerate() {
+        let s = b2c[b].encode_utf8(&mut buf);
+        *id = match ids.get(&*s) {
+            Some(&i) => i,
+            None => unk.ok_or_else(|| {
+                InferenceError::Tokenizer(format!(
+                    "byte {b:#x} has no token and there is no unknown token"
+                ))
+            })?,
+        };
+    }
+    Ok(byte_ids)
+}
+
+/// `tokenizer.ggml.merges` as (left id, right id) -> (rank, merged id);
+/// merges whose parts or result are not tokens are skipped.
+fn merge_table(g: &Gguf, ids: &FxMap<&str, u32>) -> Result<FxMap<u64, (u32, u32)>, InferenceError> {
+    let err = |m: String| InferenceError::Tokenizer(m);
+    let merges_v = g
+        .get("tokenizer.ggml.merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| err("missing tokenizer.ggml.merges".into()))?;
+    let mut merges: FxMap<u64, (u32, u32)> =
+        FxMap::with_capacity_and_hasher(merges_v.len(), Default::default());
+    let mut joined = String::new();
+    for (rank, m) in merges_v.iter().enumerate() {
+        let m = m
+            .as_str()
+            .ok_or_else(|| err("merge is not a string".into()))?;
+        let (a, b) = m
+            .split_once(' ')
+            .ok_or_else(|| err(format!("bad merge {m:?}")))?;
+        joined.clear();
+        joined.push_str(a);
+        joined.push_str(b);
+        if let (Some(&ia), Some(&ib), Some(&ij)) = (ids.get(a), ids.get(b), ids.get(&*joined)) {
+            merges
+                .entry(u64::from(ia) << 32 | u64::from(ib))
+                .or_insert((rank as u32, ij));
+        }
+    }
+    Ok(merges)
+}
+
+/// The pre-tokenizer a `tokenizer.ggml.pre` name selects.
+fn pre_tokenizer(name: &str) -> Result<PreTok, InferenceError> {
+    match name {
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva" => {
+            Ok(PreTok::DigitsGpt2)
+        }
+        "default" | "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "jina-v2-es"
+        | "jina-v2-de" | "jina-v2-code" | "roberta-bpe" => Ok(PreTok::Gpt2),
+        other => Err(InferenceError::Tokenizer(format!(
+            "pre-tokenizer {other:?} is not supported (supported: gpt2 and smollm families)"
+        ))),
     }
 }
 
