@@ -363,6 +363,7 @@ fn dot(isa: Isa, ty: GgmlType, cols: usize, w: &[u8], a: &[u8]) -> f32 {
 struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements (distinct rows of the weight matrix).
 unsafe impl Send for OutPtr {}
+// SAFETY: shared between tasks only to write disjoint elements, as above.
 unsafe impl Sync for OutPtr {}
 
 /// Execution context: instruction set and the worker pool.

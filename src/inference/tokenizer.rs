@@ -414,6 +414,9 @@ impl Tokenizer {
     }
 }
 
+/// What [`vocab_bytes`] makes: token bytes, their offsets, the id of each text.
+type VocabBytes<'a> = (Vec<u8>, Vec<u32>, FxMap<&'a str, u32>);
+
 /// The vocabulary as one byte buffer with offsets (token `i` is
 /// `bytes[offsets[i]..offsets[i + 1]]`), and the id of each token text.
 /// Normal tokens are written in gpt2's byte-to-char alphabet and decoded
@@ -422,7 +425,7 @@ fn vocab_bytes<'a>(
     tokens: &[&'a str],
     token_type: &[i32],
     b2c: &[char; 256],
-) -> Result<(Vec<u8>, Vec<u32>, FxMap<&'a str, u32>), InferenceError> {
+) -> Result<VocabBytes<'a>, InferenceError> {
     // Inverse map; every gpt2 byte char is below U+0200.
     let mut c2b = [None::<u8>; 512];
     for (b, c) in b2c.iter().enumerate() {
