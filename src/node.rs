@@ -67,6 +67,7 @@ impl Node {
     /// Opens the store and starts the mesh on the current tokio runtime.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         let (dir, mut opts) = (config.data_dir.clone(), config.store.clone());
+        opts.metrics = crate::metrics::global();
         // Artifacts newly marked corrupt (verify, verify-on-read) are
         // repaired by the node: see `Node::on_corrupt`.
         let (corrupt_tx, corrupt_rx) = tokio::sync::mpsc::unbounded_channel::<ArtifactId>();

@@ -190,7 +190,9 @@ impl Store {
                 return Ok(id);
             }
             // A partial of the same artifact: the local file completes it.
-            crate::metrics::global()
+            self.inner
+                .opts
+                .metrics
                 .store_removed(crate::metrics::ArtifactState::Partial, manifest.size);
             self.inner.partials.lock().remove(&id);
             let _ = fs::remove_file(self.partial_path(&id));
@@ -207,7 +209,10 @@ impl Store {
         b.remove(&self.inner.haves, id.0);
         self.index_chunks(&mut b, &id, &manifest);
         b.commit()?;
-        crate::metrics::global().store_added(crate::metrics::ArtifactState::Active, manifest.size);
+        self.inner
+            .opts
+            .metrics
+            .store_added(crate::metrics::ArtifactState::Active, manifest.size);
         tracing::info!(%id, size = manifest.size, chunks = manifest.chunks.len(), "added");
         Ok(id)
     }

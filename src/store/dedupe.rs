@@ -23,12 +23,10 @@ impl Store {
                 copied += 1;
                 let secs = started.elapsed().as_secs_f64();
                 use crate::metrics::{Outcome, Source};
-                crate::metrics::global().chunk_fetch(
-                    Source::Local,
-                    Outcome::Ok,
-                    c.len.into(),
-                    secs,
-                );
+                self.inner
+                    .opts
+                    .metrics
+                    .chunk_fetch(Source::Local, Outcome::Ok, c.len.into(), secs);
             }
         }
         if copied > 0 {

@@ -82,7 +82,7 @@ impl Store {
                 Err(e) => return Err(io_err("remove", &p)(e)),
             }
         }
-        crate::metrics::global().store_removed(state, m.size);
+        self.inner.opts.metrics.store_removed(state, m.size);
         Ok(m.size)
     }
 
@@ -122,7 +122,7 @@ impl Store {
                 break;
             }
             tracing::info!(id = %a.id, size = a.size, "evicting (quota)");
-            crate::metrics::global().store_evicted(a.size);
+            self.inner.opts.metrics.store_evicted(a.size);
             used = used.saturating_sub(self.remove(&a.id)?);
         }
         Ok(())

@@ -110,6 +110,10 @@ pub struct StoreOptions {
     /// derived caches, fetch the bad chunks again) without polling. Must not
     /// block for long.
     pub on_corrupt: Option<CorruptHook>,
+    /// Where the store reports its events (artifacts added, activated,
+    /// removed, evicted; chunks copied locally). Not a setting: the node
+    /// hands in its registry. Default: a fresh registry no one reads.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for StoreOptions {
@@ -133,6 +137,7 @@ impl Default for StoreOptions {
             partial_ttl: Duration::from_secs(24 * 3600),
             reverify_after: Duration::from_secs(60),
             on_corrupt: None,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 }
@@ -353,7 +358,7 @@ impl Store {
             Err(e) => return Err(e),
         }
         match store.list() {
-            Ok(list) => crate::metrics::global().store_opened(
+            Ok(list) => store.options().metrics.store_opened(
                 store.options().quota_bytes,
                 list.iter().map(|a| {
                     let state = match a.status {

@@ -108,7 +108,10 @@ impl Store {
         let mut b = self.register_batch(&id, manifest, ArtifactStatus::Partial, false);
         b.insert(&self.inner.haves, id.0, have.to_bytes());
         b.commit()?;
-        crate::metrics::global().store_added(crate::metrics::ArtifactState::Partial, manifest.size);
+        self.inner
+            .opts
+            .metrics
+            .store_added(crate::metrics::ArtifactState::Partial, manifest.size);
         self.inner.partials.lock().insert(
             id,
             Partial {
@@ -334,7 +337,7 @@ impl Store {
         fsync_dir(&self.inner.dir.join("partial"))?;
         self.commit_activation(id)?;
         self.inner.partials.lock().remove(id);
-        crate::metrics::global().store_activated(manifest.size);
+        self.inner.opts.metrics.store_activated(manifest.size);
         tracing::info!(%id, size = manifest.size, "activated");
         Ok(())
     }

@@ -357,7 +357,10 @@ impl Store {
                 b.insert(&self.inner.chunk_index, index_key(&c.hash, id, i), []);
             }
             b.commit()?;
-            crate::metrics::global().store_added(crate::metrics::ArtifactState::Partial, m.size);
+            self.inner
+                .opts
+                .metrics
+                .store_added(crate::metrics::ArtifactState::Partial, m.size);
             tracing::warn!(%id, present = have.count(), chunks = m.chunk_count(), "a partial download had no record: registered again");
             self.inner.recovery.lock().partials_recovered.push(*id);
             return Ok(());
@@ -389,7 +392,10 @@ impl Store {
         b.remove(&self.inner.haves, id.0);
         self.index_chunks(&mut b, id, m);
         b.commit()?;
-        crate::metrics::global().store_added(crate::metrics::ArtifactState::Active, m.size);
+        self.inner
+            .opts
+            .metrics
+            .store_added(crate::metrics::ArtifactState::Active, m.size);
         tracing::warn!(%id, size = m.size, "an artifact file had no record: its bytes match its id, registered again as active (unpinned)");
         self.inner.recovery.lock().reregistered.push(*id);
         Ok(())

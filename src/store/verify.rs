@@ -223,8 +223,14 @@ impl Store {
         }
         self.reopen_as_partial(id, &m, r, &have)?;
         drop(g);
-        crate::metrics::global().store_removed(crate::metrics::ArtifactState::Active, m.size);
-        crate::metrics::global().store_added(crate::metrics::ArtifactState::Partial, m.size);
+        self.inner
+            .opts
+            .metrics
+            .store_removed(crate::metrics::ArtifactState::Active, m.size);
+        self.inner
+            .opts
+            .metrics
+            .store_added(crate::metrics::ArtifactState::Partial, m.size);
         tracing::warn!(%id, bad_chunks = ?bad, "corrupt artifact reopened as a partial download: its bad chunks will be fetched again");
         if have.is_complete() {
             // Only the length was wrong, and it is cut back: verify and activate.
