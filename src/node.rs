@@ -78,9 +78,10 @@ impl Node {
             }
             let _ = corrupt_tx.send(*id);
         }));
-        let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
-            .await
-            .map_err(|e| NodeError::Join(e.to_string()))??;
+        let store =
+            tokio::task::spawn_blocking(move || Store::open(&dir, opts).map_err(StoreError::from))
+                .await
+                .map_err(|e| NodeError::Join(e.to_string()))??;
         let mut mesh_config = config.mesh;
         if mesh_config.keypair.is_none() {
             mesh_config.keypair = Some(node_key(&config.data_dir)?);
@@ -502,10 +503,11 @@ async fn lease_for_serving(
     let r = tokio::task::spawn_blocking(move || store.lease(&id))
         .await
         .map_err(|e| crate::serve::LocateError::Unavailable(e.to_string()))?;
-    Ok(r.map(|lease| crate::serve::Located {
-        path: lease.path.clone(),
-        guard: Some(Box::new(lease)),
-    }))
+    Ok(r.map_err(StoreError::from)
+        .map(|lease| crate::serve::Located {
+            path: lease.path.clone(),
+            guard: Some(Box::new(lease)),
+        }))
 }
 
 impl crate::serve::ModelSource for StoreModels {

@@ -29,7 +29,7 @@ pub fn build_manifest(
     path: &Path,
     bytes: &[u8],
     kind: Option<ArtifactKind>,
-) -> Result<Manifest, StoreError> {
+) -> Result<Manifest, AddError> {
     let is_gguf_magic = bytes.starts_with(crate::gguf::MAGIC);
     let named_gguf = path
         .extension()
@@ -37,16 +37,16 @@ pub fn build_manifest(
     let kind = match kind {
         Some(k) => k,
         None if is_gguf_magic => ArtifactKind::Gguf,
-        None if named_gguf => return Err(StoreError::NotGguf(path.to_owned())),
+        None if named_gguf => return Err(AddError::NotGguf(path.to_owned())),
         None if path.file_name().is_some_and(|n| n == "tokenizer.json") => ArtifactKind::Tokenizer,
         None => ArtifactKind::Other,
     };
     let size = bytes.len() as u64;
     let (spans, gguf) = if kind == ArtifactKind::Gguf {
         if !is_gguf_magic {
-            return Err(StoreError::NotGguf(path.to_owned()));
+            return Err(AddError::NotGguf(path.to_owned()));
         }
-        let g = Gguf::parse(bytes).map_err(|source| StoreError::Gguf {
+        let g = Gguf::parse(bytes).map_err(|source| AddError::Gguf {
             path: path.to_owned(),
             source,
         })?;
@@ -102,18 +102,18 @@ pub fn build_manifest(
             });
         }
     }
-    m.validate()?;
+    m.validate().map_err(StoreError::from)?;
     Ok(m)
 }
 
 impl Store {
     /// Adds a local file. Returns its id; adding the same content again is a no-op
     /// (apart from pinning).
-    pub fn add_file(&self, path: &Path, opts: &AddOptions) -> Result<ArtifactId, StoreError> {
+    pub fn add_file(&self, path: &Path, opts: &AddOptions) -> Result<ArtifactId, AddError> {
         let src = File::open(path).map_err(io_err("open", path))?;
         let meta = src.metadata().map_err(io_err("stat", path))?;
         if !meta.is_file() {
-            return Err(StoreError::Io {
+            return Err(AddError::Io {
                 what: "add",
                 path: path.to_owned(),
                 source: io::Error::other("not a regular file"),
@@ -208,7 +208,7 @@ impl Store {
         let mut b = self.register_batch(&id, &manifest, ArtifactStatus::Active, opts.pin);
         b.remove(&self.inner.haves, id.0);
         self.index_chunks(&mut b, &id, &manifest);
-        b.commit()?;
+        b.commit().map_err(StoreError::from)?;
         self.inner
             .opts
             .metrics

@@ -17,14 +17,14 @@ pub struct GcReport {
 impl Store {
     /// Path of an active artifact's file (for memory-mapping). Marks it used.
     /// A corrupt artifact is refused with [`StoreError::Corrupt`].
-    pub fn artifact_path(&self, id: &ArtifactId) -> Result<PathBuf, StoreError> {
+    pub fn artifact_path(&self, id: &ArtifactId) -> Result<PathBuf, ReadError> {
         let _g = self.inner.meta_lock.lock();
         match self.record(id)? {
-            None => Err(StoreError::Unknown(id.to_hex())),
-            Some(r) if r.status != ArtifactStatus::Active => Err(StoreError::NotActive(*id)),
+            None => Err(ReadError::Unknown(id.to_hex())),
+            Some(r) if r.status != ArtifactStatus::Active => Err(ReadError::NotActive(*id)),
             Some(Record {
                 corrupt: Some(bad), ..
-            }) => Err(StoreError::Corrupt {
+            }) => Err(ReadError::Corrupt {
                 id: *id,
                 bad_chunks: bad,
             }),
@@ -38,8 +38,8 @@ impl Store {
 
     /// Opens an active artifact for reading and holds a shared lock on it:
     /// while the returned [`Lease`] lives, eviction (in any process) skips it.
-    /// A corrupt artifact is refused with [`StoreError::Corrupt`].
-    pub fn lease(&self, id: &ArtifactId) -> Result<Lease, StoreError> {
+    /// A corrupt artifact is refused with [`ReadError::Corrupt`].
+    pub fn lease(&self, id: &ArtifactId) -> Result<Lease, ReadError> {
         let path = self.artifact_path(id)?;
         let file = File::open(&path).map_err(io_err("open", &path))?;
         sys::lock_shared(&file).map_err(io_err("lock", &path))?;
@@ -190,8 +190,10 @@ pub struct Lease {
 
 impl Lease {
     /// Memory-maps the artifact read-only.
-    pub fn map(&self) -> Result<memmap2::Mmap, StoreError> {
+    pub fn map(&self) -> Result<memmap2::Mmap, ReadError> {
         // SAFETY: objects are read-only and never modified in place by the store.
-        unsafe { sys::map_readonly(&self.file) }.map_err(io_err("map", &self.path))
+        unsafe { sys::map_readonly(&self.file) }
+            .map_err(io_err("map", &self.path))
+            .map_err(ReadError::from)
     }
 }

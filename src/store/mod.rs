@@ -27,7 +27,7 @@
 //! Damaged or lost metadata never costs an artifact's bytes: files without a
 //! record are re-verified against their id and registered again, or moved
 //! to `lost+found/`; metadata that cannot be opened is reported
-//! ([`StoreError::DamagedMetadata`]) and rebuilt by [`Store::fsck`]. An
+//! ([`OpenError::DamagedMetadata`]) and rebuilt by [`Store::fsck`]. An
 //! artifact found corrupt is marked and not served ([`Store::mark_corrupt`],
 //! [`Store::repair`]).
 
@@ -56,7 +56,7 @@ pub use manifest::{ArtifactKind, ChunkRef, MANIFEST_FORMAT, Manifest, ManifestEr
 pub use release::{Release, ReleaseError, SignedRelease};
 
 pub use add::{AddOptions, build_manifest};
-pub use error::StoreError;
+pub use error::{AddError, OpenError, ReadError, StoreError};
 pub use gc::{GcReport, Lease};
 pub use meta::ArtifactInfo;
 pub use names::ReleaseOutcome;
@@ -211,9 +211,9 @@ impl Store {
     /// what was done); no byte the store cannot account for is deleted:
     /// objects without a record are re-verified and registered again, what
     /// cannot be checked goes to `lost+found/`. Metadata that cannot be
-    /// opened or decoded is [`StoreError::DamagedMetadata`]: nothing is
+    /// opened or decoded is [`OpenError::DamagedMetadata`]: nothing is
     /// touched, and [`Store::fsck`] (`shoal fsck`) rebuilds it.
-    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, OpenError> {
         let lock = Self::prepare(dir)?;
         Self::open_locked(dir, opts, lock, None)
     }
@@ -231,7 +231,7 @@ impl Store {
     /// is moved to `lost+found/`. Returns the opened store (whose
     /// [`Store::recovery_report`] lists what was done) and one verification
     /// report per artifact (corrupt ones are marked).
-    pub fn fsck(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<VerifyReport>), StoreError> {
+    pub fn fsck(dir: &Path, opts: StoreOptions) -> Result<(Store, Vec<VerifyReport>), OpenError> {
         let lock = Self::prepare(dir)?;
         let meta = dir.join("meta");
         let moved = match Self::check_meta(&meta) {
@@ -255,7 +255,7 @@ impl Store {
 
     /// Creates the directory layout, checks `FORMAT`, and takes the store's
     /// lock (`LOCK`, held for the life of the [`Store`]).
-    fn prepare(dir: &Path) -> Result<File, StoreError> {
+    fn prepare(dir: &Path) -> Result<File, OpenError> {
         for sub in ["", "objects", "partial", "tmp", "keys"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(io_err("create directory", &p))?;
@@ -265,7 +265,7 @@ impl Store {
         match fs::read_to_string(&fmt_path) {
             Ok(s) if s == want => {}
             Ok(s) => {
-                return Err(StoreError::UnsupportedFormat {
+                return Err(OpenError::UnsupportedFormat {
                     path: dir.to_owned(),
                     found: s.trim().to_owned(),
                 });
@@ -273,7 +273,7 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::write(&fmt_path, &want).map_err(io_err("write", &fmt_path))?;
             }
-            Err(e) => return Err(io_err("read", &fmt_path)(e)),
+            Err(e) => return Err(io_err("read", &fmt_path)(e).into()),
         }
         let lock_path = dir.join("LOCK");
         let lock = OpenOptions::new()
@@ -287,9 +287,9 @@ impl Store {
         // Released when the file is closed (the store is dropped).
         if let Err(e) = sys::lock_exclusive_now(&lock) {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                return Err(StoreError::Locked(dir.to_owned()));
+                return Err(OpenError::Locked(dir.to_owned()));
             }
-            return Err(io_err("lock", &lock_path)(e));
+            return Err(io_err("lock", &lock_path)(e).into());
         }
         Ok(lock)
     }
@@ -299,9 +299,9 @@ impl Store {
         opts: StoreOptions,
         lock: File,
         meta_moved_to: Option<PathBuf>,
-    ) -> Result<Store, StoreError> {
+    ) -> Result<Store, OpenError> {
         let meta = dir.join("meta");
-        let damaged = |why: String| StoreError::DamagedMetadata {
+        let damaged = |why: String| OpenError::DamagedMetadata {
             path: meta.clone(),
             why,
         };
@@ -320,7 +320,7 @@ impl Store {
         }
         let db = match open_db(&meta) {
             Ok(db) => db,
-            Err(DbOpen::Locked) => return Err(StoreError::Locked(dir.to_owned())),
+            Err(DbOpen::Locked) => return Err(OpenError::Locked(dir.to_owned())),
             Err(DbOpen::Damaged(why)) => return Err(damaged(why)),
         };
         let ks = |name: &str| {
@@ -355,7 +355,7 @@ impl Store {
             Ok(()) => {}
             Err(StoreError::Db(e)) => return Err(damaged(e.to_string())),
             Err(StoreError::BadMetadata(why)) => return Err(damaged(why)),
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         match store.list() {
             Ok(list) => store.options().metrics.store_opened(

@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 
 impl Store {
     /// Reads a present chunk, re-verifying its hash (a corrupted disk is never served).
-    pub fn read_chunk(&self, id: &ArtifactId, index: u32) -> Result<Vec<u8>, StoreError> {
+    pub fn read_chunk(&self, id: &ArtifactId, index: u32) -> Result<Vec<u8>, ReadError> {
         let mut buf = Vec::new();
         let n = self.read_chunk_into(id, index, &mut buf)?;
         buf.truncate(n);
@@ -22,24 +22,24 @@ impl Store {
         id: &ArtifactId,
         index: u32,
         buf: &mut Vec<u8>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<usize, ReadError> {
         let status = self
             .status(id)?
-            .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+            .ok_or_else(|| ReadError::Unknown(id.to_hex()))?;
         let (path, manifest) = match status {
             ArtifactStatus::Active => (
                 self.object_path(id),
                 self.manifest_shared(id)?
-                    .ok_or_else(|| StoreError::Unknown(id.to_hex()))?,
+                    .ok_or_else(|| ReadError::Unknown(id.to_hex()))?,
             ),
             ArtifactStatus::Partial => {
                 self.load_partial(id)?;
                 let parts = self.inner.partials.lock();
                 let p = parts
                     .get(id)
-                    .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
+                    .ok_or_else(|| ReadError::Unknown(id.to_hex()))?;
                 if !p.have.get(index) {
-                    return Err(StoreError::NoChunk { id: *id, index });
+                    return Err(ReadError::NoChunk { id: *id, index });
                 }
                 (self.partial_path(id), p.manifest.clone())
             }
@@ -47,7 +47,7 @@ impl Store {
         let c = manifest
             .chunks
             .get(index as usize)
-            .ok_or(StoreError::NoChunk { id: *id, index })?;
+            .ok_or(ReadError::NoChunk { id: *id, index })?;
         let f = File::open(&path).map_err(io_err("open", &path))?;
         let n = c.len as usize;
         if buf.len() < n {
@@ -60,7 +60,7 @@ impl Store {
                 tracing::error!(%id, index, path = %path.display(), "stored file is truncated");
                 self.mark_corrupt_quietly(id, index);
             }
-            return Err(io_err("read", &path)(e));
+            return Err(io_err("read", &path)(e).into());
         }
         if self.recently_verified(id, index) {
             return Ok(n);
@@ -69,7 +69,7 @@ impl Store {
         if got != c.hash {
             tracing::error!(%id, index, "stored chunk is corrupt");
             self.mark_corrupt_quietly(id, index);
-            return Err(StoreError::ChunkMismatch {
+            return Err(ReadError::ChunkMismatch {
                 id: *id,
                 index,
                 expected: c.hash,
