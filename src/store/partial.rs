@@ -318,7 +318,7 @@ impl Store {
                 let mut h = blake3::Hasher::new();
                 if manifest.size > 0 {
                     // SAFETY: read-only map of our own partial file, which only this store writes.
-                    let map = unsafe { sys::map_readonly(&*file) }.map_err(io_err("map", &path))?;
+                    let map = unsafe { sys::map_readonly(&file) }.map_err(io_err("map", &path))?;
                     // All cores: this pass is on the critical path of every download.
                     h.update_rayon(&map);
                 }
