@@ -120,12 +120,12 @@ impl Store {
             });
         }
         let len = meta.len();
-        // SAFETY: the mapping is read-only and private to this call; a concurrent
-        // writer to the source could change bytes under us, which the hashes
-        // computed here and re-checked by `verify` would expose.
         let map = if len == 0 {
             None
         } else {
+            // SAFETY: the mapping is read-only and private to this call; a concurrent
+            // writer to the source could change bytes under us, which the hashes
+            // computed here and re-checked by `verify` would expose.
             Some(unsafe { sys::map_readonly(&src) }.map_err(io_err("map", path))?)
         };
         let bytes: &[u8] = map.as_deref().unwrap_or(&[]);

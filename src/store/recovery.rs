@@ -254,11 +254,11 @@ impl Store {
     ) -> Result<Option<Manifest>, StoreError> {
         let f = File::open(path).map_err(io_err("open", path))?;
         let len = f.metadata().map_err(io_err("stat", path))?.len();
-        // SAFETY: read-only private map of a file in the store; nothing writes it
-        // while the store is being opened (the store lock is held).
         let map = if len == 0 {
             None
         } else {
+            // SAFETY: read-only private map of a file in the store; nothing writes it
+            // while the store is being opened (the store lock is held).
             Some(unsafe { sys::map_readonly(&f) }.map_err(io_err("map", path))?)
         };
         let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
