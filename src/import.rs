@@ -453,7 +453,7 @@ fn add_one(
         hardlink: c.layout != Layout::File,
     };
     let before = store.list()?.len();
-    let id = store.add_file(&c.path, &add)?;
+    let id = store.add_file(&c.path, &add).map_err(StoreError::from)?;
     let present = store.list()?.len() == before;
     if !opts.no_names {
         let current = store

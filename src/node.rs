@@ -67,6 +67,7 @@ impl Node {
     /// Opens the store and starts the mesh on the current tokio runtime.
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         let (dir, mut opts) = (config.data_dir.clone(), config.store.clone());
+        opts.metrics = crate::metrics::global();
         // Artifacts newly marked corrupt (verify, verify-on-read) are
         // repaired by the node: see `Node::on_corrupt`.
         let (corrupt_tx, corrupt_rx) = tokio::sync::mpsc::unbounded_channel::<ArtifactId>();
@@ -77,9 +78,10 @@ impl Node {
             }
             let _ = corrupt_tx.send(*id);
         }));
-        let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts))
-            .await
-            .map_err(|e| NodeError::Join(e.to_string()))??;
+        let store =
+            tokio::task::spawn_blocking(move || Store::open(&dir, opts).map_err(StoreError::from))
+                .await
+                .map_err(|e| NodeError::Join(e.to_string()))??;
         let mut mesh_config = config.mesh;
         if mesh_config.keypair.is_none() {
             mesh_config.keypair = Some(node_key(&config.data_dir)?);
@@ -501,10 +503,11 @@ async fn lease_for_serving(
     let r = tokio::task::spawn_blocking(move || store.lease(&id))
         .await
         .map_err(|e| crate::serve::LocateError::Unavailable(e.to_string()))?;
-    Ok(r.map(|lease| crate::serve::Located {
-        path: lease.path.clone(),
-        guard: Some(Box::new(lease)),
-    }))
+    Ok(r.map_err(StoreError::from)
+        .map(|lease| crate::serve::Located {
+            path: lease.path.clone(),
+            guard: Some(Box::new(lease)),
+        }))
 }
 
 impl crate::serve::ModelSource for StoreModels {

@@ -65,7 +65,14 @@ fn store_events_move_counters_and_promtool_accepts_the_text() {
     let d = tempfile::tempdir().expect("tempdir");
 
     // Local add: bytes stored and artifacts move.
-    let store = Store::open(&d.path().join("a"), StoreOptions::default()).expect("open");
+    let store = Store::open(
+        &d.path().join("a"),
+        StoreOptions {
+            metrics: m.clone(),
+            ..Default::default()
+        },
+    )
+    .expect("open");
     let a = common::gguf_model(&[96_000, 96_000], 1);
     let a_path = write(d.path(), "a.gguf", &a);
     store
@@ -102,6 +109,7 @@ fn store_events_move_counters_and_promtool_accepts_the_text() {
         &d.path().join("b"),
         StoreOptions {
             quota_bytes: quota,
+            metrics: m.clone(),
             ..Default::default()
         },
     )

@@ -221,7 +221,7 @@ async fn a_served_model_is_leased_against_eviction() {
     .await
     .expect("join");
     assert!(
-        matches!(added, Err(shoal::store::StoreError::QuotaExceeded { .. })),
+        matches!(added, Err(shoal::store::AddError::QuotaExceeded { .. })),
         "the served model must not make room: {added:?}"
     );
     let gc = gc.expect("gc");

@@ -6,8 +6,8 @@ use common::{bytes, demo_model, gguf_model};
 use shoal::gguf::Gguf;
 use shoal::store::release::{RELEASE_FORMAT, Release, SignedRelease};
 use shoal::store::{
-    AddOptions, ArtifactKind, ArtifactStatus, ReleaseOutcome, Store, StoreError, StoreOptions,
-    build_manifest,
+    AddError, AddOptions, ArtifactKind, ArtifactStatus, OpenError, ReadError, ReleaseOutcome,
+    Store, StoreError, StoreOptions, build_manifest,
 };
 use std::fs;
 use std::path::Path;
@@ -109,7 +109,7 @@ fn malformed_inputs_leave_the_store_unchanged() {
         let e = store.add_file(&p, &AddOptions::default()).expect_err(name);
         let msg = e.to_string();
         assert!(
-            matches!(e, StoreError::Gguf { .. } | StoreError::NotGguf(_)),
+            matches!(e, AddError::Gguf { .. } | AddError::NotGguf(_)),
             "{name}: unexpected error {msg}"
         );
         assert!(msg.contains(name), "error should name the file: {msg}");
@@ -126,7 +126,7 @@ fn malformed_inputs_leave_the_store_unchanged() {
         0
     );
     let missing = store.add_file(&t.path().join("nope.gguf"), &AddOptions::default());
-    assert!(matches!(missing, Err(StoreError::Io { .. })));
+    assert!(matches!(missing, Err(AddError::Io { .. })));
 }
 
 #[test]
@@ -152,7 +152,7 @@ fn corruption_is_detected() {
     assert_eq!(r.file_ok, Some(false));
     assert!(matches!(
         store.read_chunk(&id, 3),
-        Err(StoreError::ChunkMismatch { index: 3, .. })
+        Err(ReadError::ChunkMismatch { index: 3, .. })
     ));
     assert!(store.read_chunk(&id, 2).is_ok());
 }
@@ -438,7 +438,7 @@ fn eviction_respects_quota_pins_and_leases() {
     let p = write_file(t.path(), "f", &bytes(6, 1_000_000));
     assert!(matches!(
         store.add_file(&p, &AddOptions::default()),
-        Err(StoreError::QuotaExceeded { .. })
+        Err(AddError::QuotaExceeded { .. })
     ));
     assert!(store.used_bytes().expect("used") <= 3_500_000);
 }
@@ -483,7 +483,7 @@ fn a_second_process_gets_a_clear_lock_error() {
     let dir = t.path().join("s");
     let _a = open(&dir);
     match Store::open(&dir, StoreOptions::default()) {
-        Err(StoreError::Locked(_)) => {}
+        Err(OpenError::Locked(_)) => {}
         Err(e) => panic!("unexpected error: {e}"),
         Ok(_) => panic!("opened a locked store twice"),
     }
@@ -523,7 +523,7 @@ fn a_served_chunk_is_hashed_again_unless_hashed_within_the_window() {
     corrupt_chunk(&every, &id, 2);
     assert!(matches!(
         every.read_chunk(&id, 2),
-        Err(StoreError::ChunkMismatch { index: 2, .. })
+        Err(ReadError::ChunkMismatch { index: 2, .. })
     ));
     // The default window: a chunk hashed a moment ago is not hashed again,
     // until `verify` finds it bad; from then on every read refuses it.
@@ -537,13 +537,13 @@ fn a_served_chunk_is_hashed_again_unless_hashed_within_the_window() {
     assert_eq!(r.bad_chunks.len(), 1);
     assert!(matches!(
         windowed.read_chunk(&id, 2),
-        Err(StoreError::ChunkMismatch { index: 2, .. })
+        Err(ReadError::ChunkMismatch { index: 2, .. })
     ));
     // A chunk never read is hashed at its first read.
     corrupt_chunk(&windowed, &id, 3);
     assert!(matches!(
         windowed.read_chunk(&id, 3),
-        Err(StoreError::ChunkMismatch { index: 3, .. })
+        Err(ReadError::ChunkMismatch { index: 3, .. })
     ));
 }
 
@@ -570,7 +570,7 @@ fn chunk_reads_reuse_a_buffer_and_removal_forgets_the_cached_manifest() {
     assert!(store.manifest_shared(&id).expect("lookup").is_none());
     assert!(matches!(
         store.read_chunk_into(&id, 0, &mut buf),
-        Err(StoreError::Unknown(_))
+        Err(ReadError::Unknown(_))
     ));
 }
 
@@ -614,7 +614,7 @@ fn verify_marks_corrupt_and_repair_refetches_only_the_bad_chunks() {
         store.lease(&id).map(|_| ()),
     ] {
         match r {
-            Err(StoreError::Corrupt {
+            Err(ReadError::Corrupt {
                 id: got,
                 bad_chunks,
             }) => {
@@ -674,7 +674,7 @@ fn a_corrupt_chunk_read_marks_the_artifact() {
     assert!(store.read_chunk(&id, 1).is_ok());
     assert!(matches!(
         store.read_chunk(&id, 2),
-        Err(StoreError::ChunkMismatch { index: 2, .. })
+        Err(ReadError::ChunkMismatch { index: 2, .. })
     ));
     assert_eq!(
         store.corrupt_artifacts().expect("marks"),
@@ -682,7 +682,7 @@ fn a_corrupt_chunk_read_marks_the_artifact() {
     );
     assert!(matches!(
         store.artifact_path(&id),
-        Err(StoreError::Corrupt { .. })
+        Err(ReadError::Corrupt { .. })
     ));
     // Marks add up; a chunk index outside the manifest is refused.
     store.mark_corrupt(&id, &[0]).expect("mark");
@@ -914,7 +914,7 @@ fn damaged_metadata_never_loses_model_bytes_and_fsck_rebuilds_it() {
             }
             Err(e) => {
                 assert!(
-                    matches!(e, StoreError::DamagedMetadata { .. }),
+                    matches!(e, OpenError::DamagedMetadata { .. }),
                     "{what}: unexpected error {e}"
                 );
                 assert!(e.to_string().contains("shoal fsck"), "{what}: {e}");

@@ -67,6 +67,7 @@ fn add_on_a_full_disk_fails_clearly_and_keeps_the_store() {
     std::fs::write(&big, gguf_model(&[16_000_000, 16_000_000], 2)).expect("w");
     let e = store
         .add_file(&big, &AddOptions::default())
+        .map_err(StoreError::from)
         .expect_err("must not fit");
     assert!(is_no_space(&e), "unexpected error: {e}");
     assert!(

@@ -203,7 +203,9 @@ impl From<crate::node::NodeError> for ApiError {
             NodeError::Store(StoreError::Release(_)) => StatusCode::BAD_REQUEST,
             NodeError::Store(StoreError::TooLong { .. }) => StatusCode::BAD_REQUEST,
             NodeError::Store(StoreError::Corrupt { .. }) => StatusCode::SERVICE_UNAVAILABLE,
-            NodeError::Store(StoreError::DamagedMetadata { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::Store(StoreError::Open(crate::store::OpenError::DamagedMetadata {
+                ..
+            })) => StatusCode::SERVICE_UNAVAILABLE,
             NodeError::Mesh(m) => return ApiError(mesh_status(m), e.to_string()),
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };

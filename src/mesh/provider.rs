@@ -5,7 +5,7 @@
 //! hashed within the store's `reverify_after` window (see `docs/DESIGN.md`).
 
 use super::wire::{self, ArtifactSummary, ChunkStatus, MetaRequest, MetaResponse};
-use crate::store::{ArtifactId, ArtifactStatus, Store, StoreError};
+use crate::store::{ArtifactId, ArtifactStatus, ReadError, Store};
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
 use serde::Serialize;
@@ -163,7 +163,7 @@ impl Provider {
             return (Vec::new(), Err(ChunkStatus::Error));
         };
         let r = r.map_err(|e| match e {
-            StoreError::NoChunk { .. } | StoreError::Unknown(_) => ChunkStatus::NotFound,
+            ReadError::NoChunk { .. } | ReadError::Unknown(_) => ChunkStatus::NotFound,
             e => {
                 tracing::warn!(%id, index, error = %e, "cannot read chunk");
                 ChunkStatus::Error
