@@ -84,10 +84,11 @@ impl Downloads {
 
     /// Starts fetching `id` in the background, or joins the download already
     /// running (or done). `find_timeout`: how long to wait for a peer holding
-    /// the manifest (default [`DownloadOptions::find_timeout`](super::DownloadOptions::find_timeout), at most
-    /// [`MAX_FIND_TIMEOUT`](super::MAX_FIND_TIMEOUT)); joining a download that is still looking
-    /// extends its wait to this. Fails with [`MeshError::TooManyDownloads`]
-    /// when `max_downloads` are running.
+    /// the manifest (default
+    /// [`DownloadOptions::find_timeout`](super::DownloadOptions::find_timeout),
+    /// at most [`MAX_FIND_TIMEOUT`](super::MAX_FIND_TIMEOUT)); joining a
+    /// download that is still looking extends its wait to this. Fails with
+    /// [`MeshError::TooManyDownloads`] when `max_downloads` are running.
     pub async fn start(
         &self,
         client: &Client,
