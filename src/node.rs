@@ -91,7 +91,7 @@ impl Node {
             inner: Arc::new(Inner {
                 store,
                 mesh,
-                downloads: Downloads::default(),
+                downloads: Downloads::new(crate::metrics::global()),
                 started: Instant::now(),
                 serving: std::sync::OnceLock::new(),
                 repairing: parking_lot::Mutex::new(std::collections::HashMap::new()),

@@ -1,0 +1,373 @@
+//! Quantized dot-product kernels for the hot weight types.
+//!
+//! Weights stay in their GGUF block format (viewed in place over the memory
+//! mapping); activations are quantized once per row to the matching 8-bit
+//! block type (Q8_0 or Q8_1, as llama.cpp does), and each output element is an
+//! integer dot product per block scaled by the two block scales.
+//!
+//! Every kernel has a portable scalar version and, on x86-64, an AVX2+FMA
+//! version chosen at run time ([`Isa::detect`]). A NEON version slots in the
+//! same way: add an `Isa` variant and a `neon` module with the same functions.
+//!
+//! Layout (as ggml's): [`blocks`] holds the block types and byte views,
+//! [`scalar`] the portable reference kernels, one module per instruction set
+//! (`avx2`; a `neon` module slots in beside it) the SIMD versions, and this
+//! module the run-time dispatch on [`Isa`].
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+mod blocks;
+mod scalar;
+
+pub(crate) use blocks::{
+    BlockA8, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, Plain, view, view_mut,
+};
+pub(crate) use scalar::{
+    dot_f32_scalar, dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q8_0_a8_scalar,
+    quantize_a8_scalar, quantize_a8s_scalar, quantize_q8_0_scalar, quantize_q8_1_scalar,
+};
+
+/// The instruction set the kernels run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// Portable Rust.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+}
+
+impl Isa {
+    /// The best instruction set this CPU supports (checked at run time).
+    /// `SHOAL_ISA=scalar` forces the portable kernels (for tests and
+    /// comparisons).
+    pub fn detect() -> Self {
+        if std::env::var("SHOAL_ISA").is_ok_and(|v| v == "scalar") {
+            return Isa::Scalar;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+}
+
+/// Quantizes a row to Q8_0 with the best kernel for `isa`.
+pub(crate) fn quantize_q8_0(isa: Isa, x: &[f32], out: &mut [BlockQ8_0]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU has AVX2/FMA/F16C.
+        Isa::Avx2 => unsafe { avx2::quantize_q8_0(x, out) },
+        _ => quantize_q8_0_scalar(x, out),
+    }
+}
+
+/// Quantizes a row to Q8_1 with the best kernel for `isa`.
+pub(crate) fn quantize_q8_1(isa: Isa, x: &[f32], out: &mut [BlockQ8_1]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_q8_0`.
+        Isa::Avx2 => unsafe { avx2::quantize_q8_1(x, out) },
+        _ => quantize_q8_1_scalar(x, out),
+    }
+}
+
+/// Quantizes a row to [`BlockA8`] with the best kernel for `isa`.
+pub(crate) fn quantize_a8(isa: Isa, x: &[f32], out: &mut [BlockA8]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only produced when the CPU has AVX2/FMA/F16C.
+        Isa::Avx2 => unsafe { avx2::quantize_a8(x, out) },
+        _ => quantize_a8_scalar(x, out),
+    }
+}
+
+/// Quantizes a row to [`BlockA8S`] with the best kernel for `isa`.
+pub(crate) fn quantize_a8s(isa: Isa, x: &[f32], out: &mut [BlockA8S]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::quantize_a8s(x, out) },
+        _ => quantize_a8s_scalar(x, out),
+    }
+}
+
+/// Q4_0 weights · 8-bit activations.
+pub(crate) fn dot_q4_0_a8(isa: Isa, w: &[BlockQ4_0], a: &[BlockA8]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::dot_q4_0_a8(w, a) },
+        _ => dot_q4_0_a8_scalar(w, a),
+    }
+}
+
+/// Q4_1 weights · 8-bit activations with sums.
+pub(crate) fn dot_q4_1_a8s(isa: Isa, w: &[BlockQ4_1], a: &[BlockA8S]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::dot_q4_1_a8s(w, a) },
+        _ => dot_q4_1_a8s_scalar(w, a),
+    }
+}
+
+/// One Q4_1 weight row · four activation rows (the weights are unpacked once).
+pub(crate) fn dot_q4_1_a8s_x4(isa: Isa, w: &[BlockQ4_1], a: [&[BlockA8S]; 4]) -> [f32; 4] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::dot_q4_1_a8s_x4(w, a) },
+        _ => a.map(|a| dot_q4_1_a8s_scalar(w, a)),
+    }
+}
+
+/// Q8_0 weights · 8-bit activations.
+pub(crate) fn dot_q8_0_a8(isa: Isa, w: &[BlockQ8_0], a: &[BlockA8]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2 => unsafe { avx2::dot_q8_0_a8(w, a) },
+        _ => dot_q8_0_a8_scalar(w, a),
+    }
+}
+
+/// f32 · f32.
+pub(crate) fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_q8_0`.
+        Isa::Avx2 => unsafe { avx2::dot_f32(a, b) },
+        _ => dot_f32_scalar(a, b),
+    }
+}
+
+/// `y += alpha * x` over f32.
+pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (a, b) in y.iter_mut().zip(x) {
+        *a = alpha.mul_add(*b, *a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n).map(|_| lcg(&mut s) * 3.0).collect()
+    }
+
+    #[test]
+    fn simd_matches_scalar() {
+        let isa = Isa::detect();
+        let n = 256;
+        let x = rand_vec(n, 1);
+        let zero8 = BlockQ8_0 {
+            d: f16::ZERO,
+            qs: [0; 32],
+        };
+        let zero81 = BlockQ8_1 {
+            d: f16::ZERO,
+            s: f16::ZERO,
+            qs: [0; 32],
+        };
+        let za = BlockA8 {
+            d: 0.0,
+            qs: [0; 32],
+        };
+        let zs = BlockA8S {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; 32],
+        };
+        let mut a0 = vec![zero8; n / 32];
+        let mut b0 = vec![zero8; n / 32];
+        quantize_q8_0_scalar(&x, &mut a0);
+        quantize_q8_0(isa, &x, &mut b0);
+        for (p, q) in a0.iter().zip(&b0) {
+            assert_eq!(p.qs, q.qs);
+            assert_eq!(p.d, q.d);
+        }
+        let mut a1 = vec![zero81; n / 32];
+        let mut b1 = vec![zero81; n / 32];
+        quantize_q8_1_scalar(&x, &mut a1);
+        quantize_q8_1(isa, &x, &mut b1);
+        for (p, q) in a1.iter().zip(&b1) {
+            assert_eq!(p.qs, q.qs);
+            assert_eq!(p.s, q.s);
+        }
+        let mut c0 = vec![za; n / 32];
+        let mut d0 = vec![za; n / 32];
+        quantize_a8_scalar(&x, &mut c0);
+        quantize_a8(isa, &x, &mut d0);
+        for (p, q) in c0.iter().zip(&d0) {
+            assert_eq!(p.qs, q.qs);
+            assert!((p.d - q.d).abs() <= p.d * 1e-6);
+        }
+        let mut c1 = vec![zs; n / 32];
+        let mut d1 = vec![zs; n / 32];
+        quantize_a8s_scalar(&x, &mut c1);
+        quantize_a8s(isa, &x, &mut d1);
+        for (p, q) in c1.iter().zip(&d1) {
+            assert_eq!(p.qs, q.qs);
+            assert!(
+                (p.s - q.s).abs() <= p.s.abs() * 1e-5 + 1e-6,
+                "{} {}",
+                p.s,
+                q.s
+            );
+        }
+        // Random weight blocks; odd block counts exercise the tails.
+        let mut s = 7u64;
+        let mut byte = || (lcg(&mut s) * 127.0) as i8;
+        for nb in [n / 32, n / 32 - 1] {
+            let w41: Vec<BlockQ4_1> = (0..nb)
+                .map(|_| BlockQ4_1 {
+                    d: f16::from_f32(0.01),
+                    m: f16::from_f32(-0.05),
+                    qs: std::array::from_fn(|_| byte() as u8),
+                })
+                .collect();
+            let w40: Vec<BlockQ4_0> = w41.iter().map(|b| BlockQ4_0 { d: b.d, qs: b.qs }).collect();
+            let w80: Vec<BlockQ8_0> = (0..nb)
+                .map(|_| BlockQ8_0 {
+                    d: f16::from_f32(0.02),
+                    qs: std::array::from_fn(|_| byte()),
+                })
+                .collect();
+            let close = |a: f32, b: f32| (a - b).abs() <= 1e-4 * (1.0 + a.abs());
+            let (c0, c1) = (&c0[..nb], &c1[..nb]);
+            assert!(close(
+                dot_q4_1_a8s_scalar(&w41, c1),
+                dot_q4_1_a8s(isa, &w41, c1)
+            ));
+            assert!(close(
+                dot_q4_0_a8_scalar(&w40, c0),
+                dot_q4_0_a8(isa, &w40, c0)
+            ));
+            let d1r: Vec<BlockA8S> = d1[..nb].iter().rev().copied().collect();
+            let four = dot_q4_1_a8s_x4(isa, &w41, [c1, &d1r, c1, &d1r]);
+            assert!(close(four[0], dot_q4_1_a8s_scalar(&w41, c1)));
+            assert!(close(four[1], dot_q4_1_a8s_scalar(&w41, &d1r)));
+            assert_eq!(four[0], four[2]);
+            // Bit for bit the single-row kernel: a token's matmul result
+            // must not depend on its place in the batch.
+            for (k, r) in [c1, &d1r[..], c1, &d1r[..]].into_iter().enumerate() {
+                assert_eq!(
+                    four[k].to_bits(),
+                    dot_q4_1_a8s(isa, &w41, r).to_bits(),
+                    "x4 lane {k}, {nb} blocks"
+                );
+            }
+            assert!(close(
+                dot_q8_0_a8_scalar(&w80, c0),
+                dot_q8_0_a8(isa, &w80, c0)
+            ));
+            // The integer dot against the exact dequantized product.
+            let mut exact = 0f32;
+            for (wb, ab) in w41.iter().zip(c1) {
+                for j in 0..16 {
+                    let lo = f32::from(wb.qs[j] & 15) * wb.d.to_f32() + wb.m.to_f32();
+                    let hi = f32::from(wb.qs[j] >> 4) * wb.d.to_f32() + wb.m.to_f32();
+                    exact += lo * f32::from(ab.qs[j]) * ab.d + hi * f32::from(ab.qs[j + 16]) * ab.d;
+                }
+            }
+            assert!(close(exact, dot_q4_1_a8s(isa, &w41, c1)), "{exact}");
+        }
+        let y = rand_vec(n + 3, 2);
+        let z = rand_vec(n + 3, 3);
+        let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * (1.0 + a.abs());
+        assert!(close(dot_f32_scalar(&y, &z), dot_f32(isa, &y, &z)));
+    }
+
+    #[test]
+    fn q8_quantization_is_accurate() {
+        let x = rand_vec(64, 5);
+        let mut q = vec![
+            BlockQ8_0 {
+                d: f16::ZERO,
+                qs: [0; 32]
+            };
+            2
+        ];
+        quantize_q8_0(Isa::detect(), &x, &mut q);
+        for (i, v) in x.iter().enumerate() {
+            let b = &q[i / 32];
+            let r = f32::from(b.qs[i % 32]) * b.d.to_f32();
+            assert!((r - v).abs() <= b.d.to_f32() * 0.5 + 1e-3, "{r} vs {v}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use half::f16;
+
+    /// `cargo test --release --lib kernels::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore = "timing probe, not a test"]
+    fn q4_1_throughput() {
+        let isa = Isa::detect();
+        let nb = 18; // a 576-wide row
+        let acts = vec![
+            BlockA8S {
+                d: 0.1,
+                s: 1.0,
+                qs: [3; 32]
+            };
+            nb
+        ];
+        for total_mb in [1usize, 96] {
+            let rows = total_mb * (1 << 20) / (nb * 20);
+            let w = vec![
+                BlockQ4_1 {
+                    d: f16::from_f32(0.01),
+                    m: f16::from_f32(0.02),
+                    qs: [0x5a; 16]
+                };
+                rows * nb
+            ];
+            let mut s = 0f32;
+            let cpu = || {
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: valid out-pointer.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+            };
+            let t = cpu();
+            let reps = 96 / total_mb;
+            for _ in 0..reps {
+                for r in w.chunks_exact(nb) {
+                    s += dot_q4_1_a8s(isa, r, &acts);
+                }
+            }
+            let dt = cpu() - t;
+            let blocks = (reps * rows * nb) as f64;
+            eprintln!(
+                "{total_mb} MiB: {:.2} ns/block, {:.2} GB/s ({s})",
+                dt * 1e9 / blocks,
+                blocks * 20.0 / dt / 1e9
+            );
+        }
+    }
+}

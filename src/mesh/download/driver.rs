@@ -1,0 +1,719 @@
+//! The download driver: the async IO around the [`Sched`]uler. It looks for
+//! the manifest ([`super::manifest`]), learns sources from mesh events, runs
+//! one worker per request slot (fetch, verify, store), announces progress,
+//! and counts every chunk fetch in the [`Metrics`] it was handed.
+
+use super::manifest::find_manifest;
+use super::sched::{ChunkSource, FetchOutcome, Pick, Sched, random_seed, xorshift};
+use super::{DownloadOptions, DownloadReport, Phase, Progress, SourceStats, initial_progress};
+use crate::mesh::client::{Client, MeshEvent};
+use crate::mesh::origin::Origin;
+use crate::mesh::wire::{self, ChunkRequest, ChunkStatus};
+use crate::mesh::{MeshError, blocking};
+use crate::metrics::Metrics;
+use crate::store::{ArtifactId, ArtifactStatus, HaveMap, Manifest, StoreError};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::{PeerId, Stream};
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, broadcast, watch};
+
+struct Ctx {
+    client: Client,
+    id: ArtifactId,
+    manifest: Arc<Manifest>,
+    sched: Mutex<Sched>,
+    notify: Notify,
+    opts: DownloadOptions,
+    origin: Option<Origin>,
+    /// Where chunk fetches are counted.
+    metrics: Arc<Metrics>,
+}
+
+/// Stops the workers when the download future is dropped (cancelled).
+struct CancelGuard(Arc<Ctx>);
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.sched.lock();
+        let cancelled = !s.finished && s.failed.is_none();
+        if cancelled {
+            s.failed = Some("cancelled".into());
+        }
+        drop(s);
+        self.0.notify.notify_waiters();
+        if cancelled {
+            // Keep what was verified: a restart resumes from it. One fdatasync, at most.
+            if let Err(e) = self.0.client.store().flush(&self.0.id) {
+                tracing::warn!(id = %self.0.id, error = %e, "flush on cancel failed");
+            }
+        }
+    }
+}
+
+/// Fetches an artifact into the local store from the mesh (and the origin, when given and allowed).
+///
+/// Returns once the artifact is verified and activated. Progress is published on `progress`.
+/// The manifest is looked for during [`DownloadOptions::find_timeout`].
+pub async fn download(
+    client: &Client,
+    id: ArtifactId,
+    origin_url: Option<String>,
+    opts: &DownloadOptions,
+    progress: Option<&watch::Sender<Progress>>,
+    metrics: &Arc<Metrics>,
+) -> Result<DownloadReport, MeshError> {
+    let deadline = FindDeadline::after(opts.find_timeout);
+    download_until(client, id, origin_url, opts, progress, &deadline, metrics).await
+}
+
+/// Longest time a pull may ask to wait for a manifest holder.
+pub const MAX_FIND_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Until when a download looks for a first holder of the manifest; a pull
+/// that joins the download may push it later.
+#[derive(Debug, Clone)]
+pub struct FindDeadline(Arc<Mutex<Instant>>);
+
+impl FindDeadline {
+    /// `wait` from now (at most [`MAX_FIND_TIMEOUT`]).
+    pub fn after(wait: Duration) -> Self {
+        Self(Arc::new(Mutex::new(
+            Instant::now() + wait.min(MAX_FIND_TIMEOUT),
+        )))
+    }
+
+    /// Moves the deadline to `wait` from now if that is later.
+    pub fn extend(&self, wait: Duration) {
+        let t = Instant::now() + wait.min(MAX_FIND_TIMEOUT);
+        let mut d = self.0.lock();
+        if t > *d {
+            *d = t;
+        }
+    }
+
+    pub(super) fn passed(&self) -> bool {
+        Instant::now() >= *self.0.lock()
+    }
+}
+
+/// [`download`] with a deadline for finding the manifest that others may extend.
+pub async fn download_until(
+    client: &Client,
+    id: ArtifactId,
+    origin_url: Option<String>,
+    opts: &DownloadOptions,
+    progress: Option<&watch::Sender<Progress>>,
+    find_deadline: &FindDeadline,
+    metrics: &Arc<Metrics>,
+) -> Result<DownloadReport, MeshError> {
+    let store = client.store().clone();
+    let started = Instant::now();
+    let publish = |p: &Progress| {
+        if let Some(tx) = progress {
+            tx.send_replace(p.clone());
+        }
+    };
+    // Subscribe before asking anyone, so no announcement is missed.
+    let mut events = client.events();
+    let st = store.clone();
+    let (status, local, mut pr) = blocking(move || {
+        Ok((
+            st.status(&id)?,
+            st.manifest(&id)?,
+            initial_progress(&st, &id)?,
+        ))
+    })
+    .await?;
+    // A resumed download shows the bytes it already has from its first report.
+    publish(&pr);
+    if status == Some(ArtifactStatus::Active)
+        && let Some(m) = &local
+    {
+        pr.phase = Phase::Done;
+        pr.total_bytes = m.size;
+        pr.have_bytes = m.size;
+        pr.total_chunks = m.chunk_count();
+        pr.have_chunks = m.chunk_count();
+        pr.local_chunks = m.chunk_count();
+        pr.local_bytes = m.size;
+        publish(&pr);
+        return Ok(DownloadReport {
+            id: Some(id),
+            progress: pr,
+            ..DownloadReport::default()
+        });
+    }
+    let origin = match origin_url {
+        Some(url) if !client.config().offline => Some(Origin::new(
+            &url,
+            client.config().origin_ca_file.as_deref(),
+        )?),
+        Some(_) => {
+            tracing::info!(%id, "offline: the origin will not be contacted");
+            None
+        }
+        None => None,
+    };
+    let (manifest, manifest_from) = match local {
+        Some(m) => (m, None),
+        None => {
+            let waiting = |connected: usize| {
+                if let Some(tx) = progress {
+                    tx.send_modify(|p| p.connected = Some(connected));
+                }
+            };
+            find_manifest(client, id, find_deadline, origin.as_ref(), waiting).await?
+        }
+    };
+    let manifest = Arc::new(manifest);
+    let m2 = manifest.clone();
+    let st = store.clone();
+    let have = blocking(move || st.begin(&m2))
+        .await
+        .map_err(|e| disk_full_or(id, e))?;
+    let _ = client.provide(id).await;
+    let local_chunks = have.count();
+    pr.phase = Phase::Fetching;
+    pr.total_bytes = manifest.size;
+    pr.total_chunks = manifest.chunk_count();
+    pr.local_chunks = local_chunks;
+    pr.have_chunks = local_chunks;
+    pr.have_bytes = have
+        .present()
+        .map(|i| u64::from(manifest.chunks[i as usize].len))
+        .sum();
+    pr.local_bytes = pr.have_bytes;
+    let n = manifest.chunk_count();
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        id,
+        manifest: manifest.clone(),
+        sched: Mutex::new(Sched {
+            finished: have.is_complete(),
+            have,
+            inflight: vec![Vec::new(); n as usize],
+            inflight_chunks: 0,
+            asked_at: vec![Instant::now(); n as usize],
+            took_avg: 0.0,
+            avail: vec![0; n as usize],
+            sources: HashMap::new(),
+            fetched: Vec::new(),
+            progress: pr,
+            failed: None,
+            disk_full: None,
+            last_chunk: Instant::now(),
+            started,
+            endgame: opts.endgame,
+            max_failures: opts.max_failures,
+            pause: opts.pause,
+            max_pause: opts.max_pause,
+            me: client.peer_id(),
+            origin_peers: Default::default(),
+            origin_after: Instant::now() + opts.origin_delay,
+            origin_grace: opts.origin_grace,
+            rng: random_seed(),
+            sharers: vec![client.peer_id()],
+            my_share: 0,
+        }),
+        notify: Notify::new(),
+        opts: opts.clone(),
+        origin,
+        metrics: metrics.clone(),
+    });
+    let _guard = CancelGuard(ctx.clone());
+    if ctx.origin.is_some() {
+        add_source(&ctx, ChunkSource::Origin, HaveMap::full(n));
+    }
+    let mut asked: HashSet<PeerId> = HashSet::new();
+    let mut discover = tokio::time::interval(Duration::from_secs(1));
+    let (prov_tx, mut prov_rx) = tokio::sync::mpsc::channel::<HashSet<PeerId>>(4);
+    let kad_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut kad_round = 0u64;
+    if let Some(p) = manifest_from {
+        asked.insert(p);
+        query_have(&ctx, p);
+    }
+    let mut announce = tokio::time::interval(opts.announce_every);
+    let mut announced = u32::MAX;
+    // Fellow downloaders that have our have-map (see the announce tick).
+    let mut told: HashSet<PeerId> = HashSet::new();
+    loop {
+        {
+            let mut s = ctx.sched.lock();
+            let p = s.snapshot(Instant::now());
+            let stalled =
+                s.last_chunk.elapsed() > opts.stall_timeout && s.inflight.iter().all(Vec::is_empty);
+            if stalled && s.failed.is_none() {
+                s.failed = Some(format!(
+                    "no source for the remaining {} chunks after {:?}",
+                    s.missing(),
+                    opts.stall_timeout
+                ));
+            }
+            let done = s.finished || s.failed.is_some();
+            drop(s);
+            publish(&p);
+            if done {
+                break;
+            }
+        }
+        tokio::select! {
+            ev = events.recv() => match ev {
+                Ok(MeshEvent::Have { peer, id: hid, have, origin }) if hid == id => {
+                    asked.insert(peer);
+                    {
+                        let mut s = ctx.sched.lock();
+                        if origin {
+                            s.origin_peers.insert(peer);
+                        } else {
+                            s.origin_peers.remove(&peer);
+                        }
+                    }
+                    add_source(&ctx, ChunkSource::Peer(peer), (*have).clone());
+                }
+                Ok(MeshEvent::Connected(peer)) => {
+                    asked.insert(peer);
+                    query_have(&ctx, peer);
+                }
+                Ok(MeshEvent::Banned(peer) | MeshEvent::Disconnected(peer)) => {
+                    asked.remove(&peer);
+                    ctx.sched.lock().origin_peers.remove(&peer);
+                    if matches!(ev, Ok(MeshEvent::Banned(_))) {
+                        ctx.sched.lock().stop_source(ChunkSource::Peer(peer));
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    ctx.sched.lock().failed = Some("mesh stopped".into());
+                }
+            },
+            Some(found) = prov_rx.recv() => {
+                for p in found {
+                    if p != client.peer_id() && asked.insert(p) {
+                        query_have(&ctx, p);
+                    }
+                }
+            },
+            _ = discover.tick() => {
+                let cands: HashSet<PeerId> = client.connected().await.unwrap_or_default().into_iter().collect();
+                // Kademlia lookups can take seconds: run them beside the loop, one at a time.
+                kad_round += 1;
+                if (asked.len() < 2 || kad_round % 5 == 1)
+                    && !kad_busy.swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    let (c, tx, busy) = (client.clone(), prov_tx.clone(), kad_busy.clone());
+                    tokio::spawn(async move {
+                        let found = c.providers(id).await.unwrap_or_default();
+                        let _ = tx.send(found).await;
+                        busy.store(false, std::sync::atomic::Ordering::Release);
+                    });
+                }
+                for p in cands {
+                    if p != client.peer_id() && asked.insert(p) {
+                        query_have(&ctx, p);
+                    }
+                }
+            },
+            _ = announce.tick() => {
+                // Make new chunks durable (so they can be served) and tell the
+                // fellow downloaders: all of them when we have new chunks, and
+                // any we learnt of since. Pushed directly, not gossiped: a
+                // gossip message is signed, relayed by several mesh peers, and
+                // each copy's signature checked, which at four announcements a
+                // second from each of 16 downloaders took a sixth of the CPU.
+                // Gossip carries the first announcement (so downloaders that do
+                // not know us yet learn of us) and the last.
+                let (count, sharers) = {
+                    let s = ctx.sched.lock();
+                    (s.have.count(), s.fellow_downloaders())
+                };
+                let first = announced == u32::MAX;
+                let targets: Vec<PeerId> = if count != announced {
+                    sharers
+                } else {
+                    sharers.into_iter().filter(|p| !told.contains(p)).collect()
+                };
+                if first || count != announced || !targets.is_empty() {
+                    announced = count;
+                    let st = store.clone();
+                    match blocking(move || { st.flush(&id)?; st.have_map(&id) }).await {
+                        Ok(Some(h)) => {
+                            let origin = ctx.origin.is_some();
+                            if first {
+                                let _ = client.announce_have(id, &h, origin).await;
+                            }
+                            told.extend(targets.iter().copied());
+                            let _ = client.push_have(targets, id, &h, origin).await;
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(%id, error = %e, "flush failed"),
+                    }
+                }
+            },
+            _ = ctx.notify.notified() => {},
+        }
+    }
+    ctx.notify.notify_waiters();
+    let (failed, disk_full, fetched, peers, origin_stats) = {
+        let s = ctx.sched.lock();
+        let mut peers = HashMap::new();
+        let mut origin_stats = SourceStats::default();
+        for (k, v) in &s.sources {
+            match k {
+                ChunkSource::Peer(p) => {
+                    peers.insert(*p, v.stats.clone());
+                }
+                ChunkSource::Origin => origin_stats = v.stats.clone(),
+            }
+        }
+        (
+            s.failed.clone(),
+            s.disk_full.clone(),
+            s.fetched.clone(),
+            peers,
+            origin_stats,
+        )
+    };
+    let st = store.clone();
+    let outcome = match (failed, disk_full) {
+        (_, Some(detail)) => {
+            let _ = blocking(move || st.flush(&id)).await;
+            Err(MeshError::DiskFull {
+                id: id.to_hex(),
+                detail,
+            })
+        }
+        (Some(e), None) => {
+            let _ = blocking(move || st.flush(&id)).await;
+            Err(MeshError::NoSource(format!("{id}: {e}")))
+        }
+        (None, None) => blocking(move || {
+            st.flush(&id)?;
+            st.finish(&id)
+        })
+        .await
+        .map_err(|e| disk_full_or(id, e)),
+    };
+    let mut p = ctx.sched.lock().snapshot(Instant::now());
+    for (peer, st) in &peers {
+        tracing::debug!(%peer, bytes = st.bytes, chunks = st.chunks, failures = st.failures,
+            pauses = st.pauses, "source figures");
+    }
+    match outcome {
+        Ok(()) => {
+            p.phase = Phase::Done;
+            publish(&p);
+            let have = HaveMap::full(n);
+            let fellows = ctx.sched.lock().fellow_downloaders();
+            let _ = client.push_have(fellows, id, &have, false).await;
+            let _ = client.announce_have(id, &have, false).await;
+            let _ = client.provide(id).await;
+            tracing::info!(%id, bytes = p.total_bytes, from_peers = p.bytes_from_peers, from_origin = p.bytes_from_origin,
+                ms = p.elapsed_ms, "artifact activated");
+            Ok(DownloadReport {
+                id: Some(id),
+                fetched,
+                peers,
+                origin: origin_stats,
+                progress: p,
+            })
+        }
+        Err(e) => {
+            p.phase = Phase::Failed;
+            p.error = Some(e.to_string());
+            publish(&p);
+            Err(e)
+        }
+    }
+}
+
+/// A [`MeshError::DiskFull`] when the store's error is a full disk, else [`MeshError::Store`].
+fn disk_full_or(id: ArtifactId, e: MeshError) -> MeshError {
+    match e {
+        MeshError::Store(se) if MeshError::is_disk_full(&se) => MeshError::DiskFull {
+            id: id.to_hex(),
+            detail: se.to_string(),
+        },
+        other => other,
+    }
+}
+
+fn query_have(ctx: &Arc<Ctx>, peer: PeerId) {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        match ctx.client.have_map(peer, ctx.id).await {
+            Ok(Some(have)) => add_source(&ctx, ChunkSource::Peer(peer), have),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(%peer, error = %e, "have-map request failed"),
+        }
+    });
+}
+
+fn add_source(ctx: &Arc<Ctx>, src: ChunkSource, have: HaveMap) {
+    let start = ctx.sched.lock().add_source(src, have, Instant::now());
+    if start {
+        let slots = match src {
+            ChunkSource::Origin => ctx.opts.origin_window,
+            ChunkSource::Peer(_) => ctx.opts.window.max(ctx.opts.fast_window),
+        };
+        for slot in 0..slots.max(1) {
+            tokio::spawn(worker(ctx.clone(), src, slot));
+        }
+    }
+    ctx.notify.notify_waiters();
+}
+
+/// One request slot for one source: picks a chunk, fetches, verifies, stores,
+/// repeats. Slots from `window` up work only while the source is fast.
+async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
+    let extra = matches!(src, ChunkSource::Peer(_)) && slot >= ctx.opts.window.max(1);
+    let mut stream: Option<Stream> = None;
+    // One body buffer per worker, reused: no fresh zeroed pages per chunk.
+    let mut buf: Vec<u8> = Vec::new();
+    let mut refusals = 0u32;
+    let mut rng = random_seed();
+    // The lanes to a new source open their streams a little apart: a burst
+    // of new streams is what a peer refuses (see `FetchError::Refused`).
+    if slot > 0 {
+        let ms = 2 * slot as u64 + xorshift(&mut rng) % 8;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    loop {
+        let notified = ctx.notify.notified();
+        let pick = {
+            let mut sched = ctx.sched.lock();
+            if extra && !sched.is_fast(src, ctx.opts.fast_rate, Instant::now()) {
+                // Idle, not stopped: the source may speed up (or the download end).
+                if sched.pick_would_stop(src) {
+                    Pick::Stop
+                } else {
+                    Pick::Wait
+                }
+            } else {
+                sched.pick(src, Instant::now())
+            }
+        };
+        let i = match pick {
+            Pick::Stop => return,
+            Pick::Wait => {
+                tokio::select! {
+                    _ = notified => {},
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {},
+                }
+                continue;
+            }
+            Pick::Chunk(i) => i,
+        };
+        let Some(chunk) = ctx.manifest.chunks.get(i as usize).copied() else {
+            return;
+        };
+        let t0 = Instant::now();
+        let fetched = match src {
+            ChunkSource::Peer(peer) => {
+                let fut = fetch_from_peer(&ctx, peer, &mut stream, i, chunk.len, &mut buf);
+                match tokio::time::timeout(ctx.opts.request_timeout, fut).await {
+                    Ok(r) => r,
+                    Err(_) => Err(FetchError::Failed("timed out".into())),
+                }
+            }
+            ChunkSource::Origin => match &ctx.origin {
+                Some(o) => match o.fetch(chunk.offset, chunk.len).await {
+                    Ok(body) => {
+                        let n = body.len();
+                        buf = body;
+                        Ok(n)
+                    }
+                    Err(e) => Err(FetchError::Failed(e.to_string())),
+                },
+                None => return,
+            },
+        };
+        let outcome = match fetched {
+            // The chunk is buf[..n].
+            Ok(n) => {
+                let len = n as u64;
+                if ctx.sched.lock().have.get(i) {
+                    FetchOutcome::Ok {
+                        len,
+                        took: t0.elapsed(),
+                    }
+                } else {
+                    let store = ctx.client.store().clone();
+                    let id = ctx.id;
+                    let body = std::mem::take(&mut buf);
+                    let put = tokio::task::spawn_blocking(move || {
+                        let r = store.put_chunk(&id, i, &body[..n]);
+                        (body, r)
+                    })
+                    .await
+                    .map(|(body, r)| {
+                        buf = body;
+                        r
+                    });
+                    match put {
+                        Ok(Ok(())) => FetchOutcome::Ok {
+                            len,
+                            took: t0.elapsed(),
+                        },
+                        Ok(Err(StoreError::ChunkMismatch { .. })) => FetchOutcome::Bad,
+                        Ok(Err(e)) => {
+                            let mut s = ctx.sched.lock();
+                            if MeshError::is_disk_full(&e) {
+                                s.disk_full.get_or_insert_with(|| e.to_string());
+                            }
+                            s.failed = Some(format!("store: {e}"));
+                            FetchOutcome::Failed
+                        }
+                        Err(e) => {
+                            ctx.sched.lock().failed = Some(format!("store task: {e}"));
+                            FetchOutcome::Failed
+                        }
+                    }
+                }
+            }
+            Err(FetchError::Lied(reason)) => {
+                tracing::warn!(?src, chunk = i, %reason, "source sent malformed data");
+                FetchOutcome::Bad
+            }
+            Err(FetchError::NotFound) => FetchOutcome::NotFound,
+            Err(FetchError::Refused(reason)) if refusals < MAX_REFUSALS => {
+                tracing::debug!(?src, chunk = i, %reason, "fresh chunk stream refused");
+                stream = None;
+                refusals += 1;
+                FetchOutcome::Refused
+            }
+            Err(FetchError::Refused(reason) | FetchError::Failed(reason)) => {
+                tracing::debug!(?src, chunk = i, %reason, "chunk request failed");
+                stream = None;
+                FetchOutcome::Failed
+            }
+        };
+        let bad = matches!(outcome, FetchOutcome::Bad);
+        let failed = matches!(outcome, FetchOutcome::Failed);
+        let refused = matches!(outcome, FetchOutcome::Refused);
+        if matches!(outcome, FetchOutcome::Ok { .. }) {
+            refusals = 0;
+        }
+        if bad {
+            // Ban before the failure shows in the progress.
+            match src {
+                ChunkSource::Peer(peer) => {
+                    tracing::warn!(%peer, chunk = i, "chunk failed verification: banning the peer");
+                    let _ = ctx
+                        .client
+                        .ban(peer, format!("sent a corrupt chunk of {}", ctx.id.short()))
+                        .await;
+                }
+                ChunkSource::Origin => tracing::warn!(chunk = i, "origin sent a corrupt chunk"),
+            }
+        }
+        report_fetch(&ctx.metrics, src, &outcome);
+        ctx.sched.lock().complete(src, i, outcome, Instant::now());
+        ctx.notify.notify_waiters();
+        if bad {
+            return;
+        }
+        if failed {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        } else if refused {
+            // A short random wait, so the lanes that were refused together
+            // do not all come back in the same instant.
+            let ms = 5 + xorshift(&mut rng) % (20 * u64::from(refusals));
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+}
+
+/// Refused fresh streams in a row (see [`FetchError::Refused`]) before a
+/// worker counts the next one as a failure.
+const MAX_REFUSALS: u32 = 5;
+
+enum FetchError {
+    /// The source does not hold the chunk.
+    NotFound,
+    /// A stream opened for this request was closed before the answer began.
+    /// libp2p-stream hands inbound streams to the provider through a channel
+    /// with room for one: a peer that receives several new streams at once
+    /// (many downloaders starting together) drops the others, and the writer
+    /// sees "connection is closed". Not a failure of the peer: asked again.
+    Refused(String),
+    /// The source broke the protocol (wrong length, wrong index): as bad as a corrupt chunk.
+    Lied(String),
+    /// Transport trouble; try again elsewhere.
+    Failed(String),
+}
+
+async fn fetch_from_peer(
+    ctx: &Ctx,
+    peer: PeerId,
+    stream: &mut Option<Stream>,
+    index: u32,
+    len: u32,
+    body: &mut Vec<u8>,
+) -> Result<usize, FetchError> {
+    let fresh = stream.is_none();
+    let s = match stream {
+        Some(s) => s,
+        None => stream.insert(
+            ctx.client
+                .open_chunk_stream(peer)
+                .await
+                .map_err(|e| FetchError::Failed(e.to_string()))?,
+        ),
+    };
+    let io = |e: std::io::Error| FetchError::Failed(e.to_string());
+    // Before the answer's header, a fresh stream's error is a refusal.
+    let early = |e: std::io::Error| match fresh {
+        true => FetchError::Refused(e.to_string()),
+        false => FetchError::Failed(e.to_string()),
+    };
+    wire::write_chunk_request(s, &ChunkRequest { id: ctx.id, index })
+        .await
+        .map_err(early)?;
+    s.flush().await.map_err(early)?;
+    let h = wire::read_chunk_header(s).await.map_err(early)?;
+    if h.index != index {
+        return Err(FetchError::Lied(format!(
+            "answered chunk {} for {index}",
+            h.index
+        )));
+    }
+    match h.status {
+        ChunkStatus::Ok { len: got } if got == len => {
+            // The buffer only grows: no fresh zeroing for every larger chunk.
+            let n = len as usize;
+            if body.len() < n {
+                body.resize(n, 0);
+            }
+            s.read_exact(&mut body[..n]).await.map_err(io)?;
+            Ok(n)
+        }
+        ChunkStatus::Ok { len: got } => Err(FetchError::Lied(format!(
+            "chunk of {got} bytes, manifest says {len}"
+        ))),
+        ChunkStatus::NotFound => Err(FetchError::NotFound),
+        ChunkStatus::Busy | ChunkStatus::Error => {
+            Err(FetchError::Failed(format!("{:?}", h.status)))
+        }
+    }
+}
+
+/// Counts a finished chunk fetch in `metrics` (by source and outcome).
+fn report_fetch(metrics: &Metrics, src: ChunkSource, outcome: &FetchOutcome) {
+    use crate::metrics::{Outcome as M, Source as S};
+    let source = match src {
+        ChunkSource::Peer(_) => S::Peer,
+        ChunkSource::Origin => S::Origin,
+    };
+    let (o, bytes, secs) = match outcome {
+        FetchOutcome::Ok { len, took } => (M::Ok, *len, took.as_secs_f64()),
+        FetchOutcome::Bad => (M::BadHash, 0, 0.0),
+        FetchOutcome::Failed | FetchOutcome::Refused => (M::Failed, 0, 0.0),
+        FetchOutcome::NotFound => return,
+    };
+    metrics.chunk_fetch(source, o, bytes, secs);
+}

@@ -1,0 +1,784 @@
+//! The pure chunk scheduler of one download: which chunk to ask which
+//! source for, and what a finished request changes. No IO and no clock: every
+//! method that needs the time takes `now` (as iroh-blobs' downloader state
+//! machine does), so the policy is tested without a network or sleeps. The
+//! driver ([`super::driver`]) owns the IO and calls it under a lock.
+
+use super::{Progress, SourceStats};
+use crate::store::HaveMap;
+use libp2p::PeerId;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::time::{Duration, Instant};
+
+/// A source of chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum ChunkSource {
+    Peer(PeerId),
+    Origin,
+}
+
+pub(super) enum Pick {
+    Chunk(u32),
+    Wait,
+    Stop,
+}
+
+pub(super) enum FetchOutcome {
+    Ok {
+        len: u64,
+        took: Duration,
+    },
+    Bad,
+    NotFound,
+    Failed,
+    /// A fresh stream was dropped by the peer before it answered (see
+    /// [`FetchError::Refused`](super::driver::FetchError::Refused)): asked again, not held against the peer.
+    Refused,
+}
+
+pub(super) struct SourceState {
+    pub(super) have: HaveMap,
+    pub(super) stopped: bool,
+    /// Failures since its last delivered chunk.
+    pub(super) strikes: u32,
+    /// Not asked before this (a pause after failures in a row).
+    pub(super) paused_until: Option<Instant>,
+    pub(super) running: bool,
+    pub(super) stats: SourceStats,
+    pub(super) busy: Duration,
+    /// When its workers started (for its delivered rate).
+    pub(super) since: Instant,
+}
+
+pub(super) struct Sched {
+    pub(super) have: HaveMap,
+    /// `inflight[i]`: the sources chunk `i` is requested from (indexed by
+    /// chunk, so the pick scan tests a slot, not a map).
+    pub(super) inflight: Vec<Vec<ChunkSource>>,
+    /// Chunks with at least one request in flight.
+    pub(super) inflight_chunks: u32,
+    /// `asked_at[i]`: when chunk `i`'s first request in flight was sent.
+    pub(super) asked_at: Vec<Instant>,
+    /// Mean time of a verified chunk request to a peer (moving average, s).
+    pub(super) took_avg: f64,
+    pub(super) avail: Vec<u32>,
+    pub(super) sources: HashMap<ChunkSource, SourceState>,
+    pub(super) fetched: Vec<u32>,
+    pub(super) progress: Progress,
+    pub(super) finished: bool,
+    pub(super) failed: Option<String>,
+    /// The store reported a full disk (the download stops with that error).
+    pub(super) disk_full: Option<String>,
+    pub(super) last_chunk: Instant,
+    pub(super) started: Instant,
+    pub(super) endgame: bool,
+    pub(super) max_failures: u32,
+    pub(super) pause: Duration,
+    pub(super) max_pause: Duration,
+    /// This node.
+    pub(super) me: PeerId,
+    /// Peers downloading this artifact that may fetch from the origin.
+    pub(super) origin_peers: std::collections::BTreeSet<PeerId>,
+    /// The origin is not used before this (time to hear from other downloaders).
+    pub(super) origin_after: Instant,
+    /// A chunk assigned to another origin peer may be fetched here after this long without progress.
+    pub(super) origin_grace: Duration,
+    /// State of the xorshift generator that breaks ties between equally rare chunks.
+    pub(super) rng: u64,
+    /// The downloaders of this artifact this node knows (itself and every
+    /// source with a partial have-map), sorted: a chunk that only a seed
+    /// holds is fetched from it first by its owner among them (see
+    /// [`Sched::is_my_share`]).
+    pub(super) sharers: Vec<PeerId>,
+    /// This node's place in `sharers`.
+    pub(super) my_share: usize,
+}
+
+/// A random non-zero seed (the process's hash keys and the time).
+pub(super) fn random_seed() -> u64 {
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now()) | 1
+}
+
+impl Sched {
+    /// Recomputes [`Sched::sharers`] from the live sources' have-maps.
+    pub(super) fn update_sharers(&mut self) {
+        let mut v: Vec<PeerId> = self
+            .sources
+            .iter()
+            .filter_map(|(k, s)| match k {
+                ChunkSource::Peer(p) if !s.stopped && !s.have.is_complete() => Some(*p),
+                _ => None,
+            })
+            .chain(std::iter::once(self.me))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        self.my_share = v.iter().position(|p| *p == self.me).unwrap_or(0);
+        self.sharers = v;
+    }
+
+    /// Whether chunk `i` is this node's to fetch from a seed while no other
+    /// peer holds it. Seeds (complete sources) hold every chunk, and their
+    /// uplink is a swarm's bottleneck: downloaders that choose at random
+    /// among the chunks only a seed holds ask it for the same chunk before
+    /// either has announced it, and the seed sends it twice. Split among the
+    /// downloaders (the same hash on every node), each chunk leaves the seed
+    /// once; a downloader takes another's share only when its own is all in
+    /// flight or done, so no chunk waits for a slow or unknown owner.
+    pub(super) fn is_my_share(&self, i: u32) -> bool {
+        let k = self.sharers.len().max(1) as u64;
+        let slot = (u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 23) % k;
+        slot as usize == self.my_share
+    }
+
+    /// The other downloaders this node knows: where its have-map is pushed.
+    pub(super) fn fellow_downloaders(&self) -> Vec<PeerId> {
+        self.sharers
+            .iter()
+            .copied()
+            .filter(|p| *p != self.me)
+            .collect()
+    }
+
+    pub(super) fn missing(&self) -> u32 {
+        self.have.len() - self.have.count()
+    }
+
+    pub(super) fn add_source(&mut self, src: ChunkSource, have: HaveMap, now: Instant) -> bool {
+        if have.len() != self.have.len() {
+            return false;
+        }
+        match self.sources.get_mut(&src) {
+            Some(s) => {
+                if s.stopped {
+                    return false;
+                }
+                if src != ChunkSource::Origin {
+                    for i in 0..have.len() {
+                        match (s.have.get(i), have.get(i)) {
+                            (false, true) => self.avail[i as usize] += 1,
+                            (true, false) => self.avail[i as usize] -= 1,
+                            _ => {}
+                        }
+                    }
+                }
+                s.have = have;
+            }
+            None => {
+                if src != ChunkSource::Origin {
+                    for i in have.present() {
+                        self.avail[i as usize] += 1;
+                    }
+                }
+                self.sources.insert(
+                    src,
+                    SourceState {
+                        have,
+                        stopped: false,
+                        strikes: 0,
+                        paused_until: None,
+                        running: false,
+                        stats: SourceStats::default(),
+                        busy: Duration::ZERO,
+                        since: now,
+                    },
+                );
+            }
+        }
+        self.update_sharers();
+        // Start workers when this source holds something we miss.
+        let useful = self
+            .sources
+            .get(&src)
+            .is_some_and(|s| s.have.present().any(|i| !self.have.get(i)));
+        match self.sources.get_mut(&src) {
+            Some(s) if useful && !s.running => {
+                s.running = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn stop_source(&mut self, src: ChunkSource) {
+        if let ChunkSource::Peer(p) = src {
+            self.origin_peers.remove(&p);
+        }
+        if let Some(s) = self.sources.get_mut(&src)
+            && !s.stopped
+        {
+            s.stopped = true;
+            if src != ChunkSource::Origin {
+                for i in s.have.present() {
+                    self.avail[i as usize] -= 1;
+                }
+            }
+        }
+        self.update_sharers();
+    }
+
+    /// Whether `src` has delivered at least `rate` bytes/s since it was added
+    /// (and for at least 250 ms, so one quick chunk does not count).
+    pub(super) fn is_fast(&self, src: ChunkSource, rate: f64, now: Instant) -> bool {
+        self.sources.get(&src).is_some_and(|s| {
+            let t = now.saturating_duration_since(s.since).as_secs_f64();
+            t >= 0.25 && s.stats.bytes as f64 / t >= rate
+        })
+    }
+
+    /// Whether [`Sched::pick`] would answer `Stop` for `src` (done, failed, or source stopped).
+    pub(super) fn pick_would_stop(&self, src: ChunkSource) -> bool {
+        self.finished || self.failed.is_some() || self.sources.get(&src).is_none_or(|s| s.stopped)
+    }
+
+    /// Whether `src` is in a pause after failures in a row.
+    pub(super) fn is_paused(&self, src: ChunkSource, now: Instant) -> bool {
+        self.sources
+            .get(&src)
+            .and_then(|s| s.paused_until)
+            .is_some_and(|t| now < t)
+    }
+
+    pub(super) fn pick(&mut self, src: ChunkSource, now: Instant) -> Pick {
+        if self.pick_would_stop(src) {
+            return Pick::Stop;
+        }
+        if self.is_paused(src, now) {
+            return Pick::Wait;
+        }
+        let Some(s) = self.sources.get(&src) else {
+            return Pick::Stop;
+        };
+        let n = self.have.len();
+        if n == 0 {
+            return Pick::Stop;
+        }
+        let origin_ok = now >= self.origin_after;
+        let stalled = now.saturating_duration_since(self.last_chunk) >= self.origin_grace;
+        // Rarest first; among the equally rare, one chosen uniformly at
+        // random. Uniformly, not "the first free one from some place": such
+        // walks put downloaders in step (the next free chunk after a run of
+        // taken ones is the same for all of them), so they ask a seeder for
+        // the same chunks and its uplink (the swarm's bottleneck) sends them
+        // twice. First a few uniform random probes: a probed chunk as rare as
+        // any can be (only this source has it; for the origin, no peer has
+        // it) is a uniform choice among those, found without a pass over
+        // every chunk. Otherwise a full pass samples the rarest (reservoir).
+        let floor = match src {
+            ChunkSource::Origin => 0,
+            ChunkSource::Peer(_) => 1,
+        };
+        // Rank: twice the holders. From a seed, a chunk no one else holds
+        // is ranked by whose share it is: this node's own first, then the
+        // others' (after every chunk as rare, before any chunk held twice).
+        let seed = src != ChunkSource::Origin && s.have.is_complete() && self.sharers.len() > 1;
+        let free = |this: &Self, i: u32| this.inflight[i as usize].is_empty() && !this.have.get(i);
+        // The holders of a free chunk `i`, if this source may be asked for it.
+        let eligible = |this: &Self, i: u32| -> Option<u32> {
+            let a = this.avail[i as usize];
+            // The origin only serves chunks no live peer holds, split among
+            // the downloaders that may use it (each byte leaves the origin once).
+            let ok = match src {
+                ChunkSource::Origin => {
+                    a == 0 && origin_ok && (stalled || this.origin_owner(i) == this.me)
+                }
+                ChunkSource::Peer(_) => s.have.get(i),
+            };
+            let others = seed && a <= 1 && !this.is_my_share(i);
+            ok.then_some(2 * a + u32::from(others))
+        };
+        for _ in 0..PICK_PROBES {
+            let i = (xorshift(&mut self.rng) % u64::from(n)) as u32;
+            if free(self, i) && eligible(self, i).is_some_and(|r| r <= 2 * floor) {
+                return self.take(i, src, now);
+            }
+        }
+        let mut best: Option<(u32, u32)> = None;
+        let mut ties = 0u64;
+        // A missing chunk no request is out for (from any source).
+        let unassigned = self.missing() > self.inflight_chunks;
+        // Only what this source holds and this node lacks, a byte of the
+        // maps at a time: most of a late download's chunks are skipped.
+        for i in s.have.present_not_in(&self.have) {
+            if !self.inflight[i as usize].is_empty() {
+                continue;
+            }
+            let Some(a) = eligible(self, i) else {
+                continue;
+            };
+            match best {
+                Some((_, b)) if a > b => {}
+                Some((_, b)) if a == b => {
+                    ties += 1;
+                    if xorshift(&mut self.rng).is_multiple_of(ties) {
+                        best = Some((i, a));
+                    }
+                }
+                _ => {
+                    best = Some((i, a));
+                    ties = 1;
+                }
+            }
+        }
+        if let Some((i, _)) = best {
+            return self.take(i, src, now);
+        }
+        if self.endgame && !unassigned && src != ChunkSource::Origin {
+            // Endgame: the oldest request that is late (in flight for twice
+            // the mean request time) gets a second source. Late only: every
+            // lane that falls idle near the end would otherwise duplicate a
+            // request on time, and on a shared link the copies slow the
+            // originals (and a seed's uplink sends chunks twice).
+            let late = Duration::from_secs_f64((2.0 * self.took_avg).max(ENDGAME_MIN_AGE));
+            let dup = (0..n)
+                .filter(|&i| {
+                    let by = &self.inflight[i as usize];
+                    by.len() == 1 && !by.contains(&src) && s.have.get(i)
+                })
+                .map(|i| (i, self.asked_at[i as usize]))
+                .filter(|(_, t)| now.duration_since(*t) >= late)
+                .min_by_key(|(_, t)| *t);
+            if let Some((i, _)) = dup {
+                self.inflight[i as usize].push(src);
+                return Pick::Chunk(i);
+            }
+        }
+        Pick::Wait
+    }
+
+    /// Puts chunk `i` in flight from `src` (its first request).
+    pub(super) fn take(&mut self, i: u32, src: ChunkSource, now: Instant) -> Pick {
+        if self.inflight[i as usize].is_empty() {
+            self.inflight_chunks += 1;
+        }
+        self.inflight[i as usize].push(src);
+        self.asked_at[i as usize] = now;
+        Pick::Chunk(i)
+    }
+
+    /// Removes `src`'s request of chunk `i`.
+    pub(super) fn release(&mut self, i: u32, src: ChunkSource) {
+        if let Some(by) = self.inflight.get_mut(i as usize)
+            && !by.is_empty()
+        {
+            by.retain(|s| *s != src);
+            if by.is_empty() {
+                self.inflight_chunks -= 1;
+            }
+        }
+    }
+
+    pub(super) fn complete(
+        &mut self,
+        src: ChunkSource,
+        i: u32,
+        outcome: FetchOutcome,
+        now: Instant,
+    ) {
+        self.release(i, src);
+        let (max_failures, base_pause, max_pause) = (self.max_failures, self.pause, self.max_pause);
+        let Some(s) = self.sources.get_mut(&src) else {
+            return;
+        };
+        match outcome {
+            FetchOutcome::Ok { len, took } => {
+                s.strikes = 0;
+                if matches!(src, ChunkSource::Peer(_)) {
+                    let t = took.as_secs_f64();
+                    self.took_avg = match self.took_avg {
+                        0.0 => t,
+                        avg => avg + (t - avg) / 16.0,
+                    };
+                }
+                s.stats.bytes += len;
+                s.stats.chunks += 1;
+                s.busy += took;
+                s.stats.rate = s.stats.bytes as f64 / s.busy.as_secs_f64().max(1e-6);
+                tracing::trace!(
+                    ?src,
+                    chunk = i,
+                    ms = took.as_millis() as u64,
+                    dup = self.have.get(i),
+                    "chunk verified"
+                );
+                if self.have.get(i) {
+                    self.progress.duplicate_chunks += 1;
+                    return;
+                }
+                self.have.set(i);
+                // The other requests of this chunk (endgame) are moot.
+                if let Some(by) = self.inflight.get_mut(i as usize)
+                    && !by.is_empty()
+                {
+                    by.clear();
+                    self.inflight_chunks -= 1;
+                }
+                self.fetched.push(i);
+                self.last_chunk = now;
+                self.progress.have_bytes += len;
+                self.progress.have_chunks += 1;
+                match src {
+                    ChunkSource::Origin => self.progress.bytes_from_origin += len,
+                    ChunkSource::Peer(_) => self.progress.bytes_from_peers += len,
+                }
+                if self.have.is_complete() {
+                    self.finished = true;
+                }
+            }
+            FetchOutcome::Bad => {
+                s.stats.bad += 1;
+                self.progress.bad_chunks += 1;
+                if let ChunkSource::Peer(p) = src
+                    && !s.stopped
+                {
+                    self.progress.banned.push(p.to_string());
+                }
+                self.stop_source(src);
+            }
+            FetchOutcome::Refused => {}
+            FetchOutcome::NotFound => {
+                if s.have.get(i) {
+                    s.have.clear(i);
+                    if src != ChunkSource::Origin {
+                        self.avail[i as usize] -= 1;
+                    }
+                }
+            }
+            FetchOutcome::Failed => {
+                s.stats.failures += 1;
+                s.strikes += 1;
+                if s.strikes > max_failures {
+                    s.strikes = 0;
+                    match src {
+                        // An origin that keeps failing (e.g. the file changed
+                        // under its ETag) will not heal: drop it.
+                        ChunkSource::Origin => {
+                            tracing::info!("dropping the origin after repeated failures");
+                            self.stop_source(src);
+                        }
+                        // A peer may be busy, or a connection to it closed:
+                        // pause it, then ask again, for longer each time.
+                        ChunkSource::Peer(peer) => {
+                            let shift = s.stats.pauses.min(16);
+                            let pause = base_pause.saturating_mul(1 << shift).min(max_pause);
+                            s.stats.pauses += 1;
+                            s.paused_until = Some(now + pause);
+                            tracing::info!(%peer, ?pause, "pausing source after repeated failures");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Which origin-capable downloader fetches chunk `i` from the origin.
+    pub(super) fn origin_owner(&self, i: u32) -> PeerId {
+        let k = self.origin_peers.len() as u64 + u64::from(!self.origin_peers.contains(&self.me));
+        let slot = (u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 17) % k.max(1);
+        std::iter::once(self.me)
+            .chain(self.origin_peers.iter().copied())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .nth(slot as usize)
+            .unwrap_or(self.me)
+    }
+
+    pub(super) fn snapshot(&mut self, now: Instant) -> Progress {
+        self.progress.peers = self
+            .sources
+            .iter()
+            .filter(|(k, s)| {
+                matches!(k, ChunkSource::Peer(_))
+                    && !s.stopped
+                    && s.running
+                    && s.paused_until.is_none_or(|t| now >= t)
+            })
+            .count();
+        self.progress.elapsed_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        self.progress.clone()
+    }
+}
+
+/// Shortest time a request is in flight before the endgame asks a second source.
+pub(super) const ENDGAME_MIN_AGE: f64 = 0.25;
+
+/// Random probes [`Sched::pick`] makes before a full pass over the chunks.
+pub(super) const PICK_PROBES: u32 = 32;
+
+/// xorshift64: cheap, and random enough to keep downloaders out of step.
+pub(super) fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    fn sched(n: u32) -> Sched {
+        Sched {
+            finished: false,
+            have: HaveMap::new(n),
+            inflight: vec![Vec::new(); n as usize],
+            inflight_chunks: 0,
+            asked_at: vec![Instant::now(); n as usize],
+            took_avg: 0.0,
+            avail: vec![0; n as usize],
+            sources: HashMap::new(),
+            fetched: Vec::new(),
+            progress: Progress::default(),
+            failed: None,
+            disk_full: None,
+            last_chunk: Instant::now(),
+            started: Instant::now(),
+            endgame: false,
+            max_failures: 8,
+            pause: Duration::from_secs(2),
+            max_pause: Duration::from_secs(30),
+            me: PeerId::random(),
+            origin_peers: Default::default(),
+            origin_after: Instant::now(),
+            origin_grace: Duration::from_secs(10),
+            rng: random_seed(),
+            sharers: Vec::new(),
+            my_share: 0,
+        }
+    }
+
+    fn have(n: u32, which: impl Iterator<Item = u32>) -> HaveMap {
+        let mut h = HaveMap::new(n);
+        for i in which {
+            h.set(i);
+        }
+        h
+    }
+
+    #[test]
+    fn a_single_source_gets_every_chunk_once() {
+        let n = 1000;
+        let mut s = sched(n);
+        let p = ChunkSource::Peer(PeerId::random());
+        assert!(s.add_source(p, HaveMap::full(n), Instant::now()));
+        let mut seen = HashSet::new();
+        for _ in 0..n {
+            match s.pick(p, Instant::now()) {
+                Pick::Chunk(i) => assert!(seen.insert(i), "chunk {i} picked twice"),
+                _ => panic!("a chunk was left"),
+            }
+        }
+        assert!(
+            matches!(s.pick(p, Instant::now()), Pick::Wait),
+            "nothing left to ask for"
+        );
+    }
+
+    #[test]
+    fn the_rarest_come_first_and_are_chosen_uniformly() {
+        // Chunks 0..100 are held by two peers, 100..200 by `a` alone.
+        let n = 200;
+        let (a, b) = (
+            ChunkSource::Peer(PeerId::random()),
+            ChunkSource::Peer(PeerId::random()),
+        );
+        let mut firsts = HashSet::new();
+        for _ in 0..300 {
+            let mut s = sched(n);
+            s.add_source(a, HaveMap::full(n), Instant::now());
+            s.add_source(b, have(n, 0..100), Instant::now());
+            for _ in 0..100 {
+                match s.pick(a, Instant::now()) {
+                    Pick::Chunk(i) => {
+                        assert!(i >= 100, "picked {i}, held by two, before a rare one")
+                    }
+                    _ => panic!("rare chunks were left"),
+                }
+            }
+            // Then the common ones.
+            assert!(matches!(s.pick(a, Instant::now()), Pick::Chunk(i) if i < 100));
+            let mut s = sched(n);
+            s.add_source(a, HaveMap::full(n), Instant::now());
+            if let Pick::Chunk(i) = s.pick(a, Instant::now()) {
+                firsts.insert(i);
+            }
+        }
+        // 300 fresh downloads do not start in step: their first picks spread
+        // over the file (uniform over 200 chunks gives ~155 distinct values).
+        assert!(firsts.len() > 100, "first picks: {} distinct", firsts.len());
+    }
+
+    #[test]
+    fn failing_peers_are_paused_then_asked_again_and_the_origin_dropped() {
+        let n = 8;
+        let mut s = sched(n);
+        let p = ChunkSource::Peer(PeerId::random());
+        s.add_source(p, HaveMap::full(n), Instant::now());
+        let fail = |s: &mut Sched, src: ChunkSource, times: u32| {
+            for _ in 0..times {
+                let Pick::Chunk(i) = s.pick(src, Instant::now()) else {
+                    panic!("{src:?} was not asked");
+                };
+                s.complete(src, i, FetchOutcome::Failed, Instant::now());
+            }
+        };
+        // Failures with a delivered chunk between them do not add up.
+        fail(&mut s, p, 8);
+        let Pick::Chunk(i) = s.pick(p, Instant::now()) else {
+            panic!("not asked")
+        };
+        s.complete(
+            p,
+            i,
+            FetchOutcome::Ok {
+                len: 1,
+                took: Duration::from_millis(1),
+            },
+            Instant::now(),
+        );
+        fail(&mut s, p, 8);
+        let Pick::Chunk(i) = s.pick(p, Instant::now()) else {
+            panic!("8 in a row: still asked")
+        };
+        // A ninth in a row: paused, not stopped, and not counted as a live peer.
+        s.complete(p, i, FetchOutcome::Failed, Instant::now());
+        assert_eq!(s.inflight_chunks, 0, "every request answered");
+        assert!(matches!(s.pick(p, Instant::now()), Pick::Wait), "paused");
+        assert!(!s.pick_would_stop(p));
+        assert_eq!(s.snapshot(Instant::now()).peers, 0);
+        assert_eq!(s.sources[&p].stats.pauses, 1);
+        let first = s.sources[&p].paused_until.map(|t| t - Instant::now());
+        assert!(first.is_some_and(|d| d <= Duration::from_secs(2)));
+        // After the pause it is asked again; the next pause is longer.
+        if let Some(st) = s.sources.get_mut(&p) {
+            st.paused_until = Some(Instant::now());
+        }
+        fail(&mut s, p, 9);
+        let second = s.sources[&p].paused_until.map(|t| t - Instant::now());
+        assert!(second.is_some_and(|d| d > Duration::from_secs(2) && d <= Duration::from_secs(4)));
+        assert_eq!(s.sources[&p].stats.failures, 8 + 8 + 1 + 9);
+        // The origin is dropped for good after as many.
+        let mut s = sched(n);
+        s.add_source(ChunkSource::Origin, HaveMap::full(n), Instant::now());
+        fail(&mut s, ChunkSource::Origin, 9);
+        assert!(matches!(
+            s.pick(ChunkSource::Origin, Instant::now()),
+            Pick::Stop
+        ));
+    }
+
+    #[test]
+    fn from_a_seed_this_nodes_share_comes_first_then_the_others() {
+        let n = 400;
+        let mut s = sched(n);
+        let seed = ChunkSource::Peer(PeerId::random());
+        s.add_source(seed, HaveMap::full(n), Instant::now());
+        // Three fellow downloaders with nothing yet, and one that holds 0..10.
+        for _ in 0..3 {
+            s.add_source(
+                ChunkSource::Peer(PeerId::random()),
+                HaveMap::new(n),
+                Instant::now(),
+            );
+        }
+        let holder = ChunkSource::Peer(PeerId::random());
+        s.add_source(holder, have(n, 0..10), Instant::now());
+        assert_eq!(s.sharers.len(), 5, "this node and four partial sources");
+        let mine: HashSet<u32> = (10..n).filter(|&i| s.is_my_share(i)).collect();
+        assert!(
+            (40..120).contains(&mine.len()),
+            "about a fifth of 390: {}",
+            mine.len()
+        );
+        let mut picks = Vec::new();
+        while let Pick::Chunk(i) = s.pick(seed, Instant::now()) {
+            picks.push(i);
+        }
+        assert_eq!(picks.len(), n as usize, "every chunk, once");
+        let (first, rest) = picks.split_at(mine.len());
+        assert!(first.iter().all(|i| mine.contains(i)), "own share first");
+        let (others, common) = rest.split_at(390 - mine.len());
+        assert!(
+            others.iter().all(|&i| i >= 10 && !mine.contains(&i)),
+            "then the others' share"
+        );
+        assert!(common.iter().all(|&i| i < 10), "then what a peer holds too");
+        // Another node, with the same downloaders, owns other chunks: the
+        // shares split the chunks (the same hash everywhere).
+        let mut t = sched(n);
+        t.me = s.sharers[(s.my_share + 1) % s.sharers.len()];
+        t.add_source(seed, HaveMap::full(n), Instant::now());
+        for p in s.sharers.clone() {
+            if p != t.me {
+                t.add_source(ChunkSource::Peer(p), HaveMap::new(n), Instant::now());
+            }
+        }
+        assert_eq!(t.sharers, s.sharers);
+        assert!((0..n).all(|i| !(s.is_my_share(i) && t.is_my_share(i))));
+    }
+
+    #[test]
+    fn the_endgame_duplicates_only_late_requests_oldest_first() {
+        let n = 4;
+        let mut s = sched(n);
+        s.endgame = true;
+        let (a, b) = (
+            ChunkSource::Peer(PeerId::random()),
+            ChunkSource::Peer(PeerId::random()),
+        );
+        s.add_source(a, HaveMap::full(n), Instant::now());
+        s.add_source(b, HaveMap::full(n), Instant::now());
+        for _ in 0..n {
+            assert!(matches!(s.pick(a, Instant::now()), Pick::Chunk(_)));
+        }
+        // Every chunk is in flight, none late yet: b waits.
+        assert!(
+            matches!(s.pick(b, Instant::now()), Pick::Wait),
+            "nothing late"
+        );
+        // Requests take 100 ms on average: late is twice that (at least 250 ms).
+        s.took_avg = 0.1;
+        let now = Instant::now();
+        s.asked_at[1] = now - Duration::from_millis(400);
+        s.asked_at[3] = now - Duration::from_millis(900);
+        s.asked_at[0] = now - Duration::from_millis(200);
+        assert!(
+            matches!(s.pick(b, Instant::now()), Pick::Chunk(3)),
+            "the oldest late one"
+        );
+        assert!(matches!(s.pick(b, Instant::now()), Pick::Chunk(1)));
+        assert!(
+            matches!(s.pick(b, Instant::now()), Pick::Wait),
+            "chunk 0 is not late"
+        );
+        // The first copy wins; the second is a duplicate.
+        let ok = || FetchOutcome::Ok {
+            len: 1,
+            took: Duration::from_millis(100),
+        };
+        s.complete(b, 3, ok(), Instant::now());
+        s.complete(a, 3, ok(), Instant::now());
+        assert_eq!(s.progress.duplicate_chunks, 1);
+        assert_eq!(s.inflight_chunks, 3);
+    }
+
+    #[test]
+    fn a_source_is_fast_only_after_delivering_at_the_rate() {
+        let mut s = sched(4);
+        let p = ChunkSource::Peer(PeerId::random());
+        s.add_source(p, HaveMap::full(4), Instant::now());
+        assert!(!s.is_fast(p, 1.0, Instant::now()), "no bytes yet");
+        if let Some(st) = s.sources.get_mut(&p) {
+            st.since = Instant::now() - Duration::from_secs(1);
+            st.stats.bytes = 50_000_000;
+        }
+        assert!(s.is_fast(p, 40e6, Instant::now()));
+        assert!(!s.is_fast(p, 60e6, Instant::now()));
+        assert!(
+            !s.is_fast(ChunkSource::Peer(PeerId::random()), 1.0, Instant::now()),
+            "unknown source"
+        );
+    }
+}

@@ -1,0 +1,422 @@
+//! Response formatting: ids and timestamps, OpenAI JSON bodies and SSE
+//! chunks ([`Fmt`]), cache headers, and the collection (JSON) or streaming
+//! (SSE) of a generation's events, live or replayed from the response cache.
+
+use super::count_response_cache_bytes;
+use super::error::OpenAiError;
+use super::prepare::{Prepared, unique};
+use super::schema::Kind;
+use crate::inference::StopReason;
+use crate::respcache::{self, CachedAnswer};
+use crate::serve::engine::{CancelOnDrop, JobEvent};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+pub(super) fn new_id(kind: Kind) -> String {
+    let h = blake3::hash(&unique().to_le_bytes());
+    let prefix = match kind {
+        Kind::Chat => "chatcmpl-",
+        Kind::Completion => "cmpl-",
+    };
+    format!("{prefix}{}", &h.to_hex()[..24])
+}
+
+pub(super) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(super) fn finish_reason(stop: StopReason) -> &'static str {
+    match stop {
+        StopReason::MaxTokens | StopReason::ContextFull => "length",
+        _ => "stop",
+    }
+}
+
+/// Builds response objects of one answer.
+#[derive(Debug, Clone)]
+pub(super) struct Fmt {
+    pub(super) kind: Kind,
+    pub(super) id: String,
+    pub(super) created: u64,
+    pub(super) model: String,
+}
+
+pub(super) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+impl Fmt {
+    pub(super) fn full(&self, text: &str, finish: &str, usage: Value) -> Value {
+        match self.kind {
+            Kind::Chat => json!({
+                "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "system_fingerprint": null,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": null,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
+                "usage": usage,
+            }),
+        }
+    }
+
+    pub(super) fn chunk(
+        &self,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<&str>,
+        with_usage_null: bool,
+    ) -> Value {
+        let mut v = match self.kind {
+            Kind::Chat => {
+                let mut delta = serde_json::Map::new();
+                if role {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(t) = text {
+                    delta.insert("content".into(), json!(t));
+                }
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model, "system_fingerprint": null,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                })
+            }
+            Kind::Completion => json!({
+                "id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model, "system_fingerprint": null,
+                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
+            }),
+        };
+        if with_usage_null && let Some(o) = v.as_object_mut() {
+            o.insert("usage".into(), Value::Null);
+        }
+        v
+    }
+
+    pub(super) fn usage_chunk(&self, usage: Value) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": self.model,
+               "system_fingerprint": null, "choices": [], "usage": usage})
+    }
+}
+
+/// Cache-related response headers.
+pub(super) struct CacheHeaders {
+    pub(super) etag: Option<String>,
+    pub(super) hit: bool,
+    pub(super) max_age: u64,
+}
+
+impl CacheHeaders {
+    pub(super) fn apply(&self, h: &mut HeaderMap) {
+        h.insert(
+            "x-shoal-cache",
+            HeaderValue::from_static(if self.hit { "hit" } else { "miss" }),
+        );
+        match &self.etag {
+            Some(e) => {
+                if let Ok(v) = HeaderValue::from_str(e) {
+                    h.insert(header::ETAG, v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={}", self.max_age)) {
+                    h.insert(header::CACHE_CONTROL, v);
+                }
+            }
+            None => {
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            }
+        }
+    }
+}
+
+pub(super) fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == etag)
+}
+
+pub(super) fn sse_event(v: &Value) -> Result<Event, Infallible> {
+    Ok(Event::default().data(v.to_string()))
+}
+
+/// What a finished generation produced.
+pub(super) struct Generated {
+    pub(super) pieces: Vec<String>,
+    pub(super) prompt_tokens: usize,
+    pub(super) cached_tokens: usize,
+    pub(super) completion_tokens: usize,
+    pub(super) finish: &'static str,
+}
+
+pub(super) fn full_body(fmt: &Fmt, o: &Generated) -> Vec<u8> {
+    let text: String = o.pieces.concat();
+    fmt.full(
+        &text,
+        o.finish,
+        usage(o.prompt_tokens, o.completion_tokens, o.cached_tokens),
+    )
+    .to_string()
+    .into_bytes()
+}
+
+pub(super) fn remember(
+    store: &Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+    fmt: &Fmt,
+    o: &Generated,
+    body: Vec<u8>,
+) {
+    if let Some((c, k)) = store {
+        c.insert(
+            *k,
+            CachedAnswer {
+                body,
+                pieces: o.pieces.clone(),
+                finish_reason: o.finish.to_owned(),
+                prompt_tokens: o.prompt_tokens,
+                completion_tokens: o.completion_tokens,
+                id: fmt.id.clone(),
+                created: fmt.created,
+            },
+        );
+        count_response_cache_bytes(c.used());
+    }
+}
+
+pub(super) async fn collect(
+    mut rx: mpsc::UnboundedReceiver<JobEvent>,
+    guard: CancelOnDrop,
+    fmt: Fmt,
+    store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+) -> Result<Response, OpenAiError> {
+    let mut o = Generated {
+        pieces: Vec::new(),
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        completion_tokens: 0,
+        finish: "stop",
+    };
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            JobEvent::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                o.prompt_tokens = prompt_tokens;
+                o.cached_tokens = cached_tokens;
+            }
+            JobEvent::Token(t) => {
+                if !t.is_empty() {
+                    o.pieces.push(t);
+                }
+            }
+            JobEvent::Done {
+                stop,
+                completion_tokens,
+                tail,
+                ..
+            } => {
+                drop(guard);
+                if !tail.is_empty() {
+                    o.pieces.push(tail);
+                }
+                o.completion_tokens = completion_tokens;
+                o.finish = finish_reason(stop);
+                if stop == StopReason::Cancelled {
+                    return Err(OpenAiError::server("generation was cancelled"));
+                }
+                let body = full_body(&fmt, &o);
+                remember(&store, &fmt, &o, body.clone());
+                let mut r = Response::new(Body::from(body));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                return Ok(r);
+            }
+            JobEvent::Failed(e) => {
+                return Err(OpenAiError::server(format!("generation failed: {e}")));
+            }
+        }
+    }
+    Err(OpenAiError::server("generation ended without a result"))
+}
+
+pub(super) fn sse_response<S>(stream: S) -> Response
+where
+    S: futures::Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+pub(super) fn replay_stream(ans: &CachedAnswer, kind: Kind, p: &Prepared) -> Response {
+    let fmt = Fmt {
+        kind,
+        id: ans.id.clone(),
+        created: ans.created,
+        model: p.model_name.clone(),
+    };
+    let iu = p.include_usage;
+    let mut evs = Vec::new();
+    if kind == Kind::Chat {
+        evs.push(fmt.chunk(Some(""), true, None, iu));
+    }
+    for piece in &ans.pieces {
+        evs.push(fmt.chunk(Some(piece), false, None, iu));
+    }
+    evs.push(fmt.chunk(
+        if kind == Kind::Chat { None } else { Some("") },
+        false,
+        Some(&ans.finish_reason),
+        iu,
+    ));
+    if iu {
+        evs.push(fmt.usage_chunk(usage(
+            ans.prompt_tokens,
+            ans.completion_tokens,
+            ans.prompt_tokens,
+        )));
+    }
+    let mut events: Vec<Result<Event, Infallible>> = evs.iter().map(sse_event).collect();
+    events.push(Ok(Event::default().data("[DONE]")));
+    sse_response(futures::stream::iter(events))
+}
+
+pub(super) struct LiveState {
+    pub(super) rx: mpsc::UnboundedReceiver<JobEvent>,
+    pub(super) _guard: CancelOnDrop,
+    pub(super) fmt: Fmt,
+    pub(super) include_usage: bool,
+    pub(super) out: VecDeque<Event>,
+    pub(super) done: bool,
+    pub(super) outcome: Generated,
+    pub(super) store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+}
+
+pub(super) fn live_stream(
+    rx: mpsc::UnboundedReceiver<JobEvent>,
+    guard: CancelOnDrop,
+    fmt: Fmt,
+    include_usage: bool,
+    store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+) -> Response {
+    let st = LiveState {
+        rx,
+        _guard: guard,
+        fmt,
+        include_usage,
+        out: VecDeque::new(),
+        done: false,
+        outcome: Generated {
+            pieces: Vec::new(),
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            finish: "stop",
+        },
+        store,
+    };
+    let s = futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(e) = st.out.pop_front() {
+                return Some((Ok::<_, Infallible>(e), st));
+            }
+            if st.done {
+                return None;
+            }
+            let iu = st.include_usage;
+            let ev = |v: Value| Event::default().data(v.to_string());
+            match st.rx.recv().await {
+                Some(JobEvent::Started {
+                    prompt_tokens,
+                    cached_tokens,
+                }) => {
+                    st.outcome.prompt_tokens = prompt_tokens;
+                    st.outcome.cached_tokens = cached_tokens;
+                    if st.fmt.kind == Kind::Chat {
+                        st.out.push_back(ev(st.fmt.chunk(Some(""), true, None, iu)));
+                    }
+                }
+                Some(JobEvent::Token(t)) => {
+                    if !t.is_empty() {
+                        st.out
+                            .push_back(ev(st.fmt.chunk(Some(&t), false, None, iu)));
+                        st.outcome.pieces.push(t);
+                    }
+                }
+                Some(JobEvent::Done {
+                    stop,
+                    completion_tokens,
+                    tail,
+                    ..
+                }) => {
+                    if !tail.is_empty() {
+                        st.out
+                            .push_back(ev(st.fmt.chunk(Some(&tail), false, None, iu)));
+                        st.outcome.pieces.push(tail);
+                    }
+                    st.outcome.completion_tokens = completion_tokens;
+                    st.outcome.finish = finish_reason(stop);
+                    let fin = st.outcome.finish;
+                    let text = if st.fmt.kind == Kind::Chat {
+                        None
+                    } else {
+                        Some("")
+                    };
+                    st.out
+                        .push_back(ev(st.fmt.chunk(text, false, Some(fin), iu)));
+                    if iu {
+                        let o = &st.outcome;
+                        st.out.push_back(ev(st.fmt.usage_chunk(usage(
+                            o.prompt_tokens,
+                            o.completion_tokens,
+                            o.cached_tokens,
+                        ))));
+                    }
+                    st.out.push_back(Event::default().data("[DONE]"));
+                    if stop != StopReason::Cancelled {
+                        let body = full_body(&st.fmt, &st.outcome);
+                        remember(&st.store, &st.fmt, &st.outcome, body);
+                    }
+                    st.done = true;
+                }
+                Some(JobEvent::Failed(e)) => {
+                    let err = OpenAiError::server(format!("generation failed: {e}"));
+                    st.out.push_back(ev(err.body()));
+                    st.out.push_back(Event::default().data("[DONE]"));
+                    st.done = true;
+                }
+                None => st.done = true,
+            }
+        }
+    });
+    sse_response(s.boxed())
+}

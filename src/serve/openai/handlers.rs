@@ -1,0 +1,207 @@
+//! The route handlers: models listing, and the two completion endpoints
+//! (`run`: resolve the model, prepare, answer from the response cache or
+//! queue a generation).
+
+use super::error::{OpenAiError, locate_error, unknown_model};
+use super::format::{
+    CacheHeaders, Fmt, collect, etag_matches, live_stream, new_id, now_secs, replay_stream,
+};
+use super::prepare::{parse_body, prepare, typed};
+use super::schema::{Kind, Params};
+use super::{count_request, count_response_cache_lookup, count_response_cache_ttft};
+use crate::respcache;
+use crate::serve::engine::{CancelOnDrop, Job};
+use crate::serve::{Served, Serving};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use tokio::sync::mpsc;
+
+pub(super) async fn chat(
+    State(s): State<Arc<Serving>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    counted(run(s, headers, body, Kind::Chat).await)
+}
+
+pub(super) async fn completions(
+    State(s): State<Arc<Serving>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    counted(run(s, headers, body, Kind::Completion).await)
+}
+
+pub(super) fn counted(r: Result<Response, OpenAiError>) -> Response {
+    let r = r.unwrap_or_else(IntoResponse::into_response);
+    count_request(r.status().as_u16());
+    r
+}
+
+pub(super) fn model_json(s: &Served) -> Value {
+    json!({"id": s.engine.name(), "object": "model", "created": 0, "owned_by": "shoal",
+           "shoal_model_id": s.id_hex,
+           "context_length": s.engine.model().hparams().context_length})
+}
+
+pub(super) async fn list_models(State(s): State<Arc<Serving>>) -> Response {
+    let data: Vec<Value> = s.models().iter().map(|m| model_json(m)).collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub(super) async fn get_model(State(s): State<Arc<Serving>>, Path(name): Path<String>) -> Response {
+    if let Err(e) = crate::serve::check_model_name(&name) {
+        return locate_error(&name, e).into_response();
+    }
+    match s.model(&name) {
+        Some(m) => axum::Json(model_json(&m)).into_response(),
+        None => unknown_model(&name).into_response(),
+    }
+}
+
+/// Longest a request may spend validating, rendering its chat template and
+/// tokenizing its prompt (on a blocking thread) before it fails.
+pub(super) const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(super) async fn run(
+    s: Arc<Serving>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    kind: Kind,
+) -> Result<Response, OpenAiError> {
+    // Parsing a large body, rendering the model's chat template (which comes
+    // with the model file, so may be anyone's) and tokenizing a long prompt
+    // are CPU work: they run on a blocking thread, never on the async
+    // runtime. The render is bounded (`TemplateLimits`); this timeout bounds
+    // the request even if one step of a hostile template is slow.
+    let v = tokio::task::spawn_blocking(move || parse_body(body))
+        .await
+        .map_err(|e| OpenAiError::server(format!("parsing the request failed: {e}")))??;
+    let v = Arc::new(v);
+    let Some(name) = v.get("model").and_then(Value::as_str) else {
+        // Missing or not a string: say so as the typed parse words it.
+        typed::<Params>(&v)?;
+        return Err(OpenAiError::invalid(
+            "model must be a string.",
+            Some("model"),
+            None,
+        ));
+    };
+    let served = s.resolve(name).await.map_err(|e| locate_error(name, e))?;
+    let p = {
+        let limit = PREPARE_TIMEOUT;
+        let v = v.clone();
+        let job = tokio::task::spawn_blocking(move || prepare(served, &v, kind));
+        match tokio::time::timeout(limit, job).await {
+            Ok(Ok(p)) => p?,
+            Ok(Err(e)) => {
+                return Err(OpenAiError::server(format!(
+                    "preparing the prompt failed: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(OpenAiError::server(format!(
+                    "template limit: rendering the chat template and tokenizing the prompt took longer than {limit:?}"
+                )));
+            }
+        }
+    };
+    let engine = p.served.engine.clone();
+    // Response cache.
+    let rc = s
+        .response_cache()
+        .filter(|_| respcache::is_deterministic(&v))
+        .cloned();
+    let key = match &rc {
+        Some(_) => respcache::key(&engine.model().id(), kind.endpoint(), &v).ok(),
+        None => None,
+    };
+    let max_age = rc.as_ref().map_or(0, |c| c.ttl().as_secs());
+    let etag = key.map(|k| format!("\"{}\"", hex::encode(k)));
+    let cached = match (&rc, &key) {
+        (Some(c), Some(k)) => {
+            let a = c.get(k);
+            count_response_cache_lookup(a.is_some());
+            a
+        }
+        _ => None,
+    };
+    if let (Some(ans), Some(tag)) = (cached, &etag) {
+        count_response_cache_ttft();
+        let ch = CacheHeaders {
+            etag: Some(tag.clone()),
+            hit: true,
+            max_age,
+        };
+        if etag_matches(&headers, tag) {
+            let mut r = StatusCode::NOT_MODIFIED.into_response();
+            ch.apply(r.headers_mut());
+            return Ok(r);
+        }
+        let mut r = if p.stream {
+            replay_stream(&ans, kind, &p)
+        } else {
+            let mut r = Response::new(Body::from(ans.body.clone()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        };
+        ch.apply(r.headers_mut());
+        return Ok(r);
+    }
+    let Some(permit) = engine.try_admit() else {
+        return Err(OpenAiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!(
+                "The queue of model `{}` is full; retry later.",
+                engine.name()
+            ),
+            ty: "rate_limit_error",
+            param: None,
+            code: Some("queue_full"),
+            retry_after: Some(engine.retry_after_secs()),
+        });
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let guard = CancelOnDrop(cancel.clone());
+    engine.submit(
+        permit,
+        Job {
+            prompt: p.prompt.clone(),
+            cfg: p.gen_cfg.clone(),
+            cancel,
+            events: tx,
+        },
+    );
+    let fmt = Fmt {
+        kind,
+        id: new_id(kind),
+        created: now_secs(),
+        model: p.model_name.clone(),
+    };
+    let ch = CacheHeaders {
+        etag: etag.clone(),
+        hit: false,
+        max_age,
+    };
+    let store = match (rc, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        _ => None,
+    };
+    let mut r = if p.stream {
+        live_stream(rx, guard, fmt, p.include_usage, store)
+    } else {
+        collect(rx, guard, fmt, store).await?
+    };
+    ch.apply(r.headers_mut());
+    Ok(r)
+}

@@ -1,0 +1,55 @@
+//! The OpenAI-compatible routes: `POST /v1/chat/completions`,
+//! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{model}`.
+//!
+//! Layout: [`schema`] (request types), [`prepare`] (request preparation),
+//! [`format`] (JSON and SSE responses), the handlers, and [`OpenAiError`].
+
+mod error;
+mod format;
+mod handlers;
+mod prepare;
+mod schema;
+
+pub use error::OpenAiError;
+
+use crate::serve::Serving;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use handlers::{chat, completions, get_model, list_models};
+use std::sync::Arc;
+
+/// The routes, with `serving` as their state, ready to merge into a node's router.
+pub fn router(serving: Arc<Serving>) -> Router {
+    let limit = serving.config().body_limit;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}", get(get_model))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(serving)
+}
+
+// ---- metrics: every process-global metrics call of the OpenAI routes, one
+// line each, so they move to a handed-in `Arc<Metrics>` in one place.
+
+/// Counts a finished request by HTTP status.
+fn count_request(status: u16) {
+    crate::metrics::global().request(status);
+}
+
+/// Counts a response-cache lookup.
+fn count_response_cache_lookup(hit: bool) {
+    crate::metrics::global().response_cache_lookup(hit);
+}
+
+/// Records the time to first token (zero) of an answer from the response cache.
+fn count_response_cache_ttft() {
+    crate::metrics::global().ttft(crate::metrics::CacheOutcome::Response, 0.0);
+}
+
+/// Records the bytes the response cache holds.
+fn count_response_cache_bytes(bytes: u64) {
+    crate::metrics::global().response_cache_bytes(bytes);
+}
