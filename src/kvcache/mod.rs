@@ -22,7 +22,7 @@
 //! used. See `docs/SERVING.md`.
 
 pub mod disk;
-pub mod mesh;
+pub mod remote;
 pub mod ram;
 pub mod tail;
 
@@ -265,7 +265,7 @@ pub struct PrefixCache {
     busy: Arc<std::sync::atomic::AtomicUsize>,
     stats: KvStats,
     foreign: Mutex<std::collections::HashSet<BlockKey>>,
-    mesh: std::sync::OnceLock<Arc<mesh::MeshTier>>,
+    remote: std::sync::OnceLock<Arc<remote::RemoteTier>>,
 }
 
 impl std::fmt::Debug for PrefixCache {
@@ -300,7 +300,7 @@ impl PrefixCache {
             busy,
             stats: KvStats::default(),
             foreign: Mutex::new(std::collections::HashSet::new()),
-            mesh: std::sync::OnceLock::new(),
+            remote: std::sync::OnceLock::new(),
         })
     }
 
@@ -366,14 +366,14 @@ impl PrefixCache {
         BusyGuard(self.busy.clone())
     }
 
-    /// Attaches the mesh tier (once).
-    pub fn set_mesh(&self, tier: Arc<mesh::MeshTier>) {
-        let _ = self.mesh.set(tier);
+    /// Attaches the remote tier (neighbours over the mesh; once).
+    pub fn set_remote(&self, tier: Arc<remote::RemoteTier>) {
+        let _ = self.remote.set(tier);
     }
 
-    /// The mesh tier, if attached.
-    pub fn mesh(&self) -> Option<&Arc<mesh::MeshTier>> {
-        self.mesh.get()
+    /// The remote tier, if attached.
+    pub fn remote(&self) -> Option<&Arc<remote::RemoteTier>> {
+        self.remote.get()
     }
 
     /// Stores a block fetched from a neighbour: RAM only, and never served

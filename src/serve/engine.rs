@@ -347,12 +347,12 @@ fn run_job(
                 "prefix cache"
             );
         }
-        if let Some(mesh) = pc.mesh()
+        if let Some(mesh) = pc.remote()
             && cached.is_multiple_of(ctx.block_tokens)
             && cached < usable * ctx.block_tokens
         {
             let from = cached / ctx.block_tokens;
-            let cost = crate::kvcache::mesh::FetchCost {
+            let cost = crate::kvcache::remote::FetchCost {
                 block_bytes: model
                     .kv_layout()
                     .export_len(ctx.block_tokens, pc.config().dtype)
@@ -509,11 +509,11 @@ fn take_from_mesh(
     model: &Model,
     pc: &PrefixCache,
     ctx: &KeyContext,
-    mesh: &crate::kvcache::mesh::MeshTier,
+    mesh: &crate::kvcache::remote::RemoteTier,
     cache: &KvCache,
     prompt: &[u32],
     from: usize,
-    run: &[crate::kvcache::mesh::Fetched],
+    run: &[crate::kvcache::remote::Fetched],
 ) -> (KvCache, usize) {
     let b = ctx.block_tokens;
     let model_id = model.id();
@@ -543,9 +543,9 @@ fn take_from_mesh(
         let mut re = trial.fork(start);
         let ok = match model.forward(&mut re, &prompt[start..start + b]) {
             Ok(_) => {
-                let err = crate::kvcache::mesh::kv_rel_error(&trial, &re, start..start + b);
+                let err = crate::kvcache::remote::kv_rel_error(&trial, &re, start..start + b);
                 tracing::debug!(%peer, err, "KV spot check");
-                err <= crate::kvcache::mesh::SPOT_CHECK_TOL
+                err <= crate::kvcache::remote::SPOT_CHECK_TOL
             }
             Err(_) => false,
         };
