@@ -22,8 +22,8 @@
 //! used. See `docs/SERVING.md`.
 
 pub mod disk;
-pub mod remote;
 pub mod ram;
+pub mod remote;
 pub mod tail;
 
 use crate::inference::{KV_STORAGE_TOKENS as BLOCK_TOKENS, KvCache, KvDtype, Model};
