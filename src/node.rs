@@ -289,6 +289,11 @@ impl Node {
             return Ok(s.clone());
         }
         let lie = cfg.test_lie_kv;
+        // The process-wide metrics for now (what /metrics renders).
+        let cfg = crate::serve::ServeConfig {
+            metrics: crate::metrics::global(),
+            ..cfg
+        };
         let s = crate::serve::Serving::new(cfg)?;
         if let Some(kv) = s.kv() {
             match crate::kvcache::remote::RemoteTier::start(self.mesh().clone(), kv.clone(), lie) {
