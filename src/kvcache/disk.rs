@@ -164,7 +164,7 @@ pub(crate) fn purge_model_files(
 }
 
 impl DiskTier {
-    /// Deletes this tier's blocks of `model` (see [`purge_model_files`]);
+    /// Deletes this tier's blocks of `model` (see `purge_model_files`);
     /// returns their keys.
     pub fn remove_model(
         &self,

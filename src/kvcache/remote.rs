@@ -39,7 +39,7 @@
 //!    producer must be the peer that sent it: a node serves only blocks it
 //!    computed itself (blocks it fetched are kept in RAM only and never
 //!    re-served), so a liar cannot pass off or launder anyone else's KV.
-//! 3. Spot checks: the engine recomputes the first block it takes from a
+//! 3. Spot checks: [`PrefixCache::restore`] recomputes the first block it takes from a
 //!    peer it has not checked yet, and afterwards one block of a fetched run
 //!    with probability [`SPOT_CHECK_P`]; keys and values must match within a
 //!    relative L2 error of [`SPOT_CHECK_TOL`]. A mismatch bans the peer on the
