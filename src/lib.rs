@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod import;
 pub mod inference;
 pub mod kvcache;
+pub mod lru;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

@@ -291,10 +291,15 @@ impl Node {
             return Ok(s.clone());
         }
         let lie = cfg.test_lie_kv;
+        // The process-wide metrics for now (what /metrics renders).
+        let cfg = crate::serve::ServeConfig {
+            metrics: crate::metrics::global(),
+            ..cfg
+        };
         let s = crate::serve::Serving::new(cfg)?;
         if let Some(kv) = s.kv() {
-            match crate::kvcache::mesh::MeshTier::start(self.mesh().clone(), kv.clone(), lie) {
-                Ok(t) => kv.set_mesh(t),
+            match crate::kvcache::remote::RemoteTier::start(self.mesh().clone(), kv.clone(), lie) {
+                Ok(t) => kv.set_remote(t),
                 Err(e) => tracing::warn!(error = %e, "KV mesh tier not started"),
             }
         }

@@ -6,11 +6,12 @@
 //! canonical JSON has object keys sorted and no whitespace. Because the
 //! model id is in the key, replacing the model behind a name makes old
 //! entries unreachable (they age out by TTL and budget). Entries are bounded
-//! by a TTL and a byte budget (LRU). The key's hex is the HTTP `ETag`.
+//! by a TTL and a byte budget (LRU, [`crate::lru::Lru`]). The key's hex is the HTTP `ETag`.
 
+use crate::lru::Lru;
 use parking_lot::Mutex;
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,23 +121,14 @@ impl CachedAnswer {
 
 struct Entry {
     answer: Arc<CachedAnswer>,
-    size: u64,
     stored: Instant,
-    tick: u64,
-}
-
-struct Inner {
-    used: u64,
-    tick: u64,
-    map: HashMap<[u8; 32], Entry>,
-    lru: BTreeMap<u64, [u8; 32]>,
 }
 
 /// The cache. The sum of entry sizes never exceeds the budget.
 pub struct ResponseCache {
     budget: u64,
     ttl: Duration,
-    inner: Mutex<Inner>,
+    inner: Mutex<Lru<[u8; 32], Entry>>,
 }
 
 impl std::fmt::Debug for ResponseCache {
@@ -154,12 +146,7 @@ impl ResponseCache {
         ResponseCache {
             budget,
             ttl,
-            inner: Mutex::new(Inner {
-                used: 0,
-                tick: 0,
-                map: HashMap::new(),
-                lru: BTreeMap::new(),
-            }),
+            inner: Mutex::new(Lru::new(budget)),
         }
     }
 
@@ -170,7 +157,7 @@ impl ResponseCache {
 
     /// Bytes held.
     pub fn used(&self) -> u64 {
-        self.inner.lock().used
+        self.inner.lock().used()
     }
 
     /// The byte budget.
@@ -180,7 +167,7 @@ impl ResponseCache {
 
     /// Entries held.
     pub fn len(&self) -> usize {
-        self.inner.lock().map.len()
+        self.inner.lock().len()
     }
 
     /// True when empty.
@@ -190,56 +177,23 @@ impl ResponseCache {
 
     /// The answer under `key`, if present and fresh.
     pub fn get(&self, key: &[u8; 32]) -> Option<Arc<CachedAnswer>> {
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
-        let e = inner.map.get_mut(key)?;
-        if e.stored.elapsed() > self.ttl {
-            let (size, tick) = (e.size, e.tick);
-            inner.map.remove(key);
-            inner.lru.remove(&tick);
-            inner.used -= size;
+        let mut lru = self.inner.lock();
+        if lru.peek(key)?.stored.elapsed() > self.ttl {
+            lru.remove(key);
             return None;
         }
-        inner.tick += 1;
-        inner.lru.remove(&e.tick);
-        e.tick = inner.tick;
-        inner.lru.insert(inner.tick, *key);
-        Some(e.answer.clone())
+        lru.get(key).map(|e| e.answer.clone())
     }
 
     /// Stores an answer, evicting least recently used entries to fit.
     /// Answers larger than the budget are not stored.
     pub fn insert(&self, key: [u8; 32], answer: CachedAnswer) {
         let size = answer.size();
-        let mut g = self.inner.lock();
-        let inner = &mut *g;
-        if let Some(old) = inner.map.remove(&key) {
-            inner.lru.remove(&old.tick);
-            inner.used -= old.size;
-        }
-        if size > self.budget {
-            return;
-        }
-        while inner.used + size > self.budget {
-            let Some((_, k)) = inner.lru.pop_first() else {
-                break;
-            };
-            if let Some(e) = inner.map.remove(&k) {
-                inner.used -= e.size;
-            }
-        }
-        inner.tick += 1;
-        inner.lru.insert(inner.tick, key);
-        inner.map.insert(
-            key,
-            Entry {
-                answer: Arc::new(answer),
-                size,
-                stored: Instant::now(),
-                tick: inner.tick,
-            },
-        );
-        inner.used += size;
+        let entry = Entry {
+            answer: Arc::new(answer),
+            stored: Instant::now(),
+        };
+        let _ = self.inner.lock().insert(key, entry, size);
     }
 }
 

@@ -140,7 +140,7 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
     assert!(!kv_c.ram().lock().contains(&keys[0]) || !kv_c.is_foreign(&keys[0]));
     let liar = l.mesh().peer_id();
     eventually("the liar is banned and disconnected", || {
-        let m = kv_c.mesh().expect("mesh tier");
+        let m = kv_c.remote().expect("mesh tier");
         m.banned.lock().contains(&liar)
     })
     .await;

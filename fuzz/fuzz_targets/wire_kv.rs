@@ -1,8 +1,8 @@
-//! Fuzzes the KV mesh wire decoders (`kvcache::mesh::wire`): they must never
+//! Fuzzes the KV mesh wire decoders (`kvcache::remote::wire`): they must never
 //! panic, and whatever they accept must survive an encode/decode round trip.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use shoal::kvcache::mesh::wire;
+use shoal::kvcache::remote::wire;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(r) = wire::decode_request(data) {

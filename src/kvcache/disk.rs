@@ -1,5 +1,5 @@
 //! The disk tier: one file per block under `<data-dir>/kv/`, a byte budget
-//! with LRU eviction, survives restarts.
+//! with LRU eviction (an in-memory [`crate::lru::Lru`] index), survives restarts.
 //!
 //! # File format (version 1, little-endian), `<dir>/<hex key>.kvb`
 //!
@@ -19,8 +19,9 @@
 use super::tail::Owner;
 use super::{BlockKey, KvCacheError};
 use crate::inference::KvCache;
+use crate::lru::Lru;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,18 +35,12 @@ pub const VERSION: u32 = 1;
 const HEADER: usize = 52;
 const EXT: &str = "kvb";
 
-struct Index {
-    used: u64,
-    tick: u64,
-    map: HashMap<BlockKey, (u64, u64)>,
-    lru: BTreeMap<u64, BlockKey>,
-}
-
 /// Blocks on disk. The sum of the indexed files' sizes never exceeds the budget.
 pub struct DiskTier {
     dir: PathBuf,
     budget: u64,
-    index: Mutex<Index>,
+    /// The indexed block files: key -> file size, in recency order.
+    index: Mutex<Lru<BlockKey, ()>>,
 }
 
 impl std::fmt::Debug for DiskTier {
@@ -169,7 +164,7 @@ pub(crate) fn purge_model_files(
 }
 
 impl DiskTier {
-    /// Deletes this tier's blocks of `model` (see [`purge_model_files`]);
+    /// Deletes this tier's blocks of `model` (see `purge_model_files`);
     /// returns their keys.
     pub fn remove_model(
         &self,
@@ -206,26 +201,21 @@ impl DiskTier {
             }
         }
         found.sort();
-        let mut idx = Index {
-            used: 0,
-            tick: 0,
-            map: HashMap::new(),
-            lru: BTreeMap::new(),
-        };
-        for (_, k, len) in found {
-            idx.tick += 1;
-            idx.map.insert(k, (len, idx.tick));
-            idx.lru.insert(idx.tick, k);
-            idx.used += len;
-        }
         let t = DiskTier {
             dir: dir.to_path_buf(),
             budget,
-            index: Mutex::new(idx),
+            index: Mutex::new(Lru::new(budget)),
         };
         {
+            // Oldest first, evicting the oldest to stay within the budget
+            // (the same files go as indexing all, then evicting).
             let mut idx = t.index.lock();
-            t.evict_to(&mut idx, budget);
+            for (_, k, len) in found {
+                match idx.insert(k, (), len) {
+                    Ok(gone) => t.delete_files(gone),
+                    Err(()) => t.delete_files([(k, ())]),
+                }
+            }
         }
         tracing::debug!(dir = %dir.display(), blocks = t.len(), used = t.used(), "KV disk tier opened");
         Ok(t)
@@ -243,7 +233,7 @@ impl DiskTier {
 
     /// Bytes held.
     pub fn used(&self) -> u64 {
-        self.index.lock().used
+        self.index.lock().used()
     }
 
     /// The byte budget.
@@ -253,7 +243,7 @@ impl DiskTier {
 
     /// Blocks held.
     pub fn len(&self) -> usize {
-        self.index.lock().map.len()
+        self.index.lock().len()
     }
 
     /// True when empty.
@@ -263,22 +253,14 @@ impl DiskTier {
 
     /// True if the block is indexed.
     pub fn contains(&self, key: &BlockKey) -> bool {
-        self.index.lock().map.contains_key(key)
+        self.index.lock().contains(key)
     }
 
     /// Reads and checks a block. A block failing a check is deleted and
     /// returned as [`KvCacheError::Corrupt`].
     pub fn get(&self, key: &BlockKey) -> Result<Option<Vec<u8>>, KvCacheError> {
-        {
-            let mut idx = self.index.lock();
-            let Some(&(len, old)) = idx.map.get(key) else {
-                return Ok(None);
-            };
-            idx.tick += 1;
-            let t = idx.tick;
-            idx.lru.remove(&old);
-            idx.lru.insert(t, *key);
-            idx.map.insert(*key, (len, t));
+        if self.index.lock().get(key).is_none() {
+            return Ok(None);
         }
         let bytes = match std::fs::read(self.path_of(key)) {
             Ok(b) => b,
@@ -306,14 +288,11 @@ impl DiskTier {
             return Ok(());
         }
         {
-            let mut idx = self.index.lock();
-            self.evict_to(&mut idx, self.budget - size);
             // Reserve the space before writing so concurrent puts stay in budget.
-            idx.tick += 1;
-            let t = idx.tick;
-            idx.map.insert(*key, (size, t));
-            idx.lru.insert(t, *key);
-            idx.used += size;
+            let mut idx = self.index.lock();
+            if let Ok(gone) = idx.insert(*key, (), size) {
+                self.delete_files(gone);
+            }
         }
         let path = self.path_of(key);
         let tmp = self.dir.join(format!("{}.tmp", key.to_hex()));
@@ -338,22 +317,14 @@ impl DiskTier {
     }
 
     fn forget(&self, key: &BlockKey) {
-        let mut idx = self.index.lock();
-        if let Some((len, t)) = idx.map.remove(key) {
-            idx.lru.remove(&t);
-            idx.used -= len;
-        }
+        self.index.lock().remove(key);
     }
 
-    fn evict_to(&self, idx: &mut Index, target: u64) {
-        while idx.used > target {
-            let Some((_, k)) = idx.lru.pop_first() else {
-                break;
-            };
-            if let Some((len, _)) = idx.map.remove(&k) {
-                idx.used -= len;
-                let _ = std::fs::remove_file(self.path_of(&k));
-            }
+    /// Deletes the files of blocks dropped from the index (called with the
+    /// index locked, so a concurrent put of the same key waits for it).
+    fn delete_files(&self, gone: impl IntoIterator<Item = (BlockKey, ())>) {
+        for (k, ()) in gone {
+            let _ = std::fs::remove_file(self.path_of(&k));
         }
     }
 }

@@ -22,19 +22,24 @@
 //! used. See `docs/SERVING.md`.
 
 pub mod disk;
-pub mod mesh;
 pub mod ram;
+pub mod remote;
+mod restore;
 pub mod tail;
 
 use crate::inference::{KV_STORAGE_TOKENS as BLOCK_TOKENS, KvCache, KvDtype, Model};
+use crate::metrics::Metrics;
 use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// Where a block was found: the one tier type, shared with [`crate::metrics`].
+pub use crate::metrics::Tier;
 pub use disk::DiskTier;
 pub use ram::RamTier;
+pub use restore::{KvSession, Restored, Sequence, Sources};
 
 /// Domain separator of block keys (and their version).
 pub const KEY_DOMAIN: &[u8] = b"shoal-kv-v1";
@@ -204,15 +209,6 @@ impl Default for KvCacheConfig {
     }
 }
 
-/// Where a block was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    /// The RAM tier.
-    Ram,
-    /// The disk tier.
-    Disk,
-}
-
 /// Counters of a [`PrefixCache`].
 #[derive(Debug, Default)]
 pub struct KvStats {
@@ -265,7 +261,8 @@ pub struct PrefixCache {
     busy: Arc<std::sync::atomic::AtomicUsize>,
     stats: KvStats,
     foreign: Mutex<std::collections::HashSet<BlockKey>>,
-    mesh: std::sync::OnceLock<Arc<mesh::MeshTier>>,
+    remote: std::sync::OnceLock<Arc<remote::RemoteTier>>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for PrefixCache {
@@ -277,8 +274,9 @@ impl std::fmt::Debug for PrefixCache {
 }
 
 impl PrefixCache {
-    /// Opens the tiers (the disk tier indexes `disk_dir`, creating it).
-    pub fn open(cfg: KvCacheConfig) -> Result<PrefixCache, KvCacheError> {
+    /// Opens the tiers (the disk tier indexes `disk_dir`, creating it);
+    /// lookups and tier sizes are reported to `metrics`.
+    pub fn open(cfg: KvCacheConfig, metrics: Arc<Metrics>) -> Result<PrefixCache, KvCacheError> {
         if cfg.block_tokens == 0 || cfg.block_tokens > 4096 {
             return Err(KvCacheError::Config(
                 "block_tokens must be between 1 and 4096".into(),
@@ -300,7 +298,8 @@ impl PrefixCache {
             busy,
             stats: KvStats::default(),
             foreign: Mutex::new(std::collections::HashSet::new()),
-            mesh: std::sync::OnceLock::new(),
+            remote: std::sync::OnceLock::new(),
+            metrics,
         })
     }
 
@@ -366,14 +365,14 @@ impl PrefixCache {
         BusyGuard(self.busy.clone())
     }
 
-    /// Attaches the mesh tier (once).
-    pub fn set_mesh(&self, tier: Arc<mesh::MeshTier>) {
-        let _ = self.mesh.set(tier);
+    /// Attaches the remote tier (neighbours over the mesh; once).
+    pub fn set_remote(&self, tier: Arc<remote::RemoteTier>) {
+        let _ = self.remote.set(tier);
     }
 
-    /// The mesh tier, if attached.
-    pub fn mesh(&self) -> Option<&Arc<mesh::MeshTier>> {
-        self.mesh.get()
+    /// The remote tier, if attached.
+    pub fn remote(&self) -> Option<&Arc<remote::RemoteTier>> {
+        self.remote.get()
     }
 
     /// Stores a block fetched from a neighbour: RAM only, and never served
@@ -480,7 +479,7 @@ impl PrefixCache {
             tracing::warn!(cache = ?cache.dtype(), blocks = ?self.cfg.dtype, "KV cache of another dtype; prefix cache not used");
             return hit;
         }
-        let m = crate::metrics::global();
+        let m = &self.metrics;
         // Decoded storage blocks first: shared into the cache, no copy.
         if self.decoded_usable() {
             let mut j = 0;
@@ -500,15 +499,15 @@ impl PrefixCache {
             self.stats
                 .ram_hits
                 .fetch_add(hit.blocks as u64, Ordering::Relaxed);
-            m.kv_lookup(crate::metrics::Tier::Ram, true, hit.blocks as u64);
+            m.kv_lookup(Tier::Ram, true, hit.blocks as u64);
         }
         let first_decoded = cache.len() / BLOCK_TOKENS;
         for key in &keys[hit.blocks..] {
             let Some((blob, tier)) = self.get(key) else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                m.kv_lookup(crate::metrics::Tier::Ram, false, 1);
+                m.kv_lookup(Tier::Ram, false, 1);
                 if self.disk.is_some() {
-                    m.kv_lookup(crate::metrics::Tier::Disk, false, 1);
+                    m.kv_lookup(Tier::Disk, false, 1);
                 }
                 break;
             };
@@ -526,13 +525,13 @@ impl PrefixCache {
                 Tier::Ram => {
                     hit.from_ram += 1;
                     self.stats.ram_hits.fetch_add(1, Ordering::Relaxed);
-                    m.kv_lookup(crate::metrics::Tier::Ram, true, 1);
+                    m.kv_lookup(Tier::Ram, true, 1);
                 }
                 Tier::Disk => {
                     hit.from_disk += 1;
                     self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
-                    m.kv_lookup(crate::metrics::Tier::Ram, false, 1);
-                    m.kv_lookup(crate::metrics::Tier::Disk, true, 1);
+                    m.kv_lookup(Tier::Ram, false, 1);
+                    m.kv_lookup(Tier::Disk, true, 1);
                 }
             }
         }
@@ -705,16 +704,16 @@ impl PrefixCache {
         }
     }
 
-    /// Publishes the tiers' sizes to the metrics registry.
+    /// Publishes the tiers' sizes to this cache's metrics.
     pub fn report_usage(&self) {
-        let m = crate::metrics::global();
+        let m = &self.metrics;
         let (n, used) = {
             let r = self.ram.lock();
             (r.len() as u64, r.used())
         };
-        m.kv_usage(crate::metrics::Tier::Ram, n, used);
+        m.kv_usage(Tier::Ram, n, used);
         if let Some(d) = &self.disk {
-            m.kv_usage(crate::metrics::Tier::Disk, d.len() as u64, d.used());
+            m.kv_usage(Tier::Disk, d.len() as u64, d.used());
         }
     }
 
@@ -849,7 +848,7 @@ mod tests {
             ..ctx()
         };
         let keys = cx.keys(&(0..70).collect::<Vec<u32>>());
-        let pc = PrefixCache::open(KvCacheConfig::default()).expect("open");
+        let pc = PrefixCache::open(KvCacheConfig::default(), Arc::default()).expect("open");
         pc.store_blocks(&c, &keys, 0, &id);
         // 4 blobs and 2 decoded storage blocks (64 positions).
         assert_eq!(pc.ram().lock().len(), 4 + 2);
@@ -864,7 +863,7 @@ mod tests {
             assert_eq!(a.get(1, 1, 0, p), b.get(1, 1, 0, p), "position {p}");
         }
         // Nothing decoded from the first foreign block on.
-        let pc = PrefixCache::open(KvCacheConfig::default()).expect("open");
+        let pc = PrefixCache::open(KvCacheConfig::default(), Arc::default()).expect("open");
         pc.put_foreign(keys[2], Arc::new(Vec::new()));
         pc.store_blocks(&c, &keys, 0, &id);
         let decoded = (0..2)
@@ -888,11 +887,14 @@ mod tests {
             n_kv_head: 1,
             head_dim: 32,
         };
-        let pc = PrefixCache::open(KvCacheConfig {
-            block_tokens: 16,
-            disk_dir: Some(dir.to_path_buf()),
-            ..KvCacheConfig::default()
-        })
+        let pc = PrefixCache::open(
+            KvCacheConfig {
+                block_tokens: 16,
+                disk_dir: Some(dir.to_path_buf()),
+                ..KvCacheConfig::default()
+            },
+            Arc::default(),
+        )
         .expect("open");
         let cxs = [[0xaa; 32], [0xbb; 32]].map(|m| KeyContext {
             model_id: m,
@@ -976,11 +978,14 @@ mod tests {
         assert_eq!(pc.drop_model(&a.model_id), 0, "nothing left to drop");
         drop(pc);
         // After a restart the disk tier still has nothing of a, all of b.
-        let pc = PrefixCache::open(KvCacheConfig {
-            block_tokens: 16,
-            disk_dir: Some(d.path().to_path_buf()),
-            ..KvCacheConfig::default()
-        })
+        let pc = PrefixCache::open(
+            KvCacheConfig {
+                block_tokens: 16,
+                disk_dir: Some(d.path().to_path_buf()),
+                ..KvCacheConfig::default()
+            },
+            Arc::default(),
+        )
         .expect("reopen");
         let mut c = KvCache::new(l);
         assert_eq!(pc.load_prefix(&keys[0], &a.model_id, &mut c).blocks, 0);

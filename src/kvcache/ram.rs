@@ -1,10 +1,10 @@
-//! The RAM tier: a size-aware LRU with a byte budget and a TTL. It holds
+//! The RAM tier: a byte-budget LRU ([`crate::lru::Lru`]) with a TTL. It holds
 //! KV blobs and decoded storage blocks (ready to share into a cache with
 //! no copy), both counted against the one budget.
 
 use super::BlockKey;
 use crate::inference::SharedBlock;
-use std::collections::{BTreeMap, HashMap};
+use crate::lru::Lru;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,27 +39,22 @@ pub enum RamEntry<'a> {
 struct Entry {
     val: Val,
     stored: Instant,
-    tick: u64,
 }
 
 /// Blocks in memory. The sum of the stored blobs' lengths never exceeds the
 /// budget: inserting evicts least recently used blocks first, and a block
 /// larger than the whole budget is not stored.
 pub struct RamTier {
-    budget: u64,
     ttl: Duration,
-    used: u64,
-    tick: u64,
-    map: HashMap<BlockKey, Entry>,
-    lru: BTreeMap<u64, BlockKey>,
+    lru: Lru<BlockKey, Entry>,
 }
 
 impl std::fmt::Debug for RamTier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RamTier")
-            .field("budget", &self.budget)
-            .field("used", &self.used)
-            .field("blocks", &self.map.len())
+            .field("budget", &self.lru.budget())
+            .field("used", &self.lru.used())
+            .field("blocks", &self.lru.len())
             .finish()
     }
 }
@@ -68,39 +63,35 @@ impl RamTier {
     /// An empty tier.
     pub fn new(budget: u64, ttl: Duration) -> RamTier {
         RamTier {
-            budget,
             ttl,
-            used: 0,
-            tick: 0,
-            map: HashMap::new(),
-            lru: BTreeMap::new(),
+            lru: Lru::new(budget),
         }
     }
 
     /// Bytes held.
     pub fn used(&self) -> u64 {
-        self.used
+        self.lru.used()
     }
 
     /// The byte budget.
     pub fn budget(&self) -> u64 {
-        self.budget
+        self.lru.budget()
     }
 
     /// Blocks held.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.lru.len()
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.lru.is_empty()
     }
 
     /// True if the block is held and not expired.
     pub fn contains(&self, key: &BlockKey) -> bool {
-        self.map
-            .get(key)
+        self.lru
+            .peek(key)
             .is_some_and(|e| e.stored.elapsed() <= self.ttl)
     }
 
@@ -121,18 +112,12 @@ impl RamTier {
     }
 
     fn get_val(&mut self, key: &BlockKey) -> Option<Val> {
-        let expired = self.map.get(key)?.stored.elapsed() > self.ttl;
+        let expired = self.lru.peek(key)?.stored.elapsed() > self.ttl;
         if expired {
             self.remove(key);
             return None;
         }
-        self.tick += 1;
-        let tick = self.tick;
-        let e = self.map.get_mut(key)?;
-        self.lru.remove(&e.tick);
-        e.tick = tick;
-        self.lru.insert(tick, *key);
-        Some(e.val.clone())
+        self.lru.get(key).map(|e| e.val.clone())
     }
 
     /// Stores a block, evicting expired then least recently used blocks
@@ -152,10 +137,8 @@ impl RamTier {
         &mut self,
         mut f: impl FnMut(&BlockKey, RamEntry<'_>) -> bool,
     ) -> Vec<BlockKey> {
-        let dead: Vec<BlockKey> = self
-            .map
-            .iter()
-            .filter(|(k, e)| {
+        self.lru
+            .remove_if(|k, e| {
                 f(
                     k,
                     match &e.val {
@@ -164,62 +147,33 @@ impl RamTier {
                     },
                 )
             })
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &dead {
-            self.remove(k);
-        }
-        dead
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
     }
 
     fn insert_val(&mut self, key: BlockKey, val: Val) -> bool {
         let size = val.size();
         self.remove(&key);
-        if size > self.budget {
+        if size > self.lru.budget() {
             return false;
         }
         self.expire();
-        while self.used + size > self.budget {
-            let Some((_, old)) = self.lru.pop_first() else {
-                break;
-            };
-            if let Some(e) = self.map.remove(&old) {
-                self.used -= e.val.size();
-            }
-        }
-        self.tick += 1;
-        self.lru.insert(self.tick, key);
-        self.map.insert(
-            key,
-            Entry {
-                val,
-                stored: Instant::now(),
-                tick: self.tick,
-            },
-        );
-        self.used += size;
-        true
+        let entry = Entry {
+            val,
+            stored: Instant::now(),
+        };
+        self.lru.insert(key, entry, size).is_ok()
     }
 
     /// Drops a block.
     pub fn remove(&mut self, key: &BlockKey) {
-        if let Some(e) = self.map.remove(key) {
-            self.lru.remove(&e.tick);
-            self.used -= e.val.size();
-        }
+        self.lru.remove(key);
     }
 
     fn expire(&mut self) {
         let ttl = self.ttl;
-        let dead: Vec<BlockKey> = self
-            .map
-            .iter()
-            .filter(|(_, e)| e.stored.elapsed() > ttl)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in dead {
-            self.remove(&k);
-        }
+        self.lru.remove_if(|_, e| e.stored.elapsed() > ttl);
     }
 }
 
@@ -266,9 +220,8 @@ mod tests {
             for (key, size, get) in ops {
                 if get { r.get(&k(key)); } else { r.insert(k(key), Arc::new(vec![0; size])); }
                 proptest::prop_assert!(r.used() <= 128);
-                let sum: u64 = r.map.values().map(|e| e.val.size()).sum();
+                let sum: u64 = r.lru.iter().map(|(_, e, _)| e.val.size()).sum();
                 proptest::prop_assert_eq!(sum, r.used());
-                proptest::prop_assert_eq!(r.map.len(), r.lru.len());
             }
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! Full blocks leave up to `block_tokens − 1` tokens at the end of a shared
 //! prefix that block keys cannot name; recomputing them dominated a
-//! follow-up's time to first token. After a request, the engine stores the
+//! follow-up's time to first token. After a request, [`super::PrefixCache::save`] stores the
 //! positions after the last full block (`< block_tokens` of them) as a tail
 //! record under
 //!
@@ -24,7 +24,7 @@
 //!
 //! A record either holds the KV of its tokens itself (the partial last
 //! block of a sequence) or refers to a full block whose first tokens they
-//! are: after every full block a request computed, the engine stores a
+//! are: after every full block a request computed, [`super::PrefixCache::save`] stores a
 //! small reference record (the next block's tokens and key), so a later
 //! prompt that diverges anywhere inside that next block still reuses the
 //! tokens it shares with it, from the full block's KV.

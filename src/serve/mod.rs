@@ -144,6 +144,9 @@ pub struct ServeConfig {
     /// Test hook: serve wrong (but validly signed) KV to neighbours.
     #[doc(hidden)]
     pub test_lie_kv: bool,
+    /// Where the engines and the prefix cache report (not a setting: the
+    /// node hands in its own; by default a fresh, detached set).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Default for ServeConfig {
@@ -161,6 +164,7 @@ impl Default for ServeConfig {
             max_loaded: DEFAULT_MAX_LOADED,
             memory_budget: default_memory_budget(),
             test_lie_kv: false,
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 }
@@ -356,7 +360,7 @@ impl Serving {
     /// Opens the caches; add models with [`Serving::add_model`].
     pub fn new(cfg: ServeConfig) -> Result<Arc<Serving>, ServeError> {
         let kv = match &cfg.kv {
-            Some(k) => Some(Arc::new(PrefixCache::open(k.clone())?)),
+            Some(k) => Some(Arc::new(PrefixCache::open(k.clone(), cfg.metrics.clone())?)),
             None => None,
         };
         let respcache = (cfg.response_cache_budget > 0).then(|| {
@@ -580,8 +584,14 @@ impl Serving {
                 self.make_room(&mut t, mem_bytes)
                     .map_err(InsertError::Room)?,
             );
-            let engine = Engine::start(name, model, self.kv.clone(), self.cfg.queue_depth)
-                .map_err(|e| InsertError::Serve(e.into()))?;
+            let engine = Engine::start(
+                name,
+                model,
+                self.kv.clone(),
+                self.cfg.queue_depth,
+                self.cfg.metrics.clone(),
+            )
+            .map_err(|e| InsertError::Serve(e.into()))?;
             let served = Arc::new(Served {
                 engine,
                 template,

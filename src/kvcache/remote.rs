@@ -1,4 +1,4 @@
-//! The mesh tier: KV blocks fetched from neighbours over `/shoal/kv/1`
+//! The remote (mesh) tier: KV blocks fetched from neighbours over `/shoal/kv/1`
 //! (a libp2p stream protocol on the mesh's swarm), with an explicit trust
 //! policy.
 //!
@@ -39,7 +39,7 @@
 //!    producer must be the peer that sent it: a node serves only blocks it
 //!    computed itself (blocks it fetched are kept in RAM only and never
 //!    re-served), so a liar cannot pass off or launder anyone else's KV.
-//! 3. Spot checks: the engine recomputes the first block it takes from a
+//! 3. Spot checks: [`PrefixCache::restore`] recomputes the first block it takes from a
 //!    peer it has not checked yet, and afterwards one block of a fetched run
 //!    with probability [`SPOT_CHECK_P`]; keys and values must match within a
 //!    relative L2 error of [`SPOT_CHECK_TOL`]. A mismatch bans the peer on the
@@ -84,7 +84,7 @@ pub mod wire {
 
     /// Errors of the kv wire decoders.
     #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-    pub enum WireError {
+    pub enum KvWireError {
         /// Not a `/shoal/kv/1` request.
         #[error("not a kv/1 request (bad magic)")]
         Magic,
@@ -135,31 +135,31 @@ pub mod wire {
     }
 
     /// The total length of a request from its first [`REQUEST_HEAD`] bytes.
-    pub fn request_len(head: &[u8]) -> Result<usize, WireError> {
+    pub fn request_len(head: &[u8]) -> Result<usize, KvWireError> {
         if head.len() < REQUEST_HEAD {
-            return Err(WireError::Length {
+            return Err(KvWireError::Length {
                 got: head.len(),
                 want: REQUEST_HEAD,
             });
         }
         if &head[..4] != MAGIC {
-            return Err(WireError::Magic);
+            return Err(KvWireError::Magic);
         }
         if !matches!(head[4], OP_RUN | OP_HAVE) {
-            return Err(WireError::Op(head[4]));
+            return Err(KvWireError::Op(head[4]));
         }
         let n = u16::from_le_bytes([head[5], head[6]]) as usize;
         if n > MAX_RUN {
-            return Err(WireError::TooLong(n));
+            return Err(KvWireError::TooLong(n));
         }
         Ok(REQUEST_HEAD + 32 * n)
     }
 
     /// Decodes a whole request.
-    pub fn decode_request(bytes: &[u8]) -> Result<Request, WireError> {
+    pub fn decode_request(bytes: &[u8]) -> Result<Request, KvWireError> {
         let want = request_len(bytes)?;
         if bytes.len() != want {
-            return Err(WireError::Length {
+            return Err(KvWireError::Length {
                 got: bytes.len(),
                 want,
             });
@@ -181,23 +181,23 @@ pub mod wire {
     }
 
     /// Decodes a have answer to a request of `asked` keys.
-    pub fn decode_have(bytes: &[u8], asked: usize) -> Result<usize, WireError> {
+    pub fn decode_have(bytes: &[u8], asked: usize) -> Result<usize, KvWireError> {
         let [a, b] = bytes else {
-            return Err(WireError::Length {
+            return Err(KvWireError::Length {
                 got: bytes.len(),
                 want: 2,
             });
         };
         let m = u16::from_le_bytes([*a, *b]) as usize;
         if m > asked {
-            return Err(WireError::Claim { claimed: m, asked });
+            return Err(KvWireError::Claim { claimed: m, asked });
         }
         Ok(m)
     }
 }
 
 /// What fetching a run costs against computing it, for
-/// [`MeshTier::fetch_run`].
+/// [`RemoteTier::fetch_run`].
 #[derive(Debug, Clone, Copy)]
 pub struct FetchCost {
     /// Bytes of one block on the wire (its KV blob).
@@ -247,7 +247,7 @@ fn sig_message(key: &BlockKey, blob: &[u8]) -> Vec<u8> {
 }
 
 /// The mesh tier of one node: serves its own blocks and fetches others'.
-pub struct MeshTier {
+pub struct RemoteTier {
     control: libp2p_stream::Control,
     mesh: crate::mesh::Client,
     rt: tokio::runtime::Handle,
@@ -264,9 +264,9 @@ pub struct MeshTier {
     pub test_lie: bool,
 }
 
-impl std::fmt::Debug for MeshTier {
+impl std::fmt::Debug for RemoteTier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MeshTier").finish_non_exhaustive()
+        f.debug_struct("RemoteTier").finish_non_exhaustive()
     }
 }
 
@@ -301,14 +301,14 @@ fn perturb(blob: &[u8]) -> Vec<u8> {
     b
 }
 
-impl MeshTier {
+impl RemoteTier {
     /// Starts serving `cache`'s own blocks on the mesh and returns the tier.
     /// Must be called within a tokio runtime.
     pub fn start(
         mesh: crate::mesh::Client,
         cache: Arc<PrefixCache>,
         test_lie: bool,
-    ) -> Result<Arc<MeshTier>, String> {
+    ) -> Result<Arc<RemoteTier>, String> {
         let rt = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
         let keypair = mesh
             .config()
@@ -317,7 +317,7 @@ impl MeshTier {
             .ok_or_else(|| "the mesh has no identity key".to_owned())?;
         let mut control = mesh.stream_control();
         let incoming = control.accept(KV_PROTOCOL).map_err(|e| e.to_string())?;
-        let tier = Arc::new(MeshTier {
+        let tier = Arc::new(RemoteTier {
             control,
             mesh,
             rt: rt.clone(),
@@ -646,13 +646,13 @@ mod tests {
         assert!(decode_request(&long).is_err());
         let mut m = b.clone();
         m[0] = b'X';
-        assert_eq!(decode_request(&m), Err(WireError::Magic));
+        assert_eq!(decode_request(&m), Err(KvWireError::Magic));
         let mut op = b.clone();
         op[4] = 9;
-        assert_eq!(decode_request(&op), Err(WireError::Op(9)));
+        assert_eq!(decode_request(&op), Err(KvWireError::Op(9)));
         let mut n = b.clone();
         n[5..7].copy_from_slice(&2000u16.to_le_bytes());
-        assert_eq!(request_len(&n), Err(WireError::TooLong(2000)));
+        assert_eq!(request_len(&n), Err(KvWireError::TooLong(2000)));
         assert!(decode_request(&b[..3]).is_err());
         assert_eq!(decode_have(&encode_have(2), 3), Ok(2));
         assert!(decode_have(&encode_have(4), 3).is_err(), "more than asked");
