@@ -139,6 +139,7 @@ impl PrefixCache {
     pub fn restore(&self, model: &Model, session: &KvSession, prompt: &[u32]) -> Restored {
         let ctx = &session.ctx;
         let b = ctx.block_tokens;
+        // Live values in the blocks' format: cached and cold runs are bit-identical.
         let mut r = Restored {
             cache: model.new_cache_with(ctx.dtype),
             tokens: 0,

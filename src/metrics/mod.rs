@@ -15,9 +15,9 @@
 //!
 //! Sources of chunk bytes: `local` (deduplicated from another artifact in
 //! this node's store), `peer` (the mesh), `origin` (an origin URL).//!
-//! Layout: [`labels`] holds the label values and label sets, [`registry`] the
-//! families and the event calls, [`render`] the text exposition, and
-//! [`summary`] the totals for people. The module imports nothing from the
+//! Layout: `labels` holds the label values and label sets, `registry` the
+//! families and the event calls, `render` the text exposition, and
+//! `summary` the totals for people. The module imports nothing from the
 //! rest of the crate.
 
 mod labels;

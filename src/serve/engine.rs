@@ -294,7 +294,6 @@ impl Worker {
                 let r = pc.restore(&model, session, &job.prompt);
                 (r.cache, r.tokens)
             }
-            // Live values in the blocks' format: cached and cold runs are bit-identical.
             None => (model.new_cache_with(KvDtype::F16), 0),
         };
         let _ = job.events.send(JobEvent::Started {

@@ -9,8 +9,8 @@
 //! version chosen at run time ([`Isa::detect`]). A NEON version slots in the
 //! same way: add an `Isa` variant and a `neon` module with the same functions.
 //!
-//! Layout (as ggml's): [`blocks`] holds the block types and byte views,
-//! [`scalar`] the portable reference kernels, one module per instruction set
+//! Layout (as ggml's): `blocks` holds the block types and byte views,
+//! `scalar` the portable reference kernels, one module per instruction set
 //! (`avx2`; a `neon` module slots in beside it) the SIMD versions, and this
 //! module the run-time dispatch on [`Isa`].
 #![deny(unsafe_op_in_unsafe_fn)]

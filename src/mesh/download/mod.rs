@@ -19,9 +19,9 @@
 //! 7. Chunks no peer holds may come from the release's origin over HTTP Range
 //!    requests, unless the node is offline.
 //!
-//! Layout: [`sched`] is the pure scheduler (which chunk from which source; no
-//! IO, the time passed in), [`driver`] the async IO around it, [`manifest`]
-//! the manifest discovery, and [`registry`] the running downloads
+//! Layout: `sched` is the pure scheduler (which chunk from which source; no
+//! IO, the time passed in), `driver` the async IO around it, `manifest`
+//! the manifest discovery, and `registry` the running downloads
 //! ([`Downloads`]).
 
 mod driver;

@@ -33,7 +33,7 @@ pub(super) enum FetchOutcome {
     NotFound,
     Failed,
     /// A fresh stream was dropped by the peer before it answered (see
-    /// [`FetchError::Refused`](super::driver::FetchError::Refused)): asked again, not held against the peer.
+    /// `FetchError::Refused` in the driver): asked again, not held against the peer.
     Refused,
 }
 

@@ -6,10 +6,10 @@ use super::error::{OpenAiError, locate_error, unknown_model};
 use super::format::{
     CacheHeaders, Fmt, collect, etag_matches, live_stream, new_id, now_secs, replay_stream,
 };
-use super::prepare::{parse_body, prepare, typed};
+use super::prepare::{Prepared, parse_body, prepare, typed};
 use super::schema::{Kind, Params};
 use super::{count_request, count_response_cache_lookup, count_response_cache_ttft};
-use crate::respcache;
+use crate::respcache::{self, CachedAnswer};
 use crate::serve::engine::{CancelOnDrop, Job};
 use crate::serve::{Served, Serving};
 use axum::body::{Body, Bytes};
@@ -133,29 +133,7 @@ pub(super) async fn run(
         _ => None,
     };
     if let (Some(ans), Some(tag)) = (cached, &etag) {
-        count_response_cache_ttft();
-        let ch = CacheHeaders {
-            etag: Some(tag.clone()),
-            hit: true,
-            max_age,
-        };
-        if etag_matches(&headers, tag) {
-            let mut r = StatusCode::NOT_MODIFIED.into_response();
-            ch.apply(r.headers_mut());
-            return Ok(r);
-        }
-        let mut r = if p.stream {
-            replay_stream(&ans, kind, &p)
-        } else {
-            let mut r = Response::new(Body::from(ans.body.clone()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            r
-        };
-        ch.apply(r.headers_mut());
-        return Ok(r);
+        return Ok(cached_response(&ans, tag, max_age, &headers, kind, &p));
     }
     let Some(permit) = engine.try_admit() else {
         return Err(OpenAiError {
@@ -204,4 +182,39 @@ pub(super) async fn run(
     };
     ch.apply(r.headers_mut());
     Ok(r)
+}
+
+/// The answer from the response cache: `304 Not Modified` when the client
+/// holds it (`If-None-Match`), else the stored body (JSON) or its replay (SSE).
+fn cached_response(
+    ans: &CachedAnswer,
+    tag: &str,
+    max_age: u64,
+    headers: &HeaderMap,
+    kind: Kind,
+    p: &Prepared,
+) -> Response {
+    count_response_cache_ttft();
+    let ch = CacheHeaders {
+        etag: Some(tag.to_owned()),
+        hit: true,
+        max_age,
+    };
+    if etag_matches(headers, tag) {
+        let mut r = StatusCode::NOT_MODIFIED.into_response();
+        ch.apply(r.headers_mut());
+        return r;
+    }
+    let mut r = if p.stream {
+        replay_stream(ans, kind, p)
+    } else {
+        let mut r = Response::new(Body::from(ans.body.clone()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        r
+    };
+    ch.apply(r.headers_mut());
+    r
 }

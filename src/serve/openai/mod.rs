@@ -1,8 +1,8 @@
 //! The OpenAI-compatible routes: `POST /v1/chat/completions`,
 //! `POST /v1/completions`, `GET /v1/models`, `GET /v1/models/{model}`.
 //!
-//! Layout: [`schema`] (request types), [`prepare`] (request preparation),
-//! [`format`] (JSON and SSE responses), the handlers, and [`OpenAiError`].
+//! Layout: `schema` (request types), `prepare` (request preparation),
+//! `format` (JSON and SSE responses), the handlers, and [`OpenAiError`].
 
 mod error;
 mod format;
