@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod node;
 pub mod respcache;
 pub mod serve;
+pub mod settings;
 pub mod store;

@@ -191,6 +191,21 @@ fn ttft() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 15))
 }
 
+/// The `[metrics]` section of the configuration file. (Its settings are
+/// described in `crate::settings`: this module imports nothing from the crate.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `GET /metrics` on the API address.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}
+
 /// The registry and a handle on every metric family.
 pub struct Metrics {
     registry: Registry,
