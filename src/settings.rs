@@ -301,8 +301,8 @@ mod tests {
     use crate::config::{ByteSize, HumanDuration};
     use crate::inference::KvDtype;
     use crate::serve::max_inference_threads;
-    use std::time::Duration;
     use std::collections::HashMap;
+    use std::time::Duration;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let m: HashMap<String, String> = pairs
@@ -361,11 +361,17 @@ mod tests {
         cfg.set("inference.max_loaded", "1").expect("set");
         cfg.set("inference.memory_budget", "6G").expect("set");
         assert_eq!(cfg.inference.max_loaded, 1);
-        assert_eq!(cfg.inference.memory_budget.map(ByteSize), Some(ByteSize(6 << 30)));
+        assert_eq!(
+            cfg.inference.memory_budget.map(ByteSize),
+            Some(ByteSize(6 << 30))
+        );
         assert!(cfg.set("inference.max_loaded", "0").is_err());
         assert!(cfg.set("inference.memory_budget", "0").is_err());
         let serve = cfg.serve_config(Path::new("/x"));
-        assert_eq!((serve.max_loaded, serve.memory_budget_bytes()), (1, 6 << 30));
+        assert_eq!(
+            (serve.max_loaded, serve.memory_budget_bytes()),
+            (1, 6 << 30)
+        );
     }
 
     /// Every serialized key has a documented setting, and every setting exists.
@@ -521,7 +527,10 @@ mod tests {
         // File over defaults.
         let cfg = Config::load_with(Some(&p), env_of(&[])).expect("load");
         assert_eq!(ByteSize(cfg.store.quota_bytes), ByteSize(10 << 30));
-        assert_eq!(HumanDuration(cfg.store.partial_ttl), HumanDuration::secs(7200));
+        assert_eq!(
+            HumanDuration(cfg.store.partial_ttl),
+            HumanDuration::secs(7200)
+        );
         assert_eq!(cfg.api.listen.port(), 8080);
         assert!(!cfg.mesh.mdns);
         assert_eq!(cfg.kv, KvCacheConfig::default());
@@ -538,7 +547,10 @@ mod tests {
         )
         .expect("load");
         assert_eq!(ByteSize(cfg.store.quota_bytes), ByteSize(20 << 30));
-        assert_eq!(HumanDuration(cfg.store.partial_ttl), HumanDuration::secs(7200));
+        assert_eq!(
+            HumanDuration(cfg.store.partial_ttl),
+            HumanDuration::secs(7200)
+        );
         assert_eq!(cfg.api.listen, "127.0.0.1:9000".parse().expect("addr"));
         assert_eq!(cfg.mesh.peers.len(), 2);
         assert!(cfg.mesh.mdns);
@@ -640,7 +652,10 @@ mod tests {
         );
         let cfg = Config::load_with(Some(&p), env_of(&[])).expect("valid [api]");
         assert_eq!(cfg.api.max_pulls, 2);
-        assert_eq!(HumanDuration(cfg.api.header_timeout), HumanDuration::secs(5));
+        assert_eq!(
+            HumanDuration(cfg.api.header_timeout),
+            HumanDuration::secs(5)
+        );
         assert_eq!(cfg.api.keys_file.as_deref(), Some(Path::new("/k")));
     }
 
@@ -652,10 +667,7 @@ mod tests {
         let serve = crate::serve::ServeConfig::default();
         assert_eq!(serve.queue_depth, cfg.inference.queue_depth);
         assert_eq!(serve.response_cache_ttl, cfg.response_cache.ttl);
-        assert_eq!(
-            serve.response_cache_budget,
-            cfg.response_cache.budget
-        );
+        assert_eq!(serve.response_cache_budget, cfg.response_cache.budget);
         let from = cfg.serve_config(Path::new("/d"));
         assert_eq!(from.queue_depth, serve.queue_depth);
         assert_eq!(from.response_cache_ttl, serve.response_cache_ttl);

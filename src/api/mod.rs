@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod ops;
 pub mod server;
 
+use crate::config::{ConfigError, Setting};
 use crate::node::Node;
 use auth::{AdminToken, ApiKeys, AuthError, Guard, PullGate};
 use axum::Json;
@@ -25,7 +26,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use crate::config::{ConfigError, Setting};
 
 pub use server::{Timeouts, serve_with};
 
@@ -102,7 +102,9 @@ impl ApiOptions {
     /// Checks ranges that the types alone do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_pulls == 0 {
-            return Err(ConfigError::Invalid("api.max_pulls must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "api.max_pulls must be at least 1".into(),
+            ));
         }
         for (key, d) in [
             ("api.header_timeout", self.header_timeout),
@@ -301,7 +303,6 @@ impl From<crate::store::StoreError> for ApiError {
         crate::node::NodeError::Store(e).into()
     }
 }
-
 
 /// The `[api]` section's settings, in file order.
 pub const SETTINGS: &[Setting] = {

@@ -72,7 +72,9 @@ impl KvLayout {
 
 /// Payload encoding of an exported cache; also the `kv.dtype` setting
 /// (written `"f16"` or `"q8_0"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 pub enum KvDtype {
     /// IEEE half precision (2 bytes per value): exact to what the model computed.
     #[default]

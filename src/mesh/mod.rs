@@ -273,9 +273,8 @@ impl MeshConfig {
     /// first pull) and the frame size.
     pub fn read_files(&mut self) -> Result<(), ConfigError> {
         if let Some(p) = &self.psk_file {
-            self.psk = Some(
-                read_psk(p).map_err(|e| ConfigError::Invalid(format!("mesh.psk_file: {e}")))?,
-            );
+            self.psk =
+                Some(read_psk(p).map_err(|e| ConfigError::Invalid(format!("mesh.psk_file: {e}")))?);
         }
         if let Some(p) = &self.origin_ca_file {
             origin::read_ca_file(p)

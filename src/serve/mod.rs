@@ -13,9 +13,9 @@ pub mod openai;
 pub use engine::{Engine, EngineStats, Job, JobEvent};
 pub use openai::router;
 
+use crate::config::{ConfigError, Setting};
 use crate::inference::{ChatTemplate, Model};
 use crate::kvcache::{KvCacheConfig, KvCacheError, PrefixCache};
-use crate::config::{ConfigError, Setting};
 use crate::respcache::{ResponseCache, ResponseCacheConfig};
 use futures::FutureExt;
 use std::collections::HashMap;
@@ -142,7 +142,10 @@ pub struct ServeConfig {
     /// Bytes the loaded models may take together, as [`memory_estimate`]
     /// counts them (`inference.memory_budget`); `None`:
     /// [`default_memory_budget`] ([`ServeConfig::memory_budget_bytes`]).
-    #[serde(with = "crate::config::opt_size", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "crate::config::opt_size",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub memory_budget: Option<u64>,
     /// Largest accepted request body in bytes (larger: 413).
     #[serde(skip)]

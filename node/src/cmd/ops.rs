@@ -3,8 +3,8 @@
 use super::{Ctx, human_bytes};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use shoal::settings::Config;
 use shoal::import::{ImportOptions, import};
+use shoal::settings::Config;
 use std::path::PathBuf;
 
 /// Where the configuration comes from: the file (`--config`, else
