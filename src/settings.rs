@@ -411,7 +411,7 @@ mod tests {
     }
 
     /// The shipped example is exactly the rendered defaults, and parses back to them.
-    /// Regenerate with `SHOAL_BLESS=1 cargo test --release -p shoal --lib config::`.
+    /// Regenerate with `SHOAL_BLESS=1 cargo test --release -p shoal --lib settings::`.
     #[test]
     fn example_file_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/shoal.example.toml");
