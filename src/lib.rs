@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod node;
 pub mod respcache;
 pub mod serve;
+pub mod settings;
 pub mod store;

@@ -124,6 +124,47 @@ struct Entry {
     stored: Instant,
 }
 
+/// Settings of the response cache: the `[response_cache]` section of the
+/// configuration file ([`SETTINGS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResponseCacheConfig {
+    /// Bytes of cached responses; 0 turns the cache off.
+    #[serde(with = "crate::config::size")]
+    pub budget: u64,
+    /// Cached responses older than this are not served (also the `max-age` served).
+    #[serde(with = "crate::config::duration")]
+    pub ttl: Duration,
+}
+
+impl Default for ResponseCacheConfig {
+    /// The configuration file's defaults (`[response_cache]`).
+    fn default() -> Self {
+        ResponseCacheConfig {
+            budget: 64 << 20,
+            ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The `[response_cache]` section's settings, in file order.
+pub const SETTINGS: &[crate::config::Setting] = &[
+    crate::config::Setting::new(
+        "response_cache.budget",
+        Some("SHOAL_RESPONSE_CACHE"),
+        crate::config::Kind::Str,
+        "Bytes of cached whole responses; 0 turns the response cache off.",
+        "\"64M\"",
+    ),
+    crate::config::Setting::new(
+        "response_cache.ttl",
+        Some("SHOAL_RESPONSE_CACHE_TTL"),
+        crate::config::Kind::Str,
+        "Cached responses older than this are not served.",
+        "\"1h\"",
+    ),
+];
+
 /// The cache. The sum of entry sizes never exceeds the budget.
 pub struct ResponseCache {
     budget: u64,

@@ -163,7 +163,7 @@ async fn loaded_models_are_bounded_and_the_least_recently_used_idle_one_is_unloa
         let dir = tmp.path().join(label);
         let cfg = ServeConfig {
             max_loaded,
-            memory_budget,
+            memory_budget: Some(memory_budget),
             ..cfg(&dir)
         };
         let (node, addr) = start(&dir, Vec::new(), StoreOptions::default(), cfg).await;

@@ -15,6 +15,7 @@ pub mod dashboard;
 pub mod ops;
 pub mod server;
 
+use crate::config::{ConfigError, Setting};
 use crate::node::Node;
 use auth::{AdminToken, ApiKeys, AuthError, Guard, PullGate};
 use axum::Json;
@@ -24,51 +25,122 @@ use axum::response::{IntoResponse, Response};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use server::{Timeouts, serve_with};
 
-/// Settings of the HTTP API (from the config file's `[api]` and `[metrics]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Settings of the HTTP API: the `[api]` section of the configuration file
+/// ([`SETTINGS`]), plus `[metrics] enabled`, which the node copies in.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ApiOptions {
-    /// Serve Prometheus metrics at `GET /metrics` (`[metrics] enabled`).
-    pub metrics: bool,
+    /// Where the API listens (`api.listen`; also for the warning about an open API).
+    pub listen: SocketAddr,
+    /// On SIGTERM/SIGINT, how long open requests may run before the daemon
+    /// exits anyway (non-zero, logging what was still running; `api.drain_timeout`).
+    #[serde(with = "crate::config::duration")]
+    pub drain_timeout: Duration,
     /// The admin token file (`api.admin_token_file`); `None`: `<data dir>/admin.token`.
     pub admin_token_file: Option<PathBuf>,
     /// The API keys of `/v1/*` (`api.keys_file`); `None`: no key needed.
     pub keys_file: Option<PathBuf>,
-    /// Where the API listens (for the warning about an open API), if known.
-    pub listen: Option<SocketAddr>,
     /// Host names accepted besides IP addresses and localhost (`api.allowed_hosts`).
     pub allowed_hosts: Vec<String>,
     /// Browser origins allowed cross-origin (`api.allowed_origins`).
     pub allowed_origins: Vec<String>,
     /// Concurrent downloads started through `POST /admin/pull` (`api.max_pulls`).
     pub max_pulls: usize,
-    /// Connection timeouts.
-    pub timeouts: Timeouts,
+    /// Time a client has to send a request's headers (`api.header_timeout`).
+    #[serde(with = "crate::config::duration")]
+    pub header_timeout: Duration,
+    /// Time a client may leave a request body without sending more of it
+    /// (`api.body_timeout`).
+    #[serde(with = "crate::config::duration")]
+    pub body_timeout: Duration,
+    /// Keep-alive connections with no request for this long are closed
+    /// (`api.idle_timeout`).
+    #[serde(with = "crate::config::duration")]
+    pub idle_timeout: Duration,
+    /// Serve Prometheus metrics at `GET /metrics` (`[metrics] enabled`, not
+    /// part of `[api]`).
+    #[serde(skip)]
+    pub metrics: bool,
 }
 
+/// Port of the HTTP API by default.
+pub const DEFAULT_API_PORT: u16 = 7070;
+
 impl Default for ApiOptions {
-    /// The configuration's defaults.
+    /// The configuration file's defaults (`[api]`, `[metrics]`).
     fn default() -> Self {
-        Self::from_config(&crate::config::Config::default())
+        ApiOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)),
+            drain_timeout: Duration::from_secs(30),
+            admin_token_file: None,
+            keys_file: None,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            max_pulls: 4,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            metrics: true,
+        }
     }
 }
 
 impl ApiOptions {
-    /// The options a config file asks for.
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
-        let api = &cfg.api;
-        Self {
-            metrics: cfg.metrics.enabled,
-            admin_token_file: api.admin_token_file.clone(),
-            keys_file: api.keys_file.clone(),
-            listen: Some(api.listen),
-            allowed_hosts: api.allowed_hosts.clone(),
-            allowed_origins: api.allowed_origins.clone(),
-            max_pulls: api.max_pulls,
-            timeouts: Timeouts::from_config(api),
+    /// The connection timeouts.
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            header: self.header_timeout,
+            body: self.body_timeout,
+            idle: self.idle_timeout,
         }
+    }
+
+    /// Checks ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_pulls == 0 {
+            return Err(ConfigError::Invalid(
+                "api.max_pulls must be at least 1".into(),
+            ));
+        }
+        for (key, d) in [
+            ("api.header_timeout", self.header_timeout),
+            ("api.body_timeout", self.body_timeout),
+            ("api.idle_timeout", self.idle_timeout),
+        ] {
+            if d < Duration::from_millis(100) || d > Duration::from_secs(24 * 3600) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key} = {} is outside 100ms..24h",
+                    crate::config::HumanDuration(d)
+                )));
+            }
+        }
+        if let Some(h) = self
+            .allowed_hosts
+            .iter()
+            .find(|h| h.is_empty() || h.contains(|c: char| c.is_whitespace() || c == '/'))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "api.allowed_hosts: {h:?} is not a host name (no scheme, path or spaces)"
+            )));
+        }
+        if let Some(o) = self.allowed_origins.iter().find(|o| {
+            let rest = o
+                .strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"));
+            o.as_str() != "*"
+                && rest.is_none_or(|r| {
+                    r.is_empty() || r.contains(|c: char| c.is_whitespace() || c == '/')
+                })
+        }) {
+            return Err(ConfigError::Invalid(format!(
+                "api.allowed_origins: {o:?} is not an origin (scheme://host[:port], no path, or \"*\")"
+            )));
+        }
+        Ok(())
     }
 
     /// The admin token file for a node whose data directory is `data_dir`.
@@ -132,9 +204,7 @@ pub fn try_router(node: Node, opts: &ApiOptions) -> Result<Router, AuthError> {
     let path = opts.admin_token_path(node.store().dir());
     let admin = AdminToken::load_or_create(&path)?;
     let keys = opts.keys_file.as_deref().map(ApiKeys::read).transpose()?;
-    if let Some(listen) = opts.listen
-        && let Some(w) = exposure_warning(listen, keys.is_some())
-    {
+    if let Some(w) = exposure_warning(opts.listen, keys.is_some()) {
         tracing::warn!("{w}");
     }
     if let Some(k) = &keys {
@@ -235,6 +305,84 @@ impl From<crate::store::StoreError> for ApiError {
         crate::node::NodeError::Store(e).into()
     }
 }
+
+/// The `[api]` section's settings, in file order.
+pub const SETTINGS: &[Setting] = {
+    use crate::config::Kind::{Int, List, Str};
+    use crate::config::Setting as S;
+    &[
+        S::new(
+            "api.listen",
+            Some("SHOAL_API"),
+            Str,
+            "Address of the HTTP API. Loopback by default; use \"0.0.0.0:7070\" to serve the LAN\n(or put NGINX in front, see docs/OPERATIONS.md). On a non-loopback address, set\napi.keys_file too (the node warns at start when it is unset).",
+            "\"127.0.0.1:7070\"",
+        ),
+        S::new(
+            "api.drain_timeout",
+            Some("SHOAL_DRAIN_TIMEOUT"),
+            Str,
+            "On SIGTERM or Ctrl-C, how long running requests may finish before the daemon exits\nanyway (with a non-zero status, logging what was still running). A second signal\nexits at once.",
+            "\"30s\"",
+        ),
+        S::new(
+            "api.admin_token_file",
+            Some("SHOAL_ADMIN_TOKEN_FILE"),
+            Str,
+            "Bearer token of the admin API (/admin/*: pull, pin, releases, status), required from\nevery caller. Unset: <data_dir>/admin.token, a random 256-bit token (hex) written\nat first start with mode 0600; the shoal CLI on the same machine reads it. A file\nyou write yourself must hold one token of at least 32 characters.",
+            "\"/var/lib/shoal/admin.token\"",
+        ),
+        S::new(
+            "api.keys_file",
+            Some("SHOAL_KEYS_FILE"),
+            Str,
+            "API keys of the OpenAI-compatible routes (/v1/*): one key per line, # comments.\nClients send \"Authorization: Bearer <key>\" (the openai client's api_key). Unset:\n/v1/* needs no key (fine on loopback; read at start).",
+            "\"/etc/shoal/api-keys\"",
+        ),
+        S::new(
+            "api.allowed_hosts",
+            Some("SHOAL_ALLOWED_HOSTS"),
+            List,
+            "Host names accepted in requests' Host header, besides IP addresses, \"localhost\"\nand *.localhost (a leading \"*.\" matches subdomains; \"*\" accepts any). Other\nnames get 403: this stops DNS-rebinding pages from reaching the node.",
+            "[\"pi-07.local\", \"ai.example.lan\"]",
+        ),
+        S::new(
+            "api.allowed_origins",
+            Some("SHOAL_ALLOWED_ORIGINS"),
+            List,
+            "Web origins allowed to call the API from a browser (CORS), e.g.\n\"http://notebook.example.lan:8888\"; \"*\" allows any. The node's own pages (same\norigin) always may; requests from other origins get 403.",
+            "[\"http://notebook.example.lan:8888\"]",
+        ),
+        S::new(
+            "api.max_pulls",
+            Some("SHOAL_MAX_PULLS"),
+            Int,
+            "Downloads started through POST /admin/pull that may run at once; more get HTTP 429\nwith Retry-After (joining a running download is always allowed).",
+            "4",
+        ),
+        S::new(
+            "api.header_timeout",
+            Some("SHOAL_HEADER_TIMEOUT"),
+            Str,
+            "A client must send a request's headers within this time from its first byte; a\nslower one is disconnected.",
+            "\"10s\"",
+        ),
+        S::new(
+            "api.body_timeout",
+            Some("SHOAL_BODY_TIMEOUT"),
+            Str,
+            "A request body that receives no bytes for this long fails (the connection closes).",
+            "\"30s\"",
+        ),
+        S::new(
+            "api.idle_timeout",
+            Some("SHOAL_IDLE_TIMEOUT"),
+            Str,
+            "A keep-alive connection with no request in progress for this long is closed (a\nlong generation or event stream is a request in progress, not idle).",
+            "\"30s\"",
+        ),
+    ]
+};
 
 #[cfg(test)]
 mod tests {

@@ -48,18 +48,7 @@ pub struct Timeouts {
 impl Default for Timeouts {
     /// The configuration's defaults (`[api]`).
     fn default() -> Self {
-        Timeouts::from_config(&crate::config::ApiConfig::default())
-    }
-}
-
-impl Timeouts {
-    /// The timeouts of an `[api]` section.
-    pub fn from_config(api: &crate::config::ApiConfig) -> Self {
-        Timeouts {
-            header: api.header_timeout.get(),
-            body: api.body_timeout.get(),
-            idle: api.idle_timeout.get(),
-        }
+        super::ApiOptions::default().timeouts()
     }
 }
 

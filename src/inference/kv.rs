@@ -70,13 +70,18 @@ impl KvLayout {
     }
 }
 
-/// Payload encoding of an exported cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Payload encoding of an exported cache; also the `kv.dtype` setting
+/// (written `"f16"` or `"q8_0"`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 pub enum KvDtype {
-    /// IEEE half precision (2 bytes per value).
+    /// IEEE half precision (2 bytes per value): exact to what the model computed.
     #[default]
+    #[serde(rename = "f16")]
     F16,
-    /// ggml Q8_0 blocks (34 bytes per 32 values).
+    /// ggml Q8_0 blocks (34 bytes per 32 values): about half the bytes of f16.
+    #[serde(rename = "q8_0")]
     Q8_0,
 }
 

@@ -179,35 +179,99 @@ pub fn tokenizer_id(model: &Model) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// Settings of the prefix cache.
-#[derive(Debug, Clone)]
+/// Settings of the prefix cache: the `[kv]` section of the configuration
+/// file ([`SETTINGS`]), plus the disk tier's directory, which the node sets.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct KvCacheConfig {
-    /// Tokens per block (default 16, see docs/SERVING.md).
-    pub block_tokens: usize,
-    /// Storage format of blocks.
-    pub dtype: KvDtype,
-    /// Byte budget of the RAM tier (0 disables it).
+    /// Byte budget of the RAM tier (0 disables it; `kv.ram_budget`).
+    #[serde(with = "crate::config::size")]
     pub ram_budget: u64,
-    /// How long a RAM block stays usable after it was stored.
+    /// Byte budget of the disk tier (`kv.disk_budget`).
+    #[serde(with = "crate::config::size")]
+    pub disk_budget: u64,
+    /// Tokens per block (default 16, see docs/SERVING.md; `kv.block_size`).
+    #[serde(rename = "block_size")]
+    pub block_tokens: usize,
+    /// Storage format of blocks (`kv.dtype`).
+    pub dtype: KvDtype,
+    /// How long a block stays usable after it was stored (`kv.ttl`).
+    #[serde(rename = "ttl", with = "crate::config::duration")]
     pub ram_ttl: Duration,
     /// Directory of the disk tier (`<data-dir>/kv`); `None` disables it.
+    /// Not in the file: the node puts it under its data directory.
+    #[serde(skip)]
     pub disk_dir: Option<PathBuf>,
-    /// Byte budget of the disk tier.
-    pub disk_budget: u64,
 }
 
 impl Default for KvCacheConfig {
+    /// The configuration file's defaults (`[kv]`).
     fn default() -> Self {
         KvCacheConfig {
+            ram_budget: 512 << 20,
+            disk_budget: 4 << 30,
             block_tokens: 16,
             dtype: KvDtype::F16,
-            ram_budget: 1 << 30,
-            ram_ttl: Duration::from_secs(3600),
+            ram_ttl: Duration::from_secs(7 * 86_400),
             disk_dir: None,
-            disk_budget: 8 << 30,
         }
     }
 }
+
+impl KvCacheConfig {
+    /// Checks ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        if self.block_tokens == 0 || self.block_tokens > 4096 {
+            return Err(crate::config::ConfigError::Invalid(
+                "kv.block_size must be between 1 and 4096 tokens".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The `[kv]` section's settings, in file order.
+pub const SETTINGS: &[crate::config::Setting] = {
+    use crate::config::Kind::{Int, Str};
+    use crate::config::Setting as S;
+    &[
+        S::new(
+            "kv.ram_budget",
+            Some("SHOAL_KV_RAM"),
+            Str,
+            "RAM for KV-cache blocks of prompt prefixes. Least-recently-used blocks spill to disk.",
+            "\"512M\"",
+        ),
+        S::new(
+            "kv.disk_budget",
+            Some("SHOAL_KV_DISK"),
+            Str,
+            "Disk for spilled KV-cache blocks (under data_dir); 0 keeps KV blocks in RAM only.",
+            "\"4G\"",
+        ),
+        S::new(
+            "kv.block_size",
+            Some("SHOAL_KV_BLOCK_SIZE"),
+            Int,
+            "Tokens per KV block: prefixes are shared in whole blocks.",
+            "16",
+        ),
+        S::new(
+            "kv.dtype",
+            Some("SHOAL_KV_DTYPE"),
+            Str,
+            "Element type of stored KV blocks: \"f16\" (exact) or \"q8_0\" (about half the bytes).",
+            "\"f16\"",
+        ),
+        S::new(
+            "kv.ttl",
+            Some("SHOAL_KV_TTL"),
+            Str,
+            "KV blocks unused for this long are dropped.",
+            "\"7d\"",
+        ),
+    ]
+};
 
 /// Counters of a [`PrefixCache`].
 #[derive(Debug, Default)]

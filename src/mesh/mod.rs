@@ -26,6 +26,7 @@ pub use download::{DownloadOptions, DownloadReport, Downloads, Progress};
 pub use event_loop::EventLoop;
 pub use libp2p::{Multiaddr, PeerId};
 
+use crate::config::{ConfigError, Setting};
 use crate::store::{Store, StoreError};
 use libp2p::{identity::Keypair, pnet::PreSharedKey};
 use std::path::{Path, PathBuf};
@@ -124,65 +125,98 @@ impl MeshError {
     }
 }
 
-/// How a node takes part in the mesh.
-#[derive(Debug, Clone)]
+/// How a node takes part in the mesh: the `[mesh]` section of the
+/// configuration file ([`SETTINGS`]), plus runtime fields the file does not
+/// hold (the PSK itself, read from [`MeshConfig::psk_file`] by
+/// [`MeshConfig::read_files`]; the identity; test hooks; download tuning).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MeshConfig {
-    /// Addresses to listen on (default: all interfaces, an OS-chosen TCP port).
+    /// Addresses to listen on (default: all interfaces, TCP port
+    /// [`DEFAULT_MESH_PORT`]; `mesh.listen`).
+    #[serde(with = "multiaddrs")]
     pub listen: Vec<Multiaddr>,
-    /// Static peers, dialled at start and re-dialled while disconnected.
+    /// Static peers, dialled at start and re-dialled while disconnected (`mesh.peers`).
+    #[serde(with = "multiaddrs")]
     pub peers: Vec<Multiaddr>,
-    /// LAN discovery via mDNS. Off for any node in the machine's own network namespace.
+    /// LAN discovery via mDNS (`mesh.mdns`). Off for any node in the machine's own network namespace.
     pub mdns: bool,
+    /// Pre-shared key file making a private mesh (libp2p pnet; `mesh.psk_file`);
+    /// [`MeshConfig::read_files`] reads it into [`MeshConfig::psk`].
+    pub psk_file: Option<PathBuf>,
+    /// Secure channels offered, in order of preference (default: TLS, then
+    /// noise; `mesh.security`).
+    pub security: Vec<secure::SecureChannel>,
+    /// Never contact anything but the mesh (no origin fetches; `mesh.offline`).
+    pub offline: bool,
+    /// Extra CA certificates (a PEM file) trusted for `https://` origins, on
+    /// top of the system's CA bundle: for origins with an internal CA
+    /// (`mesh.origin_ca_file`).
+    pub origin_ca_file: Option<PathBuf>,
+    /// When non-empty, only these peers may connect (`mesh.allow_peers`).
+    #[serde(with = "peer_ids")]
+    pub allow_peers: Vec<PeerId>,
+    /// How long a peer that sent a bad chunk stays banned (`mesh.ban_duration`).
+    #[serde(with = "crate::config::duration")]
+    pub ban_duration: Duration,
+    /// Largest yamux data frame sent ([`muxer::SPLIT_SEND_SIZE`] by default;
+    /// `mesh.frame_size`, 1K to 1M).
+    #[serde(with = "crate::config::usize_size")]
+    pub frame_size: usize,
     /// mDNS query period once a first answer arrived (libp2p probes at 0.5 s,
     /// 1 s, 2 s, ... before that). Besides, while no peer is connected the
     /// node sends its own queries, 0.5 s apart and doubling up to
-    /// [`REDISCOVER_MAX`], and it redials every discovered peer it lost.
+    /// [`REDISCOVER_MAX`], and it redials every discovered peer it lost
+    /// (`mesh.mdns_query_interval`).
+    #[serde(with = "crate::config::duration")]
     pub mdns_query_interval: Duration,
     /// Most downloads running at once; a further pull fails with
-    /// [`MeshError::TooManyDownloads`].
+    /// [`MeshError::TooManyDownloads`] (`mesh.max_downloads`).
     pub max_downloads: usize,
     /// Private mesh: only nodes holding this key can connect (TCP only).
+    /// Not in the file: read from [`MeshConfig::psk_file`].
+    #[serde(skip)]
     pub psk: Option<PreSharedKey>,
-    /// Secure channels offered, in order of preference (default: TLS, then noise).
-    pub security: Vec<secure::SecureChannel>,
-    /// When non-empty, only these peers may connect.
-    pub allow_peers: Vec<PeerId>,
-    /// Never contact anything but the mesh (no origin fetches).
-    pub offline: bool,
-    /// Extra CA certificates (a PEM file) trusted for `https://` origins, on
-    /// top of the system's CA bundle: for origins with an internal CA.
-    pub origin_ca_file: Option<PathBuf>,
-    /// How long a peer that sent a bad chunk stays banned.
-    pub ban_duration: Duration,
-    /// Largest yamux data frame sent ([`muxer::SPLIT_SEND_SIZE`] by default).
-    pub frame_size: usize,
     /// Idle connections are kept this long.
+    #[serde(skip)]
     pub idle_timeout: Duration,
     /// Most established connections in total.
+    #[serde(skip)]
     pub max_connections: u32,
     /// Node identity; a fresh one when `None`.
+    #[serde(skip)]
     pub keypair: Option<Keypair>,
     /// Test mode: serve chunks with flipped bytes (a lying peer).
+    #[serde(skip)]
     pub test_corrupt_chunks: bool,
     /// Download tuning.
+    #[serde(skip)]
     pub download: DownloadOptions,
 }
 
+/// TCP port of the mesh transport by default.
+pub const DEFAULT_MESH_PORT: u16 = 7071;
+
 impl Default for MeshConfig {
+    /// The configuration file's defaults (`[mesh]`).
     fn default() -> Self {
         Self {
-            listen: vec![default_listen()],
+            listen: vec![
+                Multiaddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+                    .with(libp2p::multiaddr::Protocol::Tcp(DEFAULT_MESH_PORT)),
+            ],
             peers: Vec::new(),
             mdns: true,
+            psk_file: None,
+            security: secure::SecureChannel::defaults(),
+            offline: false,
+            origin_ca_file: None,
+            allow_peers: Vec::new(),
+            ban_duration: Duration::from_secs(3600),
+            frame_size: muxer::SPLIT_SEND_SIZE,
             mdns_query_interval: Duration::from_secs(30),
             max_downloads: 4,
             psk: None,
-            security: secure::SecureChannel::defaults(),
-            allow_peers: Vec::new(),
-            offline: false,
-            origin_ca_file: None,
-            ban_duration: Duration::from_secs(600),
-            frame_size: muxer::SPLIT_SEND_SIZE,
             idle_timeout: Duration::from_secs(300),
             max_connections: 512,
             keypair: None,
@@ -191,6 +225,205 @@ impl Default for MeshConfig {
         }
     }
 }
+
+impl PartialEq for MeshConfig {
+    /// Compares the settings of the file and the plain runtime ones; the key
+    /// material (PSK, keypair) and the download tuning are not compared.
+    fn eq(&self, o: &Self) -> bool {
+        self.listen == o.listen
+            && self.peers == o.peers
+            && self.mdns == o.mdns
+            && self.psk_file == o.psk_file
+            && self.security == o.security
+            && self.offline == o.offline
+            && self.origin_ca_file == o.origin_ca_file
+            && self.allow_peers == o.allow_peers
+            && self.ban_duration == o.ban_duration
+            && self.frame_size == o.frame_size
+            && self.mdns_query_interval == o.mdns_query_interval
+            && self.max_downloads == o.max_downloads
+            && self.idle_timeout == o.idle_timeout
+            && self.max_connections == o.max_connections
+            && self.test_corrupt_chunks == o.test_corrupt_chunks
+    }
+}
+
+impl MeshConfig {
+    /// Checks ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.listen.is_empty() {
+            return bad("mesh.listen needs at least one address");
+        }
+        if self.security.is_empty() {
+            return bad("mesh.security needs at least one channel (tls, noise)");
+        }
+        if self.max_downloads == 0 {
+            return bad("mesh.max_downloads must be at least 1");
+        }
+        if self.mdns_query_interval < Duration::from_secs(1) {
+            return bad("mesh.mdns_query_interval must be at least 1s");
+        }
+        Ok(())
+    }
+
+    /// Reads the files the settings name, as the node does at start: the PSK
+    /// from [`MeshConfig::psk_file`] into [`MeshConfig::psk`], and checks the
+    /// origin CA file (so a bad file stops the node at start, not at its
+    /// first pull) and the frame size.
+    pub fn read_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(p) = &self.psk_file {
+            self.psk =
+                Some(read_psk(p).map_err(|e| ConfigError::Invalid(format!("mesh.psk_file: {e}")))?);
+        }
+        if let Some(p) = &self.origin_ca_file {
+            origin::read_ca_file(p)
+                .map_err(|e| ConfigError::Invalid(format!("mesh.origin_ca_file: {e}")))?;
+        }
+        if !(1 << 10..=1 << 20).contains(&self.frame_size) {
+            return Err(ConfigError::Invalid(format!(
+                "mesh.frame_size: {} is outside 1K..1M",
+                crate::config::ByteSize(self.frame_size as u64)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Serde of the multiaddr lists (`mesh.listen`, `mesh.peers`).
+mod multiaddrs {
+    use super::Multiaddr;
+    use serde::{Deserialize, Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(v: &[Multiaddr], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|a| a.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Multiaddr>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|s| {
+                s.parse::<Multiaddr>().map_err(|e| {
+                    de::Error::custom(format!(
+                        "{s:?} is not a multiaddr ({e}); e.g. \"/ip4/192.168.1.20/tcp/7071\""
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// Serde of the peer id list (`mesh.allow_peers`).
+mod peer_ids {
+    use super::PeerId;
+    use serde::{Deserialize, Deserializer, Serializer, de};
+
+    pub fn serialize<S: Serializer>(v: &[PeerId], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|p| p.to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PeerId>, D::Error> {
+        let v = Vec::<String>::deserialize(d)?;
+        v.iter()
+            .map(|s| {
+                s.parse::<PeerId>()
+                    .map_err(|e| de::Error::custom(format!("{s:?} is not a peer id ({e})")))
+            })
+            .collect()
+    }
+}
+
+/// The `[mesh]` section's settings, in file order.
+pub const SETTINGS: &[Setting] = {
+    use crate::config::Kind::{Bool, Int, List, Str};
+    use crate::config::Setting as S;
+    &[
+        S::new(
+            "mesh.listen",
+            Some("SHOAL_LISTEN"),
+            List,
+            "Multiaddrs the mesh listens on (TCP, then TLS or noise, then yamux).",
+            "[\"/ip4/0.0.0.0/tcp/7071\"]",
+        ),
+        S::new(
+            "mesh.peers",
+            Some("SHOAL_PEERS"),
+            List,
+            "Static peers, dialled at start and redialled when lost, e.g.\n\"/ip4/192.168.1.20/tcp/7071\". Needed where mDNS cannot reach (routed networks,\ncontainers) or is off.",
+            "[\"/ip4/192.168.1.20/tcp/7071\"]",
+        ),
+        S::new(
+            "mesh.mdns",
+            Some("SHOAL_MDNS"),
+            Bool,
+            "Find peers on the local link by multicast DNS.",
+            "true",
+        ),
+        S::new(
+            "mesh.psk_file",
+            Some("SHOAL_PSK_FILE"),
+            Str,
+            "Pre-shared key file (libp2p pnet, 'swarm.key' format): only nodes with the same key\ncan connect. Unset: an open mesh (peers still verify every chunk by hash).",
+            "\"/etc/shoal/swarm.key\"",
+        ),
+        S::new(
+            "mesh.security",
+            Some("SHOAL_SECURITY"),
+            List,
+            "Secure channels offered to peers, most preferred first: \"tls\" (TLS 1.3 with the\nnode's ed25519 key as a raw public key, AES-GCM first: the fast one on CPUs with AES\ninstructions) and \"noise\" (libp2p noise, ChaCha20-Poly1305). Peers use the first\nchannel both offer.",
+            "[\"tls\", \"noise\"]",
+        ),
+        S::new(
+            "mesh.offline",
+            Some("SHOAL_OFFLINE"),
+            Bool,
+            "Never fetch from origin URLs (the internet); use only the local store and peers.",
+            "false",
+        ),
+        S::new(
+            "mesh.origin_ca_file",
+            Some("SHOAL_ORIGIN_CA_FILE"),
+            Str,
+            "Extra CA certificates (a PEM file) trusted for https:// origin URLs, on top of the\nsystem's CA bundle: for an origin with a certificate from an internal CA. The\ncertificate must still be valid for the URL's host name. Unset: the system bundle only.",
+            "\"/etc/shoal/origin-ca.pem\"",
+        ),
+        S::new(
+            "mesh.allow_peers",
+            Some("SHOAL_ALLOW_PEERS"),
+            List,
+            "Peer ids allowed to connect. Empty: any peer (that holds the PSK, when one is set).",
+            "[\"12D3KooW...\"]",
+        ),
+        S::new(
+            "mesh.ban_duration",
+            Some("SHOAL_BAN_DURATION"),
+            Str,
+            "How long a peer that served a chunk failing its hash is banned.",
+            "\"1h\"",
+        ),
+        S::new(
+            "mesh.frame_size",
+            Some("SHOAL_FRAME_SIZE"),
+            Str,
+            "Largest yamux data frame this node sends, 1K to 1M. Each frame is one flush of the\nconnection and its own TLS record for the frame header: 256K frames cost a 16th of\nthe flushes of yamux's usual 16K (docs/benchmarks.md). Any yamux peer reads them.",
+            "\"256K\"",
+        ),
+        S::new(
+            "mesh.mdns_query_interval",
+            Some("SHOAL_MDNS_QUERY_INTERVAL"),
+            Str,
+            "How often mDNS asks the link for peers once some answered (at start it asks at\n0.5 s, 1 s, 2 s, ...). While no peer is connected the node also asks by itself,\n0.5 s apart and doubling up to 8 s, and redials every peer it found and lost.",
+            "\"30s\"",
+        ),
+        S::new(
+            "mesh.max_downloads",
+            Some("SHOAL_MAX_DOWNLOADS"),
+            Int,
+            "Most downloads running at once; a further pull is refused (HTTP 429) until one ends.",
+            "4",
+        ),
+    ]
+};
 
 /// Longest pause between two rediscovery rounds while no peer is connected.
 pub const REDISCOVER_MAX: Duration = Duration::from_secs(8);

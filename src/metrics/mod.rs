@@ -143,3 +143,18 @@ mod tests {
         assert_eq!(recent[RECENT_TTFT - 1].secs, (RECENT_TTFT - 1) as f64);
     }
 }
+
+/// The `[metrics]` section of the configuration file. (Its settings are
+/// described in `crate::settings`: this module imports nothing from the crate.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve Prometheus metrics at `GET /metrics` on the API address.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { enabled: true }
+    }
+}

@@ -13,9 +13,10 @@ pub mod openai;
 pub use engine::{Engine, EngineStats, Job, JobEvent};
 pub use openai::router;
 
+use crate::config::{ConfigError, Setting};
 use crate::inference::{ChatTemplate, Model};
 use crate::kvcache::{KvCacheConfig, KvCacheError, PrefixCache};
-use crate::respcache::ResponseCache;
+use crate::respcache::{ResponseCache, ResponseCacheConfig};
 use futures::FutureExt;
 use std::collections::HashMap;
 use std::future::Future;
@@ -120,49 +121,98 @@ pub enum LocateError {
     Invalid(String),
 }
 
-/// Settings of the serving layer.
-#[derive(Debug, Clone)]
+/// Settings of the serving layer: the `[inference]` section of the
+/// configuration file ([`SETTINGS`]), plus what the node fills in from the
+/// `[kv]` and `[response_cache]` sections and runtime fields.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServeConfig {
-    /// Largest accepted request body in bytes (larger: 413).
-    pub body_limit: usize,
-    /// Requests that may wait behind the running one, per model (more: 429).
-    pub queue_depth: usize,
-    /// The prefix KV cache; `None` disables it.
-    pub kv: Option<KvCacheConfig>,
-    /// Response cache byte budget (0 disables it).
-    pub response_cache_budget: u64,
-    /// Response cache TTL (also the `max-age` served).
-    pub response_cache_ttl: Duration,
-    /// Worker threads per model (0 = all cores).
+    /// Worker threads per model (0 = all cores; `inference.threads`).
     pub threads: usize,
+    /// Requests that may wait behind the running one, per model (more: 429;
+    /// `inference.queue_depth`).
+    pub queue_depth: usize,
+    /// Model used when a request names none (a release name or artifact id;
+    /// `inference.default_model`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_model: Option<String>,
     /// Models loaded at once, at least 1 (`inference.max_loaded`). Loading
     /// one more unloads the least recently used idle one.
     pub max_loaded: usize,
     /// Bytes the loaded models may take together, as [`memory_estimate`]
-    /// counts them (`inference.memory_budget`).
-    pub memory_budget: u64,
+    /// counts them (`inference.memory_budget`); `None`:
+    /// [`default_memory_budget`] ([`ServeConfig::memory_budget_bytes`]).
+    #[serde(
+        with = "crate::config::opt_size",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_budget: Option<u64>,
+    /// Largest accepted request body in bytes (larger: 413).
+    #[serde(skip)]
+    pub body_limit: usize,
+    /// The prefix KV cache (the `[kv]` section); `None` disables it.
+    #[serde(skip)]
+    pub kv: Option<KvCacheConfig>,
+    /// Response cache byte budget (0 disables it; `response_cache.budget`).
+    #[serde(skip)]
+    pub response_cache_budget: u64,
+    /// Response cache TTL (also the `max-age` served; `response_cache.ttl`).
+    #[serde(skip)]
+    pub response_cache_ttl: Duration,
     /// Test hook: serve wrong (but validly signed) KV to neighbours.
     #[doc(hidden)]
+    #[serde(skip)]
     pub test_lie_kv: bool,
     /// Where the engines and the prefix cache report (not a setting: the
     /// node hands in its own; by default a fresh, detached set).
+    #[serde(skip)]
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
+impl PartialEq for ServeConfig {
+    /// Compares the settings; where the metrics go is not a setting.
+    fn eq(&self, o: &Self) -> bool {
+        let ServeConfig {
+            threads,
+            queue_depth,
+            default_model,
+            max_loaded,
+            memory_budget,
+            body_limit,
+            kv,
+            response_cache_budget,
+            response_cache_ttl,
+            test_lie_kv,
+            metrics: _,
+        } = self;
+        *threads == o.threads
+            && *queue_depth == o.queue_depth
+            && *default_model == o.default_model
+            && *max_loaded == o.max_loaded
+            && *memory_budget == o.memory_budget
+            && *body_limit == o.body_limit
+            && *kv == o.kv
+            && *response_cache_budget == o.response_cache_budget
+            && *response_cache_ttl == o.response_cache_ttl
+            && *test_lie_kv == o.test_lie_kv
+    }
+}
+
 impl Default for ServeConfig {
-    /// The configuration file's defaults (`[inference]`, `[response_cache]`):
-    /// one source of truth for the numbers the docs quote.
+    /// The configuration file's defaults (`[inference]`, `[kv]`,
+    /// `[response_cache]`): one source of truth for the numbers the docs quote.
     fn default() -> Self {
-        let cfg = crate::config::Config::default();
+        let rc = ResponseCacheConfig::default();
         ServeConfig {
-            body_limit: 1 << 20,
-            queue_depth: cfg.inference.queue_depth,
-            kv: Some(KvCacheConfig::default()),
-            response_cache_budget: cfg.response_cache.budget.bytes(),
-            response_cache_ttl: cfg.response_cache.ttl.get(),
             threads: 0,
+            queue_depth: 16,
+            default_model: None,
             max_loaded: DEFAULT_MAX_LOADED,
-            memory_budget: default_memory_budget(),
+            memory_budget: None,
+            body_limit: 1 << 20,
+            kv: Some(KvCacheConfig::default()),
+            response_cache_budget: rc.budget,
+            response_cache_ttl: rc.ttl,
             test_lie_kv: false,
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
@@ -179,37 +229,104 @@ impl ServeConfig {
         c
     }
 
-    /// The serving settings of a node's configuration (`[kv]`,
-    /// `[response_cache]`, `[inference]`), with the KV disk tier under
-    /// `<data_dir>/kv`.
-    pub fn from_config(cfg: &crate::config::Config, data_dir: &std::path::Path) -> ServeConfig {
-        use crate::config::KvDtype as C;
-        let kv = &cfg.kv;
+    /// These `[inference]` settings with the `[kv]` and `[response_cache]`
+    /// sections, the KV disk tier under `<data_dir>/kv`.
+    pub fn with_caches(
+        &self,
+        kv: &KvCacheConfig,
+        response_cache: &ResponseCacheConfig,
+        data_dir: &std::path::Path,
+    ) -> ServeConfig {
         ServeConfig {
-            queue_depth: cfg.inference.queue_depth,
-            threads: cfg.inference.threads,
-            max_loaded: cfg.inference.max_loaded.max(1),
-            memory_budget: cfg
-                .inference
-                .memory_budget
-                .map_or_else(default_memory_budget, |b| b.bytes()),
             kv: Some(KvCacheConfig {
-                block_tokens: kv.block_size as usize,
-                dtype: match kv.dtype {
-                    C::F16 => crate::inference::KvDtype::F16,
-                    C::Q8_0 => crate::inference::KvDtype::Q8_0,
-                },
-                ram_budget: kv.ram_budget.0,
-                ram_ttl: kv.ttl.0,
                 disk_dir: Some(data_dir.join("kv")),
-                disk_budget: kv.disk_budget.0,
+                ..kv.clone()
             }),
-            response_cache_budget: cfg.response_cache.budget.0,
-            response_cache_ttl: cfg.response_cache.ttl.0,
-            ..ServeConfig::default()
+            response_cache_budget: response_cache.budget,
+            response_cache_ttl: response_cache.ttl,
+            ..self.clone()
         }
     }
+
+    /// The memory budget in bytes: [`ServeConfig::memory_budget`], or
+    /// [`default_memory_budget`] when unset.
+    pub fn memory_budget_bytes(&self) -> u64 {
+        self.memory_budget.unwrap_or_else(default_memory_budget)
+    }
+
+    /// Checks ranges that the types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.queue_depth == 0 {
+            return bad("inference.queue_depth must be at least 1");
+        }
+        if self.max_loaded == 0 {
+            return bad("inference.max_loaded must be at least 1");
+        }
+        if self.memory_budget == Some(0) {
+            return bad("inference.memory_budget must not be 0");
+        }
+        let max_threads = max_inference_threads();
+        if self.threads > max_threads {
+            return Err(ConfigError::Invalid(format!(
+                "inference.threads = {} is more than 4 x this machine's cores ({max_threads}); \
+                 use 0 for one per core",
+                self.threads
+            )));
+        }
+        Ok(())
+    }
 }
+
+/// The most inference threads `inference.threads` accepts: 4 x the cores of
+/// this machine (more only adds contention; 1,857 threads hung a request).
+pub fn max_inference_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The `[inference]` section's settings, in file order.
+pub const SETTINGS: &[Setting] = {
+    use crate::config::Kind::{Int, Str};
+    use crate::config::Setting as S;
+    &[
+        S::new(
+            "inference.threads",
+            Some("SHOAL_THREADS"),
+            Int,
+            "Compute threads for inference; 0 uses one per available core. At most 4 x the\ncores (a larger value is refused).",
+            "4",
+        ),
+        S::new(
+            "inference.queue_depth",
+            Some("SHOAL_QUEUE_DEPTH"),
+            Int,
+            "Requests that may wait per model; more are refused with HTTP 429 and Retry-After.",
+            "16",
+        ),
+        S::new(
+            "inference.default_model",
+            Some("SHOAL_MODEL"),
+            Str,
+            "Model used when a request names none or names \"default\" (release name or id).",
+            "\"smollm2-135m-instruct:q4_1\"",
+        ),
+        // -- bounded models (issue 14, item 2) --
+        S::new(
+            "inference.max_loaded",
+            Some("SHOAL_MAX_LOADED"),
+            Int,
+            "Models loaded at once (at least 1). A request for one more unloads the least recently\nused idle model; if every loaded model is busy it gets HTTP 503 with Retry-After.",
+            "2",
+        ),
+        S::new(
+            "inference.memory_budget",
+            Some("SHOAL_MEMORY_BUDGET"),
+            Str,
+            "Memory the loaded models may take together, each counted as its file size plus the f32 KV\nof one 4096-token sequence. Unset: three quarters of the machine's RAM.",
+            "\"6G\"",
+        ),
+    ]
+};
 
 /// Models loaded at once by default (`inference.max_loaded`).
 pub const DEFAULT_MAX_LOADED: usize = 2;
@@ -358,7 +475,9 @@ fn parse_id(s: &str) -> Option<[u8; 32]> {
 
 impl Serving {
     /// Opens the caches; add models with [`Serving::add_model`].
-    pub fn new(cfg: ServeConfig) -> Result<Arc<Serving>, ServeError> {
+    pub fn new(mut cfg: ServeConfig) -> Result<Arc<Serving>, ServeError> {
+        // Resolved once: the default reads /proc/meminfo.
+        cfg.memory_budget = Some(cfg.memory_budget_bytes());
         let kv = match &cfg.kv {
             Some(k) => Some(Arc::new(PrefixCache::open(k.clone(), cfg.metrics.clone())?)),
             None => None,
@@ -494,7 +613,7 @@ impl Serving {
             let fits_count = t.slots.len() < self.cfg.max_loaded.max(1);
             // A model alone larger than the budget is still served, alone.
             let fits_mem =
-                t.slots.is_empty() || used.saturating_add(need) <= self.cfg.memory_budget;
+                t.slots.is_empty() || used.saturating_add(need) <= self.cfg.memory_budget_bytes();
             if fits_count && fits_mem {
                 return Ok(gone);
             }
@@ -518,7 +637,7 @@ impl Serving {
                         "{} model(s) are loaded ({} bytes of the memory budget of {}; at most {}) and all are in use; retry later.",
                         t.slots.len(),
                         used,
-                        self.cfg.memory_budget,
+                        self.cfg.memory_budget_bytes(),
                         self.cfg.max_loaded
                     ),
                     retry_after,

@@ -91,28 +91,40 @@ const MANIFEST_CACHE_ENTRIES: usize = 64;
 /// ([`StoreOptions::on_corrupt`]).
 pub type CorruptHook = Arc<dyn Fn(&ArtifactId) + Send + Sync>;
 
-/// Store settings.
-#[derive(Clone)]
+/// Store settings: the `[store]` section of the configuration file
+/// ([`SETTINGS`]), plus runtime fields the file does not hold.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StoreOptions {
-    /// Byte quota for artifacts (active and partial). `u64::MAX` for none.
+    /// Byte quota for artifacts (active and partial). `u64::MAX` for none
+    /// (`store.quota`).
+    #[serde(rename = "quota", with = "crate::config::size")]
     pub quota_bytes: u64,
-    /// Partial artifacts untouched for longer than this are collected by [`Store::gc`].
+    /// Partial artifacts untouched for longer than this are collected by
+    /// [`Store::gc`] (`store.partial_ttl`).
+    #[serde(with = "crate::config::duration")]
     pub partial_ttl: Duration,
+    /// Models (release names or ids) that `shoal prefetch` fetches and pins
+    /// (`store.prefetch`); the store itself does not read it.
+    pub prefetch: Vec<String>,
     /// A chunk served to a peer is hashed again before it leaves
     /// ([`Store::read_chunk_into`]) unless this node hashed it (on receipt or
     /// on an earlier read) less than this long ago. In a swarm every chunk is
     /// served many times within seconds of its arrival; one hash per window
     /// instead of one per send. `Duration::ZERO`: hash every read.
+    #[serde(skip)]
     pub reverify_after: Duration,
     /// Told (on the thread that found it, after the mark is durable) when an
     /// artifact is newly marked corrupt by [`Store::verify`], a failed
     /// verify-on-read or [`Store::mark_corrupt`], so the node can react (drop
     /// derived caches, fetch the bad chunks again) without polling. Must not
     /// block for long.
+    #[serde(skip)]
     pub on_corrupt: Option<CorruptHook>,
     /// Where the store reports its events (artifacts added, activated,
     /// removed, evicted; chunks copied locally). Not a setting: the node
     /// hands in its registry. Default: a fresh registry no one reads.
+    #[serde(skip)]
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -121,6 +133,7 @@ impl std::fmt::Debug for StoreOptions {
         f.debug_struct("StoreOptions")
             .field("quota_bytes", &self.quota_bytes)
             .field("partial_ttl", &self.partial_ttl)
+            .field("prefetch", &self.prefetch)
             .field("reverify_after", &self.reverify_after)
             .field(
                 "on_corrupt",
@@ -135,12 +148,52 @@ impl Default for StoreOptions {
         Self {
             quota_bytes: u64::MAX,
             partial_ttl: Duration::from_secs(24 * 3600),
+            prefetch: Vec::new(),
             reverify_after: Duration::from_secs(60),
             on_corrupt: None,
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 }
+
+impl PartialEq for StoreOptions {
+    /// Compares the settings; the hook is not compared.
+    fn eq(&self, o: &Self) -> bool {
+        self.quota_bytes == o.quota_bytes
+            && self.partial_ttl == o.partial_ttl
+            && self.prefetch == o.prefetch
+            && self.reverify_after == o.reverify_after
+    }
+}
+
+/// The `[store]` section's settings, in file order.
+pub const SETTINGS: &[crate::config::Setting] = {
+    use crate::config::Kind::{List, Str};
+    use crate::config::Setting as S;
+    &[
+        S::new(
+            "store.quota",
+            Some("SHOAL_STORE_QUOTA"),
+            Str,
+            "Byte quota for artifacts (\"20G\", \"512M\", or \"unlimited\"). Beyond it the\nleast-recently-used unpinned artifacts are evicted; pinned ones never are.",
+            "\"20G\"",
+        ),
+        S::new(
+            "store.partial_ttl",
+            Some("SHOAL_PARTIAL_TTL"),
+            Str,
+            "Partial downloads untouched for this long are deleted by garbage collection.",
+            "\"24h\"",
+        ),
+        S::new(
+            "store.prefetch",
+            Some("SHOAL_PREFETCH"),
+            List,
+            "Models (release names or ids) that `shoal prefetch` fetches through the running\nnode and pins; the shoal-prefetch.timer runs it off-peak.",
+            "[\"smollm2-135m-instruct:q4_1\"]",
+        ),
+    ]
+};
 
 /// State of an artifact in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -162,7 +162,7 @@ pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: MeshCmd) -> Result<()> {
     }
 }
 
-async fn serve(ctx: &Ctx, cfg: shoal::config::Config, args: ServeArgs) -> Result<()> {
+async fn serve(ctx: &Ctx, cfg: shoal::settings::Config, args: ServeArgs) -> Result<()> {
     // Defaults < file < SHOAL_* environment < flags: the config gives the
     // data dir, store and mesh settings; serve's own flags adjust the mesh.
     let mut nc = cfg.node_config(&ctx.data_dir)?;
@@ -189,12 +189,12 @@ async fn serve(ctx: &Ctx, cfg: shoal::config::Config, args: ServeArgs) -> Result
     let api_addr = args.api.unwrap_or(cfg.api.listen);
     let data_dir = nc.data_dir.clone();
     let node = Node::start(nc).await?;
-    let serving = node.init_serving(shoal::serve::ServeConfig::from_config(&cfg, &data_dir))?;
+    let serving = node.init_serving(cfg.serve_config(&data_dir))?;
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await
         .with_context(|| format!("binding the API on {api_addr}"))?;
-    let mut api_opts = shoal::api::ApiOptions::from_config(&cfg);
-    api_opts.listen = Some(listener.local_addr()?);
+    let mut api_opts = cfg.api_options();
+    api_opts.listen = listener.local_addr()?;
     // Reads (or makes) the admin token and reads the API keys before announcing the API.
     let router = shoal::api::try_router(node.clone(), &api_opts)?;
     eprintln!(
@@ -202,8 +202,8 @@ async fn serve(ctx: &Ctx, cfg: shoal::config::Config, args: ServeArgs) -> Result
         node.mesh().peer_id(),
         listener.local_addr()?
     );
-    let stop = watch_signals(cfg.api.drain_timeout.get(), serving.clone())?;
-    shoal::api::serve_with(listener, router, api_opts.timeouts, async move {
+    let stop = watch_signals(cfg.api.drain_timeout, serving.clone())?;
+    shoal::api::serve_with(listener, router, api_opts.timeouts(), async move {
         let _ = stop.await;
     })
     .await?;

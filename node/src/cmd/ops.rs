@@ -3,8 +3,8 @@
 use super::{Ctx, human_bytes};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use shoal::config::Config;
 use shoal::import::{ImportOptions, import};
+use shoal::settings::Config;
 use std::path::PathBuf;
 
 /// Where the configuration comes from: the file (`--config`, else
@@ -37,7 +37,7 @@ impl ConfigSource {
             cfg.data_dir = Some(d.clone());
         }
         if let Some(q) = self.store_quota {
-            cfg.store.quota = shoal::config::ByteSize(q);
+            cfg.store.quota_bytes = q;
         }
         // Flags go through the same checks as the file (e.g. an empty --data-dir).
         cfg.validate()?;
