@@ -49,7 +49,8 @@ async fn late_joiner_resolves_trusted_names_and_refuses_untrusted_ones() -> Resu
 
     // b pulls by name; the fetch is counted in the metrics by source.
     let peer_bytes = || {
-        shoal::metrics::global()
+        b.node
+            .metrics()
             .render()
             .lines()
             .find(|l| l.starts_with("shoal_chunk_fetch_bytes_total{source=\"peer\"}"))
