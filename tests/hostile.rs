@@ -72,10 +72,7 @@ fn a_template_that_never_ends_fails_clearly_and_stalls_nothing() {
             shoal::daemon::Daemon::start(opts, listener).await
         })
         .expect("daemon");
-    daemon
-        .serving()
-        .load_model("hostile", &path)
-        .expect("load");
+    daemon.serving().load_model("hostile", &path).expect("load");
     let addr = daemon.addr();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {

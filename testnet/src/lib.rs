@@ -7,8 +7,8 @@
 //! Real: `scripts/testnet.sh` runs `shoal serve` processes in network namespaces.
 
 use anyhow::{Context, Result, bail};
-use shoal::mesh::{self, MeshConfig, Multiaddr, PeerId};
 use shoal::daemon::{Daemon, DaemonOptions};
+use shoal::mesh::{self, MeshConfig, Multiaddr, PeerId};
 use shoal::node::{Node, NodeConfig};
 use shoal::store::StoreOptions;
 use std::net::SocketAddr;
