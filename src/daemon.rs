@@ -36,9 +36,9 @@ use tokio::task::JoinHandle;
 /// Errors starting or stopping a daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// The node (store, mesh) failed to start.
+    /// The node (store, mesh) failed to start (boxed: it is large).
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Node(Box<NodeError>),
     /// The serving layer failed to start.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -63,6 +63,12 @@ pub enum DaemonError {
         /// (empty: only open HTTP connections remained).
         still_running: Vec<String>,
     },
+}
+
+impl From<NodeError> for DaemonError {
+    fn from(e: NodeError) -> Self {
+        DaemonError::Node(Box::new(e))
+    }
 }
 
 fn describe(running: &[String]) -> String {

@@ -59,7 +59,7 @@ pub async fn start_node(config: MeshConfig, data_dir: Option<PathBuf>) -> Result
 }
 
 /// [`start_node`], with `configure` adjusting the daemon's options (its
-/// serving layer, its metrics) before it starts.
+/// serving layer, say) before it starts. Each node has its own metrics.
 pub async fn start_node_with(
     config: MeshConfig,
     data_dir: Option<PathBuf>,
@@ -78,6 +78,8 @@ pub async fn start_node_with(
         store: StoreOptions::default(),
         mesh: config,
     });
+    // Each node its own metrics, as separate processes would have.
+    opts.metrics = Some(std::sync::Arc::new(shoal::metrics::Metrics::new()));
     configure(&mut opts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let daemon = Daemon::start(opts, listener).await?;

@@ -465,19 +465,16 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_node_counts_its_own_metrics() -> Result<()> {
     init_tracing();
-    let own = |o: &mut shoal::daemon::DaemonOptions| {
-        o.metrics = Some(std::sync::Arc::new(shoal::metrics::Metrics::new()));
-    };
     let tmp = tempfile::tempdir()?;
     let src = tmp_file(&tmp, "a.bin", 4)?;
     let liar_config = MeshConfig {
         test_corrupt_chunks: true,
         ..loopback_config(vec![])
     };
-    let liar = shoal_testnet::start_node_with(liar_config, None, own).await?;
+    let liar = start_node(liar_config, None).await?;
     let id = add(&liar.node, &src).await?;
     let d_config = loopback_config(vec![liar.addr.clone()]);
-    let d = shoal_testnet::start_node_with(d_config, None, own).await?;
+    let d = start_node(d_config, None).await?;
     wait_peers(&d.node, 1).await?;
     let (_, mut rx) = d.node.pull(&id.to_hex()).await?;
     let p = wait_until(&mut rx, |p| !p.banned.is_empty()).await?;

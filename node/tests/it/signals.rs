@@ -13,32 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::util::demo_model;
+
 /// The binary under test.
 fn shoal_bin() -> PathBuf {
     std::env::var_os("SHOAL_TEST_BIN")
         .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_shoal")), PathBuf::from)
-}
-
-fn demo_model() -> Option<PathBuf> {
-    let p = match std::env::var_os("SHOAL_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "demo model missing at {}",
-        p.display()
-    );
-    eprintln!("skipping: demo model not found at {}", p.display());
-    None
 }
 
 /// Adds a private copy of the demo model to a store at `data`; returns its id.
