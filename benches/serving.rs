@@ -227,32 +227,18 @@ fn main() {
 /// Two nodes on a loopback mesh: A answers each prompt (cold), then B,
 /// which has never seen it, answers a follow-up with A's blocks.
 async fn neighbour(runs: usize, words: usize, block: usize) -> (Vec<f64>, u64) {
-    use shoal::mesh::{MeshConfig, loopback_listen};
-    use shoal::node::{Node, NodeConfig};
     let tmp = tempfile::tempdir().expect("tmp");
     let model = demo_model_path().expect("model");
     let mut nodes = Vec::new();
     let mut peers = Vec::new();
     for name in ["a", "b"] {
         let dir = tmp.path().join(name);
-        let node = Node::start(NodeConfig {
-            data_dir: dir.clone(),
-            store: shoal::store::StoreOptions::default(),
-            mesh: MeshConfig {
-                listen: vec![loopback_listen()],
-                peers: peers.clone(),
-                mdns: false,
-                ..MeshConfig::default()
-            },
-        })
-        .await
-        .expect("node");
         let mut cfg = ServeConfig::with_data_dir(&dir);
         cfg.response_cache_budget = 0;
         if let Some(k) = &mut cfg.kv {
             k.block_tokens = block;
         }
-        node.init_serving(cfg).expect("serving");
+        let (node, addr) = serving_common::start_node(&dir, peers.clone(), cfg).await;
         let store = node.store().clone();
         let m = model.clone();
         let id = tokio::task::spawn_blocking(move || {
@@ -261,28 +247,7 @@ async fn neighbour(runs: usize, words: usize, block: usize) -> (Vec<f64>, u64) {
         .await
         .expect("join")
         .expect("add");
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("addr");
-        let router = shoal::api::router(node.clone());
-        tokio::spawn(async move {
-            let _ = shoal::api::serve(l, router, std::future::pending()).await;
-        });
-        loop {
-            if let Some(a) = node
-                .mesh()
-                .listen_addrs()
-                .await
-                .expect("addrs")
-                .into_iter()
-                .next()
-            {
-                peers.push(a.with_p2p(node.mesh().peer_id()).expect("p2p"));
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        peers.push(serving_common::p2p_addr(&node).await);
         nodes.push((node, addr, id.to_hex()));
     }
     while nodes[1]

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod gguf;
 pub mod import;
 pub mod inference;

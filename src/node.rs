@@ -1,9 +1,13 @@
-//! The composition root: a [`Node`] owns the store and the mesh and starts them.
+//! The composition root: a [`Node`] owns the store, the mesh and its
+//! [`Metrics`], and starts them.
 //!
-//! Later layers (inference, KV cache, response cache) add their own handles
-//! here; the HTTP API ([`crate::api`]) takes a `Node` as its state.
+//! The serving layer (inference, KV cache, response cache) is attached with
+//! [`Node::init_serving`]; the HTTP API ([`crate::api`]) takes a `Node` as its
+//! state. The whole start and shutdown order of a daemon (node, serving, HTTP,
+//! drain) lives in [`crate::daemon`].
 
 use crate::mesh::{self, Client, Downloads, MeshConfig, MeshError, Progress};
+use crate::metrics::Metrics;
 use crate::store::{ArtifactId, Store, StoreError, StoreOptions};
 use libp2p::identity::Keypair;
 use std::path::PathBuf;
@@ -49,6 +53,7 @@ struct Inner {
     mesh: Client,
     downloads: Downloads,
     started: Instant,
+    metrics: Arc<Metrics>,
     serving: std::sync::OnceLock<Arc<crate::serve::Serving>>,
     /// Artifacts marked corrupt that are being re-fetched, with their
     /// number of bad chunks: not served until the download completes.
@@ -64,8 +69,17 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the store and starts the mesh on the current tokio runtime.
+    /// Opens the store and starts the mesh on the current tokio runtime,
+    /// reporting to the process-wide [`crate::metrics::global`] registry
+    /// (until every layer takes the node's own: see [`Node::start_with`]).
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+        Node::start_with(config, crate::metrics::global()).await
+    }
+
+    /// [`Node::start`] with this node's own metrics: the mesh event loop
+    /// (peer gauges, bans) and the HTTP API (`/metrics`, the dashboard)
+    /// report to and read `metrics`.
+    pub async fn start_with(config: NodeConfig, metrics: Arc<Metrics>) -> Result<Node, NodeError> {
         let (dir, mut opts) = (config.data_dir.clone(), config.store.clone());
         opts.metrics = crate::metrics::global();
         // Artifacts newly marked corrupt (verify, verify-on-read) are
@@ -86,13 +100,14 @@ impl Node {
         if mesh_config.keypair.is_none() {
             mesh_config.keypair = Some(node_key(&config.data_dir)?);
         }
-        let mesh = mesh::start(mesh_config, store.clone()).await?;
+        let mesh = mesh::start(mesh_config, store.clone(), metrics.clone()).await?;
         let node = Node {
             inner: Arc::new(Inner {
                 store,
                 mesh,
                 downloads: Downloads::new(crate::metrics::global()),
                 started: Instant::now(),
+                metrics,
                 serving: std::sync::OnceLock::new(),
                 repairing: parking_lot::Mutex::new(std::collections::HashMap::new()),
                 stopping: std::sync::atomic::AtomicBool::new(false),
@@ -177,6 +192,11 @@ impl Node {
     /// The mesh client.
     pub fn mesh(&self) -> &Client {
         &self.inner.mesh
+    }
+
+    /// This node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
     }
 
     /// Downloads started on this node.
@@ -281,8 +301,8 @@ impl Node {
 
     /// Starts the serving layer (OpenAI API, KV and response caches) with
     /// `cfg`; models are loaded from the store, and pulled from the mesh,
-    /// on first use. Call before [`crate::api::router`]; a second call
-    /// returns the existing layer.
+    /// on first use. [`crate::daemon::Daemon::start`] calls it before it
+    /// builds the API router; a second call returns the existing layer.
     pub fn init_serving(
         &self,
         cfg: crate::serve::ServeConfig,
@@ -307,11 +327,9 @@ impl Node {
         Ok(self.inner.serving.get_or_init(|| s).clone())
     }
 
-    /// The serving layer, started with defaults (KV disk tier under
-    /// `<data-dir>/kv`) if [`Node::init_serving`] was not called.
-    pub fn serving(&self) -> Result<Arc<crate::serve::Serving>, crate::serve::ServeError> {
-        let dir = self.inner.store.dir().to_path_buf();
-        self.init_serving(crate::serve::ServeConfig::with_data_dir(dir))
+    /// The serving layer, if [`Node::init_serving`] started it.
+    pub fn serving(&self) -> Option<Arc<crate::serve::Serving>> {
+        self.inner.serving.get().cloned()
     }
 
     /// Stops the mesh. The store closes when the last clone of the node is dropped.

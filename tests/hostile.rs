@@ -9,7 +9,7 @@ mod inference_common;
 
 use shoal::gguf::writer::with_metadata;
 use shoal::gguf::{GgmlType, Value};
-use shoal::serve::{ServeConfig, Serving};
+use shoal::serve::ServeConfig;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
@@ -55,25 +55,28 @@ fn a_template_that_never_ends_fails_clearly_and_stalls_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("hostile.gguf");
     std::fs::write(&path, tiny_with_template(HOSTILE)).expect("write model");
-    let serving = Serving::new(ServeConfig {
-        kv: None,
-        response_cache_budget: 0,
-        threads: 1,
-        ..ServeConfig::default()
-    })
-    .expect("serving");
-    serving.load_model("hostile", &path).expect("load");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let mut opts = shoal::daemon::DaemonOptions::loopback(dir.path().join("data"), Vec::new());
+    opts.serve = ServeConfig {
+        kv: None,
+        response_cache_budget: 0,
+        threads: 1,
+        ..ServeConfig::default()
+    };
+    let daemon = rt
+        .block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            shoal::daemon::Daemon::start(opts, listener).await
+        })
+        .expect("daemon");
+    daemon.serving().load_model("hostile", &path).expect("load");
+    let addr = daemon.addr();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = std::thread::spawn(move || {
-        rt.block_on(shoal::serve::serve(listener, serving, async {
+        rt.block_on(daemon.run_until(async {
             let _ = stop_rx.await;
         }))
         .expect("serve");

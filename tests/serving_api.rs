@@ -428,7 +428,7 @@ async fn overload_429_and_disconnect_cancels() {
     let mut s = tokio::net::TcpStream::connect(a).await.expect("connect");
     let body = nb.to_string();
     let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())

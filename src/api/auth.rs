@@ -213,11 +213,6 @@ impl ApiKeys {
         Ok(ApiKeys { hashes })
     }
 
-    /// No keys: every key is refused (what an unreadable keys file falls back to).
-    pub(crate) fn none() -> ApiKeys {
-        ApiKeys { hashes: Vec::new() }
-    }
-
     /// Whether `presented` is one of the keys (every key is compared, each in constant time).
     pub fn matches(&self, presented: &str) -> bool {
         let h = blake3::hash(presented.as_bytes());

@@ -395,12 +395,12 @@ pub async fn snapshot(node: &Node) -> Result<DashboardState, ApiError> {
             .collect(),
         artifacts: artifacts.into_values().collect(),
         transfers,
-        caches: metrics::global().summary(),
+        caches: node.metrics().summary(),
         disk: DiskView {
             used,
             quota: (quota != u64::MAX).then_some(quota),
         },
-        ttft: metrics::global().recent_ttft(),
+        ttft: node.metrics().recent_ttft(),
         time_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)

@@ -1,5 +1,6 @@
-//! The node's HTTP API: one axum router, served in the mini-redis shape
-//! (`serve(listener, router, shutdown)`).
+//! The node's HTTP API: one axum router ([`try_router`]), served by
+//! [`serve_with`] in the mini-redis shape (`serve(listener, router,
+//! shutdown)`); [`crate::daemon`] starts and stops it with the node.
 //!
 //! Routes are grouped by module and merged into one `Router<Node>`:
 //! [`admin`] (`/admin/*`, used by the CLI). Other layers add theirs in
@@ -22,7 +23,6 @@ use axum::Json;
 use axum::Router;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -172,30 +172,6 @@ pub fn routes(opts: &ApiOptions) -> Router<Node> {
         .layer(axum::Extension(PullGate::new(opts.max_pulls)))
 }
 
-/// The API router for `node` with the default options (admin token in the
-/// node's data directory, made there if missing).
-pub fn router(node: Node) -> Router {
-    router_with(node, ApiOptions::default())
-}
-
-/// The API router for `node` with `opts`. If the admin token or the keys file
-/// cannot be read, the routes they guard refuse every request (and the reason
-/// is logged); [`try_router`] reports it instead.
-pub fn router_with(node: Node, opts: ApiOptions) -> Router {
-    let path = opts.admin_token_path(node.store().dir());
-    let admin = AdminToken::load_or_create(&path).map_err(|e| {
-        tracing::error!(error = %e, "no admin token: the admin API refuses every request");
-        e.to_string()
-    });
-    let keys = opts.keys_file.as_ref().map(|k| {
-        ApiKeys::read(k).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "API keys unreadable: /v1/* refuses every request");
-            ApiKeys::none()
-        })
-    });
-    build(node, &opts, admin, keys, path)
-}
-
 /// The API router for `node` with `opts`, or why the admin token
 /// (`<data dir>/admin.token` or `api.admin_token_file`, made if missing) or
 /// the API keys file cannot be used. Logs a warning when the API listens on a
@@ -222,11 +198,12 @@ fn build(
     admin_path: PathBuf,
 ) -> Router {
     let r = routes(opts).with_state(node.clone());
-    // The OpenAI-compatible routes of the serving layer (`crate::serve`).
+    // The OpenAI-compatible routes of the serving layer (`crate::serve`),
+    // when the node serves (`Node::init_serving`, done by `crate::daemon`).
     let r = match node.serving() {
-        Ok(s) => r.merge(crate::serve::router(s)),
-        Err(e) => {
-            tracing::error!(error = %e, "serving layer unavailable; OpenAI routes disabled");
+        Some(s) => r.merge(crate::serve::router(s)),
+        None => {
+            tracing::warn!("the node does not serve models: no OpenAI routes");
             r
         }
     };
@@ -238,19 +215,6 @@ fn build(
         &opts.allowed_origins,
     );
     r.layer(axum::middleware::from_fn_with_state(guard, auth::guard))
-}
-
-/// Serves `router` on `listener` until `shutdown` resolves, then drains open
-/// requests; the default [`Timeouts`].
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "HTTP API listening");
-    }
-    serve_with(listener, router, Timeouts::default(), shutdown).await
 }
 
 /// An error answered as `{"error": "..."}` with a status code.

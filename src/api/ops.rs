@@ -34,16 +34,11 @@ pub fn routes(metrics: bool) -> Router<Node> {
     }
 }
 
+/// This node's metrics (the mesh keeps its peer gauges current itself).
 async fn prometheus(State(node): State<Node>) -> Response {
-    // Gauges cheapest to read at scrape time.
-    if let Ok(peers) = node.mesh().peers().await {
-        let banned = peers.iter().filter(|p| p.banned.is_some()).count();
-        metrics::global().peers_banned(banned);
-        metrics::global().peers_connected(peers.len() - banned);
-    }
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        metrics::global().render(),
+        node.metrics().render(),
     )
         .into_response()
 }

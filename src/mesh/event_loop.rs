@@ -24,6 +24,8 @@ pub struct EventLoop {
     self_tx: mpsc::WeakSender<Command>,
     shared: Arc<Shared>,
     provider: Provider,
+    /// The node's metrics: peer gauges and bans.
+    metrics: Arc<crate::metrics::Metrics>,
     store: Store,
     static_peers: Vec<(Multiaddr, Option<PeerId>)>,
     connected: HashMap<PeerId, Connected>,
@@ -85,7 +87,11 @@ struct Connected {
 }
 
 /// Builds the swarm, starts listening and returns the client and the (not yet running) loop.
-pub async fn new(config: MeshConfig, store: Store) -> Result<(Client, EventLoop), MeshError> {
+pub async fn new(
+    config: MeshConfig,
+    store: Store,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<(Client, EventLoop), MeshError> {
     let mut swarm = build_swarm(&config)?;
     for addr in &config.listen {
         swarm
@@ -126,6 +132,7 @@ pub async fn new(config: MeshConfig, store: Store) -> Result<(Client, EventLoop)
         self_tx: tx.downgrade(),
         shared,
         provider,
+        metrics,
         store: store.clone(),
         static_peers: config
             .peers
@@ -367,10 +374,14 @@ impl EventLoop {
             .filter(|(_, (until, _))| *until <= now)
             .map(|(p, _)| *p)
             .collect();
+        let any_expired = !expired.is_empty();
         for p in expired {
             self.bans.remove(&p);
             self.swarm.behaviour_mut().blocked.unblock_peer(p);
             tracing::info!(peer = %p, "ban expired");
+        }
+        if any_expired {
+            self.metrics.peers_banned(self.bans.len());
         }
         self.redial_static();
     }
@@ -474,7 +485,7 @@ impl EventLoop {
                     .insert(peer, (Instant::now() + self.ban_duration, reason));
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
-                crate::metrics::global().peer_banned(self.bans.len());
+                self.metrics.peer_banned(self.bans.len());
                 let _ = self.shared.events.send(MeshEvent::Banned(peer));
             }
             Command::Rediscover => {
@@ -559,7 +570,7 @@ impl EventLoop {
                             agent: String::new(),
                         },
                     );
-                    crate::metrics::global().peers_connected(self.connected.len());
+                    self.metrics.peers_connected(self.connected.len());
                     let _ = self.shared.events.send(MeshEvent::Connected(peer_id));
                 }
             }
@@ -571,7 +582,7 @@ impl EventLoop {
             } => {
                 tracing::info!(peer = %peer_id, ?cause, "peer disconnected");
                 self.connected.remove(&peer_id);
-                crate::metrics::global().peers_connected(self.connected.len());
+                self.metrics.peers_connected(self.connected.len());
                 let _ = self.shared.events.send(MeshEvent::Disconnected(peer_id));
             }
             SwarmEvent::ConnectionClosed {

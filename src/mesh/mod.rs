@@ -460,8 +460,12 @@ pub fn new_psk() -> Result<String, MeshError> {
 
 /// Starts the mesh for `store`: builds the swarm, listens, dials static peers,
 /// spawns the event loop and the chunk provider on the current tokio runtime.
-pub async fn start(config: MeshConfig, store: Store) -> Result<Client, MeshError> {
-    let (client, event_loop) = event_loop::new(config, store).await?;
+pub async fn start(
+    config: MeshConfig,
+    store: Store,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> Result<Client, MeshError> {
+    let (client, event_loop) = event_loop::new(config, store, metrics).await?;
     tokio::spawn(event_loop.run());
     Ok(client)
 }

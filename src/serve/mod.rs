@@ -19,7 +19,6 @@ use crate::kvcache::{KvCacheConfig, KvCacheError, PrefixCache};
 use crate::respcache::{ResponseCache, ResponseCacheConfig};
 use futures::FutureExt;
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -853,20 +852,4 @@ enum InsertError {
     Room(LocateError),
     /// Starting it failed.
     Serve(ServeError),
-}
-
-/// Serves the OpenAI routes of `serving` on `listener` until `shutdown`
-/// completes, then stops accepting, lets in-flight requests finish and
-/// drains the engines.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    serving: Arc<Serving>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
-    let app = router(serving.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    serving.drain().await;
-    Ok(())
 }

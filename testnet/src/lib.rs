@@ -1,27 +1,35 @@
 //! Mesh simulation for shoal.
 //!
 //! In-process: [`start_mesh`] runs N full nodes on 127.0.0.1 (mDNS off,
-//! static peers) inside one tokio runtime, each with its own temporary store.
+//! static peers) inside one tokio runtime, each with its own temporary store
+//! and its HTTP API on a loopback port, started as every daemon is
+//! ([`shoal::daemon::Daemon`]).
 //! Real: `scripts/testnet.sh` runs `shoal serve` processes in network namespaces.
 
 use anyhow::{Context, Result, bail};
+use shoal::daemon::{Daemon, DaemonOptions};
 use shoal::mesh::{self, MeshConfig, Multiaddr, PeerId};
 use shoal::node::{Node, NodeConfig};
 use shoal::store::StoreOptions;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Upper bound for any wait in the harness: a hang becomes a failure, not a timing assertion.
 pub const WAIT: Duration = Duration::from_secs(60);
 
-/// One in-process node and its temporary directory.
+/// One in-process node, its HTTP API and its temporary directory.
 pub struct TestNode {
     /// The node.
     pub node: Node,
     /// Its first listen address, with `/p2p/<id>`.
     pub addr: Multiaddr,
+    /// Where its HTTP API listens (127.0.0.1).
+    pub api: SocketAddr,
     /// Its store directory.
     pub data_dir: PathBuf,
+    /// Its daemon; dropping it closes the HTTP API.
+    pub daemon: Daemon,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -47,6 +55,16 @@ pub fn loopback_config(peers: Vec<Multiaddr>) -> MeshConfig {
 
 /// Starts a node with `config` on a store in `data_dir` (a fresh temp dir when `None`).
 pub async fn start_node(config: MeshConfig, data_dir: Option<PathBuf>) -> Result<TestNode> {
+    start_node_with(config, data_dir, |_| {}).await
+}
+
+/// [`start_node`], with `configure` adjusting the daemon's options (its
+/// serving layer, say) before it starts. Each node has its own metrics.
+pub async fn start_node_with(
+    config: MeshConfig,
+    data_dir: Option<PathBuf>,
+    configure: impl FnOnce(&mut DaemonOptions),
+) -> Result<TestNode> {
     let (dir, data_dir) = match data_dir {
         Some(d) => (None, d),
         None => {
@@ -55,17 +73,24 @@ pub async fn start_node(config: MeshConfig, data_dir: Option<PathBuf>) -> Result
             (Some(t), p)
         }
     };
-    let node = Node::start(NodeConfig {
+    let mut opts = DaemonOptions::new(NodeConfig {
         data_dir: data_dir.clone(),
         store: StoreOptions::default(),
         mesh: config,
-    })
-    .await?;
+    });
+    // Each node its own metrics, as separate processes would have.
+    opts.metrics = Some(std::sync::Arc::new(shoal::metrics::Metrics::new()));
+    configure(&mut opts);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let daemon = Daemon::start(opts, listener).await?;
+    let node = daemon.node().clone();
     let addr = listen_addr(&node).await?;
     Ok(TestNode {
         node,
         addr,
+        api: daemon.addr(),
         data_dir,
+        daemon,
         _dir: dir,
     })
 }

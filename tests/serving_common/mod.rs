@@ -51,51 +51,51 @@ pub fn demo_model() -> Option<Arc<Model>> {
         .clone()
 }
 
-/// A serving layer on 127.0.0.1:0.
+/// A node serving the demo model on 127.0.0.1:0, started as every daemon is
+/// ([`shoal::daemon::Daemon`]), in a temporary data directory.
 pub struct TestServer {
-    /// Where it listens.
+    /// Where its HTTP API listens.
     pub addr: SocketAddr,
-    /// Its state.
+    /// Its serving layer.
     pub serving: Arc<Serving>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), shoal::serve::ServeError>>>,
+    daemon: Option<shoal::daemon::Daemon>,
+    _dir: tempfile::TempDir,
 }
 
 impl TestServer {
-    /// Starts a server serving the demo model as [`NAME`]; `None` if the model is missing.
+    /// Starts a node serving the demo model as [`NAME`] with `cfg`; `None` if the model is missing.
     pub async fn start(cfg: ServeConfig) -> Option<TestServer> {
         let model = demo_model()?;
-        let serving = Serving::new(cfg).expect("serving");
-        serving.add_model(NAME, model).expect("add model");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = shoal::daemon::DaemonOptions::loopback(dir.path().join("data"), Vec::new());
+        opts.serve = cfg;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let s = serving.clone();
-        let task = tokio::spawn(shoal::serve::serve(listener, s, async move {
-            let _ = rx.await;
-        }));
+        let daemon = shoal::daemon::Daemon::start(opts, listener)
+            .await
+            .expect("daemon");
+        let serving = daemon.serving().clone();
+        serving.add_model(NAME, model).expect("add model");
         Some(TestServer {
-            addr,
+            addr: daemon.addr(),
             serving,
-            stop: Some(tx),
-            task: Some(task),
+            daemon: Some(daemon),
+            _dir: dir,
         })
     }
 
     /// Asks for a graceful shutdown without waiting.
     pub fn begin_shutdown(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
+        if let Some(d) = &mut self.daemon {
+            d.begin_shutdown();
         }
     }
 
     /// Shuts down gracefully and waits for the drain.
     pub async fn stop(mut self) {
-        self.begin_shutdown();
-        if let Some(t) = self.task.take() {
-            t.await.expect("join").expect("serve");
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await.expect("shutdown");
         }
     }
 
@@ -344,28 +344,18 @@ pub async fn start_node_with(
     store: shoal::store::StoreOptions,
     cfg: ServeConfig,
 ) -> (shoal::node::Node, SocketAddr) {
-    use shoal::mesh::{MeshConfig, loopback_listen};
-    let node = shoal::node::Node::start(shoal::node::NodeConfig {
-        data_dir: dir.to_path_buf(),
-        store,
-        mesh: MeshConfig {
-            listen: vec![loopback_listen()],
-            peers,
-            mdns: false,
-            ..MeshConfig::default()
-        },
-    })
-    .await
-    .expect("node");
-    node.init_serving(cfg).expect("serving");
+    let mut opts = shoal::daemon::DaemonOptions::loopback(dir, peers);
+    opts.node.store = store;
+    opts.serve = cfg;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let router = shoal::api::router(node.clone());
-    tokio::spawn(async move {
-        let _ = shoal::api::serve(listener, router, std::future::pending()).await;
-    });
+    let daemon = shoal::daemon::Daemon::start(opts, listener)
+        .await
+        .expect("node");
+    let (node, addr) = (daemon.node().clone(), daemon.addr());
+    // Serves until the test's runtime ends.
+    tokio::spawn(daemon.run_until(std::future::pending()));
     (node, addr)
 }
 

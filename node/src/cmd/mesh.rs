@@ -6,9 +6,9 @@ use super::ops::ConfigSource;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use shoal::api::admin::{PeersReport, PullRequest, PullStarted, StatusReport};
+use shoal::daemon::{Daemon, DaemonError, DaemonOptions};
 use shoal::mesh::download::Phase;
 use shoal::mesh::{self, Multiaddr, PeerId, Progress};
-use shoal::node::Node;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -164,9 +164,10 @@ pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: MeshCmd) -> Result<()> {
 
 async fn serve(ctx: &Ctx, cfg: shoal::settings::Config, args: ServeArgs) -> Result<()> {
     // Defaults < file < SHOAL_* environment < flags: the config gives the
-    // data dir, store and mesh settings; serve's own flags adjust the mesh.
-    let mut nc = cfg.node_config(&ctx.data_dir)?;
-    let mesh = &mut nc.mesh;
+    // data dir, store, mesh, serving and API settings; serve's own flags
+    // adjust the mesh and the API address.
+    let mut opts = DaemonOptions::from_config(&cfg, &ctx.data_dir)?;
+    let mesh = &mut opts.node.mesh;
     if !args.listen.is_empty() {
         mesh.listen = args.listen;
     }
@@ -187,39 +188,45 @@ async fn serve(ctx: &Ctx, cfg: shoal::settings::Config, args: ServeArgs) -> Resu
     }
     mesh.allow_peers.extend(args.allow_peer);
     let api_addr = args.api.unwrap_or(cfg.api.listen);
-    let data_dir = nc.data_dir.clone();
-    let node = Node::start(nc).await?;
-    let serving = node.init_serving(cfg.serve_config(&data_dir))?;
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await
         .with_context(|| format!("binding the API on {api_addr}"))?;
-    let mut api_opts = cfg.api_options();
-    api_opts.listen = listener.local_addr()?;
-    // Reads (or makes) the admin token and reads the API keys before announcing the API.
-    let router = shoal::api::try_router(node.clone(), &api_opts)?;
+    let drain = opts.drain_timeout;
+    // The node, its serving layer and its API; the admin token and the API
+    // keys are read (or made) before the API is announced.
+    let daemon = Daemon::start(opts, listener).await?;
     eprintln!(
         "shoal node {} serving; API on http://{}",
-        node.mesh().peer_id(),
-        listener.local_addr()?
+        daemon.node().mesh().peer_id(),
+        daemon.addr()
     );
-    let stop = watch_signals(cfg.api.drain_timeout, serving.clone())?;
-    shoal::api::serve_with(listener, router, api_opts.timeouts(), async move {
-        let _ = stop.await;
-    })
-    .await?;
-    serving.drain().await;
-    node.shutdown().await;
-    Ok(())
+    let stop = watch_signals(drain, daemon.serving().clone())?;
+    let stopped = daemon
+        .run_until(async move {
+            let _ = stop.await;
+        })
+        .await;
+    match stopped {
+        Err(e @ DaemonError::DrainTimeout { .. }) => {
+            eprintln!("shoal: {e}; exiting with status 1");
+            std::process::exit(1);
+        }
+        other => Ok(other?),
+    }
 }
+
+/// How long after the drain deadline the signal thread ends the process
+/// itself, should the daemon's async workers be too busy to end it.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// Watches SIGINT and SIGTERM on a thread of its own (with its own small
 /// runtime), so that a signal is seen even if the daemon's async workers
 /// are busy. The first signal resolves the returned receiver (the daemon
-/// stops accepting and drains); if the daemon has not exited `drain`
-/// later, or on a second signal, the process exits with status 1, logging
-/// the requests still running.
+/// stops accepting and drains, within `drain`: [`Daemon::shutdown`]); on a
+/// second signal, or if the daemon has not exited shortly after `drain`,
+/// the process exits with status 1, logging the requests still running.
 fn watch_signals(
-    drain: std::time::Duration,
+    drain: Duration,
     serving: std::sync::Arc<shoal::serve::Serving>,
 ) -> Result<tokio::sync::oneshot::Receiver<()>> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -245,16 +252,11 @@ fn watch_signals(
                 tracing::info!(signal = first, timeout = ?drain, "shutting down: draining open requests");
                 let _ = tx.send(());
                 let why = tokio::select! {
-                    _ = tokio::time::sleep(drain) => "the drain timeout passed",
+                    _ = tokio::time::sleep(drain + DRAIN_GRACE) => "the drain timeout passed",
                     _ = term.recv() => "a second signal came",
                     _ = int.recv() => "a second signal came",
                 };
-                let running: Vec<String> = serving
-                    .models()
-                    .iter()
-                    .filter(|m| m.engine.pending() > 0)
-                    .map(|m| format!("{} ({} requests)", m.engine.name(), m.engine.pending()))
-                    .collect();
+                let running = shoal::daemon::still_running(&serving);
                 tracing::error!(
                     still_running = ?running,
                     timeout = ?drain,

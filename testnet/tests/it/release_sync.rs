@@ -49,6 +49,7 @@ async fn late_joiner_resolves_trusted_names_and_refuses_untrusted_ones() -> Resu
 
     // b pulls by name; the fetch is counted in the metrics by source.
     let peer_bytes = || {
+        // The downloader still reports to the process-wide registry.
         shoal::metrics::global()
             .render()
             .lines()

@@ -101,27 +101,6 @@ async fn seed_named(
     Ok(id)
 }
 
-/// Serves `node`'s API on a loopback port until the sender is dropped or fires.
-async fn serve(
-    node: &Node,
-) -> Result<(
-    SocketAddr,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(shoal::api::serve(
-        listener,
-        shoal::api::router(node.clone()),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    Ok((addr, stop_tx, server))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_the_mesh_in_chromium() -> Result<()> {
     let Some(script) = browser_setup() else {
@@ -148,8 +127,8 @@ async fn dashboard_shows_the_mesh_in_chromium() -> Result<()> {
         bail!("pull failed: {:?}", done.error);
     }
 
-    // Serve node 1's API on a loopback port.
-    let (addr, stop_tx, server) = serve(puller).await?;
+    // Node 1's API on its loopback port.
+    let addr = nodes[1].api;
 
     // The snapshot the page renders, and the metrics beside it.
     let (status, state) =
@@ -175,8 +154,6 @@ async fn dashboard_shows_the_mesh_in_chromium() -> Result<()> {
         cmd.args(["--peer", &n.peer_id().to_string()]);
     }
     let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
-    let _ = stop_tx.send(());
-    let _ = server.await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -204,8 +181,8 @@ async fn prefetch_pulls_and_pins_through_the_admin_api() -> Result<()> {
     let (seed, node) = (&nodes[0].node, &nodes[1].node);
     let dir = tempfile::tempdir()?;
     let id = seed_named(seed, node, dir.path(), 3 << 20, "tiny:q8_0").await?;
-    let (addr, stop_tx, server) = serve(node).await?;
-    // The admin API needs the node's token, made in its data dir by `serve`.
+    let addr = nodes[1].api;
+    // The admin API needs the node's token, made in its data dir by the daemon.
     let api = shoal::api::client::AdminClient::new(&addr.to_string())
         .with_token_file(&node.store().dir().join(shoal::api::auth::ADMIN_TOKEN_FILE));
     let missing = "f".repeat(64);
@@ -219,8 +196,6 @@ async fn prefetch_pulls_and_pins_through_the_admin_api() -> Result<()> {
     )
     .await
     .context("prefetch timed out")?;
-    let _ = stop_tx.send(());
-    let _ = server.await;
 
     assert_eq!(done.len(), 2);
     assert!(done[0].error.is_none(), "{:?}", done[0]);

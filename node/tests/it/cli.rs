@@ -284,9 +284,8 @@ fn sigkill_while_adding_leaves_a_working_store() {
 
 /// The demo model if present (the real case), else a synthetic GGUF.
 fn a_model(dir: &Path) -> PathBuf {
-    if let Some(p) = std::env::var_os("SHOAL_TEST_MODEL").map(PathBuf::from)
-        && p.exists()
-    {
+    let p = crate::util::demo_model_path();
+    if p.exists() {
         return p;
     }
     let f = dir.join("m.gguf");

@@ -13,32 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::util::demo_model;
+
 /// The binary under test.
 fn shoal_bin() -> PathBuf {
     std::env::var_os("SHOAL_TEST_BIN")
         .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_shoal")), PathBuf::from)
-}
-
-fn demo_model() -> Option<PathBuf> {
-    let p = match std::env::var_os("SHOAL_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "demo model missing at {}",
-        p.display()
-    );
-    eprintln!("skipping: demo model not found at {}", p.display());
-    None
 }
 
 /// Adds a private copy of the demo model to a store at `data`; returns its id.
@@ -157,8 +137,14 @@ impl Daemon {
     /// Starts a long streamed generation and returns once its first token
     /// has arrived, with the connection and what was read so far.
     fn start_long_generation(&self, model: &str) -> (TcpStream, String) {
+        self.start_generation(model, 4000)
+    }
+
+    /// Starts a streamed generation of `max_tokens` tokens and returns once
+    /// its first token has arrived, with the connection and what was read.
+    fn start_generation(&self, model: &str, max_tokens: u32) -> (TcpStream, String) {
         let body = format!(
-            r#"{{"model":"{model}","messages":[{{"role":"user","content":"Tell me a very long story."}}],"stream":true,"max_tokens":4000,"ignore_eos":true}}"#
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"Tell me a very long story."}}],"stream":true,"max_tokens":{max_tokens},"ignore_eos":true}}"#
         );
         let mut s = self.send(
             "POST",
@@ -235,6 +221,45 @@ fn sigterm_exits_within_the_drain_timeout() {
         log.contains(&id),
         "the log names the model still running:\n{log}"
     );
+}
+
+/// SIGTERM while a streamed chat completion runs, with time to finish (the
+/// drain timeout far above it): the daemon refuses new connections at once,
+/// lets the stream run to its end, and exits 0.
+#[test]
+fn sigterm_mid_stream_drains_and_exits_zero() {
+    let Some(model) = demo_model() else { return };
+    let d = tempfile::tempdir().expect("tempdir");
+    let data = d.path().join("data");
+    let id = add_copy(d.path(), &data, &model);
+    let mut node = Daemon::start(d.path(), &data, &[("SHOAL_DRAIN_TIMEOUT", "300s")]);
+    let (mut stream, got) = node.start_generation(&id, 400);
+    signal(&node.child, libc::SIGTERM);
+    // New connections are refused while the stream still runs (a deadline,
+    // not a timed assertion).
+    let t0 = Instant::now();
+    while TcpStream::connect(&node.api).is_ok() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "still accepting connections 60 s after SIGTERM:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut rest = Vec::new();
+    if let Err(e) = stream.read_to_end(&mut rest) {
+        panic!("the stream did not run to its end ({e}):\n{}", node.log());
+    }
+    let all = got + &String::from_utf8_lossy(&rest);
+    assert!(all.contains("data: [DONE]"), "{all}");
+    assert!(
+        all.contains("\"finish_reason\":\"length\""),
+        "the in-flight generation ran to its end: {all}"
+    );
+    let status = node.wait_exit(Duration::from_secs(60));
+    let log = node.log();
+    let status = status.unwrap_or_else(|| panic!("still running after the drain:\n{log}"));
+    assert!(status.success(), "{status:?}\n{log}");
 }
 
 /// SIGTERM with nothing running still exits cleanly (status 0).

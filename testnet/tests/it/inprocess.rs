@@ -460,3 +460,65 @@ async fn pushed_have_maps_reach_the_peer_as_the_senders() -> Result<()> {
     }
     Ok(())
 }
+
+/// The value of the unlabelled sample `name` in a Prometheus text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Each in-process node has its own metrics: the downloader that bans a
+/// lying peer counts the ban and its connected peer in its own `/metrics`;
+/// the liar, in the same process, counts no ban and its own peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_node_counts_its_own_metrics() -> Result<()> {
+    init_tracing();
+    let tmp = tempfile::tempdir()?;
+    let src = tmp_file(&tmp, "a.bin", 4)?;
+    let liar_config = MeshConfig {
+        test_corrupt_chunks: true,
+        ..loopback_config(vec![])
+    };
+    let liar = start_node(liar_config, None).await?;
+    let id = add(&liar.node, &src).await?;
+    let d_config = loopback_config(vec![liar.addr.clone()]);
+    let d = start_node(d_config, None).await?;
+    wait_peers(&d.node, 1).await?;
+    let (_, mut rx) = d.node.pull(&id.to_hex()).await?;
+    let p = wait_until(&mut rx, |p| !p.banned.is_empty()).await?;
+    assert_eq!(p.banned, vec![liar.peer_id().to_string()]);
+    // Through the HTTP API, as a scraper sees it.
+    let scrape = |api: std::net::SocketAddr| async move {
+        tokio::task::spawn_blocking(move || -> Result<String> {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(api)?;
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .await?
+    };
+    // The ban reaches the mesh's event loop just after the download reports it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut mine = scrape(d.api).await?;
+    while sample(&mine, "shoal_peer_bans_total") != Some(1.0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        mine = scrape(d.api).await?;
+    }
+    let theirs = scrape(liar.api).await?;
+    assert_eq!(sample(&mine, "shoal_peer_bans_total"), Some(1.0), "{mine}");
+    assert_eq!(sample(&mine, "shoal_peers_banned"), Some(1.0), "{mine}");
+    assert_eq!(
+        sample(&theirs, "shoal_peer_bans_total"),
+        Some(0.0),
+        "{theirs}"
+    );
+    assert_eq!(sample(&theirs, "shoal_peers_banned"), Some(0.0), "{theirs}");
+    Ok(())
+}

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::util::demo_model;
+
 /// The `shoal` binary with a clean environment rooted at `home`.
 fn shoal_cmd(home: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
@@ -613,25 +615,6 @@ fn openai_available() -> bool {
         );
     }
     ok
-}
-
-fn demo_model() -> Option<PathBuf> {
-    let p = std::env::var_os("SHOAL_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "demo model missing at {}",
-        p.display()
-    );
-    eprintln!("SKIPPING: demo model missing at {}", p.display());
-    None
 }
 
 #[test]
