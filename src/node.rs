@@ -70,18 +70,17 @@ pub struct Node {
 
 impl Node {
     /// Opens the store and starts the mesh on the current tokio runtime,
-    /// reporting to the process-wide [`crate::metrics::global`] registry
-    /// (until every layer takes the node's own: see [`Node::start_with`]).
+    /// with a fresh set of metrics of its own ([`Node::metrics`]).
     pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
-        Node::start_with(config, crate::metrics::global()).await
+        Node::start_with(config, Arc::new(Metrics::new())).await
     }
 
-    /// [`Node::start`] with this node's own metrics: the mesh event loop
-    /// (peer gauges, bans) and the HTTP API (`/metrics`, the dashboard)
-    /// report to and read `metrics`.
+    /// [`Node::start`] reporting to `metrics`: every layer of the node (store,
+    /// mesh, downloads, serving, KV and response caches) reports there, and
+    /// the HTTP API (`/metrics`, the dashboard) reads it.
     pub async fn start_with(config: NodeConfig, metrics: Arc<Metrics>) -> Result<Node, NodeError> {
         let (dir, mut opts) = (config.data_dir.clone(), config.store.clone());
-        opts.metrics = crate::metrics::global();
+        opts.metrics = metrics.clone();
         // Artifacts newly marked corrupt (verify, verify-on-read) are
         // repaired by the node: see `Node::on_corrupt`.
         let (corrupt_tx, corrupt_rx) = tokio::sync::mpsc::unbounded_channel::<ArtifactId>();
@@ -105,7 +104,7 @@ impl Node {
             inner: Arc::new(Inner {
                 store,
                 mesh,
-                downloads: Downloads::new(crate::metrics::global()),
+                downloads: Downloads::new(metrics.clone()),
                 started: Instant::now(),
                 metrics,
                 serving: std::sync::OnceLock::new(),
@@ -311,9 +310,9 @@ impl Node {
             return Ok(s.clone());
         }
         let lie = cfg.test_lie_kv;
-        // The process-wide metrics for now (what /metrics renders).
+        // The node's metrics (what its /metrics renders).
         let cfg = crate::serve::ServeConfig {
-            metrics: crate::metrics::global(),
+            metrics: self.inner.metrics.clone(),
             ..cfg
         };
         let s = crate::serve::Serving::new(cfg)?;

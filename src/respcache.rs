@@ -9,6 +9,7 @@
 //! by a TTL and a byte budget (LRU, [`crate::lru::Lru`]). The key's hex is the HTTP `ETag`.
 
 use crate::lru::Lru;
+use crate::metrics::Metrics;
 use parking_lot::Mutex;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -170,6 +171,7 @@ pub struct ResponseCache {
     budget: u64,
     ttl: Duration,
     inner: Mutex<Lru<[u8; 32], Entry>>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for ResponseCache {
@@ -182,12 +184,13 @@ impl std::fmt::Debug for ResponseCache {
 }
 
 impl ResponseCache {
-    /// An empty cache.
-    pub fn new(budget: u64, ttl: Duration) -> ResponseCache {
+    /// An empty cache reporting its lookups and size to `metrics`.
+    pub fn new(budget: u64, ttl: Duration, metrics: Arc<Metrics>) -> ResponseCache {
         ResponseCache {
             budget,
             ttl,
             inner: Mutex::new(Lru::new(budget)),
+            metrics,
         }
     }
 
@@ -216,11 +219,19 @@ impl ResponseCache {
         self.len() == 0
     }
 
-    /// The answer under `key`, if present and fresh.
+    /// The answer under `key`, if present and fresh (counted as a hit or
+    /// a miss in the metrics).
     pub fn get(&self, key: &[u8; 32]) -> Option<Arc<CachedAnswer>> {
+        let found = self.lookup(key);
+        self.metrics.response_cache_lookup(found.is_some());
+        found
+    }
+
+    fn lookup(&self, key: &[u8; 32]) -> Option<Arc<CachedAnswer>> {
         let mut lru = self.inner.lock();
         if lru.peek(key)?.stored.elapsed() > self.ttl {
             lru.remove(key);
+            self.metrics.response_cache_bytes(lru.used());
             return None;
         }
         lru.get(key).map(|e| e.answer.clone())
@@ -234,7 +245,9 @@ impl ResponseCache {
             answer: Arc::new(answer),
             stored: Instant::now(),
         };
-        let _ = self.inner.lock().insert(key, entry, size);
+        let mut lru = self.inner.lock();
+        let _ = lru.insert(key, entry, size);
+        self.metrics.response_cache_bytes(lru.used());
     }
 }
 
@@ -294,7 +307,7 @@ mod tests {
 
     #[test]
     fn budget_lru_ttl() {
-        let c = ResponseCache::new(1000, Duration::from_secs(60));
+        let c = ResponseCache::new(1000, Duration::from_secs(60), Arc::default());
         for i in 0..20u8 {
             c.insert([i; 32], answer(200));
             assert!(c.used() <= 1000);
@@ -304,7 +317,7 @@ mod tests {
         assert!(c.get(&[1; 32]).is_none(), "LRU evicted");
         c.insert([99; 32], answer(5000));
         assert!(c.get(&[99; 32]).is_none() && c.used() <= 1000);
-        let c = ResponseCache::new(1000, Duration::ZERO);
+        let c = ResponseCache::new(1000, Duration::ZERO, Arc::default());
         c.insert([1; 32], answer(10));
         std::thread::sleep(Duration::from_millis(2));
         assert!(c.get(&[1; 32]).is_none());

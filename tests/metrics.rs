@@ -60,7 +60,7 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
 
 #[test]
 fn store_events_move_counters_and_promtool_accepts_the_text() {
-    let m = metrics::global();
+    let m = std::sync::Arc::new(metrics::Metrics::new());
     let before = m.render();
     let d = tempfile::tempdir().expect("tempdir");
 

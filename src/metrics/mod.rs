@@ -1,6 +1,8 @@
-//! Process-wide Prometheus metrics.
+//! Prometheus metrics, one set per node.
 //!
-//! Every layer reports through typed calls on [`global()`] (a [`Metrics`]);
+//! Each node owns an `Arc<`[`Metrics`]`>` and hands it to its layers, which
+//! report through typed calls on it (plain numbers and label enums; they
+//! know nothing of rendering);
 //! `GET /metrics` serves [`Metrics::render`] in the Prometheus text exposition
 //! format (version 0.0.4). Names follow Prometheus conventions: a `shoal_`
 //! prefix, `_total` on counters, base units (`_bytes`, `_seconds`) in names.
@@ -26,7 +28,7 @@ mod render;
 mod summary;
 
 pub use labels::{ArtifactState, CacheOutcome, Lookup, Outcome, Source, Tier};
-pub use registry::{Metrics, global};
+pub use registry::Metrics;
 pub use render::CONTENT_TYPE;
 pub use summary::{HitRatio, RECENT_TTFT, Summary, TtftSample};
 

@@ -13,8 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, OnceLock};
 
 type FGauge = Gauge<f64, AtomicU64>;
 
@@ -74,15 +74,8 @@ impl Default for Metrics {
     }
 }
 
-/// The process-wide metrics (being phased out: each node owns an
-/// `Arc<Metrics>` and hands it to its layers).
-pub fn global() -> Arc<Metrics> {
-    static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
-    GLOBAL.get_or_init(|| Arc::new(Metrics::new())).clone()
-}
-
 impl Metrics {
-    /// A fresh, independent set of metrics (the node uses [`global()`]).
+    /// A fresh, independent set of metrics (each node owns one).
     pub fn new() -> Self {
         let mut m = Metrics {
             registry: Registry::with_prefix("shoal"),

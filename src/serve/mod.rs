@@ -485,6 +485,7 @@ impl Serving {
             Arc::new(ResponseCache::new(
                 cfg.response_cache_budget,
                 cfg.response_cache_ttl,
+                cfg.metrics.clone(),
             ))
         });
         let permits = cfg.max_loaded.max(1);
@@ -735,6 +736,11 @@ impl Serving {
     }
 
     /// The configuration.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.cfg.metrics
+    }
+
+    /// The settings this layer runs with.
     pub fn config(&self) -> &ServeConfig {
         &self.cfg
     }

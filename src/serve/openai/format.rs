@@ -2,7 +2,6 @@
 //! chunks ([`Fmt`]), cache headers, and the collection (JSON) or streaming
 //! (SSE) of a generation's events, live or replayed from the response cache.
 
-use super::count_response_cache_bytes;
 use super::error::OpenAiError;
 use super::prepare::{Prepared, unique};
 use super::schema::Kind;
@@ -205,7 +204,6 @@ pub(super) fn remember(
                 created: fmt.created,
             },
         );
-        count_response_cache_bytes(c.used());
     }
 }
 

@@ -8,7 +8,7 @@ use super::format::{
 };
 use super::prepare::{Prepared, parse_body, prepare, typed};
 use super::schema::{Kind, Params};
-use super::{count_request, count_response_cache_lookup, count_response_cache_ttft};
+use crate::metrics::{CacheOutcome, Metrics};
 use crate::respcache::{self, CachedAnswer};
 use crate::serve::engine::{CancelOnDrop, Job};
 use crate::serve::{Served, Serving};
@@ -27,7 +27,8 @@ pub(super) async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    counted(run(s, headers, body, Kind::Chat).await)
+    let m = s.metrics().clone();
+    counted(&m, run(s, headers, body, Kind::Chat).await)
 }
 
 pub(super) async fn completions(
@@ -35,12 +36,13 @@ pub(super) async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    counted(run(s, headers, body, Kind::Completion).await)
+    let m = s.metrics().clone();
+    counted(&m, run(s, headers, body, Kind::Completion).await)
 }
 
-pub(super) fn counted(r: Result<Response, OpenAiError>) -> Response {
+pub(super) fn counted(metrics: &Metrics, r: Result<Response, OpenAiError>) -> Response {
     let r = r.unwrap_or_else(IntoResponse::into_response);
-    count_request(r.status().as_u16());
+    metrics.request(r.status().as_u16());
     r
 }
 
@@ -125,14 +127,12 @@ pub(super) async fn run(
     let max_age = rc.as_ref().map_or(0, |c| c.ttl().as_secs());
     let etag = key.map(|k| format!("\"{}\"", hex::encode(k)));
     let cached = match (&rc, &key) {
-        (Some(c), Some(k)) => {
-            let a = c.get(k);
-            count_response_cache_lookup(a.is_some());
-            a
-        }
+        (Some(c), Some(k)) => c.get(k),
         _ => None,
     };
     if let (Some(ans), Some(tag)) = (cached, &etag) {
+        // An answer from the response cache: its first token took no time.
+        s.metrics().ttft(CacheOutcome::Response, 0.0);
         return Ok(cached_response(&ans, tag, max_age, &headers, kind, &p));
     }
     let Some(permit) = engine.try_admit() else {
@@ -194,7 +194,6 @@ fn cached_response(
     kind: Kind,
     p: &Prepared,
 ) -> Response {
-    count_response_cache_ttft();
     let ch = CacheHeaders {
         etag: Some(tag.to_owned()),
         hit: true,

@@ -30,26 +30,3 @@ pub fn router(serving: Arc<Serving>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .with_state(serving)
 }
-
-// ---- metrics: every process-global metrics call of the OpenAI routes, one
-// line each, so they move to a handed-in `Arc<Metrics>` in one place.
-
-/// Counts a finished request by HTTP status.
-fn count_request(status: u16) {
-    crate::metrics::global().request(status);
-}
-
-/// Counts a response-cache lookup.
-fn count_response_cache_lookup(hit: bool) {
-    crate::metrics::global().response_cache_lookup(hit);
-}
-
-/// Records the time to first token (zero) of an answer from the response cache.
-fn count_response_cache_ttft() {
-    crate::metrics::global().ttft(crate::metrics::CacheOutcome::Response, 0.0);
-}
-
-/// Records the bytes the response cache holds.
-fn count_response_cache_bytes(bytes: u64) {
-    crate::metrics::global().response_cache_bytes(bytes);
-}

@@ -187,15 +187,8 @@ async fn restart_resumes_without_refetching_verified_chunks() -> Result<()> {
     );
     wait_peers(&d2.node, 1).await?;
     let opts = d2.node.mesh().config().download.clone();
-    let report = download::download(
-        d2.node.mesh(),
-        id,
-        None,
-        &opts,
-        None,
-        &shoal::metrics::global(),
-    )
-    .await?;
+    let report =
+        download::download(d2.node.mesh(), id, None, &opts, None, d2.node.metrics()).await?;
     for i in &report.fetched {
         assert!(
             !before.get(*i),

@@ -49,8 +49,9 @@ async fn late_joiner_resolves_trusted_names_and_refuses_untrusted_ones() -> Resu
 
     // b pulls by name; the fetch is counted in the metrics by source.
     let peer_bytes = || {
-        // The downloader still reports to the process-wide registry.
-        shoal::metrics::global()
+        // The downloader reports to b's own registry.
+        b.node
+            .metrics()
             .render()
             .lines()
             .find(|l| l.starts_with("shoal_chunk_fetch_bytes_total{source=\"peer\"}"))
