@@ -176,7 +176,8 @@ async fn restart_resumes_without_refetching_verified_chunks() -> Result<()> {
     assert!(d.node.downloads().cancel(&id));
     d.node.shutdown().await;
     drop(rx);
-    let TestNode { node, .. } = d;
+    let TestNode { node, daemon, .. } = d;
+    drop(daemon);
     drop(node);
     let d2 = start_node_retry(loopback_config(vec![seeder.addr.clone()]), d_dir).await?;
     let before: HaveMap = d2.node.store().have_map(&id)?.context("partial survives")?;
