@@ -20,3 +20,6 @@ pub mod respcache;
 pub mod serve;
 pub mod settings;
 pub mod store;
+
+#[cfg(test)]
+mod architecture;

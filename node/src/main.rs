@@ -1,6 +1,7 @@
 //! `shoal`: the daemon and command-line interface, thin over the `shoal` library.
 //!
 //! Results go to stdout (`--json` for machine-readable output); logs go to stderr.
+#![deny(clippy::unwrap_used)]
 
 mod cmd;
 

@@ -367,6 +367,8 @@ fn is_admin(path: &str) -> bool {
 }
 
 /// The middleware: see the module documentation for what it checks, in order.
+// long: the checks in the order the module documentation lists them, each
+// an early return, so the whole policy is audited in one place.
 pub async fn guard(State(g): State<Guard>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
     let headers = req.headers();

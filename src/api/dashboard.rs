@@ -279,6 +279,8 @@ async fn peer_holdings(
 }
 
 /// Builds a snapshot (asks each connected peer what it holds).
+// long: one pass that fills the page's sections in display order (peers,
+// artifacts and their availability, downloads, caches, disk).
 pub async fn snapshot(node: &Node) -> Result<DashboardState, ApiError> {
     let mesh = node.mesh();
     let peers = mesh.peers().await?;

@@ -598,6 +598,8 @@ impl EventLoop {
         }
     }
 
+    // long: one short arm per behaviour event (the rust-libp2p event-loop
+    // shape); each arm only updates state or answers a pending request.
     fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
         match ev {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {

@@ -131,7 +131,7 @@ impl Metrics {
         m
     }
 
-    // Long (~120 lines): a declarative list, one registration per family.
+    // long: (~120 lines) a declarative list, one registration per family.
     fn register(&mut self) {
         let r = &mut self.registry;
         r.register(

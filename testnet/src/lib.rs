@@ -5,6 +5,7 @@
 //! and its HTTP API on a loopback port, started as every daemon is
 //! ([`shoal::daemon::Daemon`]).
 //! Real: `scripts/testnet.sh` runs `shoal serve` processes in network namespaces.
+#![deny(clippy::unwrap_used)]
 
 use anyhow::{Context, Result, bail};
 use shoal::daemon::{Daemon, DaemonOptions};

@@ -88,6 +88,7 @@ pub enum ConfigCmd {
 }
 
 /// Runs an operations command.
+// long: a dispatcher, one short arm per `shoal` operations subcommand.
 pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: OpsCmd) -> Result<()> {
     match cmd {
         OpsCmd::Config(ConfigCmd::Show) => {

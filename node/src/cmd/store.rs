@@ -134,138 +134,10 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             name,
             pin,
             reflink,
-        } => {
-            if !file.exists() {
-                bail!("{}: no such file", file.display());
-            }
-            let id = store
-                .add_file(
-                    &file,
-                    &AddOptions {
-                        pin,
-                        reflink,
-                        ..Default::default()
-                    },
-                )
-                .with_context(|| format!("adding {}", file.display()))?;
-            let release = match name {
-                Some(n) => {
-                    store.keygen(false)?;
-                    Some(store.publish(&id, &n, None)?.verify()?)
-                }
-                None => None,
-            };
-            if ctx.json {
-                ctx.print_json(&json!({"id": id.to_hex(), "name": release.as_ref().map(|r| &r.name), "seq": release.as_ref().map(|r| r.seq)}))?;
-            } else {
-                println!("{id}");
-            }
-        }
-        StoreCmd::Ls => {
-            let list = store.list()?;
-            if ctx.json {
-                return ctx.print_json(&list);
-            }
-            println!(
-                "{:<14} {:<9} {:<7} {:>10} {:>6}  NAMES",
-                "ID", "KIND", "STATUS", "SIZE", "PINNED"
-            );
-            for a in list {
-                let status = match a.status {
-                    ArtifactStatus::Active if a.corrupt.is_some() => "CORRUPT".to_string(),
-                    ArtifactStatus::Active => "active".to_string(),
-                    ArtifactStatus::Partial => {
-                        format!("{}%", a.present_bytes * 100 / a.size.max(1))
-                    }
-                };
-                println!(
-                    "{:<14} {:<9} {:<7} {:>10} {:>6}  {}",
-                    a.id.short(),
-                    a.kind.name(),
-                    status,
-                    human_bytes(a.size),
-                    if a.pinned { "yes" } else { "" },
-                    a.names.join(",")
-                );
-            }
-        }
-        StoreCmd::Show { artifact } => {
-            let id = store.resolve(&artifact)?;
-            let m = store
-                .manifest(&id)?
-                .with_context(|| format!("unknown artifact {artifact}"))?;
-            let status = store.status(&id)?;
-            if ctx.json {
-                return ctx.print_json(&json!({
-                    "id": id.to_hex(),
-                    "format": m.format,
-                    "kind": m.kind.name(),
-                    "status": status,
-                    "size": m.size,
-                    "blake3": m.blake3_hex(),
-                    "chunks": m.chunks.iter().map(|c| json!({"offset": c.offset, "len": c.len, "blake3": c.hash.to_hex()})).collect::<Vec<_>>(),
-                    "tensors": m.tensors.iter().map(|t| json!({"name": t.name, "ggml_type": t.ggml_type, "dims": t.dims, "offset": t.offset, "size": t.size, "first_chunk": t.first_chunk, "chunk_count": t.chunk_count})).collect::<Vec<_>>(),
-                }));
-            }
-            println!("id:       {id}");
-            println!("kind:     {}", m.kind.name());
-            println!(
-                "status:   {}",
-                status
-                    .map(|s| format!("{s:?}").to_lowercase())
-                    .unwrap_or_default()
-            );
-            println!("size:     {} ({})", m.size, human_bytes(m.size));
-            println!("blake3:   {}", m.blake3_hex());
-            println!("format:   {}", m.format);
-            println!("tensors:  {}", m.tensors.len());
-            println!("chunks:   {}", m.chunks.len());
-            for (i, c) in m.chunks.iter().enumerate() {
-                println!("  {i:>5} {:>12} {:>8} {}", c.offset, c.len, c.hash);
-            }
-        }
-        StoreCmd::Verify { artifact, .. } => {
-            let ids = match artifact {
-                Some(a) => vec![store.resolve(&a)?],
-                None => store.list()?.into_iter().map(|a| a.id).collect(),
-            };
-            let mut bad = Vec::new();
-            let mut reports = Vec::new();
-            for id in ids {
-                let r = store.verify(&id)?;
-                if !r.ok() {
-                    // KV blocks computed from these bytes must not outlive them
-                    // (the daemon drops them too when it learns of the mark).
-                    let kv_dir = ctx.data_dir.join("kv");
-                    match shoal::kvcache::purge_model_on_disk(&kv_dir, id.as_bytes()) {
-                        Ok(0) => {}
-                        Ok(n) => eprintln!("{id}: dropped {n} KV cache blocks computed from it"),
-                        Err(e) => eprintln!("{id}: could not drop its KV cache blocks: {e}"),
-                    }
-                    for (i, off) in &r.bad_chunks {
-                        bad.push(format!("{id}: chunk {i} at offset {off} is corrupt"));
-                    }
-                    if r.file_ok == Some(false) && r.bad_chunks.is_empty() {
-                        bad.push(format!("{id}: whole-file BLAKE3 does not match"));
-                    }
-                } else if !ctx.json {
-                    println!("{id}: ok ({} chunks)", r.checked);
-                }
-                reports.push(r);
-            }
-            for p in store.lost_and_found()? {
-                bad.push(format!(
-                    "{}: bytes the store could not account for (moved there, not deleted; see `shoal fsck`)",
-                    p.display()
-                ));
-            }
-            if ctx.json {
-                ctx.print_json(&reports)?;
-            }
-            if !bad.is_empty() {
-                bail!("verification failed:\n{}", bad.join("\n"));
-            }
-        }
+        } => add(ctx, &store, &file, name, pin, reflink)?,
+        StoreCmd::Ls => ls(ctx, &store)?,
+        StoreCmd::Show { artifact } => show(ctx, &store, &artifact)?,
+        StoreCmd::Verify { artifact, .. } => verify(ctx, &store, artifact)?,
         StoreCmd::Pin { artifact } => set_pin(&store, &artifact, true)?,
         StoreCmd::Unpin { artifact } => set_pin(&store, &artifact, false)?,
         StoreCmd::Rm { artifact } => {
@@ -293,33 +165,7 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             }
             println!("{}", hex::encode(pk));
         }
-        StoreCmd::Trust(t) => match t {
-            TrustCmd::Add { key, label } => {
-                let k = release::parse_public_key(&key)?;
-                store.trust_add(k, &label)?;
-                println!("trusted {}", hex::encode(k));
-            }
-            TrustCmd::Ls => {
-                let l = store.trust_list()?;
-                if ctx.json {
-                    let v: Vec<_> = l
-                        .iter()
-                        .map(|(k, lab)| json!({"key": hex::encode(k), "label": lab}))
-                        .collect();
-                    return ctx.print_json(&v);
-                }
-                for (k, lab) in l {
-                    println!("{} {lab}", hex::encode(k));
-                }
-            }
-            TrustCmd::Rm { key } => {
-                let k = release::parse_public_key(&key)?;
-                if !store.trust_remove(&k)? {
-                    bail!("key {key} was not trusted");
-                }
-                println!("removed {key}");
-            }
-        },
+        StoreCmd::Trust(t) => trust(ctx, &store, t)?,
         StoreCmd::Publish {
             artifact,
             name,
@@ -348,6 +194,189 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             flush_every,
         } => debug_fill(&store, &file, delay_ms, flush_every)?,
         StoreCmd::Fsck => bail!("fsck runs before the store is opened"),
+    }
+    Ok(())
+}
+
+/// `shoal store add`.
+fn add(
+    ctx: &Ctx,
+    store: &Store,
+    file: &std::path::Path,
+    name: Option<String>,
+    pin: bool,
+    reflink: bool,
+) -> Result<()> {
+    if !file.exists() {
+        bail!("{}: no such file", file.display());
+    }
+    let id = store
+        .add_file(
+            file,
+            &AddOptions {
+                pin,
+                reflink,
+                ..Default::default()
+            },
+        )
+        .with_context(|| format!("adding {}", file.display()))?;
+    let release = match name {
+        Some(n) => {
+            store.keygen(false)?;
+            Some(store.publish(&id, &n, None)?.verify()?)
+        }
+        None => None,
+    };
+    if ctx.json {
+        ctx.print_json(&json!({"id": id.to_hex(), "name": release.as_ref().map(|r| &r.name), "seq": release.as_ref().map(|r| r.seq)}))?;
+    } else {
+        println!("{id}");
+    }
+    Ok(())
+}
+
+/// `shoal store ls`.
+fn ls(ctx: &Ctx, store: &Store) -> Result<()> {
+    let list = store.list()?;
+    if ctx.json {
+        return ctx.print_json(&list);
+    }
+    println!(
+        "{:<14} {:<9} {:<7} {:>10} {:>6}  NAMES",
+        "ID", "KIND", "STATUS", "SIZE", "PINNED"
+    );
+    for a in list {
+        let status = match a.status {
+            ArtifactStatus::Active if a.corrupt.is_some() => "CORRUPT".to_string(),
+            ArtifactStatus::Active => "active".to_string(),
+            ArtifactStatus::Partial => {
+                format!("{}%", a.present_bytes * 100 / a.size.max(1))
+            }
+        };
+        println!(
+            "{:<14} {:<9} {:<7} {:>10} {:>6}  {}",
+            a.id.short(),
+            a.kind.name(),
+            status,
+            human_bytes(a.size),
+            if a.pinned { "yes" } else { "" },
+            a.names.join(",")
+        );
+    }
+    Ok(())
+}
+
+/// `shoal store show`.
+fn show(ctx: &Ctx, store: &Store, artifact: &str) -> Result<()> {
+    let id = store.resolve(artifact)?;
+    let m = store
+        .manifest(&id)?
+        .with_context(|| format!("unknown artifact {artifact}"))?;
+    let status = store.status(&id)?;
+    if ctx.json {
+        return ctx.print_json(&json!({
+            "id": id.to_hex(),
+            "format": m.format,
+            "kind": m.kind.name(),
+            "status": status,
+            "size": m.size,
+            "blake3": m.blake3_hex(),
+            "chunks": m.chunks.iter().map(|c| json!({"offset": c.offset, "len": c.len, "blake3": c.hash.to_hex()})).collect::<Vec<_>>(),
+            "tensors": m.tensors.iter().map(|t| json!({"name": t.name, "ggml_type": t.ggml_type, "dims": t.dims, "offset": t.offset, "size": t.size, "first_chunk": t.first_chunk, "chunk_count": t.chunk_count})).collect::<Vec<_>>(),
+        }));
+    }
+    println!("id:       {id}");
+    println!("kind:     {}", m.kind.name());
+    println!(
+        "status:   {}",
+        status
+            .map(|s| format!("{s:?}").to_lowercase())
+            .unwrap_or_default()
+    );
+    println!("size:     {} ({})", m.size, human_bytes(m.size));
+    println!("blake3:   {}", m.blake3_hex());
+    println!("format:   {}", m.format);
+    println!("tensors:  {}", m.tensors.len());
+    println!("chunks:   {}", m.chunks.len());
+    for (i, c) in m.chunks.iter().enumerate() {
+        println!("  {i:>5} {:>12} {:>8} {}", c.offset, c.len, c.hash);
+    }
+    Ok(())
+}
+
+/// `shoal store verify` (without `--repair`, which is fsck).
+fn verify(ctx: &Ctx, store: &Store, artifact: Option<String>) -> Result<()> {
+    let ids = match artifact {
+        Some(a) => vec![store.resolve(&a)?],
+        None => store.list()?.into_iter().map(|a| a.id).collect(),
+    };
+    let mut bad = Vec::new();
+    let mut reports = Vec::new();
+    for id in ids {
+        let r = store.verify(&id)?;
+        if !r.ok() {
+            // KV blocks computed from these bytes must not outlive them
+            // (the daemon drops them too when it learns of the mark).
+            let kv_dir = ctx.data_dir.join("kv");
+            match shoal::kvcache::purge_model_on_disk(&kv_dir, id.as_bytes()) {
+                Ok(0) => {}
+                Ok(n) => eprintln!("{id}: dropped {n} KV cache blocks computed from it"),
+                Err(e) => eprintln!("{id}: could not drop its KV cache blocks: {e}"),
+            }
+            for (i, off) in &r.bad_chunks {
+                bad.push(format!("{id}: chunk {i} at offset {off} is corrupt"));
+            }
+            if r.file_ok == Some(false) && r.bad_chunks.is_empty() {
+                bad.push(format!("{id}: whole-file BLAKE3 does not match"));
+            }
+        } else if !ctx.json {
+            println!("{id}: ok ({} chunks)", r.checked);
+        }
+        reports.push(r);
+    }
+    for p in store.lost_and_found()? {
+        bad.push(format!(
+            "{}: bytes the store could not account for (moved there, not deleted; see `shoal fsck`)",
+            p.display()
+        ));
+    }
+    if ctx.json {
+        ctx.print_json(&reports)?;
+    }
+    if !bad.is_empty() {
+        bail!("verification failed:\n{}", bad.join("\n"));
+    }
+    Ok(())
+}
+
+/// `shoal store trust ...`.
+fn trust(ctx: &Ctx, store: &Store, t: TrustCmd) -> Result<()> {
+    match t {
+        TrustCmd::Add { key, label } => {
+            let k = release::parse_public_key(&key)?;
+            store.trust_add(k, &label)?;
+            println!("trusted {}", hex::encode(k));
+        }
+        TrustCmd::Ls => {
+            let l = store.trust_list()?;
+            if ctx.json {
+                let v: Vec<_> = l
+                    .iter()
+                    .map(|(k, lab)| json!({"key": hex::encode(k), "label": lab}))
+                    .collect();
+                return ctx.print_json(&v);
+            }
+            for (k, lab) in l {
+                println!("{} {lab}", hex::encode(k));
+            }
+        }
+        TrustCmd::Rm { key } => {
+            let k = release::parse_public_key(&key)?;
+            if !store.trust_remove(&k)? {
+                bail!("key {key} was not trusted");
+            }
+            println!("removed {key}");
+        }
     }
     Ok(())
 }

@@ -100,7 +100,7 @@ impl FindDeadline {
 }
 
 /// [`download`] with a deadline for finding the manifest that others may extend.
-// Long (~330 lines), kept whole in this move: one task whose select loop
+// long: (~330 lines), kept whole: one task whose select loop
 // shares its locals (event receiver, have-map timers, peers told and asked)
 // between branches; splitting it needs a state struct (a follow-up).
 pub async fn download_until(
@@ -472,7 +472,7 @@ fn add_source(ctx: &Arc<Ctx>, src: ChunkSource, have: HaveMap) {
 
 /// One request slot for one source: picks a chunk, fetches, verifies, stores,
 /// repeats. Slots from `window` up work only while the source is fast.
-// Long (~160 lines), kept whole in this move: one request loop whose
+// long: (~160 lines), kept whole: one request loop whose
 // per-outcome bookkeeping (stream reuse, refusals, pauses) shares its locals.
 async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
     let extra = matches!(src, ChunkSource::Peer(_)) && slot >= ctx.opts.window.max(1);

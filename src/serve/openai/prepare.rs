@@ -58,7 +58,7 @@ pub(super) struct Prepared {
     pub(super) model_name: String,
 }
 
-// Long (~165 lines), kept whole in this move: a flat list of per-field
+// long: (~165 lines), kept whole: a flat list of per-field
 // validations in the order their OpenAI error messages are checked.
 pub(super) fn prepare(served: Arc<Served>, v: &Value, kind: Kind) -> Result<Prepared, OpenAiError> {
     let p: Params = typed(v)?;

@@ -25,6 +25,8 @@ fn rss_kib() -> u64 {
 }
 
 #[tokio::main]
+// long: the scale scenario, step by step, read top to bottom like the
+// benchmark section it feeds.
 async fn main() -> Result<()> {
     // Logs to stderr with RUST_LOG (off by default: 100 nodes are noisy).
     tracing_subscriber::fmt()
