@@ -74,7 +74,7 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
         "the prefix came from the neighbour"
     );
     // The same blocks give the same answer whichever node holds them (and
-    // the same as a cold computation: see tests/serving_kv.rs).
+    // the same as a cold computation: see tests/it/serving_kv.rs).
     assert_eq!(
         text, from_blocks,
         "same greedy answer with the neighbour's KV"
