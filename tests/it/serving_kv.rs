@@ -3,9 +3,9 @@
 //! disk block dropped and recomputed, tail records reused token by token
 //! (and dropped when corrupt), budgets never exceeded.
 
+use crate::util::demo_model_path;
 use crate::util::http::*;
 use crate::util::serving::*;
-use crate::util::*;
 use serde_json::{Value, json};
 use shoal::kvcache::KvCacheConfig;
 use shoal::serve::ServeConfig;

@@ -4,7 +4,7 @@
 
 use crate::util::demo_model_path;
 use crate::util::http::{error_code, http, post};
-use crate::util::serving::{model_node, neighbour_of};
+use crate::util::serving::TwoNodes;
 use serde_json::json;
 use shoal::serve::ServeConfig;
 use std::path::Path;
@@ -22,9 +22,9 @@ async fn node_serves_store_models_and_pulls_them_from_a_neighbour() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tmp");
-    let dir_a = tmp.path().join("a");
-    let first = model_node(&dir_a, Vec::new(), cfg(&dir_a)).await;
-    let (a, a_http, id) = (first.node, first.http, first.model);
+    let pair = TwoNodes::start(tmp.path(), cfg).await;
+    let (a, a_http, id) = (pair.first.node, pair.first.http, pair.first.model);
+    let (b, b_http) = (pair.second, pair.second_http);
     a.mesh().provide(id).await.expect("provide");
     let name = id.to_hex();
     let body = json!({"model": name, "max_tokens": 8, "temperature": 0,
@@ -55,8 +55,6 @@ async fn node_serves_store_models_and_pulls_them_from_a_neighbour() {
     );
 
     // A neighbour without the model pulls it from the mesh on first use.
-    let dir_b = tmp.path().join("b");
-    let (b, b_http) = neighbour_of(&a, &dir_b, cfg(&dir_b)).await;
     let r = post(b_http, "/v1/chat/completions", &body).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Greedy answers do not depend on where the weights or the KV came from.

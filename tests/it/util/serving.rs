@@ -174,3 +174,32 @@ pub async fn connected(a: &shoal::node::Node, b: &shoal::node::Node) {
     }
     panic!("never connected");
 }
+
+/// The two-node serving fixture: two daemons on loopback (mDNS off), the
+/// first ([`model_node`]) holding the demo model, the second
+/// ([`neighbour_of`]) without it and with the first as its static peer.
+pub struct TwoNodes {
+    /// The first node, with the demo model in its store.
+    pub first: ModelNode,
+    /// The second node.
+    pub second: shoal::node::Node,
+    /// Where the second node's HTTP API listens.
+    pub second_http: SocketAddr,
+}
+
+impl TwoNodes {
+    /// Starts the pair in `dir/a` and `dir/b`, each serving with `cfg(its data dir)`.
+    pub async fn start(
+        dir: &std::path::Path,
+        cfg: impl Fn(&std::path::Path) -> ServeConfig,
+    ) -> TwoNodes {
+        let (dir_a, dir_b) = (dir.join("a"), dir.join("b"));
+        let first = model_node(&dir_a, Vec::new(), cfg(&dir_a)).await;
+        let (second, second_http) = neighbour_of(&first.node, &dir_b, cfg(&dir_b)).await;
+        TwoNodes {
+            first,
+            second,
+            second_http,
+        }
+    }
+}
