@@ -7,14 +7,17 @@
 //! the anchor; the others are reported as ratios to it. Prints a Markdown
 //! table and a JSON line (for the script).
 
-#[path = "../tests/serving_common/mod.rs"]
-mod serving_common;
+// The integration tests' helpers (the bench uses a few of them).
+#[allow(dead_code)]
+#[path = "../tests/it/util/mod.rs"]
+mod util;
 
 use serde_json::json;
-use serving_common::{NAME, TestServer, demo_model_path};
 use shoal::serve::ServeConfig;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use util::demo_model_path;
+use util::serving::{NAME, TestServer};
 
 fn prose(seed: usize, words: usize) -> String {
     // Varied text whose tokenization is ~1.3 tokens per word.
@@ -100,7 +103,7 @@ async fn ttft_model(addr: std::net::SocketAddr, model: &str, prompt: &str) -> (f
         }
     }
     let text = String::from_utf8_lossy(&got);
-    let cached = serving_common::sse_data(&text)
+    let cached = util::http::sse_data(&text)
         .iter()
         .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
         .filter_map(|v| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64())
@@ -238,7 +241,7 @@ async fn neighbour(runs: usize, words: usize, block: usize) -> (Vec<f64>, u64) {
         if let Some(k) = &mut cfg.kv {
             k.block_tokens = block;
         }
-        let (node, addr) = serving_common::start_node(&dir, peers.clone(), cfg).await;
+        let (node, addr) = util::serving::start_node(&dir, peers.clone(), cfg).await;
         let store = node.store().clone();
         let m = model.clone();
         let id = tokio::task::spawn_blocking(move || {
@@ -247,7 +250,7 @@ async fn neighbour(runs: usize, words: usize, block: usize) -> (Vec<f64>, u64) {
         .await
         .expect("join")
         .expect("add");
-        peers.push(serving_common::p2p_addr(&node).await);
+        peers.push(util::serving::p2p_addr(&node).await);
         nodes.push((node, addr, id.to_hex()));
     }
     while nodes[1]

@@ -4,10 +4,10 @@
 //! and then serves it again with the peer's answer; an engine already
 //! loaded for a model that gets marked is unloaded.
 
-mod serving_common;
-
+use crate::util::demo_model_path;
+use crate::util::http::{error_code, eventually, post};
+use crate::util::serving::p2p_addr;
 use serde_json::json;
-use serving_common::{demo_model_path, error_code, eventually, p2p_addr, post};
 use shoal::node::Node;
 use shoal::serve::ServeConfig;
 use shoal::store::{AddOptions, ArtifactId, Store, StoreOptions};
@@ -24,7 +24,7 @@ async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>) -> (Node, SocketAddr) 
         kv: None,
         ..ServeConfig::with_data_dir(dir)
     };
-    serving_common::start_node(dir, peers, cfg).await
+    crate::util::serving::start_node(dir, peers, cfg).await
 }
 
 fn chat(model: &str) -> serde_json::Value {

@@ -1,8 +1,7 @@
 //! Content-store behaviour on real files and a real fjall database.
 
-mod common;
-
-use common::{bytes, demo_model, gguf_model};
+use crate::util::demo_model_path;
+use crate::util::synth::{bytes, gguf_model};
 use shoal::gguf::Gguf;
 use shoal::store::release::{RELEASE_FORMAT, Release, SignedRelease};
 use shoal::store::{
@@ -67,7 +66,9 @@ fn round_trip_generated_gguf_and_plain_file() {
 
 #[test]
 fn round_trip_demo_model() {
-    let Some(model) = demo_model() else { return };
+    let Some(model) = demo_model_path() else {
+        return;
+    };
     let t = tempfile::tempdir().expect("tmp");
     let store = open(&t.path().join("s"));
     let id = store.add_file(&model, &AddOptions::default()).expect("add");

@@ -1,39 +1,42 @@
-//! Shared helpers of the inference integration tests.
-#![allow(dead_code)]
-
-use std::path::PathBuf;
-
-/// The demo model: `$SHOAL_TEST_MODEL`, else the cache path
-/// `scripts/fetch-model.sh` uses. `None` (test skipped) when it is missing,
-/// except under `CI=true`, where a missing model fails the test.
-pub fn demo_model() -> Option<PathBuf> {
-    let p = match std::env::var_os("SHOAL_TEST_MODEL") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| home.join(".cache"));
-            cache.join("shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        }
-    };
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "demo model missing at {} (run scripts/fetch-model.sh or set SHOAL_TEST_MODEL)",
-            p.display()
-        );
-    }
-    eprintln!("skipping: demo model not found at {}", p.display());
-    None
-}
+//! Synthetic inputs: pseudo-random bytes and floats, and small GGUF files
+//! (a store-test "model" of opaque tensors, a tiny random llama).
 
 use shoal::gguf::writer::{TensorSpec, write};
 use shoal::gguf::{GgmlType, Value};
+
+/// A deterministic pseudo-random byte stream.
+pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A synthetic GGUF "model" with tensors of the given byte sizes (I8), contents from `seed`.
+pub fn gguf_model(sizes: &[usize], seed: u64) -> Vec<u8> {
+    let tensors: Vec<TensorSpec> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| TensorSpec {
+            name: format!("blk.{i}.weight"),
+            dims: vec![n as u64],
+            ty: GgmlType::I8,
+            data: bytes(seed + i as u64, n),
+        })
+        .collect();
+    write(
+        &[
+            ("general.architecture", Value::String("llama".into())),
+            ("general.name", Value::String("synthetic".into())),
+        ],
+        &tensors,
+    )
+}
 
 /// Deterministic pseudo-random floats in [-scale, scale).
 pub fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {

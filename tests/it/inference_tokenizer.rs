@@ -5,8 +5,7 @@
 //! (`tests/fixtures/tokenizer_smollm2.json`, written by
 //! `scripts/bench-inference.sh --fixtures` with llama-cpp-python).
 
-mod inference_common;
-
+use crate::util::demo_model_path;
 use shoal::gguf::{Gguf, Value};
 use shoal::inference::Tokenizer;
 use tokenizers::models::bpe::BPE;
@@ -88,7 +87,7 @@ fn hf_tokenizer(g: &Gguf) -> tokenizers::Tokenizer {
 
 #[test]
 fn matches_independent_tokenizers_pipeline() {
-    let Some(path) = inference_common::demo_model() else {
+    let Some(path) = demo_model_path() else {
         return;
     };
     let bytes = std::fs::read(&path).expect("read");
@@ -109,7 +108,7 @@ fn matches_independent_tokenizers_pipeline() {
 
 #[test]
 fn matches_llama_cpp_fixture() {
-    let Some(path) = inference_common::demo_model() else {
+    let Some(path) = demo_model_path() else {
         return;
     };
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -131,7 +130,7 @@ fn matches_llama_cpp_fixture() {
 
 #[test]
 fn special_tokens_can_be_plain_text() {
-    let Some(path) = inference_common::demo_model() else {
+    let Some(path) = demo_model_path() else {
         return;
     };
     let bytes = std::fs::read(&path).expect("read");

@@ -2,36 +2,29 @@
 //! a model is served by artifact id from the store, and a neighbour that
 //! does not hold it pulls it from the mesh on first use.
 
-mod serving_common;
-
+use crate::util::demo_model_path;
+use crate::util::http::{error_code, http, post};
+use crate::util::serving::TwoNodes;
 use serde_json::json;
-use serving_common::{demo_model_path, error_code, http, p2p_addr, post};
-use shoal::node::Node;
 use shoal::serve::ServeConfig;
-use shoal::store::AddOptions;
-use std::net::SocketAddr;
 use std::path::Path;
 
-async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>) -> (Node, SocketAddr) {
-    let cfg = ServeConfig {
+fn cfg(dir: &Path) -> ServeConfig {
+    ServeConfig {
         response_cache_budget: 0,
         ..ServeConfig::with_data_dir(dir)
-    };
-    serving_common::start_node(dir, peers, cfg).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_serves_store_models_and_pulls_them_from_a_neighbour() {
-    let Some(model) = demo_model_path() else {
+    if demo_model_path().is_none() {
         return;
-    };
+    }
     let tmp = tempfile::tempdir().expect("tmp");
-    let (a, a_http) = start(&tmp.path().join("a"), Vec::new()).await;
-    let store = a.store().clone();
-    let id = tokio::task::spawn_blocking(move || store.add_file(&model, &AddOptions::default()))
-        .await
-        .expect("join")
-        .expect("add");
+    let pair = TwoNodes::start(tmp.path(), cfg).await;
+    let (a, a_http, id) = (pair.first.node, pair.first.http, pair.first.model);
+    let (b, b_http) = (pair.second, pair.second_http);
     a.mesh().provide(id).await.expect("provide");
     let name = id.to_hex();
     let body = json!({"model": name, "max_tokens": 8, "temperature": 0,
@@ -62,7 +55,6 @@ async fn node_serves_store_models_and_pulls_them_from_a_neighbour() {
     );
 
     // A neighbour without the model pulls it from the mesh on first use.
-    let (b, b_http) = start(&tmp.path().join("b"), vec![p2p_addr(&a).await]).await;
     let r = post(b_http, "/v1/chat/completions", &body).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // Greedy answers do not depend on where the weights or the KV came from.

@@ -1,8 +1,6 @@
 //! `shoal import` layouts: a directory of GGUF files, a Hugging Face cache and
 //! an Ollama store, each built here as a small fake tree of tiny GGUF files.
 
-mod common;
-
 use shoal::import::{ImportOptions, Layout, import, scan};
 use shoal::store::{ArtifactId, Store, StoreOptions, build_manifest};
 use std::os::unix::fs::symlink;
@@ -28,8 +26,8 @@ fn open(dir: &Path) -> Store {
 fn plain_directory_recursive_with_links_and_junk() {
     let d = tempfile::tempdir().expect("tempdir");
     let src = d.path().join("models");
-    let a = common::gguf_model(&[4096, 8192], 1);
-    let b = common::gguf_model(&[4096], 2);
+    let a = crate::util::synth::gguf_model(&[4096, 8192], 1);
+    let b = crate::util::synth::gguf_model(&[4096], 2);
     put(&src.join("SmolLM2-135M-Instruct.Q4_1.gguf"), &a);
     put(&src.join("deep/er/TinyStories-f16.gguf"), &b);
     put(&src.join("notes.txt"), b"not a model");
@@ -104,9 +102,9 @@ fn hugging_face_cache_resolves_blobs_and_prefers_refs_main() {
     let d = tempfile::tempdir().expect("tempdir");
     let hub = d.path().join("hub");
     let repo = hub.join("models--bartowski--SmolLM2-135M-Instruct-GGUF");
-    let old = common::gguf_model(&[4096], 10);
-    let new = common::gguf_model(&[4096], 11);
-    let other = common::gguf_model(&[2048], 12);
+    let old = crate::util::synth::gguf_model(&[4096], 10);
+    let new = crate::util::synth::gguf_model(&[4096], 11);
+    let other = crate::util::synth::gguf_model(&[2048], 12);
     put(&repo.join("blobs/1111"), &old);
     put(&repo.join("blobs/2222"), &new);
     put(&repo.join("blobs/3333"), &other);
@@ -172,8 +170,8 @@ fn hugging_face_cache_resolves_blobs_and_prefers_refs_main() {
 fn ollama_store_follows_manifests_to_model_blobs() {
     let d = tempfile::tempdir().expect("tempdir");
     let models = d.path().join(".ollama/models");
-    let tiny = common::gguf_model(&[4096, 4096], 20);
-    let bob = common::gguf_model(&[1024], 21);
+    let tiny = crate::util::synth::gguf_model(&[4096, 4096], 20);
+    let bob = crate::util::synth::gguf_model(&[1024], 21);
     let hex = |b: &[u8]| {
         // Ollama names blobs by SHA-256; any 64 hex digits do for the layout.
         format!("{}", blake3::hash(b).to_hex())

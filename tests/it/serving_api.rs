@@ -3,10 +3,9 @@
 //! cache and its HTTP caching headers, overload (429), client disconnects
 //! and graceful drain.
 
-mod serving_common;
-
+use crate::util::http::*;
+use crate::util::serving::*;
 use serde_json::{Value, json};
-use serving_common::*;
 use shoal::serve::ServeConfig;
 use std::sync::atomic::Ordering;
 

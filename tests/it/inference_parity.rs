@@ -8,8 +8,7 @@
 //! (top-2 margin below `TIE` in both models; at most `MAX_TIES` per prompt),
 //! after which both continue with our token.
 
-mod inference_common;
-
+use crate::util::demo_model_path;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
@@ -60,7 +59,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn logits_and_greedy_tokens_match_candle() {
-    let Some(path) = inference_common::demo_model() else {
+    let Some(path) = demo_model_path() else {
         return;
     };
     let ours = Model::load_with(

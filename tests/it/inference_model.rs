@@ -2,9 +2,8 @@
 //! reference, bad files, KV export/import continuation, streaming,
 //! cancellation, stop sequences and seeded sampling.
 
-mod inference_common;
-
-use inference_common::{demo_model, tiny_llama};
+use crate::util::demo_model_path;
+use crate::util::synth::tiny_llama;
 use shoal::gguf::GgmlType;
 use shoal::inference::{
     GenerateConfig, InferenceError, KvCache, KvDtype, Model, ModelConfig, SamplerConfig,
@@ -109,7 +108,7 @@ fn bad_files_are_clear_errors() {
 }
 
 fn demo() -> Option<Arc<Model>> {
-    let p = demo_model()?;
+    let p = demo_model_path()?;
     Some(Model::load_with(p, &cfg(2, false)).expect("load demo model"))
 }
 
@@ -294,7 +293,7 @@ fn streaming_cancel_stop_and_seed() {
 
 #[test]
 fn tokenizer_is_shared_per_file() {
-    let Some(p) = demo_model() else { return };
+    let Some(p) = demo_model_path() else { return };
     let a = Model::load_with(&p, &cfg(1, false)).expect("load");
     let b = Model::load_with(&p, &cfg(1, false)).expect("load");
     assert!(Arc::ptr_eq(a.tokenizer(), b.tokenizer()));

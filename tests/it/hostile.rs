@@ -5,8 +5,6 @@
 //! own; the client uses blocking sockets with read timeouts, so a stalled
 //! server fails the test instead of hanging it.
 
-mod inference_common;
-
 use shoal::gguf::writer::with_metadata;
 use shoal::gguf::{GgmlType, Value};
 use shoal::serve::ServeConfig;
@@ -20,7 +18,7 @@ const HOSTILE: &str =
 
 /// The tiny llama of the inference tests with `tokenizer.chat_template` set.
 fn tiny_with_template(template: &str) -> Vec<u8> {
-    let bytes = inference_common::tiny_llama(GgmlType::Q8_0, "llama");
+    let bytes = crate::util::synth::tiny_llama(GgmlType::Q8_0, "llama");
     with_metadata(
         &bytes,
         "tokenizer.chat_template",

@@ -3,10 +3,10 @@
 //! disk block dropped and recomputed, tail records reused token by token
 //! (and dropped when corrupt), budgets never exceeded.
 
-mod serving_common;
-
+use crate::util::demo_model_path;
+use crate::util::http::*;
+use crate::util::serving::*;
 use serde_json::{Value, json};
-use serving_common::*;
 use shoal::kvcache::KvCacheConfig;
 use shoal::serve::ServeConfig;
 use std::sync::atomic::Ordering;
@@ -433,8 +433,8 @@ async fn greedy_answers_do_not_depend_on_the_cache_tier() {
     srv.stop().await;
 }
 
-/// A node in `dir` serving the demo model (added to its store) with the
-/// response cache off; returns it, its HTTP address and the model's name.
+/// A node of the fixture ([`model_node`]) in `dir` with the response cache
+/// off; returns it, its HTTP address and the demo model's name.
 async fn node(
     dir: &std::path::Path,
     peers: Vec<libp2p::Multiaddr>,
@@ -443,16 +443,8 @@ async fn node(
         response_cache_budget: 0,
         ..ServeConfig::with_data_dir(dir)
     };
-    let (node, addr) = start_node(dir, peers, cfg).await;
-    let model = demo_model_path().expect("model");
-    let store = node.store().clone();
-    let id = tokio::task::spawn_blocking(move || {
-        store.add_file(&model, &shoal::store::AddOptions::default())
-    })
-    .await
-    .expect("join")
-    .expect("add");
-    (node, addr, id.to_hex())
+    let m = model_node(dir, peers, cfg).await;
+    (m.node, m.http, m.model.to_hex())
 }
 
 /// Greedy answers are the same cold and with the prefix taken from a

@@ -1,9 +1,7 @@
 //! A full disk gives a clear error and loses nothing. Needs root (it mounts a
 //! small tmpfs); without root it says so loudly and skips, in CI it must run.
 
-mod common;
-
-use common::{bytes, gguf_model};
+use crate::util::synth::{bytes, gguf_model};
 use shoal::store::{AddOptions, Store, StoreError, StoreOptions, build_manifest};
 use std::path::{Path, PathBuf};
 use std::process::Command;

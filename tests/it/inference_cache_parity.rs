@@ -4,9 +4,7 @@
 //! prompt, for many split points, both storage formats and a prefix that
 //! was computed token by token (as generated tokens are).
 
-mod inference_common;
-
-use inference_common::demo_model;
+use crate::util::demo_model_path;
 use shoal::inference::{
     GenerateConfig, KvCache, KvDtype, Model, ModelConfig, SamplerConfig, generate, generate_after,
 };
@@ -14,7 +12,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 fn demo() -> Option<Arc<Model>> {
-    let p = demo_model()?;
+    let p = demo_model_path()?;
     Some(
         Model::load_with(
             p,

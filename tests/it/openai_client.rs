@@ -6,9 +6,7 @@
 //! Needs `python3 -m pip install openai` (`.ci/run` installs it). Outside
 //! CI a missing package skips the test loudly; with `CI=true` it fails.
 
-mod serving_common;
-
-use serving_common::demo_model_path;
+use crate::util::demo_model_path;
 use shoal::serve::ServeConfig;
 use shoal::store::AddOptions;
 
@@ -124,7 +122,7 @@ async fn the_official_openai_client_works_unchanged() {
         response_cache_budget: 0,
         ..ServeConfig::with_data_dir(dir.path())
     };
-    let (node, addr) = serving_common::start_node(dir.path(), Vec::new(), cfg).await;
+    let (node, addr) = crate::util::serving::start_node(dir.path(), Vec::new(), cfg).await;
     let store = node.store().clone();
     let id =
         tokio::task::spawn_blocking(move || store.add_file(&model_path, &AddOptions::default()))

@@ -3,31 +3,26 @@
 //! tokens computed), a lying neighbour is caught by the spot check, banned
 //! and its blocks dropped.
 
-mod serving_common;
-
+use crate::util::demo_model_path;
+use crate::util::http::{eventually, post};
+use crate::util::serving::{connected, model_node, p2p_addr};
 use serde_json::json;
-use serving_common::{demo_model_path, eventually, p2p_addr, post};
 use shoal::node::Node;
 use shoal::serve::ServeConfig;
-use shoal::store::AddOptions;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
+/// A node of the fixture ([`model_node`]) holding the demo model; `lie` makes
+/// it serve wrong KV blocks. Returns it, its HTTP address and the model's name.
 async fn start(dir: &Path, peers: Vec<libp2p::Multiaddr>, lie: bool) -> (Node, SocketAddr, String) {
     let cfg = ServeConfig {
         response_cache_budget: 0,
         test_lie_kv: lie,
         ..ServeConfig::with_data_dir(dir)
     };
-    let (node, addr) = serving_common::start_node(dir, peers, cfg).await;
-    let model = demo_model_path().expect("model");
-    let store = node.store().clone();
-    let id = tokio::task::spawn_blocking(move || store.add_file(&model, &AddOptions::default()))
-        .await
-        .expect("join")
-        .expect("add");
-    (node, addr, id.to_hex())
+    let m = model_node(dir, peers, cfg).await;
+    (m.node, m.http, m.model.to_hex())
 }
 
 /// (text, cached_tokens)
@@ -49,17 +44,6 @@ async fn ask(addr: SocketAddr, model: &str, prompt: &str) -> (String, u64) {
     )
 }
 
-async fn connected(a: &Node, b: &Node) {
-    let pb = b.mesh().peer_id();
-    for _ in 0..6000 {
-        if a.mesh().connected().await.expect("peers").contains(&pb) {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("never connected");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn neighbour_kv_is_used_and_a_liar_is_banned() {
     if demo_model_path().is_none() {
@@ -68,7 +52,7 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
     let tmp = tempfile::tempdir().expect("tmp");
     let prompt = format!(
         "{}\nIn short, the list says",
-        serving_common::long_text(200)
+        crate::util::http::long_text(200)
     );
 
     // Honest pair: A computes the prompt, B takes A's blocks.
@@ -90,7 +74,7 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
         "the prefix came from the neighbour"
     );
     // The same blocks give the same answer whichever node holds them (and
-    // the same as a cold computation: see tests/serving_kv.rs).
+    // the same as a cold computation: see tests/it/serving_kv.rs).
     assert_eq!(
         text, from_blocks,
         "same greedy answer with the neighbour's KV"
@@ -155,7 +139,7 @@ async fn neighbour_kv_is_used_and_a_liar_is_banned() {
         "banned on the mesh"
     );
     // A second request does not take anything from the liar again.
-    let other = format!("{}\nTo conclude,", serving_common::long_text(200));
+    let other = format!("{}\nTo conclude,", crate::util::http::long_text(200));
     let _ = ask(c_http, &id, &other).await;
     assert_eq!(kv_c.stats().mesh_caught.load(Ordering::Relaxed), 1);
     assert_eq!(kv_c.stats().mesh_hits.load(Ordering::Relaxed), 0);
@@ -173,9 +157,9 @@ async fn the_longest_run_is_found_in_one_round() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tmp");
-    let text = serving_common::long_text(200);
+    let text = crate::util::http::long_text(200);
     let prompt = format!("{text}\nIn short, the list says");
-    let half = format!("{}\nSo", serving_common::long_text(100));
+    let half = format!("{}\nSo", crate::util::http::long_text(100));
     let (a, a_http, id) = start(&tmp.path().join("a"), Vec::new(), false).await;
     let (b, b_http, _) = start(&tmp.path().join("b"), Vec::new(), false).await;
     let _ = ask(a_http, &id, &prompt).await;

@@ -1,8 +1,6 @@
 //! Metrics: store and dedupe events move the process-wide counters, and the
 //! rendered text passes a real Prometheus parser (`promtool check metrics`).
 
-mod common;
-
 use shoal::metrics::{self, CacheOutcome, Outcome, Source, Tier};
 use shoal::store::{AddOptions, Store, StoreOptions, build_manifest};
 use std::io::Write;
@@ -73,7 +71,7 @@ fn store_events_move_counters_and_promtool_accepts_the_text() {
         },
     )
     .expect("open");
-    let a = common::gguf_model(&[96_000, 96_000], 1);
+    let a = crate::util::synth::gguf_model(&[96_000, 96_000], 1);
     let a_path = write(d.path(), "a.gguf", &a);
     store
         .add_file(&a_path, &AddOptions::default())
@@ -85,7 +83,7 @@ fn store_events_move_counters_and_promtool_accepts_the_text() {
     assert_eq!(delta(&t, "shoal_store_artifacts{status=\"active\"}"), 1.0);
 
     // A model sharing two tensors with `a`: beginning it copies them locally (dedupe).
-    let c = common::gguf_model(&[96_000, 96_000, 96_000], 1);
+    let c = crate::util::synth::gguf_model(&[96_000, 96_000, 96_000], 1);
     let manifest = build_manifest(Path::new("c.gguf"), &c, None).expect("manifest");
     store.begin(&manifest).expect("begin");
     let t = m.render();
@@ -114,7 +112,7 @@ fn store_events_move_counters_and_promtool_accepts_the_text() {
         },
     )
     .expect("open");
-    let b = common::gguf_model(&[96_000, 96_000], 7);
+    let b = crate::util::synth::gguf_model(&[96_000, 96_000], 7);
     let b_path = write(d.path(), "b.gguf", &b);
     small
         .add_file(&a_path, &AddOptions::default())

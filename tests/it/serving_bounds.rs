@@ -5,10 +5,10 @@
 //! and a long pull of one model does not hold up another; model names are
 //! length-checked at the edge.
 
-mod serving_common;
-
+use crate::util::demo_model_path;
+use crate::util::http::{error_code, eventually, http, post};
+use crate::util::serving::{connected, p2p_addr};
 use serde_json::json;
-use serving_common::{demo_model_path, error_code, eventually, http, p2p_addr, post};
 use shoal::node::Node;
 use shoal::serve::ServeConfig;
 use shoal::store::{AddOptions, ArtifactId, StoreOptions};
@@ -23,7 +23,7 @@ async fn start(
     store: StoreOptions,
     cfg: ServeConfig,
 ) -> (Node, SocketAddr) {
-    serving_common::start_node_with(dir, peers, store, cfg).await
+    crate::util::serving::start_node_with(dir, peers, store, cfg).await
 }
 
 fn cfg(dir: &Path) -> ServeConfig {
@@ -60,17 +60,6 @@ fn variant(demo: &Path, dir: &Path, letter: u8) -> PathBuf {
 fn chat(model: &str) -> serde_json::Value {
     json!({"model": model, "max_tokens": 2, "temperature": 0,
            "messages": [{"role": "user", "content": "Say hello."}]})
-}
-
-async fn connected(a: &Node, b: &Node) {
-    let pb = b.mesh().peer_id();
-    for _ in 0..6000 {
-        if a.mesh().connected().await.expect("peers").contains(&pb) {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("never connected");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
