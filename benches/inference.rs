@@ -30,6 +30,10 @@ fn cpu_ms() -> f64 {
     ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
 }
 
+#[path = "../tests/it/util/demo.rs"]
+#[allow(dead_code)]
+mod demo;
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut threads: Vec<usize> = vec![1, 2];
@@ -51,10 +55,7 @@ fn main() {
             _ => {}
         }
     }
-    let path = model.unwrap_or_else(|| {
-        let home = std::env::var("HOME").unwrap_or_default();
-        format!("{home}/.cache/shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = model.unwrap_or_else(|| demo::expected_demo_model().display().to_string());
     let rss0 = rss_kib();
     for &t in &threads {
         let t0 = Instant::now();

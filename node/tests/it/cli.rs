@@ -284,7 +284,7 @@ fn sigkill_while_adding_leaves_a_working_store() {
 
 /// The demo model if present (the real case), else a synthetic GGUF.
 fn a_model(dir: &Path) -> PathBuf {
-    let p = crate::util::demo_model_path();
+    let p = crate::util::expected_demo_model();
     if p.exists() {
         return p;
     }

@@ -3,54 +3,15 @@
 //! HTTP/1.1 client ([`http`]) and serving nodes on loopback, alone or as the
 //! two-node mesh fixture ([`serving`]).
 
+pub mod demo;
 pub mod http;
 pub mod serving;
 pub mod synth;
 
 use shoal::inference::Model;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-/// Where the demo model is expected: `$SHOAL_TEST_MODEL` (what
-/// `scripts/test.sh` sets), else the cache `scripts/fetch-model.sh` fills
-/// (`$SHOAL_MODEL_CACHE`, else `${XDG_CACHE_HOME:-$HOME/.cache}/shoal/models`).
-fn expected_demo_model() -> PathBuf {
-    if let Some(p) = std::env::var_os("SHOAL_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("SHOAL_MODEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| home.join(".cache"))
-                .join("shoal/models")
-        });
-    cache.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-/// The demo model's path; `None` (the test is skipped, with a loud message)
-/// when it is missing, except under `CI=true`, where a missing model fails.
-pub fn demo_model_path() -> Option<PathBuf> {
-    let p = expected_demo_model();
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "demo model missing at {} (run scripts/fetch-model.sh or set SHOAL_TEST_MODEL)",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIPPING: demo model missing at {} (run scripts/fetch-model.sh or set SHOAL_TEST_MODEL)",
-        p.display()
-    );
-    None
-}
+pub use demo::demo_model_path;
 
 /// The demo model ([`demo_model_path`]), loaded once per test binary.
 pub fn demo_model() -> Option<Arc<Model>> {
