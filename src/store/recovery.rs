@@ -341,14 +341,7 @@ impl Store {
                 .open(path)
                 .map_err(io_err("open", path))?;
             f.set_len(m.size).map_err(io_err("size", path))?;
-            let mut have = HaveMap::new(m.chunk_count());
-            let mut buf = Vec::new();
-            for (i, c) in m.chunks.iter().enumerate() {
-                buf.resize(c.len as usize, 0);
-                if f.read_exact_at(&mut buf, c.offset).is_ok() && ChunkHash::of(&buf) == c.hash {
-                    have.set(i as u32);
-                }
-            }
+            let have = valid_chunks(&f, &m);
             f.sync_all().map_err(io_err("sync", path))?;
             let mut b = self.register_batch(id, &m, ArtifactStatus::Partial, false);
             b.insert(&self.inner.haves, id.0, have.to_bytes());
@@ -411,14 +404,21 @@ impl Store {
             .ok_or_else(|| StoreError::Unknown(id.to_hex()))?;
         let path = self.partial_path(id);
         let f = File::open(&path).map_err(io_err("open", &path))?;
-        let mut have = HaveMap::new(m.chunk_count());
-        let mut buf = Vec::new();
-        for (i, c) in m.chunks.iter().enumerate() {
-            buf.resize(c.len as usize, 0);
-            if f.read_exact_at(&mut buf, c.offset).is_ok() && ChunkHash::of(&buf) == c.hash {
-                have.set(i as u32);
-            }
-        }
+        let have = valid_chunks(&f, &m);
         self.reopen_as_partial(id, &m, r, &have)
     }
+}
+
+/// The chunks of `m` whose bytes in `f` match their hash (a partial file's
+/// contents, re-read when its have-map cannot be trusted).
+fn valid_chunks(f: &File, m: &Manifest) -> HaveMap {
+    let mut have = HaveMap::new(m.chunk_count());
+    let mut buf = Vec::new();
+    for (i, c) in m.chunks.iter().enumerate() {
+        buf.resize(c.len as usize, 0);
+        if f.read_exact_at(&mut buf, c.offset).is_ok() && ChunkHash::of(&buf) == c.hash {
+            have.set(i as u32);
+        }
+    }
+    have
 }

@@ -4,7 +4,7 @@
 //! machine does), so the policy is tested without a network or sleeps. The
 //! driver ([`super::driver`]) owns the IO and calls it under a lock.
 
-use super::{Progress, SourceStats};
+use super::{DownloadOptions, Progress, SourceStats};
 use crate::store::HaveMap;
 use libp2p::PeerId;
 use std::collections::HashMap;
@@ -101,6 +101,48 @@ pub(super) fn random_seed() -> u64 {
 }
 
 impl Sched {
+    /// The scheduler of a download that holds `have` already, run by `me`
+    /// with `opts`' policy; `started` is when the download began (its
+    /// progress counts from there), `now` the current time. A pure value: no
+    /// method reads the clock, every time-dependent one takes `now`.
+    pub(super) fn new(
+        have: HaveMap,
+        progress: Progress,
+        me: PeerId,
+        opts: &DownloadOptions,
+        started: Instant,
+        now: Instant,
+    ) -> Sched {
+        let n = have.len() as usize;
+        Sched {
+            finished: have.is_complete(),
+            have,
+            inflight: vec![Vec::new(); n],
+            inflight_chunks: 0,
+            asked_at: vec![now; n],
+            took_avg: 0.0,
+            avail: vec![0; n],
+            sources: HashMap::new(),
+            fetched: Vec::new(),
+            progress,
+            failed: None,
+            disk_full: None,
+            last_chunk: now,
+            started,
+            endgame: opts.endgame,
+            max_failures: opts.max_failures,
+            pause: opts.pause,
+            max_pause: opts.max_pause,
+            me,
+            origin_peers: Default::default(),
+            origin_after: now + opts.origin_delay,
+            origin_grace: opts.origin_grace,
+            rng: random_seed(),
+            sharers: vec![me],
+            my_share: 0,
+        }
+    }
+
     /// Recomputes [`Sched::sharers`] from the live sources' have-maps.
     pub(super) fn update_sharers(&mut self) {
         let mut v: Vec<PeerId> = self
@@ -520,33 +562,22 @@ mod tests {
     use std::collections::HashSet;
 
     fn sched(n: u32) -> Sched {
-        Sched {
-            finished: false,
-            have: HaveMap::new(n),
-            inflight: vec![Vec::new(); n as usize],
-            inflight_chunks: 0,
-            asked_at: vec![Instant::now(); n as usize],
-            took_avg: 0.0,
-            avail: vec![0; n as usize],
-            sources: HashMap::new(),
-            fetched: Vec::new(),
-            progress: Progress::default(),
-            failed: None,
-            disk_full: None,
-            last_chunk: Instant::now(),
-            started: Instant::now(),
+        let now = Instant::now();
+        let opts = DownloadOptions {
             endgame: false,
-            max_failures: 8,
-            pause: Duration::from_secs(2),
-            max_pause: Duration::from_secs(30),
-            me: PeerId::random(),
-            origin_peers: Default::default(),
-            origin_after: Instant::now(),
-            origin_grace: Duration::from_secs(10),
-            rng: random_seed(),
-            sharers: Vec::new(),
-            my_share: 0,
-        }
+            origin_delay: Duration::ZERO,
+            ..DownloadOptions::default()
+        };
+        let mut s = Sched::new(
+            HaveMap::new(n),
+            Progress::default(),
+            PeerId::random(),
+            &opts,
+            now,
+            now,
+        );
+        s.sharers.clear();
+        s
     }
 
     fn have(n: u32, which: impl Iterator<Item = u32>) -> HaveMap {
