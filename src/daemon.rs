@@ -81,7 +81,7 @@ fn describe(running: &[String]) -> String {
 }
 
 /// Everything a daemon needs to start: the node's, the serving layer's and
-/// the API's settings, and the drain deadline. [`DaemonOptions::from_config`]
+/// the API's settings (with the drain deadline). [`DaemonOptions::from_config`]
 /// builds them from a config file; tests build them by hand.
 #[derive(Clone)]
 pub struct DaemonOptions {
@@ -91,8 +91,6 @@ pub struct DaemonOptions {
     pub serve: ServeConfig,
     /// The HTTP API.
     pub api: ApiOptions,
-    /// How long shutdown waits for open requests (`api.drain_timeout`).
-    pub drain_timeout: Duration,
     /// The node's metrics; `None`: [`Node::start`]'s default.
     pub metrics: Option<Arc<Metrics>>,
 }
@@ -106,7 +104,6 @@ impl DaemonOptions {
             node,
             serve,
             api: ApiOptions::default(),
-            drain_timeout: ApiOptions::default().drain_timeout,
             metrics: None,
         }
     }
@@ -120,7 +117,6 @@ impl DaemonOptions {
             node,
             serve,
             api: cfg.api_options(),
-            drain_timeout: cfg.api.drain_timeout,
             metrics: None,
         })
     }
@@ -164,12 +160,13 @@ impl Daemon {
             Some(m) => Node::start_with(opts.node, m).await?,
             None => Node::start(opts.node).await?,
         };
+        let drain_timeout = opts.api.drain_timeout;
         match Daemon::serve(&node, opts.serve, opts.api, listener) {
             Ok((serving, addr, stop, http)) => Ok(Daemon {
                 node,
                 serving,
                 addr,
-                drain_timeout: opts.drain_timeout,
+                drain_timeout,
                 stop: Some(stop),
                 http: Some(http),
             }),

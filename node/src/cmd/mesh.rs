@@ -191,7 +191,7 @@ async fn serve(ctx: &Ctx, cfg: shoal::settings::Config, args: ServeArgs) -> Resu
     let listener = tokio::net::TcpListener::bind(api_addr)
         .await
         .with_context(|| format!("binding the API on {api_addr}"))?;
-    let drain = opts.drain_timeout;
+    let drain = opts.api.drain_timeout;
     // The node, its serving layer and its API; the admin token and the API
     // keys are read (or made) before the API is announced.
     let daemon = Daemon::start(opts, listener).await?;
