@@ -83,7 +83,7 @@ async fn ttft_model(addr: std::net::SocketAddr, model: &str, prompt: &str) -> (f
                       "stream": true, "stream_options": {"include_usage": true}})
     .to_string();
     let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: b\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -103,6 +103,12 @@ async fn ttft_model(addr: std::net::SocketAddr, model: &str, prompt: &str) -> (f
         }
     }
     let text = String::from_utf8_lossy(&got);
+    // A refused or failed request is a broken benchmark, not a NaN figure.
+    assert!(
+        first.is_some(),
+        "no token from {addr}: {}",
+        text.chars().take(300).collect::<String>()
+    );
     let cached = util::http::sse_data(&text)
         .iter()
         .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
