@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Benchmarks shoal's inference against llama.cpp (llama-cpp-python, built from
-# its PyPI source distribution) on the demo model, same machine, same run,
-# same thread counts; prints JSON lines and the ratios.
+# Benchmarks shoal's inference against llama.cpp's `llama-bench` (built from
+# the llama-cpp-python PyPI sdist by scripts/build-llama-cpp.sh, once) on a
+# model (default: the demo model; MODEL=gemma3 for Gemma 3 270M Q4_K_M, or a
+# path), same machine, same run, same thread counts; prints JSON lines and
+# the ratios.
 #
-#   scripts/bench-inference.sh [--threads 1,2] [--pp 512] [--tg 128] [--reps 3]
-#   scripts/bench-inference.sh --fixtures   # (re)write tests/fixtures/tokenizer_smollm2.json
-#
-# The llama.cpp build takes a few minutes on 2 cores (once; cached in a venv).
+#   scripts/bench-inference.sh [--model demo|gemma3|PATH] [--threads 1,2] [--pp 512] [--tg 128] [--reps 3]
+#   scripts/bench-inference.sh --fixtures   # (re)write tests/fixtures/tokenizer_smollm2.json (llama-cpp-python venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-THREADS=1,2; PP=512; TG=128; REPS=3; FIXTURES=0
+THREADS=1,2; PP=512; TG=128; REPS=3; FIXTURES=0; MODEL_ARG=${MODEL:-demo}
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) THREADS="$2"; shift 2;;
@@ -17,10 +17,16 @@ while [ $# -gt 0 ]; do
     --tg) TG="$2"; shift 2;;
     --reps) REPS="$2"; shift 2;;
     --fixtures) FIXTURES=1; shift;;
+    --model) MODEL_ARG="$2"; shift 2;;
     *) echo "unknown option $1" >&2; exit 2;;
   esac
 done
-MODEL="${SHOAL_TEST_MODEL:-$(scripts/fetch-model.sh)}"
+case "$MODEL_ARG" in
+  demo) MODEL="${SHOAL_TEST_MODEL:-$(scripts/fetch-model.sh)}";;
+  gemma3) MODEL="${SHOAL_GEMMA3_MODEL:-$(scripts/fetch-gemma3.sh)}";;
+  *) MODEL="$MODEL_ARG";;
+esac
+if [ "$FIXTURES" = 1 ]; then
 VENV="${SHOAL_BENCH_VENV:-$HOME/.cache/shoal/bench-venv}"
 if [ ! -x "$VENV/bin/python" ]; then python3 -m venv "$VENV"; fi
 if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
@@ -29,8 +35,6 @@ if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
     "$VENV/bin/pip" install --quiet --no-cache-dir llama-cpp-python >&2
 fi
 PY="$VENV/bin/python"
-
-if [ "$FIXTURES" = 1 ]; then
   "$PY" - "$MODEL" tests/fixtures/tokenizer_smollm2.json <<'PY'
 import json, sys
 from llama_cpp import Llama
@@ -59,36 +63,24 @@ PY
   exit 0
 fi
 
+
+TOOLS="$(scripts/build-llama-cpp.sh)"
 cargo build --release --bench inference >&2 2>/dev/null || cargo bench --no-run --bench inference >&2
 BENCH="$(ls -t target/release/deps/inference-* | grep -v '\.d$' | head -1)"
 
 llama() {
-  "$PY" - "$MODEL" "$1" "$PP" "$TG" "$REPS" <<'PY'
-import json, resource, sys, time, os
-t0 = time.perf_counter()
-from llama_cpp import Llama
-path, threads, pp, tg, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-t1 = time.perf_counter()
-m = Llama(model_path=path, n_ctx=pp + tg + 8, n_batch=pp, n_ubatch=pp, n_threads=threads,
-          n_threads_batch=threads, verbose=False)
-load_ms = (time.perf_counter() - t1) * 1e3
-rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
-vocab = m.n_vocab()
-prompt = [(i * 7919 + 13) % vocab for i in range(pp)]
-best_pp = best_tg = float("inf")
-for _ in range(reps):
-    m.reset(); m._ctx.kv_cache_clear() if hasattr(m._ctx, "kv_cache_clear") else None
-    t = time.perf_counter(); m.eval(prompt); best_pp = min(best_pp, time.perf_counter() - t)
-    m.reset(); m._ctx.kv_cache_clear() if hasattr(m._ctx, "kv_cache_clear") else None
-    m.eval(prompt[:1])
-    t = time.perf_counter()
-    for i in range(tg):
-        m.eval([prompt[(i + 1) % pp]])
-    best_tg = min(best_tg, time.perf_counter() - t)
-print(json.dumps({"impl": "llama.cpp", "threads": threads, "pp": pp, "pp_tps": round(pp / best_pp, 1),
-                  "tg": tg, "tg_tps": round(tg / best_tg, 1), "load_ms": round(load_ms, 1),
-                  "rss_after_load_kib": rss, "file_bytes": os.path.getsize(path)}))
-PY
+  "$TOOLS/bin/llama-bench" -m "$MODEL" -t "$1" -p "$PP" -n "$TG" -r "$REPS" -o json 2>/dev/null |
+    python3 -c '
+import json, os, sys
+rows = json.load(sys.stdin)
+out = {"impl": "llama.cpp (llama-bench)", "threads": rows[0]["n_threads"], "file_bytes": os.path.getsize(sys.argv[1]),
+       "build": rows[0].get("build_commit", "")}
+for r in rows:
+    if r["n_prompt"] > 0 and r["n_gen"] == 0:
+        out["pp"], out["pp_tps"] = r["n_prompt"], round(r["avg_ts"], 1)
+    elif r["n_gen"] > 0 and r["n_prompt"] == 0:
+        out["tg"], out["tg_tps"] = r["n_gen"], round(r["avg_ts"], 1)
+print(json.dumps(out))' "$MODEL"
 }
 
 echo "# $(date -u +%FT%TZ) $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), model $MODEL" >&2
@@ -102,7 +94,7 @@ import json, sys
 l, s = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 print(f"threads {s['threads']}: pp{s['pp']} shoal {s['pp_tps']} / llama.cpp {l['pp_tps']} tok/s = {s['pp_tps']/l['pp_tps']:.2f}x; "
       f"tg{s['tg']} shoal {s['tg_tps']} / llama.cpp {l['tg_tps']} tok/s = {s['tg_tps']/l['tg_tps']:.2f}x; "
-      f"load shoal {s['load_ms']} ms / llama.cpp {l['load_ms']} ms; tokenizer {s['tokenizer_load_ms']} ms; "
-      f"RSS after load shoal {s['rss_after_load_kib']//1024} MiB, llama.cpp {l['rss_after_load_kib']//1024} MiB, file {s['file_bytes']//(1<<20)} MiB")
+      f"load shoal {s['load_ms']} ms; tokenizer {s['tokenizer_load_ms']} ms; "
+      f"RSS after load {s['rss_after_load_kib']//1024} MiB, file {s['file_bytes']//(1<<20)} MiB")
 PY
 done

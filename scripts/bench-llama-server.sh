@@ -11,17 +11,14 @@
 #        SHOAL_REPO=DIR ...                run cargo (prompts, shoal's benchmark) in DIR
 #
 # llama-server is built from the llama.cpp tree vendored in the PyPI sdist of
-# llama-cpp-python (LCP_VERSION, default 0.3.36): Release, GGML_NATIVE, CPU
-# only, no curl, no web UI, static, the server target only, `-j2`; cached
-# under ~/.cache/shoal/tools/llama.cpp-<version>/ and reused. When run as
-# root the configure and build run in a network namespace with no network.
+# llama-cpp-python by scripts/build-llama-cpp.sh (Release, GGML_NATIVE, CPU
+# only, no curl, no web UI, static, `-j2`; cached under
+# ~/.cache/shoal/tools/llama.cpp-<version>/ and reused; no network during the
+# build when run as root).
 # The server binds 127.0.0.1 only and loads the local demo model GGUF.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(realpath "${SHOAL_REPO:-$PWD}")
-LCP_VERSION=${LCP_VERSION:-0.3.36}
-TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/shoal/tools/llama.cpp-$LCP_VERSION
-BIN=$TOOLS/bin/llama-server
 RUNS=${RUNS:-3}
 WORDS=${WORDS:-925}
 THREADS=${THREADS:-2}
@@ -30,59 +27,9 @@ PORT=${PORT:-18089}
 
 log() { echo "bench-llama-server: $*" >&2; }
 
-build_llama_server() {
-    if ! command -v cmake >/dev/null; then
-        if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-            log "installing cmake (apt)"
-            DEBIAN_FRONTEND=noninteractive apt-get install -y cmake >&2
-        else
-            log "installing cmake (pip --user)"
-            python3 -m pip install --user cmake >&2
-            export PATH=$HOME/.local/bin:$PATH
-        fi
-    fi
-    local work
-    work=$(mktemp -d)
-    log "fetching the llama-cpp-python $LCP_VERSION sdist (pip download)"
-    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python \
-        "llama-cpp-python==$LCP_VERSION" -d "$work" >&2
-    tar xzf "$work"/llama_cpp_python-"$LCP_VERSION".tar.gz -C "$work"
-    local src=$work/llama_cpp_python-$LCP_VERSION/vendor/llama.cpp
-    [[ -f $src/tools/server/server.cpp ]] || { log "no tools/server in the sdist"; exit 1; }
-    local flags=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
-        -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF
-        -DGGML_METAL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
-        -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_UI=OFF
-        -DLLAMA_USE_PREBUILT_UI=OFF)
-    # No network during the build (the UI asset step could otherwise try to
-    # download prebuilt assets): a fresh network namespace when root.
-    local nonet=()
-    if [[ $(id -u) -eq 0 ]] && unshare -n true 2>/dev/null; then
-        nonet=(unshare -n)
-    fi
-    mkdir -p "$TOOLS"
-    log "building llama-server (log: $TOOLS/build.log; ~10 min on 2 cores)"
-    {
-        "${nonet[@]}" cmake -S "$src" -B "$work/build" "${flags[@]}"
-        "${nonet[@]}" cmake --build "$work/build" --target llama-server -j2
-    } >"$TOOLS/build.log" 2>&1 || { log "build failed, see $TOOLS/build.log"; exit 1; }
-    mkdir -p "$TOOLS/bin"
-    cp "$work/build/bin/llama-server" "$BIN.tmp"
-    mv "$BIN.tmp" "$BIN"
-    {
-        echo "llama-cpp-python $LCP_VERSION sdist, vendor/llama.cpp"
-        echo "built $(date -u '+%Y-%m-%d %H:%M UTC') with: cmake ${flags[*]}; --target llama-server -j2"
-        "$BIN" --version 2>&1 | grep -i -E "version|built" || true
-    } >"$TOOLS/BUILD.txt"
-    rm -rf "$work"
-    log "built $BIN"
-}
-
-if [[ ! -x $BIN ]]; then
-    build_llama_server
-else
-    log "using cached $BIN"
-fi
+# The tools (llama-server among them) are built once by scripts/build-llama-cpp.sh.
+TOOLS=$(scripts/build-llama-cpp.sh)
+BIN=$TOOLS/bin/llama-server
 [[ -n ${BUILD_ONLY:-} ]] && { cat "$TOOLS/BUILD.txt"; exit 0; }
 
 if [[ -z "${SHOAL_TEST_MODEL:-}" ]]; then

@@ -17,6 +17,7 @@ mod kernels;
 mod kv;
 mod mapguard;
 mod model;
+mod perplexity;
 mod quant;
 mod sample;
 mod tokenizer;
@@ -31,6 +32,7 @@ pub use kv::{
     SharedBlock,
 };
 pub use model::{HParams, Model, ModelConfig};
+pub use perplexity::{PerplexityConfig, PerplexityReport, perplexity};
 pub use sample::{Sampler, SamplerConfig};
 pub use tokenizer::Tokenizer;
 

@@ -454,6 +454,20 @@ impl Model {
         Ok(logits)
     }
 
+    /// Logits of every token of `tokens` (row-major, `tokens.len() x vocab`).
+    /// Placeholder until the batched version lands: one forward per token.
+    pub fn forward_all(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+    ) -> Result<Vec<f32>, InferenceError> {
+        let mut out = Vec::with_capacity(tokens.len() * self.hp.vocab_size);
+        for t in tokens {
+            out.extend(self.forward(cache, std::slice::from_ref(t))?);
+        }
+        Ok(out)
+    }
+
     fn forward_batch(&self, cache: &mut KvCache, tokens: &[u32], want_logits: bool) -> Vec<f32> {
         let hp = &self.hp;
         let base: &[u8] = &self.map;

@@ -7,6 +7,7 @@ mod import;
 mod inference_cache_parity;
 mod inference_model;
 mod inference_parity;
+mod inference_perplexity;
 mod inference_tokenizer;
 mod metrics;
 mod openai_client;

@@ -1,4 +1,4 @@
-//! Inference subcommands: generate, chat, tokenize.
+//! Inference subcommands: generate, chat, tokenize, perplexity.
 
 use super::Ctx;
 use anyhow::{Context, Result, bail};
@@ -38,6 +38,25 @@ pub enum InferCmd {
         /// Sampling options.
         #[command(flatten)]
         sampling: SamplingArgs,
+    },
+    /// Perplexity of the model on a text file, computed as llama.cpp's
+    /// `llama-perplexity` does (each window of CTX tokens scored on its
+    /// second half).
+    Perplexity {
+        /// Model and thread options.
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text file (UTF-8).
+        file: PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Windows to score (default: as many as the text holds).
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Print one JSON object (with a `perplexity` field) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the token ids of TEXT as a JSON list.
     Tokenize {
@@ -165,6 +184,13 @@ pub fn run(ctx: &Ctx, cmd: InferCmd) -> Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
+        InferCmd::Perplexity {
+            model,
+            file,
+            ctx: n_ctx,
+            chunks,
+            json,
+        } => perplexity(ctx, &model, &file, n_ctx, chunks, json),
         InferCmd::Generate {
             model,
             prompt,
@@ -199,6 +225,46 @@ pub fn run(ctx: &Ctx, cmd: InferCmd) -> Result<()> {
             sampling,
         } => chat(ctx, &model, system, &sampling),
     }
+}
+
+fn perplexity(
+    ctx: &Ctx,
+    margs: &ModelArgs,
+    file: &std::path::Path,
+    n_ctx: usize,
+    chunks: Option<usize>,
+    json: bool,
+) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|e| anyhow::anyhow!("{} is not UTF-8 text: {e}", file.display()))?;
+    let m = load(ctx, margs)?;
+    let cfg = shoal::inference::PerplexityConfig {
+        ctx: n_ctx,
+        chunks,
+        ..Default::default()
+    };
+    let r = shoal::inference::perplexity(&m, &text, &cfg, |i, ppl| {
+        if !json {
+            eprint!("[{i}]{ppl:.4},");
+        }
+    })
+    .with_context(|| format!("perplexity of {}", file.display()))?;
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("model".into(), m.path().display().to_string().into());
+            o.insert("file".into(), file.display().to_string().into());
+        }
+        println!("{v}");
+    } else {
+        eprintln!();
+        println!(
+            "Final estimate: PPL = {:.4} +/- {:.5} ({} chunks of {} tokens, {} scored, {:.1} s)",
+            r.perplexity, r.uncertainty, r.chunks, r.ctx, r.scored, r.seconds
+        );
+    }
+    Ok(())
 }
 
 fn report(r: &shoal::inference::GenerateOutput) {

@@ -45,3 +45,32 @@ pub fn demo_model_path() -> Option<PathBuf> {
     );
     None
 }
+
+/// Where Gemma 3 270M Q4_K_M is expected: `$SHOAL_GEMMA3_MODEL` (what
+/// `scripts/test.sh` sets), else the cache `scripts/fetch-gemma3.sh` fills.
+pub fn expected_gemma3_model() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHOAL_GEMMA3_MODEL") {
+        return PathBuf::from(p);
+    }
+    expected_demo_model().with_file_name("gemma-3-270m-Q4_K_M.gguf")
+}
+
+/// Gemma 3 270M Q4_K_M's path; `None` (skipped, loudly) when it is missing,
+/// except under `CI=true`, where a missing model fails.
+pub fn gemma3_model_path() -> Option<PathBuf> {
+    let p = expected_gemma3_model();
+    if p.is_file() {
+        return Some(p);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!(
+            "Gemma 3 model missing at {} (run scripts/fetch-gemma3.sh or set SHOAL_GEMMA3_MODEL)",
+            p.display()
+        );
+    }
+    eprintln!(
+        "SKIPPING: Gemma 3 model missing at {} (run scripts/fetch-gemma3.sh or set SHOAL_GEMMA3_MODEL)",
+        p.display()
+    );
+    None
+}

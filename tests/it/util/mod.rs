@@ -11,7 +11,7 @@ pub mod synth;
 use shoal::inference::Model;
 use std::sync::{Arc, OnceLock};
 
-pub use demo::demo_model_path;
+pub use demo::{demo_model_path, gemma3_model_path};
 
 /// The demo model ([`demo_model_path`]), loaded once per test binary.
 pub fn demo_model() -> Option<Arc<Model>> {
