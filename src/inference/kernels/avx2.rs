@@ -591,11 +591,24 @@ fn k4_scales(q: &[u8; 12]) -> (u64, u64) {
     )
 }
 
-/// `[s; 8] ++ [t; 8]` as i16 (scales of the two halves of a 32-byte vector).
+/// The 8 scale bytes of [`k4_scales`] as i16 in both 128-bit lanes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn scale_pair(s: i16, t: i16) -> __m256i {
-    _mm256_set_m128i(_mm_set1_epi16(t), _mm_set1_epi16(s))
+fn k4_scale_vec(sc: u64) -> __m256i {
+    _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)))
+}
+
+/// From `v` holding the same 8 i16 in both 128-bit lanes: i16 `s` in every
+/// slot of the low lane, `t` in every slot of the high lane (the scales of
+/// the two 16-quant halves of a 32-quant vector). One byte shuffle.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pick16(v: __m256i, s: usize, t: usize) -> __m256i {
+    let idx = |k: usize| ((2 * k + 1) << 8 | 2 * k) as i16;
+    _mm256_shuffle_epi8(
+        v,
+        _mm256_set_m128i(_mm_set1_epi16(idx(t)), _mm_set1_epi16(idx(s))),
+    )
 }
 
 /// Q4_K/Q5_K minimum term of one block per row: `dmin * d_a * Σ m_j·bsum_j`
@@ -673,14 +686,13 @@ pub(super) unsafe fn dot_q4_k_a8k<const N: usize>(w: &[BlockQ4K], a: [&[BlockA8K
             let (sc, mn) = k4_scales(&x.scales);
             k4_mins(mn, f16s(x.dmin), &ys, &mut accm);
             let mut sumi = [_mm256_setzero_si256(); N];
+            let sc = k4_scale_vec(sc);
             for j in 0..4 {
                 let q4 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * j).cast());
-                let s_lo = ((sc >> (16 * j)) & 0xff) as i16;
-                let s_hi = ((sc >> (16 * j + 8)) & 0xff) as i16;
                 let lo = _mm256_and_si256(q4, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
-                k_part(lo, _mm256_set1_epi16(s_lo), 64 * j, &ys, &mut sumi);
-                k_part(hi, _mm256_set1_epi16(s_hi), 64 * j + 32, &ys, &mut sumi);
+                k_part(lo, pick16(sc, 2 * j, 2 * j), 64 * j, &ys, &mut sumi);
+                k_part(hi, pick16(sc, 2 * j + 1, 2 * j + 1), 64 * j + 32, &ys, &mut sumi);
             }
             let d = f16s(x.d);
             for c in 0..N {
@@ -713,18 +725,17 @@ pub(super) unsafe fn dot_q5_k_a8k<const N: usize>(w: &[BlockQ5K], a: [&[BlockA8K
             k4_mins(mn, f16s(x.dmin), &ys, &mut accm);
             let mut sumi = [_mm256_setzero_si256(); N];
             let mut hb = _mm256_loadu_si256(x.qh.as_ptr().cast());
+            let sc = k4_scale_vec(sc);
             for j in 0..4 {
                 let q4 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * j).cast());
-                let s_lo = ((sc >> (16 * j)) & 0xff) as i16;
-                let s_hi = ((sc >> (16 * j + 8)) & 0xff) as i16;
                 // Bits 2j and 2j + 1 of qh (now bits 0 and 1) to bit 4.
                 let h_lo = _mm256_and_si256(_mm256_slli_epi16(hb, 4), b5);
                 let h_hi = _mm256_and_si256(_mm256_slli_epi16(hb, 3), b5);
                 hb = _mm256_srli_epi16(hb, 2);
                 let lo = _mm256_or_si256(_mm256_and_si256(q4, m4), h_lo);
                 let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), h_hi);
-                k_part(lo, _mm256_set1_epi16(s_lo), 64 * j, &ys, &mut sumi);
-                k_part(hi, _mm256_set1_epi16(s_hi), 64 * j + 32, &ys, &mut sumi);
+                k_part(lo, pick16(sc, 2 * j, 2 * j), 64 * j, &ys, &mut sumi);
+                k_part(hi, pick16(sc, 2 * j + 1, 2 * j + 1), 64 * j + 32, &ys, &mut sumi);
             }
             let d = f16s(x.d);
             for c in 0..N {
@@ -757,6 +768,9 @@ pub(super) unsafe fn dot_q6_k_a8k<const N: usize>(w: &[BlockQ6K], a: [&[BlockA8K
             let sc = &x.scales;
             let mut sumi = [_mm256_setzero_si256(); N];
             for h in 0..2 {
+                // This half's 8 scales as i16 in both 128-bit lanes.
+                let s8 = _mm_loadl_epi64(sc.as_ptr().add(8 * h).cast());
+                let sh = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(s8));
                 let qh = _mm256_loadu_si256(x.qh.as_ptr().add(32 * h).cast());
                 let l0 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * h).cast());
                 let l1 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * h + 32).cast());
@@ -779,8 +793,7 @@ pub(super) unsafe fn dot_q6_k_a8k<const N: usize>(w: &[BlockQ6K], a: [&[BlockA8K
                     ),
                 ];
                 for (k, vk) in v.into_iter().enumerate() {
-                    let s = 8 * h + 2 * k;
-                    let svec = scale_pair(i16::from(sc[s]), i16::from(sc[s + 1]));
+                    let svec = pick16(sh, 2 * k, 2 * k + 1);
                     k_part(vk, svec, 128 * h + 32 * k, &ys, &mut sumi);
                 }
             }
