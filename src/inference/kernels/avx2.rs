@@ -6,7 +6,7 @@
 
 use super::blocks::{
     BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
-    BlockQ6K, BlockQ8_0, BlockQ8_1, QK, QK_K,
+    BlockQ6K, BlockQ8_0, QK, QK_K,
 };
 use half::f16;
 use std::arch::x86_64::*;
@@ -288,43 +288,6 @@ unsafe fn quant32(x: &[f32]) -> (f32, __m256i) {
     let p = _mm256_packs_epi16(p01, p23);
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     (d, _mm256_permutevar8x32_epi32(p, perm))
-}
-
-/// Quantizes a row to Q8_0 (see [`super::quantize_q8_0`]).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
-/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        // SAFETY: chunks are 32 floats; qs holds 32 bytes.
-        unsafe {
-            let (d, q) = quant32(xs);
-            b.d = f16::from_f32(d);
-            _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), q);
-        }
-    }
-}
-
-/// Quantizes a row to Q8_1 (see [`super::quantize_q8_1`]).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
-/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        // SAFETY: chunks are 32 floats; qs holds 32 bytes.
-        let d = unsafe {
-            let (d, q) = quant32(xs);
-            b.d = f16::from_f32(d);
-            _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), q);
-            d
-        };
-        let sum: i32 = b.qs.iter().map(|&v| i32::from(v)).sum();
-        b.s = f16::from_f32(sum as f32 * d);
-    }
 }
 
 /// Quantizes a row to [`BlockA8`] (see [`super::quantize_a8`]).
@@ -619,7 +582,12 @@ fn pick16(v: __m256i, s: usize, t: usize) -> __m256i {
 /// [`super`]'s dispatch with [`super::Isa::Avx2`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn k4_mins<const N: usize>(mins: u64, dmin: f32, ys: &[&BlockA8K; N], accm: &mut [__m128; N]) {
+unsafe fn k4_mins<const N: usize>(
+    mins: u64,
+    dmin: f32,
+    ys: &[&BlockA8K; N],
+    accm: &mut [__m128; N],
+) {
     let m16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mins as i64));
     for c in 0..N {
         let y = ys[c];
@@ -692,7 +660,13 @@ pub(super) unsafe fn dot_q4_k_a8k<const N: usize>(w: &[BlockQ4K], a: [&[BlockA8K
                 let lo = _mm256_and_si256(q4, m4);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
                 k_part(lo, pick16(sc, 2 * j, 2 * j), 64 * j, &ys, &mut sumi);
-                k_part(hi, pick16(sc, 2 * j + 1, 2 * j + 1), 64 * j + 32, &ys, &mut sumi);
+                k_part(
+                    hi,
+                    pick16(sc, 2 * j + 1, 2 * j + 1),
+                    64 * j + 32,
+                    &ys,
+                    &mut sumi,
+                );
             }
             let d = f16s(x.d);
             for c in 0..N {
@@ -735,7 +709,13 @@ pub(super) unsafe fn dot_q5_k_a8k<const N: usize>(w: &[BlockQ5K], a: [&[BlockA8K
                 let lo = _mm256_or_si256(_mm256_and_si256(q4, m4), h_lo);
                 let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), h_hi);
                 k_part(lo, pick16(sc, 2 * j, 2 * j), 64 * j, &ys, &mut sumi);
-                k_part(hi, pick16(sc, 2 * j + 1, 2 * j + 1), 64 * j + 32, &ys, &mut sumi);
+                k_part(
+                    hi,
+                    pick16(sc, 2 * j + 1, 2 * j + 1),
+                    64 * j + 32,
+                    &ys,
+                    &mut sumi,
+                );
             }
             let d = f16s(x.d);
             for c in 0..N {

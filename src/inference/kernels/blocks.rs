@@ -32,15 +32,6 @@ pub(crate) struct BlockQ8_0 {
     pub qs: [i8; QK],
 }
 
-/// Q8_1: 32 values as i8 with a scale and `s = d * sum(qs)`.
-#[derive(Clone, Copy, Debug)]
-#[repr(C)]
-pub(crate) struct BlockQ8_1 {
-    pub d: f16,
-    pub s: f16,
-    pub qs: [i8; QK],
-}
-
 /// Activation block for Q4_0/Q8_0 weights: 32 i8 with an f32 scale.
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
@@ -138,7 +129,6 @@ const _: () = assert!(std::mem::size_of::<BlockA8S>() == 40);
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
-const _: () = assert!(std::mem::size_of::<BlockQ8_1>() == 36);
 
 /// Types that may be viewed over arbitrary bytes: `repr(C)`, no padding
 /// with meaning, every bit pattern valid.
@@ -153,8 +143,6 @@ unsafe impl Plain for BlockQ4_0 {}
 unsafe impl Plain for BlockQ4_1 {}
 // SAFETY: a repr(C) aggregate of f16/u8/i8 (any bit pattern valid).
 unsafe impl Plain for BlockQ8_0 {}
-// SAFETY: a repr(C) aggregate of f16/u8/i8 (any bit pattern valid).
-unsafe impl Plain for BlockQ8_1 {}
 // SAFETY: a repr(C) aggregate of f32 and i8.
 unsafe impl Plain for BlockA8 {}
 // SAFETY: a repr(C) aggregate of f32 and i8.

@@ -40,8 +40,7 @@ fn blocks<T: Plain>(nb: usize, fill: Fill, seed: u64, set: impl Fn(&mut T, f16, 
     let mut buf = vec![0u64; (nb * size).div_ceil(8)];
     let mut s = seed;
     // SAFETY: u64 storage viewed as bytes within its length.
-    let bytes =
-        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), nb * size) };
+    let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), nb * size) };
     for b in bytes.iter_mut() {
         *b = match fill {
             Fill::AllMax => 0xff,

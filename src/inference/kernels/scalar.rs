@@ -3,38 +3,8 @@
 
 use super::blocks::{
     BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
-    BlockQ6K, BlockQ8_0, BlockQ8_1, QK, QK_K,
+    BlockQ6K, BlockQ8_0, QK, QK_K,
 };
-use half::f16;
-
-/// Quantizes a row to Q8_0 (`x.len() == out.len() * 32`).
-pub(crate) fn quantize_q8_0_scalar(x: &[f32], out: &mut [BlockQ8_0]) {
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        b.d = f16::from_f32(d);
-        for (q, v) in b.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
-        }
-    }
-}
-
-/// Quantizes a row to Q8_1 (`x.len() == out.len() * 32`).
-pub(crate) fn quantize_q8_1_scalar(x: &[f32], out: &mut [BlockQ8_1]) {
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        b.d = f16::from_f32(d);
-        let mut sum = 0i32;
-        for (q, v) in b.qs.iter_mut().zip(xs) {
-            *q = (v * id).round() as i8;
-            sum += i32::from(*q);
-        }
-        b.s = f16::from_f32(sum as f32 * d);
-    }
-}
 
 /// Quantizes a row to [`BlockA8`].
 pub(crate) fn quantize_a8_scalar(x: &[f32], out: &mut [BlockA8]) {
@@ -179,11 +149,7 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
 }
 
 /// Sum over one K-quant block of sub-block (scale, min) · (quant dot, act sum).
-fn k4_block(
-    scales: &[u8; 12],
-    y: &BlockA8K,
-    mut q: impl FnMut(usize) -> i32,
-) -> (i32, i32) {
+fn k4_block(scales: &[u8; 12], y: &BlockA8K, mut q: impl FnMut(usize) -> i32) -> (i32, i32) {
     let (mut sumi, mut summ) = (0i32, 0i32);
     for j in 0..8 {
         let (sc, m) = scale_min_k4(j, scales);
