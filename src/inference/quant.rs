@@ -3,7 +3,8 @@
 
 use super::InferenceError;
 use super::kernels::{
-    self, BlockA8, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, Isa, Plain, view, view_mut,
+    self, BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1,
+    BlockQ5K, BlockQ6K, BlockQ8_0, Isa, Plain, view, view_mut,
 };
 use crate::gguf::GgmlType;
 use candle_core::quantized::k_quants::{self as ck, GgmlType as _};
@@ -34,16 +35,14 @@ pub(crate) struct QMatrix {
 pub(crate) enum ActKind {
     F32,
     F16,
-    /// ggml Q8_0 (for candle's Q5_0 kernel).
-    Q8_0,
-    /// ggml Q8_1 (for candle's Q5_1 kernel).
-    Q8_1,
-    /// ggml Q8_K (for candle's k-quant kernels).
+    /// ggml Q8_K (for candle's Q2_K/Q3_K kernels).
     Q8K,
-    /// Our [`BlockA8`] (Q4_0, Q8_0 weights).
+    /// Our [`BlockA8`] (Q4_0, Q5_0, Q8_0 weights).
     A8,
-    /// Our [`BlockA8S`] (Q4_1 weights).
+    /// Our [`BlockA8S`] (Q4_1, Q5_1 weights).
     A8S,
+    /// Our [`BlockA8K`] (Q4_K, Q5_K, Q6_K weights).
+    A8K,
 }
 
 impl ActKind {
@@ -52,11 +51,10 @@ impl ActKind {
         Some(match ty {
             F32 => ActKind::F32,
             F16 => ActKind::F16,
-            Q4_0 | Q8_0 => ActKind::A8,
-            Q4_1 => ActKind::A8S,
-            Q5_0 => ActKind::Q8_0,
-            Q5_1 => ActKind::Q8_1,
-            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => ActKind::Q8K,
+            Q4_0 | Q5_0 | Q8_0 => ActKind::A8,
+            Q4_1 | Q5_1 => ActKind::A8S,
+            Q4_K | Q5_K | Q6_K => ActKind::A8K,
+            Q2_K | Q3_K => ActKind::Q8K,
             _ => return None,
         })
     }
@@ -65,11 +63,10 @@ impl ActKind {
         match self {
             ActKind::F32 => cols * 4,
             ActKind::F16 => cols * 2,
-            ActKind::Q8_0 => cols / 32 * 34,
-            ActKind::Q8_1 => cols / 32 * 36,
             ActKind::Q8K => cols / 256 * std::mem::size_of::<ck::BlockQ8K>(),
             ActKind::A8 => cols / 32 * 36,
             ActKind::A8S => cols / 32 * 40,
+            ActKind::A8K => cols / 256 * std::mem::size_of::<BlockA8K>(),
         }
     }
 }
@@ -107,8 +104,8 @@ impl QMatrix {
         };
         let (blk, bpb) = ty.block_layout();
         let need_block = match ActKind::for_weight(ty) {
-            Some(ActKind::Q8K) => 256,
-            Some(ActKind::Q8_0 | ActKind::Q8_1 | ActKind::A8 | ActKind::A8S) => 32,
+            Some(ActKind::Q8K | ActKind::A8K) => 256,
+            Some(ActKind::A8 | ActKind::A8S) => 32,
             _ => 1,
         };
         if cols % blk != 0 || cols % need_block != 0 {
@@ -180,13 +177,13 @@ fn row_viewable(ty: GgmlType, row: &[u8]) -> bool {
         Q4_0 => view::<BlockQ4_0>(row).is_some(),
         Q4_1 => view::<BlockQ4_1>(row).is_some(),
         Q8_0 => view::<BlockQ8_0>(row).is_some(),
-        Q5_0 => view::<ck::BlockQ5_0>(row).is_some(),
-        Q5_1 => view::<ck::BlockQ5_1>(row).is_some(),
+        Q5_0 => view::<BlockQ5_0>(row).is_some(),
+        Q5_1 => view::<BlockQ5_1>(row).is_some(),
         Q2_K => view::<ck::BlockQ2K>(row).is_some(),
         Q3_K => view::<ck::BlockQ3K>(row).is_some(),
-        Q4_K => view::<ck::BlockQ4K>(row).is_some(),
-        Q5_K => view::<ck::BlockQ5K>(row).is_some(),
-        Q6_K => view::<ck::BlockQ6K>(row).is_some(),
+        Q4_K => view::<BlockQ4K>(row).is_some(),
+        Q5_K => view::<BlockQ5K>(row).is_some(),
+        Q6_K => view::<BlockQ6K>(row).is_some(),
         _ => false,
     }
 }
@@ -282,16 +279,6 @@ impl Acts {
                         }
                     }
                 }
-                ActKind::Q8_0 => {
-                    if let Some(d) = view_mut::<BlockQ8_0>(dst) {
-                        kernels::quantize_q8_0(isa, src, d);
-                    }
-                }
-                ActKind::Q8_1 => {
-                    if let Some(d) = view_mut::<BlockQ8_1>(dst) {
-                        kernels::quantize_q8_1(isa, src, d);
-                    }
-                }
                 ActKind::Q8K => {
                     if let Some(d) = view_mut::<ck::BlockQ8K>(dst) {
                         ck::BlockQ8K::from_float(src, d);
@@ -305,6 +292,11 @@ impl Acts {
                 ActKind::A8S => {
                     if let Some(d) = view_mut::<BlockA8S>(dst) {
                         kernels::quantize_a8s(isa, src, d);
+                    }
+                }
+                ActKind::A8K => {
+                    if let Some(d) = view_mut::<BlockA8K>(dst) {
+                        kernels::quantize_a8k(isa, src, d);
                     }
                 }
             }
@@ -348,13 +340,13 @@ fn dot(isa: Isa, ty: GgmlType, cols: usize, w: &[u8], a: &[u8]) -> f32 {
         Q4_0 => kernels::dot_q4_0_a8(isa, v(w), v(a)),
         F32 => kernels::dot_f32(isa, v(w), v(a)),
         F16 => <f16 as ck::GgmlType>::vec_dot(cols, v(w), v(a)),
-        Q5_0 => ck::BlockQ5_0::vec_dot(cols, v(w), v(a)),
-        Q5_1 => ck::BlockQ5_1::vec_dot(cols, v(w), v(a)),
+        Q5_0 => kernels::dot_q5_0_a8(isa, v(w), v(a)),
+        Q5_1 => kernels::dot_q5_1_a8s(isa, v(w), v(a)),
+        Q4_K => kernels::dot_q4_k_a8k(isa, v(w), v(a)),
+        Q5_K => kernels::dot_q5_k_a8k(isa, v(w), v(a)),
+        Q6_K => kernels::dot_q6_k_a8k(isa, v(w), v(a)),
         Q2_K => ck::BlockQ2K::vec_dot(cols, v(w), v(a)),
         Q3_K => ck::BlockQ3K::vec_dot(cols, v(w), v(a)),
-        Q4_K => ck::BlockQ4K::vec_dot(cols, v(w), v(a)),
-        Q5_K => ck::BlockQ5K::vec_dot(cols, v(w), v(a)),
-        Q6_K => ck::BlockQ6K::vec_dot(cols, v(w), v(a)),
         _ => 0.0,
     }
 }
@@ -436,13 +428,87 @@ impl Exec {
             match w.ty {
                 GgmlType::Q4_1 => self.par(ntasks, |t| {
                     let (r0, r1) = span(t);
-                    rows_q4_1(isa, base, w, acts, ptr, r0..r1);
+                    rows_x4(
+                        base,
+                        w,
+                        acts,
+                        ptr,
+                        r0..r1,
+                        |wr: &[BlockQ4_1], a| kernels::dot_q4_1_a8s(isa, wr, a),
+                        |wr: &[BlockQ4_1], a| kernels::dot_q4_1_a8s_x4(isa, wr, a),
+                    );
                 }),
                 GgmlType::Q8_0 => self.par(ntasks, |t| {
                     let (r0, r1) = span(t);
-                    rows_with(base, w, acts, ptr, r0..r1, |wr, ar| {
-                        kernels::dot_q8_0_a8(isa, v(wr), v(ar))
-                    });
+                    rows_x4(
+                        base,
+                        w,
+                        acts,
+                        ptr,
+                        r0..r1,
+                        |wr: &[BlockQ8_0], a| kernels::dot_q8_0_a8(isa, wr, a),
+                        |wr: &[BlockQ8_0], a| kernels::dot_q8_0_a8_x4(isa, wr, a),
+                    );
+                }),
+                GgmlType::Q5_0 => self.par(ntasks, |t| {
+                    let (r0, r1) = span(t);
+                    rows_x4(
+                        base,
+                        w,
+                        acts,
+                        ptr,
+                        r0..r1,
+                        |wr: &[BlockQ5_0], a| kernels::dot_q5_0_a8(isa, wr, a),
+                        |wr: &[BlockQ5_0], a| kernels::dot_q5_0_a8_x4(isa, wr, a),
+                    );
+                }),
+                GgmlType::Q5_1 => self.par(ntasks, |t| {
+                    let (r0, r1) = span(t);
+                    rows_x4(
+                        base,
+                        w,
+                        acts,
+                        ptr,
+                        r0..r1,
+                        |wr: &[BlockQ5_1], a| kernels::dot_q5_1_a8s(isa, wr, a),
+                        |wr: &[BlockQ5_1], a| kernels::dot_q5_1_a8s_x4(isa, wr, a),
+                    );
+                }),
+                GgmlType::Q4_K => self.par(ntasks, |t| {
+                    let (r0, r1) = span(t);
+                    rows_x4(
+                        base,
+                        w,
+                        acts,
+                        ptr,
+                        r0..r1,
+                        |wr: &[BlockQ4K], a| kernels::dot_q4_k_a8k(isa, wr, a),
+                        |wr: &[BlockQ4K], a| kernels::dot_q4_k_a8k_x4(isa, wr, a),
+                    );
+                }),
+                GgmlType::Q5_K => self.par(ntasks, |t| {
+                    let (r0, r1) = span(t);
+                    rows_x4(
+                        base,
+                        w,
+                        acts,
+                        ptr,
+                        r0..r1,
+                        |wr: &[BlockQ5K], a| kernels::dot_q5_k_a8k(isa, wr, a),
+                        |wr: &[BlockQ5K], a| kernels::dot_q5_k_a8k_x4(isa, wr, a),
+                    );
+                }),
+                GgmlType::Q6_K => self.par(ntasks, |t| {
+                    let (r0, r1) = span(t);
+                    rows_x4(
+                        base,
+                        w,
+                        acts,
+                        ptr,
+                        r0..r1,
+                        |wr: &[BlockQ6K], a| kernels::dot_q6_k_a8k(isa, wr, a),
+                        |wr: &[BlockQ6K], a| kernels::dot_q6_k_a8k_x4(isa, wr, a),
+                    );
                 }),
                 ty => self.par(ntasks, |t| {
                     let (r0, r1) = span(t);
@@ -503,22 +569,24 @@ fn rows_with(
     }
 }
 
-/// Q4_1 rows: four activation rows per pass over a weight row.
-fn rows_q4_1(
-    isa: Isa,
+/// Output rows `rows` of one matmul, four activation rows per pass over a
+/// weight row (`four` is bit for bit four calls of `one`, which takes the
+/// leftover rows).
+fn rows_x4<W: Plain, A: Plain>(
     base: &[u8],
     w: &QMatrix,
     acts: &Acts,
     p: OutPtr,
     rows: std::ops::Range<usize>,
+    one: impl Fn(&[W], &[A]) -> f32,
+    four: impl Fn(&[W], [&[A]; 4]) -> [f32; 4],
 ) {
     let n = acts.n;
     for r in rows {
-        let wv = v::<BlockQ4_1>(w.row(base, r));
+        let wv = v::<W>(w.row(base, r));
         let mut b = 0;
         while b + 4 <= n {
-            let a = [0, 1, 2, 3].map(|k| v::<BlockA8S>(acts.row(b + k)));
-            let vals = kernels::dot_q4_1_a8s_x4(isa, wv, a);
+            let vals = four(wv, [0, 1, 2, 3].map(|k| v::<A>(acts.row(b + k))));
             for (k, val) in vals.into_iter().enumerate() {
                 // SAFETY: (b + k, r) is in bounds and written by this task only.
                 unsafe { *p.0.add((b + k) * w.rows + r) = val };
@@ -526,10 +594,137 @@ fn rows_q4_1(
             b += 4;
         }
         while b < n {
-            let val = kernels::dot_q4_1_a8s(isa, wv, v(acts.row(b)));
+            let val = one(wv, v::<A>(acts.row(b)));
             // SAFETY: (b, r) is in bounds and written by this task only.
             unsafe { *p.0.add(b * w.rows + r) = val };
             b += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    /// A `rows × cols` matrix of type `ty` with random quants and sane f16
+    /// scales: writes a valid small f16 into every 2-byte field the type
+    /// keeps a scale in.
+    fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<u64>, QMatrix) {
+        let (blk, bpb) = ty.block_layout();
+        let (blk, bpb) = (blk as usize, bpb as usize);
+        let size = rows * cols / blk * bpb;
+        let mut buf = vec![0u64; size.div_ceil(8)];
+        // SAFETY: u64 storage viewed as bytes within its length.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), size) };
+        let mut s = seed;
+        for b in bytes.iter_mut() {
+            *b = lcg(&mut s) as u8;
+        }
+        // Byte offsets of the f16 scales inside one block.
+        let scales: &[usize] = match ty {
+            GgmlType::Q6_K => &[208],
+            GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
+            GgmlType::F32 => &[],
+            _ => &[0, 2],
+        };
+        let scale = |s: &mut u64| f16::from_f32(0.002 + (lcg(s) % 100) as f32 * 1e-4);
+        if ty == GgmlType::F32 {
+            for c in bytes.chunks_exact_mut(4) {
+                c.copy_from_slice(&((lcg(&mut s) % 2000) as f32 * 1e-3 - 1.0).to_le_bytes());
+            }
+        }
+        for blockb in bytes.chunks_exact_mut(bpb) {
+            for &o in scales {
+                blockb[o..o + 2].copy_from_slice(&scale(&mut s).to_le_bytes());
+            }
+        }
+        let dims = [cols as u64, rows as u64];
+        let m = QMatrix::new("w", ty, &dims, 0, size as u64, bytes);
+        let Ok(m) = m else {
+            panic!("matrix {ty:?}: {m:?}");
+        };
+        (buf, m)
+    }
+
+    /// `Exec::matmul` on every type with our kernels equals the dequantized
+    /// f32 reference within the activation quantization error (a bound
+    /// computed per block: half a quantization step times Σ|w|), for batches
+    /// of 1, 4 and 7 rows (the 1×4 kernel plus leftovers).
+    #[test]
+    fn matmul_matches_reference() {
+        use GgmlType::*;
+        let (rows, cols) = (9, 512);
+        for ty in [F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K] {
+            let (buf, w) = matrix(ty, rows, cols, 3);
+            // SAFETY: u64 storage viewed as bytes within its length.
+            let base = unsafe {
+                std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), w.row_bytes * rows)
+            };
+            for n in [1usize, 4, 7] {
+                let mut s = 77 + n as u64;
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|_| (lcg(&mut s) % 2001) as f32 * 1e-3 - 1.0)
+                    .collect();
+                let mut exec = match Exec::new(1) {
+                    Ok(e) => e,
+                    Err(e) => panic!("{e}"),
+                };
+                let mut fast = vec![0f32; n * rows];
+                let acts = exec.acts(&w, &x, n, cols);
+                exec.matmul(base, &w, &acts, &mut fast);
+                exec.reference = true;
+                let mut slow = vec![0f32; n * rows];
+                let acts = exec.acts(&w, &x, n, cols);
+                exec.matmul(base, &w, &acts, &mut slow);
+                let blk = match w.act_kind() {
+                    ActKind::A8K => 256,
+                    ActKind::F32 => 1,
+                    _ => 32,
+                };
+                let mut wr = vec![0f32; cols];
+                for r in 0..rows {
+                    w.dequant_row(base, r, &mut wr);
+                    for b in 0..n {
+                        let xb = &x[b * cols..(b + 1) * cols];
+                        let mut bound = 1e-4;
+                        if blk > 1 {
+                            for (wc, xc) in wr.chunks(blk).zip(xb.chunks(blk)) {
+                                let amax = xc.iter().fold(0f32, |m, v| m.max(v.abs()));
+                                let sw: f32 = wc.iter().map(|v| v.abs()).sum();
+                                bound += sw * amax / 127.0 * 0.5 * 1.001;
+                            }
+                        }
+                        let (f, r0) = (fast[b * rows + r], slow[b * rows + r]);
+                        assert!(
+                            (f - r0).abs() <= bound + 1e-5 * r0.abs(),
+                            "{ty:?} n {n} row {r} batch {b}: {f} vs reference {r0} (bound {bound})"
+                        );
+                    }
+                }
+                // A token's result does not depend on its batch.
+                let single = exec_one(&w, base, &x[..cols]);
+                for r in 0..rows {
+                    assert_eq!(single[r].to_bits(), fast[r].to_bits(), "{ty:?} n {n}");
+                }
+            }
+        }
+    }
+
+    fn exec_one(w: &QMatrix, base: &[u8], x: &[f32]) -> Vec<f32> {
+        let exec = match Exec::new(1) {
+            Ok(e) => e,
+            Err(e) => panic!("{e}"),
+        };
+        let acts = exec.acts(w, x, 1, w.cols);
+        let mut out = vec![0f32; w.rows];
+        exec.matmul(base, w, &acts, &mut out);
+        out
     }
 }

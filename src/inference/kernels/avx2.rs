@@ -4,7 +4,10 @@
 //! and is only reached through the dispatch in [`super`] when
 //! [`super::Isa::detect`] returned [`super::Isa::Avx2`].
 
-use super::blocks::{BlockA8, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+use super::blocks::{
+    BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
+    BlockQ6K, BlockQ8_0, QK, QK_K,
+};
 use half::f16;
 use std::arch::x86_64::*;
 
@@ -195,30 +198,6 @@ pub(super) unsafe fn dot_q4_0_a8(w: &[BlockQ4_0], a: &[BlockA8]) -> f32 {
     hsum_ps(_mm256_add_ps(acc0, acc1))
 }
 
-/// Q8_0 weights · 8-bit activations (see [`super::dot_q8_0_a8`]).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
-/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_q8_0_a8(w: &[BlockQ8_0], a: &[BlockA8]) -> f32 {
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    for (k, (x, y)) in w.iter().zip(a).enumerate() {
-        // SAFETY: both blocks hold 32 bytes of quants.
-        unsafe {
-            let d = scale((x as *const BlockQ8_0).cast(), y.d);
-            let bx = _mm256_loadu_si256(x.qs.as_ptr().cast());
-            let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
-            if k % 2 == 0 {
-                acc0 = _mm256_fmadd_ps(d, mul_sum_i8(bx, by), acc0);
-            } else {
-                acc1 = _mm256_fmadd_ps(d, mul_sum_i8(bx, by), acc1);
-            }
-        }
-    }
-    hsum_ps(_mm256_add_ps(acc0, acc1))
-}
-
 /// f32 · f32 over the common length (see [`super::dot_f32`]).
 ///
 /// # Safety
@@ -311,43 +290,6 @@ unsafe fn quant32(x: &[f32]) -> (f32, __m256i) {
     (d, _mm256_permutevar8x32_epi32(p, perm))
 }
 
-/// Quantizes a row to Q8_0 (see [`super::quantize_q8_0`]).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
-/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        // SAFETY: chunks are 32 floats; qs holds 32 bytes.
-        unsafe {
-            let (d, q) = quant32(xs);
-            b.d = f16::from_f32(d);
-            _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), q);
-        }
-    }
-}
-
-/// Quantizes a row to Q8_1 (see [`super::quantize_q8_1`]).
-///
-/// # Safety
-/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
-/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
-    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
-        // SAFETY: chunks are 32 floats; qs holds 32 bytes.
-        let d = unsafe {
-            let (d, q) = quant32(xs);
-            b.d = f16::from_f32(d);
-            _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), q);
-            d
-        };
-        let sum: i32 = b.qs.iter().map(|&v| i32::from(v)).sum();
-        b.s = f16::from_f32(sum as f32 * d);
-    }
-}
-
 /// Quantizes a row to [`BlockA8`] (see [`super::quantize_a8`]).
 ///
 /// # Safety
@@ -390,4 +332,519 @@ pub(super) unsafe fn quantize_a8s(x: &[f32], out: &mut [BlockA8S]) {
             b.s = _mm_cvtsi128_si32(h) as f32 * d;
         }
     }
+}
+
+/// An f16 as f32 (lane 0).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16s(h: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h.to_bits()))))
+}
+
+/// 32 bits at `p` → 32 bytes, byte `i` = 0xFF where bit `i` is set, else 0.
+///
+/// # Safety
+/// `p` must point to 4 readable bytes.
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bits_to_bytes(p: *const u8) -> __m256i {
+    // SAFETY: caller passes 4 readable bytes.
+    let bits = unsafe { std::ptr::read_unaligned(p.cast::<i32>()) };
+    // Byte i takes source byte i / 8 ...
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    // ... and is all ones once every bit but bit i % 8 is forced on.
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+}
+
+/// One signed 32-weight block (`bx` in -128..=127, scale `dw`) times the
+/// matching [`BlockA8`] of each of `N` rows, into `acc`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sym_block<const N: usize>(
+    bx: __m256i,
+    dw: f32,
+    ys: [&BlockA8; N],
+    acc: &mut [__m256; N],
+) {
+    let ax = _mm256_sign_epi8(bx, bx);
+    for c in 0..N {
+        let y = ys[c];
+        // SAFETY: `qs` holds 32 bytes.
+        let by = unsafe { _mm256_loadu_si256(y.qs.as_ptr().cast()) };
+        let d = _mm256_set1_ps(dw * y.d);
+        acc[c] = _mm256_fmadd_ps(d, mul_sum_us8(ax, _mm256_sign_epi8(by, bx)), acc[c]);
+    }
+}
+
+/// One unsigned 32-weight block (`bx`, scale and minimum at `dm`) times the
+/// matching [`BlockA8S`] of each of `N` rows, into `acc` and `accm` (as
+/// [`q4_1_block`]).
+///
+/// # Safety
+/// `dm` must point to 4 readable bytes (two f16).
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn min_block<const N: usize>(
+    bx: __m256i,
+    dm: *const u8,
+    ys: [&BlockA8S; N],
+    acc: &mut [__m256; N],
+    accm: &mut [__m128; N],
+) {
+    // SAFETY: caller passes 4 readable bytes.
+    let dm = unsafe { f16x2(dm) };
+    for c in 0..N {
+        let y = ys[c];
+        // SAFETY: the block is 40 bytes: `d`, `s` then 32 quants.
+        unsafe {
+            let ds = _mm_castpd_ps(_mm_load_sd((y as *const BlockA8S).cast()));
+            let p = _mm_mul_ps(dm, ds);
+            accm[c] = _mm_add_ps(accm[c], p);
+            let by = _mm256_loadu_si256(y.qs.as_ptr().cast());
+            acc[c] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), mul_sum_us8(bx, by), acc[c]);
+        }
+    }
+}
+
+/// The shortest of `n` and every row's length.
+fn common_len<A, const N: usize>(n: usize, a: &[&[A]; N]) -> usize {
+    a.iter().fold(n, |n, r| n.min(r.len()))
+}
+
+/// Calls `even(i)` and `odd(i + 1)` for each pair of blocks below `n`, then
+/// `even` for a last odd block: two independent accumulator chains.
+#[inline(always)]
+fn pairs(n: usize, mut even: impl FnMut(usize), mut odd: impl FnMut(usize)) {
+    let mut i = 0;
+    while i + 2 <= n {
+        even(i);
+        odd(i + 1);
+        i += 2;
+    }
+    if i < n {
+        even(i);
+    }
+}
+
+/// The blocks at `i` of every row.
+///
+/// # Safety
+/// `i` must be below every row's length.
+#[inline]
+unsafe fn at<'a, A, const N: usize>(a: &[&'a [A]; N], i: usize) -> [&'a A; N] {
+    // SAFETY: caller keeps `i` in bounds.
+    std::array::from_fn(|c| unsafe { a[c].get_unchecked(i) })
+}
+
+/// Q8_0 weights · `N` rows of 8-bit activations (see [`super::dot_q8_0_a8`]).
+/// Even blocks go to one accumulator, odd ones to another, per row, so every
+/// `N` gives the same bits per row.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q8_0_a8<const N: usize>(w: &[BlockQ8_0], a: [&[BlockA8]; N]) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+    let step = |i: usize, acc: &mut [__m256; N]| {
+        // SAFETY: `i < n`; the block holds 32 quants.
+        unsafe {
+            let x = w.get_unchecked(i);
+            let bx = _mm256_loadu_si256(x.qs.as_ptr().cast());
+            sym_block(bx, f16s(x.d), at(&a, i), acc);
+        }
+    };
+    pairs(n, |i| step(i, &mut acc0), |i| step(i, &mut acc1));
+    std::array::from_fn(|c| hsum_ps(_mm256_add_ps(acc0[c], acc1[c])))
+}
+
+/// Q5_0 weights · `N` rows of 8-bit activations (see [`super::dot_q5_0_a8`]).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q5_0_a8<const N: usize>(w: &[BlockQ5_0], a: [&[BlockA8]; N]) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+    let hi = _mm256_set1_epi8(0xF0u8 as i8);
+    let step = |i: usize, acc: &mut [__m256; N]| {
+        // SAFETY: `i < n`; the block holds 4 bytes of high bits, 16 of nibbles.
+        unsafe {
+            let x = w.get_unchecked(i);
+            // q - 16: the nibble where the fifth bit is set, else nibble | 0xF0.
+            let bits = bits_to_bytes(x.qh.as_ptr());
+            let bx = _mm256_or_si256(nibbles(x.qs.as_ptr()), _mm256_andnot_si256(bits, hi));
+            sym_block(bx, f16s(x.d), at(&a, i), acc);
+        }
+    };
+    pairs(n, |i| step(i, &mut acc0), |i| step(i, &mut acc1));
+    std::array::from_fn(|c| hsum_ps(_mm256_add_ps(acc0[c], acc1[c])))
+}
+
+/// Q5_1 weights · `N` rows of 8-bit activations with sums (see
+/// [`super::dot_q5_1_a8s`]).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q5_1_a8s<const N: usize>(
+    w: &[BlockQ5_1],
+    a: [&[BlockA8S]; N],
+) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+    let (mut m0, mut m1) = ([_mm_setzero_ps(); N], [_mm_setzero_ps(); N]);
+    let five = _mm256_set1_epi8(0x10);
+    let step = |i: usize, acc: &mut [__m256; N], accm: &mut [__m128; N]| {
+        // SAFETY: `i < n`; the block starts with `d`, `m`, then 4 bytes of
+        // high bits and 16 of nibbles.
+        unsafe {
+            let x = w.get_unchecked(i);
+            let bits = _mm256_and_si256(bits_to_bytes(x.qh.as_ptr()), five);
+            let bx = _mm256_or_si256(nibbles(x.qs.as_ptr()), bits);
+            let dm = (x as *const BlockQ5_1).cast::<u8>();
+            min_block(bx, dm, at(&a, i), acc, accm);
+        }
+    };
+    pairs(
+        n,
+        |i| step(i, &mut acc0, &mut m0),
+        |i| step(i, &mut acc1, &mut m1),
+    );
+    std::array::from_fn(|c| {
+        let m = _mm_add_ps(m0[c], m1[c]);
+        hsum_ps(_mm256_add_ps(acc0[c], acc1[c])) + _mm_cvtss_f32(_mm_movehdup_ps(m))
+    })
+}
+
+/// The 8 scales and 8 minimums of a Q4_K/Q5_K block as bytes (see
+/// `scale_min_k4`), unpacked with 32-bit masks.
+#[inline]
+fn k4_scales(q: &[u8; 12]) -> (u64, u64) {
+    let w = |k: usize| u32::from_le_bytes([q[4 * k], q[4 * k + 1], q[4 * k + 2], q[4 * k + 3]]);
+    let (u0, u1, u2) = (w(0), w(1), w(2));
+    let (low6, low4, top2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let sc_lo = u0 & low6;
+    let sc_hi = (u2 & low4) | (((u0 >> 6) & top2) << 4);
+    let mn_lo = u1 & low6;
+    let mn_hi = ((u2 >> 4) & low4) | (((u1 >> 6) & top2) << 4);
+    (
+        u64::from(sc_lo) | (u64::from(sc_hi) << 32),
+        u64::from(mn_lo) | (u64::from(mn_hi) << 32),
+    )
+}
+
+/// The 8 scale bytes of [`k4_scales`] as i16 in both 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k4_scale_vec(sc: u64) -> __m256i {
+    _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)))
+}
+
+/// From `v` holding the same 8 i16 in both 128-bit lanes: i16 `s` in every
+/// slot of the low lane, `t` in every slot of the high lane (the scales of
+/// the two 16-quant halves of a 32-quant vector). One byte shuffle.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pick16(v: __m256i, s: usize, t: usize) -> __m256i {
+    let idx = |k: usize| ((2 * k + 1) << 8 | 2 * k) as i16;
+    _mm256_shuffle_epi8(
+        v,
+        _mm256_set_m128i(_mm_set1_epi16(idx(t)), _mm_set1_epi16(idx(s))),
+    )
+}
+
+/// Q4_K/Q5_K minimum term of one block per row: `dmin * d_a * Σ m_j·bsum_j`
+/// accumulated into `accm` (subtracted at the end).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k4_mins<const N: usize>(
+    mins: u64,
+    dmin: f32,
+    ys: &[&BlockA8K; N],
+    accm: &mut [__m128; N],
+) {
+    let m16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, mins as i64));
+    for c in 0..N {
+        let y = ys[c];
+        // SAFETY: `bsums` holds 16 i16 (32 bytes).
+        let bs = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
+        // Sums per 32-quant sub-block.
+        let s32 = _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+        let prod = _mm_cvtepi32_ps(_mm_madd_epi16(m16, s32));
+        accm[c] = _mm_fmadd_ps(_mm_set1_ps(dmin * y.d), prod, accm[c]);
+    }
+}
+
+/// Adds `Σ madd(maddubs(q, a), scales)` of one 32-quant vector for each row.
+///
+/// # Safety
+/// `off + 32 <= 256`.
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn k_part<const N: usize>(
+    q: __m256i,
+    sc: __m256i,
+    off: usize,
+    ys: &[&BlockA8K; N],
+    sumi: &mut [__m256i; N],
+) {
+    for c in 0..N {
+        // SAFETY: caller keeps `off + 32` within the 256 quants.
+        let by = unsafe { _mm256_loadu_si256(ys[c].qs.as_ptr().add(off).cast()) };
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, by), sc);
+        sumi[c] = _mm256_add_epi32(sumi[c], p);
+    }
+}
+
+/// Final sum of a K-quant kernel: `Σ acc - Σ accm` per row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k_finish<const N: usize>(acc: [__m256; N], accm: [__m128; N]) -> [f32; N] {
+    std::array::from_fn(|c| {
+        let m = accm[c];
+        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        hsum_ps(acc[c]) - _mm_cvtss_f32(m)
+    })
+}
+
+/// Q4_K weights · `N` rows of [`BlockA8K`] (see [`super::dot_q4_k_a8k`]).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q4_k_a8k<const N: usize>(w: &[BlockQ4K], a: [&[BlockA8K]; N]) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut accm = [_mm_setzero_ps(); N];
+    let m4 = _mm256_set1_epi8(0x0f);
+    for i in 0..n {
+        // SAFETY: `i < n`; all loads stay inside the 144- and 292-byte blocks.
+        unsafe {
+            let x = w.get_unchecked(i);
+            let ys = at(&a, i);
+            let (sc, mn) = k4_scales(&x.scales);
+            k4_mins(mn, f16s(x.dmin), &ys, &mut accm);
+            let mut sumi = [_mm256_setzero_si256(); N];
+            let sc = k4_scale_vec(sc);
+            for j in 0..4 {
+                let q4 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * j).cast());
+                let lo = _mm256_and_si256(q4, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                k_part(lo, pick16(sc, 2 * j, 2 * j), 64 * j, &ys, &mut sumi);
+                k_part(
+                    hi,
+                    pick16(sc, 2 * j + 1, 2 * j + 1),
+                    64 * j + 32,
+                    &ys,
+                    &mut sumi,
+                );
+            }
+            let d = f16s(x.d);
+            for c in 0..N {
+                let dc = _mm256_set1_ps(d * ys[c].d);
+                acc[c] = _mm256_fmadd_ps(dc, _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+            }
+        }
+    }
+    k_finish(acc, accm)
+}
+
+/// Q5_K weights · `N` rows of [`BlockA8K`] (see [`super::dot_q5_k_a8k`]).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q5_k_a8k<const N: usize>(w: &[BlockQ5K], a: [&[BlockA8K]; N]) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut accm = [_mm_setzero_ps(); N];
+    let m4 = _mm256_set1_epi8(0x0f);
+    let b5 = _mm256_set1_epi8(0x10);
+    for i in 0..n {
+        // SAFETY: `i < n`; all loads stay inside the 176- and 292-byte blocks.
+        unsafe {
+            let x = w.get_unchecked(i);
+            let ys = at(&a, i);
+            let (sc, mn) = k4_scales(&x.scales);
+            k4_mins(mn, f16s(x.dmin), &ys, &mut accm);
+            let mut sumi = [_mm256_setzero_si256(); N];
+            let mut hb = _mm256_loadu_si256(x.qh.as_ptr().cast());
+            let sc = k4_scale_vec(sc);
+            for j in 0..4 {
+                let q4 = _mm256_loadu_si256(x.qs.as_ptr().add(32 * j).cast());
+                // Bits 2j and 2j + 1 of qh (now bits 0 and 1) to bit 4.
+                let h_lo = _mm256_and_si256(_mm256_slli_epi16(hb, 4), b5);
+                let h_hi = _mm256_and_si256(_mm256_slli_epi16(hb, 3), b5);
+                hb = _mm256_srli_epi16(hb, 2);
+                let lo = _mm256_or_si256(_mm256_and_si256(q4, m4), h_lo);
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), h_hi);
+                k_part(lo, pick16(sc, 2 * j, 2 * j), 64 * j, &ys, &mut sumi);
+                k_part(
+                    hi,
+                    pick16(sc, 2 * j + 1, 2 * j + 1),
+                    64 * j + 32,
+                    &ys,
+                    &mut sumi,
+                );
+            }
+            let d = f16s(x.d);
+            for c in 0..N {
+                let dc = _mm256_set1_ps(d * ys[c].d);
+                acc[c] = _mm256_fmadd_ps(dc, _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+            }
+        }
+    }
+    k_finish(acc, accm)
+}
+
+/// Q6_K weights · `N` rows of [`BlockA8K`] (see [`super::dot_q6_k_a8k`]).
+/// The quants are used unsigned (0..64); the `- 32` offset is folded in
+/// once per block through the activation sums.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q6_k_a8k<const N: usize>(w: &[BlockQ6K], a: [&[BlockA8K]; N]) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let m4 = _mm256_set1_epi8(0x0f);
+    let m2 = _mm256_set1_epi8(0x30);
+    for i in 0..n {
+        // SAFETY: `i < n`; all loads stay inside the 210- and 292-byte blocks.
+        unsafe {
+            let x = w.get_unchecked(i);
+            let ys = at(&a, i);
+            let sc = &x.scales;
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for h in 0..2 {
+                // This half's 8 scales as i16 in both 128-bit lanes.
+                let s8 = _mm_loadl_epi64(sc.as_ptr().add(8 * h).cast());
+                let sh = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(s8));
+                let qh = _mm256_loadu_si256(x.qh.as_ptr().add(32 * h).cast());
+                let l0 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * h).cast());
+                let l1 = _mm256_loadu_si256(x.ql.as_ptr().add(64 * h + 32).cast());
+                let v = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(l0, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(l1, m4),
+                        _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                        _mm256_and_si256(qh, m2),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2),
+                    ),
+                ];
+                for (k, vk) in v.into_iter().enumerate() {
+                    let svec = pick16(sh, 2 * k, 2 * k + 1);
+                    k_part(vk, svec, 128 * h + 32 * k, &ys, &mut sumi);
+                }
+            }
+            // Minus 32 · Σ scale_j · bsum_j.
+            let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.as_ptr().cast()));
+            let d = f16s(x.d);
+            for c in 0..N {
+                let bs = _mm256_loadu_si256(ys[c].bsums.as_ptr().cast());
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5);
+                let s = _mm256_sub_epi32(sumi[c], off);
+                let dc = _mm256_set1_ps(d * ys[c].d);
+                acc[c] = _mm256_fmadd_ps(dc, _mm256_cvtepi32_ps(s), acc[c]);
+            }
+        }
+    }
+    std::array::from_fn(|c| hsum_ps(acc[c]))
+}
+
+/// Quantizes a row to [`BlockA8K`] (see [`super::quantize_a8k`]).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_a8k(x: &[f32], out: &mut [BlockA8K]) {
+    let sign = _mm256_set1_ps(-0.0);
+    for (b, xs) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+        let mut m = _mm256_setzero_ps();
+        for k in 0..QK_K / 8 {
+            // SAFETY: the chunk holds 256 floats.
+            let v = unsafe { _mm256_loadu_ps(xs.as_ptr().add(8 * k)) };
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        b.d = amax / 127.0;
+        for (g, xg) in xs.chunks_exact(32).enumerate() {
+            // SAFETY: 32 floats in, 32 bytes out at `32 * g < 256`.
+            unsafe {
+                let q = round32(xg, id);
+                _mm256_storeu_si256(b.qs.as_mut_ptr().add(32 * g).cast(), q);
+            }
+        }
+        super::scalar::fill_bsums(b);
+    }
+}
+
+/// 32 floats times `mul`, rounded half away from zero to i8 in order.
+///
+/// # Safety
+/// `x` must hold at least 32 floats.
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn round32(x: &[f32], mul: f32) -> __m256i {
+    let sign = _mm256_set1_ps(-0.0);
+    let mul = _mm256_set1_ps(mul);
+    let rnd = |k: usize| {
+        // SAFETY: caller passes 32 floats; `k < 4`.
+        let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * k)) };
+        let v = _mm256_mul_ps(v, mul);
+        let s = _mm256_and_ps(v, sign);
+        let a = _mm256_add_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(0.5));
+        let a = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(a);
+        _mm256_cvtps_epi32(_mm256_or_ps(a, s))
+    };
+    let p01 = _mm256_packs_epi32(rnd(0), rnd(1));
+    let p23 = _mm256_packs_epi32(rnd(2), rnd(3));
+    let p = _mm256_packs_epi16(p01, p23);
+    _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }

@@ -19,14 +19,18 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 mod blocks;
+#[cfg(test)]
+mod ktests;
 mod scalar;
 
 pub(crate) use blocks::{
-    BlockA8, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, Plain, view, view_mut,
+    BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
+    BlockQ6K, BlockQ8_0, Plain, view, view_mut,
 };
 pub(crate) use scalar::{
-    dot_f32_scalar, dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q8_0_a8_scalar,
-    quantize_a8_scalar, quantize_a8s_scalar, quantize_q8_0_scalar, quantize_q8_1_scalar,
+    dot_f32_scalar, dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q4_k_a8k_scalar,
+    dot_q5_0_a8_scalar, dot_q5_1_a8s_scalar, dot_q5_k_a8k_scalar, dot_q6_k_a8k_scalar,
+    dot_q8_0_a8_scalar, quantize_a8_scalar, quantize_a8k_scalar, quantize_a8s_scalar,
 };
 
 /// The instruction set the kernels run with.
@@ -56,26 +60,6 @@ impl Isa {
             }
         }
         Isa::Scalar
-    }
-}
-
-/// Quantizes a row to Q8_0 with the best kernel for `isa`.
-pub(crate) fn quantize_q8_0(isa: Isa, x: &[f32], out: &mut [BlockQ8_0]) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only produced when the CPU has AVX2/FMA/F16C.
-        Isa::Avx2 => unsafe { avx2::quantize_q8_0(x, out) },
-        _ => quantize_q8_0_scalar(x, out),
-    }
-}
-
-/// Quantizes a row to Q8_1 with the best kernel for `isa`.
-pub(crate) fn quantize_q8_1(isa: Isa, x: &[f32], out: &mut [BlockQ8_1]) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: see `quantize_q8_0`.
-        Isa::Avx2 => unsafe { avx2::quantize_q8_1(x, out) },
-        _ => quantize_q8_1_scalar(x, out),
     }
 }
 
@@ -129,15 +113,69 @@ pub(crate) fn dot_q4_1_a8s_x4(isa: Isa, w: &[BlockQ4_1], a: [&[BlockA8S]; 4]) ->
     }
 }
 
-/// Q8_0 weights · 8-bit activations.
-pub(crate) fn dot_q8_0_a8(isa: Isa, w: &[BlockQ8_0], a: &[BlockA8]) -> f32 {
+/// Quantizes a row to [`BlockA8K`] with the best kernel for `isa`.
+pub(crate) fn quantize_a8k(isa: Isa, x: &[f32], out: &mut [BlockA8K]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
-        Isa::Avx2 => unsafe { avx2::dot_q8_0_a8(w, a) },
-        _ => dot_q8_0_a8_scalar(w, a),
+        Isa::Avx2 => unsafe { avx2::quantize_a8k(x, out) },
+        _ => quantize_a8k_scalar(x, out),
     }
 }
+
+/// A single-row dot product and its 1×4 batch form over the same kernel:
+/// the SIMD kernels are generic over the row count and do the same
+/// operations in the same order per row, so a row's result is bit for bit
+/// the same alone or in a group of four.
+macro_rules! row_kernels {
+    ($(#[$doc:meta])* $one:ident, $four:ident, $scalar:ident, $w:ty, $a:ty) => {
+        $(#[$doc])*
+        pub(crate) fn $one(isa: Isa, w: &[$w], a: &[$a]) -> f32 {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: see `quantize_a8`.
+                Isa::Avx2 => unsafe { avx2::$one::<1>(w, [a])[0] },
+                _ => $scalar(w, a),
+            }
+        }
+
+        /// One weight row · four activation rows (weights unpacked once),
+        /// bit for bit four calls of the single-row kernel.
+        pub(crate) fn $four(isa: Isa, w: &[$w], a: [&[$a]; 4]) -> [f32; 4] {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: see `quantize_a8`.
+                Isa::Avx2 => unsafe { avx2::$one::<4>(w, a) },
+                _ => a.map(|a| $scalar(w, a)),
+            }
+        }
+    };
+}
+
+row_kernels!(
+    /// Q8_0 weights · 8-bit activations.
+    dot_q8_0_a8, dot_q8_0_a8_x4, dot_q8_0_a8_scalar, BlockQ8_0, BlockA8
+);
+row_kernels!(
+    /// Q5_0 weights · 8-bit activations.
+    dot_q5_0_a8, dot_q5_0_a8_x4, dot_q5_0_a8_scalar, BlockQ5_0, BlockA8
+);
+row_kernels!(
+    /// Q5_1 weights · 8-bit activations with sums.
+    dot_q5_1_a8s, dot_q5_1_a8s_x4, dot_q5_1_a8s_scalar, BlockQ5_1, BlockA8S
+);
+row_kernels!(
+    /// Q4_K weights · 256-wide 8-bit activations.
+    dot_q4_k_a8k, dot_q4_k_a8k_x4, dot_q4_k_a8k_scalar, BlockQ4K, BlockA8K
+);
+row_kernels!(
+    /// Q5_K weights · 256-wide 8-bit activations.
+    dot_q5_k_a8k, dot_q5_k_a8k_x4, dot_q5_k_a8k_scalar, BlockQ5K, BlockA8K
+);
+row_kernels!(
+    /// Q6_K weights · 256-wide 8-bit activations.
+    dot_q6_k_a8k, dot_q6_k_a8k_x4, dot_q6_k_a8k_scalar, BlockQ6K, BlockA8K
+);
 
 /// f32 · f32.
 pub(crate) fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
@@ -178,15 +216,6 @@ mod tests {
         let isa = Isa::detect();
         let n = 256;
         let x = rand_vec(n, 1);
-        let zero8 = BlockQ8_0 {
-            d: f16::ZERO,
-            qs: [0; 32],
-        };
-        let zero81 = BlockQ8_1 {
-            d: f16::ZERO,
-            s: f16::ZERO,
-            qs: [0; 32],
-        };
         let za = BlockA8 {
             d: 0.0,
             qs: [0; 32],
@@ -196,22 +225,6 @@ mod tests {
             s: 0.0,
             qs: [0; 32],
         };
-        let mut a0 = vec![zero8; n / 32];
-        let mut b0 = vec![zero8; n / 32];
-        quantize_q8_0_scalar(&x, &mut a0);
-        quantize_q8_0(isa, &x, &mut b0);
-        for (p, q) in a0.iter().zip(&b0) {
-            assert_eq!(p.qs, q.qs);
-            assert_eq!(p.d, q.d);
-        }
-        let mut a1 = vec![zero81; n / 32];
-        let mut b1 = vec![zero81; n / 32];
-        quantize_q8_1_scalar(&x, &mut a1);
-        quantize_q8_1(isa, &x, &mut b1);
-        for (p, q) in a1.iter().zip(&b1) {
-            assert_eq!(p.qs, q.qs);
-            assert_eq!(p.s, q.s);
-        }
         let mut c0 = vec![za; n / 32];
         let mut d0 = vec![za; n / 32];
         quantize_a8_scalar(&x, &mut c0);
@@ -300,17 +313,17 @@ mod tests {
     fn q8_quantization_is_accurate() {
         let x = rand_vec(64, 5);
         let mut q = vec![
-            BlockQ8_0 {
-                d: f16::ZERO,
+            BlockA8 {
+                d: 0.0,
                 qs: [0; 32]
             };
             2
         ];
-        quantize_q8_0(Isa::detect(), &x, &mut q);
+        quantize_a8(Isa::detect(), &x, &mut q);
         for (i, v) in x.iter().enumerate() {
             let b = &q[i / 32];
-            let r = f32::from(b.qs[i % 32]) * b.d.to_f32();
-            assert!((r - v).abs() <= b.d.to_f32() * 0.5 + 1e-3, "{r} vs {v}");
+            let r = f32::from(b.qs[i % 32]) * b.d;
+            assert!((r - v).abs() <= b.d * 0.5 + 1e-5, "{r} vs {v}");
         }
     }
 }
@@ -320,53 +333,190 @@ mod speed {
     use super::*;
     use half::f16;
 
+    /// Thread CPU time in seconds (contention-independent).
+    fn cpu() -> f64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+    }
+
+    /// Times one weight type: rows of `cols` weights (`bsize` bytes per
+    /// `blk`-wide block) dotted with one activation row (`one`) and four
+    /// (`four`), over 1 MiB (cache-resident) and 64 MiB (streamed from RAM)
+    /// of weights. Prints ns per weight block per activation row and GB/s of
+    /// weights read.
+    fn probe<W: Copy, A: Copy>(
+        name: &str,
+        cols: usize,
+        blk: usize,
+        w0: W,
+        a0: A,
+        one: impl Fn(&[W], &[A]) -> f32,
+        four: impl Fn(&[W], [&[A]; 4]) -> [f32; 4],
+    ) {
+        let nb = cols / blk;
+        let bsize = std::mem::size_of::<W>();
+        let acts = vec![a0; nb];
+        for total_mb in [1usize, 64] {
+            let rows = (total_mb << 20) / (nb * bsize);
+            let w = vec![w0; rows * nb];
+            let reps = (128 / total_mb).max(2);
+            let mut s = 0f32;
+            let t = cpu();
+            for _ in 0..reps {
+                for r in w.chunks_exact(nb) {
+                    s += one(r, &acts);
+                }
+            }
+            let d1 = cpu() - t;
+            let t = cpu();
+            for _ in 0..reps / 2 {
+                for r in w.chunks_exact(nb) {
+                    s += four(r, [&acts, &acts, &acts, &acts])[3];
+                }
+            }
+            let d4 = cpu() - t;
+            let blocks = (reps * rows * nb) as f64;
+            let b4 = (reps / 2 * rows * nb) as f64;
+            eprintln!(
+                "{name:6} {cols:5} wide, {total_mb:2} MiB: x1 {:6.2} ns/block {:5.1} GB/s | x4 {:6.2} ns/block/row {:5.1} GB/s ({})",
+                d1 * 1e9 / blocks,
+                blocks * bsize as f64 / d1 / 1e9,
+                d4 * 1e9 / b4 / 4.0,
+                b4 * bsize as f64 / d4 / 1e9,
+                s.is_finite()
+            );
+        }
+    }
+
     /// `cargo test --release --lib kernels::speed -- --ignored --nocapture`
     #[test]
     #[ignore = "timing probe, not a test"]
-    fn q4_1_throughput() {
+    fn throughput() {
         let isa = Isa::detect();
-        let nb = 18; // a 576-wide row
-        let acts = vec![
-            BlockA8S {
-                d: 0.1,
-                s: 1.0,
-                qs: [3; 32]
+        eprintln!("isa {isa:?}");
+        let h = f16::from_f32(0.01);
+        let a8 = BlockA8 {
+            d: 0.1,
+            qs: [3; 32],
+        };
+        let a8s = BlockA8S {
+            d: 0.1,
+            s: 1.0,
+            qs: [3; 32],
+        };
+        let a8k = BlockA8K {
+            d: 0.1,
+            qs: [3; 256],
+            bsums: [48; 16],
+        };
+        for cols in [640usize, 2048] {
+            let q41 = BlockQ4_1 {
+                d: h,
+                m: h,
+                qs: [0x5a; 16],
             };
-            nb
-        ];
-        for total_mb in [1usize, 96] {
-            let rows = total_mb * (1 << 20) / (nb * 20);
-            let w = vec![
-                BlockQ4_1 {
-                    d: f16::from_f32(0.01),
-                    m: f16::from_f32(0.02),
-                    qs: [0x5a; 16]
-                };
-                rows * nb
-            ];
-            let mut s = 0f32;
-            let cpu = || {
-                let mut ts = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                // SAFETY: valid out-pointer.
-                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-                ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+            probe(
+                "Q4_1",
+                cols,
+                32,
+                q41,
+                a8s,
+                |w, a| dot_q4_1_a8s(isa, w, a),
+                |w, a| dot_q4_1_a8s_x4(isa, w, a),
+            );
+            let q80 = BlockQ8_0 { d: h, qs: [5; 32] };
+            probe(
+                "Q8_0",
+                cols,
+                32,
+                q80,
+                a8,
+                |w, a| dot_q8_0_a8(isa, w, a),
+                |w, a| dot_q8_0_a8_x4(isa, w, a),
+            );
+            let q50 = BlockQ5_0 {
+                d: h,
+                qh: [0xa5; 4],
+                qs: [0x5a; 16],
             };
-            let t = cpu();
-            let reps = 96 / total_mb;
-            for _ in 0..reps {
-                for r in w.chunks_exact(nb) {
-                    s += dot_q4_1_a8s(isa, r, &acts);
-                }
-            }
-            let dt = cpu() - t;
-            let blocks = (reps * rows * nb) as f64;
-            eprintln!(
-                "{total_mb} MiB: {:.2} ns/block, {:.2} GB/s ({s})",
-                dt * 1e9 / blocks,
-                blocks * 20.0 / dt / 1e9
+            probe(
+                "Q5_0",
+                cols,
+                32,
+                q50,
+                a8,
+                |w, a| dot_q5_0_a8(isa, w, a),
+                |w, a| dot_q5_0_a8_x4(isa, w, a),
+            );
+            let q51 = BlockQ5_1 {
+                d: h,
+                m: h,
+                qh: [0xa5; 4],
+                qs: [0x5a; 16],
+            };
+            probe(
+                "Q5_1",
+                cols,
+                32,
+                q51,
+                a8s,
+                |w, a| dot_q5_1_a8s(isa, w, a),
+                |w, a| dot_q5_1_a8s_x4(isa, w, a),
+            );
+        }
+        // K-quant rows are multiples of 256 (Gemma 3 270M: 1024 for
+        // attn_output, 2048 for ffn_down).
+        for cols in [1024usize, 2048] {
+            let q4k = BlockQ4K {
+                d: h,
+                dmin: h,
+                scales: [0x9b; 12],
+                qs: [0x5a; 128],
+            };
+            probe(
+                "Q4_K",
+                cols,
+                256,
+                q4k,
+                a8k,
+                |w, a| dot_q4_k_a8k(isa, w, a),
+                |w, a| dot_q4_k_a8k_x4(isa, w, a),
+            );
+            let q5k = BlockQ5K {
+                d: h,
+                dmin: h,
+                scales: [0x9b; 12],
+                qh: [0xa5; 32],
+                qs: [0x5a; 128],
+            };
+            probe(
+                "Q5_K",
+                cols,
+                256,
+                q5k,
+                a8k,
+                |w, a| dot_q5_k_a8k(isa, w, a),
+                |w, a| dot_q5_k_a8k_x4(isa, w, a),
+            );
+            let q6k = BlockQ6K {
+                ql: [0x5a; 128],
+                qh: [0xa5; 64],
+                scales: [7; 16],
+                d: h,
+            };
+            probe(
+                "Q6_K",
+                cols,
+                256,
+                q6k,
+                a8k,
+                |w, a| dot_q6_k_a8k(isa, w, a),
+                |w, a| dot_q6_k_a8k_x4(isa, w, a),
             );
         }
     }

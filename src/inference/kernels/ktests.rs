@@ -1,0 +1,315 @@
+//! Tests of the Q5 and K-quant kernels: every SIMD kernel against its scalar
+//! version, both against the exact product of the weights as candle
+//! dequantizes them (an independent reference), and the 1×4 kernels bit for
+//! bit against the single-row ones.
+
+use super::*;
+use crate::gguf::GgmlType;
+use crate::inference::quant::dequant;
+use half::f16;
+
+fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+fn rand_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| (lcg(&mut s) as f32 / (1u64 << 31) as f32 * 2.0 - 1.0) * 3.0)
+        .collect()
+}
+
+/// How the weight blocks are filled.
+#[derive(Clone, Copy, Debug)]
+enum Fill {
+    /// Random bytes, small random scales.
+    Random,
+    /// Every quant bit set, scales at f16 max.
+    AllMax,
+    /// Random quants, zero scales.
+    ZeroScale,
+}
+
+/// `nb` weight blocks of `T` (byte size `size`) in an 8-aligned buffer,
+/// with `set` fixing the scale fields.
+fn blocks<T: Plain>(nb: usize, fill: Fill, seed: u64, set: impl Fn(&mut T, f16, f16)) -> Vec<u64> {
+    let size = std::mem::size_of::<T>();
+    let mut buf = vec![0u64; (nb * size).div_ceil(8)];
+    let mut s = seed;
+    // SAFETY: u64 storage viewed as bytes within its length.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), nb * size) };
+    for b in bytes.iter_mut() {
+        *b = match fill {
+            Fill::AllMax => 0xff,
+            _ => lcg(&mut s) as u8,
+        };
+    }
+    let mut s2 = seed ^ 0x5555;
+    let Some(bl) = view_mut::<T>(bytes) else {
+        panic!("block view");
+    };
+    for b in bl {
+        let (d, m) = match fill {
+            Fill::Random => (
+                f16::from_f32(0.001 + (lcg(&mut s2) % 1000) as f32 * 1e-5),
+                f16::from_f32((lcg(&mut s2) % 1000) as f32 * 1e-5 - 0.005),
+            ),
+            Fill::AllMax => (f16::MAX, f16::MAX),
+            Fill::ZeroScale => (f16::ZERO, f16::ZERO),
+        };
+        set(b, d, m);
+    }
+    buf
+}
+
+fn bytes_of(buf: &[u64], len: usize) -> &[u8] {
+    // SAFETY: u64 storage viewed as bytes within its length.
+    unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) }
+}
+
+/// Σ w_i · a_i in f64 over the dequantized weights, and Σ |w_i · a_i|.
+fn exact(ty: GgmlType, wbytes: &[u8], acts: &[f32]) -> (f64, f64) {
+    let mut w = vec![0f32; acts.len()];
+    dequant(ty, wbytes, &mut w);
+    w.iter().zip(acts).fold((0.0, 0.0), |(s, m), (&x, &y)| {
+        let p = f64::from(x) * f64::from(y);
+        (s + p, m + p.abs())
+    })
+}
+
+fn check(what: &str, got: f32, want: f64, mag: f64) {
+    let tol = 2e-5 * mag + 1e-6;
+    assert!(
+        got.is_finite() && (f64::from(got) - want).abs() <= tol,
+        "{what}: {got} vs exact {want} (tol {tol})"
+    );
+}
+
+/// 32-wide activations for 32-wide weight blocks: (A8, A8S, the values they
+/// encode).
+fn acts32(nb: usize, seed: u64) -> (Vec<BlockA8>, Vec<BlockA8S>, Vec<f32>) {
+    let x = rand_f32(nb * 32, seed);
+    let za = BlockA8 {
+        d: 0.0,
+        qs: [0; 32],
+    };
+    let zs = BlockA8S {
+        d: 0.0,
+        s: 0.0,
+        qs: [0; 32],
+    };
+    let (mut a, mut s) = (vec![za; nb], vec![zs; nb]);
+    quantize_a8(Isa::detect(), &x, &mut a);
+    quantize_a8s(Isa::detect(), &x, &mut s);
+    let vals = a
+        .iter()
+        .flat_map(|b| b.qs.map(|q| f32::from(q) * b.d))
+        .collect();
+    (a, s, vals)
+}
+
+fn acts256(nb: usize, seed: u64) -> (Vec<BlockA8K>, Vec<f32>) {
+    let x = rand_f32(nb * 256, seed);
+    let z = BlockA8K {
+        d: 0.0,
+        qs: [0; 256],
+        bsums: [0; 16],
+    };
+    let mut a = vec![z; nb];
+    quantize_a8k(Isa::detect(), &x, &mut a);
+    let vals = a
+        .iter()
+        .flat_map(|b| b.qs.map(|q| f32::from(q) * b.d))
+        .collect();
+    (a, vals)
+}
+
+const FILLS: [Fill; 3] = [Fill::Random, Fill::AllMax, Fill::ZeroScale];
+
+/// Runs one weight type through single-row SIMD, scalar, x4 and exact.
+macro_rules! check_type {
+    ($ty:expr, $w:ty, $acts:expr, $one:ident, $four:ident, $scalar:ident, $set:expr) => {{
+        let isa = Isa::detect();
+        for nb in [1usize, 2, 3, 7, 8] {
+            for fill in FILLS {
+                let buf = blocks::<$w>(nb, fill, 11 + nb as u64, $set);
+                let wb = bytes_of(&buf, nb * std::mem::size_of::<$w>());
+                let Some(w) = view::<$w>(wb) else {
+                    panic!("view");
+                };
+                let rows: Vec<_> = (0..3).map(|k| $acts(nb, 100 + k)).collect();
+                let what = format!("{:?} {nb} blocks {fill:?}", $ty);
+                for (a, vals) in &rows {
+                    let (want, mag) = exact($ty, wb, vals);
+                    let simd = $one(isa, w, a);
+                    check(&format!("{what} simd"), simd, want, mag);
+                    check(&format!("{what} scalar"), $scalar(w, a), want, mag);
+                    if matches!(fill, Fill::ZeroScale) {
+                        assert_eq!(simd, 0.0, "{what}");
+                    }
+                }
+                // Lanes 0..4 hold rows 0, 1, 2, 1: every lane must be the
+                // single-row result bit for bit.
+                let order = [0, 1, 2, 1];
+                let four = $four(isa, w, order.map(|k| &rows[k].0[..]));
+                for (lane, k) in order.into_iter().enumerate() {
+                    assert_eq!(
+                        four[lane].to_bits(),
+                        $one(isa, w, &rows[k].0).to_bits(),
+                        "{what} x4 lane {lane}"
+                    );
+                }
+            }
+        }
+    }};
+}
+
+fn a8(nb: usize, seed: u64) -> (Vec<BlockA8>, Vec<f32>) {
+    let (a, _, v) = acts32(nb, seed);
+    (a, v)
+}
+
+fn a8s(nb: usize, seed: u64) -> (Vec<BlockA8S>, Vec<f32>) {
+    let (_, s, v) = acts32(nb, seed);
+    (s, v)
+}
+
+#[test]
+fn q8_0_kernel() {
+    check_type!(
+        GgmlType::Q8_0,
+        BlockQ8_0,
+        a8,
+        dot_q8_0_a8,
+        dot_q8_0_a8_x4,
+        dot_q8_0_a8_scalar,
+        |b: &mut BlockQ8_0, d, _| b.d = d
+    );
+}
+
+#[test]
+fn q5_0_kernel() {
+    check_type!(
+        GgmlType::Q5_0,
+        BlockQ5_0,
+        a8,
+        dot_q5_0_a8,
+        dot_q5_0_a8_x4,
+        dot_q5_0_a8_scalar,
+        |b: &mut BlockQ5_0, d, _| b.d = d
+    );
+}
+
+#[test]
+fn q5_1_kernel() {
+    check_type!(
+        GgmlType::Q5_1,
+        BlockQ5_1,
+        a8s,
+        dot_q5_1_a8s,
+        dot_q5_1_a8s_x4,
+        dot_q5_1_a8s_scalar,
+        |b: &mut BlockQ5_1, d, m| {
+            b.d = d;
+            b.m = m;
+        }
+    );
+}
+
+#[test]
+fn q4_k_kernel() {
+    check_type!(
+        GgmlType::Q4_K,
+        BlockQ4K,
+        acts256,
+        dot_q4_k_a8k,
+        dot_q4_k_a8k_x4,
+        dot_q4_k_a8k_scalar,
+        |b: &mut BlockQ4K, d, m| {
+            b.d = d;
+            b.dmin = f16::from_f32(m.to_f32().abs());
+        }
+    );
+}
+
+#[test]
+fn q5_k_kernel() {
+    check_type!(
+        GgmlType::Q5_K,
+        BlockQ5K,
+        acts256,
+        dot_q5_k_a8k,
+        dot_q5_k_a8k_x4,
+        dot_q5_k_a8k_scalar,
+        |b: &mut BlockQ5K, d, m| {
+            b.d = d;
+            b.dmin = f16::from_f32(m.to_f32().abs());
+        }
+    );
+}
+
+#[test]
+fn q6_k_kernel() {
+    check_type!(
+        GgmlType::Q6_K,
+        BlockQ6K,
+        acts256,
+        dot_q6_k_a8k,
+        dot_q6_k_a8k_x4,
+        dot_q6_k_a8k_scalar,
+        |b: &mut BlockQ6K, d, _| b.d = d
+    );
+}
+
+/// All-max Q6_K blocks have every scale at -1 (0xff); the most negative
+/// and most positive i8 scales must work too.
+#[test]
+fn q6_k_extreme_scales() {
+    let isa = Isa::detect();
+    for sc in [i8::MIN, i8::MAX] {
+        let buf = blocks::<BlockQ6K>(3, Fill::AllMax, 5, |b: &mut BlockQ6K, d, _| {
+            b.d = d;
+            b.scales = [sc; 16];
+        });
+        let wb = bytes_of(&buf, 3 * std::mem::size_of::<BlockQ6K>());
+        let Some(w) = view::<BlockQ6K>(wb) else {
+            panic!("view");
+        };
+        let (a, vals) = acts256(3, 9);
+        let (want, mag) = exact(GgmlType::Q6_K, wb, &vals);
+        check("q6_k extreme", dot_q6_k_a8k(isa, w, &a), want, mag);
+    }
+}
+
+#[test]
+fn a8k_quantization() {
+    let isa = Isa::detect();
+    let x = rand_f32(3 * 256, 21);
+    let z = BlockA8K {
+        d: 0.0,
+        qs: [0; 256],
+        bsums: [0; 16],
+    };
+    let (mut p, mut q) = (vec![z; 3], vec![z; 3]);
+    quantize_a8k_scalar(&x, &mut p);
+    quantize_a8k(isa, &x, &mut q);
+    for (k, (p, q)) in p.iter().zip(&q).enumerate() {
+        assert_eq!(p.qs, q.qs, "block {k}");
+        assert_eq!(p.bsums, q.bsums);
+        assert_eq!(p.d.to_bits(), q.d.to_bits());
+        for (i, v) in x[k * 256..(k + 1) * 256].iter().enumerate() {
+            let r = f32::from(q.qs[i]) * q.d;
+            assert!((r - v).abs() <= q.d * 0.5 + 1e-5, "{r} vs {v}");
+        }
+        let s: i32 = q.qs[16..32].iter().map(|&v| i32::from(v)).sum();
+        assert_eq!(i32::from(q.bsums[1]), s);
+    }
+    // A zero row quantizes to zeros with a zero scale.
+    let mut zq = vec![z; 1];
+    quantize_a8k(isa, &[0.0; 256], &mut zq);
+    assert_eq!(zq[0].d, 0.0);
+    assert!(zq[0].qs.iter().all(|&v| v == 0));
+}
