@@ -46,7 +46,9 @@ pub enum InferenceError {
     #[error("invalid GGUF: {0}")]
     Gguf(#[from] crate::gguf::GgufError),
     /// `general.architecture` names a model family we do not run.
-    #[error("unsupported architecture {0:?} (supported: llama, mistral)")]
+    #[error(
+        "unsupported architecture {0:?} (supported: llama, mistral, qwen2, qwen3, gemma3, phi3)"
+    )]
     UnsupportedArchitecture(String),
     /// A tensor has a ggml type without a kernel here.
     #[error("tensor {tensor}: unsupported tensor type {ty}")]

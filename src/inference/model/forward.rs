@@ -1,0 +1,443 @@
+//! The shared forward pass: one batch of tokens through every block, the
+//! family differences switched on by the loaded tensors and [`HParams`].
+
+use super::Model;
+use super::arch::Act;
+use super::load::{GateUp, Layer, Qkv};
+use crate::inference::kernels;
+use crate::inference::kv::KvCache;
+use crate::inference::quant::{Exec, QMatrix};
+use rayon::prelude::*;
+
+/// Which logits a batch returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Want {
+    /// None (a prompt batch before the last).
+    None,
+    /// The last token's.
+    Last,
+    /// Every token's, row-major.
+    All,
+}
+
+/// RoPE frequencies of one kind of layer, computed as ggml's
+/// `rope_cache_init` (theta multiplied by `theta_scale` step by step, in
+/// f32) so positions far into the context rotate as llama.cpp's do.
+#[derive(Debug, Clone)]
+pub(super) struct Rope {
+    pub theta_scale: f32,
+    pub freq_scale: f32,
+    /// Per-pair divisors (`rope_freqs`, Phi-3 LongRoPE factors).
+    pub factors: Option<Vec<f32>>,
+    /// cos/sin multiplier.
+    pub mscale: f32,
+}
+
+impl Rope {
+    pub(super) fn new(base: f32, dim: usize, freq_scale: f32) -> Self {
+        Rope {
+            theta_scale: base.powf(-2.0 / dim as f32),
+            freq_scale,
+            factors: None,
+            mscale: 1.0,
+        }
+    }
+
+    /// (cos, sin) of each of the `half` pairs for the `n` positions from `pos0`.
+    fn table(&self, pos0: usize, n: usize, half: usize) -> Vec<(f32, f32)> {
+        let mut rot = Vec::with_capacity(n * half);
+        for i in 0..n {
+            let mut theta = (pos0 + i) as f32;
+            for j in 0..half {
+                let ff = self.factors.as_ref().map_or(1.0, |f| f[j]);
+                let (s, c) = (self.freq_scale * (theta / ff)).sin_cos();
+                rot.push((c * self.mscale, s * self.mscale));
+                theta *= self.theta_scale;
+            }
+        }
+        rot
+    }
+}
+
+/// `y = x · W` with activations encoded once for `w`'s kind.
+fn project(exec: &Exec, base: &[u8], w: &QMatrix, x: &[f32], n: usize, out: &mut [f32]) {
+    let a = exec.acts(w, x, n, w.cols);
+    exec.matmul(base, w, &a, out);
+}
+
+fn add_bias(y: &mut [f32], b: Option<&Vec<f32>>) {
+    if let Some(b) = b {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (v, bv) in row.iter_mut().zip(b) {
+                *v += bv;
+            }
+        }
+    }
+}
+
+/// Scratch buffers of one batch.
+struct Bufs {
+    xb: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    fused: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    tmp: Vec<f32>,
+}
+
+impl Model {
+    /// Runs one batch: appends its keys and values to `cache` and returns
+    /// the logits `want` asks for.
+    pub(super) fn forward_batch(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        want: Want,
+    ) -> Vec<f32> {
+        let hp = &self.hp;
+        let base: &[u8] = &self.map;
+        let n = tokens.len();
+        let (d, hd, nh, nkv) = (hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
+        let pos0 = cache.len();
+        cache.reserve(n);
+
+        let mut x = vec![0f32; n * d];
+        for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
+            self.tok_embd.dequant_row(base, t as usize, row);
+            if hp.embd_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= hp.embd_scale);
+            }
+        }
+        let fused_qkv = self.layers.iter().any(|l| matches!(l.qkv, Qkv::Fused(_)));
+        let fused_up = self
+            .layers
+            .iter()
+            .any(|l| matches!(l.gate_up, GateUp::Fused(_)));
+        let mut b = Bufs {
+            xb: vec![0f32; n * d],
+            q: vec![0f32; n * nh * hd],
+            k: vec![0f32; n * nkv * hd],
+            v: vec![0f32; n * nkv * hd],
+            fused: vec![
+                0f32;
+                if fused_qkv {
+                    n * (nh + 2 * nkv) * hd
+                } else {
+                    0
+                }
+            ],
+            att: vec![0f32; n * nh * hd],
+            gate: vec![0f32; if fused_up { 2 } else { 1 } * n * hp.n_ff],
+            up: vec![0f32; n * hp.n_ff],
+            tmp: vec![0f32; n * d],
+        };
+        let half = hp.rope_dim / 2;
+        let rot_global = self.rope[0].table(pos0, n, half);
+        let rot_local = if hp.sliding_window > 0 {
+            self.rope[1].table(pos0, n, half)
+        } else {
+            Vec::new()
+        };
+
+        for (li, l) in self.layers.iter().enumerate() {
+            let rot = if hp.is_swa(li) {
+                &rot_local
+            } else {
+                &rot_global
+            };
+            self.attention(cache, li, l, &mut x, &mut b, rot, pos0);
+            self.feed_forward(l, &mut x, &mut b);
+        }
+        cache.commit(n);
+        let rows = match want {
+            Want::None => return Vec::new(),
+            Want::Last => &x[(n - 1) * d..],
+            Want::All => &x[..],
+        };
+        let m = rows.len() / d;
+        let mut normed = rows.to_vec();
+        if let Some(w) = &self.output_norm {
+            rms_norm(rows, w, hp.rms_eps, d, &mut normed);
+        }
+        let mut logits = vec![0f32; m * hp.vocab_size];
+        project(&self.exec, base, &self.output, &normed, m, &mut logits);
+        let cap = hp.final_logit_softcap;
+        if cap > 0.0 {
+            logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
+        logits
+    }
+
+    /// Self-attention of block `li`, added into the residual stream `x`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        cache: &mut KvCache,
+        li: usize,
+        l: &Layer,
+        x: &mut [f32],
+        b: &mut Bufs,
+        rot: &[(f32, f32)],
+        pos0: usize,
+    ) {
+        let hp = &self.hp;
+        let base: &[u8] = &self.map;
+        let (d, hd, nh, nkv) = (hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
+        let n = x.len() / d;
+        rms_norm(x, &l.attn_norm, hp.rms_eps, d, &mut b.xb);
+        match &l.qkv {
+            Qkv::Split { wq, wk, wv } => {
+                let a = self.exec.acts(wq, &b.xb, n, d);
+                self.exec.matmul(base, wq, &a, &mut b.q);
+                for (w, out) in [(wk, &mut b.k), (wv, &mut b.v)] {
+                    if w.act_kind() == wq.act_kind() {
+                        self.exec.matmul(base, w, &a, out);
+                    } else {
+                        project(&self.exec, base, w, &b.xb, n, out);
+                    }
+                }
+            }
+            Qkv::Fused(w) => {
+                project(&self.exec, base, w, &b.xb, n, &mut b.fused);
+                let (q_w, k_w) = (nh * hd, nkv * hd);
+                for (i, row) in b.fused.chunks_exact((nh + 2 * nkv) * hd).enumerate() {
+                    b.q[i * q_w..(i + 1) * q_w].copy_from_slice(&row[..q_w]);
+                    b.k[i * k_w..(i + 1) * k_w].copy_from_slice(&row[q_w..q_w + k_w]);
+                    b.v[i * k_w..(i + 1) * k_w].copy_from_slice(&row[q_w + k_w..]);
+                }
+            }
+        }
+        add_bias(&mut b.q, l.bq.as_ref());
+        add_bias(&mut b.k, l.bk.as_ref());
+        add_bias(&mut b.v, l.bv.as_ref());
+        if let Some(w) = &l.q_norm {
+            rms_norm_inplace(&mut b.q, w, hp.rms_eps, hd);
+        }
+        if let Some(w) = &l.k_norm {
+            rms_norm_inplace(&mut b.k, w, hp.rms_eps, hd);
+        }
+        let half = hp.rope_dim / 2;
+        let rope_fn = if hp.rope_neox { rope_neox } else { rope_norm };
+        for i in 0..n {
+            let r = &rot[i * half..(i + 1) * half];
+            for h in b.q[i * nh * hd..(i + 1) * nh * hd].chunks_exact_mut(hd) {
+                rope_fn(h, r);
+            }
+            for h in b.k[i * nkv * hd..(i + 1) * nkv * hd].chunks_exact_mut(hd) {
+                rope_fn(h, r);
+            }
+        }
+        for i in 0..n {
+            for h in 0..nkv {
+                let o = (i * nkv + h) * hd;
+                cache.write(li, pos0 + i, h, &b.k[o..o + hd], &b.v[o..o + hd]);
+            }
+        }
+        // One task per (token, kv head) covering its query heads.
+        let cache_ref: &KvCache = cache;
+        let group = nh / nkv;
+        let q_ref = &b.q;
+        let window = if hp.is_swa(li) { hp.sliding_window } else { 0 };
+        let scale = hp.attn_scale;
+        b.att
+            .par_chunks_mut(group * hd)
+            .enumerate()
+            .for_each(|(idx, out)| {
+                let (i, g) = (idx / nkv, idx % nkv);
+                let qs = &q_ref[idx * group * hd..(idx + 1) * group * hd];
+                let upto = pos0 + i + 1;
+                let from = if window > 0 {
+                    upto.saturating_sub(window)
+                } else {
+                    0
+                };
+                attend(cache_ref, li, g, from, upto, qs, scale, out);
+            });
+        project(&self.exec, base, &l.wo, &b.att, n, &mut b.tmp);
+        add_bias(&mut b.tmp, l.bo.as_ref());
+        if let Some(w) = &l.attn_post_norm {
+            rms_norm_inplace(&mut b.tmp, w, hp.rms_eps, d);
+        }
+        for (xv, t) in x.iter_mut().zip(&b.tmp) {
+            *xv += t;
+        }
+    }
+
+    /// The feed-forward part of a block, added into the residual stream `x`.
+    fn feed_forward(&self, l: &Layer, x: &mut [f32], b: &mut Bufs) {
+        let hp = &self.hp;
+        let base: &[u8] = &self.map;
+        let (d, ff) = (hp.n_embd, hp.n_ff);
+        let n = x.len() / d;
+        rms_norm(x, &l.ffn_norm, hp.rms_eps, d, &mut b.xb);
+        match &l.gate_up {
+            GateUp::Split { gate, up } => {
+                let a = self.exec.acts(gate, &b.xb, n, d);
+                self.exec.matmul(base, gate, &a, &mut b.gate[..n * ff]);
+                if up.act_kind() == gate.act_kind() {
+                    self.exec.matmul(base, up, &a, &mut b.up);
+                } else {
+                    project(&self.exec, base, up, &b.xb, n, &mut b.up);
+                }
+            }
+            GateUp::Fused(w) => {
+                project(&self.exec, base, w, &b.xb, n, &mut b.gate);
+                // Rows of 2*ff: gate then up. Compact gate in place, copy up.
+                for i in 0..n {
+                    b.up[i * ff..(i + 1) * ff]
+                        .copy_from_slice(&b.gate[i * 2 * ff + ff..(i + 1) * 2 * ff]);
+                    b.gate.copy_within(i * 2 * ff..i * 2 * ff + ff, i * ff);
+                }
+            }
+        }
+        let g = &mut b.gate[..n * ff];
+        match self.act {
+            Act::Silu => {
+                for (g, u) in g.iter_mut().zip(&b.up) {
+                    *g = *g / (1.0 + (-*g).exp()) * u;
+                }
+            }
+            Act::GeluTanh => {
+                for (g, u) in g.iter_mut().zip(&b.up) {
+                    *g = gelu_ggml(*g) * u;
+                }
+            }
+        }
+        project(&self.exec, base, &l.w_down, g, n, &mut b.tmp);
+        if let Some(w) = &l.ffn_post_norm {
+            rms_norm_inplace(&mut b.tmp, w, hp.rms_eps, d);
+        }
+        for (xv, t) in x.iter_mut().zip(&b.tmp) {
+            *xv += t;
+        }
+    }
+}
+
+/// RMSNorm of each `d`-wide row of `x` into `out`.
+pub(super) fn rms_norm(x: &[f32], w: &[f32], eps: f32, d: usize, out: &mut [f32]) {
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let s = rms_scale(xr, eps);
+        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = xv * s * wv;
+        }
+    }
+}
+
+/// RMSNorm of each `d`-wide row of `x` in place (per-head Q/K norms, post
+/// norms).
+fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32, d: usize) {
+    for xr in x.chunks_exact_mut(d) {
+        let s = rms_scale(xr, eps);
+        for (xv, wv) in xr.iter_mut().zip(w) {
+            *xv *= s * wv;
+        }
+    }
+}
+
+fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    1.0 / (ss + eps).sqrt()
+}
+
+/// GELU (tanh approximation) as ggml computes it on the CPU: the input
+/// rounded to f16, looked up in a table of f16 results, saturated beyond
+/// ±10 (`ggml_vec_geglu_f32` with `GGML_GELU_FP16`).
+fn gelu_ggml(x: f32) -> f32 {
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    let xh = half::f16::from_f32(x).to_f32();
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044715;
+    let y = 0.5 * xh * (1.0 + (SQRT_2_OVER_PI * xh * (1.0 + COEF_A * xh * xh)).tanh());
+    half::f16::from_f32(y).to_f32()
+}
+
+/// Rotates adjacent pairs (llama.cpp "normal" RoPE; GGUF llama Q/K weights
+/// are permuted for it).
+fn rope_norm(h: &mut [f32], rot: &[(f32, f32)]) {
+    for (pair, &(c, s)) in h.chunks_exact_mut(2).zip(rot) {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * c - b * s;
+        pair[1] = a * s + b * c;
+    }
+}
+
+/// Rotates element `j` with element `j + rope_dim/2` (GPT-NeoX style).
+fn rope_neox(h: &mut [f32], rot: &[(f32, f32)]) {
+    let half = rot.len();
+    let (lo, hi) = h[..2 * half].split_at_mut(half);
+    for ((a, b), &(c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(rot) {
+        let (x0, x1) = (*a, *b);
+        *a = x0 * c - x1 * s;
+        *b = x0 * s + x1 * c;
+    }
+}
+
+/// Softmax attention of the query heads `qs` (consecutive, sharing one kv
+/// head) over cache positions `from..upto`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    cache: &KvCache,
+    layer: usize,
+    kv_head: usize,
+    from: usize,
+    upto: usize,
+    qs: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = cache.layout().head_dim;
+    let g = qs.len() / hd;
+    let len = upto - from;
+    let mut scores = vec![0f32; g * len];
+    let mut t = 0;
+    for run in cache.head_runs(layer, 0, kv_head, upto) {
+        let run_len = run.len() / hd;
+        if t + run_len <= from {
+            t += run_len;
+            continue;
+        }
+        for key in run.chunks_exact(hd) {
+            if t >= from {
+                for (qi, q) in qs.chunks_exact(hd).enumerate() {
+                    scores[qi * len + t - from] = kernels::dot_f32_scalar(q, key) * scale;
+                }
+            }
+            t += 1;
+        }
+    }
+    for row in scores.chunks_exact_mut(len) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|s| *s *= inv);
+    }
+    out.fill(0.0);
+    let mut t = 0;
+    for run in cache.head_runs(layer, 1, kv_head, upto) {
+        let run_len = run.len() / hd;
+        if t + run_len <= from {
+            t += run_len;
+            continue;
+        }
+        for val in run.chunks_exact(hd) {
+            if t >= from {
+                for (qi, o) in out.chunks_exact_mut(hd).enumerate() {
+                    kernels::axpy(o, scores[qi * len + t - from], val);
+                }
+            }
+            t += 1;
+        }
+    }
+}
