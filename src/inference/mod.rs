@@ -19,6 +19,7 @@ mod mapguard;
 mod model;
 mod quant;
 mod sample;
+pub mod support;
 mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, TemplateLimits};
@@ -32,6 +33,7 @@ pub use kv::{
 };
 pub use model::{HParams, Model, ModelConfig};
 pub use sample::{Sampler, SamplerConfig};
+pub use support::{HeaderCheck, Unservable, check_header};
 pub use tokenizer::Tokenizer;
 
 /// Errors from loading models, running them, and (de)serializing KV caches.
