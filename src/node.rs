@@ -540,7 +540,9 @@ fn check_local_header(path: &std::path::Path) -> Option<Result<(), crate::serve:
         match crate::serve::check_header(&buf, len) {
             HeaderCheck::Servable => return Some(Ok(())),
             HeaderCheck::Unservable(u) => return Some(Err(u)),
-            HeaderCheck::NeedMore if want < len.min(MAX_HEADER_BYTES) && buf.len() as u64 == want => {
+            HeaderCheck::NeedMore
+                if want < len.min(MAX_HEADER_BYTES) && buf.len() as u64 == want =>
+            {
                 want = (want * 2).min(len).min(MAX_HEADER_BYTES);
             }
             HeaderCheck::NeedMore => return None,
@@ -744,8 +746,7 @@ impl crate::serve::ModelSource for StoreModels {
                 let servable = match cached {
                     Some(v) => v,
                     None => {
-                        match tokio::task::spawn_blocking(move || check_local_header(&path)).await
-                        {
+                        match tokio::task::spawn_blocking(move || check_local_header(&path)).await {
                             Ok(Some(v)) => {
                                 self.verdicts.lock().insert(id, v.clone());
                                 v

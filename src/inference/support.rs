@@ -65,8 +65,11 @@ pub fn check(g: &Gguf) -> Result<(), Unservable> {
         }
         other => Unservable::Model(strip_prefix(other)),
     })?;
-    let bad: Vec<&crate::gguf::TensorInfo> =
-        g.tensors.iter().filter(|t| !quant::supported(t.ty)).collect();
+    let bad: Vec<&crate::gguf::TensorInfo> = g
+        .tensors
+        .iter()
+        .filter(|t| !quant::supported(t.ty))
+        .collect();
     if let Some(first) = bad.first() {
         let mut types: Vec<GgmlType> = Vec::new();
         for t in &bad {
@@ -220,7 +223,11 @@ mod tests {
         let g = Gguf::parse(&ok).expect("parse");
         let len = ok.len() as u64;
         for cut in [0usize, 4, 30, g.data_offset as usize / 2] {
-            assert_eq!(check_header(&ok[..cut], len), HeaderCheck::NeedMore, "{cut}");
+            assert_eq!(
+                check_header(&ok[..cut], len),
+                HeaderCheck::NeedMore,
+                "{cut}"
+            );
         }
         assert_eq!(
             check_header(&ok[..g.data_offset as usize], len),
