@@ -20,7 +20,7 @@ pub const MAX_DIMS: u32 = 4;
 const MAX_ARRAY_DEPTH: u32 = 4;
 
 /// Errors from parsing a GGUF file.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum GgufError {
     /// The file does not start with `GGUF`.
     #[error("not a GGUF file (bad magic)")]
@@ -47,14 +47,6 @@ pub enum GgufError {
     /// A structural value is out of range (dims, alignment, counts, offsets).
     #[error("malformed GGUF: {0}")]
     Malformed(String),
-    /// A tensor type id that we do not know the layout of.
-    #[error("tensor {name}: unknown ggml type {ty}")]
-    UnknownTensorType {
-        /// Tensor name.
-        name: String,
-        /// The raw type id.
-        ty: u32,
-    },
 }
 
 /// A GGUF metadata value.
@@ -145,7 +137,12 @@ impl Value {
     }
 }
 
-/// ggml tensor element types, with their block layout.
+/// ggml tensor element types, with their block layout: every type id that
+/// llama.cpp's `ggml.h` defines (ids 4, 5 and 31 to 33, 36 to 38 were
+/// removed there and are [`GgmlType::Unknown`] here), plus
+/// [`GgmlType::Unknown`] for an id this build does not know. A tensor of an
+/// unknown type is an opaque byte span (see [`Gguf::parse_header`]): it
+/// can be stored and distributed, not computed with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[allow(missing_docs, non_camel_case_types)]
 pub enum GgmlType {
@@ -163,116 +160,130 @@ pub enum GgmlType {
     Q5_K,
     Q6_K,
     Q8_K,
+    IQ2_XXS,
+    IQ2_XS,
+    IQ3_XXS,
+    IQ1_S,
+    IQ4_NL,
+    IQ3_S,
+    IQ2_S,
+    IQ4_XS,
     I8,
     I16,
     I32,
     I64,
     F64,
+    IQ1_M,
     BF16,
+    TQ1_0,
+    TQ2_0,
+    MXFP4,
+    NVFP4,
+    Q1_0,
+    Q2_0,
+    /// A type id this build has no layout for (a newer ggml's, or a removed
+    /// one): its bytes are an opaque span.
+    Unknown(u32),
 }
 
+/// Every known type: (type, id, elements per block, bytes per block, name as
+/// llama.cpp prints it). From `ggml.h` and `type_traits` in `ggml.c`
+/// (llama.cpp as vendored by llama-cpp-python 0.3.36).
+const TYPES: &[(GgmlType, u32, u64, u64, &str)] = {
+    use GgmlType::*;
+    &[
+        (F32, 0, 1, 4, "f32"),
+        (F16, 1, 1, 2, "f16"),
+        (Q4_0, 2, 32, 18, "q4_0"),
+        (Q4_1, 3, 32, 20, "q4_1"),
+        (Q5_0, 6, 32, 22, "q5_0"),
+        (Q5_1, 7, 32, 24, "q5_1"),
+        (Q8_0, 8, 32, 34, "q8_0"),
+        (Q8_1, 9, 32, 36, "q8_1"),
+        (Q2_K, 10, 256, 84, "q2_K"),
+        (Q3_K, 11, 256, 110, "q3_K"),
+        (Q4_K, 12, 256, 144, "q4_K"),
+        (Q5_K, 13, 256, 176, "q5_K"),
+        (Q6_K, 14, 256, 210, "q6_K"),
+        (Q8_K, 15, 256, 292, "q8_K"),
+        (IQ2_XXS, 16, 256, 66, "iq2_xxs"),
+        (IQ2_XS, 17, 256, 74, "iq2_xs"),
+        (IQ3_XXS, 18, 256, 98, "iq3_xxs"),
+        (IQ1_S, 19, 256, 50, "iq1_s"),
+        (IQ4_NL, 20, 32, 18, "iq4_nl"),
+        (IQ3_S, 21, 256, 110, "iq3_s"),
+        (IQ2_S, 22, 256, 82, "iq2_s"),
+        (IQ4_XS, 23, 256, 136, "iq4_xs"),
+        (I8, 24, 1, 1, "i8"),
+        (I16, 25, 1, 2, "i16"),
+        (I32, 26, 1, 4, "i32"),
+        (I64, 27, 1, 8, "i64"),
+        (F64, 28, 1, 8, "f64"),
+        (IQ1_M, 29, 256, 56, "iq1_m"),
+        (BF16, 30, 1, 2, "bf16"),
+        (TQ1_0, 34, 256, 54, "tq1_0"),
+        (TQ2_0, 35, 256, 66, "tq2_0"),
+        (MXFP4, 39, 32, 17, "mxfp4"),
+        (NVFP4, 40, 64, 36, "nvfp4"),
+        (Q1_0, 41, 128, 18, "q1_0"),
+        (Q2_0, 42, 64, 18, "q2_0"),
+    ]
+};
+
 impl GgmlType {
-    /// Maps a raw ggml type id to a type, if known.
+    /// Every type with a known layout, in id order.
+    pub fn known() -> impl Iterator<Item = GgmlType> {
+        TYPES.iter().map(|t| t.0)
+    }
+    fn entry(self) -> Option<&'static (GgmlType, u32, u64, u64, &'static str)> {
+        match self {
+            GgmlType::Unknown(_) => None,
+            _ => TYPES.iter().find(|t| t.0 == self),
+        }
+    }
+    /// Maps a raw ggml type id to a type with a known layout, if it has one.
     pub fn from_id(id: u32) -> Option<Self> {
-        use GgmlType::*;
-        Some(match id {
-            0 => F32,
-            1 => F16,
-            2 => Q4_0,
-            3 => Q4_1,
-            6 => Q5_0,
-            7 => Q5_1,
-            8 => Q8_0,
-            9 => Q8_1,
-            10 => Q2_K,
-            11 => Q3_K,
-            12 => Q4_K,
-            13 => Q5_K,
-            14 => Q6_K,
-            15 => Q8_K,
-            24 => I8,
-            25 => I16,
-            26 => I32,
-            27 => I64,
-            28 => F64,
-            30 => BF16,
-            _ => return None,
-        })
+        TYPES.iter().find(|t| t.1 == id).map(|t| t.0)
+    }
+    /// Maps a raw ggml type id to a type, [`GgmlType::Unknown`] if it has no
+    /// known layout.
+    pub fn from_id_or_unknown(id: u32) -> Self {
+        Self::from_id(id).unwrap_or(GgmlType::Unknown(id))
     }
     /// The raw ggml type id.
     pub fn id(self) -> u32 {
-        use GgmlType::*;
         match self {
-            F32 => 0,
-            F16 => 1,
-            Q4_0 => 2,
-            Q4_1 => 3,
-            Q5_0 => 6,
-            Q5_1 => 7,
-            Q8_0 => 8,
-            Q8_1 => 9,
-            Q2_K => 10,
-            Q3_K => 11,
-            Q4_K => 12,
-            Q5_K => 13,
-            Q6_K => 14,
-            Q8_K => 15,
-            I8 => 24,
-            I16 => 25,
-            I32 => 26,
-            I64 => 27,
-            F64 => 28,
-            BF16 => 30,
+            GgmlType::Unknown(id) => id,
+            _ => self.entry().map_or(u32::MAX, |t| t.1),
         }
     }
-    /// (elements per block, bytes per block).
+    /// Whether the layout of this type is known (not [`GgmlType::Unknown`]).
+    pub fn is_known(self) -> bool {
+        self.entry().is_some()
+    }
+    /// (elements per block, bytes per block), `None` for an unknown type.
+    pub fn layout(self) -> Option<(u64, u64)> {
+        self.entry().map(|t| (t.2, t.3))
+    }
+    /// (elements per block, bytes per block). An unknown type has no layout:
+    /// it answers `(1, 0)`, so code that may meet one must use
+    /// [`GgmlType::layout`] (inference never does: it refuses unknown types
+    /// before it looks at a layout).
     pub fn block_layout(self) -> (u64, u64) {
-        use GgmlType::*;
-        match self {
-            F32 => (1, 4),
-            F16 | BF16 => (1, 2),
-            Q4_0 => (32, 18),
-            Q4_1 => (32, 20),
-            Q5_0 => (32, 22),
-            Q5_1 => (32, 24),
-            Q8_0 => (32, 34),
-            Q8_1 => (32, 36),
-            Q2_K => (256, 84),
-            Q3_K => (256, 110),
-            Q4_K => (256, 144),
-            Q5_K => (256, 176),
-            Q6_K => (256, 210),
-            Q8_K => (256, 292),
-            I8 => (1, 1),
-            I16 => (1, 2),
-            I32 => (1, 4),
-            I64 | F64 => (1, 8),
-        }
+        self.layout().unwrap_or((1, 0))
     }
-    /// Canonical lower-case name, as llama.cpp prints it.
+    /// Canonical lower-case name, as llama.cpp prints it (`"unknown"` for an
+    /// unknown type; its id is in [`GgmlType::id`] and in `Display`).
     pub fn name(self) -> &'static str {
-        use GgmlType::*;
+        self.entry().map_or("unknown", |t| t.4)
+    }
+}
+
+impl std::fmt::Display for GgmlType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            F32 => "f32",
-            F16 => "f16",
-            Q4_0 => "q4_0",
-            Q4_1 => "q4_1",
-            Q5_0 => "q5_0",
-            Q5_1 => "q5_1",
-            Q8_0 => "q8_0",
-            Q8_1 => "q8_1",
-            Q2_K => "q2_K",
-            Q3_K => "q3_K",
-            Q4_K => "q4_K",
-            Q5_K => "q5_K",
-            Q6_K => "q6_K",
-            Q8_K => "q8_K",
-            I8 => "i8",
-            I16 => "i16",
-            I32 => "i32",
-            I64 => "i64",
-            F64 => "f64",
-            BF16 => "bf16",
+            GgmlType::Unknown(id) => write!(f, "unknown type {id}"),
+            _ => f.write_str(self.name()),
         }
     }
 }
@@ -312,7 +323,8 @@ pub struct Gguf {
     pub alignment: u64,
     /// Absolute offset of the tensor-data region in the file.
     pub data_offset: u64,
-    /// Length of the file the header was parsed from.
+    /// Length of the file the header was parsed from (the whole file, even
+    /// when only a prefix was parsed: see [`Gguf::parse_header`]).
     pub file_len: u64,
 }
 
@@ -322,18 +334,26 @@ impl Gguf {
     /// Checks that every tensor lies inside the file, so a truncated file is
     /// an error here rather than a fault later.
     pub fn parse(bytes: &[u8]) -> Result<Self, GgufError> {
-        let (mut g, _) = Self::parse_header(bytes)?;
-        g.file_len = bytes.len() as u64;
-        g.check_tensor_bounds()?;
-        Ok(g)
+        Self::parse_header(bytes, bytes.len() as u64).map(|(g, _)| g)
     }
 
-    /// Parses only the header (metadata and tensor directory) from a prefix
-    /// of the file. Returns the header and the number of bytes it used.
-    /// Tensor ranges are not checked against the file length (unknown here);
-    /// `file_len` is set to the prefix length.
-    pub fn parse_header(bytes: &[u8]) -> Result<(Self, u64), GgufError> {
-        let mut r = Reader { b: bytes, pos: 0 };
+    /// Parses the header (metadata and tensor directory) from `prefix`, the
+    /// first bytes of a file of `file_len` bytes (the whole file, or only its
+    /// first chunks: no tensor data is read). Returns the header and the
+    /// number of bytes it used.
+    ///
+    /// A prefix too short for the header is [`GgufError::Truncated`] (fetch
+    /// more and try again). Tensor ranges are checked against `file_len`: a
+    /// tensor past the end, or two overlapping tensors, are errors here.
+    ///
+    /// A tensor of a type id with no known layout ([`GgmlType::Unknown`]) is
+    /// an opaque span: it runs from its offset to the next larger tensor
+    /// offset, or to the end of the file for the last one, and must not be
+    /// empty.
+    // long: (~130 lines), kept whole: one pass over the header in file
+    // order whose reader position and alignment every step shares.
+    pub fn parse_header(prefix: &[u8], file_len: u64) -> Result<(Self, u64), GgufError> {
+        let mut r = Reader { b: prefix, pos: 0 };
         let magic = r.take(4, "magic")?;
         if magic != MAGIC {
             return Err(GgufError::BadMagic);
@@ -379,11 +399,7 @@ impl Gguf {
             for _ in 0..n_dims {
                 dims.push(r.u64("tensor dim")?);
             }
-            let raw_ty = r.u32("tensor type")?;
-            let ty = GgmlType::from_id(raw_ty).ok_or_else(|| GgufError::UnknownTensorType {
-                name: name.clone(),
-                ty: raw_ty,
-            })?;
+            let ty = GgmlType::from_id_or_unknown(r.u32("tensor type")?);
             let offset = r.u64("tensor offset")?;
             let elements = dims
                 .iter()
@@ -391,17 +407,22 @@ impl Gguf {
                 .ok_or_else(|| {
                     GgufError::Malformed(format!("tensor {name}: element count overflows"))
                 })?;
-            let (blk, bytes_per) = ty.block_layout();
-            if dims[0] % blk != 0 {
-                return Err(GgufError::Malformed(format!(
-                    "tensor {name}: row of {} elements is not a multiple of the {} block of {blk}",
-                    dims[0],
-                    ty.name()
-                )));
-            }
-            let size = (elements / blk)
-                .checked_mul(bytes_per)
-                .ok_or_else(|| GgufError::Malformed(format!("tensor {name}: size overflows")))?;
+            // Unknown types get their size below, from the offsets.
+            let size = match ty.layout() {
+                None => 0,
+                Some((blk, bytes_per)) => {
+                    if dims[0] % blk != 0 {
+                        return Err(GgufError::Malformed(format!(
+                            "tensor {name}: row of {} elements is not a multiple of the {} block of {blk}",
+                            dims[0],
+                            ty.name()
+                        )));
+                    }
+                    (elements / blk).checked_mul(bytes_per).ok_or_else(|| {
+                        GgufError::Malformed(format!("tensor {name}: size overflows"))
+                    })?
+                }
+            };
             if offset % alignment != 0 {
                 return Err(GgufError::Malformed(format!(
                     "tensor {name}: offset {offset} is not aligned to {alignment}"
@@ -417,15 +438,44 @@ impl Gguf {
         }
         let header_end = r.pos as u64;
         let data_offset = header_end.div_ceil(alignment) * alignment;
-        let g = Gguf {
+        let mut g = Gguf {
             version,
             metadata,
             tensors,
             alignment,
             data_offset,
-            file_len: bytes.len() as u64,
+            file_len,
         };
+        g.size_opaque_tensors()?;
+        g.check_tensor_bounds()?;
         Ok((g, header_end))
+    }
+
+    /// Gives each tensor of an unknown type the span up to the next larger
+    /// tensor offset, or to the end of the data for the last one.
+    fn size_opaque_tensors(&mut self) -> Result<(), GgufError> {
+        if self.tensors.iter().all(|t| t.ty.is_known()) {
+            return Ok(());
+        }
+        let data_len = self.file_len.saturating_sub(self.data_offset);
+        let mut offsets: Vec<u64> = self.tensors.iter().map(|t| t.offset).collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        for t in self.tensors.iter_mut().filter(|t| !t.ty.is_known()) {
+            let next = match offsets.binary_search(&t.offset) {
+                Ok(i) => offsets.get(i + 1).copied(),
+                Err(_) => None,
+            };
+            let end = next.unwrap_or(data_len);
+            if end <= t.offset {
+                return Err(GgufError::Malformed(format!(
+                    "tensor {} of {}: no bytes between its offset {} and the next tensor or the end of the data",
+                    t.name, t.ty, t.offset
+                )));
+            }
+            t.size = end - t.offset;
+        }
+        Ok(())
     }
 
     fn check_tensor_bounds(&self) -> Result<(), GgufError> {
@@ -802,6 +852,122 @@ mod tests {
                 assert!(need > have, "need {need} <= have {have}")
             }
             other => panic!("expected a truncation error, got {other:?}"),
+        }
+    }
+
+    fn with_types(a: GgmlType, b: GgmlType) -> Vec<u8> {
+        write(
+            &[("general.architecture", Value::String("llama".into()))],
+            &[
+                TensorSpec {
+                    name: "a".into(),
+                    dims: vec![256, 2],
+                    ty: a,
+                    data: vec![3; 272],
+                },
+                TensorSpec {
+                    name: "b".into(),
+                    dims: vec![256],
+                    ty: b,
+                    data: vec![4; 136],
+                },
+            ],
+        )
+    }
+
+    #[test]
+    fn every_ggml_type_has_its_llama_cpp_layout() {
+        let known: Vec<GgmlType> = GgmlType::known().collect();
+        assert_eq!(known.len(), 35);
+        for t in &known {
+            assert_eq!(GgmlType::from_id(t.id()), Some(*t));
+            assert!(t.layout().is_some_and(|(b, n)| b > 0 && n > 0), "{t}");
+        }
+        assert_eq!(GgmlType::IQ4_XS.layout(), Some((256, 136)));
+        assert_eq!(GgmlType::IQ4_NL.layout(), Some((32, 18)));
+        assert_eq!(GgmlType::MXFP4.layout(), Some((32, 17)));
+        assert_eq!(GgmlType::TQ1_0.layout(), Some((256, 54)));
+        for removed in [4, 5, 31, 32, 33, 36, 37, 38, 43, 9999] {
+            assert_eq!(GgmlType::from_id(removed), None);
+            assert_eq!(GgmlType::from_id_or_unknown(removed).id(), removed);
+        }
+    }
+
+    #[test]
+    fn iq4_xs_tensors_parse_with_their_size() {
+        let b = with_types(GgmlType::IQ4_XS, GgmlType::IQ4_XS);
+        let g = Gguf::parse(&b).expect("parse");
+        assert_eq!(g.tensors[0].size, 272);
+        assert_eq!(g.tensors[1].ty, GgmlType::IQ4_XS);
+        assert_eq!(g.tensors[1].size, 136);
+    }
+
+    #[test]
+    fn an_unknown_type_is_an_opaque_span_to_the_next_tensor_or_the_end() {
+        let b = with_types(GgmlType::Unknown(77), GgmlType::Unknown(200));
+        let g = Gguf::parse(&b).expect("parse");
+        // 272 bytes padded to 288 (32-byte alignment), then 136 padded to 160.
+        assert_eq!(g.tensors[0].ty, GgmlType::Unknown(77));
+        assert_eq!(g.tensors[0].size, 288);
+        assert_eq!(g.tensors[1].offset, 288);
+        assert_eq!(g.tensors[1].size, b.len() as u64 - g.data_offset - 288);
+        assert_eq!(g.tensors[0].ty.to_string(), "unknown type 77");
+        // Known after unknown, and the other way round.
+        let b = with_types(GgmlType::IQ4_XS, GgmlType::Unknown(77));
+        let g = Gguf::parse(&b).expect("parse");
+        assert_eq!((g.tensors[0].size, g.tensors[1].size), (272, 160));
+    }
+
+    #[test]
+    fn an_unknown_type_with_no_bytes_is_refused() {
+        let mut b = with_types(GgmlType::Q8_0, GgmlType::Unknown(77));
+        // Cut the data after the first tensor: the opaque one would be empty.
+        let g = Gguf::parse(&b).expect("parse");
+        b.truncate((g.data_offset + 288) as usize);
+        match Gguf::parse(&b) {
+            Err(GgufError::Malformed(m)) => assert!(m.contains("unknown type 77"), "{m}"),
+            other => panic!("expected malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_header_parses_from_a_prefix_with_the_file_length_known() {
+        let b = sample();
+        let full = Gguf::parse(&b).expect("parse");
+        let (g, used) =
+            Gguf::parse_header(&b[..full.data_offset as usize], b.len() as u64).expect("prefix");
+        assert_eq!(g.tensors, full.tensors);
+        assert_eq!(g.file_len, b.len() as u64);
+        assert!(used <= full.data_offset);
+        // Too short a prefix asks for more.
+        assert!(matches!(
+            Gguf::parse_header(&b[..40], b.len() as u64),
+            Err(GgufError::Truncated { .. })
+        ));
+        // A file length shorter than the tensors is refused from the header alone.
+        assert!(matches!(
+            Gguf::parse_header(&b[..full.data_offset as usize], full.data_offset + 10),
+            Err(GgufError::Truncated {
+                what: "tensor data",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn overlapping_tensors_are_refused() {
+        let mut b = sample();
+        let g = Gguf::parse(&b).expect("parse");
+        // Tensor "b"'s offset field is the last 8 bytes of the directory: point it into "a".
+        let hdr_end = b
+            .windows(8)
+            .rposition(|w| w == 64u64.to_le_bytes())
+            .expect("offset of b");
+        assert!(hdr_end < g.data_offset as usize);
+        b[hdr_end..hdr_end + 8].copy_from_slice(&32u64.to_le_bytes());
+        match Gguf::parse(&b) {
+            Err(GgufError::Malformed(m)) => assert!(m.contains("overlap"), "{m}"),
+            other => panic!("expected an overlap error, got {other:?}"),
         }
     }
 

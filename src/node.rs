@@ -322,7 +322,10 @@ impl Node {
                 Err(e) => tracing::warn!(error = %e, "KV mesh tier not started"),
             }
         }
-        s.set_source(Arc::new(StoreModels(Arc::downgrade(&self.inner))));
+        s.set_source(Arc::new(StoreModels {
+            node: Arc::downgrade(&self.inner),
+            verdicts: parking_lot::Mutex::new(std::collections::HashMap::new()),
+        }));
         Ok(self.inner.serving.get_or_init(|| s).clone())
     }
 
@@ -505,11 +508,104 @@ impl Node {
 /// artifact that is not local is pulled from the mesh (or its origin)
 /// first, if any peer (or the origin of its release) has it. The file is
 /// leased (kept from eviction) for as long as serving holds the guard.
-struct StoreModels(std::sync::Weak<Inner>);
+/// Before a pull, only the chunks holding the GGUF header are fetched and
+/// checked ([`crate::serve::check_header`]): a model this build cannot serve
+/// is refused without pulling the rest.
+struct StoreModels {
+    node: std::sync::Weak<Inner>,
+    /// Header verdicts by artifact (an artifact's bytes never change).
+    verdicts: parking_lot::Mutex<
+        std::collections::HashMap<ArtifactId, Result<(), crate::serve::Unservable>>,
+    >,
+}
+
+/// Largest GGUF header fetched to decide servability before a pull (a
+/// 262k-token vocabulary takes about 6 MiB). A larger header is not checked
+/// first: the model is pulled and its load decides.
+pub const MAX_HEADER_BYTES: u64 = 64 << 20;
+
+/// Reads the header of a local GGUF file and checks it (the first bytes
+/// only, growing until the header is whole, up to [`MAX_HEADER_BYTES`]).
+/// `None` when the header is larger than that or the file cannot be read.
+fn check_local_header(path: &std::path::Path) -> Option<Result<(), crate::serve::Unservable>> {
+    use crate::serve::HeaderCheck;
+    use std::io::Read;
+    let f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut want = (1u64 << 20).min(len);
+    let mut buf = Vec::new();
+    loop {
+        let have = buf.len() as u64;
+        (&f).take(want - have).read_to_end(&mut buf).ok()?;
+        match crate::serve::check_header(&buf, len) {
+            HeaderCheck::Servable => return Some(Ok(())),
+            HeaderCheck::Unservable(u) => return Some(Err(u)),
+            HeaderCheck::NeedMore
+                if want < len.min(MAX_HEADER_BYTES) && buf.len() as u64 == want =>
+            {
+                want = (want * 2).min(len).min(MAX_HEADER_BYTES);
+            }
+            HeaderCheck::NeedMore => return None,
+        }
+    }
+}
 
 impl StoreModels {
+    /// Fetches just the header chunks of `id` (verified) and checks them:
+    /// `Err` names what this build lacks; `Ok` when it can serve it, or when
+    /// the header could not be had (the pull that follows then decides).
+    /// The fetched chunks are kept for that pull.
+    async fn check_before_pull(
+        &self,
+        node: &Node,
+        id: ArtifactId,
+        origin: Option<String>,
+    ) -> Result<(), crate::serve::Unservable> {
+        use crate::serve::HeaderCheck;
+        if let Some(v) = self.verdicts.lock().get(&id) {
+            return v.clone();
+        }
+        let mut verdict = HeaderCheck::NeedMore;
+        let find = node.inner.mesh.config().download.find_timeout;
+        let got = mesh::download::fetch_prefix(
+            &node.inner.mesh,
+            id,
+            origin,
+            find,
+            MAX_HEADER_BYTES,
+            &node.inner.metrics,
+            |prefix, len| {
+                verdict = crate::serve::check_header(prefix, len);
+                verdict != HeaderCheck::NeedMore
+            },
+        )
+        .await;
+        let prefix = match got {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%id, error = %e, "could not fetch the model's header; pulling it whole");
+                return Ok(());
+            }
+        };
+        tracing::info!(%id, header_chunks = prefix.chunks, fetched_bytes = prefix.fetched_bytes,
+            verdict = ?verdict, "model header checked before the pull");
+        match verdict {
+            HeaderCheck::Unservable(u) => {
+                self.verdicts.lock().insert(id, Err(u.clone()));
+                Err(u)
+            }
+            HeaderCheck::Servable => {
+                if let Err(e) = prefix.keep(&node.inner.mesh).await {
+                    tracing::warn!(%id, error = %e, "header chunks not kept for the pull");
+                }
+                Ok(())
+            }
+            HeaderCheck::NeedMore => Ok(()),
+        }
+    }
+
     fn node(&self) -> Result<Node, crate::serve::LocateError> {
-        self.0
+        self.node
             .upgrade()
             .map(|inner| Node { inner })
             .ok_or_else(|| crate::serve::LocateError::Unavailable("the node is stopping".into()))
@@ -589,6 +685,9 @@ impl crate::serve::ModelSource for StoreModels {
                             "The model `{name}` ({id}) is not on this node and no peer has it."
                         )));
                     }
+                    self.check_before_pull(&node, id, origin)
+                        .await
+                        .map_err(LocateError::Unservable)?;
                     tracing::info!(model = name, id = %id, "model not local: pulling it for serving");
                     let (_, rx) = node
                         .pull(&id.to_hex())
@@ -612,6 +711,59 @@ impl crate::serve::ModelSource for StoreModels {
             lease_for_serving(&node, id)
                 .await?
                 .map_err(|e| LocateError::Unavailable(e.to_string()))
+        })
+    }
+
+    fn catalog(&self) -> futures::future::BoxFuture<'_, Vec<crate::serve::CatalogEntry>> {
+        Box::pin(async move {
+            let Ok(node) = self.node() else {
+                return Vec::new();
+            };
+            let store = node.inner.store.clone();
+            // Active GGUF artifacts: (id, listed name, file).
+            let held = tokio::task::spawn_blocking(move || {
+                store
+                    .list()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|a| {
+                        a.kind == crate::store::ArtifactKind::Gguf
+                            && a.status == crate::store::ArtifactStatus::Active
+                            && a.corrupt.is_none()
+                    })
+                    .filter_map(|a| {
+                        let path = store.artifact_path(&a.id).ok()?;
+                        let name = a.names.first().cloned().unwrap_or_else(|| a.id.to_hex());
+                        Some((a.id, name, path))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            let mut out = Vec::with_capacity(held.len());
+            for (id, name, path) in held {
+                let cached = self.verdicts.lock().get(&id).cloned();
+                let servable = match cached {
+                    Some(v) => v,
+                    None => {
+                        match tokio::task::spawn_blocking(move || check_local_header(&path)).await {
+                            Ok(Some(v)) => {
+                                self.verdicts.lock().insert(id, v.clone());
+                                v
+                            }
+                            // Unreadable, or a header too large to check
+                            // first: its load decides.
+                            _ => Ok(()),
+                        }
+                    }
+                };
+                out.push(crate::serve::CatalogEntry {
+                    id: *id.as_bytes(),
+                    name,
+                    servable,
+                });
+            }
+            out
         })
     }
 }

@@ -20,6 +20,7 @@ mod model;
 mod perplexity;
 mod quant;
 mod sample;
+pub mod support;
 mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, TemplateLimits};
@@ -34,6 +35,7 @@ pub use kv::{
 pub use model::{HParams, Model, ModelConfig};
 pub use perplexity::{PerplexityConfig, PerplexityReport, perplexity};
 pub use sample::{Sampler, SamplerConfig};
+pub use support::{HeaderCheck, Unservable, check_header};
 pub use tokenizer::Tokenizer;
 
 /// Errors from loading models, running them, and (de)serializing KV caches.

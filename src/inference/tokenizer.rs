@@ -530,6 +530,27 @@ fn pre_tokenizer(name: &str) -> Result<PreTok, InferenceError> {
     }
 }
 
+/// Whether this build can tokenize for `g`, from its metadata alone (no
+/// vocabulary is built): the tokenizer model and the pre-tokenizer.
+/// Used by `support::check` to refuse a model from its header.
+pub(crate) fn check(g: &Gguf) -> Result<(), InferenceError> {
+    let model = g
+        .get("tokenizer.ggml.model")
+        .and_then(Value::as_str)
+        .ok_or_else(|| InferenceError::Tokenizer("missing tokenizer.ggml.model".into()))?;
+    if model != "gpt2" {
+        return Err(InferenceError::Tokenizer(format!(
+            "tokenizer model {model:?} is not supported (only gpt2 byte-level BPE)"
+        )));
+    }
+    pre_tokenizer(
+        g.get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default"),
+    )
+    .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@
 pub mod engine;
 pub mod openai;
 
+pub use crate::inference::{HeaderCheck, Unservable, check_header};
 pub use engine::{Engine, EngineStats, Job, JobEvent};
 pub use openai::router;
 
@@ -66,12 +67,32 @@ pub trait ModelSource: Send + Sync {
     ) -> futures::future::BoxFuture<'a, Result<[u8; 32], LocateError>>;
 
     /// The local GGUF file of artifact `id` (requested as `name`), fetching
-    /// it first if needed. Fails fast when no peer has it.
+    /// it first if needed. Fails fast when no peer has it, and with
+    /// [`LocateError::Unservable`] when the model's header (fetched first,
+    /// alone) shows that this build cannot serve it.
     fn locate<'a>(
         &'a self,
         id: [u8; 32],
         name: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Located, LocateError>>;
+
+    /// The models this source holds locally (not loaded yet), each with
+    /// whether this build can serve it (from its header): what `/v1/models`
+    /// lists besides the loaded models. None by default.
+    fn catalog(&self) -> futures::future::BoxFuture<'_, Vec<CatalogEntry>> {
+        Box::pin(async { Vec::new() })
+    }
+}
+
+/// A model a [`ModelSource`] holds, for `/v1/models`.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    /// The artifact id.
+    pub id: [u8; 32],
+    /// The name it is listed under (a trusted name, or the id in hex).
+    pub name: String,
+    /// Whether this build can serve it, decided from its header.
+    pub servable: Result<(), Unservable>,
 }
 
 /// A located model: its GGUF file and a guard that keeps the file from
@@ -118,6 +139,34 @@ pub enum LocateError {
     /// The name itself is invalid (too long; HTTP 400).
     #[error("{0}")]
     Invalid(String),
+    /// The model exists but this build cannot serve it (architecture,
+    /// tensor type or tokenizer), as its header shows (HTTP 422,
+    /// `model_not_supported`: retrying will not help).
+    #[error("{0}")]
+    Unservable(Unservable),
+}
+
+impl LocateError {
+    /// The error of a model file that failed to load: [`LocateError::Unservable`]
+    /// when this build lacks what it needs (architecture, tensor type,
+    /// tokenizer), [`LocateError::Unavailable`] otherwise.
+    pub fn from_load(path: &std::path::Path, e: crate::inference::InferenceError) -> LocateError {
+        use crate::inference::InferenceError as E;
+        match e {
+            E::UnsupportedArchitecture(_) => {
+                LocateError::Unservable(Unservable::Architecture(e.to_string()))
+            }
+            E::UnsupportedTensorType { tensor, ty } => {
+                LocateError::Unservable(Unservable::TensorType {
+                    tensor,
+                    ty: ty.to_owned(),
+                    also: String::new(),
+                })
+            }
+            E::Tokenizer(m) => LocateError::Unservable(Unservable::Tokenizer(m)),
+            other => LocateError::Unavailable(format!("loading {}: {other}", path.display())),
+        }
+    }
 }
 
 /// Settings of the serving layer: the `[inference]` section of the
@@ -505,6 +554,18 @@ impl Serving {
         let _ = self.source.set(source);
     }
 
+    /// The models the [`ModelSource`] holds that are not loaded, each with
+    /// whether this build can serve it ([`ModelSource::catalog`]).
+    pub async fn catalog(&self) -> Vec<CatalogEntry> {
+        let Some(src) = self.source.get().cloned() else {
+            return Vec::new();
+        };
+        let mut v = src.catalog().await;
+        let t = self.table.lock();
+        v.retain(|e| !t.slots.contains_key(&e.id));
+        v
+    }
+
     /// The model served under `name` (a served name, an artifact id, a
     /// unique id prefix or a trusted name, in any letter case), loading it
     /// from the [`ModelSource`] (which may fetch it from the mesh) on first
@@ -583,9 +644,7 @@ impl Serving {
         })
         .await
         .map_err(|e| LocateError::Unavailable(e.to_string()))?
-        .map_err(|e| {
-            LocateError::Unavailable(format!("loading {}: {e}", located.path.display()))
-        })?;
+        .map_err(|e| LocateError::from_load(&located.path, e))?;
         let mem = memory_estimate(&model);
         let served = self
             .insert(name, model, mem, located.guard, false)

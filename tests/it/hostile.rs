@@ -106,3 +106,76 @@ fn a_template_that_never_ends_fails_clearly_and_stalls_nothing() {
     let _ = stop_tx.send(());
     server.join().expect("server thread");
 }
+
+/// A GGUF whose tensor directory lies (issue 16, item 3): each is refused
+/// by `shoal add` (the store) and by the header check with a clear error
+/// naming the tensor, never a panic.
+#[test]
+fn hostile_tensor_directories_are_clear_errors() {
+    use shoal::gguf::writer::{TensorSpec, write};
+    use shoal::inference::{HeaderCheck, Unservable, check_header};
+    let t = |name: &str, dims: Vec<u64>, ty: GgmlType, n: usize| TensorSpec {
+        name: name.into(),
+        dims,
+        ty,
+        data: vec![7; n],
+    };
+    let meta = [("general.architecture", Value::String("llama".into()))];
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "absurd dims",
+            write(
+                &meta,
+                &[t("huge", vec![1 << 40, 1 << 40], GgmlType::F32, 4)],
+            ),
+            "overflows",
+        ),
+        (
+            "past the end",
+            write(&meta, &[t("long", vec![1 << 20], GgmlType::F32, 64)]),
+            "tensor data",
+        ),
+        (
+            "overlapping",
+            write(
+                &meta,
+                &[
+                    t("first", vec![64], GgmlType::F32, 32),
+                    t("second", vec![8], GgmlType::F32, 32),
+                    t("third", vec![1024], GgmlType::I8, 1024),
+                ],
+            ),
+            "overlap",
+        ),
+        (
+            "an empty opaque span at the end",
+            write(
+                &meta,
+                &[
+                    t("a", vec![32], GgmlType::I8, 32),
+                    t("opaque", vec![32], GgmlType::Unknown(99), 0),
+                ],
+            ),
+            "no bytes",
+        ),
+    ];
+    let dir = tempfile::tempdir().expect("tmp");
+    let store =
+        shoal::store::Store::open(&dir.path().join("s"), Default::default()).expect("store");
+    for (what, bytes, needle) in cases {
+        let p = dir.path().join("bad.gguf");
+        std::fs::write(&p, &bytes).expect("write");
+        let e = store
+            .add_file(&p, &shoal::store::AddOptions::default())
+            .expect_err(what);
+        let msg = e.to_string();
+        assert!(msg.contains(needle), "{what}: {msg}");
+        match check_header(&bytes, bytes.len() as u64) {
+            HeaderCheck::Unservable(Unservable::Header(e)) => {
+                assert!(e.to_string().contains(needle), "{what}: {e}")
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    assert!(store.list().expect("list").is_empty());
+}

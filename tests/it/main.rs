@@ -17,6 +17,7 @@ mod serving_corrupt;
 mod serving_kv;
 mod serving_mesh;
 mod serving_node;
+mod serving_refuse;
 mod store;
 mod store_full_disk;
 mod util;

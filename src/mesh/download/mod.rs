@@ -26,10 +26,12 @@
 
 mod driver;
 mod manifest;
+mod prefix;
 mod registry;
 mod sched;
 
 pub use driver::{FindDeadline, MAX_FIND_TIMEOUT, download, download_until};
+pub use prefix::{Prefix, fetch_prefix};
 pub use registry::{Downloads, KEEP_FINISHED};
 
 use crate::store::{ArtifactId, StoreError};

@@ -102,6 +102,16 @@ pub(super) fn locate_error(name: &str, e: crate::serve::LocateError) -> OpenAiEr
             Some(retry_after),
         ),
         L::Invalid(m) => OpenAiError::invalid(m, Some("model"), Some("string_above_max_length")),
+        // The model exists, the request is well-formed, and no retry will
+        // help: 422 (clients do not retry it, unlike a 503).
+        L::Unservable(u) => OpenAiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: format!("The model `{name}` cannot be served by this node: {u}."),
+            ty: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_supported"),
+            retry_after: None,
+        },
     }
 }
 

@@ -11,7 +11,7 @@ use super::schema::{Kind, Params};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::respcache::{self, CachedAnswer};
 use crate::serve::engine::{CancelOnDrop, Job};
-use crate::serve::{Served, Serving};
+use crate::serve::{CatalogEntry, Served, Serving};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -46,14 +46,33 @@ pub(super) fn counted(metrics: &Metrics, r: Result<Response, OpenAiError>) -> Re
     r
 }
 
+/// A loaded model in `/v1/models`: OpenAI's fields, plus ours (`servable`
+/// is always true for a loaded model).
 pub(super) fn model_json(s: &Served) -> Value {
     json!({"id": s.engine.name(), "object": "model", "created": 0, "owned_by": "shoal",
            "shoal_model_id": s.id_hex,
-           "context_length": s.engine.model().hparams().context_length})
+           "context_length": s.engine.model().hparams().context_length,
+           "loaded": true, "servable": true})
+}
+
+/// A model the node holds but has not loaded: `servable` says whether this
+/// build can serve it (from its header); if not, `unservable_reason` says
+/// what is missing and `unservable_kind` names the kind (`architecture`,
+/// `tensor_type`, `tokenizer`, `model_metadata`, `header`).
+fn catalog_json(e: &CatalogEntry) -> Value {
+    let mut v = json!({"id": e.name, "object": "model", "created": 0, "owned_by": "shoal",
+           "shoal_model_id": hex::encode(e.id), "loaded": false,
+           "servable": e.servable.is_ok()});
+    if let Err(u) = &e.servable {
+        v["unservable_reason"] = json!(u.to_string());
+        v["unservable_kind"] = json!(u.kind());
+    }
+    v
 }
 
 pub(super) async fn list_models(State(s): State<Arc<Serving>>) -> Response {
-    let data: Vec<Value> = s.models().iter().map(|m| model_json(m)).collect();
+    let mut data: Vec<Value> = s.models().iter().map(|m| model_json(m)).collect();
+    data.extend(s.catalog().await.iter().map(catalog_json));
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -61,8 +80,17 @@ pub(super) async fn get_model(State(s): State<Arc<Serving>>, Path(name): Path<St
     if let Err(e) = crate::serve::check_model_name(&name) {
         return locate_error(&name, e).into_response();
     }
-    match s.model(&name) {
-        Some(m) => axum::Json(model_json(&m)).into_response(),
+    if let Some(m) = s.model(&name) {
+        return axum::Json(model_json(&m)).into_response();
+    }
+    let lower = name.to_ascii_lowercase();
+    match s
+        .catalog()
+        .await
+        .into_iter()
+        .find(|e| e.name == name || hex::encode(e.id) == lower)
+    {
+        Some(e) => axum::Json(catalog_json(&e)).into_response(),
         None => unknown_model(&name).into_response(),
     }
 }
