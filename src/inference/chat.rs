@@ -99,6 +99,12 @@ pub struct ChatTemplate {
     eos: String,
     limits: TemplateLimits,
     running: std::sync::atomic::AtomicUsize,
+    /// Whether the template renders a leading `system` message (see
+    /// [`ChatTemplate::supports_system_role`]).
+    system_role: bool,
+    /// Whether `developer` messages become `system` ones (all templates but
+    /// OpenAI's harmony format, as llama.cpp does).
+    developer_to_system: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -111,11 +117,19 @@ fn raise_exception(msg: String) -> Result<JValue, JError> {
     Err(JError::new(ErrorKind::InvalidOperation, msg))
 }
 
-/// `strftime_now(fmt)`: the current UTC time, for %Y %m %d %H %M %S %b %B %y %e %j %%.
-fn strftime_now(fmt: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as i64;
+/// Fuel of the system-role probe at compile time.
+const PROBE_FUEL: u64 = 200_000;
+
+/// The context variable holding a render's time (seconds since the epoch).
+const NOW_VAR: &str = "__shoal_now";
+
+/// `strftime_now(fmt)`: the render's UTC time ([`ChatTemplate::render_at`]),
+/// for %Y %m %d %H %M %S %b %B %y %e %j %%.
+fn strftime_now(state: &State, fmt: String) -> String {
+    let secs = state
+        .lookup(NOW_VAR)
+        .and_then(|v| i64::try_from(v).ok())
+        .unwrap_or(0);
     strftime(secs, &fmt)
 }
 
@@ -274,13 +288,39 @@ impl ChatTemplate {
         env.set_unknown_method_callback(py_methods);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| InferenceError::Template(e.to_string()))?;
-        Ok(ChatTemplate {
+        let mut t = ChatTemplate {
             env,
             bos: bos.to_owned(),
             eos: eos.to_owned(),
             limits,
             running: std::sync::atomic::AtomicUsize::new(0),
-        })
+            system_role: true,
+            developer_to_system: !source.contains("<|channel|>"),
+        };
+        // llama.cpp's capability probe: a system message whose content the
+        // template never uses (it raises, or skips it) is not supported.
+        // Its content is then merged into the next message (see `render_at`).
+        const PROBE: &str = "System message";
+        let probe = [
+            ChatMessage::new("system", PROBE),
+            ChatMessage::new("user", "User message"),
+        ];
+        // A real template renders two messages in a few thousand steps;
+        // a hostile one must not cost a full render's fuel here as well.
+        t.env.set_fuel(Some(limits.fuel.min(PROBE_FUEL)));
+        t.system_role = t
+            .render_messages(&probe, true, 0)
+            .is_ok_and(|s| s.contains(PROBE));
+        t.env.set_fuel(Some(limits.fuel.min(isize::MAX as u64)));
+        Ok(t)
+    }
+
+    /// Whether the template renders a leading `system` message. When it
+    /// does not (Gemma's raise an error), [`ChatTemplate::render`] merges
+    /// the system text into the next message, `system + "\n" + next`, or
+    /// drops it when it is alone, like llama-server.
+    pub fn supports_system_role(&self) -> bool {
+        self.system_role
     }
 
     /// The limits renders run under.
@@ -294,6 +334,83 @@ impl ChatTemplate {
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+    ) -> Result<String, InferenceError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()) as i64;
+        self.render_at(messages, add_generation_prompt, now)
+    }
+
+    /// [`ChatTemplate::render`] as at `unix_secs` (UTC): the time behind
+    /// `strftime_now()` and the `date_string` (`%d %b %Y`) and `datetime`
+    /// (`%b %d %Y`) variables llama-server passes every template.
+    ///
+    /// Messages are first adjusted as llama-server adjusts them: `developer`
+    /// becomes `system`, and a leading system message the template cannot
+    /// render is merged into the next one.
+    pub fn render_at(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        unix_secs: i64,
+    ) -> Result<String, InferenceError> {
+        let mut msgs = messages.to_vec();
+        if self.developer_to_system {
+            for m in &mut msgs {
+                if m.role == "developer" {
+                    m.role = "system".to_owned();
+                }
+            }
+        }
+        if !self.system_role && msgs.first().is_some_and(|m| m.role == "system") {
+            let sys = msgs.remove(0);
+            if let Some(next) = msgs.first_mut() {
+                next.content = format!("{}\n{}", sys.content, next.content);
+            }
+        }
+        self.render_messages(&msgs, add_generation_prompt, unix_secs)
+    }
+
+    /// Renders a conversation that ends with a partial assistant message
+    /// (a prefill) so that the model continues that message, as
+    /// llama-server does: the text of the earlier messages without
+    /// generation prompt, then what the generation prompt adds to it, then
+    /// the last message's content. (For templates with a reasoning block,
+    /// llama-server also inserts an empty `<think>` block here; that is not
+    /// reproduced.) Without a final assistant message this is
+    /// [`ChatTemplate::render_at`] with a generation prompt.
+    pub fn render_continuation_at(
+        &self,
+        messages: &[ChatMessage],
+        unix_secs: i64,
+    ) -> Result<String, InferenceError> {
+        let Some((last, head)) = messages
+            .split_last()
+            .filter(|(last, _)| last.role == "assistant")
+        else {
+            return self.render_at(messages, true, unix_secs);
+        };
+        let without = self.render_at(head, false, unix_secs)?;
+        let with = self.render_at(head, true, unix_secs)?;
+        let common = without
+            .bytes()
+            .zip(with.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        // Back to a char boundary of `with` (the texts may differ inside a
+        // multi-byte character).
+        let mut cut = common;
+        while !with.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        Ok(format!("{without}{}{}", &with[cut..], last.content))
+    }
+
+    fn render_messages(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        unix_secs: i64,
     ) -> Result<String, InferenceError> {
         let t = self
             .env
@@ -326,6 +443,12 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos.as_str(),
             eos_token => self.eos.as_str(),
+            date_string => strftime(unix_secs, "%d %b %Y"),
+            datetime => strftime(unix_secs, "%b %d %Y"),
+            // llama-server's default for templates with a reasoning block
+            // (thinking on); templates without one do not read it.
+            enable_thinking => true,
+            __shoal_now => unix_secs,
         };
         let res = t.render_captured_to(ctx, &mut out);
         match (res, out.hit) {

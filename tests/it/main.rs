@@ -4,7 +4,9 @@
 
 mod hostile;
 mod import;
+mod inference_arch;
 mod inference_cache_parity;
+mod inference_chat;
 mod inference_model;
 mod inference_parity;
 mod inference_perplexity;
