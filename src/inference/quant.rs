@@ -425,91 +425,31 @@ impl Exec {
         let ntasks = rows.div_ceil(per);
         let span = |t: usize| (t * per, ((t + 1) * per).min(rows));
         if !self.reference {
+            // Types with a 1×4 kernel: four activation rows per weight pass.
+            macro_rules! batched {
+                ($w:ty, $one:ident, $four:ident) => {
+                    self.par(ntasks, |t| {
+                        let (r0, r1) = span(t);
+                        rows_x4(
+                            base,
+                            w,
+                            acts,
+                            ptr,
+                            r0..r1,
+                            |wr: &[$w], a| kernels::$one(isa, wr, a),
+                            |wr: &[$w], a| kernels::$four(isa, wr, a),
+                        );
+                    })
+                };
+            }
             match w.ty {
-                GgmlType::Q4_1 => self.par(ntasks, |t| {
-                    let (r0, r1) = span(t);
-                    rows_x4(
-                        base,
-                        w,
-                        acts,
-                        ptr,
-                        r0..r1,
-                        |wr: &[BlockQ4_1], a| kernels::dot_q4_1_a8s(isa, wr, a),
-                        |wr: &[BlockQ4_1], a| kernels::dot_q4_1_a8s_x4(isa, wr, a),
-                    );
-                }),
-                GgmlType::Q8_0 => self.par(ntasks, |t| {
-                    let (r0, r1) = span(t);
-                    rows_x4(
-                        base,
-                        w,
-                        acts,
-                        ptr,
-                        r0..r1,
-                        |wr: &[BlockQ8_0], a| kernels::dot_q8_0_a8(isa, wr, a),
-                        |wr: &[BlockQ8_0], a| kernels::dot_q8_0_a8_x4(isa, wr, a),
-                    );
-                }),
-                GgmlType::Q5_0 => self.par(ntasks, |t| {
-                    let (r0, r1) = span(t);
-                    rows_x4(
-                        base,
-                        w,
-                        acts,
-                        ptr,
-                        r0..r1,
-                        |wr: &[BlockQ5_0], a| kernels::dot_q5_0_a8(isa, wr, a),
-                        |wr: &[BlockQ5_0], a| kernels::dot_q5_0_a8_x4(isa, wr, a),
-                    );
-                }),
-                GgmlType::Q5_1 => self.par(ntasks, |t| {
-                    let (r0, r1) = span(t);
-                    rows_x4(
-                        base,
-                        w,
-                        acts,
-                        ptr,
-                        r0..r1,
-                        |wr: &[BlockQ5_1], a| kernels::dot_q5_1_a8s(isa, wr, a),
-                        |wr: &[BlockQ5_1], a| kernels::dot_q5_1_a8s_x4(isa, wr, a),
-                    );
-                }),
-                GgmlType::Q4_K => self.par(ntasks, |t| {
-                    let (r0, r1) = span(t);
-                    rows_x4(
-                        base,
-                        w,
-                        acts,
-                        ptr,
-                        r0..r1,
-                        |wr: &[BlockQ4K], a| kernels::dot_q4_k_a8k(isa, wr, a),
-                        |wr: &[BlockQ4K], a| kernels::dot_q4_k_a8k_x4(isa, wr, a),
-                    );
-                }),
-                GgmlType::Q5_K => self.par(ntasks, |t| {
-                    let (r0, r1) = span(t);
-                    rows_x4(
-                        base,
-                        w,
-                        acts,
-                        ptr,
-                        r0..r1,
-                        |wr: &[BlockQ5K], a| kernels::dot_q5_k_a8k(isa, wr, a),
-                        |wr: &[BlockQ5K], a| kernels::dot_q5_k_a8k_x4(isa, wr, a),
-                    );
-                }),
-                GgmlType::Q6_K => self.par(ntasks, |t| {
-                    let (r0, r1) = span(t);
-                    rows_x4(
-                        base,
-                        w,
-                        acts,
-                        ptr,
-                        r0..r1,
-                        |wr: &[BlockQ6K], a| kernels::dot_q6_k_a8k(isa, wr, a),
-                        |wr: &[BlockQ6K], a| kernels::dot_q6_k_a8k_x4(isa, wr, a),
-                    );
-                }),
+                GgmlType::Q4_1 => batched!(BlockQ4_1, dot_q4_1_a8s, dot_q4_1_a8s_x4),
+                GgmlType::Q8_0 => batched!(BlockQ8_0, dot_q8_0_a8, dot_q8_0_a8_x4),
+                GgmlType::Q5_0 => batched!(BlockQ5_0, dot_q5_0_a8, dot_q5_0_a8_x4),
+                GgmlType::Q5_1 => batched!(BlockQ5_1, dot_q5_1_a8s, dot_q5_1_a8s_x4),
+                GgmlType::Q4_K => batched!(BlockQ4K, dot_q4_k_a8k, dot_q4_k_a8k_x4),
+                GgmlType::Q5_K => batched!(BlockQ5K, dot_q5_k_a8k, dot_q5_k_a8k_x4),
+                GgmlType::Q6_K => batched!(BlockQ6K, dot_q6_k_a8k, dot_q6_k_a8k_x4),
                 ty => self.par(ntasks, |t| {
                     let (r0, r1) = span(t);
                     rows_with(base, w, acts, ptr, r0..r1, |wr, ar| {

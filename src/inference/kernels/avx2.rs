@@ -567,7 +567,7 @@ fn k4_scale_vec(sc: u64) -> __m256i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn pick16(v: __m256i, s: usize, t: usize) -> __m256i {
-    let idx = |k: usize| ((2 * k + 1) << 8 | 2 * k) as i16;
+    let idx = |k: usize| (((2 * k + 1) << 8) | (2 * k)) as i16;
     _mm256_shuffle_epi8(
         v,
         _mm256_set_m128i(_mm_set1_epi16(idx(t)), _mm_set1_epi16(idx(s))),
