@@ -504,6 +504,47 @@ mod tests {
         assert!(ChatTemplate::new("{% if %}", "", "").is_err());
     }
 
+    /// A template that refuses system messages gets the system text merged
+    /// into the next message; one that renders them is left alone.
+    #[test]
+    fn system_role_probe_and_merge() {
+        let gemma = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}<{{ m.role }}>{{ m.content }}{% endfor %}";
+        let t = ChatTemplate::new(gemma, "", "").expect("compile");
+        assert!(!t.supports_system_role());
+        let msgs = [
+            ChatMessage::new("system", "S"),
+            ChatMessage::new("user", "U"),
+        ];
+        assert_eq!(t.render(&msgs, false).expect("render"), "<user>S\nU");
+        assert_eq!(t.render(&msgs[..1], false).expect("render"), "");
+        let plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}";
+        let t = ChatTemplate::new(plain, "", "").expect("compile");
+        assert!(t.supports_system_role());
+        let dev = [ChatMessage::new("developer", "D")];
+        assert_eq!(t.render(&dev, false).expect("render"), "<system>D");
+    }
+
+    /// The render's time drives `date_string` and `strftime_now`; a prefill
+    /// continues the last assistant message after the generation prompt.
+    #[test]
+    fn render_time_and_continuation() {
+        let src = "{{ date_string }}|{{ strftime_now('%Y') }}|{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}{% if add_generation_prompt %}[assistant:{% endif %}";
+        let t = ChatTemplate::new(src, "", "").expect("compile");
+        let msgs = [
+            ChatMessage::new("user", "hi"),
+            ChatMessage::new("assistant", "Sure"),
+        ];
+        assert_eq!(
+            t.render_at(&msgs[..1], true, 1_709_210_096)
+                .expect("render"),
+            "29 Feb 2024|2024|[user:hi][assistant:"
+        );
+        assert_eq!(
+            t.render_continuation_at(&msgs, 0).expect("render"),
+            "01 Jan 1970|1970|[user:hi][assistant:Sure"
+        );
+    }
+
     /// The template of issue 14: two nested `range(100000)` loops. It
     /// must end with a clear error naming the limit, not run for hours.
     #[test]

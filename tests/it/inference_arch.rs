@@ -12,12 +12,15 @@
 //! - F32 weights: both sides keep K/V in f16 (llama-server's default
 //!   cache type; shoal rounds every K/V through f16 too), but llama.cpp also
 //!   rounds Q and the softmax weights to f16 inside its f16 K·Q and KQ·V
-//!   products, and sums in another order: differences of a few 1e-4
-//!   relative; [`F32_TOL`] leaves a margin of about 10x over what we measured.
+//!   products, and sums in another order: measured 4e-4 (llama, qwen2,
+//!   qwen3) to 1e-3 (gemma3, six layers) relative; [`F32_TOL`] is 5x that.
 //! - Quantized weights (Q4_K_M, Q8_0): the weights are bit-identical on both
 //!   sides, but each side quantizes the activations to 8 bits per block
 //!   (ggml's Q8_K/Q8_0) with its own rounding and accumulation order, and
-//!   errors of ~0.4% per matmul add up over the layers: [`QUANT_TOL`].
+//!   those errors add up over the layers: measured 1.9 % (llama Q8_0),
+//!   2.6 % (llama Q4_K_M), 3.2 % (gemma3 Q4_K_M, six layers); [`QUANT_TOL`]
+//!   is about twice the worst. A wrong formula (rope, norm, scaling) is off
+//!   by the size of the logits themselves.
 //! - Greedy ids must match, except at a near-tie: llama.cpp's top-2 margin
 //!   below [`TIE`] times the row's tolerance.
 
@@ -27,7 +30,7 @@ use std::path::PathBuf;
 /// Relative tolerance for F32 fixtures.
 const F32_TOL: f32 = 5e-3;
 /// Relative tolerance for quantized fixtures.
-const QUANT_TOL: f32 = 4e-2;
+const QUANT_TOL: f32 = 6e-2;
 /// A greedy step whose top-2 margin (in llama.cpp) is below `TIE` times the
 /// absolute tolerance may pick the other token.
 const TIE: f32 = 2.0;
