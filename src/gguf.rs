@@ -920,7 +920,7 @@ mod tests {
 
     #[test]
     fn an_unknown_type_with_no_bytes_is_refused() {
-        let mut b = with_types(GgmlType::Q8_0, GgmlType::Unknown(77));
+        let mut b = with_types(GgmlType::IQ4_XS, GgmlType::Unknown(77));
         // Cut the data after the first tensor: the opaque one would be empty.
         let g = Gguf::parse(&b).expect("parse");
         b.truncate((g.data_offset + 288) as usize);

@@ -524,32 +524,6 @@ struct StoreModels {
 /// first: the model is pulled and its load decides.
 pub const MAX_HEADER_BYTES: u64 = 64 << 20;
 
-/// Reads the header of a local GGUF file and checks it (the first bytes
-/// only, growing until the header is whole, up to [`MAX_HEADER_BYTES`]).
-/// `None` when the header is larger than that or the file cannot be read.
-fn check_local_header(path: &std::path::Path) -> Option<Result<(), crate::serve::Unservable>> {
-    use crate::serve::HeaderCheck;
-    use std::io::Read;
-    let f = std::fs::File::open(path).ok()?;
-    let len = f.metadata().ok()?.len();
-    let mut want = (1u64 << 20).min(len);
-    let mut buf = Vec::new();
-    loop {
-        let have = buf.len() as u64;
-        (&f).take(want - have).read_to_end(&mut buf).ok()?;
-        match crate::serve::check_header(&buf, len) {
-            HeaderCheck::Servable => return Some(Ok(())),
-            HeaderCheck::Unservable(u) => return Some(Err(u)),
-            HeaderCheck::NeedMore
-                if want < len.min(MAX_HEADER_BYTES) && buf.len() as u64 == want =>
-            {
-                want = (want * 2).min(len).min(MAX_HEADER_BYTES);
-            }
-            HeaderCheck::NeedMore => return None,
-        }
-    }
-}
-
 impl StoreModels {
     /// Fetches just the header chunks of `id` (verified) and checks them:
     /// `Err` names what this build lacks; `Ok` when it can serve it, or when
@@ -746,7 +720,11 @@ impl crate::serve::ModelSource for StoreModels {
                 let servable = match cached {
                     Some(v) => v,
                     None => {
-                        match tokio::task::spawn_blocking(move || check_local_header(&path)).await {
+                        match tokio::task::spawn_blocking(move || {
+                            crate::serve::check_file(&path, MAX_HEADER_BYTES)
+                        })
+                        .await
+                        {
                             Ok(Some(v)) => {
                                 self.verdicts.lock().insert(id, v.clone());
                                 v

@@ -138,6 +138,30 @@ pub fn check_header(prefix: &[u8], file_len: u64) -> HeaderCheck {
     }
 }
 
+/// [`check_header`] over a local file: reads its first bytes (1 MiB, then
+/// doubling while the header runs on, up to `max_bytes`). `None` when the
+/// file cannot be read or its header is longer than `max_bytes`.
+pub fn check_file(path: &std::path::Path, max_bytes: u64) -> Option<Result<(), Unservable>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let limit = len.min(max_bytes);
+    let mut want = (1u64 << 20).min(limit);
+    let mut buf = Vec::new();
+    loop {
+        let have = buf.len() as u64;
+        (&f).take(want - have).read_to_end(&mut buf).ok()?;
+        match check_header(&buf, len) {
+            HeaderCheck::Servable => return Some(Ok(())),
+            HeaderCheck::Unservable(u) => return Some(Err(u)),
+            HeaderCheck::NeedMore if want < limit && buf.len() as u64 == want => {
+                want = (want * 2).min(limit);
+            }
+            HeaderCheck::NeedMore => return None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 pub mod engine;
 pub mod openai;
 
-pub use crate::inference::{HeaderCheck, Unservable, check_header};
+pub use crate::inference::{HeaderCheck, Unservable, check_file, check_header};
 pub use engine::{Engine, EngineStats, Job, JobEvent};
 pub use openai::router;
 
@@ -149,21 +149,23 @@ pub enum LocateError {
 impl LocateError {
     /// The error of a model file that failed to load: [`LocateError::Unservable`]
     /// when this build lacks what it needs (architecture, tensor type,
-    /// tokenizer), [`LocateError::Unavailable`] otherwise.
+    /// tokenizer; the reason read again from the file's header, so blocking
+    /// IO: call it off the async runtime), [`LocateError::Unavailable`]
+    /// otherwise.
     pub fn from_load(path: &std::path::Path, e: crate::inference::InferenceError) -> LocateError {
         use crate::inference::InferenceError as E;
         match e {
-            E::UnsupportedArchitecture(_) => {
-                LocateError::Unservable(Unservable::Architecture(e.to_string()))
+            E::UnsupportedArchitecture(_) | E::UnsupportedTensorType { .. } | E::Tokenizer(_) => {
+                // The header check names the reason fully (an unknown type's id, how many tensors).
+                match check_file(path, 64 << 20) {
+                    Some(Err(u)) => LocateError::Unservable(u),
+                    _ => LocateError::Unservable(match e {
+                        E::UnsupportedArchitecture(_) => Unservable::Architecture(e.to_string()),
+                        E::Tokenizer(m) => Unservable::Tokenizer(m),
+                        other => Unservable::Model(other.to_string()),
+                    }),
+                }
             }
-            E::UnsupportedTensorType { tensor, ty } => {
-                LocateError::Unservable(Unservable::TensorType {
-                    tensor,
-                    ty: ty.to_owned(),
-                    also: String::new(),
-                })
-            }
-            E::Tokenizer(m) => LocateError::Unservable(Unservable::Tokenizer(m)),
             other => LocateError::Unavailable(format!("loading {}: {other}", path.display())),
         }
     }
@@ -641,10 +643,11 @@ impl Serving {
                     ..Default::default()
                 },
             )
+            // On this blocking thread: the reason may read the file's header.
+            .map_err(|e| LocateError::from_load(&path, e))
         })
         .await
-        .map_err(|e| LocateError::Unavailable(e.to_string()))?
-        .map_err(|e| LocateError::from_load(&located.path, e))?;
+        .map_err(|e| LocateError::Unavailable(e.to_string()))??;
         let mem = memory_estimate(&model);
         let served = self
             .insert(name, model, mem, located.guard, false)
