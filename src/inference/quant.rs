@@ -594,8 +594,7 @@ mod tests {
     }
 
     /// `Exec::matmul` on every type with our kernels equals the dequantized
-    /// f32 reference within the activation quantization error (a bound
-    /// computed per block: half a quantization step times Σ|w|), for batches
+    /// f32 reference within the activation quantization error, for batches
     /// of 1, 4 and 7 rows (the 1×4 kernel plus leftovers).
     #[test]
     fn matmul_matches_reference() {
@@ -608,52 +607,106 @@ mod tests {
                 std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), w.row_bytes * rows)
             };
             for n in [1usize, 4, 7] {
-                let mut s = 77 + n as u64;
-                let x: Vec<f32> = (0..n * cols)
-                    .map(|_| (lcg(&mut s) % 2001) as f32 * 1e-3 - 1.0)
-                    .collect();
-                let mut exec = match Exec::new(1) {
-                    Ok(e) => e,
-                    Err(e) => panic!("{e}"),
-                };
-                let mut fast = vec![0f32; n * rows];
-                let acts = exec.acts(&w, &x, n, cols);
-                exec.matmul(base, &w, &acts, &mut fast);
-                exec.reference = true;
-                let mut slow = vec![0f32; n * rows];
-                let acts = exec.acts(&w, &x, n, cols);
-                exec.matmul(base, &w, &acts, &mut slow);
-                let blk = match w.act_kind() {
-                    ActKind::A8K => 256,
-                    ActKind::F32 => 1,
-                    _ => 32,
-                };
-                let mut wr = vec![0f32; cols];
-                for r in 0..rows {
-                    w.dequant_row(base, r, &mut wr);
-                    for b in 0..n {
-                        let xb = &x[b * cols..(b + 1) * cols];
-                        let mut bound = 1e-4;
-                        if blk > 1 {
-                            for (wc, xc) in wr.chunks(blk).zip(xb.chunks(blk)) {
-                                let amax = xc.iter().fold(0f32, |m, v| m.max(v.abs()));
-                                let sw: f32 = wc.iter().map(|v| v.abs()).sum();
-                                bound += sw * amax / 127.0 * 0.5 * 1.001;
-                            }
-                        }
-                        let (f, r0) = (fast[b * rows + r], slow[b * rows + r]);
-                        assert!(
-                            (f - r0).abs() <= bound + 1e-5 * r0.abs(),
-                            "{ty:?} n {n} row {r} batch {b}: {f} vs reference {r0} (bound {bound})"
-                        );
+                check_matmul(base, &w, n, 77 + n as u64);
+            }
+        }
+    }
+
+    /// The real Gemma 3 270M Q4_K_M file: one tensor of each of its weight
+    /// types (Q5_0, Q8_0, Q4_K, Q6_K) through `Exec::matmul` against the
+    /// dequantized reference.
+    #[test]
+    fn gemma3_tensors_match_reference() {
+        let path = std::env::var("SHOAL_GEMMA3_MODEL")
+            .unwrap_or_else(|_| "/root/.cache/shoal/models/gemma-3-270m-Q4_K_M.gguf".to_owned());
+        let Ok(file) = std::fs::File::open(&path) else {
+            assert!(std::env::var("CI").is_err(), "missing {path}");
+            eprintln!(
+                "SKIPPING gemma3_tensors_match_reference: no {path} (scripts/fetch-gemma3.sh)"
+            );
+            return;
+        };
+        // SAFETY: a read-only mapping of a file nobody modifies during the test.
+        let map = match unsafe { memmap2::Mmap::map(&file) } {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        };
+        let g = match crate::gguf::Gguf::parse(&map) {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        };
+        let mut seen = Vec::new();
+        for name in [
+            "blk.0.attn_q.weight",
+            "blk.0.attn_v.weight",
+            "blk.0.attn_output.weight",
+            "blk.0.ffn_down.weight",
+            "blk.17.ffn_gate.weight",
+        ] {
+            let Some(t) = g.tensor(name) else {
+                panic!("no {name}");
+            };
+            let r = g.tensor_range(t);
+            let w = match QMatrix::new(name, t.ty, &t.dims, r.start, t.size, &map) {
+                Ok(w) => w,
+                Err(e) => panic!("{name}: {e}"),
+            };
+            seen.push(w.ty);
+            check_matmul(&map, &w, 5, 9);
+        }
+        use GgmlType::*;
+        assert_eq!(seen, [Q5_0, Q8_0, Q4_K, Q6_K, Q5_0]);
+    }
+
+    /// `n` random activation rows through `w`: our kernels against the
+    /// reference within the quantization bound (half a quantization step
+    /// times Σ|w| per block), and row 0 bit for bit the single-row result.
+    fn check_matmul(base: &[u8], w: &QMatrix, n: usize, seed: u64) {
+        let (rows, cols, ty) = (w.rows, w.cols, w.ty);
+        let mut s = seed;
+        let x: Vec<f32> = (0..n * cols)
+            .map(|_| (lcg(&mut s) % 2001) as f32 * 1e-3 - 1.0)
+            .collect();
+        let mut exec = match Exec::new(1) {
+            Ok(e) => e,
+            Err(e) => panic!("{e}"),
+        };
+        let mut fast = vec![0f32; n * rows];
+        let acts = exec.acts(w, &x, n, cols);
+        exec.matmul(base, w, &acts, &mut fast);
+        exec.reference = true;
+        let mut slow = vec![0f32; n * rows];
+        let acts = exec.acts(w, &x, n, cols);
+        exec.matmul(base, w, &acts, &mut slow);
+        let blk = match w.act_kind() {
+            ActKind::A8K => 256,
+            ActKind::F32 => 1,
+            _ => 32,
+        };
+        let mut wr = vec![0f32; cols];
+        for r in 0..rows {
+            w.dequant_row(base, r, &mut wr);
+            for b in 0..n {
+                let xb = &x[b * cols..(b + 1) * cols];
+                let mut bound = 1e-4;
+                if blk > 1 {
+                    for (wc, xc) in wr.chunks(blk).zip(xb.chunks(blk)) {
+                        let amax = xc.iter().fold(0f32, |m, v| m.max(v.abs()));
+                        let sw: f32 = wc.iter().map(|v| v.abs()).sum();
+                        bound += sw * amax / 127.0 * 0.5 * 1.001;
                     }
                 }
-                // A token's result does not depend on its batch.
-                let single = exec_one(&w, base, &x[..cols]);
-                for r in 0..rows {
-                    assert_eq!(single[r].to_bits(), fast[r].to_bits(), "{ty:?} n {n}");
-                }
+                let (f, r0) = (fast[b * rows + r], slow[b * rows + r]);
+                assert!(
+                    (f - r0).abs() <= bound + 1e-5 * r0.abs(),
+                    "{ty:?} n {n} row {r} batch {b}: {f} vs reference {r0} (bound {bound})"
+                );
             }
+        }
+        // A token's result does not depend on its batch.
+        let single = exec_one(w, base, &x[..cols]);
+        for r in 0..rows {
+            assert_eq!(single[r].to_bits(), fast[r].to_bits(), "{ty:?} n {n}");
         }
     }
 
