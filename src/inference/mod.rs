@@ -1,4 +1,5 @@
-//! Inference: a llama-family forward pass over GGUF weights read in place
+//! Inference: the forward pass of llama, mistral, qwen2, qwen3, gemma3 and
+//! phi3 models over GGUF weights read in place
 //! from a memory mapping, an explicit per-sequence [`KvCache`], the GGUF
 //! byte-level BPE [`Tokenizer`], chat templates, sampling and a streaming,
 //! cancellable [`generate`] loop.

@@ -449,3 +449,18 @@ fn gemma3_greedy_matches_llama_cpp() {
         "{near_ties} near-ties in {steps} greedy steps (more than 1 in 16)"
     );
 }
+
+/// A supported family whose file lacks a required key: the error names it.
+#[test]
+fn missing_required_metadata_names_the_key() {
+    // `tiny_llama` writes `llama.*` keys only.
+    for arch in ["qwen2", "qwen3", "gemma3", "phi3"] {
+        let f = write_tmp(&tiny_llama(GgmlType::Q8_0, arch));
+        match Model::load(f.path()) {
+            Err(InferenceError::BadModel(m)) => {
+                assert!(m.contains(&format!("{arch}.block_count")), "{arch}: {m}")
+            }
+            other => panic!("{arch}: expected BadModel, got {other:?}"),
+        }
+    }
+}
