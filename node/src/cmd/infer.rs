@@ -293,9 +293,8 @@ fn report(r: &shoal::inference::GenerateOutput) {
 fn chat(ctx: &Ctx, margs: &ModelArgs, system: Option<String>, s: &SamplingArgs) -> Result<()> {
     let m = load(ctx, margs)?;
     let tok = m.tokenizer().clone();
-    let src = m
-        .chat_template()
-        .context("the model has no tokenizer.chat_template")?;
+    // No template: ChatML, as llama-server and `shoal serve` do.
+    let src = m.chat_template().unwrap_or(shoal::serve::CHATML);
     let piece = |id: Option<u32>| {
         id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
             .unwrap_or_default()
