@@ -8,7 +8,7 @@
 //! table and a JSON line (for the script).
 
 // The integration tests' helpers (the bench uses a few of them).
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../tests/it/util/mod.rs"]
 mod util;
 

@@ -339,25 +339,7 @@ fn forward_all_returns_every_tokens_logits() {
 }
 
 fn gemma3_path() -> Option<std::path::PathBuf> {
-    let p = std::env::var_os("SHOAL_GEMMA3_MODEL")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            crate::util::demo::expected_demo_model().with_file_name("gemma-3-270m-Q4_K_M.gguf")
-        });
-    if p.is_file() {
-        return Some(p);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "Gemma 3 model missing at {} (run scripts/fetch-gemma3.sh)",
-            p.display()
-        );
-    }
-    eprintln!(
-        "SKIPPING: Gemma 3 model missing at {} (run scripts/fetch-gemma3.sh or set SHOAL_GEMMA3_MODEL)",
-        p.display()
-    );
-    None
+    crate::util::gemma3_model_path()
 }
 
 fn argmax(v: &[f32]) -> u32 {

@@ -368,7 +368,7 @@ impl Tokenizer {
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Self>, InferenceError> {
         let file = std::fs::File::open(path.as_ref())?;
         let map = super::mapguard::GuardedMap::map(&file)?;
-        let (g, _) = Gguf::parse_header(&map)?;
+        let (g, _) = Gguf::parse_header(&map, map.len() as u64)?;
         Self::shared(&g, &file)
     }
 

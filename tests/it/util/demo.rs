@@ -46,6 +46,7 @@ pub fn demo_model_path() -> Option<PathBuf> {
     None
 }
 
+#[allow(dead_code)] // not every includer of this file runs Gemma
 /// Where Gemma 3 270M Q4_K_M is expected: `$SHOAL_GEMMA3_MODEL` (what
 /// `scripts/test.sh` sets), else the cache `scripts/fetch-gemma3.sh` fills.
 pub fn expected_gemma3_model() -> PathBuf {
@@ -55,6 +56,7 @@ pub fn expected_gemma3_model() -> PathBuf {
     expected_demo_model().with_file_name("gemma-3-270m-Q4_K_M.gguf")
 }
 
+#[allow(dead_code)]
 /// Gemma 3 270M Q4_K_M's path; `None` (skipped, loudly) when it is missing,
 /// except under `CI=true`, where a missing model fails.
 pub fn gemma3_model_path() -> Option<PathBuf> {
