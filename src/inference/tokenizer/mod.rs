@@ -22,7 +22,7 @@ mod unicode_data;
 
 use super::InferenceError;
 use crate::gguf::{Gguf, Value};
-use aho_corasick::{AhoCorasick, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use pre::PreTok;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -117,6 +117,9 @@ struct Index {
     /// `id + 1` per slot, 0 = empty.
     slots: Vec<u32>,
     mask: usize,
+    /// Slot = the hash's top bits (a multiplicative hash's low bits only
+    /// see the key's first bytes, and most tokens start with `▁` or `Ġ`).
+    shift: u32,
 }
 
 impl Index {
@@ -126,10 +129,11 @@ impl Index {
         let mut ix = Index {
             slots: vec![0; cap],
             mask: cap - 1,
+            shift: 64 - cap.trailing_zeros(),
         };
         for id in 0..n {
             let key = &text[off[id] as usize..off[id + 1] as usize];
-            let mut s = fx_hash(key) as usize & ix.mask;
+            let mut s = (fx_hash(key) >> ix.shift) as usize;
             loop {
                 match ix.slots[s] {
                     0 => {
@@ -151,7 +155,7 @@ impl Index {
     }
 
     fn get(&self, text: &[u8], off: &[u32], key: &[u8]) -> Option<u32> {
-        let mut s = fx_hash(key) as usize & self.mask;
+        let mut s = (fx_hash(key) >> self.shift) as usize;
         loop {
             match self.slots[s] {
                 0 => return None,
@@ -188,6 +192,8 @@ fn matcher(
     }
     let ac = AhoCorasick::builder()
         .match_kind(MatchKind::LeftmostLongest)
+        // Thousands of specials (Gemma 3 has 6,414): a DFA would take ~1 s to build.
+        .kind(Some(AhoCorasickKind::ContiguousNFA))
         .build(&pats)
         .map_err(|e| InferenceError::Tokenizer(format!("special tokens: {e}")))?;
     Ok(Some((ac, ids)))
