@@ -22,7 +22,7 @@ mod unicode_data;
 
 use super::InferenceError;
 use crate::gguf::{Gguf, Value};
-use aho_corasick::{AhoCorasick, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use pre::PreTok;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -117,6 +117,9 @@ struct Index {
     /// `id + 1` per slot, 0 = empty.
     slots: Vec<u32>,
     mask: usize,
+    /// Slot = the hash's top bits (a multiplicative hash's low bits only
+    /// see the key's first bytes, and most tokens start with `▁` or `Ġ`).
+    shift: u32,
 }
 
 impl Index {
@@ -126,10 +129,11 @@ impl Index {
         let mut ix = Index {
             slots: vec![0; cap],
             mask: cap - 1,
+            shift: 64 - cap.trailing_zeros(),
         };
         for id in 0..n {
             let key = &text[off[id] as usize..off[id + 1] as usize];
-            let mut s = fx_hash(key) as usize & ix.mask;
+            let mut s = (fx_hash(key) >> ix.shift) as usize;
             loop {
                 match ix.slots[s] {
                     0 => {
@@ -151,7 +155,7 @@ impl Index {
     }
 
     fn get(&self, text: &[u8], off: &[u32], key: &[u8]) -> Option<u32> {
-        let mut s = fx_hash(key) as usize & self.mask;
+        let mut s = (fx_hash(key) >> self.shift) as usize;
         loop {
             match self.slots[s] {
                 0 => return None,
@@ -188,6 +192,8 @@ fn matcher(
     }
     let ac = AhoCorasick::builder()
         .match_kind(MatchKind::LeftmostLongest)
+        // Thousands of specials (Gemma 3 has 6,414): a DFA would take ~1 s to build.
+        .kind(Some(AhoCorasickKind::ContiguousNFA))
         .build(&pats)
         .map_err(|e| InferenceError::Tokenizer(format!("special tokens: {e}")))?;
     Ok(Some((ac, ids)))
@@ -259,14 +265,20 @@ fn kind_and_pre(g: &Gguf) -> Result<(Kind, PreTok, bool), InferenceError> {
             ));
         }
     };
-    if g.get("tokenizer.ggml.tokens").and_then(Value::as_array).is_none() {
+    if g.get("tokenizer.ggml.tokens")
+        .and_then(Value::as_array)
+        .is_none()
+    {
         return err("missing tokenizer.ggml.tokens".into());
     }
     match kind {
         Kind::Spm => Ok((kind, PreTok::Default, false)),
         Kind::RawBpe => Ok((kind, PreTok::Newlines, false)),
         Kind::Bpe => {
-            if g.get("tokenizer.ggml.merges").and_then(Value::as_array).is_none() {
+            if g.get("tokenizer.ggml.merges")
+                .and_then(Value::as_array)
+                .is_none()
+            {
                 return err("missing tokenizer.ggml.merges".into());
             }
             let Some(name) = pre_name else {
@@ -415,11 +427,12 @@ impl Tokenizer {
         let mut text_off = Vec::with_capacity(n + 1);
         text_off.push(0u32);
         for v in tokens {
-            let t = v.as_str().ok_or_else(|| err("token is not a string".into()))?;
+            let t = v
+                .as_str()
+                .ok_or_else(|| err("token is not a string".into()))?;
             text.extend_from_slice(t.as_bytes());
             text_off.push(
-                u32::try_from(text.len())
-                    .map_err(|_| err("vocabulary text over 4 GiB".into()))?,
+                u32::try_from(text.len()).map_err(|_| err("vocabulary text over 4 GiB".into()))?,
             );
         }
         let index = Index::build(&text, &text_off);
@@ -468,7 +481,12 @@ impl Tokenizer {
                 eog.push(id);
             }
         }
-        for t in ["<|fim_pad|>", "<|fim_repo|>", "<|repo_name|>", "<|file_sep|>"] {
+        for t in [
+            "<|fim_pad|>",
+            "<|fim_repo|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        ] {
             if let Some(id) = lookup(t.as_bytes()) {
                 eog.push(id);
             }
@@ -549,8 +567,7 @@ impl Tokenizer {
                 }
             }
             offsets.push(
-                u32::try_from(bytes.len())
-                    .map_err(|_| err("vocabulary text over 4 GiB".into()))?,
+                u32::try_from(bytes.len()).map_err(|_| err("vocabulary text over 4 GiB".into()))?,
             );
         }
 
@@ -729,7 +746,11 @@ impl Tokenizer {
                 prev_special = true;
                 start = hit.end();
                 if self.rstrip.binary_search(&id).is_ok() {
-                    while text.as_bytes().get(start).is_some_and(u8::is_ascii_whitespace) {
+                    while text
+                        .as_bytes()
+                        .get(start)
+                        .is_some_and(u8::is_ascii_whitespace)
+                    {
                         start += 1;
                     }
                 }
@@ -858,7 +879,11 @@ impl Tokenizer {
             if id != NONE {
                 out.push(id);
             } else {
-                out.extend(word[a as usize..b as usize].iter().map(|&x| self.byte_ids[x as usize]));
+                out.extend(
+                    word[a as usize..b as usize]
+                        .iter()
+                        .map(|&x| self.byte_ids[x as usize]),
+                );
             }
         }
     }
@@ -868,7 +893,11 @@ impl Tokenizer {
     pub fn decode_bytes(&self, ids: &[u32], with_special: bool) -> Vec<u8> {
         let mut out = Vec::new();
         for &id in ids {
-            let ty = self.token_type.get(id as usize).copied().unwrap_or(T_NORMAL);
+            let ty = self
+                .token_type
+                .get(id as usize)
+                .copied()
+                .unwrap_or(T_NORMAL);
             if with_special || !matches!(ty, T_CONTROL | T_UNKNOWN) {
                 out.extend_from_slice(self.token_bytes(id));
             }
@@ -927,7 +956,13 @@ fn merge_table(
             .as_str()
             .ok_or_else(|| err("merge is not a string".into()))?;
         // llama.cpp splits at the first space after the first byte.
-        let Some(sp) = m.get(1..).and_then(|s| s.find(' ')).map(|p| p + 1) else {
+        let Some(sp) = m
+            .as_bytes()
+            .iter()
+            .skip(1)
+            .position(|&b| b == b' ')
+            .map(|p| p + 1)
+        else {
             return Err(err(format!("bad merge {m:?}")));
         };
         let (a, b) = (&m[..sp], &m[sp + 1..]);

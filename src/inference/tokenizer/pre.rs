@@ -65,7 +65,9 @@ pub(super) fn by_name(name: &str) -> Option<(PreTok, bool)> {
     Some(match name {
         "default" => (PreTok::Default, false),
         "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
-        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => (PreTok::Llama3, name != "dbrx" && name != "smaug-bpe"),
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => {
+            (PreTok::Llama3, name != "dbrx" && name != "smaug-bpe")
+        }
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" | "stablelm2" | "hunyuan"
         | "solar-open" => (PreTok::Qwen2, false),
         "qwen35" => (PreTok::Qwen35, false),
@@ -116,6 +118,7 @@ impl Cps {
 }
 
 /// Cuts `text` into words (byte ranges, in order, covering all of it).
+// long: one arm per pre-tokenizer, each llama.cpp's regex list in order
 pub(super) fn split(pre: PreTok, text: &str, out: &mut Vec<Range<usize>>) {
     if text.is_empty() {
         return;
@@ -124,7 +127,8 @@ pub(super) fn split(pre: PreTok, text: &str, out: &mut Vec<Range<usize>>) {
     let n = c.cp.len();
     let mut pieces: Vec<Range<usize>> = vec![0..n];
     let mut next = Vec::new();
-    let mut step = |pieces: &mut Vec<Range<usize>>, f: &dyn Fn(&Cps, Range<usize>, &mut Vec<Range<usize>>)| {
+    let mut step = |pieces: &mut Vec<Range<usize>>,
+                    f: &dyn Fn(&Cps, Range<usize>, &mut Vec<Range<usize>>)| {
         next.clear();
         for p in pieces.iter() {
             f(&c, p.clone(), &mut next);
@@ -144,34 +148,62 @@ pub(super) fn split(pre: PreTok, text: &str, out: &mut Vec<Range<usize>>) {
     match pre {
         PreTok::Gpt2 => step(&mut pieces, &gpt2),
         PreTok::DigitsGpt2 => {
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| is_num(c, i), Some(1)));
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| is_num(c, i), Some(1))
+            });
             step(&mut pieces, &gpt2);
         }
         PreTok::Default => {
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| punct_sym(c, i, false), None));
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| punct_sym(c, i, false), None)
+            });
             step(&mut pieces, &gpt2);
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| is_num(c, i), None));
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| is_digit(c, i), Some(3)));
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| is_num(c, i), None)
+            });
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| is_digit(c, i), Some(3))
+            });
         }
         PreTok::Falcon => {
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| punct_sym(c, i, true), None));
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| punct_sym(c, i, true), None)
+            });
             step(&mut pieces, &gpt2);
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| is_digit(c, i), Some(3)));
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| is_digit(c, i), Some(3))
+            });
         }
         PreTok::Llama3 => step(&mut pieces, &|c, r, o| llama3(c, r, o, 3, false)),
         PreTok::Qwen2 => step(&mut pieces, &|c, r, o| llama3(c, r, o, 1, false)),
         PreTok::Qwen35 => step(&mut pieces, &|c, r, o| llama3(c, r, o, 1, true)),
         PreTok::DeepseekCoder => {
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| is_rn(c, i), Some(1)));
-            step(&mut pieces, &|c, r, o| ws_opt_run(c, r, o, &|c, i| c.fl[i] & LETTER != 0));
-            step(&mut pieces, &|c, r, o| ws_opt_run(c, r, o, &|c, i| c.fl[i] & PUNCT != 0));
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| in_set(c, i, CJK_HANGUL), None));
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| is_num(c, i), Some(1)));
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| is_rn(c, i), Some(1))
+            });
+            step(&mut pieces, &|c, r, o| {
+                ws_opt_run(c, r, o, &|c, i| c.fl[i] & LETTER != 0)
+            });
+            step(&mut pieces, &|c, r, o| {
+                ws_opt_run(c, r, o, &|c, i| c.fl[i] & PUNCT != 0)
+            });
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| in_set(c, i, CJK_HANGUL), None)
+            });
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| is_num(c, i), Some(1))
+            });
         }
         PreTok::DeepseekLlm => {
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| is_rn(c, i), Some(1)));
-            step(&mut pieces, &|c, r, o| ws_opt_run(c, r, o, &|c, i| in_set(c, i, DS_LLM_LETTERS)));
-            step(&mut pieces, &|c, r, o| ws_opt_run(c, r, o, &|c, i| in_set(c, i, DS_LLM_PUNCT)));
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| is_rn(c, i), Some(1))
+            });
+            step(&mut pieces, &|c, r, o| {
+                ws_opt_run(c, r, o, &|c, i| in_set(c, i, DS_LLM_LETTERS))
+            });
+            step(&mut pieces, &|c, r, o| {
+                ws_opt_run(c, r, o, &|c, i| in_set(c, i, DS_LLM_PUNCT))
+            });
             step(&mut pieces, &|c, r, o| {
                 // `\s+$`: the piece's trailing whitespace.
                 let mut s = r.end;
@@ -181,8 +213,12 @@ pub(super) fn split(pre: PreTok, text: &str, out: &mut Vec<Range<usize>>) {
                 push(o, r.start..s);
                 push(o, s..r.end);
             });
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| in_set(c, i, CJK_HANGUL), None));
-            step(&mut pieces, &|c, r, o| runs(c, r, o, &|c, i| is_num(c, i), None));
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| in_set(c, i, CJK_HANGUL), None)
+            });
+            step(&mut pieces, &|c, r, o| {
+                runs(c, r, o, &|c, i| is_num(c, i), None)
+            });
         }
         PreTok::Newlines => step(&mut pieces, &|c, r, o| {
             let mut s = r.start;
@@ -238,7 +274,12 @@ fn runs(
 }
 
 /// Matches of `\s?class+` and the gaps between them.
-fn ws_opt_run(c: &Cps, r: Range<usize>, o: &mut Vec<Range<usize>>, class: &dyn Fn(&Cps, usize) -> bool) {
+fn ws_opt_run(
+    c: &Cps,
+    r: Range<usize>,
+    o: &mut Vec<Range<usize>>,
+    class: &dyn Fn(&Cps, usize) -> bool,
+) {
     let mut gap = r.start;
     let mut i = r.start;
     while i < r.end {
@@ -357,7 +398,13 @@ fn llama3(c: &Cps, r: Range<usize>, o: &mut Vec<Range<usize>>, max_digits: usize
     let cpt = |p: usize| if p < end { c.cp[p] } else { u32::MAX };
     let fl = |p: usize| if p < end { c.fl[p] } else { 0 };
     let letter = if marks { LETTER | MARK } else { LETTER };
-    let lower = |x: u32| if (0x41..=0x5A).contains(&x) { x + 32 } else { x };
+    let lower = |x: u32| {
+        if (0x41..=0x5A).contains(&x) {
+            x + 32
+        } else {
+            x
+        }
+    };
     let mut prev = r.start;
     let mut pos = r.start;
     let mut add = |o: &mut Vec<Range<usize>>, e: usize| {
@@ -384,7 +431,9 @@ fn llama3(c: &Cps, r: Range<usize>, o: &mut Vec<Range<usize>>, max_digits: usize
             }
         }
         // [^\r\n\p{L}\p{N}]?\p{L}+
-        if !(cp == 13 || cp == 10 || f & NUMBER != 0) && (f & letter != 0 || fl(pos + 1) & letter != 0) {
+        if !(cp == 13 || cp == 10 || f & NUMBER != 0)
+            && (f & letter != 0 || fl(pos + 1) & letter != 0)
+        {
             pos += 1;
             while fl(pos) & letter != 0 {
                 pos += 1;
@@ -459,8 +508,103 @@ fn llama3(c: &Cps, r: Range<usize>, o: &mut Vec<Range<usize>>, max_digits: usize
 
 // The literal sets of the deepseek-llm and deepseek-coder regexes (from
 // llama.cpp's `llama-vocab.cpp`).
-const DS_LLM_LETTERS: &[(u32, u32)] = &[(0x41, 0x5A), (0x61, 0x7A), (0xB5, 0xB5), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x1BA), (0x1BC, 0x1BF), (0x1C4, 0x293), (0x295, 0x2AF), (0x370, 0x373), (0x376, 0x376), (0x377, 0x377), (0x37B, 0x37D), (0x37F, 0x37F), (0x386, 0x386), (0x388, 0x38A), (0x38C, 0x38C), (0x38E, 0x3A1), (0x3A3, 0x3F5), (0x3F7, 0x481), (0x48A, 0x52F), (0x531, 0x556), (0x10A0, 0x10C5), (0x13A0, 0x13F5), (0x13F8, 0x13FD), (0x1C90, 0x1CBA), (0x1CBD, 0x1CBF), (0x1D00, 0x1D2B), (0x1D6B, 0x1D77), (0x1D79, 0x1D9A), (0x1E00, 0x1F15), (0x1F18, 0x1F1D), (0x1F20, 0x1F45), (0x1F48, 0x1F4D), (0x1F50, 0x1F57), (0x1F59, 0x1F59), (0x1F5B, 0x1F5B), (0x1F5D, 0x1F5D), (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4), (0x1FB6, 0x1FBC), (0x1FBE, 0x1FBE), (0x1FC2, 0x1FC4), (0x1FC6, 0x1FCC), (0x1FD0, 0x1FD3), (0x1FD6, 0x1FDB), (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4), (0x1FF6, 0x1FFC), (0x2102, 0x2102), (0x2107, 0x2107), (0x210A, 0x2113), (0x2115, 0x2115), (0x2119, 0x211D), (0x2124, 0x2124), (0x2126, 0x2126), (0x2128, 0x2128), (0x212A, 0x212D), (0x212F, 0x2134), (0x2139, 0x2139), (0x213C, 0x213F), (0x2145, 0x2149), (0x214E, 0x214E), (0x2183, 0x2183), (0x2184, 0x2184), (0x2C00, 0x2C7B), (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE), (0x2CF2, 0x2CF2), (0x2CF3, 0x2CF3), (0xA640, 0xA66D), (0xA680, 0xA69B), (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E), (0xAB70, 0xABBF), (0xFB00, 0xFB06), (0xFB13, 0xFB17), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F), (0x104B0, 0x104D3), (0x104D8, 0x104FB), (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2), (0x118A0, 0x118DF), (0x1E900, 0x1E943)];
-const DS_LLM_PUNCT: &[(u32, u32)] = &[(0x21, 0x2F), (0x3A, 0x7E), (0xFF01, 0xFF0F), (0xFF1A, 0xFF5E), (0x2018, 0x201F), (0x3000, 0x3002)];
+const DS_LLM_LETTERS: &[(u32, u32)] = &[
+    (0x41, 0x5A),
+    (0x61, 0x7A),
+    (0xB5, 0xB5),
+    (0xC0, 0xD6),
+    (0xD8, 0xF6),
+    (0xF8, 0x1BA),
+    (0x1BC, 0x1BF),
+    (0x1C4, 0x293),
+    (0x295, 0x2AF),
+    (0x370, 0x373),
+    (0x376, 0x376),
+    (0x377, 0x377),
+    (0x37B, 0x37D),
+    (0x37F, 0x37F),
+    (0x386, 0x386),
+    (0x388, 0x38A),
+    (0x38C, 0x38C),
+    (0x38E, 0x3A1),
+    (0x3A3, 0x3F5),
+    (0x3F7, 0x481),
+    (0x48A, 0x52F),
+    (0x531, 0x556),
+    (0x10A0, 0x10C5),
+    (0x13A0, 0x13F5),
+    (0x13F8, 0x13FD),
+    (0x1C90, 0x1CBA),
+    (0x1CBD, 0x1CBF),
+    (0x1D00, 0x1D2B),
+    (0x1D6B, 0x1D77),
+    (0x1D79, 0x1D9A),
+    (0x1E00, 0x1F15),
+    (0x1F18, 0x1F1D),
+    (0x1F20, 0x1F45),
+    (0x1F48, 0x1F4D),
+    (0x1F50, 0x1F57),
+    (0x1F59, 0x1F59),
+    (0x1F5B, 0x1F5B),
+    (0x1F5D, 0x1F5D),
+    (0x1F5F, 0x1F7D),
+    (0x1F80, 0x1FB4),
+    (0x1FB6, 0x1FBC),
+    (0x1FBE, 0x1FBE),
+    (0x1FC2, 0x1FC4),
+    (0x1FC6, 0x1FCC),
+    (0x1FD0, 0x1FD3),
+    (0x1FD6, 0x1FDB),
+    (0x1FE0, 0x1FEC),
+    (0x1FF2, 0x1FF4),
+    (0x1FF6, 0x1FFC),
+    (0x2102, 0x2102),
+    (0x2107, 0x2107),
+    (0x210A, 0x2113),
+    (0x2115, 0x2115),
+    (0x2119, 0x211D),
+    (0x2124, 0x2124),
+    (0x2126, 0x2126),
+    (0x2128, 0x2128),
+    (0x212A, 0x212D),
+    (0x212F, 0x2134),
+    (0x2139, 0x2139),
+    (0x213C, 0x213F),
+    (0x2145, 0x2149),
+    (0x214E, 0x214E),
+    (0x2183, 0x2183),
+    (0x2184, 0x2184),
+    (0x2C00, 0x2C7B),
+    (0x2C7E, 0x2CE4),
+    (0x2CEB, 0x2CEE),
+    (0x2CF2, 0x2CF2),
+    (0x2CF3, 0x2CF3),
+    (0xA640, 0xA66D),
+    (0xA680, 0xA69B),
+    (0xA722, 0xA76F),
+    (0xA771, 0xA787),
+    (0xA78B, 0xA78E),
+    (0xAB70, 0xABBF),
+    (0xFB00, 0xFB06),
+    (0xFB13, 0xFB17),
+    (0xFF21, 0xFF3A),
+    (0xFF41, 0xFF5A),
+    (0x10400, 0x1044F),
+    (0x104B0, 0x104D3),
+    (0x104D8, 0x104FB),
+    (0x10C80, 0x10CB2),
+    (0x10CC0, 0x10CF2),
+    (0x118A0, 0x118DF),
+    (0x1E900, 0x1E943),
+];
+const DS_LLM_PUNCT: &[(u32, u32)] = &[
+    (0x21, 0x2F),
+    (0x3A, 0x7E),
+    (0xFF01, 0xFF0F),
+    (0xFF1A, 0xFF5E),
+    (0x2018, 0x201F),
+    (0x3000, 0x3002),
+];
 const CJK_HANGUL: &[(u32, u32)] = &[(0x4E00, 0x9FA5), (0x800, 0x4E00), (0xAC00, 0xD7FF)];
 
 #[cfg(test)]

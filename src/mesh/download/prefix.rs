@@ -84,7 +84,7 @@ pub async fn fetch_prefix(
 ) -> Result<Prefix, MeshError> {
     let store = client.store().clone();
     let st = store.clone();
-    let local = blocking(move || Ok(st.manifest(&id)?)).await?;
+    let local = blocking(move || st.manifest(&id)).await?;
     let origin = match origin_url {
         Some(url) if !client.config().offline => Some(Origin::new(
             &url,
