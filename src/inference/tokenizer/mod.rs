@@ -493,19 +493,18 @@ impl Tokenizer {
         }
         eog.extend([eos, eot, eom].into_iter().flatten());
         let has = |eog: &[u32], t: &str| lookup(t.as_bytes()).is_some_and(|id| eog.contains(&id));
-        if (has(&eog, "<|return|>") && has(&eog, "<|call|>"))
-            || (has(&eog, "<|calls|>") && has(&eog, "<|flush|>"))
+        if ((has(&eog, "<|return|>") && has(&eog, "<|call|>"))
+            || (has(&eog, "<|calls|>") && has(&eog, "<|flush|>")))
+            && let Some(end) = lookup(b"<|end|>")
         {
-            if let Some(end) = lookup(b"<|end|>") {
-                eog.retain(|&x| x != end);
-                token_type[end as usize] = T_USER;
-            }
+            eog.retain(|&x| x != end);
+            token_type[end as usize] = T_USER;
         }
-        if has(&eog, "<|tool_response>") || has(&eog, "<|plamo:eos|>") {
-            if let Some(s) = lookup(b"</s>") {
-                eog.retain(|&x| x != s);
-                token_type[s as usize] = T_NORMAL;
-            }
+        if (has(&eog, "<|tool_response>") || has(&eog, "<|plamo:eos|>"))
+            && let Some(s) = lookup(b"</s>")
+        {
+            eog.retain(|&x| x != s);
+            token_type[s as usize] = T_NORMAL;
         }
         eog.sort_unstable();
         eog.dedup();

@@ -117,6 +117,9 @@ impl Cps {
     }
 }
 
+/// One regex of the list: cuts a piece into matches and gaps.
+type Pass<'a> = dyn Fn(&Cps, Range<usize>, &mut Vec<Range<usize>>) + 'a;
+
 /// Cuts `text` into words (byte ranges, in order, covering all of it).
 // long: one arm per pre-tokenizer, each llama.cpp's regex list in order
 pub(super) fn split(pre: PreTok, text: &str, out: &mut Vec<Range<usize>>) {
@@ -125,10 +128,10 @@ pub(super) fn split(pre: PreTok, text: &str, out: &mut Vec<Range<usize>>) {
     }
     let c = Cps::new(text);
     let n = c.cp.len();
-    let mut pieces: Vec<Range<usize>> = vec![0..n];
+    let mut pieces: Vec<Range<usize>> = Vec::with_capacity(n / 2 + 1);
+    pieces.push(0..n);
     let mut next = Vec::new();
-    let mut step = |pieces: &mut Vec<Range<usize>>,
-                    f: &dyn Fn(&Cps, Range<usize>, &mut Vec<Range<usize>>)| {
+    let mut step = |pieces: &mut Vec<Range<usize>>, f: &Pass<'_>| {
         next.clear();
         for p in pieces.iter() {
             f(&c, p.clone(), &mut next);
