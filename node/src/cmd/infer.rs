@@ -326,7 +326,12 @@ fn chat(ctx: &Ctx, margs: &ModelArgs, system: Option<String>, s: &SamplingArgs) 
         }
         messages.push(ChatMessage::new("user", line));
         let text = tpl.render(&messages, true)?;
-        let ids = tok.encode(&text, true, true);
+        // As the API does: no second BOS when the template already wrote one.
+        let bos_text = tok
+            .bos()
+            .map(|b| String::from_utf8_lossy(tok.token_bytes(b)).into_owned());
+        let has_bos = bos_text.is_some_and(|b| !b.is_empty() && text.starts_with(&b));
+        let ids = tok.encode(&text, true, !has_bos);
         // Reuse the cached prefix; always run at least one token.
         let common = cached
             .iter()
