@@ -74,7 +74,9 @@ fn perplexity_refuses_bad_requests() {
     let m = Model::load_with(&p, &ModelConfig::default()).expect("load");
     let short = perplexity(&m, "too short", &PerplexityConfig::default(), |_, _| {});
     match short {
-        Err(InferenceError::InvalidParameter(msg)) => assert!(msg.contains("needs at least"), "{msg}"),
+        Err(InferenceError::InvalidParameter(msg)) => {
+            assert!(msg.contains("needs at least"), "{msg}")
+        }
         other => panic!("{other:?}"),
     }
     for ctx in [0, 7, 9, 1 << 20] {
@@ -87,7 +89,10 @@ fn perplexity_refuses_bad_requests() {
             },
             |_, _| {},
         );
-        assert!(matches!(r, Err(InferenceError::InvalidParameter(_))), "ctx {ctx}: {r:?}");
+        assert!(
+            matches!(r, Err(InferenceError::InvalidParameter(_))),
+            "ctx {ctx}: {r:?}"
+        );
     }
     let r = perplexity(
         &m,
@@ -101,4 +106,3 @@ fn perplexity_refuses_bad_requests() {
     );
     assert!(matches!(r, Err(InferenceError::InvalidParameter(_))));
 }
-
