@@ -243,7 +243,6 @@ fn registry() -> &'static Mutex<HashMap<FileKey, Weak<Tokenizer>>> {
 
 /// Checks, without building any table, that the file's tokenizer model and
 /// pre-tokenizer are supported; the error names what is missing.
-#[allow(dead_code, reason = "the model loader's early refusal calls it")]
 pub(crate) fn check(g: &Gguf) -> Result<(), InferenceError> {
     kind_and_pre(g).map(|_| ())
 }
