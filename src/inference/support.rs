@@ -185,6 +185,10 @@ mod tests {
                 "tokenizer.ggml.tokens".into(),
                 Value::Array(vec![Value::String("a".into()); 4]),
             ),
+            (
+                "tokenizer.ggml.merges".into(),
+                Value::Array(vec![Value::String("a a".into())]),
+            ),
         ];
         let meta: Vec<(&str, Value)> = meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         let (blk, bpb) = ty.layout().unwrap_or((1, 1));

@@ -1,7 +1,8 @@
 //! The official Python `openai` package, unchanged, against a real node on
 //! 127.0.0.1 (store + mesh on loopback, mDNS off): chat non-streamed and
 //! streamed, completions, models.list, usage with cached_tokens on a
-//! follow-up, and errors mapped to the right exceptions.
+//! follow-up, and errors mapped to the right exceptions; on the demo model
+//! and on Gemma 3 270M Q4_K_M.
 //!
 //! Needs `python3 -m pip install openai` (`.ci/run` installs it). Outside
 //! CI a missing package skips the test loudly; with `CI=true` it fails.
@@ -117,6 +118,24 @@ async fn the_official_openai_client_works_unchanged() {
     let Some(model_path) = demo_model_path() else {
         return;
     };
+    run_client(model_path).await;
+}
+
+/// The same client script against Gemma 3 270M Q4_K_M (SentencePiece
+/// vocabulary, K-quants, sliding-window layers, no chat template in the file:
+/// ChatML, as llama-server renders it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_works_on_gemma3() {
+    if !openai_available() {
+        return;
+    }
+    let Some(model_path) = crate::util::gemma3_model_path() else {
+        return;
+    };
+    run_client(model_path).await;
+}
+
+async fn run_client(model_path: std::path::PathBuf) {
     let dir = tempfile::tempdir().expect("tmp");
     let cfg = ServeConfig {
         response_cache_budget: 0,
