@@ -418,6 +418,10 @@ pub struct Served {
     pub engine: Arc<Engine>,
     /// The compiled chat template (the model's, or ChatML).
     pub template: ChatTemplate,
+    /// A stop sequence the template implies but the vocabulary cannot end
+    /// on: ChatML's `<|im_end|>` when ChatML stands in for a missing template
+    /// and the vocabulary has no such token (see [`chatml_stop`]).
+    pub template_stop: Option<&'static str>,
     /// The model id in hex (also accepted as the model name).
     pub id_hex: String,
     /// What it counts against `inference.memory_budget` ([`memory_estimate`]).
@@ -425,6 +429,15 @@ pub struct Served {
     /// Keeps the file from eviction while the engine lives (see [`Located`]).
     /// Dropped after the engine (fields drop in order).
     _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+/// The stop sequence to add when `model` is chatted with through [`CHATML`]
+/// (it has no template of its own) and its vocabulary has no `<|im_end|>`
+/// token to end on: without it the model writes the marker as text and
+/// goes on (llama-server renders the same ChatML and does not stop there).
+pub fn chatml_stop(model: &Model) -> Option<&'static str> {
+    const END: &str = "<|im_end|>";
+    (model.chat_template().is_none() && model.tokenizer().token_id(END).is_none()).then_some(END)
 }
 
 /// ChatML, used when a model carries no chat template.
@@ -731,6 +744,7 @@ impl Serving {
                 .unwrap_or_default()
         };
         let src = model.chat_template().unwrap_or(CHATML);
+        let template_stop = chatml_stop(&model);
         let template = ChatTemplate::new(src, &text(tok.bos()), &text(tok.eos()))
             .or_else(|e| {
                 tracing::warn!(model = name, error = %e, "chat template does not compile; using ChatML");
@@ -776,6 +790,7 @@ impl Serving {
             let served = Arc::new(Served {
                 engine,
                 template,
+                template_stop,
                 id_hex: hex::encode(id),
                 mem_bytes,
                 _guard: guard,

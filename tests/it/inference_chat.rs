@@ -146,3 +146,52 @@ fn chat_fallback_is_llama_servers_chatml() {
         assert_eq!(got, s(want), "{}", s(&c["name"]));
     }
 }
+
+/// A model without a template is chatted with through ChatML (as llama-server
+/// does); when its vocabulary has no `<|im_end|>` token (Gemma 3), that text
+/// becomes a stop sequence, so the reply ends there instead of running on.
+#[test]
+fn chatml_fallback_stops_at_im_end_as_text() {
+    use shoal::inference::{GenerateConfig, Model, generate};
+    if let Some(p) = crate::util::demo_model_path() {
+        let m = Model::load(&p).expect("load demo");
+        assert_eq!(
+            shoal::serve::chatml_stop(&m),
+            None,
+            "SmolLM2 has a template"
+        );
+    }
+    let Some(p) = crate::util::gemma3_model_path() else {
+        return;
+    };
+    let m = Model::load(&p).expect("load gemma");
+    assert!(m.chat_template().is_none());
+    let stop = shoal::serve::chatml_stop(&m).expect("gemma 3 270m needs the stop");
+    assert_eq!(stop, "<|im_end|>");
+    let tpl = ChatTemplate::new(shoal::serve::CHATML, "<bos>", "<eos>").expect("chatml");
+    let text = tpl
+        .render(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            true,
+        )
+        .expect("render");
+    let ids = m.tokenizer().encode(&text, true, true);
+    let mut cache = m.new_cache();
+    let cfg = GenerateConfig {
+        max_tokens: 48,
+        stop: vec![stop.to_owned()],
+        ..Default::default()
+    };
+    let out = generate(&m, &mut cache, &ids, &cfg, None, |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .expect("generate");
+    // Greedy, this model writes the marker as text after a short answer.
+    assert_eq!(
+        out.stop,
+        shoal::inference::StopReason::StopSequence,
+        "{:?}",
+        out.text
+    );
+    assert!(!out.text.contains("<|im_end|>"), "{:?}", out.text);
+}

@@ -307,7 +307,10 @@ fn chat(ctx: &Ctx, margs: &ModelArgs, system: Option<String>, s: &SamplingArgs) 
     let mut cache = m.new_cache();
     // Token ids whose keys/values are in `cache`.
     let mut cached: Vec<u32> = Vec::new();
-    let cfg = s.config();
+    let mut cfg = s.config();
+    if let Some(stop) = shoal::serve::chatml_stop(&m) {
+        cfg.stop.push(stop.to_owned());
+    }
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     let interactive = std::io::IsTerminal::is_terminal(&stdin);

@@ -187,7 +187,7 @@ pub(super) fn prepare(served: Arc<Served>, v: &Value, kind: Kind) -> Result<Prep
             m
         }
     };
-    let stop = match p.stop {
+    let mut stop = match p.stop {
         None => Vec::new(),
         Some(StopParam::One(s)) => vec![s],
         Some(StopParam::Many(v)) => v,
@@ -198,6 +198,12 @@ pub(super) fn prepare(served: Arc<Served>, v: &Value, kind: Kind) -> Result<Prep
             Some("stop"),
             Some("invalid_value"),
         ));
+    }
+    if matches!(kind, Kind::Chat)
+        && let Some(s) = served.template_stop
+        && !stop.iter().any(|x| x == s)
+    {
+        stop.push(s.to_owned());
     }
     let sampler = SamplerConfig {
         temperature,
