@@ -519,10 +519,9 @@ struct StoreModels {
     >,
 }
 
-/// Largest GGUF header fetched to decide servability before a pull (a
-/// 262k-token vocabulary takes about 6 MiB). A larger header is not checked
-/// first: the model is pulled and its load decides.
-pub const MAX_HEADER_BYTES: u64 = 64 << 20;
+/// Largest GGUF header fetched to decide servability before a pull (see
+/// [`crate::serve::MAX_HEADER_BYTES`]).
+pub const MAX_HEADER_BYTES: u64 = crate::serve::MAX_HEADER_BYTES;
 
 impl StoreModels {
     /// Fetches just the header chunks of `id` (verified) and checks them:

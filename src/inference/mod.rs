@@ -36,7 +36,7 @@ pub use kv::{
 pub use model::{HParams, Model, ModelConfig};
 pub use perplexity::{PerplexityConfig, PerplexityReport, perplexity};
 pub use sample::{Sampler, SamplerConfig};
-pub use support::{HeaderCheck, Unservable, check_file, check_header};
+pub use support::{HeaderCheck, MAX_HEADER_BYTES, Unservable, check_file, check_header};
 pub use tokenizer::Tokenizer;
 
 /// Errors from loading models, running them, and (de)serializing KV caches.

@@ -138,6 +138,11 @@ pub fn check_header(prefix: &[u8], file_len: u64) -> HeaderCheck {
     }
 }
 
+/// Largest GGUF header read to decide servability (a 262k-token vocabulary
+/// takes about 6 MiB). A larger header is not checked first: the model's
+/// load decides.
+pub const MAX_HEADER_BYTES: u64 = 64 << 20;
+
 /// [`check_header`] over a local file: reads its first bytes (1 MiB, then
 /// doubling while the header runs on, up to `max_bytes`). `None` when the
 /// file cannot be read or its header is longer than `max_bytes`.

@@ -10,7 +10,7 @@
 pub mod engine;
 pub mod openai;
 
-pub use crate::inference::{HeaderCheck, Unservable, check_file, check_header};
+pub use crate::inference::{HeaderCheck, MAX_HEADER_BYTES, Unservable, check_file, check_header};
 pub use engine::{Engine, EngineStats, Job, JobEvent};
 pub use openai::router;
 
@@ -157,7 +157,7 @@ impl LocateError {
         match e {
             E::UnsupportedArchitecture(_) | E::UnsupportedTensorType { .. } | E::Tokenizer(_) => {
                 // The header check names the reason fully (an unknown type's id, how many tensors).
-                match check_file(path, 64 << 20) {
+                match check_file(path, MAX_HEADER_BYTES) {
                     Some(Err(u)) => LocateError::Unservable(u),
                     _ => LocateError::Unservable(match e {
                         E::UnsupportedArchitecture(_) => Unservable::Architecture(e.to_string()),
