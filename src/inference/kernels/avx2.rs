@@ -241,6 +241,32 @@ pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `y += alpha * x` over the common length (see [`super::axpy`]); one fused
+/// multiply-add per element, as the scalar reference.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    let n = y.len().min(x.len());
+    let va = _mm256_set1_ps(alpha);
+    let mut i = 0;
+    // SAFETY: every load and store touches 8 floats below `n`.
+    unsafe {
+        while i + 8 <= n {
+            let p = y.as_mut_ptr().add(i);
+            let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p));
+            _mm256_storeu_ps(p, r);
+            i += 8;
+        }
+    }
+    while i < n {
+        y[i] = alpha.mul_add(x[i], y[i]);
+        i += 1;
+    }
+}
+
 /// Quantizes 32 floats at `x` to i8 with scale 1/d; returns (d, qs as __m256i).
 ///
 /// # Safety

@@ -28,18 +28,28 @@ pub(crate) use blocks::{
     BlockQ6K, BlockQ8_0, Plain, view, view_mut,
 };
 pub(crate) use scalar::{
-    dot_f32_scalar, dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q4_k_a8k_scalar,
+    axpy_scalar, dot_f32_scalar, dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q4_k_a8k_scalar,
     dot_q5_0_a8_scalar, dot_q5_1_a8s_scalar, dot_q5_k_a8k_scalar, dot_q6_k_a8k_scalar,
     dot_q8_0_a8_scalar, quantize_a8_scalar, quantize_a8k_scalar, quantize_a8s_scalar,
 };
 
-/// The instruction set the kernels run with.
+/// Proof that this CPU has AVX2, FMA and F16C.
+///
+/// Its field is private: only [`Isa::detect`] (after
+/// `is_x86_feature_detected!`) can make one, so an [`Isa::Avx2`] value, and
+/// with it a call into the AVX2 kernels, cannot exist on a CPU without them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Avx2Token(());
+
+/// The instruction set the kernels run with: [`Isa::Scalar`] anywhere, every
+/// other variant only through run-time detection ([`Isa::detect`],
+/// [`Isa::available`]), which alone can make its token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     /// Portable Rust.
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
-    Avx2,
+    Avx2(Avx2Token),
 }
 
 impl Isa {
@@ -50,16 +60,33 @@ impl Isa {
         if std::env::var("SHOAL_ISA").is_ok_and(|v| v == "scalar") {
             return Isa::Scalar;
         }
+        Self::available().last().copied().unwrap_or(Isa::Scalar)
+    }
+
+    /// Every instruction set this CPU supports, worst first (always starts
+    /// with [`Isa::Scalar`]): the kernel tests check each against the scalar
+    /// reference.
+    pub fn available() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
                 && std::is_x86_feature_detected!("f16c")
             {
-                return Isa::Avx2;
+                v.push(Isa::Avx2(Avx2Token(())));
             }
         }
-        Isa::Scalar
+        v
+    }
+
+    /// A short name for logs and metrics (`scalar`, `avx2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2(_) => "avx2",
+        }
     }
 }
 
@@ -67,8 +94,8 @@ impl Isa {
 pub(crate) fn quantize_a8(isa: Isa, x: &[f32], out: &mut [BlockA8]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only produced when the CPU has AVX2/FMA/F16C.
-        Isa::Avx2 => unsafe { avx2::quantize_a8(x, out) },
+        // SAFETY: an `Avx2Token` exists only where the CPU has AVX2/FMA/F16C.
+        Isa::Avx2(_) => unsafe { avx2::quantize_a8(x, out) },
         _ => quantize_a8_scalar(x, out),
     }
 }
@@ -78,7 +105,7 @@ pub(crate) fn quantize_a8s(isa: Isa, x: &[f32], out: &mut [BlockA8S]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
-        Isa::Avx2 => unsafe { avx2::quantize_a8s(x, out) },
+        Isa::Avx2(_) => unsafe { avx2::quantize_a8s(x, out) },
         _ => quantize_a8s_scalar(x, out),
     }
 }
@@ -88,7 +115,7 @@ pub(crate) fn dot_q4_0_a8(isa: Isa, w: &[BlockQ4_0], a: &[BlockA8]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
-        Isa::Avx2 => unsafe { avx2::dot_q4_0_a8(w, a) },
+        Isa::Avx2(_) => unsafe { avx2::dot_q4_0_a8(w, a) },
         _ => dot_q4_0_a8_scalar(w, a),
     }
 }
@@ -98,7 +125,7 @@ pub(crate) fn dot_q4_1_a8s(isa: Isa, w: &[BlockQ4_1], a: &[BlockA8S]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
-        Isa::Avx2 => unsafe { avx2::dot_q4_1_a8s(w, a) },
+        Isa::Avx2(_) => unsafe { avx2::dot_q4_1_a8s(w, a) },
         _ => dot_q4_1_a8s_scalar(w, a),
     }
 }
@@ -108,7 +135,7 @@ pub(crate) fn dot_q4_1_a8s_x4(isa: Isa, w: &[BlockQ4_1], a: [&[BlockA8S]; 4]) ->
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
-        Isa::Avx2 => unsafe { avx2::dot_q4_1_a8s_x4(w, a) },
+        Isa::Avx2(_) => unsafe { avx2::dot_q4_1_a8s_x4(w, a) },
         _ => a.map(|a| dot_q4_1_a8s_scalar(w, a)),
     }
 }
@@ -118,7 +145,7 @@ pub(crate) fn quantize_a8k(isa: Isa, x: &[f32], out: &mut [BlockA8K]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
-        Isa::Avx2 => unsafe { avx2::quantize_a8k(x, out) },
+        Isa::Avx2(_) => unsafe { avx2::quantize_a8k(x, out) },
         _ => quantize_a8k_scalar(x, out),
     }
 }
@@ -134,7 +161,7 @@ macro_rules! row_kernels {
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: see `quantize_a8`.
-                Isa::Avx2 => unsafe { avx2::$one::<1>(w, [a])[0] },
+                Isa::Avx2(_) => unsafe { avx2::$one::<1>(w, [a])[0] },
                 _ => $scalar(w, a),
             }
         }
@@ -145,7 +172,7 @@ macro_rules! row_kernels {
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: see `quantize_a8`.
-                Isa::Avx2 => unsafe { avx2::$one::<4>(w, a) },
+                Isa::Avx2(_) => unsafe { avx2::$one::<4>(w, a) },
                 _ => a.map(|a| $scalar(w, a)),
             }
         }
@@ -181,16 +208,19 @@ row_kernels!(
 pub(crate) fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: see `quantize_q8_0`.
-        Isa::Avx2 => unsafe { avx2::dot_f32(a, b) },
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2(_) => unsafe { avx2::dot_f32(a, b) },
         _ => dot_f32_scalar(a, b),
     }
 }
 
 /// `y += alpha * x` over f32.
-pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    for (a, b) in y.iter_mut().zip(x) {
-        *a = alpha.mul_add(*b, *a);
+pub(crate) fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2(_) => unsafe { avx2::axpy(y, alpha, x) },
+        _ => axpy_scalar(y, alpha, x),
     }
 }
 

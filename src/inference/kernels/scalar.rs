@@ -226,3 +226,11 @@ pub(crate) fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
     }
     s
 }
+
+/// `y += alpha * x` over the common length (the reference for the SIMD
+/// versions; the same fused multiply-add per element).
+pub(crate) fn axpy_scalar(y: &mut [f32], alpha: f32, x: &[f32]) {
+    for (a, b) in y.iter_mut().zip(x) {
+        *a = alpha.mul_add(*b, *a);
+    }
+}

@@ -4,7 +4,7 @@
 use super::Model;
 use super::arch::Act;
 use super::load::{GateUp, Layer, Qkv};
-use crate::inference::kernels;
+use crate::inference::kernels::{self, Isa};
 use crate::inference::kv::KvCache;
 use crate::inference::quant::{Exec, QMatrix};
 use rayon::prelude::*;
@@ -242,6 +242,7 @@ impl Model {
         let q_ref = &b.q;
         let window = if hp.is_swa(li) { hp.sliding_window } else { 0 };
         let scale = hp.attn_scale;
+        let isa = self.exec.isa;
         b.att
             .par_chunks_mut(group * hd)
             .enumerate()
@@ -254,7 +255,7 @@ impl Model {
                 } else {
                     0
                 };
-                attend(cache_ref, li, g, from, upto, qs, scale, out);
+                attend(isa, cache_ref, li, g, from, upto, qs, scale, out);
             });
         project(&self.exec, base, &l.wo, &b.att, n, &mut b.tmp);
         add_bias(&mut b.tmp, l.bo.as_ref());
@@ -384,6 +385,7 @@ fn rope_neox(h: &mut [f32], rot: &[(f32, f32)]) {
 /// head) over cache positions `from..upto`.
 #[allow(clippy::too_many_arguments)]
 fn attend(
+    isa: Isa,
     cache: &KvCache,
     layer: usize,
     kv_head: usize,
@@ -407,7 +409,7 @@ fn attend(
         for key in run.chunks_exact(hd) {
             if t >= from {
                 for (qi, q) in qs.chunks_exact(hd).enumerate() {
-                    scores[qi * len + t - from] = kernels::dot_f32_scalar(q, key) * scale;
+                    scores[qi * len + t - from] = kernels::dot_f32(isa, q, key) * scale;
                 }
             }
             t += 1;
@@ -434,7 +436,7 @@ fn attend(
         for val in run.chunks_exact(hd) {
             if t >= from {
                 for (qi, o) in out.chunks_exact_mut(hd).enumerate() {
-                    kernels::axpy(o, scores[qi * len + t - from], val);
+                    kernels::axpy(isa, o, scores[qi * len + t - from], val);
                 }
             }
             t += 1;
