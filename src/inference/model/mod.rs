@@ -9,6 +9,8 @@ mod arch;
 mod forward;
 mod hparams;
 mod load;
+#[cfg(test)]
+mod parity;
 
 pub use hparams::HParams;
 
