@@ -111,13 +111,13 @@ fn main() {
             best_tg = best_tg.min(t2.elapsed().as_secs_f64());
         }
         println!(
-            "{{\"impl\":\"shoal\",\"threads\":{t},\"pp\":{pp},\"pp_tps\":{:.1},\"tg\":{tg},\"tg_tps\":{:.1},\"load_ms\":{load_ms:.1},\"load_cpu_ms\":{load_cpu_ms:.1},\"tokenizer_build_cpu_ms\":{tok_cpu_ms:.2},\"tokenizer_load_ms\":{:.2},\"rss_before_kib\":{rss0},\"rss_after_load_kib\":{rss_load},\"rss_end_kib\":{},\"file_bytes\":{},\"isa\":\"{:?}\"}}",
+            "{{\"impl\":\"shoal\",\"threads\":{t},\"pp\":{pp},\"pp_tps\":{:.1},\"tg\":{tg},\"tg_tps\":{:.1},\"load_ms\":{load_ms:.1},\"load_cpu_ms\":{load_cpu_ms:.1},\"tokenizer_build_cpu_ms\":{tok_cpu_ms:.2},\"tokenizer_load_ms\":{:.2},\"rss_before_kib\":{rss0},\"rss_after_load_kib\":{rss_load},\"rss_end_kib\":{},\"file_bytes\":{},\"isa\":\"{}\"}}",
             pp as f64 / best_pp,
             tg as f64 / best_tg,
             m.tokenizer_load_time().as_secs_f64() * 1e3,
             rss_kib(),
             m.file_len(),
-            m.isa(),
+            m.isa().name(),
         );
     }
 }
