@@ -190,6 +190,11 @@ pub struct KvCacheConfig {
     /// Byte budget of the disk tier (`kv.disk_budget`).
     #[serde(with = "crate::config::size")]
     pub disk_budget: u64,
+    /// Bytes the disk tier may write per hour; once spent, new blocks stay
+    /// in RAM only until the hour ends (0: no limit;
+    /// `kv.disk_write_budget_per_hour`, see [`disk::WriteBudget`]).
+    #[serde(with = "crate::config::size")]
+    pub disk_write_budget_per_hour: u64,
     /// Tokens per block (default 16, see docs/SERVING.md; `kv.block_size`).
     #[serde(rename = "block_size")]
     pub block_tokens: usize,
@@ -210,6 +215,7 @@ impl Default for KvCacheConfig {
         KvCacheConfig {
             ram_budget: 512 << 20,
             disk_budget: 4 << 30,
+            disk_write_budget_per_hour: 1 << 30,
             block_tokens: 16,
             dtype: KvDtype::F16,
             ram_ttl: Duration::from_secs(7 * 86_400),
@@ -248,6 +254,13 @@ pub const SETTINGS: &[crate::config::Setting] = {
             Str,
             "Disk for spilled KV-cache blocks (under data_dir); 0 keeps KV blocks in RAM only.",
             "\"4G\"",
+        ),
+        S::new(
+            "kv.disk_write_budget_per_hour",
+            Some("SHOAL_KV_DISK_WRITE_BUDGET"),
+            Str,
+            "Most bytes of KV blocks written to disk per hour (SD-card wear); once spent, new blocks stay in RAM only until the hour ends. 0 or \"unlimited\": no limit.",
+            "\"1G\"",
         ),
         S::new(
             "kv.block_size",
@@ -347,13 +360,15 @@ impl PrefixCache {
             ));
         }
         let disk = match &cfg.disk_dir {
-            Some(d) => Some(Arc::new(DiskTier::open(d, cfg.disk_budget)?)),
+            Some(d) => Some(Arc::new(DiskTier::open(d, cfg.disk_budget)?.with_write_budget(
+                disk::WriteBudget::new(cfg.disk_write_budget_per_hour, disk::WriteBudget::HOUR),
+            ))),
             None => None,
         };
         let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writer = disk
             .as_ref()
-            .map(|d| disk::WriteBehind::start(d.clone(), busy.clone()));
+            .map(|d| disk::WriteBehind::start(d.clone(), busy.clone(), metrics.clone()));
         Ok(PrefixCache {
             ram: Mutex::new(RamTier::new(cfg.ram_budget, cfg.ram_ttl)),
             cfg,
