@@ -595,6 +595,43 @@ mod tests {
     }
 
     #[test]
+    fn write_budget_windows() {
+        let b = WriteBudget::new(100, Duration::from_millis(200));
+        assert!(b.try_take(60));
+        assert!(!b.try_take(50), "does not fit in what is left");
+        assert!(b.try_take(40), "what fits still goes");
+        assert!(!b.try_take(1));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(b.try_take(100), "a new window");
+        assert!(!b.try_take(1));
+        for unlimited in [
+            WriteBudget::new(0, WriteBudget::HOUR),
+            WriteBudget::new(u64::MAX, WriteBudget::HOUR),
+        ] {
+            assert_eq!(unlimited.limit(), 0);
+            assert!((0..4).all(|_| unlimited.try_take(u64::MAX / 2)));
+        }
+    }
+
+    #[test]
+    fn put_over_the_write_budget_writes_nothing() {
+        let d = tempfile::tempdir().expect("tmp");
+        let b = blob(4, 0.0);
+        let size = (HEADER + b.len()) as u64;
+        let t = DiskTier::open(d.path(), size * 10)
+            .expect("open")
+            .with_write_budget(WriteBudget::new(size, WriteBudget::HOUR));
+        let (k1, k2) = (BlockKey([1; 32]), BlockKey([2; 32]));
+        assert_eq!(t.put(&k1, &b).expect("put"), Put::Written(size));
+        assert_eq!(t.put(&k1, &b).expect("put"), Put::Present);
+        assert_eq!(t.put(&k2, &b).expect("put"), Put::OverWriteBudget);
+        assert!(!t.contains(&k2) && !t.path_of(&k2).exists());
+        assert_eq!(t.used(), size);
+        assert_eq!(std::fs::read_dir(d.path()).expect("dir").count(), 1);
+        assert_eq!(t.get(&k1).expect("get").as_deref(), Some(&b[..]));
+    }
+
+    #[test]
     fn fixture_v1() {
         let key = BlockKey([0xab; 32]);
         let b = blob(1, 0.5);
