@@ -15,6 +15,11 @@
 //! checksums); a file failing any check is deleted and reported as corrupt.
 //! Writes go to a temporary file that is renamed into place, so a crash
 //! leaves either the old state or the whole block.
+//!
+//! Besides its size budget the tier has a write budget ([`WriteBudget`],
+//! `kv.disk_write_budget_per_hour`): once a window's bytes are spent,
+//! blocks stay in RAM only until the next window, so an SD card sees at
+//! most that many KV bytes an hour.
 
 use super::tail::Owner;
 use super::{BlockKey, KvCacheError};
@@ -27,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// Magic bytes of a disk-tier block file.
 pub const MAGIC: &[u8; 8] = b"SHOALKVB";
@@ -35,12 +41,103 @@ pub const VERSION: u32 = 1;
 const HEADER: usize = 52;
 const EXT: &str = "kvb";
 
+/// A cap on the bytes written per window (an hour in the node): the
+/// window starts at the first write after the previous one ended, and a
+/// write that does not fit in what is left of it is refused (not cut).
+#[derive(Debug)]
+pub struct WriteBudget {
+    limit: u64,
+    window: Duration,
+    /// Start of the current window and the bytes spent in it.
+    state: Mutex<Option<Window>>,
+}
+
+impl WriteBudget {
+    /// The length of a window of `kv.disk_write_budget_per_hour`.
+    pub const HOUR: Duration = Duration::from_secs(3600);
+
+    /// At most `limit` bytes per `window`; a `limit` of 0 (or `u64::MAX`,
+    /// a size of `"unlimited"`) is no limit.
+    pub fn new(limit: u64, window: Duration) -> WriteBudget {
+        WriteBudget {
+            limit: if limit == u64::MAX { 0 } else { limit },
+            window,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// No limit.
+    pub fn unlimited() -> WriteBudget {
+        WriteBudget::new(0, Self::HOUR)
+    }
+
+    /// The byte limit per window (0: none).
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Takes `n` bytes from the current window: false (and nothing taken)
+    /// when they do not fit in what is left of it.
+    pub fn try_take(&self, n: u64) -> bool {
+        if self.limit == 0 {
+            return true;
+        }
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        let w = match &mut *st {
+            Some(w) if now.duration_since(w.start) < self.window => w,
+            other => other.insert(Window {
+                start: now,
+                spent: 0,
+                refused: false,
+            }),
+        };
+        if w.spent.saturating_add(n) <= self.limit {
+            w.spent = w.spent.saturating_add(n);
+            return true;
+        }
+        if !w.refused {
+            w.refused = true;
+            tracing::info!(
+                limit = self.limit,
+                spent = w.spent,
+                window_s = self.window.as_secs(),
+                "KV disk write budget spent: new blocks stay in RAM until the window ends"
+            );
+        }
+        false
+    }
+}
+
+#[derive(Debug)]
+struct Window {
+    start: Instant,
+    spent: u64,
+    /// A write was refused in this window (logged once).
+    refused: bool,
+}
+
+/// What [`DiskTier::put`] did with a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    /// Written: a file of this many bytes.
+    Written(u64),
+    /// Already held: nothing written.
+    Present,
+    /// Larger than the tier's size budget: not written.
+    TooLarge,
+    /// The write budget of the current window is spent: not written.
+    OverWriteBudget,
+}
+
 /// Blocks on disk. The sum of the indexed files' sizes never exceeds the budget.
 pub struct DiskTier {
     dir: PathBuf,
     budget: u64,
     /// The indexed block files: key -> file size, in recency order.
     index: Mutex<Lru<BlockKey, ()>>,
+    /// Bytes written per window.
+    writes: WriteBudget,
 }
 
 impl std::fmt::Debug for DiskTier {
@@ -205,6 +302,7 @@ impl DiskTier {
             dir: dir.to_path_buf(),
             budget,
             index: Mutex::new(Lru::new(budget)),
+            writes: WriteBudget::unlimited(),
         };
         {
             // Oldest first, evicting the oldest to stay within the budget
@@ -219,6 +317,17 @@ impl DiskTier {
         }
         tracing::debug!(dir = %dir.display(), blocks = t.len(), used = t.used(), "KV disk tier opened");
         Ok(t)
+    }
+
+    /// The tier with a write budget (see [`WriteBudget`]).
+    pub fn with_write_budget(mut self, writes: WriteBudget) -> DiskTier {
+        self.writes = writes;
+        self
+    }
+
+    /// The write budget.
+    pub fn write_budget(&self) -> &WriteBudget {
+        &self.writes
     }
 
     /// The directory.
@@ -280,12 +389,19 @@ impl DiskTier {
     }
 
     /// Writes a block (atomically), evicting least recently used blocks to
-    /// stay within the budget. Blocks larger than the budget are skipped.
-    pub fn put(&self, key: &BlockKey, blob: &[u8]) -> Result<(), KvCacheError> {
+    /// stay within the budget. Blocks larger than the budget, and blocks
+    /// over the write budget of the current window, are skipped.
+    pub fn put(&self, key: &BlockKey, blob: &[u8]) -> Result<Put, KvCacheError> {
         let bytes = encode(key, blob);
         let size = bytes.len() as u64;
-        if size > self.budget || self.contains(key) {
-            return Ok(());
+        if size > self.budget {
+            return Ok(Put::TooLarge);
+        }
+        if self.contains(key) {
+            return Ok(Put::Present);
+        }
+        if !self.writes.try_take(size) {
+            return Ok(Put::OverWriteBudget);
         }
         {
             // Reserve the space before writing so concurrent puts stay in budget.
@@ -307,7 +423,7 @@ impl DiskTier {
             self.forget(key);
             return Err(e.into());
         }
-        Ok(())
+        Ok(Put::Written(size))
     }
 
     /// Deletes a block.
@@ -346,7 +462,12 @@ pub(crate) struct WriteBehind {
 impl WriteBehind {
     /// Starts the writer; while `busy` is non-zero (a job is running)
     /// writes wait, up to [`WRITE_DEFER`] after they were queued.
-    pub(crate) fn start(disk: Arc<DiskTier>, busy: Arc<AtomicUsize>) -> WriteBehind {
+    /// Written bytes and blocks skipped for the write budget go to `metrics`.
+    pub(crate) fn start(
+        disk: Arc<DiskTier>,
+        busy: Arc<AtomicUsize>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> WriteBehind {
         let (tx, rx) = mpsc::channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("kv-write-behind".into())
@@ -366,8 +487,11 @@ impl WriteBehind {
                                 // One tail record per parent: the latest replaces it.
                                 disk.remove(&k);
                             }
-                            if let Err(e) = disk.put(&k, &b) {
-                                tracing::warn!(error = %e, "KV block write failed");
+                            match disk.put(&k, &b) {
+                                Ok(Put::Written(n)) => metrics.kv_disk_written(n),
+                                Ok(Put::OverWriteBudget) => metrics.kv_disk_write_skipped(),
+                                Ok(Put::Present | Put::TooLarge) => {}
+                                Err(e) => tracing::warn!(error = %e, "KV block write failed"),
                             }
                         }
                         Msg::Flush(done) => {
@@ -468,6 +592,43 @@ mod tests {
         // A smaller budget on reopen evicts down to it.
         let t = DiskTier::open(d.path(), file_size).expect("reopen");
         assert!(t.used() <= file_size);
+    }
+
+    #[test]
+    fn write_budget_windows() {
+        let b = WriteBudget::new(100, Duration::from_millis(200));
+        assert!(b.try_take(60));
+        assert!(!b.try_take(50), "does not fit in what is left");
+        assert!(b.try_take(40), "what fits still goes");
+        assert!(!b.try_take(1));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(b.try_take(100), "a new window");
+        assert!(!b.try_take(1));
+        for unlimited in [
+            WriteBudget::new(0, WriteBudget::HOUR),
+            WriteBudget::new(u64::MAX, WriteBudget::HOUR),
+        ] {
+            assert_eq!(unlimited.limit(), 0);
+            assert!((0..4).all(|_| unlimited.try_take(u64::MAX / 2)));
+        }
+    }
+
+    #[test]
+    fn put_over_the_write_budget_writes_nothing() {
+        let d = tempfile::tempdir().expect("tmp");
+        let b = blob(4, 0.0);
+        let size = (HEADER + b.len()) as u64;
+        let t = DiskTier::open(d.path(), size * 10)
+            .expect("open")
+            .with_write_budget(WriteBudget::new(size, WriteBudget::HOUR));
+        let (k1, k2) = (BlockKey([1; 32]), BlockKey([2; 32]));
+        assert_eq!(t.put(&k1, &b).expect("put"), Put::Written(size));
+        assert_eq!(t.put(&k1, &b).expect("put"), Put::Present);
+        assert_eq!(t.put(&k2, &b).expect("put"), Put::OverWriteBudget);
+        assert!(!t.contains(&k2) && !t.path_of(&k2).exists());
+        assert_eq!(t.used(), size);
+        assert_eq!(std::fs::read_dir(d.path()).expect("dir").count(), 1);
+        assert_eq!(t.get(&k1).expect("get").as_deref(), Some(&b[..]));
     }
 
     #[test]

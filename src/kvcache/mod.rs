@@ -190,6 +190,11 @@ pub struct KvCacheConfig {
     /// Byte budget of the disk tier (`kv.disk_budget`).
     #[serde(with = "crate::config::size")]
     pub disk_budget: u64,
+    /// Bytes the disk tier may write per hour; once spent, new blocks stay
+    /// in RAM only until the hour ends (0: no limit;
+    /// `kv.disk_write_budget_per_hour`, see [`disk::WriteBudget`]).
+    #[serde(with = "crate::config::size")]
+    pub disk_write_budget_per_hour: u64,
     /// Tokens per block (default 16, see docs/SERVING.md; `kv.block_size`).
     #[serde(rename = "block_size")]
     pub block_tokens: usize,
@@ -210,6 +215,7 @@ impl Default for KvCacheConfig {
         KvCacheConfig {
             ram_budget: 512 << 20,
             disk_budget: 4 << 30,
+            disk_write_budget_per_hour: 1 << 30,
             block_tokens: 16,
             dtype: KvDtype::F16,
             ram_ttl: Duration::from_secs(7 * 86_400),
@@ -248,6 +254,13 @@ pub const SETTINGS: &[crate::config::Setting] = {
             Str,
             "Disk for spilled KV-cache blocks (under data_dir); 0 keeps KV blocks in RAM only.",
             "\"4G\"",
+        ),
+        S::new(
+            "kv.disk_write_budget_per_hour",
+            Some("SHOAL_KV_DISK_WRITE_BUDGET"),
+            Str,
+            "Most bytes of KV blocks written to disk per hour (SD-card wear); once spent, new blocks stay in RAM only until the hour ends. 0 or \"unlimited\": no limit.",
+            "\"1G\"",
         ),
         S::new(
             "kv.block_size",
@@ -347,13 +360,18 @@ impl PrefixCache {
             ));
         }
         let disk = match &cfg.disk_dir {
-            Some(d) => Some(Arc::new(DiskTier::open(d, cfg.disk_budget)?)),
+            Some(d) => Some(Arc::new(
+                DiskTier::open(d, cfg.disk_budget)?.with_write_budget(disk::WriteBudget::new(
+                    cfg.disk_write_budget_per_hour,
+                    disk::WriteBudget::HOUR,
+                )),
+            )),
             None => None,
         };
         let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writer = disk
             .as_ref()
-            .map(|d| disk::WriteBehind::start(d.clone(), busy.clone()));
+            .map(|d| disk::WriteBehind::start(d.clone(), busy.clone(), metrics.clone()));
         Ok(PrefixCache {
             ram: Mutex::new(RamTier::new(cfg.ram_budget, cfg.ram_ttl)),
             cfg,
@@ -1001,6 +1019,86 @@ mod tests {
         )
         .expect("stray");
         (pc, cxs, all_keys)
+    }
+
+    /// With a write budget of two blocks per hour the disk tier writes two
+    /// blocks and no more; every block is still served from RAM, and after a
+    /// restart the two on disk are read back, checked and imported.
+    #[test]
+    fn write_budget_stops_disk_writes_and_the_cache_stays_correct() {
+        use crate::inference::KvLayout;
+        let l = KvLayout {
+            n_layer: 2,
+            n_kv_head: 1,
+            head_dim: 32,
+        };
+        let mut c = KvCache::new(l);
+        for p in 0..64 {
+            let k: Vec<f32> = (0..64).map(|i| (p * 64 + i) as f32 / 300.0).collect();
+            c.append(&k, &k).expect("append");
+        }
+        let id = [8u8; 32];
+        let cx = KeyContext {
+            block_tokens: 16,
+            ..ctx()
+        };
+        let keys = cx.keys(&(0..64).collect::<Vec<u32>>());
+        assert_eq!(keys.len(), 4);
+        let d = tempfile::tempdir().expect("tmp");
+        let file_size = {
+            let blob = c.export(0..16, KvDtype::F16, &id).expect("export");
+            disk::encode(&keys[0], &blob).len() as u64
+        };
+        let cfg = KvCacheConfig {
+            block_tokens: 16,
+            disk_dir: Some(d.path().to_path_buf()),
+            disk_write_budget_per_hour: 2 * file_size + file_size / 2,
+            ..KvCacheConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let pc = PrefixCache::open(cfg.clone(), metrics.clone()).expect("open");
+        pc.store_blocks(&c, &keys, 0, &id);
+        pc.flush();
+        let disk = pc.disk().expect("disk tier");
+        assert_eq!(disk.len(), 2, "only two blocks fit in the hour's budget");
+        assert_eq!(files(d.path()), 2);
+        assert!(disk.contains(&keys[0]) && disk.contains(&keys[1]));
+        let text = metrics.render();
+        let v = |s: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(s)?.strip_prefix(' ')?.parse::<f64>().ok())
+        };
+        assert_eq!(
+            v("shoal_kv_disk_written_bytes_total"),
+            Some((2 * file_size) as f64)
+        );
+        assert_eq!(v("shoal_kv_disk_writes_skipped_total"), Some(2.0));
+        // Still answered in full, from RAM.
+        let mut a = KvCache::new(l);
+        let hit = pc.load_prefix(&keys, &id, &mut a);
+        assert_eq!((hit.blocks, hit.from_disk), (4, 0));
+        assert_eq!(a.get(1, 0, 0, 63), c.get(1, 0, 0, 63));
+        drop(pc);
+        // Restart: the two blocks on disk come back, checked; the rest is a miss.
+        let pc = PrefixCache::open(cfg.clone(), Arc::default()).expect("reopen");
+        let mut a = KvCache::new(l);
+        let hit = pc.load_prefix(&keys, &id, &mut a);
+        assert_eq!((hit.blocks, hit.from_disk), (2, 2));
+        assert_eq!(a.len(), 32);
+        for p in [0, 17, 31] {
+            assert_eq!(a.get(1, 0, 1, p), c.get(1, 0, 1, p), "position {p}");
+        }
+        drop(pc);
+        // A block on disk damaged meanwhile is refused, not imported.
+        let path = d.path().join(format!("{}.kvb", keys[0].to_hex()));
+        let mut bytes = std::fs::read(&path).expect("read");
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x10;
+        std::fs::write(&path, &bytes).expect("write");
+        let pc = PrefixCache::open(cfg, Arc::default()).expect("reopen");
+        let mut a = KvCache::new(l);
+        assert_eq!(pc.load_prefix(&keys, &id, &mut a).blocks, 0);
+        assert_eq!(pc.stats().corrupt_dropped.load(Ordering::Relaxed), 1);
     }
 
     fn files(dir: &std::path::Path) -> usize {

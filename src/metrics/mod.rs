@@ -11,7 +11,7 @@
 //! | --- | --- |
 //! | store | `shoal_store_artifacts{status}`, `shoal_store_bytes`, `shoal_store_quota_bytes`, `shoal_store_added_bytes_total`, `shoal_store_evictions_total`, `shoal_store_evicted_bytes_total` |
 //! | mesh | `shoal_chunk_fetches_total{source,outcome}`, `shoal_chunk_fetch_bytes_total{source}`, `shoal_chunk_fetch_duration_seconds{source}`, `shoal_bad_chunks_total{source}`, `shoal_peer_bans_total`, `shoal_peers_banned`, `shoal_peers_connected` |
-//! | KV cache | `shoal_kv_blocks{tier}`, `shoal_kv_bytes{tier}`, `shoal_kv_lookups_total{tier,result}` |
+//! | KV cache | `shoal_kv_blocks{tier}`, `shoal_kv_bytes{tier}`, `shoal_kv_lookups_total{tier,result}`, `shoal_kv_disk_written_bytes_total`, `shoal_kv_disk_writes_skipped_total` |
 //! | response cache | `shoal_response_cache_lookups_total{result}`, `shoal_response_cache_bytes` |
 //! | serving | `shoal_ttft_seconds{cache}`, `shoal_generation_tokens_per_second`, `shoal_generated_tokens_total`, `shoal_requests_total{status}`, `shoal_queue_depth{model}` |
 //!

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub(super) kv_blocks: Family<TierLabel, Gauge>,
     pub(super) kv_bytes: Family<TierLabel, Gauge>,
     pub(super) kv_lookups: Family<KvLookupLabels, Counter>,
+    pub(super) kv_disk_written: Counter,
+    pub(super) kv_disk_skipped: Counter,
     // response cache
     pub(super) rc_lookups: Family<ResultLabel, Counter>,
     pub(super) rc_bytes: Gauge,
@@ -95,6 +97,8 @@ impl Metrics {
             kv_blocks: Family::default(),
             kv_bytes: Family::default(),
             kv_lookups: Family::default(),
+            kv_disk_written: Counter::default(),
+            kv_disk_skipped: Counter::default(),
             rc_lookups: Family::default(),
             rc_bytes: Gauge::default(),
             ttft: Family::new_with_constructor(ttft),
@@ -220,6 +224,17 @@ impl Metrics {
             "kv_lookups",
             "KV-cache block lookups, by tier and result",
             self.kv_lookups.clone(),
+        );
+        r.register_with_unit(
+            "kv_disk_written",
+            "Bytes of KV-cache block files written to the disk tier",
+            Unit::Bytes,
+            self.kv_disk_written.clone(),
+        );
+        r.register(
+            "kv_disk_writes_skipped",
+            "KV-cache blocks kept in RAM only because the disk tier's hourly write budget was spent",
+            self.kv_disk_skipped.clone(),
         );
         r.register(
             "response_cache_lookups",
@@ -384,6 +399,16 @@ impl Metrics {
                 result: hit.into(),
             })
             .inc_by(n);
+    }
+
+    /// A KV block file of `bytes` bytes written to the disk tier.
+    pub fn kv_disk_written(&self, bytes: u64) {
+        self.kv_disk_written.inc_by(bytes);
+    }
+
+    /// A KV block not written to disk: the hourly write budget was spent.
+    pub fn kv_disk_write_skipped(&self) {
+        self.kv_disk_skipped.inc();
     }
 
     // ---- response cache ----

@@ -290,6 +290,68 @@ async fn budgets_are_never_exceeded() {
     srv.stop().await;
 }
 
+/// With the disk tier's hourly write budget spent after two blocks, the
+/// other blocks stay in RAM only: the same greedy answer cold, warm (all
+/// from RAM) and after a restart (the two blocks on disk read back and
+/// checked, the rest recomputed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_disk_write_budget_keeps_blocks_in_ram() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let prompt = format!("{}\nThe word used most above is", long_text(240));
+    let mut nocache = ram_only();
+    nocache.kv = None;
+    let Some(srv) = TestServer::start(nocache).await else {
+        return;
+    };
+    let (reference, pt, _) = ask(&srv, &prompt).await;
+    srv.stop().await;
+    assert!(pt > 5 * BLOCK);
+
+    // One block of the demo model in f16, plus its headers (< 1 KiB).
+    let block = (BLOCK * 30 * 2 * 3 * 64 * 2) as u64;
+    let budgeted = || {
+        let mut cfg = with_disk(dir.path());
+        cfg.kv = Some(KvCacheConfig {
+            disk_write_budget_per_hour: 2 * (block + 1024),
+            disk_dir: Some(dir.path().join("kv")),
+            ..KvCacheConfig::default()
+        });
+        cfg
+    };
+    let srv = TestServer::start(budgeted()).await.expect("server");
+    let kv = srv.serving.kv().expect("kv").clone();
+    let (cold, _, cached) = ask(&srv, &prompt).await;
+    assert_eq!((cold.as_str(), cached), (reference.as_str(), 0));
+    kv.flush();
+    let model = model_of(&srv);
+    let keys = kv
+        .context(&model)
+        .keys(&model.tokenizer().encode(&prompt, false, true));
+    let disk = kv.disk().expect("disk");
+    let on_disk: Vec<bool> = keys.iter().map(|k| disk.contains(k)).collect();
+    assert_eq!(&on_disk[..2], &[true, true], "the first two blocks fit");
+    assert!(
+        on_disk[2..].iter().all(|x| !x),
+        "no block past the budget: {on_disk:?}"
+    );
+    assert!(disk.used() <= disk.write_budget().limit());
+    // Warm: every block from RAM.
+    let (warm, _, cached) = ask(&srv, &prompt).await;
+    assert_eq!((warm.as_str(), cached), (reference.as_str(), pt - 1));
+    srv.stop().await;
+    drop(kv);
+
+    // Restart: the two blocks on disk, checked, then the rest recomputed.
+    let srv = TestServer::start(budgeted()).await.expect("server");
+    let kv = srv.serving.kv().expect("kv").clone();
+    let (after, _, cached) = ask(&srv, &prompt).await;
+    assert_eq!(cached, 2 * BLOCK, "two blocks from disk");
+    assert_eq!(kv.stats().disk_hits.load(Ordering::Relaxed), 2);
+    assert_eq!(kv.stats().corrupt_dropped.load(Ordering::Relaxed), 0);
+    assert_eq!(after, reference);
+    srv.stop().await;
+}
+
 /// 20 chats: four system prompts, five messages each (the fifth a second
 /// turn after the first answer, given by `first_answers`, one per system).
 fn chats(first_answers: &[String]) -> Vec<Value> {
