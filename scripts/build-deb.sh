@@ -111,7 +111,7 @@ package_unit() {
     fi
     {
         echo "# Packaged by scripts/build-deb.sh from scripts/systemd/$1:"
-        echo "# runs as the system user shoal (made by the package) instead of DynamicUser=yes."
+        echo "# runs as the system user shoal, made by the package's postinst."
         sed -e 's|/usr/local/bin/shoal|/usr/bin/shoal|g' \
             -e 's|^# Least privilege: an unprivileged user made up at start, owning only its state\.$|# Least privilege: the unprivileged system user shoal, owning only its state.|' \
             -e "s|^# run as shoal.service's dynamic user (the same name shares its UID) with its\$|# run as shoal.service's user with its|" \
