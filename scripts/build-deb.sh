@@ -14,7 +14,7 @@
 # packaging/changelog must have an entry for it.
 #
 # Default: --arch of this machine (dpkg --print-architecture), --out target/deb.
-# Missing tools (dpkg-dev, lintian, gcc-aarch64-linux-gnu, qemu-user, the rustup
+# Missing tools (dpkg, lintian, binutils, gcc-aarch64-linux-gnu, qemu-user, the rustup
 # target) are installed with apt-get / rustup, so a fresh Debian clone works.
 # Prints one line per package: path, size, and the time the build took.
 set -euo pipefail
@@ -63,7 +63,6 @@ apt_install() {
 need_tools() {
     local pkgs=()
     command -v dpkg-deb >/dev/null || pkgs+=(dpkg)
-    command -v dpkg-architecture >/dev/null || pkgs+=(dpkg-dev)
     command -v lintian >/dev/null || pkgs+=(lintian)
     command -v objdump >/dev/null || pkgs+=(binutils)
     command -v gzip >/dev/null || pkgs+=(gzip)

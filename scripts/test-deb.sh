@@ -20,7 +20,7 @@
 #   systemd-analyze verify (the host's) on the installed units, and
 #     systemd-analyze security --offline: shoal.service's exposure <= 2.5;
 #   dpkg -r keeps /var/lib/shoal (the trusted key), the user and the conffile;
-#   dpkg -i again re-enables the units and keeps the data;
+#   dpkg -i again re-enables the units, keeps the data and the edited conffile;
 #   dpkg -P removes the user, the group, /var/lib/shoal, /etc/shoal and the
 #     unit links.
 # The arm64 package is installed with dpkg's multiarch support (arm64 added
@@ -243,7 +243,9 @@ test_one() {
 
     # -- reinstall: the data is still there, the units are enabled again
     step "$arch: dpkg -i again"
+    echo '# local edit (test-deb)' >>"$r/etc/shoal/shoal.toml"
     check "dpkg -i after remove" in_root "$r" dpkg -i /tmp/shoal.deb
+    check "reinstalled: the edited conffile is kept" grep -q '^# local edit (test-deb)$' "$r/etc/shoal/shoal.toml"
     check "reinstalled: same uid" bash -c "[ \"\$(chroot '$r' getent passwd shoal | cut -d: -f3)\" = '$uid' ]"
     check "reinstalled: shoal.service enabled" test -L "$r/etc/systemd/system/multi-user.target.wants/shoal.service"
     check "reinstalled: the trusted key is still there" \
