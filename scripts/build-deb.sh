@@ -92,9 +92,10 @@ CHANGELOG_VERSION="$(sed -n '1s/^shoal (\([^)]*\)).*/\1/p' packaging/changelog)"
 [ "$CHANGELOG_VERSION" = "$VERSION" ] \
     || die "packaging/changelog's latest entry is '$CHANGELOG_VERSION', Cargo.toml says '$VERSION': add a changelog entry"
 # Every timestamp in the package is the changelog entry's (reproducible builds).
+# Not exported to cargo: cc-rs tracks SOURCE_DATE_EPOCH, and a change would
+# rebuild ring and everything above it instead of reusing the test build.
 SOURCE_DATE_EPOCH="$(date -d "$(sed -n 's/^ -- .*>  //p' packaging/changelog | head -n1)" +%s)" \
     || die "packaging/changelog: bad date in the trailer line"
-export SOURCE_DATE_EPOCH
 
 UNITS=(shoal.service shoal-prefetch.service shoal-prefetch.timer)
 
@@ -242,7 +243,7 @@ build_one() {
     find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
     deb="$OUT/shoal_${VERSION}_${arch}.deb"
-    dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
+    SOURCE_DATE_EPOCH="$SOURCE_DATE_EPOCH" dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
     rm -rf "$stage"
     trap - EXIT
 
