@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
         --deb-dir) DEB_DIR="${2:?--deb-dir needs a directory}"; shift 2 ;;
         --deb-dir=*) DEB_DIR="${1#--deb-dir=}"; shift ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "test-deb: unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
