@@ -85,11 +85,13 @@ CACHE="${SHOAL_CACHE_DIR:-$HOME/.cache/shoal}/deb-test"
 TARBALL="$CACHE/bookworm-minbase-amd64+arm64-v1.tar"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 mkdir -p "$CACHE"
-if [ ! -s "$TARBALL" ]; then
+if [ ! -f "$TARBALL" ] || [ ! -s "$TARBALL" ]; then
     step "mmdebstrap bookworm (amd64 + arm64 libc) -> $TARBALL (once; ~2-4 min)"
-    timeout 1200 mmdebstrap --quiet --variant=minbase --architectures=amd64,arm64 \
+    rm -rf "$TARBALL.tmp"
+    timeout 1200 mmdebstrap --quiet --format=tar --variant=minbase --architectures=amd64,arm64 \
         --include=adduser,init-system-helpers,libc6:arm64,libgcc-s1:arm64 \
-        bookworm "$TARBALL.tmp" "$MIRROR" || { rm -f "$TARBALL.tmp"; die "mmdebstrap failed"; }
+        bookworm "$TARBALL.tmp" "$MIRROR" || { rm -rf "$TARBALL.tmp"; die "mmdebstrap failed"; }
+    [ -f "$TARBALL.tmp" ] || die "mmdebstrap made no tarball at $TARBALL.tmp"
     mv "$TARBALL.tmp" "$TARBALL"
 fi
 
