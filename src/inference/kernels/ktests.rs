@@ -134,37 +134,37 @@ const FILLS: [Fill; 3] = [Fill::Random, Fill::AllMax, Fill::ZeroScale];
 macro_rules! check_type {
     ($ty:expr, $w:ty, $acts:expr, $one:ident, $four:ident, $scalar:ident, $set:expr) => {{
         for isa in Isa::available() {
-        for nb in [1usize, 2, 3, 7, 8] {
-            for fill in FILLS {
-                let buf = blocks::<$w>(nb, fill, 11 + nb as u64, $set);
-                let wb = bytes_of(&buf, nb * std::mem::size_of::<$w>());
-                let Some(w) = view::<$w>(wb) else {
-                    panic!("view");
-                };
-                let rows: Vec<_> = (0..3).map(|k| $acts(nb, 100 + k)).collect();
-                let what = format!("{} {:?} {nb} blocks {fill:?}", isa.name(), $ty);
-                for (a, vals) in &rows {
-                    let (want, mag) = exact($ty, wb, vals);
-                    let simd = $one(isa, w, a);
-                    check(&format!("{what} simd"), simd, want, mag);
-                    check(&format!("{what} scalar"), $scalar(w, a), want, mag);
-                    if matches!(fill, Fill::ZeroScale) {
-                        assert_eq!(simd, 0.0, "{what}");
+            for nb in [1usize, 2, 3, 7, 8] {
+                for fill in FILLS {
+                    let buf = blocks::<$w>(nb, fill, 11 + nb as u64, $set);
+                    let wb = bytes_of(&buf, nb * std::mem::size_of::<$w>());
+                    let Some(w) = view::<$w>(wb) else {
+                        panic!("view");
+                    };
+                    let rows: Vec<_> = (0..3).map(|k| $acts(nb, 100 + k)).collect();
+                    let what = format!("{} {:?} {nb} blocks {fill:?}", isa.name(), $ty);
+                    for (a, vals) in &rows {
+                        let (want, mag) = exact($ty, wb, vals);
+                        let simd = $one(isa, w, a);
+                        check(&format!("{what} simd"), simd, want, mag);
+                        check(&format!("{what} scalar"), $scalar(w, a), want, mag);
+                        if matches!(fill, Fill::ZeroScale) {
+                            assert_eq!(simd, 0.0, "{what}");
+                        }
+                    }
+                    // Lanes 0..4 hold rows 0, 1, 2, 1: every lane must be the
+                    // single-row result bit for bit.
+                    let order = [0, 1, 2, 1];
+                    let four = $four(isa, w, order.map(|k| &rows[k].0[..]));
+                    for (lane, k) in order.into_iter().enumerate() {
+                        assert_eq!(
+                            four[lane].to_bits(),
+                            $one(isa, w, &rows[k].0).to_bits(),
+                            "{what} x4 lane {lane}"
+                        );
                     }
                 }
-                // Lanes 0..4 hold rows 0, 1, 2, 1: every lane must be the
-                // single-row result bit for bit.
-                let order = [0, 1, 2, 1];
-                let four = $four(isa, w, order.map(|k| &rows[k].0[..]));
-                for (lane, k) in order.into_iter().enumerate() {
-                    assert_eq!(
-                        four[lane].to_bits(),
-                        $one(isa, w, &rows[k].0).to_bits(),
-                        "{what} x4 lane {lane}"
-                    );
-                }
             }
-        }
         }
     }};
 }

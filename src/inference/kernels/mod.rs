@@ -521,7 +521,11 @@ mod tests {
             for (i, v) in x.iter().enumerate() {
                 let b = &q[i / 32];
                 let r = f32::from(b.qs[i % 32]) * b.d;
-                assert!((r - v).abs() <= b.d * 0.5 + 1e-5, "{}: {r} vs {v}", isa.name());
+                assert!(
+                    (r - v).abs() <= b.d * 0.5 + 1e-5,
+                    "{}: {r} vs {v}",
+                    isa.name()
+                );
             }
         }
     }
