@@ -1,4 +1,5 @@
-//! Tests of the Q5 and K-quant kernels: every SIMD kernel against its scalar
+//! Tests of the Q5 and K-quant kernels: every SIMD kernel of every
+//! instruction set the CPU has ([`Isa::available`]) against its scalar
 //! version, both against the exact product of the weights as candle
 //! dequantizes them (an independent reference), and the 1×4 kernels bit for
 //! bit against the single-row ones.
@@ -132,35 +133,36 @@ const FILLS: [Fill; 3] = [Fill::Random, Fill::AllMax, Fill::ZeroScale];
 /// Runs one weight type through single-row SIMD, scalar, x4 and exact.
 macro_rules! check_type {
     ($ty:expr, $w:ty, $acts:expr, $one:ident, $four:ident, $scalar:ident, $set:expr) => {{
-        let isa = Isa::detect();
-        for nb in [1usize, 2, 3, 7, 8] {
-            for fill in FILLS {
-                let buf = blocks::<$w>(nb, fill, 11 + nb as u64, $set);
-                let wb = bytes_of(&buf, nb * std::mem::size_of::<$w>());
-                let Some(w) = view::<$w>(wb) else {
-                    panic!("view");
-                };
-                let rows: Vec<_> = (0..3).map(|k| $acts(nb, 100 + k)).collect();
-                let what = format!("{:?} {nb} blocks {fill:?}", $ty);
-                for (a, vals) in &rows {
-                    let (want, mag) = exact($ty, wb, vals);
-                    let simd = $one(isa, w, a);
-                    check(&format!("{what} simd"), simd, want, mag);
-                    check(&format!("{what} scalar"), $scalar(w, a), want, mag);
-                    if matches!(fill, Fill::ZeroScale) {
-                        assert_eq!(simd, 0.0, "{what}");
+        for isa in Isa::available() {
+            for nb in [1usize, 2, 3, 7, 8] {
+                for fill in FILLS {
+                    let buf = blocks::<$w>(nb, fill, 11 + nb as u64, $set);
+                    let wb = bytes_of(&buf, nb * std::mem::size_of::<$w>());
+                    let Some(w) = view::<$w>(wb) else {
+                        panic!("view");
+                    };
+                    let rows: Vec<_> = (0..3).map(|k| $acts(nb, 100 + k)).collect();
+                    let what = format!("{} {:?} {nb} blocks {fill:?}", isa.name(), $ty);
+                    for (a, vals) in &rows {
+                        let (want, mag) = exact($ty, wb, vals);
+                        let simd = $one(isa, w, a);
+                        check(&format!("{what} simd"), simd, want, mag);
+                        check(&format!("{what} scalar"), $scalar(w, a), want, mag);
+                        if matches!(fill, Fill::ZeroScale) {
+                            assert_eq!(simd, 0.0, "{what}");
+                        }
                     }
-                }
-                // Lanes 0..4 hold rows 0, 1, 2, 1: every lane must be the
-                // single-row result bit for bit.
-                let order = [0, 1, 2, 1];
-                let four = $four(isa, w, order.map(|k| &rows[k].0[..]));
-                for (lane, k) in order.into_iter().enumerate() {
-                    assert_eq!(
-                        four[lane].to_bits(),
-                        $one(isa, w, &rows[k].0).to_bits(),
-                        "{what} x4 lane {lane}"
-                    );
+                    // Lanes 0..4 hold rows 0, 1, 2, 1: every lane must be the
+                    // single-row result bit for bit.
+                    let order = [0, 1, 2, 1];
+                    let four = $four(isa, w, order.map(|k| &rows[k].0[..]));
+                    for (lane, k) in order.into_iter().enumerate() {
+                        assert_eq!(
+                            four[lane].to_bits(),
+                            $one(isa, w, &rows[k].0).to_bits(),
+                            "{what} x4 lane {lane}"
+                        );
+                    }
                 }
             }
         }
@@ -175,6 +177,40 @@ fn a8(nb: usize, seed: u64) -> (Vec<BlockA8>, Vec<f32>) {
 fn a8s(nb: usize, seed: u64) -> (Vec<BlockA8S>, Vec<f32>) {
     let (_, s, v) = acts32(nb, seed);
     (s, v)
+}
+
+/// Q4_0 has no 1×4 kernel: four single-row calls stand in for it.
+fn dot_q4_0_a8_x4(isa: Isa, w: &[BlockQ4_0], a: [&[BlockA8]; 4]) -> [f32; 4] {
+    a.map(|a| dot_q4_0_a8(isa, w, a))
+}
+
+#[test]
+fn q4_0_kernel() {
+    check_type!(
+        GgmlType::Q4_0,
+        BlockQ4_0,
+        a8,
+        dot_q4_0_a8,
+        dot_q4_0_a8_x4,
+        dot_q4_0_a8_scalar,
+        |b: &mut BlockQ4_0, d, _| b.d = d
+    );
+}
+
+#[test]
+fn q4_1_kernel() {
+    check_type!(
+        GgmlType::Q4_1,
+        BlockQ4_1,
+        a8s,
+        dot_q4_1_a8s,
+        dot_q4_1_a8s_x4,
+        dot_q4_1_a8s_scalar,
+        |b: &mut BlockQ4_1, d, m| {
+            b.d = d;
+            b.m = m;
+        }
+    );
 }
 
 #[test]
@@ -268,8 +304,10 @@ fn q6_k_kernel() {
 /// and most positive i8 scales must work too.
 #[test]
 fn q6_k_extreme_scales() {
-    let isa = Isa::detect();
-    for sc in [i8::MIN, i8::MAX] {
+    for (isa, sc) in Isa::available()
+        .into_iter()
+        .flat_map(|isa| [(isa, i8::MIN), (isa, i8::MAX)])
+    {
         let buf = blocks::<BlockQ6K>(3, Fill::AllMax, 5, |b: &mut BlockQ6K, d, _| {
             b.d = d;
             b.scales = [sc; 16];
@@ -286,7 +324,12 @@ fn q6_k_extreme_scales() {
 
 #[test]
 fn a8k_quantization() {
-    let isa = Isa::detect();
+    for isa in Isa::available() {
+        a8k_quantization_on(isa);
+    }
+}
+
+fn a8k_quantization_on(isa: Isa) {
     let x = rand_f32(3 * 256, 21);
     let z = BlockA8K {
         d: 0.0,

@@ -5,14 +5,14 @@
 //! block type (Q8_0 or Q8_1, as llama.cpp does), and each output element is an
 //! integer dot product per block scaled by the two block scales.
 //!
-//! Every kernel has a portable scalar version and, on x86-64, an AVX2+FMA
-//! version chosen at run time ([`Isa::detect`]). A NEON version slots in the
-//! same way: add an `Isa` variant and a `neon` module with the same functions.
+//! Every kernel has a portable scalar version and SIMD versions chosen at
+//! run time ([`Isa::detect`]): AVX2+FMA on x86-64; on aarch64 NEON with
+//! `sdot` (FEAT_DotProd) or plain NEON (`smull`/`sadalp`) without it.
 //!
 //! Layout (as ggml's): `blocks` holds the block types and byte views,
 //! `scalar` the portable reference kernels, one module per instruction set
-//! (`avx2`; a `neon` module slots in beside it) the SIMD versions, and this
-//! module the run-time dispatch on [`Isa`].
+//! (`avx2`, `neon`) the SIMD versions, and this module the run-time
+//! dispatch on [`Isa`].
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
@@ -21,6 +21,8 @@ mod avx2;
 mod blocks;
 #[cfg(test)]
 mod ktests;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scalar;
 
 pub(crate) use blocks::{
@@ -41,6 +43,17 @@ pub(crate) use scalar::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Avx2Token(());
 
+/// Proof that this CPU has NEON (aarch64 Advanced SIMD); made only by
+/// [`Isa::available`] after `is_aarch64_feature_detected!("neon")`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeonToken(());
+
+/// Proof that this CPU has NEON and the 8-bit dot product instructions
+/// (FEAT_DotProd, `sdot`); made only by [`Isa::available`] after
+/// `is_aarch64_feature_detected!("dotprod")`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DotprodToken(());
+
 /// The instruction set the kernels run with: [`Isa::Scalar`] anywhere, every
 /// other variant only through run-time detection ([`Isa::detect`],
 /// [`Isa::available`]), which alone can make its token.
@@ -50,17 +63,39 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2(Avx2Token),
+    /// aarch64 NEON without the dot product instructions (Cortex-A53/A72:
+    /// Raspberry Pi 3 and 4).
+    Neon(NeonToken),
+    /// aarch64 NEON with FEAT_DotProd (Cortex-A55/A76 and later:
+    /// Raspberry Pi 5).
+    NeonDot(DotprodToken),
 }
 
 impl Isa {
     /// The best instruction set this CPU supports (checked at run time).
-    /// `SHOAL_ISA=scalar` forces the portable kernels (for tests and
+    /// `SHOAL_ISA=scalar` forces the portable kernels and `SHOAL_ISA=neon`
+    /// plain NEON without `sdot` where NEON is available (for tests and
     /// comparisons).
     pub fn detect() -> Self {
-        if std::env::var("SHOAL_ISA").is_ok_and(|v| v == "scalar") {
-            return Isa::Scalar;
+        Self::choose(
+            std::env::var("SHOAL_ISA").ok().as_deref(),
+            &Self::available(),
+        )
+    }
+
+    /// The instruction set `SHOAL_ISA=choice` picks among `available`
+    /// (worst first): `scalar`, `neon` (when available), else the best.
+    fn choose(choice: Option<&str>, available: &[Isa]) -> Self {
+        let best = available.last().copied().unwrap_or(Isa::Scalar);
+        match choice {
+            Some("scalar") => Isa::Scalar,
+            Some("neon") => available
+                .iter()
+                .copied()
+                .find(|i| matches!(i, Isa::Neon(_)))
+                .unwrap_or(best),
+            _ => best,
         }
-        Self::available().last().copied().unwrap_or(Isa::Scalar)
     }
 
     /// Every instruction set this CPU supports, worst first (always starts
@@ -78,14 +113,26 @@ impl Isa {
                 v.push(Isa::Avx2(Avx2Token(())));
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if std::arch::is_aarch64_feature_detected!("neon") {
+                v.push(Isa::Neon(NeonToken(())));
+                if std::arch::is_aarch64_feature_detected!("dotprod") {
+                    v.push(Isa::NeonDot(DotprodToken(())));
+                }
+            }
+        }
         v
     }
 
-    /// A short name for logs and metrics (`scalar`, `avx2`).
+    /// A short name for logs and metrics (`scalar`, `avx2`, `neon`,
+    /// `neon-dotprod`).
     pub fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2(_) => "avx2",
+            Isa::Neon(_) => "neon",
+            Isa::NeonDot(_) => "neon-dotprod",
         }
     }
 }
@@ -96,6 +143,10 @@ pub(crate) fn quantize_a8(isa: Isa, x: &[f32], out: &mut [BlockA8]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an `Avx2Token` exists only where the CPU has AVX2/FMA/F16C.
         Isa::Avx2(_) => unsafe { avx2::quantize_a8(x, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `NeonToken` or `DotprodToken` exists only where the CPU
+        // has NEON.
+        Isa::Neon(_) | Isa::NeonDot(_) => unsafe { neon::quantize_a8(x, out) },
         _ => quantize_a8_scalar(x, out),
     }
 }
@@ -106,6 +157,10 @@ pub(crate) fn quantize_a8s(isa: Isa, x: &[f32], out: &mut [BlockA8S]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
         Isa::Avx2(_) => unsafe { avx2::quantize_a8s(x, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `NeonToken` or `DotprodToken` exists only where the CPU
+        // has NEON.
+        Isa::Neon(_) | Isa::NeonDot(_) => unsafe { neon::quantize_a8s(x, out) },
         _ => quantize_a8s_scalar(x, out),
     }
 }
@@ -116,6 +171,13 @@ pub(crate) fn dot_q4_0_a8(isa: Isa, w: &[BlockQ4_0], a: &[BlockA8]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
         Isa::Avx2(_) => unsafe { avx2::dot_q4_0_a8(w, a) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `NeonToken` exists only where the CPU has NEON.
+        Isa::Neon(_) => unsafe { neon::dot_q4_0_a8::<1>(w, [a])[0] },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `DotprodToken` exists only where the CPU has NEON and
+        // FEAT_DotProd.
+        Isa::NeonDot(_) => unsafe { neon::dot_q4_0_a8_dot::<1>(w, [a])[0] },
         _ => dot_q4_0_a8_scalar(w, a),
     }
 }
@@ -126,6 +188,13 @@ pub(crate) fn dot_q4_1_a8s(isa: Isa, w: &[BlockQ4_1], a: &[BlockA8S]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
         Isa::Avx2(_) => unsafe { avx2::dot_q4_1_a8s(w, a) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `NeonToken` exists only where the CPU has NEON.
+        Isa::Neon(_) => unsafe { neon::dot_q4_1_a8s::<1>(w, [a])[0] },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `DotprodToken` exists only where the CPU has NEON and
+        // FEAT_DotProd.
+        Isa::NeonDot(_) => unsafe { neon::dot_q4_1_a8s_dot::<1>(w, [a])[0] },
         _ => dot_q4_1_a8s_scalar(w, a),
     }
 }
@@ -136,6 +205,13 @@ pub(crate) fn dot_q4_1_a8s_x4(isa: Isa, w: &[BlockQ4_1], a: [&[BlockA8S]; 4]) ->
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
         Isa::Avx2(_) => unsafe { avx2::dot_q4_1_a8s_x4(w, a) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `NeonToken` exists only where the CPU has NEON.
+        Isa::Neon(_) => unsafe { neon::dot_q4_1_a8s::<4>(w, a) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `DotprodToken` exists only where the CPU has NEON and
+        // FEAT_DotProd.
+        Isa::NeonDot(_) => unsafe { neon::dot_q4_1_a8s_dot::<4>(w, a) },
         _ => a.map(|a| dot_q4_1_a8s_scalar(w, a)),
     }
 }
@@ -146,6 +222,10 @@ pub(crate) fn quantize_a8k(isa: Isa, x: &[f32], out: &mut [BlockA8K]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
         Isa::Avx2(_) => unsafe { avx2::quantize_a8k(x, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `NeonToken` or `DotprodToken` exists only where the CPU
+        // has NEON.
+        Isa::Neon(_) | Isa::NeonDot(_) => unsafe { neon::quantize_a8k(x, out) },
         _ => quantize_a8k_scalar(x, out),
     }
 }
@@ -155,6 +235,43 @@ pub(crate) fn quantize_a8k(isa: Isa, x: &[f32], out: &mut [BlockA8K]) {
 /// operations in the same order per row, so a row's result is bit for bit
 /// the same alone or in a group of four.
 macro_rules! row_kernels {
+    ($(#[$doc:meta])* $one:ident, $four:ident, $dot:ident, $scalar:ident, $w:ty, $a:ty) => {
+        $(#[$doc])*
+        pub(crate) fn $one(isa: Isa, w: &[$w], a: &[$a]) -> f32 {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: see `quantize_a8`.
+                Isa::Avx2(_) => unsafe { avx2::$one::<1>(w, [a])[0] },
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: a `NeonToken` exists only where the CPU has NEON.
+                Isa::Neon(_) => unsafe { neon::$one::<1>(w, [a])[0] },
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: a `DotprodToken` exists only where the CPU has NEON and
+                // FEAT_DotProd.
+                Isa::NeonDot(_) => unsafe { neon::$dot::<1>(w, [a])[0] },
+                _ => $scalar(w, a),
+            }
+        }
+
+        /// One weight row · four activation rows (weights unpacked once),
+        /// bit for bit four calls of the single-row kernel.
+        pub(crate) fn $four(isa: Isa, w: &[$w], a: [&[$a]; 4]) -> [f32; 4] {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: see `quantize_a8`.
+                Isa::Avx2(_) => unsafe { avx2::$one::<4>(w, a) },
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: a `NeonToken` exists only where the CPU has NEON.
+                Isa::Neon(_) => unsafe { neon::$one::<4>(w, a) },
+                #[cfg(target_arch = "aarch64")]
+                // SAFETY: a `DotprodToken` exists only where the CPU has NEON and
+                // FEAT_DotProd.
+                Isa::NeonDot(_) => unsafe { neon::$dot::<4>(w, a) },
+                _ => a.map(|a| $scalar(w, a)),
+            }
+        }
+    };
+    // A type without a NEON kernel: scalar on aarch64.
     ($(#[$doc:meta])* $one:ident, $four:ident, $scalar:ident, $w:ty, $a:ty) => {
         $(#[$doc])*
         pub(crate) fn $one(isa: Isa, w: &[$w], a: &[$a]) -> f32 {
@@ -181,27 +298,27 @@ macro_rules! row_kernels {
 
 row_kernels!(
     /// Q8_0 weights · 8-bit activations.
-    dot_q8_0_a8, dot_q8_0_a8_x4, dot_q8_0_a8_scalar, BlockQ8_0, BlockA8
+    dot_q8_0_a8, dot_q8_0_a8_x4, dot_q8_0_a8_dot, dot_q8_0_a8_scalar, BlockQ8_0, BlockA8
 );
 row_kernels!(
     /// Q5_0 weights · 8-bit activations.
-    dot_q5_0_a8, dot_q5_0_a8_x4, dot_q5_0_a8_scalar, BlockQ5_0, BlockA8
+    dot_q5_0_a8, dot_q5_0_a8_x4, dot_q5_0_a8_dot, dot_q5_0_a8_scalar, BlockQ5_0, BlockA8
 );
 row_kernels!(
     /// Q5_1 weights · 8-bit activations with sums.
-    dot_q5_1_a8s, dot_q5_1_a8s_x4, dot_q5_1_a8s_scalar, BlockQ5_1, BlockA8S
+    dot_q5_1_a8s, dot_q5_1_a8s_x4, dot_q5_1_a8s_dot, dot_q5_1_a8s_scalar, BlockQ5_1, BlockA8S
 );
 row_kernels!(
     /// Q4_K weights · 256-wide 8-bit activations.
-    dot_q4_k_a8k, dot_q4_k_a8k_x4, dot_q4_k_a8k_scalar, BlockQ4K, BlockA8K
+    dot_q4_k_a8k, dot_q4_k_a8k_x4, dot_q4_k_a8k_dot, dot_q4_k_a8k_scalar, BlockQ4K, BlockA8K
 );
 row_kernels!(
     /// Q5_K weights · 256-wide 8-bit activations.
-    dot_q5_k_a8k, dot_q5_k_a8k_x4, dot_q5_k_a8k_scalar, BlockQ5K, BlockA8K
+    dot_q5_k_a8k, dot_q5_k_a8k_x4, dot_q5_k_a8k_dot, dot_q5_k_a8k_scalar, BlockQ5K, BlockA8K
 );
 row_kernels!(
     /// Q6_K weights · 256-wide 8-bit activations.
-    dot_q6_k_a8k, dot_q6_k_a8k_x4, dot_q6_k_a8k_scalar, BlockQ6K, BlockA8K
+    dot_q6_k_a8k, dot_q6_k_a8k_x4, dot_q6_k_a8k_dot, dot_q6_k_a8k_scalar, BlockQ6K, BlockA8K
 );
 
 /// f32 · f32.
@@ -210,6 +327,10 @@ pub(crate) fn dot_f32(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
         Isa::Avx2(_) => unsafe { avx2::dot_f32(a, b) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `NeonToken` or `DotprodToken` exists only where the CPU
+        // has NEON.
+        Isa::Neon(_) | Isa::NeonDot(_) => unsafe { neon::dot_f32(a, b) },
         _ => dot_f32_scalar(a, b),
     }
 }
@@ -220,6 +341,10 @@ pub(crate) fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: see `quantize_a8`.
         Isa::Avx2(_) => unsafe { avx2::axpy(y, alpha, x) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: a `NeonToken` or `DotprodToken` exists only where the CPU
+        // has NEON.
+        Isa::Neon(_) | Isa::NeonDot(_) => unsafe { neon::axpy(y, alpha, x) },
         _ => axpy_scalar(y, alpha, x),
     }
 }
@@ -241,9 +366,21 @@ mod tests {
         (0..n).map(|_| lcg(&mut s) * 3.0).collect()
     }
 
+    /// Every instruction set this CPU has (not just the best) against the
+    /// scalar reference.
     #[test]
     fn simd_matches_scalar() {
-        let isa = Isa::detect();
+        let all = Isa::available();
+        eprintln!(
+            "instruction sets: {:?}",
+            all.iter().map(|i| i.name()).collect::<Vec<_>>()
+        );
+        for isa in all {
+            simd_matches_scalar_on(isa);
+        }
+    }
+
+    fn simd_matches_scalar_on(isa: Isa) {
         let n = 256;
         let x = rand_vec(n, 1);
         let za = BlockA8 {
@@ -260,7 +397,7 @@ mod tests {
         quantize_a8_scalar(&x, &mut c0);
         quantize_a8(isa, &x, &mut d0);
         for (p, q) in c0.iter().zip(&d0) {
-            assert_eq!(p.qs, q.qs);
+            assert_eq!(p.qs, q.qs, "{}", isa.name());
             assert!((p.d - q.d).abs() <= p.d * 1e-6);
         }
         let mut c1 = vec![zs; n / 32];
@@ -315,7 +452,8 @@ mod tests {
                 assert_eq!(
                     four[k].to_bits(),
                     dot_q4_1_a8s(isa, &w41, r).to_bits(),
-                    "x4 lane {k}, {nb} blocks"
+                    "{} x4 lane {k}, {nb} blocks",
+                    isa.name()
                 );
             }
             assert!(close(
@@ -333,10 +471,39 @@ mod tests {
             }
             assert!(close(exact, dot_q4_1_a8s(isa, &w41, c1)), "{exact}");
         }
-        let y = rand_vec(n + 3, 2);
-        let z = rand_vec(n + 3, 3);
         let close = |a: f32, b: f32| (a - b).abs() <= 1e-3 * (1.0 + a.abs());
-        assert!(close(dot_f32_scalar(&y, &z), dot_f32(isa, &y, &z)));
+        // Odd lengths exercise every tail of the f32 loops.
+        for len in [n + 3, 21, 7, 0] {
+            let y = rand_vec(len, 2);
+            let z = rand_vec(len, 3);
+            assert!(close(dot_f32_scalar(&y, &z), dot_f32(isa, &y, &z)));
+            // axpy: one fused multiply-add per element, bit for bit.
+            let (mut p, mut q) = (y.clone(), y.clone());
+            axpy_scalar(&mut p, 0.37, &z);
+            axpy(isa, &mut q, 0.37, &z);
+            assert_eq!(p, q, "{} axpy, {len}", isa.name());
+        }
+    }
+
+    #[test]
+    fn shoal_isa_choice() {
+        let all = Isa::available();
+        let best = *all.last().unwrap_or(&Isa::Scalar);
+        assert_eq!(Isa::choose(Some("scalar"), &all), Isa::Scalar);
+        assert_eq!(Isa::choose(None, &all), best);
+        assert_eq!(Isa::choose(Some("bogus"), &all), best);
+        let neon = Isa::choose(Some("neon"), &all);
+        #[cfg(target_arch = "aarch64")]
+        {
+            // Every aarch64 CPU shoal runs on has NEON; dotprod is optional
+            // and must be listed exactly when the CPU reports it.
+            assert!(matches!(neon, Isa::Neon(_)), "{neon:?}");
+            let dot = std::arch::is_aarch64_feature_detected!("dotprod");
+            assert_eq!(all.iter().any(|i| matches!(i, Isa::NeonDot(_))), dot);
+            assert_eq!(best.name(), if dot { "neon-dotprod" } else { "neon" });
+        }
+        #[cfg(not(target_arch = "aarch64"))]
+        assert_eq!(neon, best);
     }
 
     #[test]
@@ -349,11 +516,17 @@ mod tests {
             };
             2
         ];
-        quantize_a8(Isa::detect(), &x, &mut q);
-        for (i, v) in x.iter().enumerate() {
-            let b = &q[i / 32];
-            let r = f32::from(b.qs[i % 32]) * b.d;
-            assert!((r - v).abs() <= b.d * 0.5 + 1e-5, "{r} vs {v}");
+        for isa in Isa::available() {
+            quantize_a8(isa, &x, &mut q);
+            for (i, v) in x.iter().enumerate() {
+                let b = &q[i / 32];
+                let r = f32::from(b.qs[i % 32]) * b.d;
+                assert!(
+                    (r - v).abs() <= b.d * 0.5 + 1e-5,
+                    "{}: {r} vs {v}",
+                    isa.name()
+                );
+            }
         }
     }
 }
