@@ -24,13 +24,14 @@ mod ktests;
 mod scalar;
 
 pub(crate) use blocks::{
-    BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
-    BlockQ6K, BlockQ8_0, Plain, view, view_mut,
+    BlockA8, BlockA8K, BlockA8S, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0,
+    BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, Plain, view, view_mut,
 };
 pub(crate) use scalar::{
-    axpy_scalar, dot_f32_scalar, dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q4_k_a8k_scalar,
-    dot_q5_0_a8_scalar, dot_q5_1_a8s_scalar, dot_q5_k_a8k_scalar, dot_q6_k_a8k_scalar,
-    dot_q8_0_a8_scalar, quantize_a8_scalar, quantize_a8k_scalar, quantize_a8s_scalar,
+    axpy_scalar, dot_f16_scalar, dot_f32_scalar, dot_q2_k_a8k_scalar, dot_q3_k_a8k_scalar,
+    dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q4_k_a8k_scalar, dot_q5_0_a8_scalar,
+    dot_q5_1_a8s_scalar, dot_q5_k_a8k_scalar, dot_q6_k_a8k_scalar, dot_q8_0_a8_scalar,
+    quantize_a8_scalar, quantize_a8k_scalar, quantize_a8s_scalar,
 };
 
 /// Proof that this CPU has AVX2, FMA and F16C.
@@ -223,6 +224,19 @@ pub(crate) fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
         _ => axpy_scalar(y, alpha, x),
     }
 }
+
+row_kernels!(
+    /// Q2_K weights · 256-wide 8-bit activations.
+    dot_q2_k_a8k, dot_q2_k_a8k_x4, dot_q2_k_a8k_scalar, BlockQ2K, BlockA8K
+);
+row_kernels!(
+    /// Q3_K weights · 256-wide 8-bit activations.
+    dot_q3_k_a8k, dot_q3_k_a8k_x4, dot_q3_k_a8k_scalar, BlockQ3K, BlockA8K
+);
+row_kernels!(
+    /// F16 weights · f32 activations (accumulated in f32).
+    dot_f16, dot_f16_x4, dot_f16_scalar, half::f16, f32
+);
 
 #[cfg(test)]
 mod tests {
