@@ -437,9 +437,7 @@ impl Exec {
                 GgmlType::F16 => batched!(f16, dot_f16, dot_f16_x4),
                 ty => self.par(ntasks, |t| {
                     let (r0, r1) = span(t);
-                    rows_with(base, w, acts, ptr, r0..r1, |wr, ar| {
-                        dot(isa, ty, wr, ar)
-                    });
+                    rows_with(base, w, acts, ptr, r0..r1, |wr, ar| dot(isa, ty, wr, ar));
                 }),
             }
             return;

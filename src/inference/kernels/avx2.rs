@@ -911,7 +911,13 @@ pub(super) unsafe fn dot_q2_k_a8k<const N: usize>(w: &[BlockQ2K], a: [&[BlockA8K
                 for k in 0..4 {
                     let v = _mm256_and_si256(q, m3);
                     q = _mm256_srli_epi16(q, 2);
-                    k_part(v, pick16(sh, 2 * k, 2 * k + 1), 128 * h + 32 * k, &ys, &mut sumi);
+                    k_part(
+                        v,
+                        pick16(sh, 2 * k, 2 * k + 1),
+                        128 * h + 32 * k,
+                        &ys,
+                        &mut sumi,
+                    );
                 }
             }
             let (d, dmin) = (f16s(x.d), f16s(x.dmin));
@@ -919,11 +925,8 @@ pub(super) unsafe fn dot_q2_k_a8k<const N: usize>(w: &[BlockQ2K], a: [&[BlockA8K
                 let yd = ys[c].d;
                 let bs = _mm256_loadu_si256(ys[c].bsums.as_ptr().cast());
                 let pm = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
-                acc[c] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(d * yd),
-                    _mm256_cvtepi32_ps(sumi[c]),
-                    acc[c],
-                );
+                acc[c] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * yd), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
                 accm[c] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * yd), pm, accm[c]);
             }
         }
@@ -982,7 +985,13 @@ pub(super) unsafe fn dot_q3_k_a8k<const N: usize>(w: &[BlockQ3K], a: [&[BlockA8K
                     hm = _mm256_srli_epi16(hm, 1);
                     let v = _mm256_or_si256(_mm256_and_si256(q, m3), high);
                     q = _mm256_srli_epi16(q, 2);
-                    k_part(v, pick16(sh, 2 * k, 2 * k + 1), 128 * h + 32 * k, &ys, &mut sumi);
+                    k_part(
+                        v,
+                        pick16(sh, 2 * k, 2 * k + 1),
+                        128 * h + 32 * k,
+                        &ys,
+                        &mut sumi,
+                    );
                 }
             }
             // Minus 4 · Σ scale_j · bsum_j.

@@ -207,6 +207,10 @@ unsafe impl Plain for candle_core::quantized::k_quants::BlockQ2K {}
 // SAFETY: candle's quant blocks are repr(C) aggregates of f16/f32/u8/i8/i16.
 unsafe impl Plain for candle_core::quantized::k_quants::BlockQ3K {}
 // SAFETY: candle's quant blocks are repr(C) aggregates of f16/f32/u8/i8/i16.
+// (Only the speed probe still calls candle's Q8_K kernels, for comparison.)
+#[cfg(test)]
+unsafe impl Plain for candle_core::quantized::k_quants::BlockQ8K {}
+// SAFETY: candle's quant blocks are repr(C) aggregates of f16/f32/u8/i8/i16.
 unsafe impl Plain for candle_core::quantized::k_quants::BlockQ5_0 {}
 // SAFETY: candle's quant blocks are repr(C) aggregates of f16/f32/u8/i8/i16.
 unsafe impl Plain for candle_core::quantized::k_quants::BlockQ5_1 {}

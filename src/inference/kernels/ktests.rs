@@ -424,10 +424,18 @@ fn q3_k_extremes() {
         let (a, vals) = acts256(3, 9);
         let (want, mag) = candle_exact::<candle_core::quantized::k_quants::BlockQ3K>(wb, &vals);
         for isa in Isa::available() {
-            let what = format!("q3_k scales {scale_byte:#x} hmask {hmask:#x} {}", isa.name());
+            let what = format!(
+                "q3_k scales {scale_byte:#x} hmask {hmask:#x} {}",
+                isa.name()
+            );
             check(&what, dot_q3_k_a8k(isa, w, &a), want, mag);
         }
-        check("q3_k extremes scalar", dot_q3_k_a8k_scalar(w, &a), want, mag);
+        check(
+            "q3_k extremes scalar",
+            dot_q3_k_a8k_scalar(w, &a),
+            want,
+            mag,
+        );
     }
 }
 
@@ -438,7 +446,7 @@ fn q3_k_extremes() {
 fn q3_k_scales_unpack() {
     let mut s = 5u64;
     for _ in 0..20 {
-        let mut b = BlockQ3K {
+        let b = BlockQ3K {
             hmask: [0xff; 32],
             qs: [0x55; 64],
             scales: std::array::from_fn(|_| lcg(&mut s) as u8),

@@ -563,5 +563,79 @@ mod speed {
                 |w, a| dot_q6_k_a8k_x4(isa, w, a),
             );
         }
+        low_k_and_f16(isa, h, a8k);
+    }
+
+    /// Bytes of a slice of plain blocks, viewed as candle's block type.
+    fn as_candle<T: Plain, C: Plain>(s: &[T]) -> &[C] {
+        // SAFETY: plain data viewed as bytes within its length.
+        let b = unsafe {
+            std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s))
+        };
+        view::<C>(b).unwrap_or(&[])
+    }
+
+    /// F16, Q2_K and Q3_K: ours, then candle's `vec_dot` (what shoal called
+    /// before; [`BlockA8K`] has ggml's `block_q8_K` layout) for comparison.
+    fn low_k_and_f16(isa: Isa, h: f16, a8k: BlockA8K) {
+        use candle_core::quantized::k_quants::{self as ck, GgmlType as _};
+        for cols in [1024usize, 2048] {
+            let q2k = BlockQ2K {
+                scales: [0x9b; 16],
+                qs: [0x5a; 64],
+                d: h,
+                dmin: h,
+            };
+            probe(
+                "Q2_K",
+                cols,
+                256,
+                q2k,
+                a8k,
+                |w, a| dot_q2_k_a8k(isa, w, a),
+                |w, a| dot_q2_k_a8k_x4(isa, w, a),
+            );
+            let cq2 = |w: &[BlockQ2K], a: &[BlockA8K]| {
+                ck::BlockQ2K::vec_dot(cols, as_candle(w), as_candle(a))
+            };
+            probe("Q2_Kc", cols, 256, q2k, a8k, cq2, |w, a| {
+                a.map(|a| cq2(w, a))
+            });
+            let q3k = BlockQ3K {
+                hmask: [0xa5; 32],
+                qs: [0x5a; 64],
+                scales: [0x9b; 12],
+                d: h,
+            };
+            probe(
+                "Q3_K",
+                cols,
+                256,
+                q3k,
+                a8k,
+                |w, a| dot_q3_k_a8k(isa, w, a),
+                |w, a| dot_q3_k_a8k_x4(isa, w, a),
+            );
+            let cq3 = |w: &[BlockQ3K], a: &[BlockA8K]| {
+                ck::BlockQ3K::vec_dot(cols, as_candle(w), as_candle(a))
+            };
+            probe("Q3_Kc", cols, 256, q3k, a8k, cq3, |w, a| {
+                a.map(|a| cq3(w, a))
+            });
+        }
+        for cols in [640usize, 2048] {
+            probe(
+                "F16",
+                cols,
+                1,
+                h,
+                0.5f32,
+                |w, a| dot_f16(isa, w, a),
+                |w, a| dot_f16_x4(isa, w, a),
+            );
+            // candle multiplied F16 weights with an f16 activation row.
+            let cf = |w: &[f16], a: &[f16]| <f16 as ck::GgmlType>::vec_dot(cols, w, a);
+            probe("F16c", cols, 1, h, h, cf, |w, a| a.map(|a| cf(w, a)));
+        }
     }
 }
