@@ -3,11 +3,11 @@
 
 use super::InferenceError;
 use super::kernels::{
-    self, BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1,
-    BlockQ5K, BlockQ6K, BlockQ8_0, Isa, Plain, view, view_mut,
+    self, BlockA8, BlockA8K, BlockA8S, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K,
+    BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, Isa, Plain, view, view_mut,
 };
 use crate::gguf::GgmlType;
-use candle_core::quantized::k_quants::{self as ck, GgmlType as _};
+use candle_core::quantized::k_quants as ck;
 use half::f16;
 use rayon::prelude::*;
 
@@ -33,10 +33,8 @@ pub(crate) struct QMatrix {
 /// The activation encoding a weight type multiplies against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ActKind {
+    /// Plain f32 (F32 and F16 weights).
     F32,
-    F16,
-    /// ggml Q8_K (for candle's Q2_K/Q3_K kernels).
-    Q8K,
     /// Our [`BlockA8`] (Q4_0, Q5_0, Q8_0 weights).
     A8,
     /// Our [`BlockA8S`] (Q4_1, Q5_1 weights).
@@ -49,12 +47,10 @@ impl ActKind {
     fn for_weight(ty: GgmlType) -> Option<Self> {
         use GgmlType::*;
         Some(match ty {
-            F32 => ActKind::F32,
-            F16 => ActKind::F16,
+            F32 | F16 => ActKind::F32,
             Q4_0 | Q5_0 | Q8_0 => ActKind::A8,
             Q4_1 | Q5_1 => ActKind::A8S,
-            Q4_K | Q5_K | Q6_K => ActKind::A8K,
-            Q2_K | Q3_K => ActKind::Q8K,
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => ActKind::A8K,
             _ => return None,
         })
     }
@@ -62,8 +58,6 @@ impl ActKind {
     fn row_bytes(self, cols: usize) -> usize {
         match self {
             ActKind::F32 => cols * 4,
-            ActKind::F16 => cols * 2,
-            ActKind::Q8K => cols / 256 * std::mem::size_of::<ck::BlockQ8K>(),
             ActKind::A8 => cols / 32 * 36,
             ActKind::A8S => cols / 32 * 40,
             ActKind::A8K => cols / 256 * std::mem::size_of::<BlockA8K>(),
@@ -104,7 +98,7 @@ impl QMatrix {
         };
         let (blk, bpb) = ty.block_layout();
         let need_block = match ActKind::for_weight(ty) {
-            Some(ActKind::Q8K | ActKind::A8K) => 256,
+            Some(ActKind::A8K) => 256,
             Some(ActKind::A8 | ActKind::A8S) => 32,
             _ => 1,
         };
@@ -179,8 +173,8 @@ fn row_viewable(ty: GgmlType, row: &[u8]) -> bool {
         Q8_0 => view::<BlockQ8_0>(row).is_some(),
         Q5_0 => view::<BlockQ5_0>(row).is_some(),
         Q5_1 => view::<BlockQ5_1>(row).is_some(),
-        Q2_K => view::<ck::BlockQ2K>(row).is_some(),
-        Q3_K => view::<ck::BlockQ3K>(row).is_some(),
+        Q2_K => view::<BlockQ2K>(row).is_some(),
+        Q3_K => view::<BlockQ3K>(row).is_some(),
         Q4_K => view::<BlockQ4K>(row).is_some(),
         Q5_K => view::<BlockQ5K>(row).is_some(),
         Q6_K => view::<BlockQ6K>(row).is_some(),
@@ -272,18 +266,6 @@ impl Acts {
                         d.copy_from_slice(src);
                     }
                 }
-                ActKind::F16 => {
-                    if let Some(d) = view_mut::<f16>(dst) {
-                        for (o, x) in d.iter_mut().zip(src) {
-                            *o = f16::from_f32(*x);
-                        }
-                    }
-                }
-                ActKind::Q8K => {
-                    if let Some(d) = view_mut::<ck::BlockQ8K>(dst) {
-                        ck::BlockQ8K::from_float(src, d);
-                    }
-                }
                 ActKind::A8 => {
                     if let Some(d) = view_mut::<BlockA8>(dst) {
                         kernels::quantize_a8(isa, src, d);
@@ -332,21 +314,21 @@ impl Acts {
 
 /// One dot product of a weight row with an activation row.
 #[inline]
-fn dot(isa: Isa, ty: GgmlType, cols: usize, w: &[u8], a: &[u8]) -> f32 {
+fn dot(isa: Isa, ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
     use GgmlType::*;
     match ty {
         Q4_1 => kernels::dot_q4_1_a8s(isa, v(w), v(a)),
         Q8_0 => kernels::dot_q8_0_a8(isa, v(w), v(a)),
         Q4_0 => kernels::dot_q4_0_a8(isa, v(w), v(a)),
         F32 => kernels::dot_f32(isa, v(w), v(a)),
-        F16 => <f16 as ck::GgmlType>::vec_dot(cols, v(w), v(a)),
+        F16 => kernels::dot_f16(isa, v(w), v(a)),
         Q5_0 => kernels::dot_q5_0_a8(isa, v(w), v(a)),
         Q5_1 => kernels::dot_q5_1_a8s(isa, v(w), v(a)),
         Q4_K => kernels::dot_q4_k_a8k(isa, v(w), v(a)),
         Q5_K => kernels::dot_q5_k_a8k(isa, v(w), v(a)),
         Q6_K => kernels::dot_q6_k_a8k(isa, v(w), v(a)),
-        Q2_K => ck::BlockQ2K::vec_dot(cols, v(w), v(a)),
-        Q3_K => ck::BlockQ3K::vec_dot(cols, v(w), v(a)),
+        Q2_K => kernels::dot_q2_k_a8k(isa, v(w), v(a)),
+        Q3_K => kernels::dot_q3_k_a8k(isa, v(w), v(a)),
         _ => 0.0,
     }
 }
@@ -450,11 +432,12 @@ impl Exec {
                 GgmlType::Q4_K => batched!(BlockQ4K, dot_q4_k_a8k, dot_q4_k_a8k_x4),
                 GgmlType::Q5_K => batched!(BlockQ5K, dot_q5_k_a8k, dot_q5_k_a8k_x4),
                 GgmlType::Q6_K => batched!(BlockQ6K, dot_q6_k_a8k, dot_q6_k_a8k_x4),
+                GgmlType::Q2_K => batched!(BlockQ2K, dot_q2_k_a8k, dot_q2_k_a8k_x4),
+                GgmlType::Q3_K => batched!(BlockQ3K, dot_q3_k_a8k, dot_q3_k_a8k_x4),
+                GgmlType::F16 => batched!(f16, dot_f16, dot_f16_x4),
                 ty => self.par(ntasks, |t| {
                     let (r0, r1) = span(t);
-                    rows_with(base, w, acts, ptr, r0..r1, |wr, ar| {
-                        dot(isa, ty, w.cols, wr, ar)
-                    });
+                    rows_with(base, w, acts, ptr, r0..r1, |wr, ar| dot(isa, ty, wr, ar));
                 }),
             }
             return;
@@ -570,14 +553,22 @@ mod tests {
         // Byte offsets of the f16 scales inside one block.
         let scales: &[usize] = match ty {
             GgmlType::Q6_K => &[208],
+            GgmlType::Q2_K => &[80, 82],
+            GgmlType::Q3_K => &[108],
             GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::Q5_0 => &[0],
-            GgmlType::F32 => &[],
+            GgmlType::F32 | GgmlType::F16 => &[],
             _ => &[0, 2],
         };
         let scale = |s: &mut u64| f16::from_f32(0.002 + (lcg(s) % 100) as f32 * 1e-4);
         if ty == GgmlType::F32 {
             for c in bytes.chunks_exact_mut(4) {
                 c.copy_from_slice(&((lcg(&mut s) % 2000) as f32 * 1e-3 - 1.0).to_le_bytes());
+            }
+        }
+        if ty == GgmlType::F16 {
+            for c in bytes.chunks_exact_mut(2) {
+                let h = f16::from_f32((lcg(&mut s) % 2000) as f32 * 1e-3 - 1.0);
+                c.copy_from_slice(&h.to_le_bytes());
             }
         }
         for blockb in bytes.chunks_exact_mut(bpb) {
@@ -600,7 +591,9 @@ mod tests {
     fn matmul_matches_reference() {
         use GgmlType::*;
         let (rows, cols) = (9, 512);
-        for ty in [F32, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K] {
+        for ty in [
+            F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+        ] {
             let (buf, w) = matrix(ty, rows, cols, 3);
             // SAFETY: u64 storage viewed as bytes within its length.
             let base = unsafe {

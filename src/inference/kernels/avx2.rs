@@ -5,8 +5,8 @@
 //! [`super::Isa::detect`] returned [`super::Isa::Avx2`].
 
 use super::blocks::{
-    BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
-    BlockQ6K, BlockQ8_0, QK, QK_K,
+    BlockA8, BlockA8K, BlockA8S, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0,
+    BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, QK, QK_K,
 };
 use half::f16;
 use std::arch::x86_64::*;
@@ -873,4 +873,182 @@ unsafe fn round32(x: &[f32], mul: f32) -> __m256i {
     let p23 = _mm256_packs_epi32(rnd(2), rnd(3));
     let p = _mm256_packs_epi16(p01, p23);
     _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// Q2_K weights · `N` rows of [`BlockA8K`] (see [`super::dot_q2_k_a8k`]).
+/// The 2-bit quants multiply the activations unsigned with their 4-bit
+/// scales; the minimums go through the activation sums.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q2_k_a8k<const N: usize>(w: &[BlockQ2K], a: [&[BlockA8K]; N]) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut accm = [_mm256_setzero_ps(); N];
+    let m3 = _mm256_set1_epi8(3);
+    let m4 = _mm_set1_epi8(0x0f);
+    for i in 0..n {
+        // SAFETY: `i < n`; all loads stay inside the 84- and 292-byte blocks.
+        unsafe {
+            let x = w.get_unchecked(i);
+            let ys = at(&a, i);
+            let sc8 = _mm_loadu_si128(x.scales.as_ptr().cast());
+            let scales = _mm_and_si128(sc8, m4);
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc8, 4), m4));
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for h in 0..2 {
+                // This half's 8 scales as i16 in both 128-bit lanes.
+                let s8 = if h == 0 {
+                    scales
+                } else {
+                    _mm_unpackhi_epi64(scales, scales)
+                };
+                let sh = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(s8));
+                // Bits 2k..2k+2 of every byte, moved down two per step.
+                let mut q = _mm256_loadu_si256(x.qs.as_ptr().add(32 * h).cast());
+                for k in 0..4 {
+                    let v = _mm256_and_si256(q, m3);
+                    q = _mm256_srli_epi16(q, 2);
+                    k_part(
+                        v,
+                        pick16(sh, 2 * k, 2 * k + 1),
+                        128 * h + 32 * k,
+                        &ys,
+                        &mut sumi,
+                    );
+                }
+            }
+            let (d, dmin) = (f16s(x.d), f16s(x.dmin));
+            for c in 0..N {
+                let yd = ys[c].d;
+                let bs = _mm256_loadu_si256(ys[c].bsums.as_ptr().cast());
+                let pm = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
+                acc[c] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * yd), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+                accm[c] = _mm256_fmadd_ps(_mm256_set1_ps(dmin * yd), pm, accm[c]);
+            }
+        }
+    }
+    std::array::from_fn(|c| hsum_ps(acc[c]) - hsum_ps(accm[c]))
+}
+
+/// The 16 Q3_K scales (see `scales_q3k`) as i8, minus 32, with 32-bit masks.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q3k_scales(q: &[u8; 12]) -> __m128i {
+    let w = |k: usize| u32::from_le_bytes([q[4 * k], q[4 * k + 1], q[4 * k + 2], q[4 * k + 3]]);
+    let (a0, a1, t) = (w(0), w(1), w(2));
+    let (low4, top2) = (0x0f0f_0f0f, 0x0303_0303);
+    let s0 = (a0 & low4) | ((t & top2) << 4);
+    let s1 = (a1 & low4) | (((t >> 2) & top2) << 4);
+    let s2 = ((a0 >> 4) & low4) | (((t >> 4) & top2) << 4);
+    let s3 = ((a1 >> 4) & low4) | (((t >> 6) & top2) << 4);
+    let v = _mm_setr_epi32(s0 as i32, s1 as i32, s2 as i32, s3 as i32);
+    _mm_sub_epi8(v, _mm_set1_epi8(32))
+}
+
+/// Q3_K weights · `N` rows of [`BlockA8K`] (see [`super::dot_q3_k_a8k`]).
+/// The quants are used unsigned (`q + 4`, 0..8: the two low bits plus 4 for
+/// a set high bit); the `- 4` is folded in once per block through the
+/// activation sums.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_q3_k_a8k<const N: usize>(w: &[BlockQ3K], a: [&[BlockA8K]; N]) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let m3 = _mm256_set1_epi8(3);
+    let b2 = _mm256_set1_epi8(4);
+    for i in 0..n {
+        // SAFETY: `i < n`; all loads stay inside the 110- and 292-byte blocks.
+        unsafe {
+            let x = w.get_unchecked(i);
+            let ys = at(&a, i);
+            let sc = q3k_scales(&x.scales);
+            // Bit 4h + k of every byte, moved down one per step.
+            let mut hm = _mm256_loadu_si256(x.hmask.as_ptr().cast());
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for h in 0..2 {
+                let s8 = if h == 0 {
+                    sc
+                } else {
+                    _mm_unpackhi_epi64(sc, sc)
+                };
+                let sh = _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(s8));
+                let mut q = _mm256_loadu_si256(x.qs.as_ptr().add(32 * h).cast());
+                for k in 0..4 {
+                    let high = _mm256_and_si256(_mm256_slli_epi16(hm, 2), b2);
+                    hm = _mm256_srli_epi16(hm, 1);
+                    let v = _mm256_or_si256(_mm256_and_si256(q, m3), high);
+                    q = _mm256_srli_epi16(q, 2);
+                    k_part(
+                        v,
+                        pick16(sh, 2 * k, 2 * k + 1),
+                        128 * h + 32 * k,
+                        &ys,
+                        &mut sumi,
+                    );
+                }
+            }
+            // Minus 4 · Σ scale_j · bsum_j.
+            let sc16 = _mm256_cvtepi8_epi16(sc);
+            let d = f16s(x.d);
+            for c in 0..N {
+                let bs = _mm256_loadu_si256(ys[c].bsums.as_ptr().cast());
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2);
+                let s = _mm256_sub_epi32(sumi[c], off);
+                let dc = _mm256_set1_ps(d * ys[c].d);
+                acc[c] = _mm256_fmadd_ps(dc, _mm256_cvtepi32_ps(s), acc[c]);
+            }
+        }
+    }
+    std::array::from_fn(|c| hsum_ps(acc[c]))
+}
+
+/// F16 weights · `N` rows of f32 activations (see [`super::dot_f16`]): 16
+/// weights per step converted once (F16C) and multiplied into two
+/// accumulators per row; an 8-wide step and the scalar tail in order.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_f16<const N: usize>(w: &[f16], a: [&[f32]; N]) -> [f32; N] {
+    let n = common_len(w.len(), &a);
+    let mut acc0 = [_mm256_setzero_ps(); N];
+    let mut acc1 = [_mm256_setzero_ps(); N];
+    let mut i = 0;
+    // SAFETY: every load reads 8 values below `n`, within every slice.
+    unsafe {
+        let wp = w.as_ptr().cast::<u8>();
+        while i + 16 <= n {
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i).cast()));
+            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i + 16).cast()));
+            for c in 0..N {
+                let ap = a[c].as_ptr().add(i);
+                acc0[c] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(ap), acc0[c]);
+                acc1[c] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(ap.add(8)), acc1[c]);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i).cast()));
+            for c in 0..N {
+                let ap = a[c].as_ptr().add(i);
+                acc0[c] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(ap), acc0[c]);
+            }
+            i += 8;
+        }
+    }
+    std::array::from_fn(|c| {
+        let mut s = hsum_ps(_mm256_add_ps(acc0[c], acc1[c]));
+        for j in i..n {
+            s += f16s(w[j]) * a[c][j];
+        }
+        s
+    })
 }

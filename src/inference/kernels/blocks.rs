@@ -108,6 +108,33 @@ pub(crate) struct BlockQ6K {
     pub d: f16,
 }
 
+/// Q2_K: 256 weights as 2-bit values in 16 sub-blocks of 16; each byte of
+/// `scales` holds a sub-block's 4-bit scale (low nibble) and 4-bit minimum
+/// (high nibble): `w = d * sc * q - dmin * m`. Weight `128h + 32k + l`
+/// (`h < 2`, `k < 4`, `l < 32`) is bits `2k..2k+2` of `qs[32h + l]`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct BlockQ2K {
+    pub scales: [u8; QK_K / 16],
+    pub qs: [u8; QK_K / 4],
+    pub d: f16,
+    pub dmin: f16,
+}
+
+/// Q3_K: 256 weights as 3-bit values in 16 sub-blocks of 16 with 6-bit
+/// scales packed in `scales` (see `scales_q3k`), `w = d * (sc - 32) * q`,
+/// `q` in -4..=3. Weight `128h + 32k + l` has its two low bits at bits
+/// `2k..2k+2` of `qs[32h + l]`; bit `4h + k` of `hmask[l]` clear means
+/// `q -= 4`.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub(crate) struct BlockQ3K {
+    pub hmask: [u8; QK_K / 8],
+    pub qs: [u8; QK_K / 4],
+    pub scales: [u8; 12],
+    pub d: f16,
+}
+
 /// Activation block for the K-quants: 256 i8 with an f32 scale and the sums
 /// of each 16 quants (the minimums and Q6_K's offset need them).
 #[derive(Clone, Copy, Debug)]
@@ -120,6 +147,8 @@ pub(crate) struct BlockA8K {
 
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
+const _: () = assert!(std::mem::size_of::<BlockQ2K>() == 84);
+const _: () = assert!(std::mem::size_of::<BlockQ3K>() == 110);
 const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 const _: () = assert!(std::mem::size_of::<BlockQ5K>() == 176);
 const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
@@ -152,6 +181,10 @@ unsafe impl Plain for BlockQ5_0 {}
 // SAFETY: a repr(C) aggregate of f16/u8 (any bit pattern valid).
 unsafe impl Plain for BlockQ5_1 {}
 // SAFETY: a repr(C) aggregate of f16/u8 (any bit pattern valid).
+unsafe impl Plain for BlockQ2K {}
+// SAFETY: a repr(C) aggregate of f16/u8 (any bit pattern valid).
+unsafe impl Plain for BlockQ3K {}
+// SAFETY: a repr(C) aggregate of f16/u8 (any bit pattern valid).
 unsafe impl Plain for BlockQ4K {}
 // SAFETY: a repr(C) aggregate of f16/u8 (any bit pattern valid).
 unsafe impl Plain for BlockQ5K {}
@@ -174,6 +207,8 @@ unsafe impl Plain for candle_core::quantized::k_quants::BlockQ2K {}
 // SAFETY: candle's quant blocks are repr(C) aggregates of f16/f32/u8/i8/i16.
 unsafe impl Plain for candle_core::quantized::k_quants::BlockQ3K {}
 // SAFETY: candle's quant blocks are repr(C) aggregates of f16/f32/u8/i8/i16.
+// (Only the speed probe still calls candle's Q8_K kernels, for comparison.)
+#[cfg(test)]
 unsafe impl Plain for candle_core::quantized::k_quants::BlockQ8K {}
 // SAFETY: candle's quant blocks are repr(C) aggregates of f16/f32/u8/i8/i16.
 unsafe impl Plain for candle_core::quantized::k_quants::BlockQ5_0 {}

@@ -356,3 +356,205 @@ fn a8k_quantization_on(isa: Isa) {
     assert_eq!(zq[0].d, 0.0);
     assert!(zq[0].qs.iter().all(|&v| v == 0));
 }
+
+// ---------------------------------------------------------------------------
+// F16, Q2_K and Q3_K: our kernels (they replaced candle's in the hot path).
+// Every instruction set this CPU has against the scalar reference, the scalar
+// reference against candle's dequantization (an independent oracle), and the
+// 1×4 kernels bit for bit against the single-row ones.
+
+/// Σ w_i · a_i in f64 over the weights as candle dequantizes them (`T` is
+/// candle's block type), and Σ |w_i · a_i|.
+fn candle_exact<T: candle_core::quantized::k_quants::GgmlType + Plain>(
+    wbytes: &[u8],
+    acts: &[f32],
+) -> (f64, f64) {
+    let Some(blocks) = view::<T>(wbytes) else {
+        panic!("candle view");
+    };
+    let mut w = vec![0f32; acts.len()];
+    T::to_float(blocks, &mut w);
+    w.iter().zip(acts).fold((0.0, 0.0), |(s, m), (&x, &y)| {
+        let p = f64::from(x) * f64::from(y);
+        (s + p, m + p.abs())
+    })
+}
+
+/// One K-quant weight type against 256-wide activations on every ISA.
+macro_rules! check_low_k {
+    ($w:ty, $cw:ty, $one:ident, $four:ident, $scalar:ident, $set:expr) => {{
+        for nb in [1usize, 2, 3, 5, 7, 8, 9] {
+            for fill in FILLS {
+                let buf = blocks::<$w>(nb, fill, 31 + nb as u64, $set);
+                let wb = bytes_of(&buf, nb * std::mem::size_of::<$w>());
+                let Some(w) = view::<$w>(wb) else {
+                    panic!("view");
+                };
+                let rows: Vec<_> = (0..3).map(|k| acts256(nb, 200 + k)).collect();
+                for isa in Isa::available() {
+                    let what = format!("{} {nb} blocks {fill:?} {}", stringify!($w), isa.name());
+                    for (a, vals) in &rows {
+                        let (want, mag) = candle_exact::<$cw>(wb, vals);
+                        let got = $one(isa, w, a);
+                        let reference = $scalar(w, a);
+                        check(&format!("{what} kernel"), got, want, mag);
+                        check(&format!("{what} scalar"), reference, want, mag);
+                        let tol = 2e-6 * mag + 1e-6;
+                        assert!(
+                            f64::from((got - reference).abs()) <= tol,
+                            "{what}: {got} vs scalar {reference} (tol {tol})"
+                        );
+                        if matches!(fill, Fill::ZeroScale) {
+                            assert_eq!(got, 0.0, "{what}");
+                        }
+                    }
+                    let order = [0, 1, 2, 1];
+                    let four = $four(isa, w, order.map(|k| &rows[k].0[..]));
+                    for (lane, k) in order.into_iter().enumerate() {
+                        assert_eq!(
+                            four[lane].to_bits(),
+                            $one(isa, w, &rows[k].0).to_bits(),
+                            "{what} x4 lane {lane}"
+                        );
+                    }
+                }
+            }
+        }
+    }};
+}
+
+#[test]
+fn q2_k_kernel() {
+    check_low_k!(
+        BlockQ2K,
+        candle_core::quantized::k_quants::BlockQ2K,
+        dot_q2_k_a8k,
+        dot_q2_k_a8k_x4,
+        dot_q2_k_a8k_scalar,
+        |b: &mut BlockQ2K, d, m| {
+            b.d = d;
+            b.dmin = f16::from_f32(m.to_f32().abs());
+        }
+    );
+}
+
+#[test]
+fn q3_k_kernel() {
+    check_low_k!(
+        BlockQ3K,
+        candle_core::quantized::k_quants::BlockQ3K,
+        dot_q3_k_a8k,
+        dot_q3_k_a8k_x4,
+        dot_q3_k_a8k_scalar,
+        |b: &mut BlockQ3K, d, _| b.d = d
+    );
+}
+
+/// Q3_K's extreme scales (6-bit 0 and 63, i.e. -32 and 31) and high-bit
+/// patterns (all clear: every quant -4..=-1; all set: 0..=3), on every ISA.
+#[test]
+fn q3_k_extremes() {
+    for (scale_byte, hmask) in [(0x00u8, 0x00u8), (0xff, 0xff), (0x00, 0xff), (0xff, 0x00)] {
+        let buf = blocks::<BlockQ3K>(3, Fill::Random, 77, |b: &mut BlockQ3K, d, _| {
+            b.d = d;
+            b.scales = [scale_byte; 12];
+            b.hmask = [hmask; 32];
+        });
+        let wb = bytes_of(&buf, 3 * std::mem::size_of::<BlockQ3K>());
+        let Some(w) = view::<BlockQ3K>(wb) else {
+            panic!("view");
+        };
+        let (a, vals) = acts256(3, 9);
+        let (want, mag) = candle_exact::<candle_core::quantized::k_quants::BlockQ3K>(wb, &vals);
+        for isa in Isa::available() {
+            let what = format!(
+                "q3_k scales {scale_byte:#x} hmask {hmask:#x} {}",
+                isa.name()
+            );
+            check(&what, dot_q3_k_a8k(isa, w, &a), want, mag);
+        }
+        check(
+            "q3_k extremes scalar",
+            dot_q3_k_a8k_scalar(w, &a),
+            want,
+            mag,
+        );
+    }
+}
+
+/// The Q3_K scale unpacking against candle's dequantization: a block whose
+/// quants are all 1 (low bits 01, high bit set) dequantizes to `d * (sc -
+/// 32)` per sub-block.
+#[test]
+fn q3_k_scales_unpack() {
+    let mut s = 5u64;
+    for _ in 0..20 {
+        let b = BlockQ3K {
+            hmask: [0xff; 32],
+            qs: [0x55; 64],
+            scales: std::array::from_fn(|_| lcg(&mut s) as u8),
+            d: f16::ONE,
+        };
+        let cb: &candle_core::quantized::k_quants::BlockQ3K = {
+            let bytes = {
+                // SAFETY: a plain repr(C) block viewed as its bytes.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        (&b as *const BlockQ3K).cast::<u8>(),
+                        std::mem::size_of::<BlockQ3K>(),
+                    )
+                }
+            };
+            match view::<candle_core::quantized::k_quants::BlockQ3K>(bytes) {
+                Some([c]) => c,
+                _ => panic!("view"),
+            }
+        };
+        let mut w = [0f32; 256];
+        candle_core::quantized::k_quants::GgmlType::to_float(std::slice::from_ref(cb), &mut w);
+        let sc = scalar::scales_q3k(&b.scales);
+        for (j, chunk) in w.chunks_exact(16).enumerate() {
+            assert!(chunk.iter().all(|&v| v == f32::from(sc[j])), "scale {j}");
+        }
+    }
+}
+
+/// F16 weights · f32 activations: odd lengths (the 8-wide step and the
+/// scalar tail), every ISA against the scalar reference and the exact f64
+/// product, and the 1×4 form bit for bit.
+#[test]
+fn f16_kernel() {
+    for n in [1usize, 7, 8, 15, 16, 17, 31, 33, 640, 1003, 2048] {
+        let w: Vec<f16> = rand_f32(n, 300 + n as u64)
+            .into_iter()
+            .map(f16::from_f32)
+            .collect();
+        let rows: Vec<Vec<f32>> = (0..3).map(|k| rand_f32(n, 400 + k)).collect();
+        for isa in Isa::available() {
+            let what = format!("f16 {n} {}", isa.name());
+            for a in &rows {
+                let (want, mag) = w.iter().zip(a).fold((0f64, 0f64), |(s, m), (x, y)| {
+                    let p = f64::from(x.to_f32()) * f64::from(*y);
+                    (s + p, m + p.abs())
+                });
+                check(&format!("{what} kernel"), dot_f16(isa, &w, a), want, mag);
+                check(&format!("{what} scalar"), dot_f16_scalar(&w, a), want, mag);
+            }
+            let order = [0, 1, 2, 1];
+            let four = dot_f16_x4(isa, &w, order.map(|k| &rows[k][..]));
+            for (lane, k) in order.into_iter().enumerate() {
+                assert_eq!(
+                    four[lane].to_bits(),
+                    dot_f16(isa, &w, &rows[k]).to_bits(),
+                    "{what} x4 lane {lane}"
+                );
+            }
+        }
+    }
+    // Extreme values stay finite where the exact product is.
+    let w = vec![f16::MAX; 40];
+    let a = vec![1.0f32; 40];
+    for isa in Isa::available() {
+        assert_eq!(dot_f16(isa, &w, &a), 65504.0 * 40.0, "{}", isa.name());
+    }
+}

@@ -26,13 +26,14 @@ mod neon;
 mod scalar;
 
 pub(crate) use blocks::{
-    BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
-    BlockQ6K, BlockQ8_0, Plain, view, view_mut,
+    BlockA8, BlockA8K, BlockA8S, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0,
+    BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, Plain, view, view_mut,
 };
 pub(crate) use scalar::{
-    axpy_scalar, dot_f32_scalar, dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q4_k_a8k_scalar,
-    dot_q5_0_a8_scalar, dot_q5_1_a8s_scalar, dot_q5_k_a8k_scalar, dot_q6_k_a8k_scalar,
-    dot_q8_0_a8_scalar, quantize_a8_scalar, quantize_a8k_scalar, quantize_a8s_scalar,
+    axpy_scalar, dot_f16_scalar, dot_f32_scalar, dot_q2_k_a8k_scalar, dot_q3_k_a8k_scalar,
+    dot_q4_0_a8_scalar, dot_q4_1_a8s_scalar, dot_q4_k_a8k_scalar, dot_q5_0_a8_scalar,
+    dot_q5_1_a8s_scalar, dot_q5_k_a8k_scalar, dot_q6_k_a8k_scalar, dot_q8_0_a8_scalar,
+    quantize_a8_scalar, quantize_a8k_scalar, quantize_a8s_scalar,
 };
 
 /// Proof that this CPU has AVX2, FMA and F16C.
@@ -348,6 +349,19 @@ pub(crate) fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
         _ => axpy_scalar(y, alpha, x),
     }
 }
+
+row_kernels!(
+    /// Q2_K weights · 256-wide 8-bit activations.
+    dot_q2_k_a8k, dot_q2_k_a8k_x4, dot_q2_k_a8k_scalar, BlockQ2K, BlockA8K
+);
+row_kernels!(
+    /// Q3_K weights · 256-wide 8-bit activations.
+    dot_q3_k_a8k, dot_q3_k_a8k_x4, dot_q3_k_a8k_scalar, BlockQ3K, BlockA8K
+);
+row_kernels!(
+    /// F16 weights · f32 activations (accumulated in f32).
+    dot_f16, dot_f16_x4, dot_f16_scalar, half::f16, f32
+);
 
 #[cfg(test)]
 mod tests {
@@ -721,6 +735,80 @@ mod speed {
                 |w, a| dot_q6_k_a8k(isa, w, a),
                 |w, a| dot_q6_k_a8k_x4(isa, w, a),
             );
+        }
+        low_k_and_f16(isa, h, a8k);
+    }
+
+    /// Bytes of a slice of plain blocks, viewed as candle's block type.
+    fn as_candle<T: Plain, C: Plain>(s: &[T]) -> &[C] {
+        // SAFETY: plain data viewed as bytes within its length.
+        let b = unsafe {
+            std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s))
+        };
+        view::<C>(b).unwrap_or(&[])
+    }
+
+    /// F16, Q2_K and Q3_K: ours, then candle's `vec_dot` (what shoal called
+    /// before; [`BlockA8K`] has ggml's `block_q8_K` layout) for comparison.
+    fn low_k_and_f16(isa: Isa, h: f16, a8k: BlockA8K) {
+        use candle_core::quantized::k_quants::{self as ck, GgmlType as _};
+        for cols in [1024usize, 2048] {
+            let q2k = BlockQ2K {
+                scales: [0x9b; 16],
+                qs: [0x5a; 64],
+                d: h,
+                dmin: h,
+            };
+            probe(
+                "Q2_K",
+                cols,
+                256,
+                q2k,
+                a8k,
+                |w, a| dot_q2_k_a8k(isa, w, a),
+                |w, a| dot_q2_k_a8k_x4(isa, w, a),
+            );
+            let cq2 = |w: &[BlockQ2K], a: &[BlockA8K]| {
+                ck::BlockQ2K::vec_dot(cols, as_candle(w), as_candle(a))
+            };
+            probe("Q2_Kc", cols, 256, q2k, a8k, cq2, |w, a| {
+                a.map(|a| cq2(w, a))
+            });
+            let q3k = BlockQ3K {
+                hmask: [0xa5; 32],
+                qs: [0x5a; 64],
+                scales: [0x9b; 12],
+                d: h,
+            };
+            probe(
+                "Q3_K",
+                cols,
+                256,
+                q3k,
+                a8k,
+                |w, a| dot_q3_k_a8k(isa, w, a),
+                |w, a| dot_q3_k_a8k_x4(isa, w, a),
+            );
+            let cq3 = |w: &[BlockQ3K], a: &[BlockA8K]| {
+                ck::BlockQ3K::vec_dot(cols, as_candle(w), as_candle(a))
+            };
+            probe("Q3_Kc", cols, 256, q3k, a8k, cq3, |w, a| {
+                a.map(|a| cq3(w, a))
+            });
+        }
+        for cols in [640usize, 2048] {
+            probe(
+                "F16",
+                cols,
+                1,
+                h,
+                0.5f32,
+                |w, a| dot_f16(isa, w, a),
+                |w, a| dot_f16_x4(isa, w, a),
+            );
+            // candle multiplied F16 weights with an f16 activation row.
+            let cf = |w: &[f16], a: &[f16]| <f16 as ck::GgmlType>::vec_dot(cols, w, a);
+            probe("F16c", cols, 1, h, h, cf, |w, a| a.map(|a| cf(w, a)));
         }
     }
 }

@@ -2,9 +2,10 @@
 //! (bit for bit for the quantizers, within rounding for the dot products).
 
 use super::blocks::{
-    BlockA8, BlockA8K, BlockA8S, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K,
-    BlockQ6K, BlockQ8_0, QK, QK_K,
+    BlockA8, BlockA8K, BlockA8S, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0,
+    BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, QK, QK_K,
 };
+use half::f16;
 
 /// Quantizes a row to [`BlockA8`].
 pub(crate) fn quantize_a8_scalar(x: &[f32], out: &mut [BlockA8]) {
@@ -208,6 +209,82 @@ pub(crate) fn dot_q6_k_a8k_scalar(w: &[BlockQ6K], a: &[BlockA8K]) -> f32 {
         sum += x.d.to_f32() * y.d * sumi as f32;
     }
     sum
+}
+
+/// The 2-bit quant of weight `i` (0..256) of a Q2_K/Q3_K block: weight
+/// `128h + 32k + l` is bits `2k..2k+2` of `qs[32h + l]`.
+#[inline]
+fn q2_at(qs: &[u8; QK_K / 4], i: usize) -> i32 {
+    let (h, k, l) = (i / 128, (i % 128) / 32, i % 32);
+    i32::from((qs[32 * h + l] >> (2 * k)) & 3)
+}
+
+pub(crate) fn dot_q2_k_a8k_scalar(w: &[BlockQ2K], a: &[BlockA8K]) -> f32 {
+    let mut sum = 0f32;
+    for (x, y) in w.iter().zip(a) {
+        let (mut sumi, mut summ) = (0i32, 0i32);
+        for (j, &sc) in x.scales.iter().enumerate() {
+            let mut s = 0i32;
+            for i in 16 * j..16 * j + 16 {
+                s += q2_at(&x.qs, i) * i32::from(y.qs[i]);
+            }
+            sumi += i32::from(sc & 0x0f) * s;
+            summ += i32::from(sc >> 4) * i32::from(y.bsums[j]);
+        }
+        sum += x.d.to_f32() * y.d * sumi as f32 - x.dmin.to_f32() * y.d * summ as f32;
+    }
+    sum
+}
+
+/// The 16 scales of a Q3_K block, `sc - 32` (-32..=31): scale `j` has its
+/// low 4 bits in the low (`j < 8`) or high (`j >= 8`) nibble of byte
+/// `j % 8`, and its top 2 bits at bits `2 * (j / 4)` of byte `8 + j % 4`.
+pub(crate) fn scales_q3k(q: &[u8; 12]) -> [i8; 16] {
+    std::array::from_fn(|j| {
+        let lo = if j < 8 { q[j] & 0x0f } else { q[j - 8] >> 4 };
+        let hi = (q[8 + j % 4] >> (2 * (j / 4))) & 3;
+        (lo | (hi << 4)) as i8 - 32
+    })
+}
+
+pub(crate) fn dot_q3_k_a8k_scalar(w: &[BlockQ3K], a: &[BlockA8K]) -> f32 {
+    let mut sum = 0f32;
+    for (x, y) in w.iter().zip(a) {
+        let scales = scales_q3k(&x.scales);
+        let mut sumi = 0i32;
+        for (j, &sc) in scales.iter().enumerate() {
+            let mut s = 0i32;
+            for i in 16 * j..16 * j + 16 {
+                let (h, k, l) = (i / 128, (i % 128) / 32, i % 32);
+                let high = (x.hmask[l] >> (4 * h + k)) & 1;
+                let q = q2_at(&x.qs, i) - if high == 0 { 4 } else { 0 };
+                s += q * i32::from(y.qs[i]);
+            }
+            sumi += i32::from(sc) * s;
+        }
+        sum += x.d.to_f32() * y.d * sumi as f32;
+    }
+    sum
+}
+
+/// F16 weights · f32 activations, accumulated in f32 (eight lanes, so the
+/// compiler vectorizes; the tail in order).
+pub(crate) fn dot_f16_scalar(w: &[f16], a: &[f32]) -> f32 {
+    let n = w.len().min(a.len());
+    let (w, a) = (&w[..n], &a[..n]);
+    let mut acc = [0f32; 8];
+    let (cw, rw) = w.as_chunks::<8>();
+    let (ca, ra) = a.as_chunks::<8>();
+    for (x, y) in cw.iter().zip(ca) {
+        for i in 0..8 {
+            acc[i] = x[i].to_f32().mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in rw.iter().zip(ra) {
+        s += x.to_f32() * y;
+    }
+    s
 }
 
 pub(crate) fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
