@@ -297,14 +297,20 @@ impl Model {
         let g = &mut b.gate[..n * ff];
         match self.act {
             Act::Silu => {
-                for (g, u) in g.iter_mut().zip(&b.up) {
-                    *g = *g / (1.0 + (-*g).exp()) * u;
-                }
+                g.par_chunks_mut(GELU_CHUNK)
+                    .zip(b.up.par_chunks(GELU_CHUNK))
+                    .for_each(|(g, u)| {
+                        for (g, u) in g.iter_mut().zip(u) {
+                            *g = *g / (1.0 + (-*g).exp()) * u;
+                        }
+                    });
             }
             Act::GeluTanh => {
-                for (g, u) in g.iter_mut().zip(&b.up) {
-                    *g = gelu_ggml(*g) * u;
-                }
+                // Chunks in parallel: a whole prompt's gate is n × ff values.
+                let table = gelu_table();
+                g.par_chunks_mut(GELU_CHUNK)
+                    .zip(b.up.par_chunks(GELU_CHUNK))
+                    .for_each(|(g, u)| geglu_chunk(table, g, u));
             }
         }
         project(&self.exec, base, &l.w_down, g, n, &mut b.tmp);
@@ -345,7 +351,9 @@ fn rms_scale(x: &[f32], eps: f32) -> f32 {
 
 /// GELU (tanh approximation) as ggml computes it on the CPU: the input
 /// rounded to f16, looked up in a table of f16 results, saturated beyond
-/// ±10 (`ggml_vec_geglu_f32` with `GGML_GELU_FP16`).
+/// ±10 (`ggml_vec_geglu_f32` with `GGML_GELU_FP16`): the reference for
+/// [`geglu_chunk`], which computes the same through [`gelu_table`].
+#[cfg(test)]
 fn gelu_ggml(x: f32) -> f32 {
     if x <= -10.0 {
         return 0.0;
@@ -353,11 +361,49 @@ fn gelu_ggml(x: f32) -> f32 {
     if x >= 10.0 {
         return x;
     }
-    let xh = half::f16::from_f32(x).to_f32();
+    gelu_f16(half::f16::from_f32(x).to_f32())
+}
+
+/// The tanh-approximated GELU of an f16 value, rounded to f16.
+fn gelu_f16(xh: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF_A: f32 = 0.044715;
     let y = 0.5 * xh * (1.0 + (SQRT_2_OVER_PI * xh * (1.0 + COEF_A * xh * xh)).tanh());
     half::f16::from_f32(y).to_f32()
+}
+
+/// Values per gated-activation task (and per f16 conversion batch).
+const GELU_CHUNK: usize = 1024;
+
+/// [`gelu_f16`] of every f16 bit pattern (256 KiB, made once), as ggml's
+/// `ggml_table_gelu_f16`: one lookup instead of a `tanhf` per value.
+fn gelu_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| gelu_f16(half::f16::from_bits(bits).to_f32()))
+            .collect()
+    })
+}
+
+/// `g = gelu(g) * u` over one chunk, bit for bit `gelu_ggml(g) * u`: the inputs
+/// are rounded to f16 in one slice conversion (SIMD where the CPU has it),
+/// then looked up.
+fn geglu_chunk(table: &[f32], g: &mut [f32], u: &[f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let mut bits = [half::f16::ZERO; GELU_CHUNK];
+    let bits = &mut bits[..g.len().min(GELU_CHUNK)];
+    bits.convert_from_f32_slice(&g[..bits.len()]);
+    for ((x, h), u) in g.iter_mut().zip(bits.iter()).zip(u) {
+        let y = if *x <= -10.0 {
+            0.0
+        } else if *x >= 10.0 {
+            *x
+        } else {
+            table[usize::from(h.to_bits())]
+        };
+        *x = y * u;
+    }
 }
 
 /// Rotates adjacent pairs (llama.cpp "normal" RoPE; GGUF llama Q/K weights
@@ -441,5 +487,33 @@ fn attend(
             }
             t += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table path is bit for bit the direct one, over the whole range
+    /// (both saturations, f16 subnormals, NaN) and a short last chunk.
+    #[test]
+    fn geglu_table_is_the_direct_formula() {
+        let mut xs: Vec<f32> = (-3000..3000).map(|i| i as f32 * 0.00437).collect();
+        xs.extend([
+            -10.0, 10.0, -10.001, 10.001, -65504.0, 65504.0, 1e-7, -1e-7, 0.0, -0.0, 3.3e-5,
+        ]);
+        let us: Vec<f32> = (0..xs.len()).map(|i| 0.5 + (i % 7) as f32 * 0.25).collect();
+        let mut g = xs.clone();
+        let table = gelu_table();
+        for (g, u) in g.chunks_mut(GELU_CHUNK).zip(us.chunks(GELU_CHUNK)) {
+            geglu_chunk(table, g, u);
+        }
+        for ((x, u), got) in xs.iter().zip(&us).zip(&g) {
+            let want = gelu_ggml(*x) * u;
+            assert_eq!(got.to_bits(), want.to_bits(), "x {x}: {got} vs {want}");
+        }
+        let mut nan = [f32::NAN];
+        geglu_chunk(table, &mut nan, &[1.0]);
+        assert!(nan[0].is_nan());
     }
 }
