@@ -27,7 +27,7 @@ fi
 rustup target list --installed 2>/dev/null | grep -qx "$T" || rustup target add "$T"
 
 start=$(date +%s)
-cargo build --release --target "$T" --bin shoal
+cargo build --release --target "$T" -p shoal-node --bin shoal
 echo "aarch64: binary built in $(( $(date +%s) - start )) s: target/$T/release/shoal" >&2
 [ "$ONLY_BUILD" = 1 ] && exit 0
 
@@ -46,7 +46,7 @@ for cpu in max cortex-a53; do
 done
 
 # The binary a Pi installs runs: a short greedy generation on each CPU model, shown beside x86's.
-[ -x target/release/shoal ] || cargo build --release --bin shoal
+[ -x target/release/shoal ] || cargo build --release -p shoal-node --bin shoal
 PROMPT="The capital of France is"
 gen() { "$@" generate --model "$SHOAL_TEST_MODEL" --threads 2 --max-tokens 12 --prompt "$PROMPT"; }
 echo "x86-64: $(gen target/release/shoal | tr '\n' ' ')" >&2
