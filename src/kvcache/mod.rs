@@ -911,8 +911,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn decoded_ram_blocks_equal_imported_blobs_and_skip_foreign() {
+    /// A 2-layer cache holding `n` positions of distinct values, the model id
+    /// and the 16-token block keys of tokens `0..n`.
+    fn filled_cache(n: u32) -> (KvCache, [u8; 32], Vec<BlockKey>) {
         use crate::inference::KvLayout;
         let l = KvLayout {
             n_layer: 2,
@@ -920,16 +921,21 @@ mod tests {
             head_dim: 32,
         };
         let mut c = KvCache::new(l);
-        for p in 0..70 {
+        for p in 0..n as usize {
             let k: Vec<f32> = (0..64).map(|i| (p * 64 + i) as f32 / 300.0).collect();
             c.append(&k, &k).expect("append");
         }
-        let id = [8u8; 32];
         let cx = KeyContext {
             block_tokens: 16,
             ..ctx()
         };
-        let keys = cx.keys(&(0..70).collect::<Vec<u32>>());
+        (c, [8u8; 32], cx.keys(&(0..n).collect::<Vec<u32>>()))
+    }
+
+    #[test]
+    fn decoded_ram_blocks_equal_imported_blobs_and_skip_foreign() {
+        let (c, id, keys) = filled_cache(70);
+        let l = c.layout();
         let pc = PrefixCache::open(KvCacheConfig::default(), Arc::default()).expect("open");
         pc.store_blocks(&c, &keys, 0, &id);
         // 4 blobs and 2 decoded storage blocks (64 positions).
@@ -1026,23 +1032,8 @@ mod tests {
     /// restart the two on disk are read back, checked and imported.
     #[test]
     fn write_budget_stops_disk_writes_and_the_cache_stays_correct() {
-        use crate::inference::KvLayout;
-        let l = KvLayout {
-            n_layer: 2,
-            n_kv_head: 1,
-            head_dim: 32,
-        };
-        let mut c = KvCache::new(l);
-        for p in 0..64 {
-            let k: Vec<f32> = (0..64).map(|i| (p * 64 + i) as f32 / 300.0).collect();
-            c.append(&k, &k).expect("append");
-        }
-        let id = [8u8; 32];
-        let cx = KeyContext {
-            block_tokens: 16,
-            ..ctx()
-        };
-        let keys = cx.keys(&(0..64).collect::<Vec<u32>>());
+        let (c, id, keys) = filled_cache(64);
+        let l = c.layout();
         assert_eq!(keys.len(), 4);
         let d = tempfile::tempdir().expect("tmp");
         let file_size = {
