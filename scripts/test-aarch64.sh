@@ -8,28 +8,25 @@
 #     held to (src/inference/model/parity.rs);
 #  3. runs the aarch64 `shoal generate` on both CPU models beside the x86 one.
 #
-#   scripts/test-aarch64.sh            # all of it
-#   scripts/test-aarch64.sh --build    # only the cross build (used by scripts/build-deb.sh's callers)
+#   scripts/test-aarch64.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=aarch64-unknown-linux-gnu
 SYSROOT=/usr/aarch64-linux-gnu
-ONLY_BUILD=0
-[ "${1:-}" = "--build" ] && ONLY_BUILD=1
 
 need=()
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v qemu-aarch64 >/dev/null 2>&1 || need+=(qemu-user)
 if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 rustup target list --installed 2>/dev/null | grep -qx "$T" || rustup target add "$T"
 
 start=$(date +%s)
 cargo build --release --target "$T" -p shoal-node --bin shoal
 echo "aarch64: binary built in $(( $(date +%s) - start )) s: target/$T/release/shoal" >&2
-[ "$ONLY_BUILD" = 1 ] && exit 0
 
 # Unit tests of the inference layer: the kernels against the scalar reference on random blocks, on
 # every ISA the emulated CPU has (`Isa::available()`), and the demo model's greedy continuations against
