@@ -194,6 +194,7 @@ impl Daemon {
         DaemonError,
     > {
         let serving = node.init_serving(serve)?;
+        preload_default_model(&serving);
         let addr = listener.local_addr()?;
         api.listen = addr;
         // Reads (or makes) the admin token and reads the API keys.
@@ -299,4 +300,22 @@ pub async fn run(
         .await?
         .run_until(shutdown)
         .await
+}
+
+/// Loads `inference.default_model` in the background as the daemon starts,
+/// so the first request after a (re)start finds it mapped instead of paying
+/// the load (a client sees only the prefix restore and its new tokens). A
+/// model that cannot be loaded now is only logged: requests load it (or
+/// report why not) as before.
+fn preload_default_model(serving: &Arc<crate::serve::Serving>) {
+    let Some(name) = serving.config().default_model.clone() else {
+        return;
+    };
+    let s = serving.clone();
+    tokio::spawn(async move {
+        match s.resolve(&name).await {
+            Ok(_) => tracing::info!(model = %name, "default model preloaded"),
+            Err(e) => tracing::warn!(model = %name, error = %e, "default model not preloaded"),
+        }
+    });
 }

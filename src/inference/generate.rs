@@ -4,6 +4,7 @@ use super::InferenceError;
 use super::kv::KvCache;
 use super::model::Model;
 use super::sample::{Sampler, SamplerConfig};
+use super::tokenizer::Tokenizer;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -119,100 +120,189 @@ pub fn generate_after(
     cancel: Option<&AtomicBool>,
     mut on_token: impl FnMut(&TokenEvent<'_>) -> ControlFlow<()>,
 ) -> Result<GenerateOutput, InferenceError> {
-    let mut sampler = Sampler::new(cfg.sampler.clone())?;
-    if cfg.stop.iter().any(String::is_empty) {
-        return Err(InferenceError::InvalidParameter(
-            "empty stop sequence".into(),
-        ));
-    }
-    let tok = model.tokenizer();
+    let mut dec = Decoder::new(model, before, prompt, cfg)?;
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-    let mut out = GenerateOutput {
-        tokens: Vec::new(),
-        text: String::new(),
-        stop: StopReason::MaxTokens,
-        prompt_time: Duration::ZERO,
-        gen_time: Duration::ZERO,
-        prompt_tokens: prompt.len(),
-    };
     if cancelled() {
-        out.stop = StopReason::Cancelled;
-        return Ok(out);
+        return Ok(dec.finish(StopReason::Cancelled));
     }
     let t0 = Instant::now();
     let mut logits = model.forward(cache, prompt)?;
-    out.prompt_time = t0.elapsed();
+    dec.prompt_time = t0.elapsed();
     let t1 = Instant::now();
-    let keep = before
-        .len()
-        .min(cfg.sampler.repeat_last_n.saturating_sub(prompt.len()));
-    let mut history: Vec<u32> = before[before.len() - keep..].to_vec();
-    history.extend_from_slice(prompt);
-    let mut pending: Vec<u8> = Vec::new();
-    // Text decoded so far; `released` bytes of it went to the callback.
-    let mut text = String::new();
-    let mut released: usize = 0;
     let max_ctx = model.hparams().context_length;
-    loop {
-        if out.tokens.len() >= cfg.max_tokens {
-            out.stop = StopReason::MaxTokens;
-            break;
+    let stop = loop {
+        let step = dec.next(&mut logits);
+        let flow = match &step.event {
+            Some(ev) => on_token(ev),
+            None => ControlFlow::Continue(()),
+        };
+        let id = step.event.as_ref().map(|e| e.id);
+        match step.stop {
+            Some(s @ (StopReason::StopSequence | StopReason::EndOfSequence)) => break s,
+            _ if flow.is_break() => break StopReason::Callback,
+            Some(s) => break s,
+            None => {}
         }
-        let id = sampler.sample(&mut logits, &history);
-        if cfg.stop_at_eos && tok.is_end(id) {
-            out.stop = StopReason::EndOfSequence;
-            break;
+        if cancelled() {
+            break StopReason::Cancelled;
         }
-        out.tokens.push(id);
-        history.push(id);
-        if !tok.is_control(id) {
-            pending.extend_from_slice(tok.token_bytes(id));
+        if cache.len() + 1 > max_ctx {
+            break StopReason::ContextFull;
         }
-        let valid = match std::str::from_utf8(&pending) {
+        let Some(id) = id else {
+            break StopReason::MaxTokens;
+        };
+        logits = model.forward(cache, &[id])?;
+    };
+    dec.gen_time = t1.elapsed();
+    Ok(dec.finish(stop))
+}
+
+/// What [`Decoder::next`] made of one set of logits.
+#[derive(Debug)]
+pub struct Step<'a> {
+    /// The sampled token and the text it releases; `None` when the model
+    /// ended the sequence (or no token may be generated).
+    pub event: Option<TokenEvent<'a>>,
+    /// Why the sequence ends here, if it does: the end token, a stop
+    /// sequence (text up to it is in `event`) or `max_tokens` reached.
+    pub stop: Option<StopReason>,
+}
+
+/// The per-sequence half of generation, everything but the forward
+/// passes: samples each next token with the sequence's own sampler, applies
+/// its stop rules and releases its text. [`generate_after`] drives one for
+/// a sequence alone; a batching engine drives one per running sequence and
+/// feeds each the logits of its rows, so a sequence decodes the same
+/// tokens alone or in a batch.
+#[derive(Debug)]
+pub struct Decoder {
+    tok: std::sync::Arc<Tokenizer>,
+    sampler: Sampler,
+    max_tokens: usize,
+    stop: Vec<String>,
+    stop_at_eos: bool,
+    history: Vec<u32>,
+    pending: Vec<u8>,
+    /// Text decoded so far; `released` bytes of it were handed out.
+    text: String,
+    released: usize,
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    /// Time spent on the prompt (set by the driver).
+    pub prompt_time: Duration,
+    /// Time spent generating (set by the driver).
+    pub gen_time: Duration,
+}
+
+impl Decoder {
+    /// A decoder for `prompt` after the cached tokens `before` (which count
+    /// for the repetition penalty as in [`generate_after`]).
+    pub fn new(
+        model: &Model,
+        before: &[u32],
+        prompt: &[u32],
+        cfg: &GenerateConfig,
+    ) -> Result<Decoder, InferenceError> {
+        let sampler = Sampler::new(cfg.sampler.clone())?;
+        if cfg.stop.iter().any(String::is_empty) {
+            return Err(InferenceError::InvalidParameter(
+                "empty stop sequence".into(),
+            ));
+        }
+        let keep = before
+            .len()
+            .min(cfg.sampler.repeat_last_n.saturating_sub(prompt.len()));
+        let mut history: Vec<u32> = before[before.len() - keep..].to_vec();
+        history.extend_from_slice(prompt);
+        Ok(Decoder {
+            tok: model.tokenizer().clone(),
+            sampler,
+            max_tokens: cfg.max_tokens,
+            stop: cfg.stop.clone(),
+            stop_at_eos: cfg.stop_at_eos,
+            history,
+            pending: Vec::new(),
+            text: String::new(),
+            released: 0,
+            tokens: Vec::new(),
+            prompt_tokens: prompt.len(),
+            prompt_time: Duration::ZERO,
+            gen_time: Duration::ZERO,
+        })
+    }
+
+    /// Tokens generated so far (the end token is never among them).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Samples the next token from `logits` (the repetition penalty
+    /// modifies them in place) and releases its text.
+    pub fn next(&mut self, logits: &mut [f32]) -> Step<'_> {
+        if self.tokens.len() >= self.max_tokens {
+            return Step {
+                event: None,
+                stop: Some(StopReason::MaxTokens),
+            };
+        }
+        let id = self.sampler.sample(logits, &self.history);
+        if self.stop_at_eos && self.tok.is_end(id) {
+            return Step {
+                event: None,
+                stop: Some(StopReason::EndOfSequence),
+            };
+        }
+        self.tokens.push(id);
+        self.history.push(id);
+        if !self.tok.is_control(id) {
+            self.pending.extend_from_slice(self.tok.token_bytes(id));
+        }
+        let valid = match std::str::from_utf8(&self.pending) {
             Ok(s) => s.len(),
             Err(e) => e.valid_up_to(),
         };
-        text.push_str(&String::from_utf8_lossy(&pending[..valid]));
-        pending.drain(..valid);
-        let (stop_at, release_to) = scan_stops(&text, released, &cfg.stop);
-        let ev = TokenEvent {
-            index: out.tokens.len() - 1,
-            id,
-            text: &text[released..release_to],
+        self.text
+            .push_str(&String::from_utf8_lossy(&self.pending[..valid]));
+        self.pending.drain(..valid);
+        let (stop_at, release_to) = scan_stops(&self.text, self.released, &self.stop);
+        let from = self.released;
+        self.released = release_to;
+        let stop = if stop_at.is_some() {
+            Some(StopReason::StopSequence)
+        } else if self.tokens.len() >= self.max_tokens {
+            Some(StopReason::MaxTokens)
+        } else {
+            None
         };
-        let flow = on_token(&ev);
-        released = release_to;
-        if stop_at.is_some() {
-            text.truncate(released);
-            out.stop = StopReason::StopSequence;
-            break;
+        Step {
+            event: Some(TokenEvent {
+                index: self.tokens.len() - 1,
+                id,
+                text: &self.text[from..release_to],
+            }),
+            stop,
         }
-        if flow.is_break() {
-            out.stop = StopReason::Callback;
-            break;
-        }
-        if out.tokens.len() >= cfg.max_tokens {
-            out.stop = StopReason::MaxTokens;
-            break;
-        }
-        if cancelled() {
-            out.stop = StopReason::Cancelled;
-            break;
-        }
-        if cache.len() + 1 > max_ctx {
-            out.stop = StopReason::ContextFull;
-            break;
-        }
-        logits = model.forward(cache, &[id])?;
     }
-    if out.stop != StopReason::StopSequence {
-        // Incomplete UTF-8 at the end is kept (lossily) in the text; text
-        // held back for a stop sequence that never came is in `text` too.
-        text.push_str(&String::from_utf8_lossy(&pending));
+
+    /// The result of the sequence, ended for `stop`.
+    pub fn finish(mut self, stop: StopReason) -> GenerateOutput {
+        if stop == StopReason::StopSequence {
+            self.text.truncate(self.released);
+        } else {
+            // Incomplete UTF-8 at the end is kept (lossily) in the text; text
+            // held back for a stop sequence that never came is in `text` too.
+            self.text.push_str(&String::from_utf8_lossy(&self.pending));
+        }
+        GenerateOutput {
+            tokens: self.tokens,
+            text: self.text,
+            stop,
+            prompt_time: self.prompt_time,
+            gen_time: self.gen_time,
+            prompt_tokens: self.prompt_tokens,
+        }
     }
-    out.text = text;
-    out.gen_time = t1.elapsed();
-    Ok(out)
 }
 
 /// Where the text may be released up to after new text was appended:

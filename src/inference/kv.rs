@@ -325,6 +325,37 @@ impl KvCache {
         Ok(())
     }
 
+    /// Storage blocks held (shared ones included).
+    pub fn blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// An identity of each storage block held: two caches sharing a block
+    /// (after [`KvCache::fork`]) report the same value for it, so memory
+    /// held by several caches can be counted once.
+    pub fn block_ids(&self) -> impl Iterator<Item = usize> + '_ {
+        self.blocks.iter().map(|b| Arc::as_ptr(b) as usize)
+    }
+
+    /// Storage blocks that running `n` more positions allocates or copies
+    /// (a shared block written into is copied first).
+    pub fn blocks_to_grow(&self, n: usize) -> usize {
+        let need = (self.len + n).div_ceil(BLOCK_TOKENS);
+        let first = self.len / BLOCK_TOKENS;
+        let fresh = need.saturating_sub(self.blocks.len());
+        let copied = self.blocks[first.min(self.blocks.len())..need.min(self.blocks.len())]
+            .iter()
+            .filter(|b| Arc::strong_count(b) > 1)
+            .count();
+        fresh + copied
+    }
+
+    /// Bytes of one storage block of `layout` (f32 keys and values of
+    /// [`BLOCK_TOKENS`] positions, every layer).
+    pub fn block_bytes(layout: KvLayout) -> usize {
+        layout.block_len() * 4
+    }
+
     /// Makes room for `n` more positions (allocating or un-sharing blocks).
     pub(crate) fn reserve(&mut self, n: usize) {
         let end = self.len + n;

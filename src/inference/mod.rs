@@ -26,14 +26,14 @@ mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate, TemplateLimits};
 pub use generate::{
-    GenerateConfig, GenerateOutput, StopReason, TokenEvent, generate, generate_after,
+    Decoder, GenerateConfig, GenerateOutput, Step, StopReason, TokenEvent, generate, generate_after,
 };
 pub use kernels::Isa;
 pub use kv::{
     BLOCK_TOKENS as KV_STORAGE_TOKENS, KV_FORMAT_VERSION, KV_MAGIC, KvCache, KvDtype, KvLayout,
     SharedBlock,
 };
-pub use model::{HParams, Model, ModelConfig};
+pub use model::{BatchItem, HParams, Model, ModelConfig};
 pub use perplexity::{PerplexityConfig, PerplexityReport, perplexity};
 pub use sample::{Sampler, SamplerConfig};
 pub use support::{HeaderCheck, MAX_HEADER_BYTES, Unservable, check_file, check_header};

@@ -1,12 +1,11 @@
 //! The per-model engine: a bounded queue in front of one generation thread
-//! that uses the prefix KV cache.
+//! that runs every admitted sequence together (continuous batching) within
+//! a KV memory budget, using the prefix KV cache.
 
-use crate::inference::{
-    GenerateConfig, GenerateOutput, KvCache, KvDtype, Model, StopReason, generate_after,
-};
+use crate::inference::{BatchItem, Decoder, GenerateConfig, KvCache, KvDtype, Model, StopReason};
 use crate::kvcache::{KvSession, PrefixCache, Sequence};
 use crate::metrics::Metrics;
-use std::ops::ControlFlow;
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -100,6 +99,33 @@ struct Queued {
     _permit: Permit,
 }
 
+/// How an engine batches and bounds its sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Sequences decoded together, at least 1 (`inference.parallel`).
+    pub parallel: usize,
+    /// Requests that may wait beyond those (`inference.queue_depth`).
+    pub queue_depth: usize,
+    /// Bytes the running sequences' keys and values may take together
+    /// (`inference.kv_budget`; blocks shared between sequences count once).
+    pub kv_budget: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            parallel: DEFAULT_PARALLEL,
+            queue_depth: 16,
+            kv_budget: DEFAULT_KV_BUDGET,
+        }
+    }
+}
+
+/// Sequences decoded together by default (`inference.parallel`).
+pub const DEFAULT_PARALLEL: usize = 16;
+/// The default `inference.kv_budget`: 1 GiB.
+pub const DEFAULT_KV_BUDGET: u64 = 1 << 30;
+
 /// A model with its generation thread and bounded queue. Cheap to share.
 pub struct Engine {
     name: String,
@@ -124,53 +150,45 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Starts the generation thread of `model`, served as `name`. At most
-    /// `1 + queue_depth` requests are admitted at once (one running). Queue
-    /// depth, time to first token and generation speed go to `metrics`.
+    /// Starts the generation thread of `model`, served as `name`. Up to
+    /// `cfg.parallel` sequences run together (continuous batching) within
+    /// `cfg.kv_budget`; at most `parallel + queue_depth` requests are
+    /// admitted at once. Queue depth, time to first token and generation
+    /// speed go to `metrics`.
     pub fn start(
         name: &str,
         model: Arc<Model>,
         kv: Option<Arc<PrefixCache>>,
-        queue_depth: usize,
+        cfg: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Engine>, std::io::Error> {
         let (tx, rx) = std::sync::mpsc::channel::<Queued>();
         let stats = Arc::new(EngineStats::default());
         let avg_job_ms = Arc::new(AtomicU64::new(1000));
-        {
-            let mut worker = Worker {
-                kv: kv.clone().map(|c| {
-                    let session = c.session(&model);
-                    (c, session)
-                }),
-                model: model.clone(),
-                metrics: metrics.clone(),
-            };
-            let stats = stats.clone();
-            let avg = avg_job_ms.clone();
-            std::thread::Builder::new()
-                .name(format!("engine-{name}"))
-                .spawn(move || {
-                    for q in rx {
-                        let t0 = Instant::now();
-                        let cancelled = worker.run(q.job);
-                        let ms = t0.elapsed().as_millis() as u64;
-                        let old = avg.load(Ordering::Relaxed);
-                        avg.store((old * 3 + ms) / 4, Ordering::Relaxed);
-                        stats.finished.fetch_add(1, Ordering::Relaxed);
-                        if cancelled {
-                            stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        drop(q._permit);
-                    }
-                })?;
-        }
+        let block = KvCache::block_bytes(model.kv_layout()) as u64;
+        let worker = Worker {
+            kv: kv.clone().map(|c| {
+                let session = c.session(&model);
+                (c, session)
+            }),
+            model: model.clone(),
+            metrics: metrics.clone(),
+            stats: stats.clone(),
+            avg_job_ms: avg_job_ms.clone(),
+            parallel: cfg.parallel.max(1),
+            budget_blocks: (cfg.kv_budget / block.max(1)).max(1) as usize,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name(format!("engine-{name}"))
+            .spawn(move || worker.serve(rx))?;
         Ok(Arc::new(Engine {
             name: name.to_owned(),
             model,
             kv,
             metrics,
-            capacity: 1 + queue_depth,
+            capacity: cfg.parallel.max(1) + cfg.queue_depth,
             pending: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(tokio::sync::Notify::new()),
             tx,
@@ -204,7 +222,7 @@ impl Engine {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Takes a queue slot, or `None` when `1 + queue_depth` are taken.
+    /// Takes a queue slot, or `None` when `parallel + queue_depth` are taken.
     pub fn try_admit(&self) -> Option<Permit> {
         let ok = self
             .pending
@@ -265,123 +283,384 @@ pub fn damaged_model_message(model: &Model) -> String {
     )
 }
 
+/// A job with its sequence state: waiting to start, running, or put back
+/// (preempted) with its tokens to recompute.
+struct Seq {
+    q: Queued,
+    /// When the engine took the job.
+    t0: Instant,
+    /// Sampler, stop rules and released text (made when it first starts).
+    dec: Option<Decoder>,
+    /// Prompt then generated tokens: every token whose keys and values the
+    /// cache must hold before the next token is sampled.
+    tokens: Vec<u32>,
+    cache: Option<KvCache>,
+    /// Prompt tokens restored from the prefix cache when it first started.
+    cached: usize,
+    ttft: Option<Duration>,
+    /// Text sent as tokens so far.
+    released: String,
+    prompt_time: Duration,
+    /// When its first generated token was sampled.
+    gen_start: Option<Instant>,
+}
+
+impl Seq {
+    fn job(&self) -> &Job {
+        &self.q.job
+    }
+}
+
 /// What the generation thread of one engine owns: its model, its session
-/// in the prefix cache and where its metrics go.
+/// in the prefix cache, the sequences it runs and where its metrics go.
 struct Worker {
     model: Arc<Model>,
     kv: Option<(Arc<PrefixCache>, KvSession)>,
     metrics: Arc<Metrics>,
+    stats: Arc<EngineStats>,
+    avg_job_ms: Arc<AtomicU64>,
+    parallel: usize,
+    /// `kv_budget` in storage blocks.
+    budget_blocks: usize,
+    /// Jobs not started yet, and preempted sequences (at the front).
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+}
+
+/// How one running sequence's step ended.
+enum After {
+    Continue,
+    Stop(StopReason),
 }
 
 impl Worker {
-    /// Runs one job; returns true if it ended cancelled.
-    fn run(&mut self, job: Job) -> bool {
-        let t0 = Instant::now();
-        let model = self.model.clone();
-        if job.cancel.load(Ordering::Relaxed) || job.events.is_closed() {
-            return true;
-        }
-        if model.mapping_damaged() {
-            self.forget_hot();
-            let _ = job
-                .events
-                .send(JobEvent::Failed(damaged_model_message(&model)));
-            return false;
-        }
-        let _busy = self.kv.as_ref().map(|(pc, _)| pc.busy());
-        let (mut cache, cached) = match &self.kv {
-            Some((pc, session)) => {
-                let r = pc.restore(&model, session, &job.prompt);
-                (r.cache, r.tokens)
+    /// The scheduling loop: takes jobs, admits them within the budget and
+    /// advances every running sequence by one forward pass per step.
+    fn serve(mut self, rx: std::sync::mpsc::Receiver<Queued>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(q) => self.waiting.push_back(Seq::new(q)),
+                    Err(_) => return,
+                }
             }
-            None => (model.new_cache_with(KvDtype::F16), 0),
-        };
-        let _ = job.events.send(JobEvent::Started {
-            prompt_tokens: job.prompt.len(),
-            cached_tokens: cached,
-        });
-        let mut ttft = None;
-        let mut released = String::new();
-        let res = generate_after(
-            &model,
-            &mut cache,
-            &job.prompt[..cached],
-            &job.prompt[cached..],
-            &job.cfg,
-            Some(&job.cancel),
-            |ev| {
-                // Never emit a token that may have been computed from zeros.
-                if model.mapping_damaged() {
-                    return ControlFlow::Break(());
-                }
-                if ttft.is_none() {
-                    ttft = Some(t0.elapsed());
-                }
-                released.push_str(ev.text);
-                if job
-                    .events
-                    .send(JobEvent::Token(ev.text.to_owned()))
-                    .is_err()
-                {
-                    job.cancel.store(true, Ordering::Relaxed);
-                    return ControlFlow::Break(());
-                }
-                ControlFlow::Continue(())
-            },
-        );
-        let cancelled = job.cancel.load(Ordering::Relaxed);
-        if model.mapping_damaged() {
-            // Keep no KV computed from this model: it may hold zeros.
-            self.forget_hot();
-            tracing::error!(path = %model.path().display(), "model file changed on disk while serving; failing the request");
-            let _ = job
-                .events
-                .send(JobEvent::Failed(damaged_model_message(&model)));
-            return cancelled;
-        }
-        match res {
-            Ok(out) => {
-                let done = Finished {
-                    cached,
-                    released: &released,
-                    ttft,
-                    started: t0,
-                    cancelled,
-                };
-                self.finish(&job, out, cache, done)
+            while let Ok(q) = rx.try_recv() {
+                self.waiting.push_back(Seq::new(q));
             }
-            Err(e) => {
-                let _ = job.events.send(JobEvent::Failed(e.to_string()));
-                cancelled
+            self.drop_cancelled_waiting();
+            if self.model.mapping_damaged() {
+                self.fail_all(&damaged_model_message(&self.model));
+                continue;
+            }
+            self.admit();
+            if self.running.is_empty() {
+                continue;
+            }
+            self.fit_budget();
+            self.step();
+        }
+    }
+
+    /// Waiting jobs whose client went away end here (nothing was sent yet
+    /// for a job that never started).
+    fn drop_cancelled_waiting(&mut self) {
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        while let Some(s) = self.waiting.pop_front() {
+            if is_cancelled(s.job()) {
+                if s.dec.is_some() {
+                    self.finish_with(s, StopReason::Cancelled);
+                } else {
+                    self.count_done(&s, true);
+                }
+            } else {
+                kept.push_back(s);
+            }
+        }
+        self.waiting = kept;
+    }
+
+    /// Blocks the running sequences hold (shared blocks once).
+    fn used_blocks(&self) -> usize {
+        let mut ids: Vec<usize> = self
+            .running
+            .iter()
+            .filter_map(|s| s.cache.as_ref())
+            .flat_map(|c| c.block_ids())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
+    /// Starts waiting jobs while there is a free slot and KV room for their
+    /// prompt (preempted sequences first, then in arrival order).
+    fn admit(&mut self) {
+        let block = crate::inference::KV_STORAGE_TOKENS;
+        while self.running.len() < self.parallel {
+            let Some(front) = self.waiting.front() else {
+                return;
+            };
+            let need = (front.tokens_to_hold() + 1).div_ceil(block);
+            if need > self.budget_blocks {
+                if let Some(s) = self.waiting.pop_front() {
+                    let block = KvCache::block_bytes(self.model.kv_layout());
+                    let msg = format!(
+                        "the prompt needs {} MiB of KV, more than inference.kv_budget ({} MiB)",
+                        (need * block).div_ceil(1 << 20),
+                        (self.budget_blocks * block) >> 20
+                    );
+                    self.fail(s, &msg);
+                }
+                continue;
+            }
+            if !self.running.is_empty() && self.used_blocks() + need > self.budget_blocks {
+                return;
+            }
+            let Some(s) = self.waiting.pop_front() else {
+                return;
+            };
+            if let Some(s) = self.start(s) {
+                self.running.push(s);
             }
         }
     }
 
-    /// Saves a generated sequence's KV, reports metrics and sends `Done`;
-    /// returns true if the job ended cancelled.
-    fn finish(
-        &mut self,
-        job: &Job,
-        out: GenerateOutput,
-        cache: KvCache,
-        done: Finished<'_>,
-    ) -> bool {
-        if let Some((pc, session)) = &mut self.kv {
+    /// Restores the longest cached prefix of a sequence's tokens (from the
+    /// prefix cache, or shared with a running sequence) and makes its
+    /// decoder on first start. `None` when it failed (the client was told).
+    fn start(&mut self, mut s: Seq) -> Option<Seq> {
+        let model = self.model.clone();
+        let first = s.dec.is_none();
+        if first {
+            s.tokens = s.job().prompt.clone();
+        }
+        let _busy = self.kv.as_ref().map(|(pc, _)| pc.busy());
+        let (mut cache, mut cached) = match &self.kv {
+            Some((pc, session)) => {
+                let r = pc.restore(&model, session, &s.tokens);
+                (r.cache, r.tokens)
+            }
+            None => (model.new_cache_with(KvDtype::F16), 0),
+        };
+        // A running sequence with a longer common prefix: share its blocks
+        // (copy-on-write), as long as the dtypes agree.
+        let last = s.tokens.len().saturating_sub(1);
+        for r in &self.running {
+            let Some(rc) = &r.cache else { continue };
+            if rc.dtype() != cache.dtype() {
+                continue;
+            }
+            let common = r
+                .tokens
+                .iter()
+                .take(rc.len())
+                .zip(&s.tokens[..last])
+                .take_while(|(a, b)| a == b)
+                .count();
+            if common > cached && common >= crate::inference::KV_STORAGE_TOKENS {
+                cache = rc.fork(common);
+                cached = common;
+            }
+        }
+        if first {
+            let prompt = &s.job().prompt;
+            match Decoder::new(&model, &prompt[..cached], &prompt[cached..], &s.job().cfg) {
+                Ok(d) => s.dec = Some(d),
+                Err(e) => {
+                    self.fail(s, &e.to_string());
+                    return None;
+                }
+            }
+            s.cached = cached;
+            let _ = s.job().events.send(JobEvent::Started {
+                prompt_tokens: s.job().prompt.len(),
+                cached_tokens: cached,
+            });
+        }
+        s.cache = Some(cache);
+        Some(s)
+    }
+
+    /// Makes the next step fit the KV budget: while the blocks it would
+    /// allocate do not fit, the most recently started sequence is put back
+    /// to wait (its KV dropped, recomputed when it runs again); a sequence
+    /// alone that does not fit ends for length.
+    fn fit_budget(&mut self) {
+        let chunk = self.model.batch_tokens();
+        loop {
+            let grow: usize = self
+                .running
+                .iter()
+                .filter_map(|s| {
+                    s.cache
+                        .as_ref()
+                        .map(|c| c.blocks_to_grow(s.feed_len(chunk)))
+                })
+                .sum();
+            if self.used_blocks() + grow <= self.budget_blocks {
+                return;
+            }
+            let Some(mut s) = self.running.pop() else {
+                return;
+            };
+            if self.running.is_empty() {
+                tracing::warn!(
+                    model = %self.model.path().display(),
+                    "a sequence alone reached inference.kv_budget: ended for length"
+                );
+                self.finish_with(s, StopReason::ContextFull);
+                return;
+            }
+            tracing::debug!(
+                tokens = s.tokens.len(),
+                "KV budget full: sequence preempted"
+            );
+            s.cache = None;
+            self.waiting.push_front(s);
+        }
+    }
+
+    /// One forward pass over every running sequence: a token each for the
+    /// decoding ones, prompt chunks (within the batch size) for the others.
+    fn step(&mut self) {
+        let model = self.model.clone();
+        let chunk = model.batch_tokens();
+        let mut left = chunk;
+        // Decoding sequences first, then prompts in order while room is left.
+        let mut feeds = vec![0usize; self.running.len()];
+        for (i, s) in self.running.iter().enumerate() {
+            if s.feed_len(chunk) == 1 {
+                feeds[i] = 1;
+                left = left.saturating_sub(1);
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            if feeds[i] == 0 && left > 0 {
+                let n = s.feed_len(chunk).min(left);
+                feeds[i] = n;
+                left -= n;
+            }
+        }
+        let t = Instant::now();
+        let mut idx = Vec::new();
+        let mut items = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            let n = feeds[i];
+            let Some(cache) = s.cache.as_mut() else {
+                continue;
+            };
+            if n == 0 {
+                continue;
+            }
+            let from = cache.len();
+            let logits = from + n == s.tokens.len();
+            idx.push(i);
+            items.push(BatchItem {
+                cache,
+                tokens: &s.tokens[from..from + n],
+                logits,
+            });
+        }
+        let out = model.forward_many(&mut items);
+        drop(items);
+        let spent = t.elapsed();
+        let mut logits = match out {
+            Ok(l) => l,
+            Err(e) => {
+                self.fail_all(&e.to_string());
+                return;
+            }
+        };
+        if model.mapping_damaged() {
+            self.fail_all(&damaged_model_message(&model));
+            return;
+        }
+        let mut ended = Vec::new();
+        for (k, &i) in idx.iter().enumerate() {
+            let s = &mut self.running[i];
+            if s.gen_start.is_none() {
+                s.prompt_time += spent;
+            }
+            let l = std::mem::take(&mut logits[k]);
+            if l.is_empty() {
+                if is_cancelled(s.job()) {
+                    ended.push((i, StopReason::Cancelled));
+                }
+                continue;
+            }
+            if let After::Stop(r) = s.sample(l, &model) {
+                ended.push((i, r));
+            }
+        }
+        // Remove from the back so indices stay valid.
+        ended.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, r) in ended {
+            let s = self.running.remove(i);
+            self.finish_with(s, r);
+        }
+    }
+
+    /// Fails every running and waiting sequence (the model is unusable or
+    /// a forward pass failed); keeps none of their KV.
+    fn fail_all(&mut self, msg: &str) {
+        tracing::error!(error = msg, "generation failed");
+        if let Some((_, session)) = &mut self.kv {
+            session.forget();
+        }
+        for s in std::mem::take(&mut self.running)
+            .into_iter()
+            .chain(std::mem::take(&mut self.waiting))
+        {
+            self.fail(s, msg);
+        }
+    }
+
+    fn fail(&self, s: Seq, msg: &str) {
+        let _ = s.job().events.send(JobEvent::Failed(msg.to_owned()));
+        self.count_done(&s, false);
+    }
+
+    fn count_done(&self, s: &Seq, cancelled: bool) {
+        let ms = s.t0.elapsed().as_millis() as u64;
+        let old = self.avg_job_ms.load(Ordering::Relaxed);
+        self.avg_job_ms.store((old * 3 + ms) / 4, Ordering::Relaxed);
+        self.stats.finished.fetch_add(1, Ordering::Relaxed);
+        if cancelled {
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends a started sequence: saves its KV to the prefix cache, reports
+    /// metrics and sends `Done`.
+    fn finish_with(&mut self, mut s: Seq, stop: StopReason) {
+        let Some(mut dec) = s.dec.take() else {
+            self.count_done(&s, stop == StopReason::Cancelled);
+            return;
+        };
+        dec.prompt_time = s.prompt_time;
+        dec.gen_time = s.gen_start.map_or(Duration::ZERO, |g| g.elapsed());
+        let stop = if is_cancelled(s.job()) {
+            StopReason::Cancelled
+        } else {
+            stop
+        };
+        let out = dec.finish(stop);
+        if let (Some((pc, session)), Some(cache)) = (&mut self.kv, s.cache.take()) {
             let seq = Sequence {
-                prompt: &job.prompt,
+                prompt: &s.q.job.prompt,
                 generated: &out.tokens,
-                reused: done.cached,
+                reused: s.cached,
                 prompt_time: out.prompt_time,
             };
             pc.save(session, seq, cache);
         }
         let tail = out
             .text
-            .strip_prefix(done.released)
+            .strip_prefix(s.released.as_str())
             .unwrap_or_default()
             .to_owned();
-        if let Some(t) = done.ttft {
-            let outcome = if done.cached > 0 {
+        if let Some(t) = s.ttft {
+            let outcome = if s.cached > 0 {
                 crate::metrics::CacheOutcome::Kv
             } else {
                 crate::metrics::CacheOutcome::Miss
@@ -390,36 +669,94 @@ impl Worker {
         }
         self.metrics
             .generation(out.tokens.len() as u64, out.gen_time.as_secs_f64());
-        let _ = job.events.send(JobEvent::Done {
-            stop: if done.cancelled {
-                StopReason::Cancelled
-            } else {
-                out.stop
-            },
+        let _ = s.job().events.send(JobEvent::Done {
+            stop,
             completion_tokens: out.tokens.len(),
             tail,
-            ttft: done.ttft.unwrap_or_else(|| done.started.elapsed()),
+            ttft: s.ttft.unwrap_or_else(|| s.t0.elapsed()),
         });
-        done.cancelled || matches!(out.stop, StopReason::Cancelled | StopReason::Callback)
-    }
-
-    fn forget_hot(&mut self) {
-        if let Some((_, session)) = &mut self.kv {
-            session.forget();
-        }
+        let cancelled = matches!(stop, StopReason::Cancelled | StopReason::Callback);
+        self.count_done(&s, cancelled);
     }
 }
 
-/// How a generated job went, for [`Worker::finish`].
-struct Finished<'a> {
-    /// Prompt tokens restored from the prefix cache.
-    cached: usize,
-    /// Text already sent as tokens.
-    released: &'a str,
-    /// Time to the first token, if one came.
-    ttft: Option<Duration>,
-    /// When the job started.
-    started: Instant,
-    /// The cancel flag after generation.
-    cancelled: bool,
+fn is_cancelled(job: &Job) -> bool {
+    job.cancel.load(Ordering::Relaxed) || job.events.is_closed()
+}
+
+impl Seq {
+    fn new(q: Queued) -> Seq {
+        Seq {
+            q,
+            t0: Instant::now(),
+            dec: None,
+            tokens: Vec::new(),
+            cache: None,
+            cached: 0,
+            ttft: None,
+            released: String::new(),
+            prompt_time: Duration::ZERO,
+            gen_start: None,
+        }
+    }
+
+    /// Tokens the cache must hold before the next sample.
+    fn tokens_to_hold(&self) -> usize {
+        if self.dec.is_some() {
+            self.tokens.len()
+        } else {
+            self.q.job.prompt.len()
+        }
+    }
+
+    /// Tokens the next step runs for it (at most `chunk`).
+    fn feed_len(&self, chunk: usize) -> usize {
+        let have = self.cache.as_ref().map_or(0, KvCache::len);
+        self.tokens.len().saturating_sub(have).min(chunk)
+    }
+
+    /// Samples the next token from `logits`, streams its text and applies
+    /// the stop rules, cancellation and the context length.
+    fn sample(&mut self, mut logits: Vec<f32>, model: &Model) -> After {
+        let Some(dec) = self.dec.as_mut() else {
+            return After::Stop(StopReason::Cancelled);
+        };
+        if self.gen_start.is_none() {
+            self.gen_start = Some(Instant::now());
+        }
+        let step = dec.next(&mut logits);
+        let mut gone = false;
+        if let Some(ev) = &step.event {
+            if self.ttft.is_none() {
+                self.ttft = Some(self.t0.elapsed());
+            }
+            self.released.push_str(ev.text);
+            if self
+                .q
+                .job
+                .events
+                .send(JobEvent::Token(ev.text.to_owned()))
+                .is_err()
+            {
+                self.q.job.cancel.store(true, Ordering::Relaxed);
+                gone = true;
+            }
+            self.tokens.push(ev.id);
+        }
+        match step.stop {
+            Some(r @ (StopReason::StopSequence | StopReason::EndOfSequence)) => {
+                return After::Stop(r);
+            }
+            _ if gone => return After::Stop(StopReason::Cancelled),
+            Some(r) => return After::Stop(r),
+            None => {}
+        }
+        if is_cancelled(&self.q.job) {
+            return After::Stop(StopReason::Cancelled);
+        }
+        if self.tokens.len() > model.hparams().context_length {
+            return After::Stop(StopReason::ContextFull);
+        }
+        After::Continue
+    }
 }

@@ -11,7 +11,7 @@ pub mod engine;
 pub mod openai;
 
 pub use crate::inference::{HeaderCheck, MAX_HEADER_BYTES, Unservable, check_file, check_header};
-pub use engine::{Engine, EngineStats, Job, JobEvent};
+pub use engine::{Engine, EngineConfig, EngineStats, Job, JobEvent};
 pub use openai::router;
 
 use crate::config::{ConfigError, Setting};
@@ -182,6 +182,14 @@ pub struct ServeConfig {
     /// Requests that may wait behind the running one, per model (more: 429;
     /// `inference.queue_depth`).
     pub queue_depth: usize,
+    /// Sequences of one model decoded together (continuous batching), at
+    /// least 1 (`inference.parallel`).
+    pub parallel: usize,
+    /// Bytes the running sequences' keys and values may take per model
+    /// (`inference.kv_budget`): beyond it new requests wait, and a sequence
+    /// that would grow past it is put back to wait and recomputed later.
+    #[serde(with = "crate::config::size")]
+    pub kv_budget: u64,
     /// Model used when a request names none (a release name or artifact id;
     /// `inference.default_model`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -225,6 +233,8 @@ impl PartialEq for ServeConfig {
         let ServeConfig {
             threads,
             queue_depth,
+            parallel,
+            kv_budget,
             default_model,
             max_loaded,
             memory_budget,
@@ -237,6 +247,8 @@ impl PartialEq for ServeConfig {
         } = self;
         *threads == o.threads
             && *queue_depth == o.queue_depth
+            && *parallel == o.parallel
+            && *kv_budget == o.kv_budget
             && *default_model == o.default_model
             && *max_loaded == o.max_loaded
             && *memory_budget == o.memory_budget
@@ -256,6 +268,8 @@ impl Default for ServeConfig {
         ServeConfig {
             threads: 0,
             queue_depth: 16,
+            parallel: engine::DEFAULT_PARALLEL,
+            kv_budget: engine::DEFAULT_KV_BUDGET,
             default_model: None,
             max_loaded: DEFAULT_MAX_LOADED,
             memory_budget: None,
@@ -310,6 +324,12 @@ impl ServeConfig {
         if self.queue_depth == 0 {
             return bad("inference.queue_depth must be at least 1");
         }
+        if self.parallel == 0 {
+            return bad("inference.parallel must be at least 1");
+        }
+        if self.kv_budget == 0 {
+            return bad("inference.kv_budget must not be 0");
+        }
         if self.max_loaded == 0 {
             return bad("inference.max_loaded must be at least 1");
         }
@@ -354,10 +374,24 @@ pub const SETTINGS: &[Setting] = {
             "16",
         ),
         S::new(
+            "inference.parallel",
+            Some("SHOAL_PARALLEL"),
+            Int,
+            "Requests of one model generated together (continuous batching): each step runs one\nforward pass over all of them. More wait in the queue.",
+            "16",
+        ),
+        S::new(
+            "inference.kv_budget",
+            Some("SHOAL_KV_BUDGET"),
+            Str,
+            "Memory the running requests' keys and values may take per model. When it is full new\nrequests wait, and a request that would grow past it is paused and resumed later.",
+            "\"1G\"",
+        ),
+        S::new(
             "inference.default_model",
             Some("SHOAL_MODEL"),
             Str,
-            "Model used when a request names none or names \"default\" (release name or id).",
+            "Model used when a request names none or names \"default\" (release name or id);\nloaded (pulled if needed) as the daemon starts, so the first request finds it ready.",
             "\"smollm2-135m-instruct:q4_1\"",
         ),
         // -- bounded models (issue 14, item 2) --
@@ -783,7 +817,11 @@ impl Serving {
                 name,
                 model,
                 self.kv.clone(),
-                self.cfg.queue_depth,
+                engine::EngineConfig {
+                    parallel: self.cfg.parallel,
+                    queue_depth: self.cfg.queue_depth,
+                    kv_budget: self.cfg.kv_budget,
+                },
                 self.cfg.metrics.clone(),
             )
             .map_err(|e| InsertError::Serve(e.into()))?;

@@ -14,6 +14,7 @@ mod inference_tokenizer;
 mod metrics;
 mod openai_client;
 mod serving_api;
+mod serving_batch;
 mod serving_bounds;
 mod serving_corrupt;
 mod serving_kv;

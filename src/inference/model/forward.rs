@@ -88,6 +88,21 @@ struct Bufs {
     tmp: Vec<f32>,
 }
 
+/// One sequence's part of a multi-sequence batch: its cache and the
+/// tokens to run after the cache's contents.
+pub(super) struct Seg<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    pub want: Want,
+}
+
+/// Where a batch row belongs: its sequence and its position in it.
+#[derive(Clone, Copy)]
+struct RowAt {
+    seg: usize,
+    pos: usize,
+}
+
 impl Model {
     /// Runs one batch: appends its keys and values to `cache` and returns
     /// the logits `want` asks for.
@@ -97,15 +112,44 @@ impl Model {
         tokens: &[u32],
         want: Want,
     ) -> Vec<f32> {
+        let mut segs = [Seg {
+            cache,
+            tokens,
+            want,
+        }];
+        self.forward_segs(&mut segs).pop().unwrap_or_default()
+    }
+
+    /// Runs the tokens of several sequences as one batch: every weight
+    /// matrix is read once for all their rows, attention is per sequence
+    /// over its own cache. Row results do not depend on the other rows, so
+    /// each sequence gets exactly what running it alone gives. Returns the
+    /// logits each segment's `want` asks for, in order.
+    pub(super) fn forward_segs(&self, segs: &mut [Seg<'_>]) -> Vec<Vec<f32>> {
         let hp = &self.hp;
         let base: &[u8] = &self.map;
-        let n = tokens.len();
+        let n: usize = segs.iter().map(|s| s.tokens.len()).sum();
         let (d, hd, nh, nkv) = (hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
-        let pos0 = cache.len();
-        cache.reserve(n);
+        let mut rows = Vec::with_capacity(n);
+        let half = hp.rope_dim / 2;
+        let mut rot_global = Vec::with_capacity(n * half);
+        let mut rot_local = Vec::new();
+        for (si, s) in segs.iter_mut().enumerate() {
+            let pos0 = s.cache.len();
+            s.cache.reserve(s.tokens.len());
+            rows.extend((0..s.tokens.len()).map(|i| RowAt {
+                seg: si,
+                pos: pos0 + i,
+            }));
+            rot_global.extend(self.rope[0].table(pos0, s.tokens.len(), half));
+            if hp.sliding_window > 0 {
+                rot_local.extend(self.rope[1].table(pos0, s.tokens.len(), half));
+            }
+        }
 
         let mut x = vec![0f32; n * d];
-        for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
+        let all_tokens = segs.iter().flat_map(|s| s.tokens.iter());
+        for (row, &t) in x.chunks_exact_mut(d).zip(all_tokens) {
             self.tok_embd.dequant_row(base, t as usize, row);
             if hp.embd_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= hp.embd_scale);
@@ -134,13 +178,6 @@ impl Model {
             up: vec![0f32; n * hp.n_ff],
             tmp: vec![0f32; n * d],
         };
-        let half = hp.rope_dim / 2;
-        let rot_global = self.rope[0].table(pos0, n, half);
-        let rot_local = if hp.sliding_window > 0 {
-            self.rope[1].table(pos0, n, half)
-        } else {
-            Vec::new()
-        };
 
         for (li, l) in self.layers.iter().enumerate() {
             let rot = if hp.is_swa(li) {
@@ -148,40 +185,63 @@ impl Model {
             } else {
                 &rot_global
             };
-            self.attention(cache, li, l, &mut x, &mut b, rot, pos0);
+            self.attention(segs, &rows, li, l, &mut x, &mut b, rot);
             self.feed_forward(l, &mut x, &mut b);
         }
-        cache.commit(n);
-        let rows = match want {
-            Want::None => return Vec::new(),
-            Want::Last => &x[(n - 1) * d..],
-            Want::All => &x[..],
-        };
-        let m = rows.len() / d;
-        let mut normed = rows.to_vec();
-        if let Some(w) = &self.output_norm {
-            rms_norm(rows, w, hp.rms_eps, d, &mut normed);
+        // Rows whose logits are wanted, and how many per segment.
+        let mut picked: Vec<f32> = Vec::new();
+        let mut counts = Vec::with_capacity(segs.len());
+        let mut at = 0;
+        for s in segs.iter_mut() {
+            let m = s.tokens.len();
+            s.cache.commit(m);
+            let take = match s.want {
+                Want::None => 0..0,
+                Want::Last => m - 1..m,
+                Want::All => 0..m,
+            };
+            picked.extend_from_slice(&x[(at + take.start) * d..(at + take.end) * d]);
+            counts.push(take.len());
+            at += m;
         }
-        let mut logits = vec![0f32; m * hp.vocab_size];
+        let m = picked.len() / d;
+        if m == 0 {
+            return counts.iter().map(|_| Vec::new()).collect();
+        }
+        let mut normed = picked.clone();
+        if let Some(w) = &self.output_norm {
+            rms_norm(&picked, w, hp.rms_eps, d, &mut normed);
+        }
+        let vocab = hp.vocab_size;
+        let mut logits = vec![0f32; m * vocab];
         project(&self.exec, base, &self.output, &normed, m, &mut logits);
         let cap = hp.final_logit_softcap;
         if cap > 0.0 {
             logits.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
         }
-        logits
+        if counts.len() == 1 {
+            return vec![logits];
+        }
+        let mut out = Vec::with_capacity(counts.len());
+        let mut from = 0;
+        for c in counts {
+            out.push(logits[from * vocab..(from + c) * vocab].to_vec());
+            from += c;
+        }
+        out
     }
 
     /// Self-attention of block `li`, added into the residual stream `x`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        cache: &mut KvCache,
+        segs: &mut [Seg<'_>],
+        rows: &[RowAt],
         li: usize,
         l: &Layer,
         x: &mut [f32],
         b: &mut Bufs,
         rot: &[(f32, f32)],
-        pos0: usize,
     ) {
         let hp = &self.hp;
         let base: &[u8] = &self.map;
@@ -230,14 +290,16 @@ impl Model {
                 rope_fn(h, r);
             }
         }
-        for i in 0..n {
+        for (i, r) in rows.iter().enumerate() {
             for h in 0..nkv {
                 let o = (i * nkv + h) * hd;
-                cache.write(li, pos0 + i, h, &b.k[o..o + hd], &b.v[o..o + hd]);
+                segs[r.seg]
+                    .cache
+                    .write(li, r.pos, h, &b.k[o..o + hd], &b.v[o..o + hd]);
             }
         }
         // One task per (token, kv head) covering its query heads.
-        let cache_ref: &KvCache = cache;
+        let caches: Vec<&KvCache> = segs.iter().map(|s| &*s.cache).collect();
         let group = nh / nkv;
         let q_ref = &b.q;
         let window = if hp.is_swa(li) { hp.sliding_window } else { 0 };
@@ -249,13 +311,14 @@ impl Model {
             .for_each(|(idx, out)| {
                 let (i, g) = (idx / nkv, idx % nkv);
                 let qs = &q_ref[idx * group * hd..(idx + 1) * group * hd];
-                let upto = pos0 + i + 1;
+                let r = rows[i];
+                let upto = r.pos + 1;
                 let from = if window > 0 {
                     upto.saturating_sub(window)
                 } else {
                     0
                 };
-                attend(isa, cache_ref, li, g, from, upto, qs, scale, out);
+                attend(isa, caches[r.seg], li, g, from, upto, qs, scale, out);
             });
         project(&self.exec, base, &l.wo, &b.att, n, &mut b.tmp);
         add_bias(&mut b.tmp, l.bo.as_ref());

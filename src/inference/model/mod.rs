@@ -47,6 +47,18 @@ pub struct ModelConfig {
     pub reference_matmul: bool,
 }
 
+/// One sequence of a [`Model::forward_many`] batch.
+#[derive(Debug)]
+pub struct BatchItem<'a> {
+    /// The sequence's cache; the tokens' keys and values are appended.
+    pub cache: &'a mut KvCache,
+    /// Tokens to run after the cache's contents (at least one).
+    pub tokens: &'a [u32],
+    /// Whether to compute the logits of the last token (a prompt chunk
+    /// before the last needs none: the output matrix is skipped).
+    pub logits: bool,
+}
+
 /// A loaded model: the mapping, tensor views, tokenizer and worker pool.
 /// Share it with `Arc`; forward passes take `&self`.
 pub struct Model {
@@ -258,12 +270,36 @@ impl Model {
         self.run(cache, tokens, Want::All)
     }
 
-    fn run(
+    /// Runs several sequences' tokens in one batch (continuous batching):
+    /// each item's tokens go after its cache's contents, its keys and values
+    /// are appended to its cache, and the logits of its last token (empty
+    /// when `logits` is false) are returned, in item order. Each sequence gets bit for bit what
+    /// [`Model::forward`] of the same tokens alone gives. The caller bounds
+    /// the batch (all tokens run at once, not split like `forward`'s). An
+    /// item that is invalid (no tokens, wrong layout, past the context, a
+    /// bad token id) fails the whole call before anything runs.
+    pub fn forward_many(
         &self,
-        cache: &mut KvCache,
-        tokens: &[u32],
-        want: Want,
-    ) -> Result<Vec<f32>, InferenceError> {
+        items: &mut [BatchItem<'_>],
+    ) -> Result<Vec<Vec<f32>>, InferenceError> {
+        for it in items.iter() {
+            self.check_run(it.cache, it.tokens)?;
+        }
+        let mut segs: Vec<forward::Seg<'_>> = items
+            .iter_mut()
+            .map(|it| forward::Seg {
+                cache: &mut *it.cache,
+                tokens: it.tokens,
+                want: if it.logits { Want::Last } else { Want::None },
+            })
+            .collect();
+        if segs.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.exec.install(|| self.forward_segs(&mut segs)))
+    }
+
+    fn check_run(&self, cache: &KvCache, tokens: &[u32]) -> Result<(), InferenceError> {
         if tokens.is_empty() {
             return Err(InferenceError::InvalidParameter("no tokens to run".into()));
         }
@@ -282,6 +318,22 @@ impl Model {
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.hp.vocab_size) {
             return Err(InferenceError::BadToken(t));
         }
+        Ok(())
+    }
+
+    /// Tokens per forward batch during prompt processing
+    /// ([`ModelConfig::batch`]).
+    pub fn batch_tokens(&self) -> usize {
+        self.batch
+    }
+
+    fn run(
+        &self,
+        cache: &mut KvCache,
+        tokens: &[u32],
+        want: Want,
+    ) -> Result<Vec<f32>, InferenceError> {
+        self.check_run(cache, tokens)?;
         let mut logits = Vec::new();
         let chunks: Vec<&[u32]> = tokens.chunks(self.batch).collect();
         let last = chunks.len() - 1;
