@@ -2,7 +2,7 @@
 // browser. Plain DOM; model text is only ever set as text (textContent),
 // never parsed as HTML.
 import * as store from "./store.js";
-import { ApiError, chat, listModels } from "./stream.js";
+import { ApiError, chat, listModels, newOutcome } from "./stream.js";
 
 const $ = (id) => document.getElementById(id);
 const state = store.load();
@@ -47,10 +47,12 @@ function metaLine(meta) {
   if (meta.stopped) parts.push(el("span", {}, "stopped"));
   else if (meta.finish === "length") parts.push(el("span", { title: "the answer hit the length limit" }, "cut at the length limit"));
   if (meta.error) parts.push(el("span", { class: "err" }, meta.error));
-  const line = el("div", { class: "meta" }, ...parts);
+  // Separators for screen readers and copied text; the layout spaces them.
+  const line = el("div", { class: "meta" }, ...parts.flatMap((p, i) => (i ? [el("span", { class: "sep" }, " · "), p] : [p])));
   line.dataset.node = meta.node ?? "";
   line.dataset.cached = String(meta.cached ?? "");
   line.dataset.prompt = String(meta.prompt ?? "");
+  line.dataset.error = meta.error ?? "";
   return line;
 }
 
@@ -167,11 +169,11 @@ async function send() {
   setRunning(true);
   setStatus("Waiting for the first token…");
   const t0 = performance.now();
-  let out = null;
+  const out = newOutcome();
   const meta = {};
   try {
-    out = await chat({
-      model, messages: history, key: store.apiKey.get(), signal: controller.signal, ...settings(),
+    await chat({
+      model, messages: history, key: store.apiKey.get(), signal: controller.signal, out, ...settings(),
       onText: (piece) => {
         if (!answer.content) setStatus("");
         answer.content += piece;
@@ -187,7 +189,7 @@ async function send() {
       $("key-form").hidden = false;
     } else meta.error = e.message || String(e);
   }
-  if (out) {
+  {
     meta.node = out.node;
     meta.responseCache = out.responseCache;
     meta.finish = out.finish;

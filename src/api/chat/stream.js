@@ -38,6 +38,7 @@ async function* events(body) {
   const reader = body.getReader();
   const dec = new TextDecoder();
   let buf = "";
+  let finished = false;
   try {
     for (;;) {
       const { value, done } = await reader.read();
@@ -51,9 +52,11 @@ async function* events(body) {
           .filter((l) => l.startsWith("data:"))
           .map((l) => l.slice(5).replace(/^ /, ""))
           .join("\n");
-        if (!data) continue; // a comment (keep-alive) or an event without data
-        if (data === "[DONE]") return;
-        yield JSON.parse(data);
+        // A comment (keep-alive), an event without data, or anything after
+        // [DONE]: the body is still read to its end, so the request completes.
+        if (!data || finished) continue;
+        if (data === "[DONE]") finished = true;
+        else yield JSON.parse(data);
       }
     }
   } finally {
@@ -62,36 +65,41 @@ async function* events(body) {
 }
 
 // POST /v1/chat/completions with stream: true. Calls `onText(piece)` as
-// tokens arrive; resolves with what the answer's footer shows:
-// { node, responseCache, usage, finish, firstTokenMs, endMs }
+// tokens arrive and fills `out` with what the answer's footer shows, as it
+// learns it (so a stopped answer keeps what was known):
+// { node, responseCache, usage, finish, firstTokenMs, endMs, pieces }
 // (times from performance.now()). Rejects with an AbortError when `signal`
 // aborts, or an ApiError.
-export async function chat({ model, messages, key, signal, temperature, maxTokens, onText }) {
+export function newOutcome() {
+  return { node: null, responseCache: false, usage: null, finish: null, firstTokenMs: null, endMs: null, pieces: 0 };
+}
+
+export async function chat({ model, messages, key, signal, temperature, maxTokens, onText, out }) {
   const body = { model, messages, stream: true, stream_options: { include_usage: true } };
   if (Number.isFinite(temperature)) body.temperature = temperature;
   if (Number.isFinite(maxTokens)) body.max_tokens = maxTokens;
-  const res = await fetch("/v1/chat/completions", {
-    method: "POST", headers: headers(key, "text/event-stream", true), body: JSON.stringify(body), signal,
-  });
-  if (!res.ok) throw await failure(res);
-  const out = {
-    node: res.headers.get("x-shoal-node"),
-    responseCache: res.headers.get("x-shoal-cache") === "hit",
-    usage: null, finish: null, firstTokenMs: null, endMs: null, pieces: 0,
-  };
-  for await (const ev of events(res.body)) {
-    if (ev.error) throw new ApiError(500, ev.error.message || "generation failed");
-    if (ev.usage) out.usage = ev.usage;
-    const c = ev.choices?.[0];
-    if (!c) continue;
-    const text = c.delta?.content;
-    if (text) {
-      if (out.firstTokenMs === null) out.firstTokenMs = performance.now();
-      out.pieces++;
-      onText(text);
+  try {
+    const res = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(key, "text/event-stream", true), body: JSON.stringify(body), signal,
+    });
+    if (!res.ok) throw await failure(res);
+    out.node = res.headers.get("x-shoal-node");
+    out.responseCache = res.headers.get("x-shoal-cache") === "hit";
+    for await (const ev of events(res.body)) {
+      if (ev.error) throw new ApiError(500, ev.error.message || "generation failed");
+      if (ev.usage) out.usage = ev.usage;
+      const c = ev.choices?.[0];
+      if (!c) continue;
+      const text = c.delta?.content;
+      if (text) {
+        if (out.firstTokenMs === null) out.firstTokenMs = performance.now();
+        out.pieces++;
+        onText(text);
+      }
+      if (c.finish_reason) out.finish = c.finish_reason;
     }
-    if (c.finish_reason) out.finish = c.finish_reason;
+  } finally {
+    out.endMs = performance.now();
   }
-  out.endMs = performance.now();
   return out;
 }
