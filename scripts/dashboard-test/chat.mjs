@@ -100,12 +100,13 @@ try {
     await page.locator("#key-form:not([hidden])").waitFor({ timeout: T });
     await page.fill("#key", opt.key);
     await page.click("#key-form button");
-    await page.locator("#key-form[hidden]").waitFor({ state: "attached", timeout: T });
+    await page.locator("#key-form").waitFor({ state: "hidden", timeout: T });
   }
 
   // Pick the model (listed whether or not it is loaded).
   await page.locator(`#model option[value="${opt.model}"]`).waitFor({ state: "attached", timeout: T });
   await page.selectOption("#model", opt.model);
+  check(!(await page.locator("#key-form").isVisible()), "the API key form shows though the models are listed");
   await maxTokens(page, 48);
 
   phase = "first";

@@ -38,7 +38,11 @@ const CHAT_CSS: &str = include_str!("chat/chat.css");
 pub const ASSETS: &[(&str, &str, &str)] = &[
     ("/chat", "text/html; charset=utf-8", INDEX_HTML),
     ("/chat/chat.js", "text/javascript; charset=utf-8", CHAT_JS),
-    ("/chat/stream.js", "text/javascript; charset=utf-8", STREAM_JS),
+    (
+        "/chat/stream.js",
+        "text/javascript; charset=utf-8",
+        STREAM_JS,
+    ),
     ("/chat/store.js", "text/javascript; charset=utf-8", STORE_JS),
     ("/chat/chat.css", "text/css; charset=utf-8", CHAT_CSS),
 ];
@@ -80,11 +84,7 @@ mod tests {
 
     async fn get(path: &str) -> Response {
         routes::<()>()
-            .oneshot(
-                Request::get(path)
-                    .body(Body::empty())
-                    .expect("a request"),
-            )
+            .oneshot(Request::get(path).body(Body::empty()).expect("a request"))
             .await
             .expect("infallible")
     }
@@ -98,9 +98,7 @@ mod tests {
             assert_eq!(r.status(), StatusCode::OK, "{path}");
             let h = r.headers();
             assert_eq!(h[header::CONTENT_TYPE], ty, "{path}");
-            let csp = h[header::CONTENT_SECURITY_POLICY]
-                .to_str()
-                .expect("ascii");
+            let csp = h[header::CONTENT_SECURITY_POLICY].to_str().expect("ascii");
             for part in [
                 "default-src 'none'",
                 "script-src 'self'",
@@ -124,15 +122,27 @@ mod tests {
         // The CSP forbids inline scripts and styles: none may be written.
         assert!(!INDEX_HTML.contains("<script>") && !INDEX_HTML.contains("style="));
         assert!(!INDEX_HTML.contains("<style"));
-        for (name, js) in [("chat.js", CHAT_JS), ("stream.js", STREAM_JS), ("store.js", STORE_JS)] {
+        for (name, js) in [
+            ("chat.js", CHAT_JS),
+            ("stream.js", STREAM_JS),
+            ("store.js", STORE_JS),
+        ] {
             // Model text is written with textContent, never parsed as HTML.
-            for bad in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+            for bad in [
+                "innerHTML",
+                "outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+                "eval(",
+            ] {
                 assert!(!js.contains(bad), "{name} uses {bad}");
             }
             for imp in js.lines().filter(|l| l.starts_with("import ")) {
                 let file = imp.rsplit('"').nth(1).unwrap_or("");
                 assert!(
-                    ASSETS.iter().any(|a| a.0 == format!("/chat/{}", file.trim_start_matches("./"))),
+                    ASSETS
+                        .iter()
+                        .any(|a| a.0 == format!("/chat/{}", file.trim_start_matches("./"))),
                     "{name} imports {file}, which is not served"
                 );
             }

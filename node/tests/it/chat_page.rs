@@ -29,7 +29,8 @@ fn repo() -> PathBuf {
 fn browser_setup() -> Option<PathBuf> {
     let script = repo().join("scripts/dashboard-test/chat.mjs");
     let pw = repo().join("scripts/dashboard-test/node_modules/playwright-core");
-    let chromium = std::env::var_os("CHROMIUM").map_or_else(|| "/usr/bin/chromium".into(), PathBuf::from);
+    let chromium =
+        std::env::var_os("CHROMIUM").map_or_else(|| "/usr/bin/chromium".into(), PathBuf::from);
     let node_ok = Command::new("node")
         .arg("--version")
         .output()
@@ -46,7 +47,10 @@ fn browser_setup() -> Option<PathBuf> {
         return Some(script);
     }
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("chat page test prerequisites missing: {}", missing.join(", "));
+        panic!(
+            "chat page test prerequisites missing: {}",
+            missing.join(", ")
+        );
     }
     eprintln!("SKIPPING chat page test: missing {}", missing.join(", "));
     None
@@ -73,7 +77,11 @@ impl Daemon {
             .env("HOME", dir)
             .output()
             .expect("shoal add");
-        assert!(o.status.success(), "shoal add: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "shoal add: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let added: serde_json::Value = serde_json::from_slice(&o.stdout).expect("shoal add --json");
         let id = added["id"].as_str().expect("an id").to_owned();
         let mut child = Command::new(&bin)
@@ -108,14 +116,23 @@ impl Daemon {
     /// `GET path` (`Connection: close`): the status and the body.
     fn get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(&self.api).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.api)
-            .expect("send");
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.api
+        )
+        .expect("send");
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).expect("read");
         let text = String::from_utf8_lossy(&raw).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").expect("a header end");
-        let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("a status");
         (status, body.to_owned())
     }
 
@@ -171,7 +188,11 @@ fn run_check(script: &Path, node: &Daemon, id: &str, shot: &str, extra: &[&str])
         let len = std::fs::metadata(s).map(|m| m.len()).unwrap_or(0);
         assert!(len > 1000, "no screenshot at {} ({len} bytes)", s.display());
     }
-    eprintln!("chat page screenshots: {} and {}", shot.display(), phone.display());
+    eprintln!(
+        "chat page screenshots: {} and {}",
+        shot.display(),
+        phone.display()
+    );
     stdout.into_owned()
 }
 
@@ -181,7 +202,9 @@ fn run_check(script: &Path, node: &Daemon, id: &str, shot: &str, extra: &[&str])
 #[test]
 fn chat_page_streams_caches_keeps_and_stops_in_chromium() {
     let Some(model) = demo_model() else { return };
-    let Some(script) = browser_setup() else { return };
+    let Some(script) = browser_setup() else {
+        return;
+    };
     let d = tempfile::tempdir().expect("tempdir");
     let (node, id) = Daemon::start(d.path(), &model, &[]);
     let (status, page) = node.get("/chat");
@@ -189,8 +212,14 @@ fn chat_page_streams_caches_keeps_and_stops_in_chromium() {
     assert!(page.contains("/chat/chat.js"), "{page}");
     let report = run_check(&script, &node, &id, "chat.png", &[]);
     let r: serde_json::Value = serde_json::from_str(report.trim()).expect("report JSON");
-    let cached: u64 = r["second"]["meta"]["cached"].as_str().and_then(|c| c.parse().ok()).expect("cached");
-    let prompt: u64 = r["second"]["meta"]["prompt"].as_str().and_then(|c| c.parse().ok()).expect("prompt");
+    let cached: u64 = r["second"]["meta"]["cached"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .expect("cached");
+    let prompt: u64 = r["second"]["meta"]["prompt"]
+        .as_str()
+        .and_then(|c| c.parse().ok())
+        .expect("prompt");
     assert!(cached > 0 && cached <= prompt, "{report}");
     eprintln!("chat page: {report}");
 }
@@ -200,7 +229,9 @@ fn chat_page_streams_caches_keeps_and_stops_in_chromium() {
 #[test]
 fn chat_page_asks_for_the_api_key_when_the_node_needs_one() {
     let Some(model) = demo_model() else { return };
-    let Some(script) = browser_setup() else { return };
+    let Some(script) = browser_setup() else {
+        return;
+    };
     let d = tempfile::tempdir().expect("tempdir");
     let keys = d.path().join("api-keys");
     let key = "class-7b-0123456789abcdef";
@@ -211,5 +242,11 @@ fn chat_page_asks_for_the_api_key_when_the_node_needs_one() {
         &[("SHOAL_KEYS_FILE", keys.to_str().expect("utf-8"))],
     );
     assert_eq!(node.get("/v1/models").0, 401, "the node needs a key");
-    run_check(&script, &node, &id, "chat-key.png", &["--key", key, "--short"]);
+    run_check(
+        &script,
+        &node,
+        &id,
+        "chat-key.png",
+        &["--key", key, "--short"],
+    );
 }

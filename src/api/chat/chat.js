@@ -27,6 +27,8 @@ function setStatus(text, bad = false) {
 
 // "12D3KooW…x7Yz9a": peer ids all start alike, their tail tells them apart.
 const shortNode = (n) => (n && n.length > 16 ? `…${n.slice(-8)}` : n || "?");
+// A model listed by its artifact id (64 hex digits) by the id's start.
+const shortModel = (m) => (/^[0-9a-f]{64}$/i.test(m || "") ? `${m.slice(0, 12)}…` : m);
 
 function metaLine(meta) {
   if (!meta) return null;
@@ -59,7 +61,7 @@ function metaLine(meta) {
 function messageItem(m) {
   const text = el("div", { class: "text" }, m.content);
   const li = el("li", { class: `msg ${m.role}` },
-    el("div", { class: "who" }, m.role === "user" ? "You" : m.model || "Assistant"), text, metaLine(m.meta));
+    el("div", { class: "who", title: m.model || null }, m.role === "user" ? "You" : shortModel(m.model) || "Assistant"), text, metaLine(m.meta));
   return { li, text };
 }
 
@@ -121,8 +123,8 @@ async function loadModels() {
     return;
   }
   const usable = models.filter((m) => m.servable !== false);
-  sel.replaceChildren(...models.map((m) => el("option", { value: m.id, disabled: m.servable === false },
-    m.id + (m.loaded ? " · loaded" : m.servable === false ? " · cannot be served" : ""))));
+  sel.replaceChildren(...models.map((m) => el("option", { value: m.id, disabled: m.servable === false, title: m.unservable_reason ?? m.id },
+    shortModel(m.id) + (m.loaded ? " · loaded" : m.servable === false ? " · cannot be served" : ""))));
   const want = [store.current(state)?.model, store.lastModel.get(), usable.find((m) => m.loaded)?.id, usable[0]?.id];
   const pick = want.find((w) => w && usable.some((m) => m.id === w));
   sel.value = pick ?? "";
