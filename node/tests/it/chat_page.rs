@@ -242,6 +242,7 @@ fn chat_page_asks_for_the_api_key_when_the_node_needs_one() {
         &[("SHOAL_KEYS_FILE", keys.to_str().expect("utf-8"))],
     );
     assert_eq!(node.get("/v1/models").0, 401, "the node needs a key");
+    assert_eq!(node.get("/chat").0, 200, "the page itself is public");
     run_check(
         &script,
         &node,

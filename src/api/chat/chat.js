@@ -216,7 +216,8 @@ async function send() {
     li.classList.remove("pending");
     li.append(metaLine(meta));
   }
-  setStatus(meta.error ? `The answer failed: ${meta.error}` : meta.stopped ? "Stopped." : "", !!meta.error);
+  // The status line is a live region: it announces the end, not every token.
+  setStatus(meta.error ? `The answer failed: ${meta.error}` : meta.stopped ? "Stopped." : "Answer complete.", !!meta.error);
   setRunning(false);
   $("input").focus();
 }
