@@ -115,13 +115,22 @@ impl Daemon {
 
     /// `GET path` (`Connection: close`): the status and the body.
     fn get(&self, path: &str) -> (u16, String) {
+        let (status, _, body) = self.request("GET", path, "");
+        (status, body)
+    }
+
+    /// One request (`Connection: close`): the status, the head (lower case)
+    /// and the body.
+    fn request(&self, method: &str, path: &str, body: &str) -> (u16, String, String) {
         let mut s = TcpStream::connect(&self.api).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(60)))
+        s.set_read_timeout(Some(Duration::from_secs(120)))
             .expect("timeout");
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.api
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.api,
+            body.len()
         )
         .expect("send");
         let mut raw = Vec::new();
@@ -133,7 +142,7 @@ impl Daemon {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .expect("a status");
-        (status, body.to_owned())
+        (status, head.to_ascii_lowercase(), body.to_owned())
     }
 
     /// The node's peer id, from the dashboard's snapshot.
@@ -210,6 +219,19 @@ fn chat_page_streams_caches_keeps_and_stops_in_chromium() {
     let (status, page) = node.get("/chat");
     assert_eq!(status, 200);
     assert!(page.contains("/chat/chat.js"), "{page}");
+    // The metadata the page shows, as any client gets it: the answering node
+    // in `x-shoal-node`, the cached prompt tokens in the usage.
+    let peer = node.peer_id();
+    let body = format!(
+        r#"{{"model":"{id}","messages":[{{"role":"user","content":"Hi"}}],"max_tokens":4}}"#
+    );
+    let (status, head, answer) = node.request("POST", "/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        head.contains(&format!("x-shoal-node: {}", peer.to_ascii_lowercase())),
+        "{head}"
+    );
+    assert!(answer.contains(r#""cached_tokens":"#), "{answer}");
     let report = run_check(&script, &node, &id, "chat.png", &[]);
     let r: serde_json::Value = serde_json::from_str(report.trim()).expect("report JSON");
     let cached: u64 = r["second"]["meta"]["cached"]
