@@ -109,6 +109,14 @@ try {
   check(!(await page.locator("#key-form").isVisible()), "the API key form shows though the models are listed");
   await maxTokens(page, 48);
 
+  // Shift+Enter is a new line, not a send.
+  await page.fill("#input", "line one");
+  await page.press("#input", "Shift+Enter");
+  await page.type("#input", "line two");
+  check(await page.inputValue("#input") === "line one\nline two", "Shift+Enter did not make a new line");
+  check(await page.locator("#messages .msg").count() === 0, "Shift+Enter sent the message");
+  await page.fill("#input", "");
+
   phase = "first";
   // 1. An answer streams in: its text grows while it is pending.
   const first = await ask(page, "Name three colours of the rainbow.");
@@ -126,7 +134,11 @@ try {
   if (!opt.short) {
     phase = "second";
     // 2. The follow-up's prompt starts with the first exchange: a prefix-cache hit.
-    const second = await ask(page, "Now name two more.");
+    const second = await ask(page, "Now name two more. <b id=\"x\">no markup</b><img src=x>");
+    // Text is shown as text: no element made from it, the markup visible.
+    check(await page.locator("#messages b, #messages img").count() === 0, "message text became HTML");
+    check((await page.locator("#messages .msg.user .text").nth(1).textContent()).includes("<b id="),
+      "the markup is not shown as text");
     report.second = second.answer;
     const m = second.answer.meta;
     check(m && !m.error, `the follow-up failed: ${m?.error}`);
