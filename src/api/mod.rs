@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod chat;
 pub mod client;
 pub mod dashboard;
 pub mod ops;
@@ -168,6 +169,7 @@ pub fn routes(opts: &ApiOptions) -> Router<Node> {
     Router::new()
         .merge(admin::routes())
         .merge(dashboard::routes())
+        .merge(chat::routes())
         .merge(ops::routes(opts.metrics))
         .layer(axum::Extension(PullGate::new(opts.max_pulls)))
 }
@@ -201,7 +203,10 @@ fn build(
     // The OpenAI-compatible routes of the serving layer (`crate::serve`),
     // when the node serves (`Node::init_serving`, done by `crate::daemon`).
     let r = match node.serving() {
-        Some(s) => r.merge(crate::serve::router(s)),
+        Some(s) => r.merge(crate::serve::openai::with_node_header(
+            crate::serve::router(s),
+            &node.mesh().peer_id().to_string(),
+        )),
         None => {
             tracing::warn!("the node does not serve models: no OpenAI routes");
             r

@@ -3,6 +3,7 @@
 //! Run one module with `cargo test -p shoal-node --test it signals::`.
 
 mod api_security;
+mod chat_page;
 mod cli;
 mod mesh_netns;
 mod ops_cli;

@@ -15,6 +15,8 @@ pub use error::OpenAiError;
 use crate::serve::Serving;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderValue;
+use axum::response::Response;
 use axum::routing::{get, post};
 use handlers::{chat, completions, get_model, list_models};
 use std::sync::Arc;
@@ -29,4 +31,23 @@ pub fn router(serving: Arc<Serving>) -> Router {
         .route("/v1/models/{model}", get(get_model))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(serving)
+}
+
+/// The response header naming the node that answered (its peer id), so a
+/// client behind a proxy or on a mesh of nodes sees which one served it.
+pub const NODE_HEADER: &str = "x-shoal-node";
+
+/// `router` with every response naming `node` in [`NODE_HEADER`]
+/// (unchanged if `node` cannot be a header value).
+pub fn with_node_header(router: Router, node: &str) -> Router {
+    let Ok(v) = HeaderValue::from_str(node) else {
+        return router;
+    };
+    router.layer(axum::middleware::map_response(move |mut r: Response| {
+        let v = v.clone();
+        async move {
+            r.headers_mut().insert(NODE_HEADER, v);
+            r
+        }
+    }))
 }
