@@ -389,6 +389,7 @@ async fn response_cache_and_http_caching() {
 async fn overload_429_and_disconnect_cancels() {
     let mut cfg = ram_only();
     cfg.queue_depth = 0;
+    cfg.parallel = 1;
     let Some(srv) = TestServer::start(cfg).await else {
         return;
     };
