@@ -247,12 +247,16 @@ impl Sorted<'_> {
             let x = (l - self.max) / self.t;
             l.is_finite() && x >= lo && x < hi
         };
+        // A cheap bound first: `x >= lo` implies `l >= max + 1.001 lo t`
+        // (rounding moves `x` by far less), and rounding that bound to f32
+        // keeps every such `l` at or above it.
+        let floor = (f64::from(self.max) + 1.001 * f64::from(lo) * f64::from(self.t)) as f32;
         const L: usize = 16;
         for (ci, chunk) in self.logits.chunks(L).enumerate() {
             if chunk.len() == L {
                 let mut any = false;
                 for &l in chunk {
-                    any |= inside(l);
+                    any |= l >= floor;
                 }
                 if !any {
                     continue;
