@@ -105,8 +105,10 @@ fn key_index(k: u64) -> usize {
 #[inline(always)]
 fn exp_neg(x: f64) -> f64 {
     const SHIFT: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52: rounds to an integer
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_9e-1;
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    // ln 2 split as fdlibm's: the high part has 21 trailing zero bits, so
+    // `n * LN2_HI` is exact.
+    const LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
     let xc = if x >= -708.0 { x } else { -708.0 };
     let t = xc * std::f64::consts::LOG2_E + SHIFT;
     let n = t - SHIFT;
@@ -738,7 +740,9 @@ mod equivalence {
 
     fn config(r: &mut Rng) -> SamplerConfig {
         SamplerConfig {
-            temperature: r.pick(&[0.0, 1e-30, 1e-6, 0.01, 0.3, 0.7, 1.0, 2.0, 100.0, 1e30, 3e38]),
+            temperature: r.pick(&[
+                0.0, 1e-30, 1e-6, 0.01, 0.3, 0.7, 1.0, 2.0, 100.0, 1e30, 3e38,
+            ]),
             top_k: r.pick(&[0, 0, 0, 1, 2, 5, 40, 1000, usize::MAX]),
             top_p: r.pick(&[1.0, 1.0, 0.999_999, 0.95, 0.9, 0.5, 1e-7]),
             min_p: r.pick(&[0.0, 0.0, 1e-40, 1e-20, 1e-9, 0.05, 0.5, 1.0]),
@@ -866,7 +870,9 @@ mod equivalence {
         let mut r = Rng(3);
         for case in 0..300 {
             let n = 2000;
-            let l: Vec<f32> = (0..n).map(|i| -(i as f32) * 0.03 + (r.normal() * 0.01) as f32).collect();
+            let l: Vec<f32> = (0..n)
+                .map(|i| -(i as f32) * 0.03 + (r.normal() * 0.01) as f32)
+                .collect();
             let cfg = SamplerConfig {
                 temperature: r.pick(&[0.5, 1.0, 4.0]),
                 min_p: r.pick(&[0.0, 1e-40]),
@@ -878,11 +884,25 @@ mod equivalence {
             let got = s.draw(&l, max, finite, u);
             let mut sorted: Vec<(usize, f32)> = l.iter().copied().enumerate().collect();
             sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            let rank = sorted.iter().position(|x| x.0 == got as usize).expect("a token");
+            let rank = sorted
+                .iter()
+                .position(|x| x.0 == got as usize)
+                .expect("a token");
             // The draw is in the upper 1e-6 of the mass: near the end.
-            let z: f64 = sorted.iter().map(|x| f64::from((x.1 - max) / cfg.temperature).exp()).sum();
-            let before: f64 = sorted[..rank].iter().map(|x| f64::from((x.1 - max) / cfg.temperature).exp()).sum();
-            assert!(before / z <= u + 1e-12 && (before + f64::from((sorted[rank].1 - max) / cfg.temperature).exp()) / z >= u - 1e-12, "case {case}");
+            let z: f64 = sorted
+                .iter()
+                .map(|x| f64::from((x.1 - max) / cfg.temperature).exp())
+                .sum();
+            let before: f64 = sorted[..rank]
+                .iter()
+                .map(|x| f64::from((x.1 - max) / cfg.temperature).exp())
+                .sum();
+            assert!(
+                before / z <= u + 1e-12
+                    && (before + f64::from((sorted[rank].1 - max) / cfg.temperature).exp()) / z
+                        >= u - 1e-12,
+                "case {case}"
+            );
             assert!(s.keys.len() > 1);
         }
     }
@@ -933,9 +953,8 @@ mod probe {
     #[ignore = "timing probe, run by hand"]
     fn probe() {
         let demo = std::env::var("SHOAL_TEST_MODEL").unwrap_or_default();
-        let gemma = std::env::var("SHOAL_GEMMA3_MODEL").unwrap_or_else(|_| {
-            "/root/.cache/shoal/models/gemma-3-270m-Q4_K_M.gguf".to_owned()
-        });
+        let gemma = std::env::var("SHOAL_GEMMA3_MODEL")
+            .unwrap_or_else(|_| "/root/.cache/shoal/models/gemma-3-270m-Q4_K_M.gguf".to_owned());
         for path in [demo, gemma] {
             let Some(all) = real_logits(&path, 32) else {
                 continue;
@@ -1002,7 +1021,9 @@ mod parts_probe {
     #[ignore = "timing probe, run by hand"]
     fn parts() {
         let n = 262_144;
-        let l: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0).collect();
+        let l: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0)
+            .collect();
         let time = |name: &str, f: &mut dyn FnMut() -> f64| {
             let mut best = f64::MAX;
             let mut sink = 0.0;
@@ -1011,7 +1032,11 @@ mod parts_probe {
                 sink += f();
                 best = best.min(t.elapsed().as_nanos() as f64);
             }
-            eprintln!("{name}: {:.0} ns ({:.2} ns/elt) {sink}", best, best / n as f64);
+            eprintln!(
+                "{name}: {:.0} ns ({:.2} ns/elt) {sink}",
+                best,
+                best / n as f64
+            );
         };
         time("finite_max", &mut || finite_max(&l).0 as f64);
         time("weight_sum", &mut || weight_sum(&l, 4.99, 0.7));
@@ -1019,7 +1044,12 @@ mod parts_probe {
         let mut keys = Vec::new();
         time("grow band 0", &mut || {
             keys.clear();
-            let mut s = Sorted { logits: &l, max: 4.99, t: 0.7, bands: 0 };
+            let mut s = Sorted {
+                logits: &l,
+                max: 4.99,
+                t: 0.7,
+                bands: 0,
+            };
             s.grow(&mut keys);
             keys.len() as f64
         });
