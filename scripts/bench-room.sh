@@ -94,8 +94,9 @@ echo "# $DATE, load: $LOADAVG, $(nproc) cores; shoal $("$SHOAL_BIN" --version 2>
 [[ -n $LLAMA_BIN ]] && echo "# llama-server: $(head -1 "$(dirname "$LLAMA_BIN")/../BUILD.txt" 2>/dev/null || echo '?')"
 
 # shoal runs with a clean environment: its own HOME, no SHOAL_* variables.
-SHOAL_ENV=(env HOME="$W/home" XDG_CONFIG_HOME="$W/home/cfg" XDG_DATA_HOME="$W/home/data")
+SHOAL_ENV=(env)
 for v in $(compgen -e); do [[ $v == SHOAL_* ]] && SHOAL_ENV+=(-u "$v"); done
+SHOAL_ENV+=(HOME="$W/home" XDG_CONFIG_HOME="$W/home/cfg" XDG_DATA_HOME="$W/home/data")
 mkdir -p "$W/home"
 D=$W/data
 "${SHOAL_ENV[@]}" "$SHOAL_BIN" --data-dir "$D" add "$MODEL" --name "$NAME" >/dev/null
