@@ -94,6 +94,10 @@ RESTART_QUESTIONS = [
     "Can I bring a coffee cup into the east wing?",
     "How late may I return a music score?",
     "Where do I leave a wet umbrella?",
+    "Can I use the microfilm reader without booking?",
+    "Do you accept donations of old encyclopedias?",
+    "Is the wireless network free for visitors?",
+    "Where are the reading glasses kept?",
 ]
 
 
@@ -255,7 +259,7 @@ def cmd_load(a):
            "per_client_tok_s_min": min(per_client), "per_client_decode_tok_s_median": median(decode),
            "errors": len(errors), "error_samples": errors[:3],
            "completion_tokens_each": [r["tokens"] for r in ok],
-           "answers": [r["text"][:60] for r in ok[:2]]}
+           "texts": {str(i): r["text"] for i, r in enumerate(results) if r is not None and not r["error"]}}
     if a.rss_pid:
         rec["rss_samples"] = len(samples)
         rec["rss_peak"] = max(samples) if samples else None
@@ -265,6 +269,30 @@ def cmd_load(a):
           f"{rec['per_client_tok_s_median']:.1f} tok/s (decode {rec['per_client_decode_tok_s_median'] or 0:.1f})"
           + (f"; {len(errors)} errors: {errors[:2]}" if errors else "")
           + (f"; peak RSS {rec['rss_peak'] / 2**20:.0f} MiB" if rec.get("rss_peak") else ""), file=sys.stderr)
+
+
+def cmd_alone(a):
+    """Each prompt of the last load level of this server, alone, one after the other (greedy):
+    batching must not change answers, so every text must equal its batched one."""
+    level = [json.loads(l) for l in open(a.out) if l.strip()]
+    level = [r for r in level if r["kind"] == "load" and r["server"] == a.server and r["clients"] == a.clients]
+    if not level:
+        sys.exit(f"bench-room: no {a.server} level {a.clients} to compare with")
+    texts = level[-1]["texts"]
+    same, diff = 0, []
+    for i in range(a.clients):
+        if str(i) not in texts:
+            continue
+        r = stream_chat(a.url, a.model, user(question(i)), a.tokens, timeout=a.timeout)
+        if r["error"]:
+            sys.exit(f"bench-room: {a.server} alone run of prompt {i} failed: {r['error']}")
+        if r["text"] == texts[str(i)]:
+            same += 1
+        else:
+            diff.append(i)
+    emit(a.out, kind="alone", server=a.server, clients=a.clients, same=same, differ=diff)
+    print(f"  {a.server}: {same} of {same + len(diff)} answers of the {a.clients}-client level are identical "
+          f"run alone" + (f"; different: prompts {diff}" if diff else ""), file=sys.stderr)
 
 
 def cmd_single(a):
@@ -284,7 +312,7 @@ def cmd_single(a):
 
 def cmd_restart(a):
     sysmsg = system_prompt(a.sys_words)
-    q = RESTART_QUESTIONS[(a.run * 2 + (a.phase == "restart")) % len(RESTART_QUESTIONS)]
+    q = RESTART_QUESTIONS[(a.run * 3 + ["cold", "restart", "hot"].index(a.phase)) % len(RESTART_QUESTIONS)]
     msgs = [{"role": "system", "content": sysmsg}, {"role": "user", "content": q}]
     r = stream_chat(a.url, a.model, msgs, 8, timeout=a.timeout)
     if r["error"]:
@@ -337,7 +365,7 @@ def cmd_report(a):
         single["ratio_t07_t0"] = rnd(ratio(single["t0.7"]["gen_tok_s_median"], single["t0"]["gen_tok_s_median"]))
         out[s]["single"] = single
         rest = {}
-        for ph in ("cold", "restart"):
+        for ph in ("cold", "restart", "hot"):
             rr = [r for r in rows if r["kind"] == "restart" and r["server"] == s and r["phase"] == ph]
             if rr:
                 rest[ph] = {"ttft_median": rnd(median([r["ttft"] for r in rr])),
@@ -349,6 +377,9 @@ def cmd_report(a):
         if "cold" in rest and "restart" in rest:
             rest["ratio_restart_cold"] = rnd(ratio(rest["restart"]["ttft_median"], rest["cold"]["ttft_median"]))
         out[s]["restart"] = rest
+        al = [r for r in rows if r["kind"] == "alone" and r["server"] == s]
+        if al:
+            out[s]["alone"] = {"clients": al[-1]["clients"], "same": al[-1]["same"], "differ": al[-1]["differ"]}
         idle = [r for r in rows if r["kind"] == "rss" and r["server"] == s and r["what"] == "idle"]
         if idle:
             i = idle[-1]
@@ -381,6 +412,9 @@ def cmd_report(a):
         rr = sh.get("restart", {}).get("ratio_restart_cold")
         if rr is not None:
             out["goals"]["restart_le_0.03x_cold"] = rr <= 0.03
+        al = sh.get("alone")
+        if al:
+            out["goals"]["batched_equals_alone"] = not al["differ"]
         rss = sh.get("rss")
         if rss and rss.get("peak_minus_idle") is not None and meta.get("kv_budget_bytes"):
             out["goals"]["rss_growth_within_kv_budget"] = rss["peak_minus_idle"] <= meta["kv_budget_bytes"]
@@ -417,6 +451,8 @@ def cmd_report(a):
                         f"({rs['restart']['cached_tokens']} tokens cached), ratio {rs['ratio_restart_cold']:.4f}"
                         + (f"; daemon start to API up {rs['restart']['spawn_to_api_median']:.3f} s"
                            if rs["restart"].get("spawn_to_api_median") is not None else ""))
+            if "hot" in rs:
+                txt += f"; the next request (model loaded, blocks in RAM) {rs['hot']['ttft_median']:.3f} s"
             lines.append(txt)
     for s in servers:
         rss = out[s].get("rss")
@@ -425,6 +461,12 @@ def cmd_report(a):
                          f"{f(rss['peak'] and rss['peak'] / 2**20, '{:.0f}')} MiB, peak - idle "
                          f"{f(rss['peak_minus_idle'] and rss['peak_minus_idle'] / 2**20, '{:.0f}')} MiB"
                          + (f" (inference.kv_budget {meta.get('kv_budget')})" if s == "shoal" else ""))
+    for s in servers:
+        al = out[s].get("alone")
+        if al:
+            lines.append(f"{s}: {al['same']} of {al['same'] + len(al['differ'])} greedy answers of the "
+                         f"{al['clients']}-client level identical to the same request alone"
+                         + (f" (different: prompts {al['differ']})" if al["differ"] else ""))
     if out["goals"]:
         lines.append("goals: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in out["goals"].items()))
     print("\n".join(lines))
@@ -433,7 +475,7 @@ def cmd_report(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=["warm", "load", "single", "restart", "rss", "report"])
+    p.add_argument("cmd", choices=["warm", "load", "alone", "single", "restart", "rss", "report"])
     p.add_argument("--url")
     p.add_argument("--model", default="default")
     p.add_argument("--out", required=True)
@@ -445,13 +487,13 @@ def main():
     p.add_argument("--rss-pid", type=int)
     p.add_argument("--pid", type=int)
     p.add_argument("--what", default="idle")
-    p.add_argument("--phase", choices=["cold", "restart"], default="cold")
+    p.add_argument("--phase", choices=["cold", "restart", "hot"], default="cold")
     p.add_argument("--run", type=int, default=0)
     p.add_argument("--sys-words", type=int, default=860)
     p.add_argument("--spawn-to-api", type=float)
     p.add_argument("--meta")
     a = p.parse_args()
-    {"warm": cmd_warm, "load": cmd_load, "single": cmd_single, "restart": cmd_restart, "rss": cmd_rss,
+    {"warm": cmd_warm, "load": cmd_load, "alone": cmd_alone, "single": cmd_single, "restart": cmd_restart, "rss": cmd_rss,
      "report": cmd_report}[a.cmd](a)
 
 

@@ -16,19 +16,32 @@
 #     first token), ratio t0.7/t0.
 #  3. RSS: shoal's VmRSS after model load and warm-up (idle), and sampled
 #     every 100 ms during the largest level (peak), beside inference.kv_budget.
-#  4. Restart TTFT (shoal): a ~1,150-token shared system prompt plus a
+#  4. Batching never changes answers: on the largest level's server, each of
+#     its prompts again alone, one after the other (greedy); every answer
+#     must equal its batched one (SKIP_ALONE=1 skips it).
+#  5. Restart TTFT (shoal): a ~1,150-token shared system prompt plus a
 #     question, 8 new tokens. (a) cold, on a fresh daemon with an empty KV
-#     dir; (b) SIGTERM the daemon, start it again on the same data dir, first
-#     request with the same system prompt and a new question. Ratio b/a.
+#     dir (model load included); (b) SIGTERM the daemon (once its KV
+#     write-behind is done), start it again on the same data dir, first
+#     request with the same system prompt and a new question; ratio b/a.
+#     Where the time goes: the daemon's start to its API being up, and (c)
+#     the next request with another question (model loaded, blocks in RAM):
+#     b - c is the model load plus reading the prefix blocks from disk.
 #     llama-server's cold TTFT of that prompt for reference.
+#
+# llama.cpp's threads spin while they wait: on a machine loaded by other
+# work its figures collapse far more than shoal's. Run it on a quiet machine
+# (the load average at the start is printed and recorded); LLAMA_ARGS adds
+# arguments to llama-server (e.g. "--poll 0").
 #
 # Prints progress and a summary table on stderr/stdout, then one final JSON
 # line with every figure, the ratios shoal/llama-server and the goals.
 #
 # Usage: scripts/bench-room.sh
 # Env:   CLIENTS="1 4 8 16"  TOKENS=96  THREADS=2  KV_BUDGET=256M  RUNS=3
-#        RESTART_RUNS=3  CTX_PER_SLOT=2048  SKIP_LLAMA=1  SKIP_RESTART=1
-#        SHOAL_BIN=target/release/shoal  SHOAL_TEST_MODEL=<gguf>  SYS_WORDS=860
+#        RESTART_RUNS=3  CTX_PER_SLOT=2048  SKIP_LLAMA=1  SKIP_RESTART=1  SKIP_ALONE=1
+#        SHOAL_BIN=target/release/shoal  SHOAL_TEST_MODEL=<gguf>  SYS_WORDS=860  LLAMA_ARGS=
+# Smoke test: CLIENTS="1 4" TOKENS=16 RESTART_RUNS=1 scripts/bench-room.sh
 # Everything listens on 127.0.0.1 (shoal: mDNS off, no peers); every server
 # is stopped on exit.
 set -euo pipefail
@@ -44,6 +57,8 @@ CTX_PER_SLOT=${CTX_PER_SLOT:-2048}
 SYS_WORDS=${SYS_WORDS:-860}
 SKIP_LLAMA=${SKIP_LLAMA:-0}
 SKIP_RESTART=${SKIP_RESTART:-0}
+SKIP_ALONE=${SKIP_ALONE:-0}
+read -r -a LLAMA_ARGS <<<"${LLAMA_ARGS:-}"
 SHOAL_BIN=$(realpath "${SHOAL_BIN:-target/release/shoal}")
 MODEL=${SHOAL_TEST_MODEL:-$HOME/.cache/shoal/models/SmolLM2-135M-Instruct.Q4_1.gguf}
 NAME=bench-room:model
@@ -153,7 +168,7 @@ start_llama() { # slots
     local n=$1 port
     port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     "$LLAMA_BIN" -m "$MODEL" --host 127.0.0.1 --port "$port" -t "$THREADS" -tb "$THREADS" \
-        -c $((n * CTX_PER_SLOT)) -np "$n" -cb --no-webui >"$W/llama.log" 2>&1 &
+        -c $((n * CTX_PER_SLOT)) -np "$n" -cb --no-webui "${LLAMA_ARGS[@]}" >"$W/llama.log" 2>&1 &
     LLAMA_PID=$!
     LLAMA_URL=http://127.0.0.1:$port
     for _ in $(seq 1200); do
@@ -192,6 +207,9 @@ run_levels() { # shoal|llama
         fi
         "${PY[@]}" load --url "$URL" --model "$NAME" --out "$OUT" --server "$s" --clients "$n" \
             --tokens "$TOKENS" "${rss[@]}"
+        if ((n == MAXN && n > 1)) && [[ $SKIP_ALONE != 1 ]]; then
+            "${PY[@]}" alone --url "$URL" --model "$NAME" --out "$OUT" --server "$s" --clients "$n" --tokens "$TOKENS"
+        fi
         if ((n == 1 && !single_done)); then
             run_single "$s"
             single_done=1
@@ -232,6 +250,8 @@ if [[ $SKIP_RESTART != 1 ]]; then
         start_shoal 1
         "${PY[@]}" restart --url "$SHOAL_URL" --model "$NAME" --out "$OUT" --server shoal --phase restart \
             --run "$r" --sys-words "$SYS_WORDS" --spawn-to-api "$SPAWN_TO_API"
+        "${PY[@]}" restart --url "$SHOAL_URL" --model "$NAME" --out "$OUT" --server shoal --phase hot \
+            --run "$r" --sys-words "$SYS_WORDS"
         stop_shoal
     done
 fi
