@@ -310,6 +310,31 @@ def cmd_single(a):
                   f"generation {gen or 0:.1f} tok/s", file=sys.stderr)
 
 
+def kv_lookups(url):
+    """shoal's KV lookups by tier and result from /metrics ({"disk hit": n, ...}), {} when unavailable."""
+    u = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    out = {}
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", "replace") if resp.status == 200 else ""
+    except (OSError, http.client.HTTPException):
+        return out
+    finally:
+        conn.close()
+    for line in text.splitlines():
+        if line.startswith("shoal_kv_lookups_total{"):
+            labels, _, value = line.partition("}")
+            kv = dict(p.split("=", 1) for p in labels[len("shoal_kv_lookups_total{"):].split(",") if "=" in p)
+            key = " ".join(kv[k].strip('"') for k in ("tier", "result") if k in kv)
+            try:
+                out[key] = out.get(key, 0) + float(value)
+            except ValueError:
+                pass
+    return out
+
+
 def cmd_restart(a):
     sysmsg = system_prompt(a.sys_words)
     q = RESTART_QUESTIONS[(a.run * 3 + ["cold", "restart", "hot"].index(a.phase)) % len(RESTART_QUESTIONS)]
@@ -317,12 +342,14 @@ def cmd_restart(a):
     r = stream_chat(a.url, a.model, msgs, 8, timeout=a.timeout)
     if r["error"]:
         sys.exit(f"bench-room: {a.server} restart-test {a.phase} failed: {r['error']}")
+    lookups = kv_lookups(a.url) if a.server == "shoal" else {}
     emit(a.out, kind="restart", server=a.server, phase=a.phase, run=a.run, ttft=r["ttft"],
          prompt_tokens=r["prompt_tokens"], cached_tokens=r["cached_tokens"], tokens=r["tokens"],
-         spawn_to_api_s=a.spawn_to_api)
+         spawn_to_api_s=a.spawn_to_api, kv_lookups=lookups)
     print(f"  {a.server} {a.phase} run {a.run}: TTFT {r['ttft']:.3f} s, prompt {r['prompt_tokens']} tokens "
           f"({r['cached_tokens']} cached)" + (f", process start to API up {a.spawn_to_api:.3f} s"
-                                               if a.spawn_to_api is not None else ""), file=sys.stderr)
+                                               if a.spawn_to_api is not None else "")
+          + (f"; KV lookups since start: {lookups}" if lookups else ""), file=sys.stderr)
 
 
 def cmd_rss(a):
@@ -370,7 +397,8 @@ def cmd_report(a):
             if rr:
                 rest[ph] = {"ttft_median": rnd(median([r["ttft"] for r in rr])),
                             "ttft_runs": [rnd(r["ttft"]) for r in rr],
-                            "prompt_tokens": rr[-1]["prompt_tokens"], "cached_tokens": rr[-1]["cached_tokens"]}
+                            "prompt_tokens": rr[-1]["prompt_tokens"], "cached_tokens": rr[-1]["cached_tokens"],
+                            "kv_lookups": rr[-1].get("kv_lookups") or {}}
                 sp = [r["spawn_to_api_s"] for r in rr if r.get("spawn_to_api_s") is not None]
                 if sp:
                     rest[ph]["spawn_to_api_median"] = rnd(median(sp))
@@ -416,7 +444,7 @@ def cmd_report(a):
         if al:
             out["goals"]["batched_equals_alone"] = not al["differ"]
         rss = sh.get("rss")
-        if rss and rss.get("peak_minus_idle") is not None and meta.get("kv_budget_bytes"):
+        if rss and rss.get("peak_minus_idle") is not None and meta.get("kv_budget_set"):
             out["goals"]["rss_growth_within_kv_budget"] = rss["peak_minus_idle"] <= meta["kv_budget_bytes"]
 
     # Human-readable summary.
@@ -424,7 +452,8 @@ def cmd_report(a):
         return "-" if x is None else fmt.format(x)
 
     lines.append(f"room benchmark, {meta.get('date', '?')}, load at start {meta.get('loadavg', '?')}, "
-                 f"threads {meta.get('threads')}, max_tokens {meta.get('tokens')}")
+                 f"threads {meta.get('threads')}, max_tokens {meta.get('tokens')}"
+                 + ("" if meta.get("parallel_set", True) else ", inference.parallel not set (no such key)"))
     lines.append("| clients | shoal tok/s | llama tok/s | ratio | shoal TTFT p50/p95 s | llama TTFT p50/p95 s "
                  "| shoal per-client tok/s | llama per-client tok/s |")
     lines.append("|---|---|---|---|---|---|---|---|")
@@ -460,7 +489,9 @@ def cmd_report(a):
             lines.append(f"{s} RSS at {rss['clients']} clients: idle {rss['idle'] / 2**20:.0f} MiB, peak "
                          f"{f(rss['peak'] and rss['peak'] / 2**20, '{:.0f}')} MiB, peak - idle "
                          f"{f(rss['peak_minus_idle'] and rss['peak_minus_idle'] / 2**20, '{:.0f}')} MiB"
-                         + (f" (inference.kv_budget {meta.get('kv_budget')})" if s == "shoal" else ""))
+                         + ((f" (inference.kv_budget {meta.get('kv_budget')})" if meta.get("kv_budget_set")
+                             else " (inference.kv_budget not set: this shoal has no such key)")
+                            if s == "shoal" else ""))
     for s in servers:
         al = out[s].get("alone")
         if al:

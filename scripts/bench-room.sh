@@ -106,6 +106,9 @@ trap 'exit 130' INT TERM
 DATE=$(date -u '+%Y-%m-%d %H:%M UTC')
 LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "# $DATE, load: $LOADAVG, $(nproc) cores; shoal $("$SHOAL_BIN" --version 2>/dev/null | head -1); model $(basename "$MODEL")"
+if python3 -c 'import os, sys; sys.exit(os.getloadavg()[0] <= os.cpu_count() / 2)'; then
+    log "WARNING: load average $LOADAVG on $(nproc) cores: other work shares the CPU, the figures (llama-server's most) are not representative"
+fi
 [[ -n $LLAMA_BIN ]] && echo "# llama-server: $(head -1 "$(dirname "$LLAMA_BIN")/../BUILD.txt" 2>/dev/null || echo '?')"
 
 # shoal runs with a clean environment: its own HOME, no SHOAL_* variables.
