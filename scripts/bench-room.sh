@@ -81,6 +81,9 @@ done
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/shoal-bench-room.XXXXXX")
 OUT=$W/results.jsonl
+# A copy of the binary: the whole run uses one build even if SHOAL_BIN is rebuilt meanwhile.
+cp "$SHOAL_BIN" "$W/shoal"
+SHOAL_BIN=$W/shoal
 : >"$OUT"
 SHOAL_PID=
 LLAMA_PID=
