@@ -5,13 +5,15 @@ Python standard library only (http.client + threads). Every phase appends
 JSON lines to the results file given with --out; `report` reads them back and
 prints the summary plus one final JSON line. The shell script starts and
 stops the servers (shoal's daemon, llama.cpp's llama-server) around each
-phase; this file never starts a process.
+phase; this file starts no server (only `shoal generate`, the raw engine's
+reference, in `engine`).
 
   bench-room.py warm    --url URL --model M --out F --server S
   bench-room.py load    --url URL --model M --out F --server S --clients N --tokens T [--rss-pid P]
   bench-room.py single  --url URL --model M --out F --server S --tokens T --runs R
   bench-room.py restart --url URL --model M --out F --server S --phase cold|restart --run I [--spawn-to-api S]
   bench-room.py rss     --pid P --out F --server S --what idle
+  bench-room.py engine  --shoal-bin B --model-path G --threads T --tokens T --runs R --out F
   bench-room.py report  --out F [--meta JSON]
 """
 
@@ -19,6 +21,8 @@ import argparse
 import http.client
 import json
 import math
+import re
+import subprocess
 import sys
 import threading
 import time
@@ -56,6 +60,8 @@ SUBJECTS = ["a farmer", "a sailor", "a child", "a teacher", "a baker", "an engin
 
 WARM_PROMPT = "Say hello and introduce yourself in two sentences."
 SINGLE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+# The raw engine gets no chat template: a text to continue.
+ENGINE_PROMPT = "Once upon a time, a lighthouse keeper found a message in a bottle. It said"
 
 
 def question(i):
@@ -352,6 +358,29 @@ def cmd_restart(a):
           + (f"; KV lookups since start: {lookups}" if lookups else ""), file=sys.stderr)
 
 
+def cmd_engine(a):
+    """The raw engine's decode rate, `shoal generate` in-process (no HTTP, no chat template): the
+    reference of the streamed single-client rate."""
+    for run in range(a.runs):
+        try:
+            p = subprocess.run([a.shoal_bin, "generate", "--log", "shoal::cmd::infer=info", "--model", a.model_path,
+                                "--threads", str(a.threads), "--max-tokens", str(a.tokens),
+                                "--prompt", ENGINE_PROMPT], capture_output=True, text=True, timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            sys.exit("bench-room: shoal generate timed out")
+        log = re.sub(r"\x1b\[[0-9;]*m", "", p.stderr)
+        m = re.search(r'gen_tok_per_s="?([0-9.]+)', log)
+        g = re.search(r"generated=([0-9]+)", log)
+        if p.returncode != 0 or not m:
+            sys.exit(f"bench-room: shoal generate failed (status {p.returncode}): {log[-500:]}")
+        if not g or int(g.group(1)) < 2:
+            sys.exit(f"bench-room: shoal generate made fewer than 2 tokens: {log[-500:]}")
+        emit(a.out, kind="engine", server="shoal", run=run, gen_tok_s=float(m.group(1)),
+             tokens=int(g.group(1)) if g else None)
+        print(f"  shoal raw engine (shoal generate) run {run}: {g.group(1) if g else '?'} tokens, "
+              f"decode {float(m.group(1)):.1f} tok/s", file=sys.stderr)
+
+
 def cmd_rss(a):
     v = vmrss(a.pid)
     if v is None:
@@ -390,6 +419,12 @@ def cmd_report(a):
                  and r["sampler"] == label and r["gen_tok_s"]]
             single[label] = {"gen_tok_s_median": rnd(median(g), 2), "runs": [rnd(x, 2) for x in g]}
         single["ratio_t07_t0"] = rnd(ratio(single["t0.7"]["gen_tok_s_median"], single["t0"]["gen_tok_s_median"]))
+        eng = [r["gen_tok_s"] for r in rows if r["kind"] == "engine" and r["server"] == s]
+        if eng:
+            single["engine_tok_s_median"] = rnd(median(eng), 2)
+            single["engine_runs"] = eng
+            single["ratio_t0_engine"] = rnd(ratio(single["t0"]["gen_tok_s_median"], median(eng)))
+            single["ratio_t07_engine"] = rnd(ratio(single["t0.7"]["gen_tok_s_median"], median(eng)))
         out[s]["single"] = single
         rest = {}
         for ph in ("cold", "restart", "hot"):
@@ -437,6 +472,9 @@ def cmd_report(a):
         r = sh["single"]["ratio_t07_t0"]
         if r is not None:
             out["goals"]["single_t07_ge_0.95x_t0"] = r >= 0.95
+        r = sh["single"].get("ratio_t07_engine")
+        if r is not None:
+            out["goals"]["single_t07_ge_0.9x_engine"] = r >= 0.9
         rr = sh.get("restart", {}).get("ratio_restart_cold")
         if rr is not None:
             out["goals"]["restart_le_0.03x_cold"] = rr <= 0.03
@@ -469,7 +507,10 @@ def cmd_report(a):
         sg = out[s]["single"]
         lines.append(f"{s} single client, generation tok/s (median of runs): t0 {f(sg['t0']['gen_tok_s_median'])}, "
                      f"t0.7/top_p 0.95 {f(sg['t0.7']['gen_tok_s_median'])}, ratio t0.7/t0 "
-                     f"{f(sg['ratio_t07_t0'], '{:.3f}')}")
+                     f"{f(sg['ratio_t07_t0'], '{:.3f}')}"
+                     + (f"; raw engine (shoal generate, greedy) {sg['engine_tok_s_median']:.1f} tok/s, "
+                        f"t0/engine {f(sg['ratio_t0_engine'], '{:.3f}')}, t0.7/engine {f(sg['ratio_t07_engine'], '{:.3f}')}"
+                        if sg.get("engine_tok_s_median") else ""))
     for s in servers:
         rs = out[s].get("restart", {})
         if "cold" in rs:
@@ -506,7 +547,7 @@ def cmd_report(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cmd", choices=["warm", "load", "alone", "single", "restart", "rss", "report"])
+    p.add_argument("cmd", choices=["warm", "load", "alone", "single", "engine", "restart", "rss", "report"])
     p.add_argument("--url")
     p.add_argument("--model", default="default")
     p.add_argument("--out", required=True)
@@ -523,8 +564,11 @@ def main():
     p.add_argument("--sys-words", type=int, default=860)
     p.add_argument("--spawn-to-api", type=float)
     p.add_argument("--meta")
+    p.add_argument("--shoal-bin")
+    p.add_argument("--model-path")
+    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    {"warm": cmd_warm, "load": cmd_load, "alone": cmd_alone, "single": cmd_single, "restart": cmd_restart, "rss": cmd_rss,
+    {"warm": cmd_warm, "load": cmd_load, "alone": cmd_alone, "engine": cmd_engine, "single": cmd_single, "restart": cmd_restart, "rss": cmd_rss,
      "report": cmd_report}[a.cmd](a)
 
 

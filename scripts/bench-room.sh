@@ -13,7 +13,8 @@
 #     -c N*CTX_PER_SLOT -cb) and warmed up with one request first.
 #  2. Single client: temperature 0 against temperature 0.7 / top_p 0.95
 #     (seed 42), RUNS runs each, tok/s of the generation part (after the
-#     first token), ratio t0.7/t0.
+#     first token), ratio t0.7/t0; and the raw engine's decode rate for
+#     reference (`shoal generate`, same threads, no HTTP, greedy).
 #  3. RSS: shoal's VmRSS after model load and warm-up (idle), and sampled
 #     every 100 ms during the largest level (peak), beside inference.kv_budget.
 #  4. Batching never changes answers: on the largest level's server, each of
@@ -243,6 +244,9 @@ kv_settled() {
 
 log "shoal: load levels ($CLIENTS) and single client"
 run_levels shoal
+log "shoal: the raw engine's decode rate (shoal generate, $THREADS threads, $RUNS runs)"
+"${SHOAL_ENV[@]}" "${PY[@]}" engine --shoal-bin "$SHOAL_BIN" --model-path "$MODEL" --threads "$THREADS" \
+    --tokens "$TOKENS" --runs "$RUNS" --out "$OUT"
 if [[ $SKIP_RESTART != 1 ]]; then
     log "shoal: restart TTFT ($RESTART_RUNS runs)"
     for ((r = 0; r < RESTART_RUNS; r++)); do
