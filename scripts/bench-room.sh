@@ -29,6 +29,8 @@
 #     the next request with another question (model loaded, blocks in RAM):
 #     b - c is the model load plus reading the prefix blocks from disk.
 #     llama-server's cold TTFT of that prompt for reference.
+#     The page cache is not dropped: the blocks just written are read back
+#     from it, as after a daemon restart (not a reboot).
 #
 # llama.cpp's threads spin while they wait: on a machine loaded by other
 # work its figures collapse far more than shoal's. Run it on a quiet machine
