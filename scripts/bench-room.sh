@@ -101,7 +101,17 @@ stop_pid() {
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
+# Runs a client phase in the background and waits for it, so that a signal
+# stops the run at once (bash defers traps while a foreground child runs).
+PY_PID=
+py() {
+    "$@" &
+    PY_PID=$!
+    wait "$PY_PID"
+    PY_PID=
+}
 cleanup() {
+    [[ -n $PY_PID ]] && { kill "$PY_PID" 2>/dev/null || true; }
     [[ -n $SHOAL_PID ]] && stop_pid "$SHOAL_PID"
     [[ -n $LLAMA_PID ]] && stop_pid "$LLAMA_PID"
     rm -rf "$W"
@@ -199,11 +209,11 @@ start_server() { # shoal|llama slots
         start_llama "$2"; URL=$LLAMA_URL; PID=$LLAMA_PID
     fi
     log "$1 with $2 slot(s) at $URL"
-    "${PY[@]}" warm --url "$URL" --model "$NAME" --out "$OUT" --server "$1"
+    py "${PY[@]}" warm --url "$URL" --model "$NAME" --out "$OUT" --server "$1"
 }
 stop_server() { if [[ $1 == shoal ]]; then stop_shoal; else stop_llama; fi; }
 run_single() { # shoal|llama
-    "${PY[@]}" single --url "$URL" --model "$NAME" --out "$OUT" --server "$1" --tokens "$TOKENS" --runs "$RUNS"
+    py "${PY[@]}" single --url "$URL" --model "$NAME" --out "$OUT" --server "$1" --tokens "$TOKENS" --runs "$RUNS"
 }
 run_levels() { # shoal|llama
     local s=$1 single_done=0 rss
@@ -211,13 +221,13 @@ run_levels() { # shoal|llama
         start_server "$s" "$n"
         rss=()
         if ((n == MAXN)); then
-            "${PY[@]}" rss --pid "$PID" --out "$OUT" --server "$s" --what idle --clients "$n"
+            py "${PY[@]}" rss --pid "$PID" --out "$OUT" --server "$s" --what idle --clients "$n"
             rss=(--rss-pid "$PID")
         fi
-        "${PY[@]}" load --url "$URL" --model "$NAME" --out "$OUT" --server "$s" --clients "$n" \
+        py "${PY[@]}" load --url "$URL" --model "$NAME" --out "$OUT" --server "$s" --clients "$n" \
             --tokens "$TOKENS" "${rss[@]}"
         if ((n == MAXN && n > 1)) && [[ $SKIP_ALONE != 1 ]]; then
-            "${PY[@]}" alone --url "$URL" --model "$NAME" --out "$OUT" --server "$s" --clients "$n" --tokens "$TOKENS"
+            py "${PY[@]}" alone --url "$URL" --model "$NAME" --out "$OUT" --server "$s" --clients "$n" --tokens "$TOKENS"
         fi
         if ((n == 1 && !single_done)); then
             run_single "$s"
@@ -247,22 +257,22 @@ kv_settled() {
 log "shoal: load levels ($CLIENTS) and single client"
 run_levels shoal
 log "shoal: the raw engine's decode rate (shoal generate, $THREADS threads, $RUNS runs)"
-"${SHOAL_ENV[@]}" "${PY[@]}" engine --shoal-bin "$SHOAL_BIN" --model-path "$MODEL" --threads "$THREADS" \
+py "${SHOAL_ENV[@]}" "${PY[@]}" engine --shoal-bin "$SHOAL_BIN" --model-path "$MODEL" --threads "$THREADS" \
     --tokens "$TOKENS" --runs "$RUNS" --out "$OUT"
 if [[ $SKIP_RESTART != 1 ]]; then
     log "shoal: restart TTFT ($RESTART_RUNS runs)"
     for ((r = 0; r < RESTART_RUNS; r++)); do
         rm -rf "$D/kv"
         start_shoal 1
-        "${PY[@]}" restart --url "$SHOAL_URL" --model "$NAME" --out "$OUT" --server shoal --phase cold \
+        py "${PY[@]}" restart --url "$SHOAL_URL" --model "$NAME" --out "$OUT" --server shoal --phase cold \
             --run "$r" --sys-words "$SYS_WORDS" --spawn-to-api "$SPAWN_TO_API"
         blocks=$(kv_settled)
         log "  $blocks KV block files on disk before the restart"
         stop_shoal
         start_shoal 1
-        "${PY[@]}" restart --url "$SHOAL_URL" --model "$NAME" --out "$OUT" --server shoal --phase restart \
+        py "${PY[@]}" restart --url "$SHOAL_URL" --model "$NAME" --out "$OUT" --server shoal --phase restart \
             --run "$r" --sys-words "$SYS_WORDS" --spawn-to-api "$SPAWN_TO_API"
-        "${PY[@]}" restart --url "$SHOAL_URL" --model "$NAME" --out "$OUT" --server shoal --phase hot \
+        py "${PY[@]}" restart --url "$SHOAL_URL" --model "$NAME" --out "$OUT" --server shoal --phase hot \
             --run "$r" --sys-words "$SYS_WORDS"
         stop_shoal
     done
@@ -274,7 +284,7 @@ if [[ $SKIP_LLAMA != 1 ]]; then
         log "llama-server: cold TTFT of the long prompt ($RESTART_RUNS runs)"
         for ((r = 0; r < RESTART_RUNS; r++)); do
             start_llama 1
-            "${PY[@]}" restart --url "$LLAMA_URL" --model "$NAME" --out "$OUT" --server llama --phase cold \
+            py "${PY[@]}" restart --url "$LLAMA_URL" --model "$NAME" --out "$OUT" --server llama --phase cold \
                 --run "$r" --sys-words "$SYS_WORDS"
             stop_llama
         done
@@ -294,4 +304,4 @@ m["kv_budget_set"] = sys.argv[3] == "1"; m["parallel_set"] = sys.argv[4] == "1"
 for k in ("threads", "tokens", "ctx_per_slot"): m[k] = int(m[k])
 print(json.dumps(m))' "$META" "$KV_BYTES" "$HAS_KV_BUDGET" "$HAS_PARALLEL")
 echo
-"${PY[@]}" report --out "$OUT" --meta "$META"
+py "${PY[@]}" report --out "$OUT" --meta "$META"
