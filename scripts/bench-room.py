@@ -10,6 +10,7 @@ reference, in `engine`).
 
   bench-room.py warm    --url URL --model M --out F --server S
   bench-room.py load    --url URL --model M --out F --server S --clients N --tokens T [--rss-pid P]
+  bench-room.py alone   --url URL --model M --out F --server S --clients N --tokens T
   bench-room.py single  --url URL --model M --out F --server S --tokens T --runs R
   bench-room.py restart --url URL --model M --out F --server S --phase cold|restart --run I [--spawn-to-api S]
   bench-room.py rss     --pid P --out F --server S --what idle
