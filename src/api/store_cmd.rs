@@ -111,9 +111,9 @@ pub fn verify(
             if let Some(kv_dir) = kv_dir {
                 match crate::kvcache::purge_model_on_disk(kv_dir, id.as_bytes()) {
                     Ok(0) => {}
-                    Ok(n) => out
-                        .notes
-                        .push(format!("{id}: dropped {n} KV cache blocks computed from it")),
+                    Ok(n) => out.notes.push(format!(
+                        "{id}: dropped {n} KV cache blocks computed from it"
+                    )),
                     Err(e) => out
                         .notes
                         .push(format!("{id}: could not drop its KV cache blocks: {e}")),

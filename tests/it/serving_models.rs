@@ -31,9 +31,7 @@ async fn add_named(node: &Node, file: &Path, names: &[&str]) -> ArtifactId {
     let file = file.to_owned();
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     tokio::task::spawn_blocking(move || {
-        let id = store
-            .add_file(&file, &AddOptions::default())
-            .expect("add");
+        let id = store.add_file(&file, &AddOptions::default()).expect("add");
         store.keygen(false).expect("keygen");
         for n in &names {
             store.publish(&id, n, None).expect("publish");

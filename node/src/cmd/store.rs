@@ -3,8 +3,8 @@
 use super::{Ctx, human_bytes};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use serde_json::json;
 use serde_json::Value;
+use serde_json::json;
 use shoal::api::store_cmd;
 use shoal::store::{ArtifactStatus, Store, release};
 use std::path::PathBuf;
@@ -251,9 +251,7 @@ impl Daemon {
             }
             (None, None) => return Err(locked),
         };
-        let api = ctx
-            .admin_client(&addr)
-            .with_timeout(std::time::Duration::from_secs(3600));
+        let api = ctx.admin_client(&addr);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -261,10 +259,19 @@ impl Daemon {
     }
 
     fn call<T: serde::de::DeserializeOwned>(&self, path: &str, body: Option<Value>) -> Result<T> {
+        // Hashing a large file (add, verify) takes a while; the rest is quick.
+        let secs = match path {
+            "/admin/store/add" | "/admin/store/verify" => 3600,
+            _ => 60,
+        };
+        let api = self
+            .api
+            .clone()
+            .with_timeout(std::time::Duration::from_secs(secs));
         let r = self.rt.block_on(async {
             match body {
-                Some(b) => self.api.post(path, &b).await,
-                None => self.api.get(path).await,
+                Some(b) => api.post(path, &b).await,
+                None => api.get(path).await,
             }
         });
         r.map_err(|e| {
@@ -341,7 +348,8 @@ impl Backend {
     fn add(&self, req: &store_cmd::AddRequest) -> Result<Value> {
         match self {
             Backend::Local(s) => {
-                Ok(store_cmd::add(s, req).with_context(|| format!("adding {}", req.path.display()))?)
+                Ok(store_cmd::add(s, req)
+                    .with_context(|| format!("adding {}", req.path.display()))?)
             }
             Backend::Daemon(d) => d.call("/admin/store/add", Some(serde_json::to_value(req)?)),
         }

@@ -4,6 +4,7 @@
 
 mod api_security;
 mod cli;
+mod cli_daemon;
 mod mesh_netns;
 mod ops_cli;
 mod pull_wait;
