@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 /// Content-store commands (they open the store directly; while `shoal serve`
 /// holds it, `add`, `ls`, `show`, `verify`, `pin`, `unpin`, `rm` and `gc`
-/// go through its admin API).
+/// (and `import`) go through its admin API).
 #[derive(Subcommand, Debug)]
 pub enum StoreCmd {
     /// Add a file (GGUF weights, tokenizer, anything) to the store; prints its id.
@@ -261,7 +261,7 @@ impl Daemon {
     fn call<T: serde::de::DeserializeOwned>(&self, path: &str, body: Option<Value>) -> Result<T> {
         // Hashing a large file (add, verify) takes a while; the rest is quick.
         let secs = match path {
-            "/admin/store/add" | "/admin/store/verify" => 3600,
+            "/admin/store/add" | "/admin/store/verify" | "/admin/store/import" => 3600,
             _ => 60,
         };
         let api = self
@@ -281,6 +281,31 @@ impl Daemon {
             )
         })
     }
+}
+
+/// `shoal import` through the admin API of the daemon that holds the store
+/// (`locked`: the error of opening it).
+pub fn import_via_daemon(
+    ctx: &Ctx,
+    locked: anyhow::Error,
+    path: &std::path::Path,
+    pin: bool,
+    no_names: bool,
+) -> Result<Vec<shoal::import::Imported>> {
+    let d = Daemon::connect(ctx, locked)?;
+    // The daemon's working directory is not ours.
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("{}", path.display()))?;
+    let req = store_cmd::ImportRequest {
+        path,
+        pin,
+        no_names,
+    };
+    Ok(serde_json::from_value(d.call(
+        "/admin/store/import",
+        Some(serde_json::to_value(&req)?),
+    )?)?)
 }
 
 /// Where a store command runs.

@@ -243,6 +243,23 @@ fn store_commands_beside_a_running_daemon() {
         out(&o)
     );
 
+    // import (a directory relative to the caller) through the daemon.
+    std::fs::create_dir(home.join("imp")).expect("mkdir");
+    std::fs::rename(
+        home.join("other.gguf"),
+        home.join("imp").join("class-model.gguf"),
+    )
+    .expect("mv");
+    let o = run(home, &["import", "imp"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let line = out(&o);
+    assert!(
+        line.starts_with(&other_id[..12]) && line.contains("class-model"),
+        "{line}"
+    );
+    let ls = out(&run(home, &["ls"]));
+    assert!(ls.contains(&other_id[..12]), "{ls}");
+
     // A wrong token: refused, exit code 1, and the message says why.
     let bad = home.join("bad.token");
     std::fs::write(&bad, "x".repeat(64)).expect("write");
