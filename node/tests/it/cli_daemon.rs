@@ -259,6 +259,8 @@ fn store_commands_beside_a_running_daemon() {
     );
     let ls = out(&run(home, &["ls"]));
     assert!(ls.contains(&other_id[..12]), "{ls}");
+    let o = run(home, &["rm", &other_id]);
+    assert!(o.status.success(), "{}", err(&o));
 
     // A wrong token: refused, exit code 1, and the message says why.
     let bad = home.join("bad.token");
