@@ -736,15 +736,19 @@ impl crate::serve::ModelSource for StoreModels {
                         Some((a.id, a.names.clone(), path))
                     })
                     .collect::<Vec<_>>();
-                // A partial or non-GGUF local artifact is not listed as
-                // remote either: only names whose id the store lacks.
+                // Names whose id the store lacks or is still fetching (an
+                // active artifact is listed above, or is no model).
                 let remote = store
                     .releases()
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|s| store.is_trusted(&s.publisher).unwrap_or(false))
                     .filter_map(|s| s.verify().ok())
-                    .filter(|r| !all.iter().any(|a| a.id == r.id))
+                    .filter(|r| {
+                        !all.iter().any(|a| {
+                            a.id == r.id && a.status == crate::store::ArtifactStatus::Active
+                        })
+                    })
                     .map(|r| (r.name, r.id))
                     .collect::<Vec<_>>();
                 (held, remote)
