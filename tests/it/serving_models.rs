@@ -301,3 +301,67 @@ async fn a_newer_release_switches_the_name_live_under_load() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gossiped_release_switches_to_a_model_pulled_from_a_peer() {
+    let Some(model) = demo_model_path() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (dir_s, dir_p) = (tmp.path().join("s"), tmp.path().join("p"));
+    let b_file = tmp.path().join("b.gguf");
+    variant(&model, &b_file);
+    // S serves `n` = A (named with its own key); P holds B, which S lacks.
+    let (s, s_http) = start_node(&dir_s, Vec::new(), no_caches(&dir_s)).await;
+    let a_id = add_named(&s, &model, &["n"]).await;
+    let (p, _) = start_node(&dir_p, vec![p2p_addr(&s).await], no_caches(&dir_p)).await;
+    let store = p.store().clone();
+    let b_id = tokio::task::spawn_blocking(move || {
+        store
+            .add_file(&b_file, &AddOptions::default())
+            .expect("add b")
+    })
+    .await
+    .expect("join");
+    connected(&s, &p).await;
+    connected(&p, &s).await;
+    let answer_a = ask(s_http).await.expect("answer of A");
+    let serving = s.serving().expect("serving");
+    assert_eq!(serving.model("n").expect("n").id_hex, a_id.to_hex());
+
+    // A newer release of `n` (signed with the key S trusts), announced on
+    // the mesh by P: S applies it, pulls B from P and switches.
+    let key = s.store().publisher_key().expect("key").expect("a key");
+    let signed = shoal::store::SignedRelease::sign(
+        &shoal::store::release::Release {
+            format: shoal::store::release::RELEASE_FORMAT,
+            name: "n".into(),
+            id: b_id,
+            seq: 2,
+            origin: None,
+            created: 0,
+        },
+        &key,
+    )
+    .expect("sign");
+    let b_hex = b_id.to_hex();
+    let mut switched = false;
+    for _ in 0..120 {
+        // Gossip needs the topic mesh formed: announce until it lands.
+        let _ = p.mesh().publish_release(&signed).await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if serving.model("n").is_some_and(|m| m.id_hex == b_hex) {
+            switched = true;
+            break;
+        }
+    }
+    assert!(switched, "n never switched to B");
+    let answer_b = ask(s_http).await.expect("answer of B");
+    assert_ne!(answer_a, answer_b, "answered by B");
+    let list = models(s_http).await;
+    assert_eq!(entry(&list, "n")["shoal"]["artifact"], b_hex);
+    assert_eq!(entry(&list, "n")["shoal"]["state"], "loaded");
+    for n in [s, p] {
+        n.shutdown().await;
+    }
+}
