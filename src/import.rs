@@ -72,7 +72,7 @@ fn io_err<'a>(
 }
 
 /// Where a candidate was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Layout {
     /// A plain `.gguf` file.
@@ -84,7 +84,7 @@ pub enum Layout {
 }
 
 /// A model found by [`scan`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Candidate {
     /// The file holding the bytes (symlinks resolved).
     pub path: PathBuf,
@@ -108,7 +108,7 @@ pub struct ImportOptions {
 }
 
 /// What happened to one candidate.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Imported {
     /// The candidate.
     #[serde(flatten)]

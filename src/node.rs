@@ -91,6 +91,17 @@ impl Node {
             }
             let _ = corrupt_tx.send(*id);
         }));
+        // Names bound anew (gossip, publish, admin API): serving switches
+        // what it serves under them (see `Node::watch_releases`).
+        let (release_tx, release_rx) =
+            tokio::sync::mpsc::unbounded_channel::<(String, ArtifactId)>();
+        let earlier = opts.on_release.take();
+        opts.on_release = Some(Arc::new(move |name: &str, id: &ArtifactId| {
+            if let Some(h) = &earlier {
+                h(name, id);
+            }
+            let _ = release_tx.send((name.to_owned(), *id));
+        }));
         let store =
             tokio::task::spawn_blocking(move || Store::open(&dir, opts).map_err(StoreError::from))
                 .await
@@ -113,7 +124,23 @@ impl Node {
             }),
         };
         node.watch_corrupt(corrupt_rx);
+        node.watch_releases(release_rx);
         Ok(node)
+    }
+
+    /// Hands every name a release binds anew to the serving layer
+    /// ([`crate::serve::Serving::on_rebind`]): a name served by one
+    /// artifact that now stands for another is switched live.
+    fn watch_releases(&self, mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, ArtifactId)>) {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while let Some((name, id)) = rx.recv().await {
+                let Some(inner) = weak.upgrade() else { return };
+                if let Some(s) = inner.serving.get() {
+                    s.on_rebind(&name, *id.as_bytes());
+                }
+            }
+        });
     }
 
     /// Repairs every artifact marked corrupt before this start, then each
@@ -693,12 +720,12 @@ impl crate::serve::ModelSource for StoreModels {
                 return Vec::new();
             };
             let store = node.inner.store.clone();
-            // Active GGUF artifacts: (id, listed name, file).
-            let held = tokio::task::spawn_blocking(move || {
-                store
-                    .list()
-                    .unwrap_or_default()
-                    .into_iter()
+            // Active GGUF artifacts (id, names, file), and the trusted names
+            // of artifacts that are not here (name, id).
+            let (held, remote) = tokio::task::spawn_blocking(move || {
+                let all = store.list().unwrap_or_default();
+                let held = all
+                    .iter()
                     .filter(|a| {
                         a.kind == crate::store::ArtifactKind::Gguf
                             && a.status == crate::store::ArtifactStatus::Active
@@ -706,15 +733,30 @@ impl crate::serve::ModelSource for StoreModels {
                     })
                     .filter_map(|a| {
                         let path = store.artifact_path(&a.id).ok()?;
-                        let name = a.names.first().cloned().unwrap_or_else(|| a.id.to_hex());
-                        Some((a.id, name, path))
+                        Some((a.id, a.names.clone(), path))
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                // Names whose id the store lacks or is still fetching (an
+                // active artifact is listed above, or is no model).
+                let remote = store
+                    .releases()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|s| store.is_trusted(&s.publisher).unwrap_or(false))
+                    .filter_map(|s| s.verify().ok())
+                    .filter(|r| {
+                        !all.iter().any(|a| {
+                            a.id == r.id && a.status == crate::store::ArtifactStatus::Active
+                        })
+                    })
+                    .map(|r| (r.name, r.id))
+                    .collect::<Vec<_>>();
+                (held, remote)
             })
             .await
             .unwrap_or_default();
             let mut out = Vec::with_capacity(held.len());
-            for (id, name, path) in held {
+            for (id, names, path) in held {
                 let cached = self.verdicts.lock().get(&id).cloned();
                 let servable = match cached {
                     Some(v) => v,
@@ -734,10 +776,27 @@ impl crate::serve::ModelSource for StoreModels {
                         }
                     }
                 };
+                let names = if names.is_empty() {
+                    vec![id.to_hex()]
+                } else {
+                    names
+                };
+                for name in names {
+                    out.push(crate::serve::CatalogEntry {
+                        id: *id.as_bytes(),
+                        name,
+                        servable: servable.clone(),
+                        local: true,
+                    });
+                }
+            }
+            for (name, id) in remote {
+                let servable = self.verdicts.lock().get(&id).cloned().unwrap_or(Ok(()));
                 out.push(crate::serve::CatalogEntry {
                     id: *id.as_bytes(),
                     name,
                     servable,
+                    local: false,
                 });
             }
             out

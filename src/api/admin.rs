@@ -13,6 +13,7 @@
 //! | `GET /admin/manifest/{id}` | the canonical manifest bytes (to publish next to an origin file as `<file>.manifest`) |
 //! | `GET /admin/releases` | known releases |
 //! | `POST /admin/releases` `{"signed": HEX}` | apply a signed release locally and announce it |
+//! | `/admin/store/*` | the CLI's store commands run on the node's store ([`super::store_cmd`]) |
 
 use super::ApiError;
 use super::auth::PullGate;

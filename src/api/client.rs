@@ -18,6 +18,8 @@ pub struct AdminClient {
     auth: Option<String>,
     /// Why no token could be read, added to a 401's message.
     token_problem: Option<String>,
+    /// How long one request may take.
+    timeout: Duration,
 }
 
 impl AdminClient {
@@ -27,7 +29,15 @@ impl AdminClient {
             base: format!("http://{addr}"),
             auth: None,
             token_problem: None,
+            timeout: Duration::from_secs(30),
         }
+    }
+
+    /// Lets each request take up to `timeout` (30 s by default): store
+    /// commands run through the daemon (hashing a large file) take longer.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Sends `token` with every request.
@@ -71,7 +81,7 @@ impl AdminClient {
             &url,
             &headers,
             body.as_deref().unwrap_or(&[]),
-            Duration::from_secs(30),
+            self.timeout,
         )
         .await
         .map_err(|e| {

@@ -16,6 +16,7 @@ pub mod client;
 pub mod dashboard;
 pub mod ops;
 pub mod server;
+pub mod store_cmd;
 
 use crate::config::{ConfigError, Setting};
 use crate::node::Node;
@@ -168,6 +169,7 @@ pub fn exposure_warning(listen: SocketAddr, keys: bool) -> Option<String> {
 pub fn routes(opts: &ApiOptions) -> Router<Node> {
     Router::new()
         .merge(admin::routes())
+        .merge(store_cmd::routes())
         .merge(dashboard::routes())
         .merge(chat::routes())
         .merge(ops::routes(opts.metrics))

@@ -76,9 +76,12 @@ pub trait ModelSource: Send + Sync {
         name: &'a str,
     ) -> futures::future::BoxFuture<'a, Result<Located, LocateError>>;
 
-    /// The models this source holds locally (not loaded yet), each with
-    /// whether this build can serve it (from its header): what `/v1/models`
-    /// lists besides the loaded models. None by default.
+    /// The models this source knows: those it holds locally (each trusted
+    /// name of an artifact once, an artifact without one under its id in
+    /// hex), each with whether this build can serve it (from its header),
+    /// and those known only by a trusted name whose artifact is elsewhere
+    /// (`local: false`): what `/v1/models` lists besides the loaded models.
+    /// None by default.
     fn catalog(&self) -> futures::future::BoxFuture<'_, Vec<CatalogEntry>> {
         Box::pin(async { Vec::new() })
     }
@@ -91,8 +94,41 @@ pub struct CatalogEntry {
     pub id: [u8; 32],
     /// The name it is listed under (a trusted name, or the id in hex).
     pub name: String,
-    /// Whether this build can serve it, decided from its header.
+    /// Whether this build can serve it, decided from its header (`Ok` for
+    /// a remote model whose header has not been checked yet).
     pub servable: Result<(), Unservable>,
+    /// Whether its file is in the local store (else it is known by a
+    /// trusted name only and would be pulled on first use).
+    pub local: bool,
+}
+
+/// Where a model listed by [`Serving::listing`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    /// An engine serves it now.
+    Loaded,
+    /// Its file is in the local store; loaded on first use.
+    Local,
+    /// Known by a trusted name; pulled from the mesh on first use.
+    Remote,
+}
+
+/// One entry of `/v1/models` ([`Serving::listing`]): a name once, with the
+/// artifact it stands for.
+#[derive(Debug, Clone)]
+pub struct ListedModel {
+    /// The name (a trusted name, a served name, or the id in hex when the
+    /// artifact has no name).
+    pub name: String,
+    /// The artifact id.
+    pub id: [u8; 32],
+    /// Loaded, local or remote.
+    pub state: ModelState,
+    /// Whether this build can serve it (see [`CatalogEntry::servable`]).
+    pub servable: Result<(), Unservable>,
+    /// The model's context length, when it is loaded.
+    pub context_length: Option<usize>,
 }
 
 /// A located model: its GGUF file and a guard that keeps the file from
@@ -565,6 +601,12 @@ pub fn check_model_name(name: &str) -> Result<(), LocateError> {
     Ok(())
 }
 
+/// Whether a name is an id or id prefix (8+ hex digits) rather than a name
+/// given by someone.
+fn looks_like_id(s: &str) -> bool {
+    s.len() >= 8 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn parse_id(s: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     (s.len() == 64 && hex::decode_to_slice(s, &mut out).is_ok()).then_some(out)
@@ -596,6 +638,99 @@ impl Serving {
             loads: parking_lot::Mutex::new(HashMap::new()),
             load_permits: tokio::sync::Semaphore::new(permits),
         }))
+    }
+
+    /// Every model this node can name, each name once: the loaded models
+    /// (under their served and trusted names; an id without a name in hex),
+    /// then the [`catalog`](Serving::catalog) (local, then remote), an id
+    /// already listed under a name not repeated in hex. Loaded first, then
+    /// by name.
+    pub async fn listing(&self) -> Vec<ListedModel> {
+        let cat = match self.source.get().cloned() {
+            Some(src) => src.catalog().await,
+            None => Vec::new(),
+        };
+        let loaded: Vec<([u8; 32], Vec<String>, Option<usize>)> = {
+            let t = self.table.lock();
+            t.slots
+                .iter()
+                .map(|(id, slot)| {
+                    let mut names: Vec<String> = t
+                        .names
+                        .iter()
+                        .filter(|(n, v)| *v == id && !looks_like_id(n))
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    names.sort();
+                    let ctx = slot.served.engine.model().hparams().context_length;
+                    (*id, names, Some(ctx))
+                })
+                .collect()
+        };
+        let mut out: Vec<ListedModel> = Vec::new();
+        let mut seen = std::collections::HashSet::<String>::new();
+        let mut named = std::collections::HashSet::<[u8; 32]>::new();
+        let mut push = |out: &mut Vec<ListedModel>, m: ListedModel| {
+            if seen.insert(m.name.clone()) {
+                out.push(m);
+            }
+        };
+        for (id, mut names, ctx) in loaded {
+            names.extend(
+                cat.iter()
+                    .filter(|e| e.id == id && !looks_like_id(&e.name))
+                    .map(|e| e.name.clone()),
+            );
+            if names.is_empty() {
+                names.push(hex::encode(id));
+            }
+            for name in names {
+                push(
+                    &mut out,
+                    ListedModel {
+                        name,
+                        id,
+                        state: ModelState::Loaded,
+                        servable: Ok(()),
+                        context_length: ctx,
+                    },
+                );
+            }
+            named.insert(id);
+        }
+        let mut rest: Vec<&CatalogEntry> = cat
+            .iter()
+            .filter(|e| {
+                !out.iter()
+                    .any(|m| m.id == e.id && m.state == ModelState::Loaded)
+            })
+            .collect();
+        rest.sort_by(|a, b| (!a.local, &a.name).cmp(&(!b.local, &b.name)));
+        for e in &rest {
+            if !looks_like_id(&e.name) {
+                named.insert(e.id);
+            }
+        }
+        for e in rest {
+            if looks_like_id(&e.name) && named.contains(&e.id) {
+                continue;
+            }
+            push(
+                &mut out,
+                ListedModel {
+                    name: e.name.clone(),
+                    id: e.id,
+                    state: if e.local {
+                        ModelState::Local
+                    } else {
+                        ModelState::Remote
+                    },
+                    servable: e.servable.clone(),
+                    context_length: None,
+                },
+            );
+        }
+        out
     }
 
     /// Sets where unknown model names are looked up (once).
@@ -635,6 +770,17 @@ impl Serving {
         if let Some(s) = self.table.lock().touch(&id) {
             return Ok(s);
         }
+        self.load_shared(src, id, name).await
+    }
+
+    /// Loads artifact `id` (requested as `name`), or joins the load of it
+    /// already running.
+    async fn load_shared(
+        self: &Arc<Self>,
+        src: Arc<dyn ModelSource>,
+        id: [u8; 32],
+        name: &str,
+    ) -> Result<Arc<Served>, LocateError> {
         let load = {
             let mut loads = self.loads.lock();
             match loads.get(&id) {
@@ -661,6 +807,98 @@ impl Serving {
             }
         };
         load.await
+    }
+
+    /// A trusted release now binds `name` to artifact `id` (the node calls
+    /// this for every release it applies). If `name` is served by another
+    /// artifact, the release is switched live: `id` is located (pulled if
+    /// needed) and loaded beside the old engine, which keeps answering the
+    /// name until then; new requests for `name` then reach the new engine,
+    /// the old one finishes its in-flight requests ([`Engine::drained`]) and
+    /// is unloaded, unless another name still maps to it or it was added
+    /// with [`Serving::add_model`] (whose name is the operator's, not a
+    /// release's: it is not switched). If the new model cannot be loaded,
+    /// `name` is forgotten, so the next request resolves it afresh and gets
+    /// the reason. Returns at once; the switch runs on the runtime.
+    pub fn on_rebind(self: &Arc<Self>, name: &str, id: [u8; 32]) {
+        let old = {
+            let t = self.table.lock();
+            match t.names.get(name) {
+                Some(old) if *old != id => {
+                    if t.slots.get(old).is_some_and(|s| s.fixed) {
+                        return;
+                    }
+                    *old
+                }
+                _ => return,
+            }
+        };
+        let Some(src) = self.source.get().cloned() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.forget_name(name, &old);
+            return;
+        };
+        tracing::info!(
+            model = name,
+            from = %hex::encode(old),
+            to = %hex::encode(id),
+            "release switch: loading the new model beside the old one"
+        );
+        let me = self.clone();
+        let name = name.to_owned();
+        rt.spawn(async move { me.switch(src, name, old, id).await });
+    }
+
+    /// The background half of [`Serving::on_rebind`].
+    async fn switch(
+        self: Arc<Self>,
+        src: Arc<dyn ModelSource>,
+        name: String,
+        old: [u8; 32],
+        id: [u8; 32],
+    ) {
+        if let Err(e) = self.load_shared(src, id, &name).await {
+            tracing::error!(model = %name, to = %hex::encode(id), error = %e,
+                "release switch: the new model cannot be served; the name is resolved again on its next request");
+            self.forget_name(&name, &old);
+            return;
+        }
+        let gone = {
+            let mut t = self.table.lock();
+            // From now on `name` reaches the new engine (whatever name the
+            // load ran under).
+            t.names.insert(name.clone(), id);
+            let still_named = t.names.values().any(|v| *v == old);
+            match t.slots.get(&old) {
+                Some(s) if !s.fixed && !still_named => t.remove(&old),
+                _ => None,
+            }
+        };
+        let Some(slot) = gone else {
+            tracing::info!(model = %name, to = %hex::encode(id), "release switch: done");
+            return;
+        };
+        let engine = slot.served.engine.clone();
+        drop(slot);
+        let pending = engine.pending();
+        engine.drained().await;
+        tracing::info!(
+            model = %name,
+            from = %hex::encode(old),
+            to = %hex::encode(id),
+            drained = pending,
+            "release switch: done; the old model drained its requests and is unloaded"
+        );
+    }
+
+    /// Drops `name` from the table if it still maps to `old`.
+    fn forget_name(&self, name: &str, old: &[u8; 32]) {
+        let mut t = self.table.lock();
+        if t.names.get(name) == Some(old) {
+            t.names.remove(name);
+        }
     }
 
     /// Locates, loads and starts serving artifact `id`, making room for it.

@@ -4,7 +4,7 @@
 use super::*;
 
 /// What [`Store::gc`] did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct GcReport {
     /// Artifacts evicted to meet the quota.
     pub evicted: Vec<ArtifactId>,

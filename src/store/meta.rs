@@ -86,7 +86,7 @@ impl Record {
 }
 
 /// A line of [`Store::list`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArtifactInfo {
     /// The id.
     pub id: ArtifactId,

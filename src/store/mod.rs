@@ -91,6 +91,10 @@ const MANIFEST_CACHE_ENTRIES: usize = 64;
 /// ([`StoreOptions::on_corrupt`]).
 pub type CorruptHook = Arc<dyn Fn(&ArtifactId) + Send + Sync>;
 
+/// Called with a name and the artifact id it now stands for each time a
+/// release is applied ([`StoreOptions::on_release`]).
+pub type ReleaseHook = Arc<dyn Fn(&str, &ArtifactId) + Send + Sync>;
+
 /// Store settings: the `[store]` section of the configuration file
 /// ([`SETTINGS`]), plus runtime fields the file does not hold.
 #[derive(Clone, Serialize, Deserialize)]
@@ -121,6 +125,12 @@ pub struct StoreOptions {
     /// block for long.
     #[serde(skip)]
     pub on_corrupt: Option<CorruptHook>,
+    /// Told (after the release is durable, on the applying thread) each time
+    /// a release binds a name anew ([`Store::apply_release`]: gossip, a peer's
+    /// list, `publish`, the admin API), so the node can switch what it
+    /// serves under the name. Must not block for long.
+    #[serde(skip)]
+    pub on_release: Option<ReleaseHook>,
     /// Where the store reports its events (artifacts added, activated,
     /// removed, evicted; chunks copied locally). Not a setting: the node
     /// hands in its registry. Default: a fresh registry no one reads.
@@ -139,6 +149,10 @@ impl std::fmt::Debug for StoreOptions {
                 "on_corrupt",
                 &self.on_corrupt.as_ref().map(|_| "Fn(&ArtifactId)"),
             )
+            .field(
+                "on_release",
+                &self.on_release.as_ref().map(|_| "Fn(&str, &ArtifactId)"),
+            )
             .finish()
     }
 }
@@ -151,6 +165,7 @@ impl Default for StoreOptions {
             prefetch: Vec::new(),
             reverify_after: Duration::from_secs(60),
             on_corrupt: None,
+            on_release: None,
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }

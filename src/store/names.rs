@@ -102,6 +102,9 @@ impl Store {
         self.inner.names.insert(r.name.as_bytes(), s.encode())?;
         self.inner.db.persist(PersistMode::SyncAll)?;
         tracing::info!(name = %r.name, id = %r.id, seq = r.seq, "release applied");
+        if write_file && let Some(hook) = &self.inner.opts.on_release {
+            hook(&r.name, &r.id);
+        }
         Ok(ReleaseOutcome::Applied)
     }
 

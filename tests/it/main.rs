@@ -19,6 +19,7 @@ mod serving_bounds;
 mod serving_corrupt;
 mod serving_kv;
 mod serving_mesh;
+mod serving_models;
 mod serving_node;
 mod serving_refuse;
 mod store;

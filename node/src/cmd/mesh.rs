@@ -200,6 +200,9 @@ async fn serve(ctx: &Ctx, cfg: shoal::settings::Config, args: ServeArgs) -> Resu
         daemon.node().mesh().peer_id(),
         daemon.addr()
     );
+    // Where the CLI beside this daemon finds its admin API (store commands
+    // while the daemon holds the store: see cmd/store.rs).
+    super::store::write_api_addr(&ctx.data_dir, daemon.addr());
     let stop = watch_signals(drain, daemon.serving().clone())?;
     let stopped = daemon
         .run_until(async move {

@@ -22,6 +22,9 @@ pub struct Ctx {
     pub config_error: Option<String>,
     /// The running node's admin token (`api.admin_token_file`, else `<data_dir>/admin.token`).
     pub admin_token_file: PathBuf,
+    /// `api.listen` of the configuration (where a daemon on this data dir
+    /// listens unless it wrote another address to `<data_dir>/api.addr`).
+    pub api_listen: Option<std::net::SocketAddr>,
 }
 
 impl Ctx {
@@ -29,19 +32,21 @@ impl Ctx {
     pub fn new(cli: &crate::Cli) -> Self {
         // The effective configuration (defaults < file < environment < flags)
         // decides the data dir and the store options for every command.
-        let (data_dir, store_opts, token_file, config_error) =
+        let (data_dir, store_opts, token_file, config_error, api_listen) =
             match ops::ConfigSource::from_cli(cli).load() {
                 Ok(cfg) => (
                     cfg.data_dir.clone().unwrap_or_else(default_data_dir),
                     cfg.store_options(),
                     cfg.api.admin_token_file.clone(),
                     None,
+                    Some(cfg.api.listen),
                 ),
                 Err(e) => (
                     cli.data_dir.clone().unwrap_or_else(default_data_dir),
                     StoreOptions::default(),
                     None,
                     Some(format!("{e:#}")),
+                    None,
                 ),
             };
         let admin_token_file =
@@ -52,6 +57,7 @@ impl Ctx {
             json: cli.json,
             config_error,
             admin_token_file,
+            api_listen,
         }
     }
 

@@ -118,8 +118,14 @@ pub fn run(ctx: &Ctx, src: &ConfigSource, cmd: OpsCmd) -> Result<()> {
                 }
                 return Ok(());
             }
-            let store = ctx.store()?;
-            let done = import(&store, &path, &ImportOptions { pin, no_names })?;
+            let done = match ctx.store() {
+                Ok(store) => import(&store, &path, &ImportOptions { pin, no_names })?,
+                // A running daemon holds the store: it imports (issue 18).
+                Err(e) if super::store::held_by_daemon(&e) => {
+                    super::store::import_via_daemon(ctx, e, &path, pin, no_names)?
+                }
+                Err(e) => return Err(e),
+            };
             let failed = done.iter().filter(|r| r.error.is_some()).count();
             if ctx.json {
                 ctx.print_json(&done)?;

@@ -3,12 +3,15 @@
 use super::{Ctx, human_bytes};
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use serde_json::Value;
 use serde_json::json;
-use shoal::store::{AddOptions, ArtifactStatus, Store, release};
+use shoal::api::store_cmd;
+use shoal::store::{ArtifactStatus, Store, release};
 use std::path::PathBuf;
 
-/// Content-store commands (they open the store directly; stop `shoal serve` first
-/// or use its API).
+/// Content-store commands (they open the store directly; while `shoal serve`
+/// holds it, `add`, `ls`, `show`, `verify`, `pin`, `unpin`, `rm` and `gc`
+/// (and `import`) go through its admin API).
 #[derive(Subcommand, Debug)]
 pub enum StoreCmd {
     /// Add a file (GGUF weights, tokenizer, anything) to the store; prints its id.
@@ -122,41 +125,22 @@ pub enum TrustCmd {
     },
 }
 
-/// Runs a store command.
+/// Runs a store command. While a daemon holds the store (its lock), `ls`,
+/// `show`, `verify`, `pin`, `unpin`, `rm`, `gc` and `add` go through its
+/// admin API ([`shoal::api::store_cmd`]) with the same output and exit code.
 pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
     if let StoreCmd::Fsck | StoreCmd::Verify { repair: true, .. } = cmd {
         return fsck(ctx);
     }
-    let store = ctx.store()?;
+    let store = match ctx.store() {
+        Ok(s) => s,
+        Err(e) if held_by_daemon(&e) && through_daemon(&cmd) => {
+            let d = Daemon::connect(ctx, e)?;
+            return common(ctx, &Backend::Daemon(d), cmd);
+        }
+        Err(e) => return Err(e),
+    };
     match cmd {
-        StoreCmd::Add {
-            file,
-            name,
-            pin,
-            reflink,
-        } => add(ctx, &store, &file, name, pin, reflink)?,
-        StoreCmd::Ls => ls(ctx, &store)?,
-        StoreCmd::Show { artifact } => show(ctx, &store, &artifact)?,
-        StoreCmd::Verify { artifact, .. } => verify(ctx, &store, artifact)?,
-        StoreCmd::Pin { artifact } => set_pin(&store, &artifact, true)?,
-        StoreCmd::Unpin { artifact } => set_pin(&store, &artifact, false)?,
-        StoreCmd::Rm { artifact } => {
-            let id = store.resolve(&artifact)?;
-            let freed = store.remove(&id)?;
-            println!("removed {id} ({})", human_bytes(freed));
-        }
-        StoreCmd::Gc => {
-            let r = store.gc()?;
-            if ctx.json {
-                return ctx.print_json(&r);
-            }
-            println!(
-                "evicted {} artifact(s), removed {} stale partial(s), freed {}",
-                r.evicted.len(),
-                r.partials_removed.len(),
-                human_bytes(r.bytes_freed)
-            );
-        }
         StoreCmd::Keygen { force } => {
             let existed = store.publisher_key()?.is_some();
             let pk = store.keygen(force)?;
@@ -194,50 +178,284 @@ pub fn run(ctx: &Ctx, cmd: StoreCmd) -> Result<()> {
             flush_every,
         } => debug_fill(&store, &file, delay_ms, flush_every)?,
         StoreCmd::Fsck => bail!("fsck runs before the store is opened"),
+        other => common(ctx, &Backend::Local(store), other)?,
     }
     Ok(())
 }
 
-/// `shoal store add`.
-fn add(
-    ctx: &Ctx,
-    store: &Store,
-    file: &std::path::Path,
-    name: Option<String>,
-    pin: bool,
-    reflink: bool,
-) -> Result<()> {
-    if !file.exists() {
-        bail!("{}: no such file", file.display());
+/// Whether `cmd` can run through a daemon's admin API.
+fn through_daemon(cmd: &StoreCmd) -> bool {
+    matches!(
+        cmd,
+        StoreCmd::Add { .. }
+            | StoreCmd::Ls
+            | StoreCmd::Show { .. }
+            | StoreCmd::Verify { .. }
+            | StoreCmd::Pin { .. }
+            | StoreCmd::Unpin { .. }
+            | StoreCmd::Rm { .. }
+            | StoreCmd::Gc
+    )
+}
+
+/// Whether opening the store failed because another process (a daemon)
+/// holds its lock.
+pub fn held_by_daemon(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<shoal::store::OpenError>(),
+        Some(shoal::store::OpenError::Locked(_))
+    )
+}
+
+/// Name of the file in the data dir where `shoal serve` writes its API
+/// address (`host:port`) for the CLI beside it.
+pub const API_ADDR_FILE: &str = "api.addr";
+
+/// Writes [`API_ADDR_FILE`] (a loopback address when the API listens on
+/// every address); a failure is only logged.
+pub fn write_api_addr(data_dir: &std::path::Path, mut addr: std::net::SocketAddr) {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
     }
-    let id = store
-        .add_file(
+    let p = data_dir.join(API_ADDR_FILE);
+    if let Err(e) = std::fs::write(&p, format!("{addr}\n")) {
+        tracing::warn!(path = %p.display(), error = %e, "cannot write the API address for the CLI");
+    }
+}
+
+/// The admin API of the daemon that holds the store.
+struct Daemon {
+    api: shoal::api::client::AdminClient,
+    addr: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Daemon {
+    /// Finds the daemon's API (`<data_dir>/api.addr`, else `api.listen`);
+    /// `locked` is the error of opening the store, kept for the message.
+    fn connect(ctx: &Ctx, locked: anyhow::Error) -> Result<Daemon> {
+        let from_file = std::fs::read_to_string(ctx.data_dir.join(API_ADDR_FILE))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty());
+        let addr = match (from_file, ctx.api_listen) {
+            (Some(a), _) => a,
+            (None, Some(mut a)) => {
+                if a.ip().is_unspecified() {
+                    a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                a.to_string()
+            }
+            (None, None) => return Err(locked),
+        };
+        let api = ctx.admin_client(&addr);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(Daemon { api, addr, rt })
+    }
+
+    fn call<T: serde::de::DeserializeOwned>(&self, path: &str, body: Option<Value>) -> Result<T> {
+        // Hashing a large file (add, verify) takes a while; the rest is quick.
+        let secs = match path {
+            "/admin/store/add" | "/admin/store/verify" | "/admin/store/import" => 3600,
+            _ => 60,
+        };
+        let api = self
+            .api
+            .clone()
+            .with_timeout(std::time::Duration::from_secs(secs));
+        let r = self.rt.block_on(async {
+            match body {
+                Some(b) => api.post(path, &b).await,
+                None => api.get(path).await,
+            }
+        });
+        r.map_err(|e| {
+            anyhow::anyhow!(
+                "{e}\n(the store is held by the running daemon; this command went through its admin API at {})",
+                self.addr
+            )
+        })
+    }
+}
+
+/// `shoal import` through the admin API of the daemon that holds the store
+/// (`locked`: the error of opening it).
+pub fn import_via_daemon(
+    ctx: &Ctx,
+    locked: anyhow::Error,
+    path: &std::path::Path,
+    pin: bool,
+    no_names: bool,
+) -> Result<Vec<shoal::import::Imported>> {
+    let d = Daemon::connect(ctx, locked)?;
+    // The daemon's working directory is not ours.
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("{}", path.display()))?;
+    let req = store_cmd::ImportRequest {
+        path,
+        pin,
+        no_names,
+    };
+    Ok(serde_json::from_value(d.call(
+        "/admin/store/import",
+        Some(serde_json::to_value(&req)?),
+    )?)?)
+}
+
+/// Where a store command runs.
+enum Backend {
+    /// On the store opened by this process.
+    Local(Store),
+    /// Through the admin API of the daemon that holds it.
+    Daemon(Daemon),
+}
+
+impl Backend {
+    fn ls(&self) -> Result<Vec<shoal::store::ArtifactInfo>> {
+        match self {
+            Backend::Local(s) => Ok(s.list()?),
+            Backend::Daemon(d) => Ok(serde_json::from_value(d.call("/admin/store/ls", None)?)?),
+        }
+    }
+
+    fn show(&self, artifact: &str) -> Result<Value> {
+        match self {
+            Backend::Local(s) => Ok(store_cmd::show(s, artifact)?),
+            Backend::Daemon(d) => d.call("/admin/store/show", Some(json!({"artifact": artifact}))),
+        }
+    }
+
+    fn verify(&self, ctx: &Ctx, artifact: Option<&str>) -> Result<store_cmd::VerifyAnswer> {
+        match self {
+            Backend::Local(s) => Ok(store_cmd::verify(
+                s,
+                artifact,
+                Some(&ctx.data_dir.join("kv")),
+            )?),
+            Backend::Daemon(d) => {
+                d.call("/admin/store/verify", Some(json!({"artifact": artifact})))
+            }
+        }
+    }
+
+    fn pin(&self, artifact: &str, pinned: bool) -> Result<Value> {
+        match self {
+            Backend::Local(s) => Ok(store_cmd::set_pinned(s, artifact, pinned)?),
+            Backend::Daemon(d) => d.call(
+                "/admin/store/pin",
+                Some(json!({"artifact": artifact, "pinned": pinned})),
+            ),
+        }
+    }
+
+    fn rm(&self, artifact: &str) -> Result<Value> {
+        match self {
+            Backend::Local(s) => Ok(store_cmd::rm(s, artifact)?),
+            Backend::Daemon(d) => d.call("/admin/store/rm", Some(json!({"artifact": artifact}))),
+        }
+    }
+
+    fn gc(&self) -> Result<shoal::store::GcReport> {
+        match self {
+            Backend::Local(s) => Ok(s.gc()?),
+            Backend::Daemon(d) => Ok(serde_json::from_value(
+                d.call("/admin/store/gc", Some(json!({})))?,
+            )?),
+        }
+    }
+
+    fn add(&self, req: &store_cmd::AddRequest) -> Result<Value> {
+        match self {
+            Backend::Local(s) => {
+                Ok(store_cmd::add(s, req)
+                    .with_context(|| format!("adding {}", req.path.display()))?)
+            }
+            Backend::Daemon(d) => d.call("/admin/store/add", Some(serde_json::to_value(req)?)),
+        }
+    }
+}
+
+/// The commands that run on a store or through the daemon holding it.
+fn common(ctx: &Ctx, b: &Backend, cmd: StoreCmd) -> Result<()> {
+    match cmd {
+        StoreCmd::Add {
             file,
-            &AddOptions {
+            name,
+            pin,
+            reflink,
+        } => {
+            if !file.exists() {
+                bail!("{}: no such file", file.display());
+            }
+            // The daemon's working directory is not ours.
+            let path = file
+                .canonicalize()
+                .with_context(|| format!("{}", file.display()))?;
+            let v = b.add(&store_cmd::AddRequest {
+                path,
+                name,
                 pin,
                 reflink,
-                ..Default::default()
-            },
-        )
-        .with_context(|| format!("adding {}", file.display()))?;
-    let release = match name {
-        Some(n) => {
-            store.keygen(false)?;
-            Some(store.publish(&id, &n, None)?.verify()?)
+            })?;
+            if ctx.json {
+                ctx.print_json(&v)?;
+            } else {
+                println!("{}", v["id"].as_str().unwrap_or_default());
+            }
         }
-        None => None,
-    };
-    if ctx.json {
-        ctx.print_json(&json!({"id": id.to_hex(), "name": release.as_ref().map(|r| &r.name), "seq": release.as_ref().map(|r| r.seq)}))?;
-    } else {
-        println!("{id}");
+        StoreCmd::Ls => ls(ctx, b.ls()?)?,
+        StoreCmd::Show { artifact } => show(ctx, b.show(&artifact)?)?,
+        StoreCmd::Verify { artifact, .. } => {
+            let r = b.verify(ctx, artifact.as_deref())?;
+            for n in &r.notes {
+                eprintln!("{n}");
+            }
+            if ctx.json {
+                ctx.print_json(&r.reports)?;
+            } else {
+                for l in &r.ok {
+                    println!("{l}");
+                }
+            }
+            if !r.bad.is_empty() {
+                bail!("verification failed:\n{}", r.bad.join("\n"));
+            }
+        }
+        StoreCmd::Pin { artifact } => set_pin(b, &artifact, true)?,
+        StoreCmd::Unpin { artifact } => set_pin(b, &artifact, false)?,
+        StoreCmd::Rm { artifact } => {
+            let v = b.rm(&artifact)?;
+            println!(
+                "removed {} ({})",
+                v["id"].as_str().unwrap_or_default(),
+                human_bytes(v["freed"].as_u64().unwrap_or(0))
+            );
+        }
+        StoreCmd::Gc => {
+            let r = b.gc()?;
+            if ctx.json {
+                return ctx.print_json(&r);
+            }
+            println!(
+                "evicted {} artifact(s), removed {} stale partial(s), freed {}",
+                r.evicted.len(),
+                r.partials_removed.len(),
+                human_bytes(r.bytes_freed)
+            );
+        }
+        other => bail!("{other:?} does not run through the daemon"),
     }
     Ok(())
 }
 
 /// `shoal store ls`.
-fn ls(ctx: &Ctx, store: &Store) -> Result<()> {
-    let list = store.list()?;
+fn ls(ctx: &Ctx, list: Vec<shoal::store::ArtifactInfo>) -> Result<()> {
     if ctx.json {
         return ctx.print_json(&list);
     }
@@ -266,85 +484,29 @@ fn ls(ctx: &Ctx, store: &Store) -> Result<()> {
     Ok(())
 }
 
-/// `shoal store show`.
-fn show(ctx: &Ctx, store: &Store, artifact: &str) -> Result<()> {
-    let id = store.resolve(artifact)?;
-    let m = store
-        .manifest(&id)?
-        .with_context(|| format!("unknown artifact {artifact}"))?;
-    let status = store.status(&id)?;
+/// `shoal store show`, from [`store_cmd::show`]'s answer.
+fn show(ctx: &Ctx, v: Value) -> Result<()> {
     if ctx.json {
-        return ctx.print_json(&json!({
-            "id": id.to_hex(),
-            "format": m.format,
-            "kind": m.kind.name(),
-            "status": status,
-            "size": m.size,
-            "blake3": m.blake3_hex(),
-            "chunks": m.chunks.iter().map(|c| json!({"offset": c.offset, "len": c.len, "blake3": c.hash.to_hex()})).collect::<Vec<_>>(),
-            "tensors": m.tensors.iter().map(|t| json!({"name": t.name, "ggml_type": t.ggml_type, "dims": t.dims, "offset": t.offset, "size": t.size, "first_chunk": t.first_chunk, "chunk_count": t.chunk_count})).collect::<Vec<_>>(),
-        }));
+        return ctx.print_json(&v);
     }
-    println!("id:       {id}");
-    println!("kind:     {}", m.kind.name());
-    println!(
-        "status:   {}",
-        status
-            .map(|s| format!("{s:?}").to_lowercase())
-            .unwrap_or_default()
-    );
-    println!("size:     {} ({})", m.size, human_bytes(m.size));
-    println!("blake3:   {}", m.blake3_hex());
-    println!("format:   {}", m.format);
-    println!("tensors:  {}", m.tensors.len());
-    println!("chunks:   {}", m.chunks.len());
-    for (i, c) in m.chunks.iter().enumerate() {
-        println!("  {i:>5} {:>12} {:>8} {}", c.offset, c.len, c.hash);
-    }
-    Ok(())
-}
-
-/// `shoal store verify` (without `--repair`, which is fsck).
-fn verify(ctx: &Ctx, store: &Store, artifact: Option<String>) -> Result<()> {
-    let ids = match artifact {
-        Some(a) => vec![store.resolve(&a)?],
-        None => store.list()?.into_iter().map(|a| a.id).collect(),
-    };
-    let mut bad = Vec::new();
-    let mut reports = Vec::new();
-    for id in ids {
-        let r = store.verify(&id)?;
-        if !r.ok() {
-            // KV blocks computed from these bytes must not outlive them
-            // (the daemon drops them too when it learns of the mark).
-            let kv_dir = ctx.data_dir.join("kv");
-            match shoal::kvcache::purge_model_on_disk(&kv_dir, id.as_bytes()) {
-                Ok(0) => {}
-                Ok(n) => eprintln!("{id}: dropped {n} KV cache blocks computed from it"),
-                Err(e) => eprintln!("{id}: could not drop its KV cache blocks: {e}"),
-            }
-            for (i, off) in &r.bad_chunks {
-                bad.push(format!("{id}: chunk {i} at offset {off} is corrupt"));
-            }
-            if r.file_ok == Some(false) && r.bad_chunks.is_empty() {
-                bad.push(format!("{id}: whole-file BLAKE3 does not match"));
-            }
-        } else if !ctx.json {
-            println!("{id}: ok ({} chunks)", r.checked);
-        }
-        reports.push(r);
-    }
-    for p in store.lost_and_found()? {
-        bad.push(format!(
-            "{}: bytes the store could not account for (moved there, not deleted; see `shoal fsck`)",
-            p.display()
-        ));
-    }
-    if ctx.json {
-        ctx.print_json(&reports)?;
-    }
-    if !bad.is_empty() {
-        bail!("verification failed:\n{}", bad.join("\n"));
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let len = |k: &str| v[k].as_array().map_or(0, Vec::len);
+    println!("id:       {}", s("id"));
+    println!("kind:     {}", s("kind"));
+    println!("status:   {}", s("status").to_lowercase());
+    println!("size:     {} ({})", n("size"), human_bytes(n("size")));
+    println!("blake3:   {}", s("blake3"));
+    println!("format:   {}", v["format"]);
+    println!("tensors:  {}", len("tensors"));
+    println!("chunks:   {}", len("chunks"));
+    for (i, c) in v["chunks"].as_array().into_iter().flatten().enumerate() {
+        println!(
+            "  {i:>5} {:>12} {:>8} {}",
+            c["offset"].as_u64().unwrap_or(0),
+            c["len"].as_u64().unwrap_or(0),
+            c["blake3"].as_str().unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -511,9 +673,12 @@ fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-fn set_pin(store: &Store, artifact: &str, pinned: bool) -> Result<()> {
-    let id = store.resolve(artifact)?;
-    store.set_pinned(&id, pinned)?;
-    println!("{} {id}", if pinned { "pinned" } else { "unpinned" });
+fn set_pin(b: &Backend, artifact: &str, pinned: bool) -> Result<()> {
+    let v = b.pin(artifact, pinned)?;
+    println!(
+        "{} {}",
+        if pinned { "pinned" } else { "unpinned" },
+        v["id"].as_str().unwrap_or_default()
+    );
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod api_security;
 mod chat_page;
 mod cli;
+mod cli_daemon;
 mod mesh_netns;
 mod ops_cli;
 mod pull_wait;

@@ -11,7 +11,7 @@ use super::schema::{Kind, Params};
 use crate::metrics::{CacheOutcome, Metrics};
 use crate::respcache::{self, CachedAnswer};
 use crate::serve::engine::{CancelOnDrop, Job};
-use crate::serve::{CatalogEntry, Served, Serving};
+use crate::serve::{ListedModel, ModelState, Served, Serving};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -55,15 +55,23 @@ pub(super) fn model_json(s: &Served) -> Value {
            "loaded": true, "servable": true})
 }
 
-/// A model the node holds but has not loaded: `servable` says whether this
-/// build can serve it (from its header); if not, `unservable_reason` says
-/// what is missing and `unservable_kind` names the kind (`architecture`,
-/// `tensor_type`, `tokenizer`, `model_metadata`, `header`).
-fn catalog_json(e: &CatalogEntry) -> Value {
-    let mut v = json!({"id": e.name, "object": "model", "created": 0, "owned_by": "shoal",
-           "shoal_model_id": hex::encode(e.id), "loaded": false,
-           "servable": e.servable.is_ok()});
-    if let Err(u) = &e.servable {
+/// An entry of `/v1/models`: OpenAI's fields (`id` is the name to ask
+/// for), our flat fields (`shoal_model_id`, `loaded`, `servable`, and
+/// `unservable_reason` / `unservable_kind` when this build cannot serve it:
+/// `architecture`, `tensor_type`, `tokenizer`, `model_metadata`, `header`),
+/// and `shoal`: `state` (`loaded`, `local` or `remote`), `artifact` (the
+/// id), `servable`, and `context_length` when loaded.
+fn listed_json(m: &ListedModel) -> Value {
+    let id_hex = hex::encode(m.id);
+    let mut v = json!({"id": m.name, "object": "model", "created": 0, "owned_by": "shoal",
+           "shoal_model_id": id_hex, "loaded": m.state == ModelState::Loaded,
+           "servable": m.servable.is_ok(),
+           "shoal": {"state": m.state, "artifact": id_hex, "servable": m.servable.is_ok()}});
+    if let Some(c) = m.context_length {
+        v["context_length"] = json!(c);
+        v["shoal"]["context_length"] = json!(c);
+    }
+    if let Err(u) = &m.servable {
         v["unservable_reason"] = json!(u.to_string());
         v["unservable_kind"] = json!(u.kind());
     }
@@ -71,8 +79,7 @@ fn catalog_json(e: &CatalogEntry) -> Value {
 }
 
 pub(super) async fn list_models(State(s): State<Arc<Serving>>) -> Response {
-    let mut data: Vec<Value> = s.models().iter().map(|m| model_json(m)).collect();
-    data.extend(s.catalog().await.iter().map(catalog_json));
+    let data: Vec<Value> = s.listing().await.iter().map(listed_json).collect();
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -80,17 +87,17 @@ pub(super) async fn get_model(State(s): State<Arc<Serving>>, Path(name): Path<St
     if let Err(e) = crate::serve::check_model_name(&name) {
         return locate_error(&name, e).into_response();
     }
-    if let Some(m) = s.model(&name) {
-        return axum::Json(model_json(&m)).into_response();
-    }
     let lower = name.to_ascii_lowercase();
-    match s
-        .catalog()
-        .await
-        .into_iter()
-        .find(|e| e.name == name || hex::encode(e.id) == lower)
-    {
-        Some(e) => axum::Json(catalog_json(&e)).into_response(),
+    let listing = s.listing().await;
+    let hit = listing
+        .iter()
+        .find(|m| m.name == name)
+        .or_else(|| listing.iter().find(|m| hex::encode(m.id) == lower));
+    if let Some(m) = hit {
+        return axum::Json(listed_json(m)).into_response();
+    }
+    match s.model(&name) {
+        Some(m) => axum::Json(model_json(&m)).into_response(),
         None => unknown_model(&name).into_response(),
     }
 }
