@@ -356,9 +356,10 @@ fn openai_error(status: StatusCode, msg: &str, kind: &str, code: &str) -> Respon
         .into_response()
 }
 
-/// Whether a request targets the OpenAI routes.
+/// Whether a request targets the model routes: OpenAI's (`/v1/*`) or
+/// Ollama's (`/api/*`, the same keys).
 fn is_openai(path: &str) -> bool {
-    path == "/v1" || path.starts_with("/v1/")
+    path == "/v1" || path.starts_with("/v1/") || path.starts_with("/api/")
 }
 
 /// Whether a request targets the admin routes.

@@ -201,7 +201,9 @@ fn build(
     // The OpenAI-compatible routes of the serving layer (`crate::serve`),
     // when the node serves (`Node::init_serving`, done by `crate::daemon`).
     let r = match node.serving() {
-        Some(s) => r.merge(crate::serve::router(s)),
+        Some(s) => r
+            .merge(crate::serve::router(s.clone()))
+            .merge(crate::serve::ollama::router(s)),
         None => {
             tracing::warn!("the node does not serve models: no OpenAI routes");
             r
