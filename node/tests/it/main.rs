@@ -5,6 +5,7 @@
 mod api_security;
 mod cli;
 mod mesh_netns;
+mod ollama_client;
 mod ops_cli;
 mod pull_wait;
 mod signals;

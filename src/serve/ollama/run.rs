@@ -61,6 +61,7 @@ struct Timing {
     start: Instant,
     load: Duration,
     submitted: Instant,
+    /// When the first token came (the prompt was evaluated).
     started: Option<Instant>,
 }
 
@@ -371,12 +372,12 @@ impl Live {
                 prompt_tokens,
                 cached_tokens,
             } => {
-                self.t.started = Some(Instant::now());
                 self.outcome.prompt_tokens = prompt_tokens;
                 self.outcome.cached_tokens = cached_tokens;
                 Step::Text(String::new())
             }
             JobEvent::Token(s) => {
+                self.t.started.get_or_insert_with(Instant::now);
                 self.push(&s);
                 Step::Text(s)
             }
