@@ -19,6 +19,7 @@ mod serving_corrupt;
 mod serving_kv;
 mod serving_mesh;
 mod serving_node;
+mod serving_ollama;
 mod serving_refuse;
 mod store;
 mod store_full_disk;
