@@ -472,16 +472,22 @@ pub async fn guard(State(g): State<Guard>, req: Request, next: Next) -> Response
         let ok = bearer(headers)
             .is_some_and(|t| keys.matches(t) | g.inner.admin.as_ref().is_ok_and(|a| a.matches(t)));
         if !ok {
-            let mut r = openai_error(
-                StatusCode::UNAUTHORIZED,
-                if bearer(headers).is_some() {
-                    "Incorrect API key provided."
-                } else {
-                    "This node needs an API key: send `Authorization: Bearer <key>`."
-                },
-                "invalid_request_error",
-                "invalid_api_key",
-            );
+            let msg = if bearer(headers).is_some() {
+                "Incorrect API key provided."
+            } else {
+                "This node needs an API key: send `Authorization: Bearer <key>`."
+            };
+            let mut r = if path.starts_with("/api/") {
+                // Ollama's shape on Ollama's routes.
+                error(StatusCode::UNAUTHORIZED, msg)
+            } else {
+                openai_error(
+                    StatusCode::UNAUTHORIZED,
+                    msg,
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
+            };
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"shoal\""),

@@ -44,7 +44,11 @@ async fn a_pull_from_a_neighbour_streams_progress_and_the_model_then_serves() {
     assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
     let lines = ndjson(&r.text());
     assert_eq!(lines[0]["status"], "pulling manifest", "{lines:?}");
-    assert_eq!(lines.last().expect("lines")["status"], "success", "{lines:?}");
+    assert_eq!(
+        lines.last().expect("lines")["status"],
+        "success",
+        "{lines:?}"
+    );
     let prog: Vec<&Value> = lines.iter().filter(|l| l.get("digest").is_some()).collect();
     assert!(!prog.is_empty(), "{lines:?}");
     for p in &prog {
@@ -67,12 +71,20 @@ async fn a_pull_from_a_neighbour_streams_progress_and_the_model_then_serves() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json()["eval_count"].as_u64().is_some_and(|n| n > 0));
     // A pull again is immediate: the model is local.
-    let lines = ndjson(&post(b, "/api/pull", &json!({"model": id, "stream": true})).await.text());
+    let lines = ndjson(
+        &post(b, "/api/pull", &json!({"model": id, "stream": true}))
+            .await
+            .text(),
+    );
     assert_eq!(lines.last().expect("lines")["status"], "success");
     // A name nobody has: 404 before any line.
     let r = post(b, "/api/pull", &json!({"model": "nobody-has:this"})).await;
     assert_eq!(r.status, 404, "{}", r.text());
-    assert!(r.json()["error"].as_str().is_some_and(|e| e.contains("not found")));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not found"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +93,12 @@ async fn a_client_that_goes_away_cancels_and_deterministic_answers_are_cached() 
         return;
     }
     let tmp = tempfile::tempdir().expect("tmp");
-    let m = model_node(tmp.path(), Vec::new(), ServeConfig::with_data_dir(tmp.path())).await;
+    let m = model_node(
+        tmp.path(),
+        Vec::new(),
+        ServeConfig::with_data_dir(tmp.path()),
+    )
+    .await;
     let id = m.model.to_hex();
     let long = json!({"model": id, "prompt": "Count from one to one thousand:",
                       "options": {"num_predict": 2000, "temperature": 0.7}});

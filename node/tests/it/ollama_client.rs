@@ -28,7 +28,7 @@ try:
     Client(host=host, timeout=30).list()
     raise AssertionError("no key accepted")
 except ResponseError as e:
-    assert e.status_code == 401, e
+    assert e.status_code == 401 and "API key" in e.error, e
 print("auth: ok")
 
 v = httpx.get(f"{host}/api/version", headers=auth).json()

@@ -440,9 +440,7 @@ fn live_stream(l: Live) -> Response {
     let s = futures::stream::unfold(Some(l), |st| async move {
         let mut l = st?;
         loop {
-            let Some(ev) = l.rx.recv().await else {
-                return None;
-            };
+            let ev = l.rx.recv().await?;
             match l.take(ev) {
                 Step::Text(s) if s.is_empty() => {}
                 Step::Text(s) => {
