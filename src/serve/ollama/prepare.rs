@@ -316,66 +316,8 @@ pub(super) fn prepare(
     let model = served.engine.model();
     let tok = model.tokenizer().clone();
     let ctx = model.hparams().context_length;
-    let prompt = match kind {
-        Kind::Chat => {
-            let body: ChatBody = typed(v)?;
-            if body.messages.is_empty() {
-                return Ok(Plan::Load);
-            }
-            if body
-                .messages
-                .iter()
-                .any(|m| m.tool_calls.as_ref().is_some_and(|t| !t.is_empty()))
-                || body.messages.iter().any(|m| m.images.is_some())
-            {
-                return Err(OllamaError::bad(
-                    "tool calls and images in messages are not supported by this server",
-                ));
-            }
-            let msgs: Vec<ChatMessage> = body
-                .messages
-                .iter()
-                .map(|m| ChatMessage::new(&m.role, m.content.as_deref().unwrap_or("")))
-                .collect();
-            let text = served
-                .template
-                .render(&msgs, true)
-                .map_err(|e| OllamaError::bad(e.to_string()))?;
-            encode_rendered(&tok, &text, true)
-        }
-        Kind::Generate => {
-            let body: GenerateBody = typed(v)?;
-            let _ = &body.suffix;
-            let text = body.prompt.unwrap_or_default();
-            let context = body.context.unwrap_or_default();
-            if text.is_empty() && context.is_empty() {
-                return Ok(Plan::Load);
-            }
-            if let Some(bad) = context.iter().find(|&&i| i as usize >= tok.vocab_size()) {
-                return Err(OllamaError::bad(format!(
-                    "context token {bad} is outside the vocabulary"
-                )));
-            }
-            let rendered = if body.raw.unwrap_or(false) || text.is_empty() {
-                text
-            } else if let Some(t) = body.template.as_deref().filter(|t| !t.is_empty()) {
-                go_template(t, body.system.as_deref().unwrap_or(""), &text)?
-            } else {
-                let mut msgs = Vec::new();
-                if let Some(s) = body.system.as_deref().filter(|s| !s.is_empty()) {
-                    msgs.push(ChatMessage::new("system", s));
-                }
-                msgs.push(ChatMessage::new("user", &text));
-                served
-                    .template
-                    .render(&msgs, true)
-                    .map_err(|e| OllamaError::bad(e.to_string()))?
-            };
-            let mut p = context;
-            let first = p.is_empty();
-            p.extend(encode_rendered(&tok, &rendered, first));
-            p
-        }
+    let Some(prompt) = prompt_tokens(&served, &tok, v, kind)? else {
+        return Ok(Plan::Load);
     };
     let prompt = if prompt.is_empty() {
         tok.bos()
@@ -437,6 +379,80 @@ pub(super) fn prepare(
         },
         cache_material,
     })))
+}
+
+/// The prompt's tokens, or `None` when the request only asks that the
+/// model be loaded (no messages, an empty prompt and no context).
+fn prompt_tokens(
+    served: &Served,
+    tok: &Tokenizer,
+    v: &Value,
+    kind: Kind,
+) -> Result<Option<Vec<u32>>, OllamaError> {
+    Ok(Some(match kind {
+        Kind::Chat => {
+            let body: ChatBody = typed(v)?;
+            if body.messages.is_empty() {
+                return Ok(None);
+            }
+            if body
+                .messages
+                .iter()
+                .any(|m| m.tool_calls.as_ref().is_some_and(|t| !t.is_empty()))
+                || body
+                    .messages
+                    .iter()
+                    .any(|m| m.images.as_ref().is_some_and(|i| !i.is_empty()))
+            {
+                return Err(OllamaError::bad(
+                    "tool calls and images in messages are not supported by this server",
+                ));
+            }
+            let msgs: Vec<ChatMessage> = body
+                .messages
+                .iter()
+                .map(|m| ChatMessage::new(&m.role, m.content.as_deref().unwrap_or("")))
+                .collect();
+            let text = served
+                .template
+                .render(&msgs, true)
+                .map_err(|e| OllamaError::bad(e.to_string()))?;
+            encode_rendered(tok, &text, true)
+        }
+        Kind::Generate => {
+            let body: GenerateBody = typed(v)?;
+            let _ = &body.suffix;
+            let text = body.prompt.unwrap_or_default();
+            let context = body.context.unwrap_or_default();
+            if text.is_empty() && context.is_empty() {
+                return Ok(None);
+            }
+            if let Some(bad) = context.iter().find(|&&i| i as usize >= tok.vocab_size()) {
+                return Err(OllamaError::bad(format!(
+                    "context token {bad} is outside the vocabulary"
+                )));
+            }
+            let rendered = if body.raw.unwrap_or(false) || text.is_empty() {
+                text
+            } else if let Some(t) = body.template.as_deref().filter(|t| !t.is_empty()) {
+                go_template(t, body.system.as_deref().unwrap_or(""), &text)?
+            } else {
+                let mut msgs = Vec::new();
+                if let Some(s) = body.system.as_deref().filter(|s| !s.is_empty()) {
+                    msgs.push(ChatMessage::new("system", s));
+                }
+                msgs.push(ChatMessage::new("user", &text));
+                served
+                    .template
+                    .render(&msgs, true)
+                    .map_err(|e| OllamaError::bad(e.to_string()))?
+            };
+            let mut p = context;
+            let first = p.is_empty();
+            p.extend(encode_rendered(tok, &rendered, first));
+            p
+        }
+    }))
 }
 
 /// Tokenizes rendered text (special tokens parsed), adding BOS when
