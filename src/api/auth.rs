@@ -11,10 +11,11 @@
 //!    otherwise 403. Allowed cross-origin requests get CORS headers, and their
 //!    preflights (`OPTIONS`) are answered here.
 //! 3. `/admin/*` needs `Authorization: Bearer <admin token>` from every caller
-//!    (401 otherwise). `/v1/*` needs `Authorization: Bearer <key>` with a key of
-//!    `api.keys_file` when one is set (the admin token is accepted too).
+//!    (401 otherwise). `/v1/*` and `/api/*` (the OpenAI and Ollama routes)
+//!    need `Authorization: Bearer <key>` with a key of `api.keys_file` when
+//!    one is set (the admin token is accepted too).
 //!    Tokens are compared by their BLAKE3 hashes, whose comparison is constant-time.
-//! 4. `POST`/`PUT`/`PATCH` bodies to `/v1/*` and `/admin/*` must be
+//! 4. `POST`/`PUT`/`PATCH` bodies to `/v1/*`, `/api/*` and `/admin/*` must be
 //!    `application/json` (415 otherwise): a page cannot send JSON to another
 //!    origin without a preflight, which step 2 refuses.
 //!
