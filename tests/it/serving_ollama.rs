@@ -1,7 +1,8 @@
 //! The Ollama routes between real nodes on 127.0.0.1 (mDNS off): `/api/pull`
 //! of a model only a neighbour holds streams the download's progress and
 //! makes it local (listed, then served); a client that goes away cancels its
-//! generation; a deterministic answer comes back from the response cache.
+//! generation; a deterministic answer comes back from the response cache; a
+//! full queue is 429 with `Retry-After`.
 //! The official `ollama` client is driven in node/tests/it/ollama_client.rs.
 
 use crate::util::demo_model_path;
@@ -141,4 +142,38 @@ async fn a_client_that_goes_away_cancels_and_deterministic_answers_are_cached() 
         .collect();
     assert_eq!(text, a["response"].as_str().expect("text"));
     assert_eq!(lines.last().expect("lines")["done"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_429_with_retry_after_in_ollamas_shape() {
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = ServeConfig {
+        queue_depth: 1,
+        response_cache_budget: 0,
+        ..ServeConfig::with_data_dir(tmp.path())
+    };
+    let m = model_node(tmp.path(), Vec::new(), cfg).await;
+    let id = m.model.to_hex();
+    let long = json!({"model": id, "messages": [{"role": "user", "content": "Tell a long story."}],
+                      "options": {"num_predict": 2000, "temperature": 0.7}});
+    // One running, one waiting: the queue is full (headers come at once).
+    let (a, _) = open_until(m.http, "/api/chat", &long, "200 OK").await;
+    let (b, _) = open_until(m.http, "/api/chat", &long, "200 OK").await;
+    let r = post(m.http, "/api/chat", &long).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(
+        r.header("retry-after")
+            .is_some_and(|s| s.parse::<u64>().is_ok())
+    );
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("queue")),
+        "{}",
+        r.text()
+    );
+    drop((a, b));
 }
