@@ -59,12 +59,18 @@ async fn pull_inner(
             let status = format!("pulling {}", &digest[..12]);
             let locate = src.locate_reporting(id, &name, ptx);
             tokio::pin!(locate);
+            // One line per 1% of the file at most (and the last one).
+            let mut shown = None;
             let located = loop {
                 tokio::select! {
                     r = &mut locate => break r,
                     Some((completed, total)) = prx.recv() => {
-                        let _ = lines.send(json!({"status": status, "digest": digest,
-                            "total": total, "completed": completed}));
+                        let step = (total / 100).max(1);
+                        if shown.is_none_or(|s: u64| completed >= s + step || completed == total && s != total) {
+                            shown = Some(completed);
+                            let _ = lines.send(json!({"status": status, "digest": digest,
+                                "total": total, "completed": completed}));
+                        }
                     }
                 }
             };
