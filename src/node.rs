@@ -721,6 +721,16 @@ impl crate::serve::ModelSource for StoreModels {
         })
     }
 
+    fn local_file(
+        &self,
+        id: [u8; 32],
+    ) -> futures::future::BoxFuture<'_, Option<crate::serve::Located>> {
+        Box::pin(async move {
+            let node = self.node().ok()?;
+            lease_for_serving(&node, ArtifactId(id)).await.ok()?.ok()
+        })
+    }
+
     fn locate_reporting<'a>(
         &'a self,
         id: [u8; 32],

@@ -84,6 +84,14 @@ pub trait ModelSource: Send + Sync {
         Box::pin(async { Vec::new() })
     }
 
+    /// The file of artifact `id` if it is local already, never fetching
+    /// it (Ollama's `/api/tags` and `/api/show` read its header). `None` by
+    /// default.
+    fn local_file(&self, id: [u8; 32]) -> futures::future::BoxFuture<'_, Option<Located>> {
+        let _ = id;
+        Box::pin(async { None })
+    }
+
     /// [`locate`](ModelSource::locate), reporting a download's progress
     /// as `(completed, total)` bytes to `progress` while it runs (Ollama's
     /// `/api/pull`). By default: locates and reports nothing.

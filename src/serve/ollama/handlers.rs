@@ -45,15 +45,12 @@ impl Ollama {
         self.info(m.id(), m.path().to_owned()).await
     }
 
-    /// The file of a model the source holds locally (not loaded), without
-    /// fetching anything: `None` when it is not local.
-    async fn local_path(&self, id: [u8; 32], name: &str) -> Option<PathBuf> {
+    /// The file of a model the source holds locally, without fetching
+    /// anything: `None` when it is not local.
+    async fn local_path(&self, id: [u8; 32]) -> Option<PathBuf> {
         let src = self.serving.source()?;
-        let held = self.serving.catalog().await;
-        let e = held.iter().find(|e| e.id == id && e.servable.is_ok())?;
-        // Local, so locating it does not fetch; the lease ends here.
-        let name = if name.is_empty() { &e.name } else { name };
-        src.locate(id, name).await.ok().map(|l| l.path)
+        // The lease ends here: the header is read from the path at once.
+        src.local_file(id).await.map(|l| l.path.clone())
     }
 }
 
@@ -85,7 +82,8 @@ pub(super) async fn tags(State(o): State<Arc<Ollama>>) -> Response {
             if e.servable.is_err() || !seen.insert(e.id) {
                 continue;
             }
-            let Ok(l) = src.locate(e.id, &e.name).await else {
+            // Local files only: a model known on the mesh is not pulled here.
+            let Some(l) = src.local_file(e.id).await else {
                 continue;
             };
             if let Ok(i) = o.info(e.id, l.path.clone()).await {
@@ -161,7 +159,7 @@ async fn show_inner(
                 Some(s) => (id, s.engine.model().path().to_owned(), Some(s)),
                 None => {
                     let p = o
-                        .local_path(id, name)
+                        .local_path(id)
                         .await
                         .ok_or_else(|| OllamaError::not_found(name))?;
                     (id, p, None)
