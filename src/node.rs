@@ -628,6 +628,40 @@ async fn lease_for_serving(
         }))
 }
 
+/// [`crate::serve::ModelSource::locate`], reporting the download's
+/// verified bytes `(completed, total)` to `progress` while it runs (for
+/// Ollama's `/api/pull`).
+async fn locate_reporting(
+    src: &StoreModels,
+    id: [u8; 32],
+    name: &str,
+    progress: tokio::sync::mpsc::UnboundedSender<(u64, u64)>,
+) -> Result<crate::serve::Located, crate::serve::LocateError> {
+    use crate::serve::ModelSource;
+    let node = src.node()?;
+    let aid = ArtifactId(id);
+    let watch = async {
+        loop {
+            if let Some(mut rx) = node.inner.downloads.watch(&aid) {
+                loop {
+                    let p = rx.borrow_and_update().clone();
+                    let _ = progress.send((p.have_bytes, p.total_bytes));
+                    if p.phase.is_final() || rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+                // Reported to the end: `locate` finishes the rest.
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        r = src.locate(id, name) => r,
+        () = watch => Err(crate::serve::LocateError::Unavailable("progress ended".into())),
+    }
+}
+
 impl crate::serve::ModelSource for StoreModels {
     fn resolve<'a>(
         &'a self,
@@ -712,6 +746,26 @@ impl crate::serve::ModelSource for StoreModels {
                 .await?
                 .map_err(|e| LocateError::Unavailable(e.to_string()))
         })
+    }
+
+    fn local_file(
+        &self,
+        id: [u8; 32],
+    ) -> futures::future::BoxFuture<'_, Option<crate::serve::Located>> {
+        Box::pin(async move {
+            let node = self.node().ok()?;
+            lease_for_serving(&node, ArtifactId(id)).await.ok()?.ok()
+        })
+    }
+
+    fn locate_reporting<'a>(
+        &'a self,
+        id: [u8; 32],
+        name: &'a str,
+        progress: tokio::sync::mpsc::UnboundedSender<(u64, u64)>,
+    ) -> futures::future::BoxFuture<'a, Result<crate::serve::Located, crate::serve::LocateError>>
+    {
+        Box::pin(locate_reporting(self, id, name, progress))
     }
 
     fn catalog(&self) -> futures::future::BoxFuture<'_, Vec<crate::serve::CatalogEntry>> {

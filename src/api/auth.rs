@@ -11,10 +11,11 @@
 //!    otherwise 403. Allowed cross-origin requests get CORS headers, and their
 //!    preflights (`OPTIONS`) are answered here.
 //! 3. `/admin/*` needs `Authorization: Bearer <admin token>` from every caller
-//!    (401 otherwise). `/v1/*` needs `Authorization: Bearer <key>` with a key of
-//!    `api.keys_file` when one is set (the admin token is accepted too).
+//!    (401 otherwise). `/v1/*` and `/api/*` (the OpenAI and Ollama routes)
+//!    need `Authorization: Bearer <key>` with a key of `api.keys_file` when
+//!    one is set (the admin token is accepted too).
 //!    Tokens are compared by their BLAKE3 hashes, whose comparison is constant-time.
-//! 4. `POST`/`PUT`/`PATCH` bodies to `/v1/*` and `/admin/*` must be
+//! 4. `POST`/`PUT`/`PATCH` bodies to `/v1/*`, `/api/*` and `/admin/*` must be
 //!    `application/json` (415 otherwise): a page cannot send JSON to another
 //!    origin without a preflight, which step 2 refuses.
 //!
@@ -356,9 +357,10 @@ fn openai_error(status: StatusCode, msg: &str, kind: &str, code: &str) -> Respon
         .into_response()
 }
 
-/// Whether a request targets the OpenAI routes.
+/// Whether a request targets the model routes: OpenAI's (`/v1/*`) or
+/// Ollama's (`/api/*`, the same keys).
 fn is_openai(path: &str) -> bool {
-    path == "/v1" || path.starts_with("/v1/")
+    path == "/v1" || path.starts_with("/v1/") || path.starts_with("/api/")
 }
 
 /// Whether a request targets the admin routes.
@@ -471,16 +473,22 @@ pub async fn guard(State(g): State<Guard>, req: Request, next: Next) -> Response
         let ok = bearer(headers)
             .is_some_and(|t| keys.matches(t) | g.inner.admin.as_ref().is_ok_and(|a| a.matches(t)));
         if !ok {
-            let mut r = openai_error(
-                StatusCode::UNAUTHORIZED,
-                if bearer(headers).is_some() {
-                    "Incorrect API key provided."
-                } else {
-                    "This node needs an API key: send `Authorization: Bearer <key>`."
-                },
-                "invalid_request_error",
-                "invalid_api_key",
-            );
+            let msg = if bearer(headers).is_some() {
+                "Incorrect API key provided."
+            } else {
+                "This node needs an API key: send `Authorization: Bearer <key>`."
+            };
+            let mut r = if path.starts_with("/api/") {
+                // Ollama's shape on Ollama's routes.
+                error(StatusCode::UNAUTHORIZED, msg)
+            } else {
+                openai_error(
+                    StatusCode::UNAUTHORIZED,
+                    msg,
+                    "invalid_request_error",
+                    "invalid_api_key",
+                )
+            };
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"shoal\""),

@@ -206,7 +206,7 @@ fn build(
     // when the node serves (`Node::init_serving`, done by `crate::daemon`).
     let r = match node.serving() {
         Some(s) => r.merge(crate::serve::openai::with_node_header(
-            crate::serve::router(s),
+            crate::serve::router(s.clone()).merge(crate::serve::ollama::router(s)),
             &node.mesh().peer_id().to_string(),
         )),
         None => {

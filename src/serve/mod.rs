@@ -8,6 +8,7 @@
 //! graceful shutdown (in-flight requests are drained). See `docs/SERVING.md`.
 
 pub mod engine;
+pub mod ollama;
 pub mod openai;
 
 pub use crate::inference::{HeaderCheck, MAX_HEADER_BYTES, Unservable, check_file, check_header};
@@ -84,6 +85,27 @@ pub trait ModelSource: Send + Sync {
     /// None by default.
     fn catalog(&self) -> futures::future::BoxFuture<'_, Vec<CatalogEntry>> {
         Box::pin(async { Vec::new() })
+    }
+
+    /// The file of artifact `id` if it is local already, never fetching
+    /// it (Ollama's `/api/tags` and `/api/show` read its header). `None` by
+    /// default.
+    fn local_file(&self, id: [u8; 32]) -> futures::future::BoxFuture<'_, Option<Located>> {
+        let _ = id;
+        Box::pin(async { None })
+    }
+
+    /// [`locate`](ModelSource::locate), reporting a download's progress
+    /// as `(completed, total)` bytes to `progress` while it runs (Ollama's
+    /// `/api/pull`). By default: locates and reports nothing.
+    fn locate_reporting<'a>(
+        &'a self,
+        id: [u8; 32],
+        name: &'a str,
+        progress: tokio::sync::mpsc::UnboundedSender<(u64, u64)>,
+    ) -> futures::future::BoxFuture<'a, Result<Located, LocateError>> {
+        drop(progress);
+        self.locate(id, name)
     }
 }
 
@@ -736,6 +758,11 @@ impl Serving {
     /// Sets where unknown model names are looked up (once).
     pub fn set_source(&self, source: Arc<dyn ModelSource>) {
         let _ = self.source.set(source);
+    }
+
+    /// Where unknown model names are looked up, once set.
+    pub fn source(&self) -> Option<Arc<dyn ModelSource>> {
+        self.source.get().cloned()
     }
 
     /// The models the [`ModelSource`] holds that are not loaded, each with

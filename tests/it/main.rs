@@ -21,6 +21,7 @@ mod serving_kv;
 mod serving_mesh;
 mod serving_models;
 mod serving_node;
+mod serving_ollama;
 mod serving_refuse;
 mod store;
 mod store_full_disk;

@@ -7,6 +7,7 @@ mod chat_page;
 mod cli;
 mod cli_daemon;
 mod mesh_netns;
+mod ollama_client;
 mod ops_cli;
 mod pull_wait;
 mod signals;
