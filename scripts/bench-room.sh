@@ -157,6 +157,8 @@ start_shoal() { # parallel
         echo "[inference]"
         echo "threads = $THREADS"
         echo "queue_depth = $((n > 16 ? n : 16))"
+        # As a deployed node is set up: the model it serves is loaded at start.
+        echo "default_model = \"$NAME\""
         ((HAS_PARALLEL)) && echo "parallel = $n"
         ((HAS_KV_BUDGET)) && echo "kv_budget = \"$KV_BUDGET\""
         echo "[response_cache]"

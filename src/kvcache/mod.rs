@@ -472,6 +472,11 @@ impl PrefixCache {
                 || self.disk.as_ref().is_some_and(|d| d.contains(key)))
     }
 
+    /// True if the RAM or disk tier holds `key` (own or foreign).
+    pub fn holds(&self, key: &BlockKey) -> bool {
+        self.ram.lock().contains(key) || self.disk.as_ref().is_some_and(|d| d.contains(key))
+    }
+
     /// True for blocks that came from a neighbour.
     pub fn is_foreign(&self, key: &BlockKey) -> bool {
         self.foreign.lock().contains(key)

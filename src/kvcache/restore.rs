@@ -165,7 +165,11 @@ impl PrefixCache {
             tracing::debug!(tokens = common, "prefix from the hot sequence");
         }
         let usable = (last / b).min(keys.len());
-        if r.tokens < usable * b {
+        // The tiers can only do better when they hold the block after what
+        // the hot sequence gave (their prefix is contiguous from block 0):
+        // otherwise reading and decoding their blocks would be thrown away.
+        let next = r.tokens / b;
+        if r.tokens < usable * b && (r.tokens == 0 || self.holds(&keys[next])) {
             self.restore_blocks(model, ctx, &keys[..usable], &mut r);
         }
         if let Some(remote) = self.remote()

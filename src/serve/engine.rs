@@ -121,6 +121,10 @@ impl Default for EngineConfig {
     }
 }
 
+/// Prompt tokens a step takes before it stops taking further prompts:
+/// prompts shorter than this share a step, longer ones get one each.
+const PREFILL_STEP_MIN: usize = 32;
+
 /// Sequences decoded together by default (`inference.parallel`).
 pub const DEFAULT_PARALLEL: usize = 16;
 /// The default `inference.kv_budget`: 1 GiB.
@@ -534,11 +538,16 @@ impl Worker {
                 left = left.saturating_sub(1);
             }
         }
+        // Prompts one after the other (in arrival order), not all at once:
+        // the first answer starts after its own prompt, not after everyone's
+        // (short prompts still share a step, up to PREFILL_STEP_MIN tokens).
+        let mut prefill = 0;
         for (i, s) in self.running.iter().enumerate() {
-            if feeds[i] == 0 && left > 0 {
+            if feeds[i] == 0 && left > 0 && prefill < PREFILL_STEP_MIN {
                 let n = s.feed_len(chunk).min(left);
                 feeds[i] = n;
                 left -= n;
+                prefill += n;
             }
         }
         let t = Instant::now();
