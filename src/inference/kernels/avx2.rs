@@ -203,6 +203,7 @@ pub(super) unsafe fn dot_q4_0_a8(w: &[BlockQ4_0], a: &[BlockA8]) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C (guaranteed when called through
 /// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
@@ -247,6 +248,7 @@ pub(super) unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C (guaranteed when called through
 /// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     let n = y.len().min(x.len());
@@ -1051,4 +1053,33 @@ pub(super) unsafe fn dot_f16<const N: usize>(w: &[f16], a: [&[f32]; N]) -> [f32;
         }
         s
     })
+}
+
+/// [`dot_f32`] of `q` with each `q.len()`-wide row of `rows`, times `scale`,
+/// into `out` (see [`super::dot_f32_rows`]): one call for a run of keys.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn dot_f32_rows(q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
+    for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+        // SAFETY: same CPU features as this function.
+        *o = unsafe { dot_f32(q, r) } * scale;
+    }
+}
+
+/// [`axpy`] of each `y.len()`-wide row of `rows` with its weight in
+/// `alphas`, in order (see [`super::axpy_rows`]).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (guaranteed when called through
+/// [`super`]'s dispatch with [`super::Isa::Avx2`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn axpy_rows(y: &mut [f32], alphas: &[f32], rows: &[f32]) {
+    let n = y.len();
+    for (a, r) in alphas.iter().zip(rows.chunks_exact(n)) {
+        // SAFETY: same CPU features as this function.
+        unsafe { axpy(y, *a, r) };
+    }
 }

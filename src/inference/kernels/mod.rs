@@ -350,6 +350,37 @@ pub(crate) fn axpy(isa: Isa, y: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+/// `out[t] = dot_f32(q, row t of rows) * scale` for the `q.len()`-wide rows
+/// of `rows` (a run of attention keys): bit for bit [`dot_f32`] per row, in
+/// one call.
+pub(crate) fn dot_f32_rows(isa: Isa, q: &[f32], rows: &[f32], scale: f32, out: &mut [f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2(_) => unsafe { avx2::dot_f32_rows(q, rows, scale, out) },
+        _ => {
+            for (o, r) in out.iter_mut().zip(rows.chunks_exact(q.len())) {
+                *o = dot_f32(isa, q, r) * scale;
+            }
+        }
+    }
+}
+
+/// `y += alphas[t] * row t of rows` for the `y.len()`-wide rows of `rows`,
+/// in order (a run of attention values): bit for bit [`axpy`] per row.
+pub(crate) fn axpy_rows(isa: Isa, y: &mut [f32], alphas: &[f32], rows: &[f32]) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: see `quantize_a8`.
+        Isa::Avx2(_) => unsafe { avx2::axpy_rows(y, alphas, rows) },
+        _ => {
+            for (a, r) in alphas.iter().zip(rows.chunks_exact(y.len())) {
+                axpy(isa, y, *a, r);
+            }
+        }
+    }
+}
+
 row_kernels!(
     /// Q2_K weights · 256-wide 8-bit activations.
     dot_q2_k_a8k, dot_q2_k_a8k_x4, dot_q2_k_a8k_scalar, BlockQ2K, BlockA8K

@@ -508,21 +508,23 @@ fn attend(
     let g = qs.len() / hd;
     let len = upto - from;
     let mut scores = vec![0f32; g * len];
+    // Whole runs of keys per call (a block's positions are contiguous).
     let mut t = 0;
     for run in cache.head_runs(layer, 0, kv_head, upto) {
         let run_len = run.len() / hd;
-        if t + run_len <= from {
+        let skip = from.saturating_sub(t).min(run_len);
+        if skip == run_len {
             t += run_len;
             continue;
         }
-        for key in run.chunks_exact(hd) {
-            if t >= from {
-                for (qi, q) in qs.chunks_exact(hd).enumerate() {
-                    scores[qi * len + t - from] = kernels::dot_f32(isa, q, key) * scale;
-                }
-            }
-            t += 1;
+        let keys = &run[skip * hd..];
+        let at = t + skip - from;
+        let m = run_len - skip;
+        for (qi, q) in qs.chunks_exact(hd).enumerate() {
+            let o = qi * len + at;
+            kernels::dot_f32_rows(isa, q, keys, scale, &mut scores[o..o + m]);
         }
+        t += run_len;
     }
     for row in scores.chunks_exact_mut(len) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -538,18 +540,19 @@ fn attend(
     let mut t = 0;
     for run in cache.head_runs(layer, 1, kv_head, upto) {
         let run_len = run.len() / hd;
-        if t + run_len <= from {
+        let skip = from.saturating_sub(t).min(run_len);
+        if skip == run_len {
             t += run_len;
             continue;
         }
-        for val in run.chunks_exact(hd) {
-            if t >= from {
-                for (qi, o) in out.chunks_exact_mut(hd).enumerate() {
-                    kernels::axpy(isa, o, scores[qi * len + t - from], val);
-                }
-            }
-            t += 1;
+        let vals = &run[skip * hd..];
+        let at = t + skip - from;
+        let m = run_len - skip;
+        for (qi, o) in out.chunks_exact_mut(hd).enumerate() {
+            let w = qi * len + at;
+            kernels::axpy_rows(isa, o, &scores[w..w + m], vals);
         }
+        t += run_len;
     }
 }
 
