@@ -1232,6 +1232,27 @@ impl Serving {
     }
 }
 
+/// How long preparing a request (rendering the chat template, tokenizing)
+/// may take before the request fails.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `prepare` (template rendering and tokenizing: CPU work a hostile
+/// template can stretch) on the blocking pool, bounded by
+/// [`PREPARE_TIMEOUT`]. The error is the message a client gets (HTTP 500):
+/// a panic in `prepare`, or the time limit.
+pub async fn prepare_off_runtime<T: Send + 'static>(
+    prepare: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let job = tokio::task::spawn_blocking(prepare);
+    match tokio::time::timeout(PREPARE_TIMEOUT, job).await {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(e)) => Err(format!("preparing the prompt failed: {e}")),
+        Err(_) => Err(format!(
+            "template limit: rendering the chat template and tokenizing the prompt took longer than {PREPARE_TIMEOUT:?}"
+        )),
+    }
+}
+
 /// Why a model could not be added to the table.
 enum InsertError {
     /// No room (every loaded model in use).

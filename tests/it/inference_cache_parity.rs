@@ -4,25 +4,14 @@
 //! prompt, for many split points, both storage formats and a prefix that
 //! was computed token by token (as generated tokens are).
 
-use crate::util::demo_model_path;
 use shoal::inference::{
-    GenerateConfig, KvCache, KvDtype, Model, ModelConfig, SamplerConfig, generate, generate_after,
+    GenerateConfig, KvCache, KvDtype, Model, SamplerConfig, generate, generate_after,
 };
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 fn demo() -> Option<Arc<Model>> {
-    let p = demo_model_path()?;
-    Some(
-        Model::load_with(
-            p,
-            &ModelConfig {
-                threads: 2,
-                ..Default::default()
-            },
-        )
-        .expect("load demo model"),
-    )
+    crate::util::demo_model_2_threads()
 }
 
 /// A chat prompt of about a hundred tokens.

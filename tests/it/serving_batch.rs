@@ -5,9 +5,8 @@
 //! tokens each produces alone; a prompt larger than the budget fails
 //! clearly; a cancelled sequence leaves the others running.
 
-use crate::util::demo_model_path;
 use shoal::inference::{
-    GenerateConfig, KvCache, KvDtype, Model, ModelConfig, SamplerConfig, StopReason, generate,
+    GenerateConfig, KvCache, KvDtype, Model, SamplerConfig, StopReason, generate,
 };
 use shoal::metrics::Metrics;
 use shoal::serve::{Engine, EngineConfig, Job, JobEvent};
@@ -17,17 +16,7 @@ use std::sync::atomic::AtomicBool;
 use tokio::sync::mpsc;
 
 fn demo() -> Option<Arc<Model>> {
-    let p = demo_model_path()?;
-    Some(
-        Model::load_with(
-            p,
-            &ModelConfig {
-                threads: 2,
-                ..Default::default()
-            },
-        )
-        .expect("load demo model"),
-    )
+    crate::util::demo_model_2_threads()
 }
 
 const SYSTEM: &str = "You are a patient teacher in a classroom of twenty students. Answer \

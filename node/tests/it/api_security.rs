@@ -3,7 +3,7 @@
 //! keys with the official OpenAI client, Host and Origin checks, JSON-only
 //! bodies, the pull bound, read and idle timeouts, and a tampered release.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -50,21 +50,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn shoal serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        let api = loop {
-            let line = match lines.next() {
-                Some(Ok(l)) => l,
-                _ => {
-                    let _ = child.kill();
-                    panic!("shoal serve exited before announcing its API");
-                }
-            };
-            if let Some(rest) = line.split("API on http://").nth(1) {
-                break rest.trim().to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let api = crate::util::announced_api(&mut child);
         Daemon { child, api, data }
     }
 

@@ -11,7 +11,7 @@
 //! (`npm ci --prefix scripts/dashboard-test`, as `.ci/run` does); skipped
 //! loudly without them, except under `CI=true`, where they must be there.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -93,16 +93,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn shoal serve");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let api = loop {
-            let Some(Ok(line)) = lines.next() else {
-                let _ = child.kill();
-                panic!("shoal serve exited before announcing its API");
-            };
-            if let Some(rest) = line.split("API on http://").nth(1) {
-                break rest.trim().to_owned();
-            }
-        };
+        let (api, lines) = crate::util::api_address(&mut child);
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         std::thread::spawn(move || {

@@ -3,7 +3,6 @@
 //! commands beside a running daemon (through its admin API): the same
 //! output as run directly, a refused token, a daemon that cannot be reached.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -50,20 +49,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn shoal serve");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let api = loop {
-            let line = match lines.next() {
-                Some(Ok(l)) => l,
-                _ => {
-                    let _ = child.kill();
-                    panic!("shoal serve exited before announcing its API");
-                }
-            };
-            if let Some(rest) = line.split("API on http://").nth(1) {
-                break rest.trim().to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let api = crate::util::announced_api(&mut child);
         Daemon { child, api }
     }
 }

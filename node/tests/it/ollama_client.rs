@@ -7,7 +7,6 @@
 //! Needs `python3 -m pip install ollama` (`.ci/run` installs it). Outside
 //! CI a missing package skips the test loudly; with `CI=true` it fails.
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -196,21 +195,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn shoal serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        let api = loop {
-            let line = match lines.next() {
-                Some(Ok(l)) => l,
-                _ => {
-                    let _ = child.kill();
-                    panic!("shoal serve exited before announcing its API");
-                }
-            };
-            if let Some(rest) = line.split("API on http://").nth(1) {
-                break rest.trim().to_owned();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let api = crate::util::announced_api(&mut child);
         Daemon { child, api }
     }
 }

@@ -157,7 +157,6 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, config: &Path) -> Daemon {
-        use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .args(["--data-dir", dir.join("data").to_str().expect("utf-8")])
             .args(["--config", config.to_str().expect("utf-8")])
@@ -167,22 +166,7 @@ impl Daemon {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn shoal serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        let api = loop {
-            let line = match lines.next() {
-                Some(Ok(l)) => l,
-                _ => {
-                    let _ = child.kill();
-                    panic!("shoal serve exited before announcing its API");
-                }
-            };
-            if let Some(rest) = line.split("API on http://").nth(1) {
-                break rest.trim().to_owned();
-            }
-        };
-        // Keep draining stderr so the daemon never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let api = crate::util::announced_api(&mut child);
         let token = std::fs::read_to_string(dir.join("data/admin.token"))
             .expect("the node made its admin token")
             .trim()

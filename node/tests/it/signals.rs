@@ -6,7 +6,7 @@
 //! under `CI=true`. `SHOAL_TEST_BIN` runs them against another `shoal`
 //! binary (an older build, to see them fail).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,16 +72,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn shoal serve");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
-        let api = loop {
-            let Some(Ok(line)) = lines.next() else {
-                let _ = child.kill();
-                panic!("shoal serve exited before announcing its API");
-            };
-            if let Some(rest) = line.split("API on http://").nth(1) {
-                break rest.trim().to_owned();
-            }
-        };
+        let (api, lines) = crate::util::api_address(&mut child);
         let log = Arc::new(Mutex::new(Vec::new()));
         let l = log.clone();
         std::thread::spawn(move || {

@@ -9,3 +9,32 @@ mod demo;
 pub use demo::demo_model_path as demo_model;
 /// Where the demo model is expected, whether or not it is there.
 pub use demo::expected_demo_model;
+
+/// The stderr lines of a spawned daemon after its API announcement.
+pub type StderrLines = std::io::Lines<std::io::BufReader<std::process::ChildStderr>>;
+
+/// Reads a spawned `shoal serve`'s stderr (which must be piped) until it
+/// announces its API; returns the address and the lines that follow (the
+/// caller drains or keeps them, so the daemon never blocks on a full
+/// pipe). Kills the child and panics if it exits first.
+pub fn api_address(child: &mut std::process::Child) -> (String, StderrLines) {
+    use std::io::BufRead;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("shoal serve exited before announcing its API");
+        };
+        if let Some(rest) = line.split("API on http://").nth(1) {
+            return (rest.trim().to_owned(), lines);
+        }
+    }
+}
+
+/// [`api_address`], the rest of stderr drained on a thread of its own.
+pub fn announced_api(child: &mut std::process::Child) -> String {
+    let (api, lines) = api_address(child);
+    std::thread::spawn(move || for _ in lines {});
+    api
+}

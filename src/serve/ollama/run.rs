@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Longest a request may spend rendering its prompt and tokenizing it.
-const PREPARE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) async fn chat(
     State(o): State<Arc<Ollama>>,
@@ -164,20 +163,9 @@ async fn run(
     let stream = c.stream.unwrap_or(true);
     let plan = {
         let v = Arc::new(v);
-        let job = tokio::task::spawn_blocking(move || prepare(served, &v, kind, &opts));
-        match tokio::time::timeout(PREPARE_TIMEOUT, job).await {
-            Ok(Ok(p)) => p?,
-            Ok(Err(e)) => {
-                return Err(OllamaError::server(format!(
-                    "preparing the prompt failed: {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(OllamaError::server(format!(
-                    "template limit: rendering the prompt took longer than {PREPARE_TIMEOUT:?}"
-                )));
-            }
-        }
+        crate::serve::prepare_off_runtime(move || prepare(served, &v, kind, &opts))
+            .await
+            .map_err(OllamaError::server)??
     };
     let mut t = Timing {
         start,

@@ -102,10 +102,6 @@ pub(super) async fn get_model(State(s): State<Arc<Serving>>, Path(name): Path<St
     }
 }
 
-/// Longest a request may spend validating, rendering its chat template and
-/// tokenizing its prompt (on a blocking thread) before it fails.
-pub(super) const PREPARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 pub(super) async fn run(
     s: Arc<Serving>,
     headers: HeaderMap,
@@ -132,22 +128,10 @@ pub(super) async fn run(
     };
     let served = s.resolve(name).await.map_err(|e| locate_error(name, e))?;
     let p = {
-        let limit = PREPARE_TIMEOUT;
         let v = v.clone();
-        let job = tokio::task::spawn_blocking(move || prepare(served, &v, kind));
-        match tokio::time::timeout(limit, job).await {
-            Ok(Ok(p)) => p?,
-            Ok(Err(e)) => {
-                return Err(OpenAiError::server(format!(
-                    "preparing the prompt failed: {e}"
-                )));
-            }
-            Err(_) => {
-                return Err(OpenAiError::server(format!(
-                    "template limit: rendering the chat template and tokenizing the prompt took longer than {limit:?}"
-                )));
-            }
-        }
+        crate::serve::prepare_off_runtime(move || prepare(served, &v, kind))
+            .await
+            .map_err(OpenAiError::server)??
     };
     let engine = p.served.engine.clone();
     // Response cache.

@@ -13,6 +13,17 @@ use std::sync::{Arc, OnceLock};
 
 pub use demo::{demo_model_path, gemma3_model_path};
 
+/// The demo model ([`demo_model_path`]) with two compute threads, loaded
+/// anew (a model of its own, not shared with other tests).
+pub fn demo_model_2_threads() -> Option<Arc<Model>> {
+    let p = demo_model_path()?;
+    let cfg = shoal::inference::ModelConfig {
+        threads: 2,
+        ..Default::default()
+    };
+    Some(Model::load_with(p, &cfg).expect("load demo model"))
+}
+
 /// The demo model ([`demo_model_path`]), loaded once per test binary.
 pub fn demo_model() -> Option<Arc<Model>> {
     static M: OnceLock<Option<Arc<Model>>> = OnceLock::new();
