@@ -152,6 +152,7 @@ async fn a_full_queue_is_429_with_retry_after_in_ollamas_shape() {
     let tmp = tempfile::tempdir().expect("tmp");
     let cfg = ServeConfig {
         queue_depth: 1,
+        parallel: 1,
         response_cache_budget: 0,
         ..ServeConfig::with_data_dir(tmp.path())
     };
