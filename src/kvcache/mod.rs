@@ -589,8 +589,24 @@ impl PrefixCache {
             m.kv_lookup(Tier::Ram, true, hit.blocks as u64);
         }
         let first_decoded = cache.len() / BLOCK_TOKENS;
-        for key in &keys[hit.blocks..] {
-            let Some((blob, tier)) = self.get(key) else {
+        // The run of blocks a tier holds, read (and disk reads verified) in
+        // parallel: after a restart they all come from disk.
+        let rest = &keys[hit.blocks..];
+        let held = rest.iter().take_while(|k| self.holds(k)).count();
+        let mut fetched = {
+            use rayon::prelude::*;
+            rest[..held]
+                .par_iter()
+                .map(|k| self.get(k))
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        for key in rest {
+            let got = match fetched.next() {
+                Some(g) => g,
+                None => self.get(key),
+            };
+            let Some((blob, tier)) = got else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 m.kv_lookup(Tier::Ram, false, 1);
                 if self.disk.is_some() {
