@@ -24,8 +24,6 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Longest a request may spend rendering its prompt and tokenizing it.
-
 pub(super) async fn chat(
     State(o): State<Arc<Ollama>>,
     body: Result<Bytes, BytesRejection>,
