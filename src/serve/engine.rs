@@ -436,6 +436,11 @@ impl Worker {
         let model = self.model.clone();
         let first = s.dec.is_none();
         if first {
+            // A bad sequence fails alone, never the batch it would join.
+            if let Err(e) = model.check_sequence(&s.job().prompt) {
+                self.fail(s, &e.to_string());
+                return None;
+            }
             s.tokens = s.job().prompt.clone();
         }
         let _busy = self.kv.as_ref().map(|(pc, _)| pc.busy());

@@ -200,7 +200,7 @@ async fn a_tight_kv_budget_changes_no_answer() {
             "preempted/waiting sequence changed its answer"
         );
     }
-    assert_eq!(e.pending(), 0);
+    settled(&e).await;
 }
 
 /// A prompt whose keys and values alone exceed the budget fails with a
@@ -278,4 +278,36 @@ async fn a_cancelled_sequence_leaves_the_others_running() {
     assert_eq!(r.stop, Some(StopReason::Cancelled));
     let o = collect(other).await;
     assert_eq!(o.text, solo(&m, &qs[1], &cfg(0.0, 0, 30)).0);
+}
+
+/// A sequence the model cannot run (an id outside the vocabulary, no
+/// tokens) fails alone: the sequence running beside it is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_sequence_fails_alone() {
+    let Some(m) = demo() else { return };
+    let e = engine(&m, 4, 1 << 30);
+    let qs = questions(&m);
+    let good = submit(&e, qs[2].clone(), cfg(0.0, 0, 20));
+    let vocab = m.hparams().vocab_size as u32;
+    let bad = collect(submit(&e, vec![1, vocab + 7], cfg(0.0, 0, 4))).await;
+    let msg = bad.failed.expect("an id outside the vocabulary fails");
+    assert!(msg.contains(&(vocab + 7).to_string()), "{msg}");
+    let empty = collect(submit(&e, Vec::new(), cfg(0.0, 0, 4))).await;
+    assert!(empty.failed.is_some(), "an empty prompt fails");
+    let g = collect(good).await;
+    assert!(g.failed.is_none(), "{:?}", g.failed);
+    assert_eq!(g.text, solo(&m, &qs[2], &cfg(0.0, 0, 20)).0);
+    settled(&e).await;
+}
+
+/// Waits (up to 10 s) until the engine holds no request: a job's slot is
+/// freed just after its last event is sent.
+async fn settled(e: &Engine) {
+    for _ in 0..1000 {
+        if e.pending() == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{} requests still held by the engine", e.pending());
 }

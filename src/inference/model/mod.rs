@@ -299,6 +299,26 @@ impl Model {
         Ok(self.exec.install(|| self.forward_segs(&mut segs)))
     }
 
+    /// Whether `tokens` can be run as one sequence from an empty cache: at
+    /// least one token, no id outside the vocabulary, no more than the context length. What
+    /// [`Model::forward_many`] would refuse, checked per sequence before it
+    /// joins a batch.
+    pub fn check_sequence(&self, tokens: &[u32]) -> Result<(), InferenceError> {
+        if tokens.is_empty() {
+            return Err(InferenceError::InvalidParameter("no tokens to run".into()));
+        }
+        if tokens.len() > self.hp.context_length {
+            return Err(InferenceError::ContextFull {
+                need: tokens.len(),
+                max: self.hp.context_length,
+            });
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.hp.vocab_size) {
+            return Err(InferenceError::BadToken(t));
+        }
+        Ok(())
+    }
+
     fn check_run(&self, cache: &KvCache, tokens: &[u32]) -> Result<(), InferenceError> {
         if tokens.is_empty() {
             return Err(InferenceError::InvalidParameter("no tokens to run".into()));
