@@ -586,26 +586,9 @@ except openai.AuthenticationError as e:
 print("ALL OK")
 "#;
 
-fn openai_available() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "the Python openai package is missing (python3 -m pip install openai)"
-        );
-        eprintln!(
-            "SKIPPING: the Python `openai` package is missing (python3 -m pip install openai)"
-        );
-    }
-    ok
-}
-
 #[test]
 fn a_keys_file_makes_the_openai_routes_need_a_key() {
-    if !openai_available() {
+    if !crate::util::python_has("openai") {
         return;
     }
     let Some(model) = demo_model() else {

@@ -70,23 +70,6 @@ fn other_model(home: &Path, model: &Path) -> PathBuf {
     p
 }
 
-fn openai_available() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "the Python openai package is missing (python3 -m pip install openai)"
-        );
-        eprintln!(
-            "SKIPPING: the Python `openai` package is missing (python3 -m pip install openai)"
-        );
-    }
-    ok
-}
-
 /// Lists the models with the official client; prints `id state artifact` per model.
 const LIST_SCRIPT: &str = r#"
 import sys
@@ -114,7 +97,7 @@ fn list_models(api: &str) -> Vec<Vec<String>> {
 
 #[test]
 fn a_fresh_daemon_lists_its_named_models_to_the_openai_client() {
-    if !openai_available() {
+    if !crate::util::python_has("openai") {
         return;
     }
     let Some(model) = demo_model() else {

@@ -146,23 +146,6 @@ print("errors: ok")
 print("ALL OK")
 "#;
 
-fn ollama_available() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import ollama"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "the Python ollama package is missing (python3 -m pip install ollama)"
-        );
-        eprintln!(
-            "SKIPPING: the Python `ollama` package is missing (python3 -m pip install ollama)"
-        );
-    }
-    ok
-}
-
 /// The `shoal` binary with a clean environment rooted at `home`.
 fn shoal_cmd(home: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
@@ -209,7 +192,7 @@ impl Drop for Daemon {
 
 #[test]
 fn the_official_ollama_client_works_unchanged() {
-    if !ollama_available() {
+    if !crate::util::python_has("ollama") {
         return;
     }
     let Some(model) = demo_model() else {

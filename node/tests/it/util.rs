@@ -38,3 +38,23 @@ pub fn announced_api(child: &mut std::process::Child) -> String {
     std::thread::spawn(move || for _ in lines {});
     api
 }
+
+/// Whether `python3` can import `module` (an official client library a test
+/// drives a daemon with). Missing, the test is skipped with a loud message,
+/// except under `CI=true`, where it fails: `.ci/run` installs them.
+pub fn python_has(module: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the Python {module} package is missing (python3 -m pip install {module})"
+        );
+        eprintln!(
+            "SKIPPING: the Python `{module}` package is missing (python3 -m pip install {module})"
+        );
+    }
+    ok
+}
