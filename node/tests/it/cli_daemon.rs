@@ -4,7 +4,7 @@
 //! output as run directly, a refused token, a daemon that cannot be reached.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use crate::util::demo_model;
 
@@ -35,30 +35,9 @@ fn err(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A `shoal serve` child (loopback, mDNS off, API port picked by the OS), killed when dropped.
-struct Daemon {
-    child: Child,
-    api: String,
-}
-
-impl Daemon {
-    fn start(home: &Path) -> Daemon {
-        let mut child = shoal(home)
-            .args(["serve", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--api", "127.0.0.1:0"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn shoal serve");
-        let api = crate::util::announced_api(&mut child);
-        Daemon { child, api }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts `shoal serve` on `home`'s data dir.
+fn start_daemon(home: &Path) -> crate::util::ServeChild {
+    crate::util::ServeChild::spawn(shoal(home))
 }
 
 /// A copy of the demo model with a byte appended: another artifact.
@@ -113,7 +92,7 @@ fn a_fresh_daemon_lists_its_named_models_to_the_openai_client() {
     // is not repeated in hex.
     let o = run(home, &["publish", &id, "--name", "smol:latest"]);
     assert!(o.status.success(), "{}", err(&o));
-    let node = Daemon::start(home);
+    let node = start_daemon(home);
     let mut got = list_models(&node.api);
     got.sort();
     assert_eq!(
@@ -168,7 +147,7 @@ fn store_commands_beside_a_running_daemon() {
     })
     .collect();
 
-    let node = Daemon::start(home);
+    let node = start_daemon(home);
     // Directly the store is refused (the daemon holds it): `keygen` does not
     // go through the daemon.
     let o = run(home, &["trust", "ls"]);

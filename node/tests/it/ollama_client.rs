@@ -8,7 +8,7 @@
 //! CI a missing package skips the test loudly; with `CI=true` it fails.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use crate::util::demo_model;
 
@@ -160,34 +160,14 @@ fn shoal_cmd(home: &Path) -> Command {
     c
 }
 
-/// A `shoal serve` child on 127.0.0.1 (mDNS off, ports picked by the OS), killed when dropped.
-struct Daemon {
-    child: std::process::Child,
-    api: String,
-}
-
-impl Daemon {
-    fn start(home: &Path, data: &Path, config: &str) -> Daemon {
-        let cfg = home.join("shoal.toml");
-        std::fs::write(&cfg, config).expect("write config");
-        let mut child = shoal_cmd(home)
-            .args(["--data-dir", data.to_str().expect("utf-8")])
-            .args(["--config", cfg.to_str().expect("utf-8")])
-            .args(["serve", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(["--api", "127.0.0.1:0"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn shoal serve");
-        let api = crate::util::announced_api(&mut child);
-        Daemon { child, api }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts `shoal serve` with data in `data` and `config` as its file.
+fn start_daemon(home: &Path, data: &Path, config: &str) -> crate::util::ServeChild {
+    let cfg = home.join("shoal.toml");
+    std::fs::write(&cfg, config).expect("write config");
+    let mut cmd = shoal_cmd(home);
+    cmd.args(["--data-dir", data.to_str().expect("utf-8")])
+        .args(["--config", cfg.to_str().expect("utf-8")]);
+    crate::util::ServeChild::spawn(cmd)
 }
 
 #[test]
@@ -212,7 +192,7 @@ fn the_official_ollama_client_works_unchanged() {
     let id = v["id"].as_str().expect("artifact id").to_owned();
     let keys = home.join("api-keys");
     std::fs::write(&keys, "sk-room-7\n").expect("write keys");
-    let node = Daemon::start(
+    let node = start_daemon(
         home,
         &data,
         &format!(

@@ -58,3 +58,34 @@ pub fn python_has(module: &str) -> bool {
     }
     ok
 }
+
+/// A `shoal serve` child on loopback (mDNS off, mesh and API ports picked by
+/// the OS), killed and reaped when dropped.
+pub struct ServeChild {
+    /// The process.
+    pub child: std::process::Child,
+    /// `host:port` of its HTTP API.
+    pub api: String,
+}
+
+impl ServeChild {
+    /// Runs `cmd` (a `shoal` command with its global options) as `serve` on
+    /// loopback and waits for its API announcement; stderr is drained.
+    pub fn spawn(mut cmd: std::process::Command) -> ServeChild {
+        let mut child = cmd
+            .args(["serve", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--api", "127.0.0.1:0"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn shoal serve");
+        let api = announced_api(&mut child);
+        ServeChild { child, api }
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
