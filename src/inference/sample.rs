@@ -61,7 +61,7 @@ impl SamplerConfig {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     cfg: SamplerConfig,
-    s: [u64; 4],
+    s: Xoshiro,
     /// Scratch of [`Sampler::sample`], kept between calls so a token costs
     /// no allocation: sort keys of the candidates sorted so far (a prefix
     /// of the full order), then their probabilities.
@@ -69,6 +69,40 @@ pub struct Sampler {
     probs: Vec<f64>,
     /// Scratch of the repetition penalty: the distinct recent tokens.
     recent: Vec<u32>,
+}
+
+/// The xoshiro256** generator of a sampler, seeded through splitmix64.
+#[derive(Debug, Clone)]
+struct Xoshiro([u64; 4]);
+
+impl Xoshiro {
+    fn seeded(seed: u64) -> Xoshiro {
+        let mut x = seed;
+        Xoshiro([
+            splitmix(&mut x),
+            splitmix(&mut x),
+            splitmix(&mut x),
+            splitmix(&mut x),
+        ])
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let r = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        r
+    }
+
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 fn splitmix(x: &mut u64) -> u64 {
@@ -289,13 +323,7 @@ impl Sampler {
     /// A sampler with its generator seeded from `cfg.seed`.
     pub fn new(cfg: SamplerConfig) -> Result<Self, InferenceError> {
         cfg.validate()?;
-        let mut x = cfg.seed;
-        let s = [
-            splitmix(&mut x),
-            splitmix(&mut x),
-            splitmix(&mut x),
-            splitmix(&mut x),
-        ];
+        let s = Xoshiro::seeded(cfg.seed);
         Ok(Sampler {
             cfg,
             s,
@@ -305,21 +333,9 @@ impl Sampler {
         })
     }
 
-    fn next_u64(&mut self) -> u64 {
-        let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        r
-    }
-
     /// Uniform in [0, 1).
     fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.s.uniform()
     }
 
     /// Picks the next token from `logits` (modified in place by the
@@ -581,39 +597,21 @@ mod tests {
 /// the oracle the fast one must equal, token for token.
 #[cfg(test)]
 mod oracle {
-    use super::{SamplerConfig, argmax, splitmix};
+    use super::{SamplerConfig, Xoshiro, argmax};
 
     pub(super) struct Oracle {
         cfg: SamplerConfig,
-        s: [u64; 4],
+        s: Xoshiro,
     }
 
     impl Oracle {
         pub(super) fn new(cfg: SamplerConfig) -> Self {
-            let mut x = cfg.seed;
-            let s = [
-                splitmix(&mut x),
-                splitmix(&mut x),
-                splitmix(&mut x),
-                splitmix(&mut x),
-            ];
+            let s = Xoshiro::seeded(cfg.seed);
             Oracle { cfg, s }
         }
 
-        fn next_u64(&mut self) -> u64 {
-            let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-            let t = self.s[1] << 17;
-            self.s[2] ^= self.s[0];
-            self.s[3] ^= self.s[1];
-            self.s[1] ^= self.s[2];
-            self.s[0] ^= self.s[3];
-            self.s[2] ^= t;
-            self.s[3] = self.s[3].rotate_left(45);
-            r
-        }
-
         fn uniform(&mut self) -> f64 {
-            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+            self.s.uniform()
         }
 
         pub(super) fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
