@@ -562,7 +562,7 @@ impl Routing {
                 loaded: true,
                 parallel: u32::from(l.0),
                 queue_depth: u32::from(l.1),
-                busy: u32::from(l.2) + u32::from(l.3) + 1,
+                busy: u32::from(l.2) + u32::from(l.3),
                 warm: heads::warm_match(heads, &warm_here),
                 jitter: 0,
             });

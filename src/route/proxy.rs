@@ -438,11 +438,16 @@ pub async fn serve_forwarded(r: Arc<Routing>, app: axum::Router, authorize: forw
             return;
         }
     };
+    // Held weakly: the node (its store, its mesh) goes away when it shuts
+    // down even though this task waits for streams.
+    let weak = Arc::downgrade(&r);
+    drop(r);
     while let Some((peer, stream)) = incoming.next().await {
+        let Some(r) = weak.upgrade() else { return };
         if r.banned.lock().contains(&peer) {
             continue;
         }
-        let (r, app, authorize) = (r.clone(), app.clone(), authorize.clone());
+        let (app, authorize) = (app.clone(), authorize.clone());
         tokio::spawn(async move {
             let started = Instant::now();
             match forward::serve_one(peer, stream, app, &*authorize).await {
