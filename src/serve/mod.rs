@@ -12,7 +12,7 @@ pub mod ollama;
 pub mod openai;
 
 pub use crate::inference::{HeaderCheck, MAX_HEADER_BYTES, Unservable, check_file, check_header};
-pub use engine::{Engine, EngineConfig, EngineStats, Job, JobEvent};
+pub use engine::{Engine, EngineConfig, EngineLoad, EngineStats, Job, JobEvent};
 pub use openai::router;
 
 use crate::config::{ConfigError, Setting};
