@@ -315,8 +315,25 @@ pub(super) struct LiveState {
     pub(super) include_usage: bool,
     pub(super) out: VecDeque<Event>,
     pub(super) done: bool,
+    /// A chat stream's role chunk went out (with the first token, or at
+    /// the end of an empty answer).
+    pub(super) role_sent: bool,
     pub(super) outcome: Generated,
     pub(super) store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+}
+
+impl LiveState {
+    /// Queues a chat stream's role chunk (`delta: {role, content: ""}`)
+    /// once, just before the first text or the end: nothing is sent before
+    /// the first token, so the first bytes of the body arrive with it (a
+    /// router may still retry elsewhere a node that fails before then).
+    fn role_chunk(&mut self) {
+        if self.fmt.kind == Kind::Chat && !self.role_sent {
+            self.role_sent = true;
+            let v = self.fmt.chunk(Some(""), true, None, self.include_usage);
+            self.out.push_back(Event::default().data(v.to_string()));
+        }
+    }
 }
 
 pub(super) fn live_stream(
@@ -333,6 +350,7 @@ pub(super) fn live_stream(
         include_usage,
         out: VecDeque::new(),
         done: false,
+        role_sent: false,
         outcome: Generated {
             pieces: Vec::new(),
             prompt_tokens: 0,
@@ -359,12 +377,10 @@ pub(super) fn live_stream(
                 }) => {
                     st.outcome.prompt_tokens = prompt_tokens;
                     st.outcome.cached_tokens = cached_tokens;
-                    if st.fmt.kind == Kind::Chat {
-                        st.out.push_back(ev(st.fmt.chunk(Some(""), true, None, iu)));
-                    }
                 }
                 Some(JobEvent::Token(t)) => {
                     if !t.is_empty() {
+                        st.role_chunk();
                         st.out
                             .push_back(ev(st.fmt.chunk(Some(&t), false, None, iu)));
                         st.outcome.pieces.push(t);
@@ -376,6 +392,7 @@ pub(super) fn live_stream(
                     tail,
                     ..
                 }) => {
+                    st.role_chunk();
                     if !tail.is_empty() {
                         st.out
                             .push_back(ev(st.fmt.chunk(Some(&tail), false, None, iu)));
@@ -417,4 +434,106 @@ pub(super) fn live_stream(
         }
     });
     sse_response(s.boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::BodyDataStream;
+    use futures::FutureExt;
+    use std::sync::atomic::AtomicBool;
+
+    fn chat_fmt() -> Fmt {
+        Fmt {
+            kind: Kind::Chat,
+            id: "chatcmpl-test".into(),
+            created: 0,
+            model: "m".into(),
+        }
+    }
+
+    fn stream_of(rx: mpsc::UnboundedReceiver<JobEvent>) -> BodyDataStream {
+        let guard = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        live_stream(rx, guard, chat_fmt(), false, None)
+            .into_body()
+            .into_data_stream()
+    }
+
+    /// The `data:` payloads of every body byte ready now, without waiting.
+    fn ready(body: &mut BodyDataStream) -> Vec<String> {
+        let mut s = String::new();
+        while let Some(Some(Ok(b))) = body.next().now_or_never() {
+            s.push_str(&String::from_utf8_lossy(&b));
+        }
+        sse_data(&s)
+    }
+
+    fn sse_data(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.trim_start().to_owned())
+            .collect()
+    }
+
+    fn delta(data: &str) -> Value {
+        let v: Value = serde_json::from_str(data).unwrap_or_default();
+        v["choices"][0]["delta"].clone()
+    }
+
+    fn started() -> JobEvent {
+        JobEvent::Started {
+            prompt_tokens: 5,
+            cached_tokens: 0,
+        }
+    }
+
+    /// A streamed chat sends nothing while its prompt is computed (after
+    /// `Started`); the role chunk comes with the first token, just before it.
+    #[tokio::test]
+    async fn the_role_chunk_comes_with_the_first_token() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut body = stream_of(rx);
+        tx.send(started()).ok();
+        assert_eq!(
+            ready(&mut body),
+            Vec::<String>::new(),
+            "no byte before the first token"
+        );
+        tx.send(JobEvent::Token(String::new())).ok();
+        assert_eq!(
+            ready(&mut body),
+            Vec::<String>::new(),
+            "no byte for held-back text"
+        );
+        tx.send(JobEvent::Token("Hi".into())).ok();
+        let got = ready(&mut body);
+        assert_eq!(got.len(), 2, "role chunk then the token's: {got:?}");
+        assert_eq!(delta(&got[0]), json!({"role": "assistant", "content": ""}));
+        assert_eq!(delta(&got[1]), json!({"content": "Hi"}));
+        tx.send(JobEvent::Token(" there".into())).ok();
+        let got = ready(&mut body);
+        assert_eq!(got.len(), 1, "one role chunk only: {got:?}");
+        assert_eq!(delta(&got[0]), json!({"content": " there"}));
+    }
+
+    /// An empty answer still starts with the role chunk (sent at the end).
+    #[tokio::test]
+    async fn an_empty_answer_sends_the_role_chunk_at_the_end() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut body = stream_of(rx);
+        tx.send(started()).ok();
+        tx.send(JobEvent::Done {
+            stop: StopReason::EndOfSequence,
+            completion_tokens: 1,
+            tail: String::new(),
+            ttft: std::time::Duration::ZERO,
+        })
+        .ok();
+        let got = ready(&mut body);
+        assert_eq!(got.len(), 3, "role, finish, [DONE]: {got:?}");
+        assert_eq!(delta(&got[0]), json!({"role": "assistant", "content": ""}));
+        let fin: Value = serde_json::from_str(&got[1]).unwrap_or_default();
+        assert_eq!(fin["choices"][0]["finish_reason"], "stop");
+        assert_eq!(got[2], "[DONE]");
+    }
 }
