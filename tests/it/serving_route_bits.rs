@@ -3,10 +3,12 @@
 //! streamed chat sent with the first token, and who served a request
 //! (`X-Shoal-Served-By`, the `served_by` field).
 
-use crate::util::http::eventually;
+use crate::util::http::{Resp, eventually, post};
+use crate::util::serving::{NAME, TestServer, ram_only};
+use serde_json::{Value, json};
 use shoal::inference::{GenerateConfig, SamplerConfig};
 use shoal::metrics::Metrics;
-use shoal::serve::{Engine, EngineConfig, EngineLoad, Job, JobEvent};
+use shoal::serve::{Engine, EngineConfig, EngineLoad, Job, JobEvent, ServeConfig};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use tokio::sync::mpsc;
@@ -110,4 +112,155 @@ async fn engine_load_follows_running_and_waiting_jobs() {
         "plausible rates: {l:?}"
     );
     eprintln!("engine load after 3 x 96 tokens: {l:?}");
+}
+
+/// The node id the tests give the serving layer (a real node sets its
+/// peer id; this one differs from it, so the tests see which one names
+/// the server).
+const NODE_ID: &str = "12D3KooWServedByTestNode";
+
+fn served_by(r: &Resp) -> Option<&str> {
+    r.header("x-shoal-served-by")
+}
+
+fn ndjson(r: &Resp) -> Vec<Value> {
+    r.text()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("an NDJSON line"))
+        .collect()
+}
+
+/// Every generation answer names the node that ran the model: the
+/// `X-Shoal-Served-By` header (errors too), and `served_by` at the top of
+/// the JSON body or of the first chunk or line of a stream, only there
+/// (OpenAI and Ollama routes, live and replayed from the response cache).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_generation_answer_names_its_server() {
+    let cfg = ServeConfig {
+        node_id: Some(NODE_ID.into()),
+        ..ServeConfig::default()
+    };
+    let Some(srv) = TestServer::start(cfg).await else {
+        return;
+    };
+    let msgs = json!([{"role": "user", "content": "Say hello."}]);
+    // OpenAI chat, not streamed (temperature 0: remembered by the response cache).
+    let q = json!({"model": NAME, "messages": msgs, "max_tokens": 8, "temperature": 0});
+    let r = post(srv.addr, "/v1/chat/completions", &q).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(served_by(&r), Some(NODE_ID));
+    assert!(r.header("x-shoal-node").is_some(), "x-shoal-node stays");
+    assert_eq!(r.header("x-shoal-cache"), Some("miss"));
+    let v = r.json();
+    assert_eq!(v["served_by"], NODE_ID, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    // The same request again: the response cache's answer names it too.
+    let r = post(srv.addr, "/v1/chat/completions", &q).await;
+    assert_eq!(r.header("x-shoal-cache"), Some("hit"));
+    assert_eq!(served_by(&r), Some(NODE_ID));
+    assert_eq!(r.json()["served_by"], NODE_ID);
+    // Streamed, replayed from the response cache.
+    let mut qs = q.clone();
+    qs["stream"] = json!(true);
+    let r = post(srv.addr, "/v1/chat/completions", &qs).await;
+    assert_eq!(r.header("x-shoal-cache"), Some("hit"));
+    check_openai_stream(&r, true);
+    // Streamed, live (another seed: not cached yet).
+    let q = json!({"model": NAME, "messages": msgs, "max_tokens": 8, "stream": true, "seed": 7,
+                   "stream_options": {"include_usage": true}});
+    let r = post(srv.addr, "/v1/chat/completions", &q).await;
+    assert_eq!(r.header("x-shoal-cache"), Some("miss"));
+    check_openai_stream(&r, true);
+    // Completions, streamed live.
+    let q = json!({"model": NAME, "prompt": "Once upon a time", "max_tokens": 6, "stream": true});
+    let r = post(srv.addr, "/v1/completions", &q).await;
+    check_openai_stream(&r, false);
+    // An error names the node too.
+    let q = json!({"model": "no-such-model", "messages": msgs});
+    let r = post(srv.addr, "/v1/chat/completions", &q).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(served_by(&r), Some(NODE_ID));
+    // Ollama chat, streamed: the first line only.
+    let q = json!({"model": NAME, "messages": msgs,
+                   "options": {"num_predict": 6, "temperature": 0}});
+    let r = post(srv.addr, "/api/chat", &q).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(served_by(&r), Some(NODE_ID));
+    let lines = ndjson(&r);
+    assert!(lines.len() >= 2, "{}", r.text());
+    assert_eq!(lines[0]["served_by"], NODE_ID, "{}", r.text());
+    assert!(
+        lines[0]["message"]["content"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "the first line carries the first text: {}",
+        lines[0]
+    );
+    for l in &lines[1..] {
+        assert!(l.get("served_by").is_none(), "only the first line: {l}");
+    }
+    assert_eq!(lines.last().map(|l| l["done"].clone()), Some(json!(true)));
+    // Ollama generate, one JSON answer.
+    let q =
+        json!({"model": NAME, "prompt": "Hello", "stream": false, "options": {"num_predict": 4}});
+    let r = post(srv.addr, "/api/generate", &q).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(served_by(&r), Some(NODE_ID));
+    let v = r.json();
+    assert_eq!(v["served_by"], NODE_ID, "{v}");
+    assert_eq!(v["done"], true);
+    // Ollama error.
+    let q = json!({"model": "no-such-model", "prompt": "Hello"});
+    let r = post(srv.addr, "/api/generate", &q).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(served_by(&r), Some(NODE_ID));
+    srv.stop().await;
+}
+
+/// An OpenAI stream: `served_by` in the first chunk only; a chat's first
+/// chunk is the role chunk, a completion's has the first text.
+fn check_openai_stream(r: &Resp, chat: bool) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(served_by(r), Some(NODE_ID));
+    let data = r.sse();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("a JSON chunk"))
+        .collect();
+    assert!(chunks.len() >= 2, "{}", r.text());
+    assert_eq!(chunks[0]["served_by"], NODE_ID, "{}", chunks[0]);
+    if chat {
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(
+            chunks[1]["choices"][0]["delta"]["content"].is_string(),
+            "the token's chunk follows: {}",
+            chunks[1]
+        );
+    } else {
+        assert!(chunks[0]["choices"][0]["text"].is_string());
+    }
+    for c in &chunks[1..] {
+        assert!(c.get("served_by").is_none(), "only the first chunk: {c}");
+    }
+}
+
+/// Without a node id the serving layer adds no `served_by` field; the
+/// node's router still names it in the header (its peer id, the same as
+/// `x-shoal-node`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_node_id_the_router_names_the_node() {
+    let Some(srv) = TestServer::start(ram_only()).await else {
+        return;
+    };
+    let q = json!({"model": NAME, "messages": [{"role": "user", "content": "Hi"}],
+                   "max_tokens": 4, "stream": true});
+    let r = post(srv.addr, "/v1/chat/completions", &q).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let node = r.header("x-shoal-node").expect("x-shoal-node");
+    assert_eq!(served_by(&r), Some(node));
+    let first: Value = serde_json::from_str(&r.sse()[0]).expect("a chunk");
+    assert!(first.get("served_by").is_none(), "{first}");
+    srv.stop().await;
 }

@@ -48,6 +48,9 @@ pub(super) struct Fmt {
     pub(super) id: String,
     pub(super) created: u64,
     pub(super) model: String,
+    /// This node's peer id, put in the body's (or the stream's first
+    /// chunk's) `served_by` ([`crate::serve::ServeConfig::node_id`]).
+    pub(super) served_by: Option<String>,
 }
 
 pub(super) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
@@ -61,7 +64,7 @@ pub(super) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
 
 impl Fmt {
     pub(super) fn full(&self, text: &str, finish: &str, usage: Value) -> Value {
-        match self.kind {
+        let mut v = match self.kind {
             Kind::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": null,
@@ -75,7 +78,15 @@ impl Fmt {
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
                 "usage": usage,
             }),
-        }
+        };
+        crate::serve::add_served_by(&mut v, self.served_by.as_deref());
+        v
+    }
+
+    /// `v` as the first chunk of a stream: with `served_by`.
+    pub(super) fn first(&self, mut v: Value) -> Value {
+        crate::serve::add_served_by(&mut v, self.served_by.as_deref());
+        v
     }
 
     pub(super) fn chunk(
@@ -275,12 +286,18 @@ where
         .into_response()
 }
 
-pub(super) fn replay_stream(ans: &CachedAnswer, kind: Kind, p: &Prepared) -> Response {
+pub(super) fn replay_stream(
+    ans: &CachedAnswer,
+    kind: Kind,
+    p: &Prepared,
+    served_by: Option<&str>,
+) -> Response {
     let fmt = Fmt {
         kind,
         id: ans.id.clone(),
         created: ans.created,
         model: p.model_name.clone(),
+        served_by: served_by.map(str::to_owned),
     };
     let iu = p.include_usage;
     let mut evs = Vec::new();
@@ -303,6 +320,9 @@ pub(super) fn replay_stream(ans: &CachedAnswer, kind: Kind, p: &Prepared) -> Res
             ans.prompt_tokens,
         )));
     }
+    if let Some(v) = evs.first_mut() {
+        *v = fmt.first(std::mem::take(v));
+    }
     let mut events: Vec<Result<Event, Infallible>> = evs.iter().map(sse_event).collect();
     events.push(Ok(Event::default().data("[DONE]")));
     sse_response(futures::stream::iter(events))
@@ -318,6 +338,8 @@ pub(super) struct LiveState {
     /// A chat stream's role chunk went out (with the first token, or at
     /// the end of an empty answer).
     pub(super) role_sent: bool,
+    /// A chunk went out (the first carries `served_by`).
+    pub(super) sent: bool,
     pub(super) outcome: Generated,
     pub(super) store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
 }
@@ -331,8 +353,15 @@ impl LiveState {
         if self.fmt.kind == Kind::Chat && !self.role_sent {
             self.role_sent = true;
             let v = self.fmt.chunk(Some(""), true, None, self.include_usage);
-            self.out.push_back(Event::default().data(v.to_string()));
+            self.push(v);
         }
+    }
+
+    /// Queues a JSON chunk; the first one gets `served_by`.
+    fn push(&mut self, v: Value) {
+        let v = if self.sent { v } else { self.fmt.first(v) };
+        self.sent = true;
+        self.out.push_back(Event::default().data(v.to_string()));
     }
 }
 
@@ -351,6 +380,7 @@ pub(super) fn live_stream(
         out: VecDeque::new(),
         done: false,
         role_sent: false,
+        sent: false,
         outcome: Generated {
             pieces: Vec::new(),
             prompt_tokens: 0,
@@ -369,7 +399,6 @@ pub(super) fn live_stream(
                 return None;
             }
             let iu = st.include_usage;
-            let ev = |v: Value| Event::default().data(v.to_string());
             match st.rx.recv().await {
                 Some(JobEvent::Started {
                     prompt_tokens,
@@ -381,8 +410,7 @@ pub(super) fn live_stream(
                 Some(JobEvent::Token(t)) => {
                     if !t.is_empty() {
                         st.role_chunk();
-                        st.out
-                            .push_back(ev(st.fmt.chunk(Some(&t), false, None, iu)));
+                        st.push(st.fmt.chunk(Some(&t), false, None, iu));
                         st.outcome.pieces.push(t);
                     }
                 }
@@ -394,8 +422,7 @@ pub(super) fn live_stream(
                 }) => {
                     st.role_chunk();
                     if !tail.is_empty() {
-                        st.out
-                            .push_back(ev(st.fmt.chunk(Some(&tail), false, None, iu)));
+                        st.push(st.fmt.chunk(Some(&tail), false, None, iu));
                         st.outcome.pieces.push(tail);
                     }
                     st.outcome.completion_tokens = completion_tokens;
@@ -406,15 +433,11 @@ pub(super) fn live_stream(
                     } else {
                         Some("")
                     };
-                    st.out
-                        .push_back(ev(st.fmt.chunk(text, false, Some(fin), iu)));
+                    st.push(st.fmt.chunk(text, false, Some(fin), iu));
                     if iu {
                         let o = &st.outcome;
-                        st.out.push_back(ev(st.fmt.usage_chunk(usage(
-                            o.prompt_tokens,
-                            o.completion_tokens,
-                            o.cached_tokens,
-                        ))));
+                        let u = usage(o.prompt_tokens, o.completion_tokens, o.cached_tokens);
+                        st.push(st.fmt.usage_chunk(u));
                     }
                     st.out.push_back(Event::default().data("[DONE]"));
                     if stop != StopReason::Cancelled {
@@ -425,7 +448,7 @@ pub(super) fn live_stream(
                 }
                 Some(JobEvent::Failed(e)) => {
                     let err = OpenAiError::server(format!("generation failed: {e}"));
-                    st.out.push_back(ev(err.body()));
+                    st.push(err.body());
                     st.out.push_back(Event::default().data("[DONE]"));
                     st.done = true;
                 }
@@ -449,6 +472,7 @@ mod tests {
             id: "chatcmpl-test".into(),
             created: 0,
             model: "m".into(),
+            served_by: None,
         }
     }
 
