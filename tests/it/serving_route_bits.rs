@@ -264,3 +264,98 @@ async fn without_a_node_id_the_router_names_the_node() {
     assert!(first.get("served_by").is_none(), "{first}");
     srv.stop().await;
 }
+
+/// The official Python clients, unchanged, read answers that carry
+/// `served_by` (the field is extra to both APIs): `openai` (chat not
+/// streamed and streamed; the field is readable as an extra) and `ollama`
+/// (chat and generate, streamed and not).
+const CLIENTS: &str = r#"
+import sys
+import ollama
+from openai import OpenAI
+
+base, model, node = sys.argv[1], sys.argv[2], sys.argv[3]
+msgs = [{"role": "user", "content": "Name one colour."}]
+
+c = OpenAI(base_url=base + "/v1", api_key="sk-local", max_retries=0, timeout=120)
+raw = c.chat.completions.with_raw_response.create(model=model, messages=msgs, max_tokens=8, temperature=0)
+assert raw.headers["x-shoal-served-by"] == node, raw.headers
+r = raw.parse()
+text = r.choices[0].message.content
+assert isinstance(text, str) and r.choices[0].finish_reason in ("stop", "length"), r
+assert (r.model_extra or {}).get("served_by") == node, r
+chunks = list(c.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0, stream=True))
+assert (chunks[0].model_extra or {}).get("served_by") == node, chunks[0]
+assert chunks[0].choices[0].delta.role == "assistant", chunks[0]
+assert all("served_by" not in (ch.model_extra or {}) for ch in chunks[1:]), chunks
+assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text, chunks
+print("openai: ok", repr(text))
+
+o = ollama.Client(host=base, timeout=120)
+greedy = {"temperature": 0, "num_predict": 8}
+r = o.chat(model=model, messages=msgs, options=greedy, stream=False)
+assert r.done and r.message.role == "assistant" and r.message.content, r
+lines = list(o.chat(model=model, messages=msgs, options=greedy, stream=True))
+assert lines[-1].done and "".join(l.message.content or "" for l in lines) == r.message.content, lines
+g = o.generate(model=model, prompt="The capital of France is", options=greedy, stream=False)
+assert g.done and g.response, g
+parts = list(o.generate(model=model, prompt="The capital of France is", options=greedy, stream=True))
+assert parts[-1].done and "".join(p.response for p in parts) == g.response, parts
+print("ollama: ok", repr(r.message.content))
+print("ALL OK")
+"#;
+
+/// Whether `python3` can import the official clients; a loud skip when it
+/// cannot (a failure under `CI=true`).
+fn clients_available() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import openai, ollama"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the Python openai and ollama packages are missing (python3 -m pip install openai ollama)"
+        );
+        eprintln!(
+            "SKIPPING serving_route_bits: the Python `openai` or `ollama` package is missing \
+             (python3 -m pip install openai ollama)"
+        );
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_clients_read_answers_naming_their_server() {
+    if !clients_available() {
+        return;
+    }
+    let cfg = ServeConfig {
+        node_id: Some(NODE_ID.into()),
+        ..ram_only()
+    };
+    let Some(srv) = TestServer::start(cfg).await else {
+        return;
+    };
+    let base = format!("http://{}", srv.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args(["-c", CLIENTS, &base, NAME, NODE_ID])
+            // Nothing may leave loopback: no proxy for the local node.
+            .env("NO_PROXY", "127.0.0.1")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("OLLAMA_HOST")
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("ALL OK"),
+        "the official clients failed:\n{stdout}\n{stderr}"
+    );
+    srv.stop().await;
+}
