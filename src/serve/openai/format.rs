@@ -10,7 +10,7 @@ use crate::respcache::{self, CachedAnswer};
 use crate::serve::engine::{CancelOnDrop, JobEvent};
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -277,14 +277,20 @@ pub(super) async fn collect(
     Err(OpenAiError::server("generation ended without a result"))
 }
 
+/// Without its own keep-alive: a live stream sends its comments itself,
+/// only once its first chunk went out ([`KEEP_ALIVE`]).
 pub(super) fn sse_response<S>(stream: S) -> Response
 where
     S: futures::Stream<Item = Result<Event, Infallible>> + Send + 'static,
 {
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Sse::new(stream).into_response()
 }
+
+/// A live stream that sent its first chunk and then nothing for this long
+/// sends an SSE comment line (`:`), so idle connections stay open through
+/// proxies. None is sent before the first chunk: the first body bytes mean
+/// that generation has begun.
+pub(super) const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub(super) fn replay_stream(
     ans: &CachedAnswer,
@@ -338,8 +344,11 @@ pub(super) struct LiveState {
     /// A chat stream's role chunk went out (with the first token, or at
     /// the end of an empty answer).
     pub(super) role_sent: bool,
-    /// A chunk went out (the first carries `served_by`).
+    /// A chunk went out (the first carries `served_by`); keep-alive
+    /// comments follow only then.
     pub(super) sent: bool,
+    /// See [`KEEP_ALIVE`].
+    pub(super) keep_alive: std::time::Duration,
     pub(super) outcome: Generated,
     pub(super) store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
 }
@@ -372,6 +381,19 @@ pub(super) fn live_stream(
     include_usage: bool,
     store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
 ) -> Response {
+    live_stream_with(rx, guard, fmt, include_usage, store, KEEP_ALIVE)
+}
+
+/// [`live_stream`] with keep-alive comments every `keep_alive` (after the
+/// first chunk).
+fn live_stream_with(
+    rx: mpsc::UnboundedReceiver<JobEvent>,
+    guard: CancelOnDrop,
+    fmt: Fmt,
+    include_usage: bool,
+    store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+    keep_alive: std::time::Duration,
+) -> Response {
     let st = LiveState {
         rx,
         _guard: guard,
@@ -381,6 +403,7 @@ pub(super) fn live_stream(
         done: false,
         role_sent: false,
         sent: false,
+        keep_alive,
         outcome: Generated {
             pieces: Vec::new(),
             prompt_tokens: 0,
@@ -399,7 +422,18 @@ pub(super) fn live_stream(
                 return None;
             }
             let iu = st.include_usage;
-            match st.rx.recv().await {
+            let next = if st.sent {
+                match tokio::time::timeout(st.keep_alive, st.rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        st.out.push_back(Event::default().comment(""));
+                        continue;
+                    }
+                }
+            } else {
+                st.rx.recv().await
+            };
+            match next {
                 Some(JobEvent::Started {
                     prompt_tokens,
                     cached_tokens,
@@ -477,19 +511,31 @@ mod tests {
     }
 
     fn stream_of(rx: mpsc::UnboundedReceiver<JobEvent>) -> BodyDataStream {
+        stream_with(rx, KEEP_ALIVE)
+    }
+
+    fn stream_with(
+        rx: mpsc::UnboundedReceiver<JobEvent>,
+        keep_alive: std::time::Duration,
+    ) -> BodyDataStream {
         let guard = CancelOnDrop(Arc::new(AtomicBool::new(false)));
-        live_stream(rx, guard, chat_fmt(), false, None)
+        live_stream_with(rx, guard, chat_fmt(), false, None, keep_alive)
             .into_body()
             .into_data_stream()
     }
 
-    /// The `data:` payloads of every body byte ready now, without waiting.
-    fn ready(body: &mut BodyDataStream) -> Vec<String> {
+    /// Every body byte ready now, without waiting.
+    fn ready_text(body: &mut BodyDataStream) -> String {
         let mut s = String::new();
         while let Some(Some(Ok(b))) = body.next().now_or_never() {
             s.push_str(&String::from_utf8_lossy(&b));
         }
-        sse_data(&s)
+        s
+    }
+
+    /// The `data:` payloads of every body byte ready now, without waiting.
+    fn ready(body: &mut BodyDataStream) -> Vec<String> {
+        sse_data(&ready_text(body))
     }
 
     fn sse_data(text: &str) -> Vec<String> {
@@ -559,5 +605,34 @@ mod tests {
         let fin: Value = serde_json::from_str(&got[1]).unwrap_or_default();
         assert_eq!(fin["choices"][0]["finish_reason"], "stop");
         assert_eq!(got[2], "[DONE]");
+    }
+
+    /// No keep-alive comment before the first chunk, however long the
+    /// prompt takes; after it, a comment when no token comes for a while.
+    #[tokio::test]
+    async fn keep_alive_comments_start_after_the_first_chunk() {
+        let tick = std::time::Duration::from_millis(20);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut body = stream_with(rx, tick);
+        tx.send(started()).ok();
+        // Ten keep-alive periods with nothing to say.
+        let quiet = tokio::time::timeout(tick * 10, body.next()).await;
+        assert!(quiet.is_err(), "no byte before the first token: {quiet:?}");
+        tx.send(JobEvent::Token("Hi".into())).ok();
+        let mut text = String::new();
+        while !text.contains("\"Hi\"") {
+            match tokio::time::timeout(tick * 10, body.next()).await {
+                Ok(Some(Ok(b))) => text.push_str(&String::from_utf8_lossy(&b)),
+                other => panic!("the token's chunk did not come: {other:?}"),
+            }
+        }
+        assert!(!text.lines().any(|l| l.starts_with(':')), "{text:?}");
+        // Now idle: a comment comes within a few periods.
+        let next = tokio::time::timeout(tick * 50, body.next()).await;
+        let b = match next {
+            Ok(Some(Ok(b))) => b,
+            other => panic!("no keep-alive after the first chunk: {other:?}"),
+        };
+        assert!(String::from_utf8_lossy(&b).starts_with(':'), "{b:?}");
     }
 }
