@@ -270,8 +270,15 @@ async fn attempt(
                 let Some((status, headers)) = &head else {
                     return Err((RouteReason::Died, "body before head".into()));
                 };
-                // SSE comments (keep-alives) are not the first token.
+                // SSE comments (keep-alives) are not the first token; an
+                // error before any token is a failure of that node.
                 let comment = d.first() == Some(&b':');
+                if !comment && first.iter().all(|f: &Vec<u8>| f.first() == Some(&b':')) {
+                    let t = String::from_utf8_lossy(&d[..d.len().min(64)]).into_owned();
+                    if t.starts_with("data: {\"error\"") || t.starts_with("{\"error\"") {
+                        return Err((RouteReason::Busy, "failed before its first token".into()));
+                    }
+                }
                 first.push(d);
                 if !comment {
                     return Ok(Committed {
