@@ -41,9 +41,10 @@ function modelNames(r) {
   return names;
 }
 
+// A model by its card name; ids (64 hex digits) shortened.
 function modelLabel(names, model) {
-  const name = names.get(model.toLowerCase());
-  return name ?? (model.length > 24 ? short(model) : model);
+  const name = names.get(model.toLowerCase()) ?? model;
+  return /^[0-9a-f]{64}$/i.test(name) ? short(name) : name;
 }
 
 function nodeLabel(r, id) {
@@ -51,7 +52,8 @@ function nodeLabel(r, id) {
 }
 
 // Node positions: this node in the middle, the others on an ellipse around
-// it, in a stable (sorted) order.
+// it, in a stable (sorted) order; none straight above this node, where its
+// label is (one peer: right; two: left and right; three: a triangle).
 function layout(r, peers) {
   const others = new Set(peers.map((p) => p.peer_id));
   for (const c of r.cards) others.add(c.peer);
@@ -61,7 +63,7 @@ function layout(r, peers) {
   pos.clear();
   pos.set(r.me, { x: CX, y: CY, r: ME_R });
   ids.forEach((id, i) => {
-    const a = (2 * Math.PI * i) / ids.length - Math.PI / 2;
+    const a = ids.length === 1 ? 0 : (2 * Math.PI * (i + 0.5)) / ids.length - Math.PI / 2;
     pos.set(id, { x: CX + RX * Math.cos(a), y: CY + RY * Math.sin(a), r: PEER_R });
   });
   return ids;
@@ -143,13 +145,15 @@ function drawBase(s, r, ids) {
     const g = svg("g", { "data-route-node": id });
     g.append(svg("title", {}, id));
     g.append(svg("circle", { cx: p.x, cy: p.y, r: p.r, ...attrs }));
-    g.append(svg("text", { x: p.x, y: p.y + p.r + 13, "text-anchor": "middle", class: isMe ? "me" : "name" },
+    // This node's label above it, the others' below them.
+    const y = isMe ? p.y - p.r - 20 : p.y + p.r + 13;
+    g.append(svg("text", { x: p.x, y, "text-anchor": "middle", class: isMe ? "me" : "name" },
       isMe ? `this node · ${tail(id)}` : tail(id)));
-    g.append(svg("text", { x: p.x, y: p.y + p.r + 25, "text-anchor": "middle" }, loadLine(card)));
+    g.append(svg("text", { x: p.x, y: y + 12, "text-anchor": "middle" }, loadLine(card)));
     items.push(g);
   }
   if (ids.length === 0) {
-    items.push(svg("text", { x: CX, y: CY - ME_R - 12, "text-anchor": "middle" }, "no peers"));
+    items.push(svg("text", { x: CX, y: CY + ME_R + 16, "text-anchor": "middle" }, "no peers"));
   }
   base.replaceChildren(...items);
 }
