@@ -51,8 +51,16 @@ const STYLE_CSS: &str = include_str!("dashboard/style.css");
 /// `(path, content type, body)` of every file of the page.
 pub const ASSETS: &[(&str, &str, &str)] = &[
     ("/", "text/html; charset=utf-8", INDEX_HTML),
-    ("/dashboard/app.js", "text/javascript; charset=utf-8", APP_JS),
-    ("/dashboard/view.js", "text/javascript; charset=utf-8", VIEW_JS),
+    (
+        "/dashboard/app.js",
+        "text/javascript; charset=utf-8",
+        APP_JS,
+    ),
+    (
+        "/dashboard/view.js",
+        "text/javascript; charset=utf-8",
+        VIEW_JS,
+    ),
     (
         "/dashboard/routes.js",
         "text/javascript; charset=utf-8",
@@ -450,7 +458,11 @@ mod tests {
             let h = r.headers();
             assert_eq!(h[header::CONTENT_TYPE], ty, "{path}");
             let csp = h[header::CONTENT_SECURITY_POLICY].to_str().expect("ascii");
-            for part in ["default-src 'none'", "script-src 'self'", "style-src 'self'"] {
+            for part in [
+                "default-src 'none'",
+                "script-src 'self'",
+                "style-src 'self'",
+            ] {
                 assert!(csp.contains(part), "{path}: {csp}");
             }
             assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"));
@@ -461,7 +473,11 @@ mod tests {
     fn the_page_has_no_inline_code_and_loads_only_its_own_files() {
         assert!(!INDEX_HTML.contains("<script>") && !INDEX_HTML.contains("style="));
         assert!(!INDEX_HTML.contains("<style"));
-        for (name, js) in [("app.js", APP_JS), ("view.js", VIEW_JS), ("routes.js", ROUTES_JS)] {
+        for (name, js) in [
+            ("app.js", APP_JS),
+            ("view.js", VIEW_JS),
+            ("routes.js", ROUTES_JS),
+        ] {
             // Peer ids, model names and error texts are written as text, never parsed as HTML.
             for bad in [
                 "innerHTML",

@@ -307,10 +307,7 @@ async fn prefetch_pulls_and_pins_through_the_admin_api() -> Result<()> {
 
 /// The admin token of `node` (made in its data dir by the daemon), as a header.
 fn bearer(node: &Node) -> Result<String> {
-    let path = node
-        .store()
-        .dir()
-        .join(shoal::api::auth::ADMIN_TOKEN_FILE);
+    let path = node.store().dir().join(shoal::api::auth::ADMIN_TOKEN_FILE);
     let token = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
     Ok(format!("Bearer {}", token.trim()))
 }
@@ -439,9 +436,12 @@ async fn dashboard_draws_requests_across_the_mesh_in_chromium() -> Result<()> {
     let routing = front.node.routing().context("routing is on by default")?;
     let holder_id = holder.peer_id().to_string();
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !routing.snapshot().cards.iter().any(|c| {
-        c.peer == holder_id && c.models.iter().any(|m| m.id == model && m.loaded)
-    }) {
+    while !routing
+        .snapshot()
+        .cards
+        .iter()
+        .any(|c| c.peer == holder_id && c.models.iter().any(|m| m.id == model && m.loaded))
+    {
         if tokio::time::Instant::now() > deadline {
             bail!("the holder's card never arrived: {:?}", routing.snapshot());
         }
@@ -459,7 +459,8 @@ async fn dashboard_draws_requests_across_the_mesh_in_chromium() -> Result<()> {
         r.headers
     );
     assert_eq!(
-        r.header("x-shoal-forwarded-by").map(str::to_ascii_lowercase),
+        r.header("x-shoal-forwarded-by")
+            .map(str::to_ascii_lowercase),
         Some(front_id.to_ascii_lowercase()),
         "{:?}",
         r.headers
@@ -483,10 +484,13 @@ async fn dashboard_draws_requests_across_the_mesh_in_chromium() -> Result<()> {
     // The holder lists it as served for the front node.
     let v: serde_json::Value = serde_json::from_str(&admin_route(&holder).await?.body)?;
     assert!(
-        v["recent"].as_array().context("recent")?.iter().any(|e| e["from"]
-            == front_id.as_str()
-            && e["to"] == holder_id.as_str()
-            && e["outcome"] == "served_for_peer"),
+        v["recent"]
+            .as_array()
+            .context("recent")?
+            .iter()
+            .any(|e| e["from"] == front_id.as_str()
+                && e["to"] == holder_id.as_str()
+                && e["outcome"] == "served_for_peer"),
         "{v}"
     );
 
