@@ -515,6 +515,25 @@ async fn dashboard_draws_requests_across_the_mesh_in_chromium() -> Result<()> {
     );
     assert!(shot.exists(), "no screenshot at {}", shot.display());
     eprintln!("dashboard routes screenshot: {} ({stdout})", shot.display());
+    // The holder's page: the same requests, served for the front node.
+    let holder_shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-routes-holder.png");
+    let mut cmd = Command::new("node");
+    cmd.arg(&script)
+        .arg(format!("http://{}/", holder.api))
+        .arg(&holder_shot)
+        .args(["--peer", &front_id])
+        .args([
+            "--route",
+            &format!("{front_id}>{holder_id}:served_for_peer"),
+        ]);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await??;
+    assert!(
+        out.status.success(),
+        "holder's dashboard check failed:\n{}\n{}\n(screenshot: {})",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        holder_shot.display()
+    );
     // The script's request was forwarded too.
     let v: serde_json::Value = serde_json::from_str(&admin_route(&front).await?.body)?;
     let forwarded = v["recent"]
