@@ -219,6 +219,9 @@ pub struct Routing {
     on_disk: Mutex<Vec<(String, [u8; 32])>>,
     pulling: Mutex<HashSet<String>>,
     seq: AtomicU64,
+    /// The generation routes forwarded requests are served by, and the key
+    /// scope check ([`proxy::serve_forwarded`]).
+    app: std::sync::OnceLock<(axum::Router, forward::Authorize)>,
 }
 
 impl std::fmt::Debug for Routing {
@@ -361,6 +364,7 @@ impl Routing {
             on_disk: Mutex::new(Vec::new()),
             pulling: Mutex::new(HashSet::new()),
             seq: AtomicU64::new(unix_ms()),
+            app: std::sync::OnceLock::new(),
         });
         tokio::spawn(listen(Arc::downgrade(&r), r.mesh.events()));
         tokio::spawn(announce(Arc::downgrade(&r)));

@@ -434,9 +434,12 @@ impl Rest {
 }
 
 /// Serves `/shoal/serve/1` streams from peers through `app` (the generation
-/// routes without this middleware), until the mesh stops. `authorize` checks
-/// a forwarded key scope against this node's API keys.
+/// routes without this middleware), as long as the router lives. `authorize`
+/// checks a forwarded key scope against this node's API keys.
 pub async fn serve_forwarded(r: Arc<Routing>, app: axum::Router, authorize: forward::Authorize) {
+    if r.app.set((app, authorize)).is_err() {
+        return;
+    }
     let mut control = r.mesh.stream_control();
     let mut incoming = match control.accept(forward::SERVE_PROTOCOL) {
         Ok(i) => i,
@@ -445,8 +448,8 @@ pub async fn serve_forwarded(r: Arc<Routing>, app: axum::Router, authorize: forw
             return;
         }
     };
-    // Held weakly: the node (its store, its mesh) goes away when it shuts
-    // down even though this task waits for streams.
+    // Held weakly: the node (its store, its mesh, its serving layer) goes
+    // away when it shuts down even though this task waits for streams.
     let weak = Arc::downgrade(&r);
     drop(r);
     while let Some((peer, stream)) = incoming.next().await {
@@ -454,7 +457,9 @@ pub async fn serve_forwarded(r: Arc<Routing>, app: axum::Router, authorize: forw
         if r.banned.lock().contains(&peer) {
             continue;
         }
-        let (app, authorize) = (app.clone(), authorize.clone());
+        let Some((app, authorize)) = r.app.get().cloned() else {
+            return;
+        };
         tokio::spawn(async move {
             let started = Instant::now();
             match forward::serve_one(peer, stream, app, &*authorize).await {

@@ -246,11 +246,10 @@ fn check_openai_stream(r: &Resp, chat: bool) {
     }
 }
 
-/// Without a node id the serving layer adds no `served_by` field; the
-/// node's router still names it in the header (its peer id, the same as
-/// `x-shoal-node`).
+/// Without a node id in the serving settings, the node names itself by its
+/// peer id: the header (the same as `x-shoal-node`) and the first chunk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_a_node_id_the_router_names_the_node() {
+async fn without_a_node_id_the_node_names_itself_by_its_peer_id() {
     let Some(srv) = TestServer::start(ram_only()).await else {
         return;
     };
@@ -261,7 +260,7 @@ async fn without_a_node_id_the_router_names_the_node() {
     let node = r.header("x-shoal-node").expect("x-shoal-node");
     assert_eq!(served_by(&r), Some(node));
     let first: Value = serde_json::from_str(&r.sse()[0]).expect("a chunk");
-    assert!(first.get("served_by").is_none(), "{first}");
+    assert_eq!(first["served_by"].as_str(), Some(node), "{first}");
     srv.stop().await;
 }
 
