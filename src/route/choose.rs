@@ -6,7 +6,7 @@
 //!    queue > only on disk (it must be loaded first) > loaded and full;
 //! 2. within a tier, the longest warm prefix match ([`super::heads`]);
 //! 3. then the least busy: (running + waiting + requests this node has
-//!    forwarded there and not finished) / parallel;
+//!    forwarded there and not finished) / parallel, in steps of an eighth;
 //! 4. then this node before a peer (a tie stays here: no hop for nothing),
 //!    then a random order (so that equal peers share the load instead of
 //!    all picking the first).
@@ -66,8 +66,12 @@ impl Offer {
         }
     }
 
-    fn load(&self) -> f64 {
-        f64::from(self.busy) / f64::from(self.parallel.max(1))
+    /// Load in steps of an eighth of the slots (two requests at 16):
+    /// cards are up to a second old, so finer differences are noise, and
+    /// equal steps leave the choice to the random order, which spreads a
+    /// burst instead of sending it all to one node.
+    fn load_step(&self) -> u64 {
+        u64::from(self.busy) * 8 / u64::from(self.parallel.max(1))
     }
 }
 
@@ -77,7 +81,7 @@ pub fn rank(mut offers: Vec<Offer>) -> Vec<Offer> {
         a.tier()
             .cmp(&b.tier())
             .then(b.warm.cmp(&a.warm))
-            .then(a.load().total_cmp(&b.load()))
+            .then(a.load_step().cmp(&b.load_step()))
             .then((a.target != Target::Local).cmp(&(b.target != Target::Local)))
             .then(a.jitter.cmp(&b.jitter))
     });

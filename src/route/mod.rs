@@ -603,16 +603,22 @@ impl Routing {
         };
         let inflight = self.inflight.lock().clone();
         let cards = self.cards.lock();
+        let mut last_resort = Vec::new();
         for (peer, held) in cards.iter() {
             if now.duration_since(held.at) > self.cfg.card_ttl
                 || !connected.contains(peer)
                 || banned.contains(peer)
-                || paused.contains(peer)
             {
                 continue;
             }
+            // A paused peer is tried only after every other candidate.
+            let list = if paused.contains(peer) {
+                &mut last_resort
+            } else {
+                &mut offers
+            };
             if let Some(m) = held.card.models.iter().find(|m| wanted.matches(m)) {
-                offers.push(Offer {
+                list.push(Offer {
                     target: Target::Peer(*peer),
                     loaded: m.loaded,
                     parallel: u32::from(m.parallel).max(1),
@@ -623,7 +629,9 @@ impl Routing {
                 });
             }
         }
-        choose::rank(offers)
+        let mut ranked = choose::rank(offers);
+        ranked.extend(choose::rank(last_resort));
+        ranked
     }
 
     /// Whether this node holds `wanted` (loaded or in its store).
@@ -801,15 +809,18 @@ async fn listen(
     }
 }
 
-/// Sends this node's card every `card_interval` when it changed, at least
-/// every 5 s; refreshes the list of models in the store every 5 s.
+/// Sends this node's card: at once (within 200 ms) when what it serves,
+/// its warm prefixes or a model's load by two requests or more changed;
+/// every `card_interval` when anything else changed; at least every 5 s.
+/// Refreshes the list of models in the store every 5 s.
 async fn announce(routing: std::sync::Weak<Routing>) {
     const AT_LEAST: Duration = Duration::from_secs(5);
+    const STEP: Duration = Duration::from_millis(200);
     let interval = match routing.upgrade() {
         Some(r) => r.cfg.card_interval,
         None => return,
     };
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval(STEP.min(interval));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last: Option<(Vec<CardModel>, Instant)> = None;
     let mut disk_at: Option<Instant> = None;
@@ -829,15 +840,34 @@ async fn announce(routing: std::sync::Weak<Routing>) {
             disk_at = Some(Instant::now());
         }
         let card = r.local_card();
-        let changed = last
-            .as_ref()
-            .is_none_or(|(m, at)| *m != card.models || at.elapsed() >= AT_LEAST);
+        let send = match &last {
+            None => true,
+            Some((m, at)) => {
+                let age = at.elapsed();
+                age >= AT_LEAST
+                    || (*m != card.models && (age >= interval || big_change(m, &card.models)))
+            }
+        };
         // A node that serves nothing is silent, after one empty card that
         // retracts what it sent before.
         let had = last.as_ref().is_some_and(|(m, _)| !m.is_empty());
-        if changed && (!card.models.is_empty() || had) {
+        if send && (!card.models.is_empty() || had) {
             let _ = r.mesh.publish_card(card::encode(&card)).await;
             last = Some((card.models, Instant::now()));
         }
     }
+}
+
+/// Whether a card differs from the last one sent by more than a small
+/// change of load: other models, other warm prefixes, a model's running +
+/// waiting by two or more.
+fn big_change(before: &[CardModel], now: &[CardModel]) -> bool {
+    before.len() != now.len()
+        || before.iter().zip(now).any(|(a, b)| {
+            a.name != b.name
+                || a.id != b.id
+                || a.loaded != b.loaded
+                || a.warm != b.warm
+                || a.busy().abs_diff(b.busy()) >= 2
+        })
 }

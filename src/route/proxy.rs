@@ -227,31 +227,79 @@ struct Committed {
     inflight: super::InFlight,
 }
 
+/// Times a freshly opened stream may be dropped by the peer before its
+/// first frame and opened again (see [`open`]).
+const REOPEN: u32 = 5;
+
+/// Opens a `/shoal/serve/1` stream to `peer`, sends the request and waits
+/// for `Accepted`. A peer may drop a freshly opened stream before reading
+/// it (libp2p-stream hands inbound streams over through a channel with room
+/// for one; a burst of streams loses the others): a stream closed before
+/// its first frame is opened again after a few milliseconds, up to
+/// [`REOPEN`] times, without counting against the peer.
+async fn open(
+    r: &Arc<Routing>,
+    peer: libp2p::PeerId,
+    fwd: &ForwardRequest,
+) -> Result<(ReadHalf<libp2p::Stream>, WriteHalf<libp2p::Stream>), (RouteReason, String)> {
+    use futures::AsyncReadExt;
+    let stall = r.cfg.stall_timeout;
+    let mut control = r.mesh.stream_control();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let stream =
+            match tokio::time::timeout(stall, control.open_stream(peer, forward::SERVE_PROTOCOL))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err((RouteReason::Died, format!("cannot open a stream: {e}")));
+                }
+                Err(_) => return Err((RouteReason::Stalled, "opening a stream timed out".into())),
+            };
+        let (mut rd, mut wr) = stream.split();
+        let first = match forward::write(&mut wr, fwd).await {
+            Ok(()) => forward::next_frame(&mut rd, stall).await,
+            Err(e) => Err(e.into()),
+        };
+        match first {
+            Ok(Frame::Accepted) => return Ok((rd, wr)),
+            Ok(Frame::Head { status, .. }) if status == 401 => {
+                return Err((RouteReason::Refused, "answered 401".into()));
+            }
+            Ok(Frame::Error(m)) => return Err((RouteReason::Refused, m)),
+            Ok(other) => {
+                return Err((
+                    RouteReason::Died,
+                    format!("unexpected first frame {other:?}"),
+                ));
+            }
+            Err(ForwardError::Stalled(d)) => {
+                return Err((RouteReason::Stalled, format!("no answer for {d:?}")));
+            }
+            Err(e) if tries < REOPEN => {
+                tracing::debug!(%peer, error = %e, tries, "routing: stream dropped before its first frame; opening another");
+                tokio::time::sleep(std::time::Duration::from_millis(5 * u64::from(tries))).await;
+            }
+            Err(e) => return Err((RouteReason::Died, e.to_string())),
+        }
+    }
+}
+
 /// One try at `peer`: until the first byte of the answer (or a failure).
 async fn attempt(
     r: &Arc<Routing>,
     peer: libp2p::PeerId,
     fwd: &ForwardRequest,
 ) -> Result<Committed, (RouteReason, String)> {
-    use futures::AsyncReadExt;
     let stall = r.cfg.stall_timeout;
     let inflight = r.inflight(peer);
-    let mut control = r.mesh.stream_control();
-    let stream =
-        match tokio::time::timeout(stall, control.open_stream(peer, forward::SERVE_PROTOCOL)).await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err((RouteReason::Died, format!("cannot open a stream: {e}"))),
-            Err(_) => return Err((RouteReason::Stalled, "opening a stream timed out".into())),
-        };
-    let (mut rd, mut wr) = stream.split();
     let died = |e: ForwardError| match e {
         ForwardError::Stalled(_) => (RouteReason::Stalled, e.to_string()),
         _ => (RouteReason::Died, e.to_string()),
     };
-    forward::write(&mut wr, fwd)
-        .await
-        .map_err(|e| died(e.into()))?;
+    let (mut rd, _wr) = open(r, peer, fwd).await?;
     let mut head: Option<(u16, Vec<(String, String)>)> = None;
     let mut first = Vec::new();
     loop {
@@ -285,7 +333,7 @@ async fn attempt(
                         status: *status,
                         headers: headers.clone(),
                         first,
-                        rest: Some((rd, wr)),
+                        rest: Some((rd, _wr)),
                         inflight,
                     });
                 }
