@@ -21,12 +21,41 @@
 #   kv-neighbour time to first token on node 1 with the prefix KV blocks of node 0
 #                (which answered the prompt) against node 0's cold answer
 #                (use RATE=1gbit; needs the demo model, SHOAL_TEST_MODEL)
+# Routing scenarios (issue 19; run by name; need SHOAL_TEST_MODEL, added as `demo`
+#   on the holders only; the issue's nodes 1..4 are nodes 0..3 here; the load
+#   client is scripts/route-client.py). Correctness fails the run; speed goals
+#   are logged as "goal ...: met" or "MISSED":
+#   route-forward  only node 0 holds the model (use RATE=1gbit BURST=1mb). Node 3's
+#                  first request must be served by node 0 (X-Shoal-Served-By)
+#                  while node 3 pulls in the background (it must end up holding
+#                  the model); then RUNS (default 5) streamed chats straight to
+#                  node 0 and via node 3: median TTFTs (goal: via <= direct + 50 ms)
+#   route-balance  nodes 0 and 1 hold the model, THREADS (default 1) inference
+#                  threads each; CLIENTS (16) streaming clients round-robin over
+#                  the live nodes, TOKENS (64) tokens, temperature 0, for DURATION
+#                  seconds (30) or REQUESTS per client: first node 0 alone (node 1
+#                  not started), then both. Aggregate tok/s, the ratio (goal >= 1.8),
+#                  failed requests (must be 0), |queue0 - queue1| sampled every
+#                  200 ms (shoal_queue_depth; goal: max <= 2)
+#   route-prefix   nodes 1 and 2 hold the model; a ~1,000-token system prompt
+#                  (SYSTEM_WORDS, 750 words) sent to node 1 with X-Shoal-Route:
+#                  local; a same-length other one to node 2 alone (cold); then K
+#                  (5) questions with the first prompt at node 2: each must be
+#                  served by node 1, median TTFT < PREFIX_BOUND (0.5) x cold
+#                  (goal <= 0.05x)
+#   route-failover nodes 0 and 1 hold the model, inference.parallel = 2; node 3
+#                  gets FAILOVER_REQUESTS (12) concurrent streams of
+#                  FAILOVER_TOKENS (200); once KILL_AFTER (2) have a token, the
+#                  holder serving most is SIGKILLed: every request without a token
+#                  then must complete on the other; those streaming from the
+#                  killed node must end with an error event; none may hang
 # Environment: NODES (default 4), RATE (tbf rate, default 100mbit),
 #   BURST (tbf bucket, default 256kb; ~1mb for RATE=1gbit),
 #   ONLINE (origin scenario: how many nodes may use the origin, default 2),
 #   SIZE_MB (artifact size, default 32), SHOAL (binary, default target/release/shoal),
 #   WAIT_SECS (bound on every wait, default 120), KEEP=1 keeps the work dir,
 #   NODE_LOG (the nodes' --log filter, default info; e.g. info,shoal::mesh=debug).
+#   In the routing scenarios WAIT_SECS also bounds every request (a hang fails).
 #
 # Needs root (network namespaces). Without root it says so loudly and exits 0.
 # Everything it creates (namespaces, veths, bridge, processes, files) is removed
