@@ -91,6 +91,8 @@ pub struct DaemonOptions {
     pub serve: ServeConfig,
     /// The HTTP API.
     pub api: ApiOptions,
+    /// Routing requests across the mesh (`[route]`).
+    pub route: crate::route::RouteConfig,
     /// The node's metrics; `None`: [`Node::start`]'s default.
     pub metrics: Option<Arc<Metrics>>,
 }
@@ -104,6 +106,7 @@ impl DaemonOptions {
             node,
             serve,
             api: ApiOptions::default(),
+            route: crate::route::RouteConfig::default(),
             metrics: None,
         }
     }
@@ -117,6 +120,7 @@ impl DaemonOptions {
             node,
             serve,
             api: cfg.api_options(),
+            route: cfg.route,
             metrics: None,
         })
     }
@@ -161,7 +165,7 @@ impl Daemon {
             None => Node::start(opts.node).await?,
         };
         let drain_timeout = opts.api.drain_timeout;
-        match Daemon::serve(&node, opts.serve, opts.api, listener) {
+        match Daemon::serve(&node, opts.serve, opts.api, opts.route, listener) {
             Ok((serving, addr, stop, http)) => Ok(Daemon {
                 node,
                 serving,
@@ -183,6 +187,7 @@ impl Daemon {
         node: &Node,
         serve: ServeConfig,
         mut api: ApiOptions,
+        route: crate::route::RouteConfig,
         listener: TcpListener,
     ) -> Result<
         (
@@ -194,6 +199,7 @@ impl Daemon {
         DaemonError,
     > {
         let serving = node.init_serving(serve)?;
+        node.init_routing(route, api.keys_file.is_some());
         preload_default_model(&serving);
         let addr = listener.local_addr()?;
         api.listen = addr;

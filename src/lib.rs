@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod respcache;
+pub mod route;
 pub mod serve;
 pub mod settings;
 pub mod store;

@@ -55,6 +55,7 @@ struct Inner {
     started: Instant,
     metrics: Arc<Metrics>,
     serving: std::sync::OnceLock<Arc<crate::serve::Serving>>,
+    routing: std::sync::OnceLock<Arc<crate::route::Routing>>,
     /// Artifacts marked corrupt that are being re-fetched, with their
     /// number of bad chunks: not served until the download completes.
     repairing: parking_lot::Mutex<std::collections::HashMap<ArtifactId, usize>>,
@@ -119,6 +120,7 @@ impl Node {
                 started: Instant::now(),
                 metrics,
                 serving: std::sync::OnceLock::new(),
+                routing: std::sync::OnceLock::new(),
                 repairing: parking_lot::Mutex::new(std::collections::HashMap::new()),
                 stopping: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -361,6 +363,34 @@ impl Node {
         self.inner.serving.get().cloned()
     }
 
+    /// Starts routing requests across the mesh ([`crate::route`]) for the
+    /// serving layer ([`Node::init_serving`] first; `None` without it, or
+    /// when `cfg.enabled` is off). `needs_key`: this node's API needs an API
+    /// key (peers see it on the card). A second call returns the same one.
+    pub fn init_routing(
+        &self,
+        cfg: crate::route::RouteConfig,
+        needs_key: bool,
+    ) -> Option<Arc<crate::route::Routing>> {
+        if !cfg.enabled {
+            return None;
+        }
+        let serving = self.serving()?;
+        if let Some(r) = self.inner.routing.get() {
+            return Some(r.clone());
+        }
+        let host = Arc::new(RouteHostImpl {
+            node: Arc::downgrade(&self.inner),
+        });
+        let r = crate::route::Routing::start(cfg, self.mesh().clone(), serving, host, needs_key);
+        Some(self.inner.routing.get_or_init(|| r).clone())
+    }
+
+    /// The router, if [`Node::init_routing`] started it.
+    pub fn routing(&self) -> Option<Arc<crate::route::Routing>> {
+        self.inner.routing.get().cloned()
+    }
+
     /// Stops the mesh. The store closes when the last clone of the node is dropped.
     pub async fn shutdown(&self) {
         self.inner
@@ -544,6 +574,48 @@ struct StoreModels {
     verdicts: parking_lot::Mutex<
         std::collections::HashMap<ArtifactId, Result<(), crate::serve::Unservable>>,
     >,
+}
+
+/// What the router asks of the node: names resolved by the store, pulls
+/// started in the background, the operator's kept names.
+struct RouteHostImpl {
+    node: std::sync::Weak<Inner>,
+}
+
+impl crate::route::RouteHost for RouteHostImpl {
+    fn resolve(&self, name: &str) -> Option<[u8; 32]> {
+        let inner = self.node.upgrade()?;
+        inner.store.resolve(name).ok().map(|id| id.0)
+    }
+
+    fn pull(&self, name: &str) {
+        let Some(inner) = self.node.upgrade() else {
+            return;
+        };
+        let node = Node { inner };
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            match node.pull(&name).await {
+                Ok((id, _)) => {
+                    tracing::info!(model = name, %id, "routing: background pull started")
+                }
+                Err(e) => {
+                    tracing::info!(model = name, error = %e, "routing: background pull not started")
+                }
+            }
+        });
+    }
+
+    fn pinned(&self, name: &str) -> bool {
+        self.node.upgrade().is_some_and(|inner| {
+            inner
+                .store
+                .options()
+                .prefetch
+                .iter()
+                .any(|p| p.eq_ignore_ascii_case(name))
+        })
+    }
 }
 
 /// Largest GGUF header fetched to decide servability before a pull (see

@@ -55,6 +55,8 @@ pub struct Config {
     pub kv: KvCacheConfig,
     /// `[response_cache]`: whole-response cache.
     pub response_cache: ResponseCacheConfig,
+    /// `[route]`: routing requests across the mesh.
+    pub route: crate::route::RouteConfig,
     /// `[metrics]`: Prometheus metrics.
     pub metrics: MetricsConfig,
 }
@@ -72,6 +74,7 @@ impl Default for Config {
             inference: ServeConfig::default(),
             kv: KvCacheConfig::default(),
             response_cache: ResponseCacheConfig::default(),
+            route: crate::route::RouteConfig::default(),
             metrics: MetricsConfig::default(),
         }
     }
@@ -99,6 +102,10 @@ pub const SECTIONS: &[Section] = &[
     (
         "response_cache",
         "Whole responses to identical deterministic requests (temperature 0 or fixed seed).",
+    ),
+    (
+        "route",
+        "Routing: each generation request goes to the node where its model and prefix are warm.",
     ),
     ("metrics", "Prometheus metrics."),
 ];
@@ -156,6 +163,7 @@ pub static SETTINGS: LazyLock<Vec<Setting>> = LazyLock::new(|| {
         crate::serve::SETTINGS,
         crate::kvcache::SETTINGS,
         crate::respcache::SETTINGS,
+        crate::route::SETTINGS,
         METRICS_SETTINGS,
     ]
     .concat()
@@ -237,6 +245,7 @@ impl Config {
             ));
         }
         self.api.validate()?;
+        self.route.validate()?;
         Ok(())
     }
 

@@ -220,6 +220,13 @@ impl ApiKeys {
         self.hashes.iter().fold(false, |acc, k| acc | (*k == h))
     }
 
+    /// Whether `hash` is the BLAKE3 hash of one of the keys (a key scope a
+    /// peer forwarded: `crate::route::proxy::KeyScope`).
+    pub fn matches_hash(&self, hash: &[u8; 32]) -> bool {
+        let h = blake3::Hash::from_bytes(*hash);
+        self.hashes.iter().fold(false, |acc, k| acc | (*k == h))
+    }
+
     /// How many keys there are.
     pub fn len(&self) -> usize {
         self.hashes.len()
@@ -423,7 +430,7 @@ pub async fn guard(State(g): State<Guard>, req: Request, next: Next) -> Response
             );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type"),
+                HeaderValue::from_static("authorization, content-type, x-shoal-route"),
             );
             h.insert(
                 header::ACCESS_CONTROL_MAX_AGE,
@@ -518,6 +525,14 @@ pub async fn guard(State(g): State<Guard>, req: Request, next: Next) -> Response
                 error(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg)
             };
         }
+    }
+    // The key scope a forwarded request keeps (`crate::route`): the key's
+    // hash, never the key.
+    let mut req = req;
+    if g.inner.keys.is_some() && is_openai(&path) {
+        let scope = bearer(req.headers()).map(|t| *blake3::hash(t.as_bytes()).as_bytes());
+        req.extensions_mut()
+            .insert(crate::route::proxy::KeyScope(scope));
     }
     let mut resp = next.run(req).await;
     if let Some(v) = cors {

@@ -205,10 +205,36 @@ fn build(
     // The OpenAI-compatible routes of the serving layer (`crate::serve`),
     // when the node serves (`Node::init_serving`, done by `crate::daemon`).
     let r = match node.serving() {
-        Some(s) => r.merge(crate::serve::openai::with_node_header(
-            crate::serve::router(s.clone()).merge(crate::serve::ollama::router(s)),
-            &node.mesh().peer_id().to_string(),
-        )),
+        Some(s) => {
+            let generation = crate::serve::openai::with_node_header(
+                crate::serve::router(s.clone()).merge(crate::serve::ollama::router(s)),
+                &node.mesh().peer_id().to_string(),
+            );
+            match node.routing() {
+                // Requests go through the router (`crate::route`); peers'
+                // forwarded requests reach the generation routes directly.
+                Some(routing) => {
+                    let keys = keys.clone();
+                    let authorize: crate::route::forward::Authorize =
+                        std::sync::Arc::new(move |h: Option<&[u8; 32]>| match &keys {
+                            None => true,
+                            Some(k) => h.is_some_and(|h| k.matches_hash(h)),
+                        });
+                    if tokio::runtime::Handle::try_current().is_ok() {
+                        tokio::spawn(crate::route::proxy::serve_forwarded(
+                            routing.clone(),
+                            generation.clone(),
+                            authorize,
+                        ));
+                    }
+                    r.merge(generation.layer(axum::middleware::from_fn_with_state(
+                        routing,
+                        crate::route::proxy::route,
+                    )))
+                }
+                None => r.merge(generation),
+            }
+        }
         None => {
             tracing::warn!("the node does not serve models: no OpenAI routes");
             r

@@ -67,6 +67,15 @@ pub enum MeshEvent {
     },
     /// A release announcement was processed.
     Release,
+    /// A peer's serving card arrived on the gossip topic
+    /// [`wire::CARDS_TOPIC`] (signed by its author, checked by gossipsub;
+    /// the bytes are decoded by `crate::route`).
+    Card {
+        /// The author.
+        peer: PeerId,
+        /// The encoded card (at most [`wire::MAX_CARD_BYTES`]).
+        data: Arc<[u8]>,
+    },
 }
 
 /// A peer as shown by `shoal peers`.
@@ -315,6 +324,17 @@ impl Client {
         });
         self.send(Command::Publish {
             topic: wire::RELEASES_TOPIC,
+            data,
+        })
+        .await
+    }
+
+    /// Publishes this node's serving card (encoded by `crate::route`) on
+    /// [`wire::CARDS_TOPIC`]. Fails when no peer subscribes yet; callers
+    /// publish again on their next tick.
+    pub async fn publish_card(&self, data: Vec<u8>) -> Result<(), MeshError> {
+        self.send(Command::Publish {
+            topic: wire::CARDS_TOPIC,
             data,
         })
         .await

@@ -101,7 +101,7 @@ pub async fn new(
                 reason: e.to_string(),
             })?;
     }
-    for topic in [wire::RELEASES_TOPIC, wire::HAVE_TOPIC] {
+    for topic in [wire::RELEASES_TOPIC, wire::HAVE_TOPIC, wire::CARDS_TOPIC] {
         swarm
             .behaviour_mut()
             .gossipsub
@@ -764,6 +764,15 @@ impl EventLoop {
                     Err(e) => tracing::info!(%source, error = %e, "release announcement refused"),
                 }
             });
+        } else if message.topic == gossipsub::IdentTopic::new(wire::CARDS_TOPIC).hash() {
+            if message.data.len() <= wire::MAX_CARD_BYTES {
+                let _ = self.shared.events.send(MeshEvent::Card {
+                    peer: source,
+                    data: message.data.into(),
+                });
+            } else {
+                tracing::debug!(%source, len = message.data.len(), "oversized serving card");
+            }
         } else {
             match wire::decode_have(&message.data) {
                 Ok(h) => self.on_have(source, h),

@@ -27,6 +27,10 @@ pub const IDENTIFY_VERSION: &str = "/shoal/1";
 pub const RELEASES_TOPIC: &str = "shoal/releases/1";
 /// Gossipsub topic for have announcements.
 pub const HAVE_TOPIC: &str = "shoal/have/1";
+/// Gossipsub topic for serving cards (`crate::route::card`; opaque to the mesh).
+pub const CARDS_TOPIC: &str = "shoal/cards/1";
+/// Largest serving card accepted from gossip.
+pub const MAX_CARD_BYTES: usize = 16 * 1024;
 
 /// Largest meta message on the wire: a manifest plus framing.
 pub const MAX_META_BYTES: usize = crate::store::manifest::MAX_MANIFEST_BYTES + 1024;

@@ -80,6 +80,47 @@ pub enum ArtifactState {
     Partial,
 }
 
+/// What happened to a generation request on the router (`crate::route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteOutcome {
+    /// Served by this node.
+    Local,
+    /// Forwarded to a peer, which answered.
+    Forwarded,
+    /// Served here for a peer that forwarded it.
+    ServedForPeer,
+    /// A peer failed before its first byte; the next node was tried.
+    Retried,
+    /// The answer broke after its first byte (the client got an error event),
+    /// or no node could serve it.
+    Failed,
+}
+
+/// Why a routing decision or failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteReason {
+    /// The best candidate by load (model loaded, least busy).
+    Best,
+    /// The candidate holds the prompt's prefix warm.
+    Warm,
+    /// The only node holding the model.
+    OnlyHolder,
+    /// The client asked for this node only (`X-Shoal-Route: local`) or routing is off.
+    LocalOnly,
+    /// No peer offers the model: served here (pulling it if needed).
+    NoPeer,
+    /// The peer sent nothing for `route.stall_timeout`.
+    Stalled,
+    /// The peer's stream failed (node gone, connection reset).
+    Died,
+    /// The peer answered 429/503 (full, loading) or 5xx.
+    Busy,
+    /// The peer refused (authentication, unknown model).
+    Refused,
+}
+
 /// Label values are the lower-case (snake_case) names of the variants.
 macro_rules! label_values {
     ($($t:ty { $($v:ident => $s:literal),+ $(,)? })+) => {$(
@@ -104,6 +145,11 @@ label_values! {
     Lookup { Hit => "hit", Miss => "miss" }
     CacheOutcome { Miss => "miss", Kv => "kv", Response => "response" }
     ArtifactState { Active => "active", Partial => "partial" }
+    RouteOutcome { Local => "local", Forwarded => "forwarded", ServedForPeer => "served_for_peer",
+        Retried => "retried", Failed => "failed" }
+    RouteReason { Best => "best", Warm => "warm", OnlyHolder => "only_holder",
+        LocalOnly => "local_only", NoPeer => "no_peer", Stalled => "stalled", Died => "died",
+        Busy => "busy", Refused => "refused" }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -146,6 +192,12 @@ pub(super) struct CacheLabel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(super) struct ModelLabel {
     pub(super) model: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct RouteLabels {
+    pub(super) outcome: RouteOutcome,
+    pub(super) reason: RouteReason,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]

@@ -27,7 +27,9 @@ mod registry;
 mod render;
 mod summary;
 
-pub use labels::{ArtifactState, CacheOutcome, Lookup, Outcome, Source, Tier};
+pub use labels::{
+    ArtifactState, CacheOutcome, Lookup, Outcome, RouteOutcome, RouteReason, Source, Tier,
+};
 pub use registry::Metrics;
 pub use render::CONTENT_TYPE;
 pub use summary::{HitRatio, RECENT_TTFT, Summary, TtftSample};

@@ -2,11 +2,13 @@
 //! typed event calls every layer reports through.
 
 use super::labels::{
-    CacheLabel, FetchLabels, HttpStatusLabel, KvLookupLabels, ModelLabel, ResultLabel, SourceLabel,
-    StatusLabel, TierLabel,
+    CacheLabel, FetchLabels, HttpStatusLabel, KvLookupLabels, ModelLabel, ResultLabel, RouteLabels,
+    SourceLabel, StatusLabel, TierLabel,
 };
 use super::summary::{RECENT_TTFT, TtftSample};
-use super::{ArtifactState, CacheOutcome, Lookup, Outcome, Source, Tier};
+use super::{
+    ArtifactState, CacheOutcome, Lookup, Outcome, RouteOutcome, RouteReason, Source, Tier,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -61,6 +63,9 @@ pub struct Metrics {
     pub(super) tokens: Counter,
     pub(super) requests: Family<HttpStatusLabel, Counter>,
     pub(super) queue_depth: Family<ModelLabel, Gauge>,
+    // routing
+    pub(super) route_requests: Family<RouteLabels, Counter>,
+    pub(super) route_cards: Gauge,
     pub(super) recent_ttft: Mutex<VecDeque<TtftSample>>,
 }
 
@@ -106,6 +111,8 @@ impl Metrics {
             tokens: Counter::default(),
             requests: Family::default(),
             queue_depth: Family::default(),
+            route_requests: Family::default(),
+            route_cards: Gauge::default(),
             recent_ttft: Mutex::new(VecDeque::with_capacity(RECENT_TTFT)),
         };
         m.store_quota.set(f64::INFINITY);
@@ -268,6 +275,16 @@ impl Metrics {
             "queue_depth",
             "Requests waiting, by model",
             self.queue_depth.clone(),
+        );
+        r.register(
+            "route_requests",
+            "Generation requests routed, by outcome and reason",
+            self.route_requests.clone(),
+        );
+        r.register(
+            "route_cards",
+            "Fresh serving cards of peers held",
+            self.route_cards.clone(),
         );
     }
 
@@ -474,6 +491,22 @@ impl Metrics {
                 model: model.to_owned(),
             })
             .set(clamp(n as u64));
+    }
+}
+
+impl Metrics {
+    // ---- routing ----
+
+    /// A routed request's outcome.
+    pub fn route_request(&self, outcome: RouteOutcome, reason: RouteReason) {
+        self.route_requests
+            .get_or_create(&RouteLabels { outcome, reason })
+            .inc();
+    }
+
+    /// Fresh serving cards held.
+    pub fn route_cards(&self, n: usize) {
+        self.route_cards.set(clamp(n as u64));
     }
 }
 

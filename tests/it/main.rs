@@ -23,6 +23,7 @@ mod serving_models;
 mod serving_node;
 mod serving_ollama;
 mod serving_refuse;
+mod serving_route;
 mod store;
 mod store_full_disk;
 mod util;

@@ -92,6 +92,9 @@ pub async fn start_node_with(
     let mut opts = shoal::daemon::DaemonOptions::loopback(dir, peers);
     opts.node.store = store;
     opts.serve = cfg;
+    // These fixtures test one node's serving (and its KV tiers): requests
+    // are not routed to peers. tests/it/serving_route.rs tests routing.
+    opts.route.enabled = false;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -1,0 +1,818 @@
+//! The room as one endpoint: each generation request goes to the node where
+//! its model is loaded and its prefix warm, over the mesh, and falls back
+//! to the next node when one fails.
+//!
+//! - [`card`]: serving cards, gossiped often: what a node serves, how busy it
+//!   is, which prompt prefixes it holds warm.
+//! - [`heads`]: tokenizer-free prompt prefix hashes, so a node that lacks the
+//!   model can still match a prompt against peers' warm prefixes.
+//! - [`choose`]: the pure ranking of candidate nodes.
+//! - [`forward`]: `/shoal/serve/1`, a request streamed to a peer and its answer
+//!   streamed back (heartbeats, cancellation both ways).
+//! - [`proxy`]: the HTTP middleware that decides, forwards, retries and ends a
+//!   broken answer cleanly.
+//!
+//! [`Routing`] holds the state: the peers' cards, what this node forwarded
+//! and has not finished, peers paused after a failure, the heads this node
+//! served, recent decisions (for the dashboard and `GET /admin/route`).
+//! Protocol details: docs/PROTOCOL.md ("Routing requests across the mesh").
+
+pub mod card;
+pub mod choose;
+pub mod forward;
+pub mod heads;
+pub mod proxy;
+
+use crate::config::{Kind, Setting};
+use crate::mesh::{Client, PeerId, client::MeshEvent};
+use crate::metrics::{Metrics, RouteOutcome, RouteReason};
+use crate::serve::Serving;
+use card::{CardModel, ServingCard};
+use choose::{Offer, Target};
+use heads::Head;
+use parking_lot::Mutex;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// When a node that lacks a model pulls it while a peer serves its requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// On the first request for it (the default).
+    FirstUse,
+    /// Never: peers serve it.
+    Never,
+    /// Only names listed in `store.prefetch`.
+    Pinned,
+}
+
+/// Settings of routing: the `[route]` section ([`SETTINGS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Route requests across the mesh (else every request is served here).
+    pub enabled: bool,
+    /// When to pull a model that peers serve for this node.
+    pub pull: PullPolicy,
+    /// A peer that sends nothing (not even a heartbeat) for this long before
+    /// the first byte of its answer is given up for the next node.
+    #[serde(with = "crate::config::duration")]
+    pub stall_timeout: Duration,
+    /// How often this node's serving card is sent when it changed.
+    #[serde(with = "crate::config::duration")]
+    pub card_interval: Duration,
+    /// A peer's card is forgotten this long after it arrived.
+    #[serde(with = "crate::config::duration")]
+    pub card_ttl: Duration,
+}
+
+impl Default for RouteConfig {
+    /// The configuration file's defaults (`[route]`).
+    fn default() -> Self {
+        RouteConfig {
+            enabled: true,
+            pull: PullPolicy::FirstUse,
+            stall_timeout: Duration::from_secs(5),
+            card_interval: Duration::from_secs(1),
+            card_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RouteConfig {
+    /// Checks ranges the types do not.
+    pub fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        let bad = |k: &str, d: Duration, lo: Duration, hi: Duration| {
+            (d < lo || d > hi).then(|| {
+                crate::config::ConfigError::Invalid(format!(
+                    "{k} = {} is outside {}..{}",
+                    crate::config::HumanDuration(d),
+                    crate::config::HumanDuration(lo),
+                    crate::config::HumanDuration(hi)
+                ))
+            })
+        };
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        if let Some(e) = bad("route.stall_timeout", self.stall_timeout, s(2), s(600))
+            .or_else(|| bad("route.card_interval", self.card_interval, ms(100), s(60)))
+            .or_else(|| bad("route.card_ttl", self.card_ttl, s(1), s(3600)))
+        {
+            return Err(e);
+        }
+        if self.card_ttl <= self.card_interval {
+            return Err(crate::config::ConfigError::Invalid(
+                "route.card_ttl must be longer than route.card_interval".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The `[route]` section's settings, in file order.
+pub const SETTINGS: &[Setting] = &[
+    Setting::new(
+        "route.enabled",
+        Some("SHOAL_ROUTE"),
+        Kind::Bool,
+        "Send each generation request to the mesh node where its model is loaded and its\nprompt prefix warm (else this node serves every request itself). A client can\nask for this node only with the header X-Shoal-Route: local.",
+        "true",
+    ),
+    Setting::new(
+        "route.pull",
+        Some("SHOAL_ROUTE_PULL"),
+        Kind::Str,
+        "When a peer serves a model this node lacks, pull it in the background:\n\"first-use\", \"never\", or \"pinned\" (only names in store.prefetch).",
+        "\"first-use\"",
+    ),
+    Setting::new(
+        "route.stall_timeout",
+        Some("SHOAL_ROUTE_STALL_TIMEOUT"),
+        Kind::Str,
+        "A peer that sends nothing (it sends a heartbeat every second while it works) for\nthis long is given up: before the first byte of the answer the next node is\ntried, after it the client gets an error event.",
+        "\"5s\"",
+    ),
+    Setting::new(
+        "route.card_interval",
+        Some("SHOAL_ROUTE_CARD_INTERVAL"),
+        Kind::Str,
+        "How often this node's serving card (models, load, warm prefixes) is gossiped\nwhen it changed (at least every 5 seconds).",
+        "\"1s\"",
+    ),
+    Setting::new(
+        "route.card_ttl",
+        Some("SHOAL_ROUTE_CARD_TTL"),
+        Kind::Str,
+        "A peer's serving card is forgotten this long after it arrived.",
+        "\"10s\"",
+    ),
+];
+
+/// What the host node does for routing (implemented by `crate::node`).
+pub trait RouteHost: Send + Sync {
+    /// The artifact id a name resolves to on this node (trusted names, ids).
+    /// Blocking (reads the store).
+    fn resolve(&self, name: &str) -> Option<[u8; 32]>;
+    /// Starts pulling `name` in the background (no wait).
+    fn pull(&self, name: &str);
+    /// Whether `name` is one the operator keeps (`store.prefetch`).
+    fn pinned(&self, name: &str) -> bool;
+}
+
+/// What happened to a routed request (the dashboard draws these).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RouteEvent {
+    /// When (Unix milliseconds).
+    pub at_ms: u64,
+    /// The node that received the client's request.
+    pub from: String,
+    /// The node that served it (or was tried).
+    pub to: String,
+    /// The model asked for.
+    pub model: String,
+    /// `local`, `forwarded`, `served_for_peer`, `retried` or `failed`.
+    pub outcome: RouteOutcome,
+    /// Why (`best`, `warm`, `only_holder`, `stalled`, `died`, `busy`, ...).
+    pub reason: RouteReason,
+    /// Details for people (an error message), if any.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// Time to the first byte of the answer, when there was one.
+    pub ttft_ms: Option<u64>,
+}
+
+/// A peer's card as held.
+#[derive(Debug, Clone)]
+struct Held {
+    card: ServingCard,
+    at: Instant,
+}
+
+/// How long a failed peer is skipped.
+pub const PAUSE: Duration = Duration::from_secs(30);
+/// Recent events kept.
+const RECENT: usize = 64;
+/// Warm heads remembered per model.
+const WARM_KEEP: usize = card::MAX_WARM;
+/// A served head counts as warm this long.
+const WARM_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// Routing state of one node. Share it with `Arc`.
+pub struct Routing {
+    cfg: RouteConfig,
+    me: PeerId,
+    mesh: Client,
+    serving: Arc<Serving>,
+    metrics: Arc<Metrics>,
+    host: Arc<dyn RouteHost>,
+    needs_key: bool,
+    cards: Mutex<HashMap<PeerId, Held>>,
+    inflight: Mutex<HashMap<PeerId, u32>>,
+    paused: Mutex<HashMap<PeerId, (Instant, String)>>,
+    banned: Mutex<HashSet<PeerId>>,
+    /// Heads this node served, per model name (lower case), newest first.
+    warm: Mutex<HashMap<String, VecDeque<(Head, Instant)>>>,
+    recent: Mutex<VecDeque<RouteEvent>>,
+    /// Models in this node's store (name, id), refreshed with each card.
+    on_disk: Mutex<Vec<(String, [u8; 32])>>,
+    pulling: Mutex<HashSet<String>>,
+    seq: AtomicU64,
+}
+
+impl std::fmt::Debug for Routing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Routing")
+            .field("me", &self.me)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A snapshot for `GET /admin/route` and the dashboard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteSnapshot {
+    /// This node.
+    pub me: String,
+    /// Routing on.
+    pub enabled: bool,
+    /// This node's own card as it would send it now.
+    pub local: ServingCardView,
+    /// Fresh cards of peers.
+    pub cards: Vec<ServingCardView>,
+    /// Peers skipped after a failure, with the reason.
+    pub paused: Vec<(String, String)>,
+    /// Recent routing events, newest last.
+    pub recent: Vec<RouteEvent>,
+}
+
+/// A card for people.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServingCardView {
+    /// Its author.
+    pub peer: String,
+    /// Seconds since it arrived.
+    pub age_secs: f64,
+    /// Its models.
+    pub models: Vec<CardModelView>,
+}
+
+/// A card's model for people.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CardModelView {
+    /// Name.
+    pub name: String,
+    /// Id in hex.
+    pub id: String,
+    /// Loaded or on disk.
+    pub loaded: bool,
+    /// Slots.
+    pub parallel: u16,
+    /// Running.
+    pub running: u16,
+    /// Waiting.
+    pub waiting: u16,
+    /// Prompt tokens/s.
+    pub prompt_tps: f32,
+    /// Decode tokens/s.
+    pub decode_tps: f32,
+    /// Warm prefixes.
+    pub warm: usize,
+}
+
+fn view(peer: String, age: Duration, card: &ServingCard) -> ServingCardView {
+    ServingCardView {
+        peer,
+        age_secs: age.as_secs_f64(),
+        models: card
+            .models
+            .iter()
+            .map(|m| CardModelView {
+                name: m.name.clone(),
+                id: hex::encode(m.id),
+                loaded: m.loaded,
+                parallel: m.parallel,
+                running: m.running,
+                waiting: m.waiting,
+                prompt_tps: m.prompt_tps,
+                decode_tps: m.decode_tps,
+                warm: m.warm.len(),
+            })
+            .collect(),
+    }
+}
+
+/// How a request asks for a model, for matching it against cards.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    /// The name in the request.
+    pub name: String,
+    /// What it resolves to on this node, if it does.
+    pub id: Option<[u8; 32]>,
+}
+
+impl Wanted {
+    fn matches(&self, m: &CardModel) -> bool {
+        match self.id {
+            Some(id) => m.id == id,
+            None => {
+                m.name.eq_ignore_ascii_case(&self.name)
+                    || (self.name.len() >= 8
+                        && hex::encode(m.id).starts_with(&self.name.to_ascii_lowercase()))
+            }
+        }
+    }
+}
+
+impl Routing {
+    /// Starts routing for a node: listens for peers' cards and forwarded
+    /// requests' bans, and sends this node's card every `card_interval`.
+    /// The `/shoal/serve/1` server starts with [`Routing::serve_forwarded`]
+    /// once the HTTP routes exist.
+    pub fn start(
+        cfg: RouteConfig,
+        mesh: Client,
+        serving: Arc<Serving>,
+        host: Arc<dyn RouteHost>,
+        needs_key: bool,
+    ) -> Arc<Routing> {
+        let r = Arc::new(Routing {
+            cfg,
+            me: mesh.peer_id(),
+            metrics: serving.metrics().clone(),
+            mesh,
+            serving,
+            host,
+            needs_key,
+            cards: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            paused: Mutex::new(HashMap::new()),
+            banned: Mutex::new(HashSet::new()),
+            warm: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::new()),
+            on_disk: Mutex::new(Vec::new()),
+            pulling: Mutex::new(HashSet::new()),
+            seq: AtomicU64::new(unix_ms()),
+        });
+        tokio::spawn(listen(Arc::downgrade(&r), r.mesh.events()));
+        tokio::spawn(announce(Arc::downgrade(&r)));
+        r
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RouteConfig {
+        &self.cfg
+    }
+
+    /// This node's peer id.
+    pub fn me(&self) -> PeerId {
+        self.me
+    }
+
+    /// The mesh client.
+    pub fn mesh(&self) -> &Client {
+        &self.mesh
+    }
+
+    /// The node's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// This node's card as it would be sent now.
+    pub fn local_card(&self) -> ServingCard {
+        let mut models = Vec::new();
+        let warm = self.warm_heads();
+        let mut loaded_ids = HashSet::new();
+        for s in self.serving.models() {
+            let name = s.engine.name().to_owned();
+            let Ok(id) = <[u8; 32]>::try_from(hex::decode(&s.id_hex).unwrap_or_default()) else {
+                continue;
+            };
+            loaded_ids.insert(id);
+            let l = engine_load(&self.serving, &s);
+            models.push(CardModel {
+                warm: warm
+                    .get(&name.to_ascii_lowercase())
+                    .cloned()
+                    .unwrap_or_default(),
+                name,
+                id,
+                loaded: true,
+                parallel: l.0,
+                queue_depth: l.1,
+                running: l.2,
+                waiting: l.3,
+                prompt_tps: l.4,
+                decode_tps: l.5,
+            });
+        }
+        for (name, id) in self.on_disk.lock().iter() {
+            if !loaded_ids.contains(id) && models.len() < card::MAX_MODELS {
+                models.push(CardModel {
+                    name: name.clone(),
+                    id: *id,
+                    loaded: false,
+                    parallel: 0,
+                    queue_depth: 0,
+                    running: 0,
+                    waiting: 0,
+                    prompt_tps: 0.0,
+                    decode_tps: 0.0,
+                    warm: Vec::new(),
+                });
+            }
+        }
+        models.truncate(card::MAX_MODELS);
+        ServingCard {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            unix_ms: unix_ms(),
+            needs_key: self.needs_key,
+            models,
+        }
+    }
+
+    fn warm_heads(&self) -> HashMap<String, Vec<Head>> {
+        let now = Instant::now();
+        self.warm
+            .lock()
+            .iter()
+            .map(|(k, v)| {
+                let heads = v
+                    .iter()
+                    .filter(|(_, t)| now.duration_since(*t) < WARM_FOR)
+                    .map(|(h, _)| *h)
+                    .take(card::MAX_WARM)
+                    .collect();
+                (k.clone(), heads)
+            })
+            .collect()
+    }
+
+    /// Remembers that this node served `heads` of `model` (its prefix KV is
+    /// now warm here).
+    pub fn note_served(&self, model: &str, heads: &[(usize, Head)]) {
+        if heads.is_empty() {
+            return;
+        }
+        let mut w = self.warm.lock();
+        let list = w.entry(model.to_ascii_lowercase()).or_default();
+        let now = Instant::now();
+        for (_, h) in heads {
+            list.retain(|(x, _)| x != h);
+            list.push_front((*h, now));
+        }
+        list.truncate(WARM_KEEP);
+    }
+
+    /// Records an event (and counts it in the metrics).
+    pub fn record(&self, ev: RouteEvent) {
+        self.metrics.route_request(ev.outcome, ev.reason);
+        let mut r = self.recent.lock();
+        if r.len() == RECENT {
+            r.pop_front();
+        }
+        r.push_back(ev);
+    }
+
+    /// An event from this node to `to`.
+    pub fn event(
+        &self,
+        to: Target,
+        model: &str,
+        outcome: RouteOutcome,
+        reason: RouteReason,
+        detail: impl Into<String>,
+        ttft: Option<Duration>,
+    ) -> RouteEvent {
+        RouteEvent {
+            at_ms: unix_ms(),
+            from: self.me.to_string(),
+            to: match to {
+                Target::Local => self.me.to_string(),
+                Target::Peer(p) => p.to_string(),
+            },
+            model: model.to_owned(),
+            outcome,
+            reason,
+            detail: detail.into(),
+            ttft_ms: ttft.map(|d| d.as_millis() as u64),
+        }
+    }
+
+    /// Skips `peer` for [`PAUSE`].
+    pub fn pause(&self, peer: PeerId, why: &str) {
+        tracing::info!(%peer, reason = why, "routing: peer paused");
+        self.paused
+            .lock()
+            .insert(peer, (Instant::now() + PAUSE, why.to_owned()));
+    }
+
+    /// Counts a request forwarded to `peer` until the guard drops.
+    pub fn inflight(self: &Arc<Self>, peer: PeerId) -> InFlight {
+        *self.inflight.lock().entry(peer).or_default() += 1;
+        InFlight {
+            routing: self.clone(),
+            peer,
+        }
+    }
+
+    /// The candidates for a request, best first (this node included when
+    /// it holds the model). Empty when nobody holds it.
+    pub async fn rank(&self, wanted: &Wanted, heads: &[(usize, Head)]) -> Vec<Offer> {
+        let mut offers = Vec::new();
+        let jitter = |p: &PeerId| {
+            let mut h = blake3::Hasher::new();
+            h.update(&p.to_bytes());
+            h.update(&unix_ms().to_le_bytes());
+            h.update(&heads.first().map(|h| h.1).unwrap_or_default());
+            let b = h.finalize();
+            u32::from_le_bytes([
+                b.as_bytes()[0],
+                b.as_bytes()[1],
+                b.as_bytes()[2],
+                b.as_bytes()[3],
+            ])
+        };
+        // This node.
+        let local = self.serving.models().into_iter().find(|s| {
+            let id = hex::decode(&s.id_hex).unwrap_or_default();
+            match wanted.id {
+                Some(w) => id == w,
+                None => s.engine.name().eq_ignore_ascii_case(&wanted.name),
+            }
+        });
+        let warm_here = self
+            .warm_heads()
+            .get(&wanted.name.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default();
+        if let Some(s) = local {
+            let l = engine_load(&self.serving, &s);
+            offers.push(Offer {
+                target: Target::Local,
+                loaded: true,
+                parallel: u32::from(l.0),
+                queue_depth: u32::from(l.1),
+                busy: u32::from(l.2) + u32::from(l.3) + 1,
+                warm: heads::warm_match(heads, &warm_here),
+                jitter: 0,
+            });
+        } else if self
+            .on_disk
+            .lock()
+            .iter()
+            .any(|(n, id)| Some(*id) == wanted.id || n.eq_ignore_ascii_case(&wanted.name))
+        {
+            offers.push(Offer {
+                target: Target::Local,
+                loaded: false,
+                parallel: 1,
+                queue_depth: 0,
+                busy: 0,
+                warm: 0,
+                jitter: 0,
+            });
+        }
+        // Peers: fresh cards of connected, unbanned, unpaused peers.
+        let connected: HashSet<PeerId> = self
+            .mesh
+            .connected()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let now = Instant::now();
+        let banned = self.banned.lock().clone();
+        let paused: HashSet<PeerId> = {
+            let mut p = self.paused.lock();
+            p.retain(|_, (until, _)| *until > now);
+            p.keys().copied().collect()
+        };
+        let inflight = self.inflight.lock().clone();
+        let cards = self.cards.lock();
+        for (peer, held) in cards.iter() {
+            if now.duration_since(held.at) > self.cfg.card_ttl
+                || !connected.contains(peer)
+                || banned.contains(peer)
+                || paused.contains(peer)
+            {
+                continue;
+            }
+            if let Some(m) = held.card.models.iter().find(|m| wanted.matches(m)) {
+                offers.push(Offer {
+                    target: Target::Peer(*peer),
+                    loaded: m.loaded,
+                    parallel: u32::from(m.parallel).max(1),
+                    queue_depth: u32::from(m.queue_depth),
+                    busy: m.busy() + inflight.get(peer).copied().unwrap_or(0),
+                    warm: heads::warm_match(heads, &m.warm),
+                    jitter: jitter(peer),
+                });
+            }
+        }
+        choose::rank(offers)
+    }
+
+    /// Whether this node holds `wanted` (loaded or in its store).
+    pub fn holds(&self, wanted: &Wanted) -> bool {
+        self.serving.models().iter().any(|s| {
+            let id = hex::decode(&s.id_hex).unwrap_or_default();
+            wanted.id.is_some_and(|w| id == w) || s.engine.name().eq_ignore_ascii_case(&wanted.name)
+        }) || self
+            .on_disk
+            .lock()
+            .iter()
+            .any(|(n, id)| Some(*id) == wanted.id || n.eq_ignore_ascii_case(&wanted.name))
+    }
+
+    /// Resolves a requested name on this node (off the runtime).
+    pub async fn wanted(&self, name: &str) -> Wanted {
+        let host = self.host.clone();
+        let n = name.to_owned();
+        let id = tokio::task::spawn_blocking(move || host.resolve(&n))
+            .await
+            .ok()
+            .flatten();
+        Wanted {
+            name: name.to_owned(),
+            id,
+        }
+    }
+
+    /// Starts a background pull of `name` when the policy allows (once per name).
+    pub fn maybe_pull(&self, name: &str) {
+        let allowed = match self.cfg.pull {
+            PullPolicy::FirstUse => true,
+            PullPolicy::Never => false,
+            PullPolicy::Pinned => self.host.pinned(name),
+        };
+        if allowed && self.pulling.lock().insert(name.to_ascii_lowercase()) {
+            tracing::info!(
+                model = name,
+                "routing: a peer serves it; pulling it in the background"
+            );
+            self.host.pull(name);
+        }
+    }
+
+    /// The snapshot for `GET /admin/route` and the dashboard.
+    pub fn snapshot(&self) -> RouteSnapshot {
+        let now = Instant::now();
+        let local = view(self.me.to_string(), Duration::ZERO, &self.local_card());
+        let cards = self
+            .cards
+            .lock()
+            .iter()
+            .filter(|(_, h)| now.duration_since(h.at) <= self.cfg.card_ttl)
+            .map(|(p, h)| view(p.to_string(), now.duration_since(h.at), &h.card))
+            .collect();
+        let paused = self
+            .paused
+            .lock()
+            .iter()
+            .filter(|(_, (until, _))| *until > now)
+            .map(|(p, (_, why))| (p.to_string(), why.clone()))
+            .collect();
+        RouteSnapshot {
+            me: self.me.to_string(),
+            enabled: self.cfg.enabled,
+            local,
+            cards,
+            paused,
+            recent: self.recent.lock().iter().cloned().collect(),
+        }
+    }
+
+    /// Takes a peer's card (the newest by `seq` wins).
+    fn take_card(&self, peer: PeerId, bytes: &[u8]) {
+        match card::decode(bytes) {
+            Ok(c) => {
+                let mut cards = self.cards.lock();
+                let newer = cards.get(&peer).is_none_or(|h| h.card.seq < c.seq);
+                if newer {
+                    cards.insert(
+                        peer,
+                        Held {
+                            card: c,
+                            at: Instant::now(),
+                        },
+                    );
+                }
+                let ttl = self.cfg.card_ttl;
+                cards.retain(|_, h| h.at.elapsed() <= ttl);
+                self.metrics.route_cards(cards.len());
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "bad serving card"),
+        }
+    }
+}
+
+/// (parallel, queue_depth, running, waiting, prompt_tps, decode_tps) of a
+/// loaded model.
+fn engine_load(serving: &Serving, s: &crate::serve::Served) -> (u16, u16, u16, u16, f32, f32) {
+    let c = serving.config();
+    let pending = s.engine.pending();
+    let parallel = c.parallel.max(1);
+    let running = pending.min(parallel);
+    let waiting = pending - running;
+    let sat = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+    (
+        sat(parallel),
+        sat(c.queue_depth),
+        sat(running),
+        sat(waiting),
+        0.0,
+        0.0,
+    )
+}
+
+/// Counts one open forwarded request (see [`Routing::inflight`]).
+pub struct InFlight {
+    routing: Arc<Routing>,
+    peer: PeerId,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = self.routing.inflight.lock();
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Takes cards and bans from the mesh.
+async fn listen(
+    routing: std::sync::Weak<Routing>,
+    mut events: tokio::sync::broadcast::Receiver<MeshEvent>,
+) {
+    loop {
+        let ev = match events.recv().await {
+            Ok(ev) => ev,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        let Some(r) = routing.upgrade() else { return };
+        match ev {
+            MeshEvent::Card { peer, data } => r.take_card(peer, &data),
+            MeshEvent::Banned(peer) => {
+                r.banned.lock().insert(peer);
+                r.cards.lock().remove(&peer);
+            }
+            MeshEvent::Disconnected(peer) => {
+                r.cards.lock().remove(&peer);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sends this node's card every `card_interval` when it changed, at least
+/// every 5 s; refreshes the list of models in the store every 5 s.
+async fn announce(routing: std::sync::Weak<Routing>) {
+    const AT_LEAST: Duration = Duration::from_secs(5);
+    let interval = match routing.upgrade() {
+        Some(r) => r.cfg.card_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(Vec<CardModel>, Instant)> = None;
+    let mut disk_at: Option<Instant> = None;
+    loop {
+        tick.tick().await;
+        let Some(r) = routing.upgrade() else { return };
+        if disk_at.is_none_or(|t| t.elapsed() >= AT_LEAST) {
+            let list: Vec<(String, [u8; 32])> = r
+                .serving
+                .catalog()
+                .await
+                .into_iter()
+                .filter(|e| e.local && e.servable.is_ok())
+                .map(|e| (e.name, e.id))
+                .collect();
+            *r.on_disk.lock() = list;
+            disk_at = Some(Instant::now());
+        }
+        let card = r.local_card();
+        let changed = last
+            .as_ref()
+            .is_none_or(|(m, at)| *m != card.models || at.elapsed() >= AT_LEAST);
+        if changed && !card.models.is_empty() {
+            let _ = r.mesh.publish_card(card::encode(&card)).await;
+            last = Some((card.models, Instant::now()));
+        }
+    }
+}

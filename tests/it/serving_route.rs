@@ -1,0 +1,320 @@
+//! Routing across the mesh between real daemons on 127.0.0.1 (mDNS off,
+//! static peers): a node without the model forwards to the holder over
+//! `/shoal/serve/1` (same answer, streamed or not, the holder named in the
+//! headers) and pulls the model in the background; `X-Shoal-Route: local`
+//! keeps a request on the node; a forwarded request keeps its API key scope
+//! (a holder with other keys refuses it and the node serves it itself); a
+//! holder that disappears mid-answer gives the client an error event, not a
+//! hang.
+
+use crate::util::demo_model_path;
+use crate::util::http::{eventually, http, sse_data};
+use serde_json::{Value, json};
+use shoal::node::Node;
+use shoal::serve::ServeConfig;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+struct Started {
+    node: Node,
+    http: SocketAddr,
+}
+
+/// A daemon in `dir` with routing on (`pull` its pull policy) and, when
+/// `keys` is given, an API keys file with those keys.
+async fn start(
+    dir: &Path,
+    peers: Vec<libp2p::Multiaddr>,
+    keys: Option<&[&str]>,
+    pull: shoal::route::PullPolicy,
+) -> Started {
+    std::fs::create_dir_all(dir).expect("dir");
+    let mut opts = shoal::daemon::DaemonOptions::loopback(dir, peers);
+    opts.serve = ServeConfig {
+        response_cache_budget: 0,
+        ..ServeConfig::with_data_dir(dir)
+    };
+    opts.route.pull = pull;
+    if let Some(keys) = keys {
+        let p = dir.join("api-keys.txt");
+        std::fs::write(&p, keys.join("\n")).expect("keys");
+        opts.api.keys_file = Some(p);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let daemon = shoal::daemon::Daemon::start(opts, listener)
+        .await
+        .expect("daemon");
+    let (node, http) = (daemon.node().clone(), daemon.addr());
+    tokio::spawn(daemon.run_until(std::future::pending()));
+    Started { node, http }
+}
+
+async fn add_model(node: &Node) -> String {
+    let path = demo_model_path().expect("model");
+    let store = node.store().clone();
+    let id = tokio::task::spawn_blocking(move || {
+        store.add_file(&path, &shoal::store::AddOptions::default())
+    })
+    .await
+    .expect("join")
+    .expect("add");
+    id.to_hex()
+}
+
+/// Waits until `node` holds a fresh card of `peer` listing `model`.
+async fn card_of(node: &Node, peer: &Node, model: &str) {
+    let want = peer.mesh().peer_id().to_string();
+    let routing = node.routing().expect("routing on");
+    eventually("the holder's serving card arrives", || {
+        routing
+            .snapshot()
+            .cards
+            .iter()
+            .any(|c| c.peer == want && c.models.iter().any(|m| m.id == model))
+    })
+    .await;
+}
+
+async fn ask(addr: SocketAddr, body: &Value, extra: &[(&str, &str)]) -> crate::util::http::Resp {
+    http(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        extra,
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+fn chat(model: &str, stream: bool) -> Value {
+    json!({"model": model, "stream": stream, "temperature": 0, "max_tokens": 12,
+        "messages": [{"role": "user", "content": "Name three colours."}]})
+}
+
+fn streamed_text(r: &crate::util::http::Resp) -> String {
+    sse_data(&r.text())
+        .iter()
+        .filter(|d| d.as_str() != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_model_forwards_to_the_holder_and_pulls_it_meanwhile() {
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = start(
+        &tmp.path().join("a"),
+        Vec::new(),
+        None,
+        shoal::route::PullPolicy::Never,
+    )
+    .await;
+    let model = add_model(&a.node).await;
+    let a_addr = crate::util::serving::p2p_addr(&a.node).await;
+    let b = start(
+        &tmp.path().join("b"),
+        vec![a_addr],
+        None,
+        shoal::route::PullPolicy::FirstUse,
+    )
+    .await;
+    let (a_id, b_id) = (
+        a.node.mesh().peer_id().to_string().to_ascii_lowercase(),
+        b.node.mesh().peer_id().to_string().to_ascii_lowercase(),
+    );
+    // The holder's own answer.
+    let direct = ask(a.http, &chat(&model, false), &[]).await;
+    assert_eq!(direct.status, 200, "{}", direct.text());
+    let want = direct.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    card_of(&b.node, &a.node, &model).await;
+
+    // Asked of B, answered by A: same text, the holder named.
+    let r = ask(b.http, &chat(&model, false), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(
+        r.header("x-shoal-node").map(str::to_ascii_lowercase),
+        Some(a_id.clone())
+    );
+    assert_eq!(
+        r.header("x-shoal-forwarded-by")
+            .map(str::to_ascii_lowercase),
+        Some(b_id.clone())
+    );
+    // Streamed: the same text, ending in [DONE].
+    let r = ask(b.http, &chat(&model, true), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        sse_data(&r.text()).last().map(String::as_str),
+        Some("[DONE]")
+    );
+    assert_eq!(streamed_text(&r), want);
+    assert_eq!(
+        r.header("x-shoal-node").map(str::to_ascii_lowercase),
+        Some(a_id.clone())
+    );
+
+    // B pulled the model in the background (route.pull = first-use) ...
+    let id: shoal::store::ArtifactId = model.parse().expect("id");
+    let store = b.node.store().clone();
+    eventually("B holds the model after its background pull", || {
+        matches!(
+            store.status(&id),
+            Ok(Some(shoal::store::ArtifactStatus::Active))
+        )
+    })
+    .await;
+    // ... and `X-Shoal-Route: local` keeps a request on B.
+    let r = ask(b.http, &chat(&model, false), &[("x-shoal-route", "local")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(
+        r.header("x-shoal-node").map(str::to_ascii_lowercase),
+        Some(b_id.clone())
+    );
+    assert_eq!(r.header("x-shoal-forwarded-by"), None);
+
+    // The decisions are counted and listed.
+    let routing = b.node.routing().expect("routing");
+    let snap = routing.snapshot();
+    assert!(
+        snap.recent
+            .iter()
+            .filter(|e| e.to.eq_ignore_ascii_case(&a_id))
+            .count()
+            >= 2,
+        "{:?}",
+        snap.recent
+    );
+    let metrics = b.node.metrics().render();
+    assert!(
+        metrics
+            .contains("shoal_route_requests_total{outcome=\"forwarded\",reason=\"only_holder\"} 2"),
+        "{metrics}"
+    );
+    let a_metrics = a.node.metrics().render();
+    assert!(
+        a_metrics.contains("outcome=\"served_for_peer\""),
+        "{a_metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_keeps_its_key_scope() {
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let never = shoal::route::PullPolicy::Never;
+    // A accepts key k1 only; B accepts k1 and k2.
+    let a = start(
+        &tmp.path().join("a"),
+        Vec::new(),
+        Some(&["sk-class-one"]),
+        never,
+    )
+    .await;
+    let model = add_model(&a.node).await;
+    let a_addr = crate::util::serving::p2p_addr(&a.node).await;
+    let b = start(
+        &tmp.path().join("b"),
+        vec![a_addr],
+        Some(&["sk-class-one", "sk-class-two"]),
+        never,
+    )
+    .await;
+    let a_id = a.node.mesh().peer_id().to_string().to_ascii_lowercase();
+    let b_id = b.node.mesh().peer_id().to_string().to_ascii_lowercase();
+    card_of(&b.node, &a.node, &model).await;
+    // k1 is valid on both: A serves it.
+    let r = ask(
+        b.http,
+        &chat(&model, false),
+        &[("authorization", "Bearer sk-class-one")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-shoal-node").map(str::to_ascii_lowercase),
+        Some(a_id.clone())
+    );
+    // k2 is valid on B only: A refuses the forwarded scope, B serves it
+    // itself (pulling the model, since it has none).
+    let r = ask(
+        b.http,
+        &chat(&model, false),
+        &[("authorization", "Bearer sk-class-two")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-shoal-node").map(str::to_ascii_lowercase),
+        Some(b_id)
+    );
+    let metrics = b.node.metrics().render();
+    assert!(
+        metrics.contains("shoal_route_requests_total{outcome=\"retried\",reason=\"refused\"} 1"),
+        "{metrics}"
+    );
+    // A refused peer is paused: not asked again for a while.
+    assert!(
+        !b.node
+            .routing()
+            .expect("routing")
+            .snapshot()
+            .paused
+            .is_empty(),
+        "the refusing peer is paused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_gone_mid_answer_ends_the_stream_with_an_error_event() {
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let never = shoal::route::PullPolicy::Never;
+    let a = start(&tmp.path().join("a"), Vec::new(), None, never).await;
+    let model = add_model(&a.node).await;
+    let a_addr = crate::util::serving::p2p_addr(&a.node).await;
+    let b = start(&tmp.path().join("b"), vec![a_addr], None, never).await;
+    card_of(&b.node, &a.node, &model).await;
+    let body = json!({"model": model, "stream": true, "max_tokens": 400, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a long story about a lighthouse."}]});
+    let (s, got) =
+        crate::util::http::open_until(b.http, "/v1/chat/completions", &body, "\"content\"").await;
+    // The holder's mesh goes away after the first token.
+    a.node.mesh().shutdown().await;
+    let rest = tokio::time::timeout(
+        Duration::from_secs(60),
+        crate::util::http::read_rest(s, got),
+    )
+    .await
+    .expect("the client is not left hanging");
+    let data = sse_data(&rest);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{rest}");
+    assert!(
+        data.iter().any(|d| d.contains("serving_node_failed")),
+        "an error event before [DONE]: {rest}"
+    );
+    let metrics = b.node.metrics().render();
+    assert!(
+        metrics.contains("shoal_route_requests_total{outcome=\"failed\",reason=\"died\"} 1"),
+        "{metrics}"
+    );
+}
