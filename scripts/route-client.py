@@ -22,7 +22,7 @@ counted as a hang. It prints one JSON line per request:
    "error_event", "elapsed", "prompt_tokens", "cached_tokens",
    "token_at_kill", "hang"}
 
-(served_by: the X-Shoal-Served-By header; served_by_chunk: the "served_by"
+(served_by: the X-Shoal-Served-By header, else x-shoal-node; served_by_chunk: the "served_by"
 field of the first chunk), then one line `SUMMARY {json}` with the counts,
 the aggregate tok/s, TTFT median/p95, who served how many, the queue samples
 (--sample LABEL=NETNS[@HOST:PORT], every --sample-ms: shoal_queue_depth of
@@ -145,6 +145,10 @@ def median(v):
     return statistics.median(v) if v else None
 
 
+def rnd(x, n=4):
+    return None if x is None else round(x, n)
+
+
 def percentile(values, p):
     v = sorted(values)
     if not v:
@@ -221,7 +225,9 @@ def one_request(run, conn_factory, i, client, label, messages):
         conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(), headers=headers)
         resp = conn.getresponse()
         r["status"] = resp.status
-        r["served_by"] = resp.getheader("x-shoal-served-by")
+        # X-Shoal-Served-By (issue 19); x-shoal-node (the node that ran the
+        # model; a forwarded answer passes the server's x-shoal-* headers) when absent.
+        r["served_by"] = resp.getheader("x-shoal-served-by") or resp.getheader("x-shoal-node")
         r["forwarded_by"] = resp.getheader("x-shoal-forwarded-by")
         if resp.status != 200:
             r["error"] = f"HTTP {resp.status}: {resp.read(300).decode('utf-8', 'replace')}"
@@ -280,7 +286,8 @@ def one_request(run, conn_factory, i, client, label, messages):
     finally:
         if conn is not None:
             conn.close()
-        r["elapsed"] = time.monotonic() - t_send
+        r["elapsed"] = rnd(time.monotonic() - t_send)
+        r["ttft"] = rnd(r["ttft"])
         if r.get("usage_tokens"):
             r["tokens"] = r.pop("usage_tokens")
         else:
@@ -370,8 +377,8 @@ def summarize(run, sample_sets):
          "hangs": sum(1 for r in res if r["hang"]), "error_events": sum(1 for r in res if r["error_event"]),
          "statuses": {}, "tokens": toks, "wall_s": round(wall, 3),
          "tok_s": round(toks / wall, 2) if wall > 0 else None,
-         "ttft_median": median(ttfts), "ttft_p95": percentile(ttfts, 95),
-         "ttft_min": min(ttfts) if ttfts else None, "served": served,
+         "ttft_median": rnd(median(ttfts)), "ttft_p95": rnd(percentile(ttfts, 95)),
+         "ttft_min": rnd(min(ttfts) if ttfts else None), "served": served,
          "killed": run.killed, "kill_at_s": run.kill_at}
     for r in res:
         s["statuses"][str(r["status"])] = s["statuses"].get(str(r["status"]), 0) + 1

@@ -25,8 +25,8 @@
 #   on the holders only; the issue's nodes 1..4 are nodes 0..3 here; the load
 #   client is scripts/route-client.py). Correctness fails the run; speed goals
 #   are logged as "goal ...: met" or "MISSED":
-#   route-forward  only node 0 holds the model (use RATE=1gbit BURST=1mb). Node 3's
-#                  first request must be served by node 0 (X-Shoal-Served-By)
+#   route-forward  only node 0 holds the model (use RATE=1gbit BURST=1mb); all
+#                  trust node 0's key, which names it. Node 3's first request must be served by node 0 (X-Shoal-Served-By)
 #                  while node 3 pulls in the background (it must end up holding
 #                  the model); then RUNS (default 5) streamed chats straight to
 #                  node 0 and via node 3: median TTFTs (goal: via <= direct + 50 ms)
@@ -689,17 +689,19 @@ api_get() {
         "$2" "$WORK/n$1/admin.token"
 }
 
-# wait_card I PEER [absent]: until node I holds a fresh serving card of PEER
-# (GET /admin/route), or with `absent` until it holds none.
+# wait_card I PEER COUNT: until node I holds a fresh serving card of PEER
+# (GET /admin/route); where that route is absent, until node I's
+# shoal_route_cards (fresh cards of peers serving models) reaches COUNT.
 wait_card() {
-    local i=$1 peer=$2 want=${3:-present} t=0 have
+    local i=$1 peer=$2 count=$3 t=0 have
     while :; do
-        have=$(api_get "$i" /admin/route 2>/dev/null | jqpy "'$peer' in json.dumps(j.get('cards', []))" 2>/dev/null || echo err)
-        if [ "$want" = present ] && [ "$have" = True ]; then return 0; fi
-        if [ "$want" = absent ] && [ "$have" = False ]; then return 0; fi
+        have=$(api_get "$i" /admin/route 2>/dev/null | jqpy "'$peer' in json.dumps(j.get('cards', []))" 2>/dev/null ||
+            api_get "$i" /metrics 2>/dev/null | python3 -c "import sys; print(any(l.startswith('shoal_route_cards ') and float(l.split()[1]) >= $count for l in sys.stdin))" 2>/dev/null ||
+            echo err)
+        [ "$have" = True ] && return 0
         sleep 0.2
         t=$((t + 1))
-        [ $t -lt $((WAIT_SECS * 5)) ] || fail "node $i: card of $peer never $want (GET /admin/route: $(api_get "$i" /admin/route 2>&1 | head -c 300))"
+        [ $t -lt $((WAIT_SECS * 5)) ] || fail "node $i: no card of $peer (GET /admin/route: $(api_get "$i" /admin/route 2>&1 | head -c 300))"
     done
 }
 
@@ -733,14 +735,18 @@ verdict() { if [ "$2" = True ]; then log "$1: goal $3: met"; else log "$1: goal 
 
 scenario_route_forward() {
     need_model route-forward
-    local id i p0 runs=${RUNS:-5}
+    local id i p0 key runs=${RUNS:-5} who
+    # The site's publisher is node 0 (its key signs the name `demo`); every
+    # node trusts it, so node 3 can resolve the name it pulls in the background.
+    key=$("$SHOAL" --data-dir "$WORK/n0" keygen 2>/dev/null)
     id=$(hold 0)
+    for ((i = 1; i < NODES; i++)); do "$SHOAL" --data-dir "$WORK/n$i" trust add "$key" >/dev/null; done
     rnode 0
     for ((i = 1; i < NODES; i++)); do rnode "$i"; done
     local last=$((NODES - 1))
     p0=$(peer_of 0)
     wait_peers "$last" 1
-    wait_card "$last" "$p0"
+    wait_card "$last" "$p0" 1
     warm 0
     # Node LAST's very first request: it has no model; a holder must serve it
     # while the pull (route.pull = first-use) goes on in the background.
@@ -800,7 +806,7 @@ scenario_route_balance() {
     for ((i = 2; i < NODES; i++)); do rnode "$i" SHOAL_ROUTE_PULL=never; done
     local p0 p1 nodes=()
     p0=$(peer_of 0)
-    for ((i = 2; i < NODES; i++)); do wait_card "$i" "$p0"; done
+    for ((i = 2; i < NODES; i++)); do wait_card "$i" "$p0" 1; done
     warm 0
     nodes=(--node "$(nodearg 0)")
     for ((i = 2; i < NODES; i++)); do nodes+=(--node "$(nodearg "$i")"); done
@@ -810,8 +816,9 @@ scenario_route_balance() {
     # Both holders.
     rnode 1 SHOAL_THREADS="$threads"
     p1=$(peer_of 1)
-    for i in 0 $(seq 2 $((NODES - 1))); do wait_card "$i" "$p1"; done
-    wait_card 1 "$p0"
+    wait_card 0 "$p1" 1
+    for ((i = 2; i < NODES; i++)); do wait_card "$i" "$p1" 2; done
+    wait_card 1 "$p0" 1
     warm 1
     nodes=()
     for ((i = 0; i < NODES; i++)); do nodes+=(--node "$(nodearg "$i")"); done
@@ -844,7 +851,7 @@ scenario_route_prefix() {
     local p1 p2
     p1=$(peer_of 1)
     p2=$(peer_of 2)
-    wait_card 2 "$p1"
+    wait_card 2 "$p1" 1
     warm 1
     warm 2
     local s cold warmup
@@ -894,8 +901,8 @@ scenario_route_failover() {
     local last=$((NODES - 1)) p0 p1
     p0=$(peer_of 0)
     p1=$(peer_of 1)
-    wait_card "$last" "$p0"
-    wait_card "$last" "$p1"
+    wait_card "$last" "$p0" 2
+    wait_card "$last" "$p1" 2
     warm 0
     warm 1
     local s
