@@ -13,7 +13,8 @@ its socket; without --node NETNS parts it talks to the given host directly.
 `run` sends streamed /v1/chat/completions requests. Clients are spread
 round-robin over the --node list (client c asks node c mod len); each client
 sends --requests requests one after the other, or keeps sending until
---duration seconds have passed. Every request is bounded by --timeout and the
+--duration seconds have passed (--ramp S spreads the clients' starts over
+S seconds; by default they all start at once). Every request is bounded by --timeout and the
 whole run by --deadline: a request still open at the deadline is cut and
 counted as a hang. It prints one JSON line per request:
 
@@ -27,6 +28,8 @@ field of the first chunk), then one line `SUMMARY {json}` with the counts,
 the aggregate tok/s, TTFT median/p95, who served how many, the queue samples
 (--sample LABEL=NETNS[@HOST:PORT], every --sample-ms: shoal_queue_depth of
 the node's models from /metrics; with two samplers the max and mean of |a - b|) and
+the tok/s of the steady state (window_tok_s: content chunks that arrived
+between the end of --ramp and --duration, with --duration) and
 the kill (--kill PEER=PID ...: once --kill-after requests have their first
 token, SIGKILL the PID of the peer serving most requests so far).
 """
@@ -206,7 +209,7 @@ def one_request(run, conn_factory, i, client, label, messages):
     r = {"i": i, "client": client, "node": label, "status": None, "served_by": None,
          "served_by_chunk": None, "forwarded_by": None, "ttft": None, "tokens": 0, "finish": None,
          "done": False, "error": None, "error_event": False, "elapsed": None, "prompt_tokens": None,
-         "cached_tokens": None, "token_at_kill": None, "hang": False}
+         "cached_tokens": None, "token_at_kill": None, "hang": False, "_times": []}
     body = {"model": a.model, "messages": messages, "max_tokens": a.tokens, "temperature": a.temperature,
             "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -274,6 +277,7 @@ def one_request(run, conn_factory, i, client, label, messages):
                 content = (ch.get("delta") or {}).get("content")
                 if content:
                     r["tokens"] += 1
+                    r["_times"].append(time.monotonic() - run.t0)
                     if r["ttft"] is None:
                         r["ttft"] = time.monotonic() - t_send
                         with run.lock:
@@ -312,6 +316,9 @@ def client_loop(run, c, node, counter):
         return http.client.HTTPConnection(host, port, timeout=timeout)
 
     system = system_prompt(a.system_words, a.system_variant) if a.system_words else None
+    # --ramp: client c starts c/clients of the ramp after the others' start.
+    if a.ramp > 0:
+        time.sleep(a.ramp * c / max(1, a.clients))
     k = 0
     end = run.t0 + a.duration if a.duration else None
     while not run.stop.is_set():
@@ -329,8 +336,11 @@ def client_loop(run, c, node, counter):
         r = one_request(run, factory, i, c, label, msgs)
         with run.lock:
             run.results.append(r)
-            print(json.dumps(r), flush=True)
+            print(json.dumps({k2: v for k2, v in r.items() if k2 != "_times"}), flush=True)
         k += 1
+        if r["error"] is not None:
+            # A failing node answers at once: do not turn the run into a flood.
+            time.sleep(0.25)
 
 
 def sampler_loop(run, node, samples):
@@ -380,6 +390,11 @@ def summarize(run, sample_sets):
          "ttft_median": rnd(median(ttfts)), "ttft_p95": rnd(percentile(ttfts, 95)),
          "ttft_min": rnd(min(ttfts) if ttfts else None), "served": served,
          "killed": run.killed, "kill_at_s": run.kill_at}
+    if a.duration and a.duration > a.ramp:
+        # Steady state: content chunks that arrived between the end of the ramp
+        # and --duration (every client busy), over that window.
+        n = sum(1 for r in ok for t in r["_times"] if a.ramp <= t <= a.duration)
+        s["window_tok_s"] = round(n / (a.duration - a.ramp), 2)
     for r in res:
         s["statuses"][str(r["status"])] = s["statuses"].get(str(r["status"]), 0) + 1
     if sample_sets:
@@ -435,7 +450,7 @@ def cmd_run(a):
         for i, r in list(run.live.items()):
             r["hang"], r["error"] = True, "still open after the deadline"
             run.results.append(r)
-            print(json.dumps(r), flush=True)
+            print(json.dumps({k2: v for k2, v in r.items() if k2 != "_times"}), flush=True)
         run.live.clear()
     s = summarize(run, sample_sets)
     print("SUMMARY " + json.dumps(s), flush=True)
@@ -455,6 +470,7 @@ def main():
     r.add_argument("--temperature", type=float, default=0.0)
     r.add_argument("--system-words", type=int, default=0, help="a system prompt of about W words")
     r.add_argument("--system-variant", type=int, default=0)
+    r.add_argument("--ramp", type=float, default=0, help="spread the clients' starts over this many seconds")
     r.add_argument("--question-offset", type=int, default=0, help="first question number")
     r.add_argument("--header", action="append", default=[], help="'Name: value' (repeatable)")
     r.add_argument("--timeout", type=float, default=120, help="bound of one request, seconds")

@@ -34,9 +34,13 @@
 #                  threads each; CLIENTS (16) streaming clients round-robin over
 #                  the live nodes, TOKENS (64) tokens, temperature 0, for DURATION
 #                  seconds (30) or REQUESTS per client: first node 0 alone (node 1
-#                  not started), then both. Aggregate tok/s, the ratio (goal >= 1.8),
+#                  not started), then both. Aggregate tok/s (all, and of the
+#                  steady state between RAMP and DURATION), the ratio (of the
+#                  steady state with DURATION; goal >= 1.8),
 #                  failed requests (must be 0), |queue0 - queue1| sampled every
-#                  200 ms (shoal_queue_depth; goal: max <= 2)
+#                  200 ms (shoal_queue_depth; goal: max <= 2). RAMP=S spreads the
+#                  clients' starts over S seconds (default 0: all at once; also
+#                  in route-failover)
 #   route-prefix   nodes 1 and 2 hold the model; a ~1,000-token system prompt
 #                  (SYSTEM_WORDS, 750 words) sent to node 1 with X-Shoal-Route:
 #                  local; a same-length other one to node 2 alone (cold); then K
@@ -797,7 +801,7 @@ scenario_route_balance() {
     local threads=${THREADS:-1} clients=${CLIENTS:-16} tokens=${TOKENS:-64} dur=${DURATION:-30} i
     local load=(--clients "$clients" --tokens "$tokens")
     if [ -n "${REQUESTS:-}" ]; then load+=(--requests "$REQUESTS"); else load+=(--duration "$dur"); fi
-    load+=(--deadline $((WAIT_SECS * 3)))
+    load+=(--deadline $((WAIT_SECS * 3)) --ramp "${RAMP:-0}")
     log "route-balance: holders run $threads inference thread(s) each on a $(nproc)-core machine: one holder alone = $threads core(s), two holders = $((2 * threads))"
     hold 0 >/dev/null
     hold 1 >/dev/null
@@ -828,10 +832,11 @@ scenario_route_balance() {
     local f1 f2 ratio dmax dmean
     f1=$(jqpy 'j["failed"]' <<<"$base")
     f2=$(jqpy 'j["failed"]' <<<"$both")
-    ratio=$(python3 -c "import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); print(round(b['tok_s']/a['tok_s'],3))" "$base" "$both")
+    # The ratio of the steady state (every client busy) with DURATION, else of the whole runs.
+    ratio=$(python3 -c "import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); k='window_tok_s' if 'window_tok_s' in a else 'tok_s'; print(round(b[k]/a[k],3))" "$base" "$both")
     dmax=$(jqpy 'j.get("load_diff_max")' <<<"$both")
     dmean=$(jqpy 'j.get("load_diff_mean")' <<<"$both")
-    log "route-balance: RESULT clients=$clients tokens=$tokens threads=$threads one_tok_s=$(jqpy 'j["tok_s"]' <<<"$base") two_tok_s=$(jqpy 'j["tok_s"]' <<<"$both") ratio=$ratio failed_one=$f1 failed_two=$f2 queue_diff_max=$dmax queue_diff_mean=$dmean busy_samples=$(jqpy 'j.get("load_samples_busy")' <<<"$both")"
+    log "route-balance: RESULT clients=$clients tokens=$tokens threads=$threads one_tok_s=$(jqpy 'j["tok_s"]' <<<"$base") two_tok_s=$(jqpy 'j["tok_s"]' <<<"$both") one_window_tok_s=$(jqpy 'j.get("window_tok_s")' <<<"$base") two_window_tok_s=$(jqpy 'j.get("window_tok_s")' <<<"$both") ratio=$ratio failed_one=$f1 failed_two=$f2 queue_diff_max=$dmax queue_diff_mean=$dmean busy_samples=$(jqpy 'j.get("load_samples_busy")' <<<"$both")"
     [ "$f1" = 0 ] && [ "$f2" = 0 ] || fail "route-balance: failed requests (one holder: $f1, two: $f2); see $WORK/balance-*.jsonl"
     [ "$(jqpy "j['served'].get('$p0', 0) > 0 and j['served'].get('$p1', 0) > 0" <<<"$both")" = True ] ||
         fail "route-balance: with two holders one served nothing: $(jqpy 'j["served"]' <<<"$both")"
@@ -908,7 +913,7 @@ scenario_route_failover() {
     local s
     s=$(rclient "$WORK/failover.jsonl" --node "$(nodearg "$last")" --clients "$n" --requests 1 --tokens "$tokens" \
         --question-offset 300 --kill "$p0=$(cat "$WORK/n0.pid")" --kill "$p1=$(cat "$WORK/n1.pid")" \
-        --kill-after "${KILL_AFTER:-2}" --timeout "$WAIT_SECS" --deadline $((WAIT_SECS + 30)))
+        --kill-after "${KILL_AFTER:-2}" --ramp "${RAMP:-0}" --timeout "$WAIT_SECS" --deadline $((WAIT_SECS + 30)))
     local victim
     victim=$(jqpy 'j["killed"]' <<<"$s")
     [ "$victim" != None ] || fail "route-failover: nobody was killed (no request got a token?): $s"
