@@ -21,10 +21,11 @@ counted as a hang. It prints one JSON line per request:
   {"i", "client", "node", "status", "served_by", "served_by_chunk",
    "forwarded_by", "ttft", "tokens", "finish", "done", "error",
    "error_event", "elapsed", "prompt_tokens", "cached_tokens",
-   "token_at_kill", "hang"}
+   "token_at_kill", "hang", "events"}
 
 (served_by: the X-Shoal-Served-By header, else x-shoal-node; served_by_chunk: the "served_by"
-field of the first chunk), then one line `SUMMARY {json}` with the counts,
+field of the first chunk; events: SSE data events received, a first
+chunk without content included), then one line `SUMMARY {json}` with the counts,
 the aggregate tok/s, TTFT median/p95, who served how many, the queue samples
 (--sample LABEL=NETNS[@HOST:PORT], every --sample-ms: shoal_queue_depth of
 the node's models from /metrics; with two samplers the max and mean of |a - b|) and
@@ -209,7 +210,7 @@ def one_request(run, conn_factory, i, client, label, messages):
     r = {"i": i, "client": client, "node": label, "status": None, "served_by": None,
          "served_by_chunk": None, "forwarded_by": None, "ttft": None, "tokens": 0, "finish": None,
          "done": False, "error": None, "error_event": False, "elapsed": None, "prompt_tokens": None,
-         "cached_tokens": None, "token_at_kill": None, "hang": False, "_times": []}
+         "cached_tokens": None, "token_at_kill": None, "hang": False, "events": 0, "_times": []}
     body = {"model": a.model, "messages": messages, "max_tokens": a.tokens, "temperature": a.temperature,
             "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -258,6 +259,7 @@ def one_request(run, conn_factory, i, client, label, messages):
                 c = json.loads(payload)
             except ValueError:
                 continue
+            r["events"] += 1
             if first_chunk:
                 first_chunk = False
                 r["served_by_chunk"] = c.get("served_by")

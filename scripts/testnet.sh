@@ -928,7 +928,7 @@ bad, c = [], {"untouched_ok": 0, "untouched": 0, "streaming_victim": 0, "victim_
               "streaming_other": 0, "hangs": 0}
 for r in rs:
     who = r["served_by_chunk"] or r["served_by"]
-    tag = f"request {r['i']}: status {r['status']}, served by {name.get(who, who)}, ttft {r['ttft']}, tokens {r['tokens']}, finish {r['finish']}, error {r['error']!r}"
+    tag = f"request {r['i']}: status {r['status']}, served by {name.get(who, who)}, ttft {r['ttft']}, tokens {r['tokens']} ({r['events']} events), finish {r['finish']}, error {r['error']!r}"
     print("  " + tag, file=sys.stderr)
     if r["hang"]:
         c["hangs"] += 1
