@@ -782,7 +782,7 @@ scenario_route_forward() {
         done
         log "route-forward: run $r: node 0 direct ${direct[$r]}s, via node $last ${via[$r]}s"
     done
-    read -r a b <<<"$(python3 -c "import statistics as s, sys; print(s.median(map(float, sys.argv[1].split())), s.median(map(float, sys.argv[2].split())))" "${direct[*]}" "${via[*]}")"
+    read -r a b <<<"$(python3 -c "import statistics as s, sys; print(round(s.median(map(float, sys.argv[1].split())), 4), round(s.median(map(float, sys.argv[2].split())), 4))" "${direct[*]}" "${via[*]}")"
     # The background pull: node LAST ends up holding the artifact.
     local t0=$SECONDS held=False
     while [ $((SECONDS - t0)) -lt "$WAIT_SECS" ]; do
@@ -952,7 +952,7 @@ for r in rs:
 print(json.dumps({"counts": c, "bad": bad}))
 PY
 )
-    log "route-failover: SIGKILL $( [ "$victim" = "$p0" ] && echo "node 0" || echo "node 1") at $(jqpy 'j["kill_at_s"]' <<<"$s")s; $(jqpy 'j["served"]' <<<"$s")"
+    log "route-failover: SIGKILL $( [ "$victim" = "$p0" ] && echo "node 0" || echo "node 1") at $(jqpy 'round(j["kill_at_s"], 3)' <<<"$s")s; complete answers by server: $(jqpy 'j["served"]' <<<"$s")"
     log "route-failover: RESULT requests=$n tokens=$tokens $(jqpy '" ".join("%s=%s" % kv for kv in j["counts"].items())' <<<"$out")"
     [ "$(jqpy 'len(j["bad"])' <<<"$out")" = 0 ] || fail "route-failover: $(jqpy '"; ".join(j["bad"])' <<<"$out")"
     [ "$(jqpy 'j["counts"]["untouched"]' <<<"$out")" -gt 0 ] || fail "route-failover: no request was waiting at the kill (inconclusive)"
