@@ -648,6 +648,27 @@ impl Routing {
         }
     }
 
+    /// Loads `name` from this node's store in the background (a peer serves
+    /// the request meanwhile), so that the next requests have one more node
+    /// to go to. Once per name at a time.
+    pub fn load_in_background(self: &Arc<Self>, name: &str) {
+        let key = format!("load:{}", name.to_ascii_lowercase());
+        if !self.pulling.lock().insert(key.clone()) {
+            return;
+        }
+        let r = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            match r.serving.resolve(&name).await {
+                Ok(_) => tracing::info!(model = name, "routing: loaded in the background"),
+                Err(e) => {
+                    tracing::info!(model = name, error = %e, "routing: background load failed")
+                }
+            }
+            r.pulling.lock().remove(&key);
+        });
+    }
+
     /// Starts a background pull of `name` when the policy allows (once per name).
     pub fn maybe_pull(&self, name: &str) {
         let allowed = match self.cfg.pull {
@@ -810,7 +831,10 @@ async fn announce(routing: std::sync::Weak<Routing>) {
         let changed = last
             .as_ref()
             .is_none_or(|(m, at)| *m != card.models || at.elapsed() >= AT_LEAST);
-        if changed && !card.models.is_empty() {
+        // A node that serves nothing is silent, after one empty card that
+        // retracts what it sent before.
+        let had = last.as_ref().is_some_and(|(m, _)| !m.is_empty());
+        if changed && (!card.models.is_empty() || had) {
             let _ = r.mesh.publish_card(card::encode(&card)).await;
             last = Some((card.models, Instant::now()));
         }

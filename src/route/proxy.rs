@@ -108,8 +108,16 @@ pub async fn route(State(r): State<Arc<Routing>>, req: Request, next: Next) -> R
         .await;
     }
     let peers_holding = ranked.iter().filter(|o| o.target != Target::Local).count();
-    if !holds && ranked.first().is_some_and(|o| o.target != Target::Local) {
-        r.maybe_pull(&model);
+    if ranked.first().is_some_and(|o| o.target != Target::Local) {
+        if !holds {
+            r.maybe_pull(&model);
+        } else if ranked
+            .iter()
+            .any(|o| o.target == Target::Local && !o.loaded)
+        {
+            // Held here but not loaded: load it for the next requests.
+            r.load_in_background(&model);
+        }
     }
     let key = parts.extensions.get::<KeyScope>().and_then(|k| k.0);
     let fwd = ForwardRequest {

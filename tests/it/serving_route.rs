@@ -29,6 +29,17 @@ async fn start(
     keys: Option<&[&str]>,
     pull: shoal::route::PullPolicy,
 ) -> Started {
+    start_with(dir, peers, keys, pull, |_| {}).await
+}
+
+/// [`start`] with `configure` adjusting the options last.
+async fn start_with(
+    dir: &Path,
+    peers: Vec<libp2p::Multiaddr>,
+    keys: Option<&[&str]>,
+    pull: shoal::route::PullPolicy,
+    configure: impl FnOnce(&mut shoal::daemon::DaemonOptions),
+) -> Started {
     std::fs::create_dir_all(dir).expect("dir");
     let mut opts = shoal::daemon::DaemonOptions::loopback(dir, peers);
     opts.serve = ServeConfig {
@@ -41,6 +52,7 @@ async fn start(
         std::fs::write(&p, keys.join("\n")).expect("keys");
         opts.api.keys_file = Some(p);
     }
+    configure(&mut opts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -317,4 +329,124 @@ async fn a_holder_gone_mid_answer_ends_the_stream_with_an_error_event() {
         metrics.contains("shoal_route_requests_total{outcome=\"failed\",reason=\"died\"} 1"),
         "{metrics}"
     );
+}
+
+/// A peer that advertises the model loaded and the prompt warm (a lie) and
+/// then never answers: the node gives up on it after `route.stall_timeout`,
+/// pauses it, and the holder serves the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stalls_before_the_first_token_is_skipped() {
+    use shoal::route::card::{CardModel, ServingCard};
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let never = shoal::route::PullPolicy::Never;
+    let a = start(&tmp.path().join("a"), Vec::new(), None, never).await;
+    let model = add_model(&a.node).await;
+    let a_addr = crate::util::serving::p2p_addr(&a.node).await;
+    // C: a bare node (no serving layer) that takes forwarded streams and
+    // holds them silent.
+    let c = shoal::node::Node::start(shoal::node::NodeConfig {
+        data_dir: tmp.path().join("c"),
+        store: shoal::store::StoreOptions::default(),
+        mesh: shoal::mesh::MeshConfig {
+            listen: vec![shoal::mesh::loopback_listen()],
+            peers: vec![a_addr.clone()],
+            mdns: false,
+            ..shoal::mesh::MeshConfig::default()
+        },
+    })
+    .await
+    .expect("node c");
+    let mut incoming = c
+        .mesh()
+        .stream_control()
+        .accept(shoal::route::forward::SERVE_PROTOCOL)
+        .expect("accept");
+    let held = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some((_, s)) = incoming.next().await {
+            h.lock().push(s);
+        }
+    });
+    let c_addr = crate::util::serving::p2p_addr(&c).await;
+    let b = start_with(
+        &tmp.path().join("b"),
+        vec![a_addr, c_addr],
+        None,
+        never,
+        |o| o.route.stall_timeout = Duration::from_secs(2),
+    )
+    .await;
+    let body = json!({"model": model, "temperature": 0, "max_tokens": 8,
+        "messages": [{"role": "system", "content": crate::util::http::long_text(120)},
+                     {"role": "user", "content": "Say hi."}]});
+    let heads = shoal::route::heads::of_request("/v1/chat/completions", &model, &body);
+    assert!(!heads.is_empty(), "the prompt is long enough to have heads");
+    let id = <[u8; 32]>::try_from(hex::decode(&model).expect("hex")).expect("id");
+    let liar = c.mesh().clone();
+    let card_task = tokio::spawn(async move {
+        for seq in 0.. {
+            let card = ServingCard {
+                seq,
+                unix_ms: 0,
+                needs_key: false,
+                models: vec![CardModel {
+                    name: "liar".into(),
+                    id,
+                    loaded: true,
+                    parallel: 16,
+                    queue_depth: 16,
+                    running: 0,
+                    waiting: 0,
+                    prompt_tps: 1e6,
+                    decode_tps: 1e3,
+                    warm: heads.iter().map(|h| h.1).collect(),
+                }],
+            };
+            let _ = liar.publish_card(shoal::route::card::encode(&card)).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    card_of(&b.node, &a.node, &model).await;
+    card_of(&b.node, &c, &model).await;
+    let started = std::time::Instant::now();
+    let r = ask(b.http, &body, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let a_id = a.node.mesh().peer_id().to_string().to_ascii_lowercase();
+    assert_eq!(
+        r.header("x-shoal-node").map(str::to_ascii_lowercase),
+        Some(a_id)
+    );
+    assert!(
+        !held.lock().is_empty(),
+        "the liar was asked first (its warm prefix)"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "after the stall timeout"
+    );
+    let metrics = b.node.metrics().render();
+    assert!(
+        metrics.contains("shoal_route_requests_total{outcome=\"retried\",reason=\"stalled\"} 1"),
+        "{metrics}"
+    );
+    let snap = b.node.routing().expect("routing").snapshot();
+    assert!(
+        snap.paused
+            .iter()
+            .any(|(p, _)| *p == c.mesh().peer_id().to_string()),
+        "{:?}",
+        snap.paused
+    );
+    // Paused: the next request goes straight to the holder.
+    let started = std::time::Instant::now();
+    let r = ask(b.http, &body, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(held.lock().len(), 1, "the paused liar is not asked again");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    card_task.abort();
 }
