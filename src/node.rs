@@ -342,6 +342,7 @@ impl Node {
         // The node's metrics (what its /metrics renders).
         let cfg = crate::serve::ServeConfig {
             metrics: self.inner.metrics.clone(),
+            node_id: Some(self.mesh().peer_id().to_string()),
             ..cfg
         };
         let s = crate::serve::Serving::new(cfg)?;

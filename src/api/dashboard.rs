@@ -3,17 +3,24 @@
 //! | route | what |
 //! | --- | --- |
 //! | `GET /` | the dashboard page (bundled into the binary; works offline) |
-//! | `GET /dashboard/{app.js,view.js,style.css}` | its ES modules and style |
+//! | `GET /dashboard/{app.js,view.js,routes.js,style.css}` | its ES modules and style |
 //! | `GET /dashboard/state` | one [`DashboardState`] snapshot (JSON) |
 //! | `GET /events` | server-sent events: a `state` event with a snapshot every second |
 //!
 //! A snapshot shows this node, its peers, every artifact this node or a peer
 //! holds with per-node chunk availability (have-maps asked from each peer),
-//! downloads, cache figures, recent time-to-first-token samples and disk use.
+//! downloads, cache figures, recent time-to-first-token samples, disk use,
+//! and the router's state (peers' serving cards, recent routing events: the
+//! page draws requests moving between nodes).
+//!
+//! The page and its files carry the strict Content-Security-Policy of the
+//! chat page ([`super::chat::CSP`]): no inline script or style, nothing from
+//! another origin; the page builds its DOM with the DOM API only.
 
 use super::ApiError;
 use crate::metrics::{self, TtftSample};
 use crate::node::Node;
+use crate::route::RouteSnapshot;
 use crate::store::{ArtifactId, ArtifactStatus, HaveMap};
 use axum::Json;
 use axum::Router;
@@ -38,29 +45,44 @@ pub const TICK: Duration = Duration::from_secs(1);
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
 const APP_JS: &str = include_str!("dashboard/app.js");
 const VIEW_JS: &str = include_str!("dashboard/view.js");
+const ROUTES_JS: &str = include_str!("dashboard/routes.js");
 const STYLE_CSS: &str = include_str!("dashboard/style.css");
 
-/// The dashboard and metrics routes.
+/// `(path, content type, body)` of every file of the page.
+pub const ASSETS: &[(&str, &str, &str)] = &[
+    ("/", "text/html; charset=utf-8", INDEX_HTML),
+    (
+        "/dashboard/app.js",
+        "text/javascript; charset=utf-8",
+        APP_JS,
+    ),
+    (
+        "/dashboard/view.js",
+        "text/javascript; charset=utf-8",
+        VIEW_JS,
+    ),
+    (
+        "/dashboard/routes.js",
+        "text/javascript; charset=utf-8",
+        ROUTES_JS,
+    ),
+    ("/dashboard/style.css", "text/css; charset=utf-8", STYLE_CSS),
+];
+
+/// The dashboard's routes: its files, its snapshot and its event stream.
 pub fn routes() -> Router<Node> {
-    Router::new()
-        .route(
-            "/",
-            get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
-        )
-        .route(
-            "/dashboard/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
-        )
-        .route(
-            "/dashboard/view.js",
-            get(|| async { asset("text/javascript; charset=utf-8", VIEW_JS) }),
-        )
-        .route(
-            "/dashboard/style.css",
-            get(|| async { asset("text/css; charset=utf-8", STYLE_CSS) }),
-        )
+    assets()
         .route("/dashboard/state", get(state))
         .route("/events", get(events))
+}
+
+/// The page's files (no state of their own).
+fn assets<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    let mut r = Router::new();
+    for &(path, content_type, body) in ASSETS {
+        r = r.route(path, get(move || async move { asset(content_type, body) }));
+    }
+    r
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -68,6 +90,10 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         [
             (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, super::chat::CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
         ],
         body,
     )
@@ -202,6 +228,9 @@ pub struct DashboardState {
     pub disk: DiskView,
     /// Recent time-to-first-token samples.
     pub ttft: Vec<TtftSample>,
+    /// The router's state (`GET /admin/route` has the same); `None` when
+    /// routing is off.
+    pub routes: Option<RouteSnapshot>,
     /// When (Unix milliseconds).
     pub time_ms: u64,
 }
@@ -403,6 +432,7 @@ pub async fn snapshot(node: &Node) -> Result<DashboardState, ApiError> {
             quota: (quota != u64::MAX).then_some(quota),
         },
         ttft: node.metrics().recent_ttft(),
+        routes: node.routing().map(|r| r.snapshot()),
         time_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -413,6 +443,62 @@ pub async fn snapshot(node: &Node) -> Result<DashboardState, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn the_page_and_its_files_have_their_type_and_a_strict_csp() {
+        for &(path, ty, _) in ASSETS {
+            let r = assets::<()>()
+                .oneshot(Request::get(path).body(Body::empty()).expect("a request"))
+                .await
+                .expect("infallible");
+            assert_eq!(r.status(), StatusCode::OK, "{path}");
+            let h = r.headers();
+            assert_eq!(h[header::CONTENT_TYPE], ty, "{path}");
+            let csp = h[header::CONTENT_SECURITY_POLICY].to_str().expect("ascii");
+            for part in [
+                "default-src 'none'",
+                "script-src 'self'",
+                "style-src 'self'",
+            ] {
+                assert!(csp.contains(part), "{path}: {csp}");
+            }
+            assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"));
+        }
+    }
+
+    #[test]
+    fn the_page_has_no_inline_code_and_loads_only_its_own_files() {
+        assert!(!INDEX_HTML.contains("<script>") && !INDEX_HTML.contains("style="));
+        assert!(!INDEX_HTML.contains("<style"));
+        for (name, js) in [
+            ("app.js", APP_JS),
+            ("view.js", VIEW_JS),
+            ("routes.js", ROUTES_JS),
+        ] {
+            // Peer ids, model names and error texts are written as text, never parsed as HTML.
+            for bad in [
+                "innerHTML",
+                "outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+                "eval(",
+                "setAttribute(\"style\"",
+            ] {
+                assert!(!js.contains(bad), "{name} uses {bad}");
+            }
+            for imp in js.lines().filter(|l| l.starts_with("import ")) {
+                let file = imp.rsplit('"').nth(1).unwrap_or("");
+                let path = format!("/dashboard/{}", file.trim_start_matches("./"));
+                assert!(
+                    ASSETS.iter().any(|a| a.0 == path),
+                    "{name} imports {file}, which is not served"
+                );
+            }
+        }
+    }
 
     #[test]
     fn availability_bins() {

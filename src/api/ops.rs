@@ -4,6 +4,7 @@
 //! | --- | --- |
 //! | `GET /metrics` | Prometheus text format ([`crate::metrics`]); absent with `[metrics] enabled = false` |
 //! | `POST /admin/pin` `{"artifact": ID or NAME, "pinned": true}` | pin or unpin an artifact |
+//! | `GET /admin/route` | the router's state ([`crate::route::RouteSnapshot`]): this node's card, peers' fresh cards, paused peers, recent routing events; 404 when routing is off |
 //!
 //! [`prefetch`] drives a running node through its admin API: pull each
 //! model, wait until it is complete, pin it (what `shoal prefetch` and the
@@ -26,7 +27,9 @@ use std::time::Duration;
 
 /// The operations routes; `/metrics` only when `metrics` is on.
 pub fn routes(metrics: bool) -> Router<Node> {
-    let r = Router::new().route("/admin/pin", post(pin));
+    let r = Router::new()
+        .route("/admin/pin", post(pin))
+        .route("/admin/route", get(route_state));
     if metrics {
         r.route("/metrics", get(prometheus))
     } else {
@@ -41,6 +44,16 @@ async fn prometheus(State(node): State<Node>) -> Response {
         node.metrics().render(),
     )
         .into_response()
+}
+
+/// `GET /admin/route`: what the router knows and did, or 404 when routing is off.
+async fn route_state(
+    State(node): State<Node>,
+) -> Result<Json<crate::route::RouteSnapshot>, ApiError> {
+    let routing = node
+        .routing()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "routing is off".into()))?;
+    Ok(Json(routing.snapshot()))
 }
 
 fn yes() -> bool {

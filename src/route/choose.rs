@@ -6,10 +6,10 @@
 //!    queue > only on disk (it must be loaded first) > loaded and full;
 //! 2. within a tier, the longest warm prefix match ([`super::heads`]);
 //! 3. then the least busy: (running + waiting + requests this node has
-//!    forwarded there and not finished) / parallel; this node's own count
-//!    gets one request of slack, so a request moves only for a real gain;
-//! 4. then this node before a peer, then a fixed random order (so that
-//!    equal peers share the load instead of all picking the first).
+//!    forwarded there and not finished) / parallel;
+//! 4. then this node before a peer (a tie stays here: no hop for nothing),
+//!    then a random order (so that equal peers share the load instead of
+//!    all picking the first).
 
 use libp2p::PeerId;
 
@@ -57,7 +57,7 @@ pub enum Tier {
 impl Offer {
     /// The tier of this offer.
     pub fn tier(&self) -> Tier {
-        let busy = self.load_count();
+        let busy = self.busy;
         match self.loaded {
             false => Tier::OnDisk,
             true if busy < self.parallel => Tier::Free,
@@ -66,16 +66,8 @@ impl Offer {
         }
     }
 
-    /// Busy count with this node's slack of one request.
-    fn load_count(&self) -> u32 {
-        match self.target {
-            Target::Local => self.busy.saturating_sub(1),
-            Target::Peer(_) => self.busy,
-        }
-    }
-
     fn load(&self) -> f64 {
-        f64::from(self.load_count()) / f64::from(self.parallel.max(1))
+        f64::from(self.busy) / f64::from(self.parallel.max(1))
     }
 }
 
@@ -146,16 +138,14 @@ mod tests {
     }
 
     #[test]
-    fn this_node_keeps_a_request_unless_a_peer_is_clearly_freer() {
+    fn a_tie_stays_here_and_a_freer_peer_takes_the_request() {
         let p = Target::Peer(PeerId::random());
-        // Local busy 2 vs peer busy 1: one request of slack, tie, local first.
         assert_eq!(
-            order(vec![offer(p, true, 1, 0), offer(Target::Local, true, 2, 0)]),
+            order(vec![offer(p, true, 1, 0), offer(Target::Local, true, 1, 0)]),
             vec![Target::Local, p]
         );
-        // Local busy 3 vs peer 1: the peer.
         assert_eq!(
-            order(vec![offer(Target::Local, true, 3, 0), offer(p, true, 1, 0)]),
+            order(vec![offer(Target::Local, true, 2, 0), offer(p, true, 1, 0)]),
             vec![p, Target::Local]
         );
     }

@@ -562,7 +562,7 @@ impl Routing {
                 loaded: true,
                 parallel: u32::from(l.0),
                 queue_depth: u32::from(l.1),
-                busy: u32::from(l.2) + u32::from(l.3) + 1,
+                busy: u32::from(l.2) + u32::from(l.3),
                 warm: heads::warm_match(heads, &warm_here),
                 jitter: 0,
             });
@@ -738,21 +738,18 @@ impl Routing {
 }
 
 /// (parallel, queue_depth, running, waiting, prompt_tps, decode_tps) of a
-/// loaded model.
-fn engine_load(serving: &Serving, s: &crate::serve::Served) -> (u16, u16, u16, u16, f32, f32) {
-    let c = serving.config();
-    let pending = s.engine.pending();
-    let parallel = c.parallel.max(1);
-    let running = pending.min(parallel);
-    let waiting = pending - running;
-    let sat = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+/// loaded model ([`crate::serve::Engine::load`]), in the card's widths.
+fn engine_load(_serving: &Serving, s: &crate::serve::Served) -> (u16, u16, u16, u16, f32, f32) {
+    let l = s.engine.load();
+    let sat = |n: u32| u16::try_from(n).unwrap_or(u16::MAX);
+    let rate = |r: f32| if r.is_finite() && r > 0.0 { r } else { 0.0 };
     (
-        sat(parallel),
-        sat(c.queue_depth),
-        sat(running),
-        sat(waiting),
-        0.0,
-        0.0,
+        sat(l.parallel.max(1)),
+        sat(l.queue_depth),
+        sat(l.running),
+        sat(l.waiting),
+        rate(l.prompt_tps),
+        rate(l.decode_tps),
     )
 }
 

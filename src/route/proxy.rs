@@ -270,8 +270,15 @@ async fn attempt(
                 let Some((status, headers)) = &head else {
                     return Err((RouteReason::Died, "body before head".into()));
                 };
-                // SSE comments (keep-alives) are not the first token.
+                // SSE comments (keep-alives) are not the first token; an
+                // error before any token is a failure of that node.
                 let comment = d.first() == Some(&b':');
+                if !comment && first.iter().all(|f: &Vec<u8>| f.first() == Some(&b':')) {
+                    let t = String::from_utf8_lossy(&d[..d.len().min(64)]).into_owned();
+                    if t.starts_with("data: {\"error\"") || t.starts_with("{\"error\"") {
+                        return Err((RouteReason::Busy, "failed before its first token".into()));
+                    }
+                }
                 first.push(d);
                 if !comment {
                     return Ok(Committed {
@@ -438,11 +445,16 @@ pub async fn serve_forwarded(r: Arc<Routing>, app: axum::Router, authorize: forw
             return;
         }
     };
+    // Held weakly: the node (its store, its mesh) goes away when it shuts
+    // down even though this task waits for streams.
+    let weak = Arc::downgrade(&r);
+    drop(r);
     while let Some((peer, stream)) = incoming.next().await {
+        let Some(r) = weak.upgrade() else { return };
         if r.banned.lock().contains(&peer) {
             continue;
         }
-        let (r, app, authorize) = (r.clone(), app.clone(), authorize.clone());
+        let (app, authorize) = (app.clone(), authorize.clone());
         tokio::spawn(async move {
             let started = Instant::now();
             match forward::serve_one(peer, stream, app, &*authorize).await {

@@ -7,7 +7,7 @@ use crate::kvcache::{KvSession, PrefixCache, Sequence};
 use crate::metrics::Metrics;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -63,6 +63,67 @@ pub struct EngineStats {
     pub cancelled: AtomicU64,
     /// Requests refused because the queue was full.
     pub rejected: AtomicU64,
+}
+
+/// A snapshot of an engine's load ([`Engine::load`]), what a node
+/// advertises on its serving card and routes requests by.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineLoad {
+    /// Sequences decoded together at most (`inference.parallel`).
+    pub parallel: u32,
+    /// Requests that may wait beyond those (`inference.queue_depth`).
+    pub queue_depth: u32,
+    /// Sequences in the running batch now.
+    pub running: u32,
+    /// Requests admitted but not running yet (queued, or put back to wait
+    /// by the KV budget): `running + waiting` is the number of admitted
+    /// requests ([`Engine::pending`]).
+    pub waiting: u32,
+    /// Prompt tokens computed per second of the steps that computed prompt
+    /// tokens (an exponentially weighted moving average over such steps;
+    /// 0.0 until measured). Prompt tokens restored from the prefix cache
+    /// are not counted.
+    pub prompt_tps: f32,
+    /// Tokens per second one running sequence gets: the inverse of the
+    /// time of a step that generated tokens (one forward pass over the
+    /// batch plus sampling), as an exponentially weighted moving average
+    /// over such steps; 0.0 until measured. With `n` sequences decoding
+    /// together the engine produces about `n * decode_tps` tokens per second.
+    pub decode_tps: f32,
+}
+
+/// What the generation thread publishes for [`Engine::load`].
+#[derive(Debug, Default)]
+struct LoadGauges {
+    running: AtomicU32,
+    /// `f32` bits.
+    prompt_tps: AtomicU32,
+    /// `f32` bits.
+    decode_tps: AtomicU32,
+}
+
+/// Weight of the newest step in the moving averages of [`EngineLoad`]'s rates.
+const RATE_ALPHA: f32 = 0.2;
+
+impl LoadGauges {
+    fn rate(a: &AtomicU32) -> f32 {
+        f32::from_bits(a.load(Ordering::Relaxed))
+    }
+
+    /// Folds one measured rate into `a`'s moving average (the first
+    /// measurement is taken as is).
+    fn fold(a: &AtomicU32, x: f32) {
+        if !x.is_finite() || x <= 0.0 {
+            return;
+        }
+        let old = Self::rate(a);
+        let new = if old > 0.0 {
+            old + RATE_ALPHA * (x - old)
+        } else {
+            x
+        };
+        a.store(new.to_bits(), Ordering::Relaxed);
+    }
 }
 
 /// Sets a job's cancel flag when dropped (the request went away).
@@ -142,6 +203,8 @@ pub struct Engine {
     tx: std::sync::mpsc::Sender<Queued>,
     stats: Arc<EngineStats>,
     avg_job_ms: Arc<AtomicU64>,
+    cfg: EngineConfig,
+    gauges: Arc<LoadGauges>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -169,6 +232,7 @@ impl Engine {
         let (tx, rx) = std::sync::mpsc::channel::<Queued>();
         let stats = Arc::new(EngineStats::default());
         let avg_job_ms = Arc::new(AtomicU64::new(1000));
+        let gauges = Arc::new(LoadGauges::default());
         let block = KvCache::block_bytes(model.kv_layout()) as u64;
         let worker = Worker {
             kv: kv.clone().map(|c| {
@@ -179,6 +243,7 @@ impl Engine {
             metrics: metrics.clone(),
             stats: stats.clone(),
             avg_job_ms: avg_job_ms.clone(),
+            gauges: gauges.clone(),
             parallel: cfg.parallel.max(1),
             budget_blocks: (cfg.kv_budget / block.max(1)).max(1) as usize,
             waiting: VecDeque::new(),
@@ -198,6 +263,8 @@ impl Engine {
             tx,
             stats,
             avg_job_ms,
+            cfg,
+            gauges,
         }))
     }
 
@@ -224,6 +291,24 @@ impl Engine {
     /// Requests admitted and not finished (running or queued).
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of the engine's load: its bounds, the sequences running
+    /// and waiting now, and its measured rates. Cheap (a few atomic loads).
+    pub fn load(&self) -> EngineLoad {
+        let sat = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let running = self.gauges.running.load(Ordering::Acquire);
+        // The worker updates `running` after each change; the permit count
+        // may move first, so `waiting` never goes below zero.
+        let waiting = sat(self.pending()).saturating_sub(running);
+        EngineLoad {
+            parallel: sat(self.cfg.parallel.max(1)),
+            queue_depth: sat(self.cfg.queue_depth),
+            running,
+            waiting,
+            prompt_tps: LoadGauges::rate(&self.gauges.prompt_tps),
+            decode_tps: LoadGauges::rate(&self.gauges.decode_tps),
+        }
     }
 
     /// Takes a queue slot, or `None` when `parallel + queue_depth` are taken.
@@ -323,6 +408,7 @@ struct Worker {
     metrics: Arc<Metrics>,
     stats: Arc<EngineStats>,
     avg_job_ms: Arc<AtomicU64>,
+    gauges: Arc<LoadGauges>,
     parallel: usize,
     /// `kv_budget` in storage blocks.
     budget_blocks: usize,
@@ -342,6 +428,7 @@ impl Worker {
     /// advances every running sequence by one forward pass per step.
     fn serve(mut self, rx: std::sync::mpsc::Receiver<Queued>) {
         loop {
+            self.publish();
             if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
                     Ok(q) => self.waiting.push_back(Seq::new(q)),
@@ -357,12 +444,19 @@ impl Worker {
                 continue;
             }
             self.admit();
+            self.publish();
             if self.running.is_empty() {
                 continue;
             }
             self.fit_budget();
             self.step();
         }
+    }
+
+    /// Publishes the size of the running batch ([`Engine::load`]).
+    fn publish(&self) {
+        let n = u32::try_from(self.running.len()).unwrap_or(u32::MAX);
+        self.gauges.running.store(n, Ordering::Release);
     }
 
     /// Waiting jobs whose client went away end here (nothing was sent yet
@@ -513,6 +607,7 @@ impl Worker {
                 return;
             };
             if self.running.is_empty() {
+                self.publish();
                 tracing::warn!(
                     model = %self.model.path().display(),
                     "a sequence alone reached inference.kv_budget: ended for length"
@@ -553,6 +648,17 @@ impl Worker {
                 feeds[i] = n;
                 left -= n;
                 prefill += n;
+            }
+        }
+        // For the rates of `EngineLoad`: prompt tokens this step computes,
+        // and whether it generates a token for a sequence already decoding.
+        let mut prompt_tokens = 0usize;
+        let mut decoding = false;
+        for (i, s) in self.running.iter().enumerate() {
+            if s.gen_start.is_none() {
+                prompt_tokens += feeds[i];
+            } else if feeds[i] == 1 {
+                decoding = true;
             }
         }
         let t = Instant::now();
@@ -606,10 +712,24 @@ impl Worker {
                 ended.push((i, r));
             }
         }
+        let secs = t.elapsed().as_secs_f32();
+        if secs > 0.0 {
+            if prompt_tokens > 0 {
+                LoadGauges::fold(&self.gauges.prompt_tps, prompt_tokens as f32 / secs);
+            }
+            if decoding {
+                LoadGauges::fold(&self.gauges.decode_tps, 1.0 / secs);
+            }
+        }
         // Remove from the back so indices stay valid.
         ended.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-        for (i, r) in ended {
-            let s = self.running.remove(i);
+        let ended: Vec<(Seq, StopReason)> = ended
+            .into_iter()
+            .map(|(i, r)| (self.running.remove(i), r))
+            .collect();
+        // The load is published before the clients hear of the end.
+        self.publish();
+        for (s, r) in ended {
             self.finish_with(s, r);
         }
     }
@@ -621,10 +741,9 @@ impl Worker {
         if let Some((_, session)) = &mut self.kv {
             session.forget();
         }
-        for s in std::mem::take(&mut self.running)
-            .into_iter()
-            .chain(std::mem::take(&mut self.waiting))
-        {
+        let running = std::mem::take(&mut self.running);
+        self.publish();
+        for s in running.into_iter().chain(std::mem::take(&mut self.waiting)) {
             self.fail(s, msg);
         }
     }

@@ -12,8 +12,8 @@ pub mod ollama;
 pub mod openai;
 
 pub use crate::inference::{HeaderCheck, MAX_HEADER_BYTES, Unservable, check_file, check_header};
-pub use engine::{Engine, EngineConfig, EngineStats, Job, JobEvent};
-pub use openai::router;
+pub use engine::{Engine, EngineConfig, EngineLoad, EngineStats, Job, JobEvent};
+pub use openai::{SERVED_BY_HEADER, router};
 
 use crate::config::{ConfigError, Setting};
 use crate::inference::{ChatTemplate, Model};
@@ -279,6 +279,12 @@ pub struct ServeConfig {
     #[doc(hidden)]
     #[serde(skip)]
     pub test_lie_kv: bool,
+    /// This node's peer id (not a setting: set by the node). When set,
+    /// every generation response names it in [`SERVED_BY_HEADER`] and in a
+    /// top-level `served_by` field (the JSON body, or the first chunk or
+    /// line of a stream).
+    #[serde(skip)]
+    pub node_id: Option<String>,
     /// Where the engines and the prefix cache report (not a setting: the
     /// node hands in its own; by default a fresh, detached set).
     #[serde(skip)]
@@ -286,7 +292,8 @@ pub struct ServeConfig {
 }
 
 impl PartialEq for ServeConfig {
-    /// Compares the settings; where the metrics go is not a setting.
+    /// Compares the settings; where the metrics go and the node's id are
+    /// not settings.
     fn eq(&self, o: &Self) -> bool {
         let ServeConfig {
             threads,
@@ -301,6 +308,7 @@ impl PartialEq for ServeConfig {
             response_cache_budget,
             response_cache_ttl,
             test_lie_kv,
+            node_id: _,
             metrics: _,
         } = self;
         *threads == o.threads
@@ -336,6 +344,7 @@ impl Default for ServeConfig {
             response_cache_budget: rc.budget,
             response_cache_ttl: rc.ttl,
             test_lie_kv: false,
+            node_id: None,
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
@@ -1229,6 +1238,26 @@ impl Serving {
         if let Some(kv) = self.kv.clone() {
             let _ = tokio::task::spawn_blocking(move || kv.flush()).await;
         }
+    }
+}
+
+/// Names the node that ran the model on a generation response: the
+/// [`SERVED_BY_HEADER`] header set to `node_id` (this node's peer id,
+/// [`ServeConfig::node_id`]), unless the response already names one (an
+/// answer a peer served keeps its name). Nothing when `node_id` is unset or
+/// not a header value.
+pub fn name_server(r: &mut axum::response::Response, node_id: Option<&str>) {
+    let Some(v) = node_id.and_then(|n| axum::http::HeaderValue::from_str(n).ok()) else {
+        return;
+    };
+    r.headers_mut().entry(SERVED_BY_HEADER).or_insert(v);
+}
+
+/// Adds a top-level `"served_by": node_id` to `v` (a JSON object; anything
+/// else is left alone), unless `node_id` is `None`.
+pub fn add_served_by(v: &mut serde_json::Value, node_id: Option<&str>) {
+    if let (Some(n), Some(o)) = (node_id, v.as_object_mut()) {
+        o.insert("served_by".into(), serde_json::Value::from(n));
     }
 }
 

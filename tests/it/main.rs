@@ -24,6 +24,7 @@ mod serving_node;
 mod serving_ollama;
 mod serving_refuse;
 mod serving_route;
+mod serving_route_bits;
 mod store;
 mod store_full_disk;
 mod util;

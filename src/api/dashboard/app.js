@@ -1,6 +1,7 @@
 // The dashboard's data side: first paint from /dashboard/state, then live
 // updates from the server-sent events at /events. Rendering is in view.js.
 import { render } from "./view.js";
+import { renderRoutes } from "./routes.js";
 
 const state = { current: null, previous: null, rates: new Map() };
 
@@ -9,6 +10,7 @@ function update(snapshot) {
   state.current = snapshot;
   trackRates(state);
   render(snapshot, state.rates);
+  renderRoutes(snapshot);
 }
 
 // Transfer rates from successive snapshots, smoothed; ETA follows from them.

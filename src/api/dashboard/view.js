@@ -19,16 +19,16 @@ export function duration(s) {
   return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
-const short = (id) => (id.length > 16 ? `${id.slice(0, 6)}…${id.slice(-6)}` : id);
+export const short = (id) => (id.length > 16 ? `${id.slice(0, 6)}…${id.slice(-6)}` : id);
 // Peer ids all start alike (12D3KooW…): their tail tells them apart.
-const tail = (id) => id.slice(-6);
+export const tail = (id) => id.slice(-6);
 // "/ip4/127.0.0.1/tcp/7071/p2p/12D3…" → "127.0.0.1:7071"
 function hostPort(addr) {
   const m = /^\/ip[46]\/([^/]+)\/(?:tcp|udp)\/(\d+)/.exec(addr || "");
   return m ? `${m[1]}:${m[2]}` : addr || "–";
 }
 
-function el(tag, attrs = {}, ...children) {
+export function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "style") e.style.cssText = v; else e.setAttribute(k, v);
@@ -37,7 +37,7 @@ function el(tag, attrs = {}, ...children) {
   return e;
 }
 
-function svg(tag, attrs = {}, text) {
+export function svg(tag, attrs = {}, text) {
   const e = document.createElementNS(SVG, tag);
   for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
   if (text !== undefined) e.textContent = text;

@@ -28,19 +28,27 @@ pub(super) async fn chat(
     State(o): State<Arc<Ollama>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    counted(&o, run(o.clone(), body, Kind::Chat).await)
+    served(&o, run(o.clone(), body, Kind::Chat).await)
 }
 
 pub(super) async fn generate(
     State(o): State<Arc<Ollama>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    counted(&o, run(o.clone(), body, Kind::Generate).await)
+    served(&o, run(o.clone(), body, Kind::Generate).await)
 }
 
 pub(super) fn counted(o: &Ollama, r: Result<Response, OllamaError>) -> Response {
     let r = r.unwrap_or_else(IntoResponse::into_response);
     o.serving.metrics().request(r.status().as_u16());
+    r
+}
+
+/// [`counted`], naming this node as the server of a generation response
+/// ([`crate::serve::name_server`]), errors as well.
+fn served(o: &Ollama, r: Result<Response, OllamaError>) -> Response {
+    let mut r = counted(o, r);
+    crate::serve::name_server(&mut r, o.serving.config().node_id.as_deref());
     r
 }
 
@@ -50,6 +58,9 @@ struct Fmt {
     kind: Kind,
     /// The model as the request named it (Ollama echoes it).
     model: String,
+    /// This node's peer id, put in the first line's (or the JSON answer's)
+    /// `served_by` ([`crate::serve::ServeConfig::node_id`]).
+    served_by: Option<String>,
 }
 
 /// When the phases of a request began and ended, for Ollama's durations.
@@ -106,6 +117,12 @@ impl Fmt {
         }
         v
     }
+
+    /// `v` as the first line of a stream, or as the JSON answer: with `served_by`.
+    fn first(&self, mut v: Value) -> Value {
+        crate::serve::add_served_by(&mut v, self.served_by.as_deref());
+        v
+    }
 }
 
 /// What a finished generation produced.
@@ -157,6 +174,7 @@ async fn run(
     let fmt = Fmt {
         kind,
         model: c.model.clone(),
+        served_by: o.serving.config().node_id.clone(),
     };
     let stream = c.stream.unwrap_or(true);
     let plan = {
@@ -190,7 +208,7 @@ async fn run(
                     o.remove(k);
                 }
             }
-            return Ok(one(&line, stream));
+            return Ok(one(&fmt.first(line), stream));
         }
     };
     let engine = p.served.engine.clone();
@@ -241,6 +259,7 @@ async fn run(
         p,
         store,
         outcome: Outcome::default(),
+        sent: false,
     };
     let r = if stream {
         live_stream(live)
@@ -305,17 +324,14 @@ fn replay(fmt: &Fmt, ans: &CachedAnswer, p: &Prepared, t: &Timing, stream: bool)
     let ctx = context(fmt, p, &o.text);
     if !stream {
         let v = fmt.finish(fmt.piece(&o.text), &ans.finish_reason, &o, t, ctx);
-        return axum::Json(v).into_response();
+        return axum::Json(fmt.first(v)).into_response();
     }
-    let mut lines: Vec<Result<Bytes, Infallible>> =
-        ans.pieces.iter().map(|s| Ok(line(&fmt.piece(s)))).collect();
-    lines.push(Ok(line(&fmt.finish(
-        fmt.piece(""),
-        &ans.finish_reason,
-        &o,
-        t,
-        ctx,
-    ))));
+    let mut lines: Vec<Value> = ans.pieces.iter().map(|s| fmt.piece(s)).collect();
+    lines.push(fmt.finish(fmt.piece(""), &ans.finish_reason, &o, t, ctx));
+    if let Some(v) = lines.first_mut() {
+        *v = fmt.first(std::mem::take(v));
+    }
+    let lines: Vec<Result<Bytes, Infallible>> = lines.iter().map(|v| Ok(line(v))).collect();
     ndjson(futures::stream::iter(lines).boxed())
 }
 
@@ -328,6 +344,8 @@ struct Live {
     p: Box<Prepared>,
     store: Store,
     outcome: Outcome,
+    /// A line went out (the first carries `served_by`).
+    sent: bool,
 }
 
 impl Live {
@@ -386,6 +404,13 @@ impl Live {
         }
     }
 
+    /// `v` as the next NDJSON line of the stream (the first with `served_by`).
+    fn line(&mut self, v: Value) -> Bytes {
+        let v = if self.sent { v } else { self.fmt.first(v) };
+        self.sent = true;
+        line(&v)
+    }
+
     fn push(&mut self, s: &str) {
         if !s.is_empty() {
             self.outcome.text.push_str(s);
@@ -415,7 +440,10 @@ async fn collect(mut l: Live) -> Result<Response, OllamaError> {
     while let Some(ev) = l.rx.recv().await {
         match l.take(ev) {
             Step::Text(_) => {}
-            Step::Done(_, reason) => return Ok(axum::Json(l.last(reason, true)).into_response()),
+            Step::Done(_, reason) => {
+                let v = l.fmt.first(l.last(reason, true));
+                return Ok(axum::Json(v).into_response());
+            }
             Step::Failed(m) => return Err(OllamaError::server(m)),
         }
     }
@@ -430,18 +458,22 @@ fn live_stream(l: Live) -> Response {
             match l.take(ev) {
                 Step::Text(s) if s.is_empty() => {}
                 Step::Text(s) => {
-                    return Some((Ok(line(&l.fmt.piece(&s))), Some(l)));
+                    let b = l.line(l.fmt.piece(&s));
+                    return Some((Ok(b), Some(l)));
                 }
                 Step::Done(tail, reason) => {
                     let mut out = Vec::new();
                     if !tail.is_empty() {
-                        out.extend_from_slice(&line(&l.fmt.piece(&tail)));
+                        let b = l.line(l.fmt.piece(&tail));
+                        out.extend_from_slice(&b);
                     }
-                    out.extend_from_slice(&line(&l.last(reason, false)));
+                    let b = l.line(l.last(reason, false));
+                    out.extend_from_slice(&b);
                     return Some((Ok(Bytes::from(out)), None));
                 }
                 Step::Failed(m) => {
-                    return Some((Ok(line(&OllamaError::server(m).body())), None));
+                    let b = l.line(OllamaError::server(m).body());
+                    return Some((Ok(b), None));
                 }
             }
         }

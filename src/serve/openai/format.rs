@@ -10,7 +10,7 @@ use crate::respcache::{self, CachedAnswer};
 use crate::serve::engine::{CancelOnDrop, JobEvent};
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -48,6 +48,9 @@ pub(super) struct Fmt {
     pub(super) id: String,
     pub(super) created: u64,
     pub(super) model: String,
+    /// This node's peer id, put in the body's (or the stream's first
+    /// chunk's) `served_by` ([`crate::serve::ServeConfig::node_id`]).
+    pub(super) served_by: Option<String>,
 }
 
 pub(super) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
@@ -61,7 +64,7 @@ pub(super) fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
 
 impl Fmt {
     pub(super) fn full(&self, text: &str, finish: &str, usage: Value) -> Value {
-        match self.kind {
+        let mut v = match self.kind {
             Kind::Chat => json!({
                 "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "system_fingerprint": null,
@@ -75,7 +78,15 @@ impl Fmt {
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish}],
                 "usage": usage,
             }),
-        }
+        };
+        crate::serve::add_served_by(&mut v, self.served_by.as_deref());
+        v
+    }
+
+    /// `v` as the first chunk of a stream: with `served_by`.
+    pub(super) fn first(&self, mut v: Value) -> Value {
+        crate::serve::add_served_by(&mut v, self.served_by.as_deref());
+        v
     }
 
     pub(super) fn chunk(
@@ -266,21 +277,33 @@ pub(super) async fn collect(
     Err(OpenAiError::server("generation ended without a result"))
 }
 
+/// Without its own keep-alive: a live stream sends its comments itself,
+/// only once its first chunk went out ([`KEEP_ALIVE`]).
 pub(super) fn sse_response<S>(stream: S) -> Response
 where
     S: futures::Stream<Item = Result<Event, Infallible>> + Send + 'static,
 {
-    Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Sse::new(stream).into_response()
 }
 
-pub(super) fn replay_stream(ans: &CachedAnswer, kind: Kind, p: &Prepared) -> Response {
+/// A live stream that sent its first chunk and then nothing for this long
+/// sends an SSE comment line (`:`), so idle connections stay open through
+/// proxies. None is sent before the first chunk: the first body bytes mean
+/// that generation has begun.
+pub(super) const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+pub(super) fn replay_stream(
+    ans: &CachedAnswer,
+    kind: Kind,
+    p: &Prepared,
+    served_by: Option<&str>,
+) -> Response {
     let fmt = Fmt {
         kind,
         id: ans.id.clone(),
         created: ans.created,
         model: p.model_name.clone(),
+        served_by: served_by.map(str::to_owned),
     };
     let iu = p.include_usage;
     let mut evs = Vec::new();
@@ -303,6 +326,9 @@ pub(super) fn replay_stream(ans: &CachedAnswer, kind: Kind, p: &Prepared) -> Res
             ans.prompt_tokens,
         )));
     }
+    if let Some(v) = evs.first_mut() {
+        *v = fmt.first(std::mem::take(v));
+    }
     let mut events: Vec<Result<Event, Infallible>> = evs.iter().map(sse_event).collect();
     events.push(Ok(Event::default().data("[DONE]")));
     sse_response(futures::stream::iter(events))
@@ -315,8 +341,37 @@ pub(super) struct LiveState {
     pub(super) include_usage: bool,
     pub(super) out: VecDeque<Event>,
     pub(super) done: bool,
+    /// A chat stream's role chunk went out (with the first token, or at
+    /// the end of an empty answer).
+    pub(super) role_sent: bool,
+    /// A chunk went out (the first carries `served_by`); keep-alive
+    /// comments follow only then.
+    pub(super) sent: bool,
+    /// See [`KEEP_ALIVE`].
+    pub(super) keep_alive: std::time::Duration,
     pub(super) outcome: Generated,
     pub(super) store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+}
+
+impl LiveState {
+    /// Queues a chat stream's role chunk (`delta: {role, content: ""}`)
+    /// once, just before the first text or the end: nothing is sent before
+    /// the first token, so the first bytes of the body arrive with it (a
+    /// router may still retry elsewhere a node that fails before then).
+    fn role_chunk(&mut self) {
+        if self.fmt.kind == Kind::Chat && !self.role_sent {
+            self.role_sent = true;
+            let v = self.fmt.chunk(Some(""), true, None, self.include_usage);
+            self.push(v);
+        }
+    }
+
+    /// Queues a JSON chunk; the first one gets `served_by`.
+    fn push(&mut self, v: Value) {
+        let v = if self.sent { v } else { self.fmt.first(v) };
+        self.sent = true;
+        self.out.push_back(Event::default().data(v.to_string()));
+    }
 }
 
 pub(super) fn live_stream(
@@ -326,6 +381,19 @@ pub(super) fn live_stream(
     include_usage: bool,
     store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
 ) -> Response {
+    live_stream_with(rx, guard, fmt, include_usage, store, KEEP_ALIVE)
+}
+
+/// [`live_stream`] with keep-alive comments every `keep_alive` (after the
+/// first chunk).
+fn live_stream_with(
+    rx: mpsc::UnboundedReceiver<JobEvent>,
+    guard: CancelOnDrop,
+    fmt: Fmt,
+    include_usage: bool,
+    store: Option<(Arc<respcache::ResponseCache>, [u8; 32])>,
+    keep_alive: std::time::Duration,
+) -> Response {
     let st = LiveState {
         rx,
         _guard: guard,
@@ -333,6 +401,9 @@ pub(super) fn live_stream(
         include_usage,
         out: VecDeque::new(),
         done: false,
+        role_sent: false,
+        sent: false,
+        keep_alive,
         outcome: Generated {
             pieces: Vec::new(),
             prompt_tokens: 0,
@@ -351,22 +422,29 @@ pub(super) fn live_stream(
                 return None;
             }
             let iu = st.include_usage;
-            let ev = |v: Value| Event::default().data(v.to_string());
-            match st.rx.recv().await {
+            let next = if st.sent {
+                match tokio::time::timeout(st.keep_alive, st.rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        st.out.push_back(Event::default().comment(""));
+                        continue;
+                    }
+                }
+            } else {
+                st.rx.recv().await
+            };
+            match next {
                 Some(JobEvent::Started {
                     prompt_tokens,
                     cached_tokens,
                 }) => {
                     st.outcome.prompt_tokens = prompt_tokens;
                     st.outcome.cached_tokens = cached_tokens;
-                    if st.fmt.kind == Kind::Chat {
-                        st.out.push_back(ev(st.fmt.chunk(Some(""), true, None, iu)));
-                    }
                 }
                 Some(JobEvent::Token(t)) => {
                     if !t.is_empty() {
-                        st.out
-                            .push_back(ev(st.fmt.chunk(Some(&t), false, None, iu)));
+                        st.role_chunk();
+                        st.push(st.fmt.chunk(Some(&t), false, None, iu));
                         st.outcome.pieces.push(t);
                     }
                 }
@@ -376,9 +454,9 @@ pub(super) fn live_stream(
                     tail,
                     ..
                 }) => {
+                    st.role_chunk();
                     if !tail.is_empty() {
-                        st.out
-                            .push_back(ev(st.fmt.chunk(Some(&tail), false, None, iu)));
+                        st.push(st.fmt.chunk(Some(&tail), false, None, iu));
                         st.outcome.pieces.push(tail);
                     }
                     st.outcome.completion_tokens = completion_tokens;
@@ -389,15 +467,11 @@ pub(super) fn live_stream(
                     } else {
                         Some("")
                     };
-                    st.out
-                        .push_back(ev(st.fmt.chunk(text, false, Some(fin), iu)));
+                    st.push(st.fmt.chunk(text, false, Some(fin), iu));
                     if iu {
                         let o = &st.outcome;
-                        st.out.push_back(ev(st.fmt.usage_chunk(usage(
-                            o.prompt_tokens,
-                            o.completion_tokens,
-                            o.cached_tokens,
-                        ))));
+                        let u = usage(o.prompt_tokens, o.completion_tokens, o.cached_tokens);
+                        st.push(st.fmt.usage_chunk(u));
                     }
                     st.out.push_back(Event::default().data("[DONE]"));
                     if stop != StopReason::Cancelled {
@@ -408,7 +482,7 @@ pub(super) fn live_stream(
                 }
                 Some(JobEvent::Failed(e)) => {
                     let err = OpenAiError::server(format!("generation failed: {e}"));
-                    st.out.push_back(ev(err.body()));
+                    st.push(err.body());
                     st.out.push_back(Event::default().data("[DONE]"));
                     st.done = true;
                 }
@@ -417,4 +491,148 @@ pub(super) fn live_stream(
         }
     });
     sse_response(s.boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::BodyDataStream;
+    use futures::FutureExt;
+    use std::sync::atomic::AtomicBool;
+
+    fn chat_fmt() -> Fmt {
+        Fmt {
+            kind: Kind::Chat,
+            id: "chatcmpl-test".into(),
+            created: 0,
+            model: "m".into(),
+            served_by: None,
+        }
+    }
+
+    fn stream_of(rx: mpsc::UnboundedReceiver<JobEvent>) -> BodyDataStream {
+        stream_with(rx, KEEP_ALIVE)
+    }
+
+    fn stream_with(
+        rx: mpsc::UnboundedReceiver<JobEvent>,
+        keep_alive: std::time::Duration,
+    ) -> BodyDataStream {
+        let guard = CancelOnDrop(Arc::new(AtomicBool::new(false)));
+        live_stream_with(rx, guard, chat_fmt(), false, None, keep_alive)
+            .into_body()
+            .into_data_stream()
+    }
+
+    /// Every body byte ready now, without waiting.
+    fn ready_text(body: &mut BodyDataStream) -> String {
+        let mut s = String::new();
+        while let Some(Some(Ok(b))) = body.next().now_or_never() {
+            s.push_str(&String::from_utf8_lossy(&b));
+        }
+        s
+    }
+
+    /// The `data:` payloads of every body byte ready now, without waiting.
+    fn ready(body: &mut BodyDataStream) -> Vec<String> {
+        sse_data(&ready_text(body))
+    }
+
+    fn sse_data(text: &str) -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(|d| d.trim_start().to_owned())
+            .collect()
+    }
+
+    fn delta(data: &str) -> Value {
+        let v: Value = serde_json::from_str(data).unwrap_or_default();
+        v["choices"][0]["delta"].clone()
+    }
+
+    fn started() -> JobEvent {
+        JobEvent::Started {
+            prompt_tokens: 5,
+            cached_tokens: 0,
+        }
+    }
+
+    /// A streamed chat sends nothing while its prompt is computed (after
+    /// `Started`); the role chunk comes with the first token, just before it.
+    #[tokio::test]
+    async fn the_role_chunk_comes_with_the_first_token() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut body = stream_of(rx);
+        tx.send(started()).ok();
+        assert_eq!(
+            ready(&mut body),
+            Vec::<String>::new(),
+            "no byte before the first token"
+        );
+        tx.send(JobEvent::Token(String::new())).ok();
+        assert_eq!(
+            ready(&mut body),
+            Vec::<String>::new(),
+            "no byte for held-back text"
+        );
+        tx.send(JobEvent::Token("Hi".into())).ok();
+        let got = ready(&mut body);
+        assert_eq!(got.len(), 2, "role chunk then the token's: {got:?}");
+        assert_eq!(delta(&got[0]), json!({"role": "assistant", "content": ""}));
+        assert_eq!(delta(&got[1]), json!({"content": "Hi"}));
+        tx.send(JobEvent::Token(" there".into())).ok();
+        let got = ready(&mut body);
+        assert_eq!(got.len(), 1, "one role chunk only: {got:?}");
+        assert_eq!(delta(&got[0]), json!({"content": " there"}));
+    }
+
+    /// An empty answer still starts with the role chunk (sent at the end).
+    #[tokio::test]
+    async fn an_empty_answer_sends_the_role_chunk_at_the_end() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut body = stream_of(rx);
+        tx.send(started()).ok();
+        tx.send(JobEvent::Done {
+            stop: StopReason::EndOfSequence,
+            completion_tokens: 1,
+            tail: String::new(),
+            ttft: std::time::Duration::ZERO,
+        })
+        .ok();
+        let got = ready(&mut body);
+        assert_eq!(got.len(), 3, "role, finish, [DONE]: {got:?}");
+        assert_eq!(delta(&got[0]), json!({"role": "assistant", "content": ""}));
+        let fin: Value = serde_json::from_str(&got[1]).unwrap_or_default();
+        assert_eq!(fin["choices"][0]["finish_reason"], "stop");
+        assert_eq!(got[2], "[DONE]");
+    }
+
+    /// No keep-alive comment before the first chunk, however long the
+    /// prompt takes; after it, a comment when no token comes for a while.
+    #[tokio::test]
+    async fn keep_alive_comments_start_after_the_first_chunk() {
+        let tick = std::time::Duration::from_millis(20);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut body = stream_with(rx, tick);
+        tx.send(started()).ok();
+        // Ten keep-alive periods with nothing to say.
+        let quiet = tokio::time::timeout(tick * 10, body.next()).await;
+        assert!(quiet.is_err(), "no byte before the first token: {quiet:?}");
+        tx.send(JobEvent::Token("Hi".into())).ok();
+        let mut text = String::new();
+        while !text.contains("\"Hi\"") {
+            match tokio::time::timeout(tick * 10, body.next()).await {
+                Ok(Some(Ok(b))) => text.push_str(&String::from_utf8_lossy(&b)),
+                other => panic!("the token's chunk did not come: {other:?}"),
+            }
+        }
+        assert!(!text.lines().any(|l| l.starts_with(':')), "{text:?}");
+        // Now idle: a comment comes within a few periods.
+        let next = tokio::time::timeout(tick * 50, body.next()).await;
+        let b = match next {
+            Ok(Some(Ok(b))) => b,
+            other => panic!("no keep-alive after the first chunk: {other:?}"),
+        };
+        assert!(String::from_utf8_lossy(&b).starts_with(':'), "{b:?}");
+    }
 }

@@ -8,7 +8,7 @@ use super::format::{
 };
 use super::prepare::{Prepared, parse_body, prepare, typed};
 use super::schema::{Kind, Params};
-use crate::metrics::{CacheOutcome, Metrics};
+use crate::metrics::CacheOutcome;
 use crate::respcache::{self, CachedAnswer};
 use crate::serve::engine::{CancelOnDrop, Job};
 use crate::serve::{ListedModel, ModelState, Served, Serving};
@@ -27,8 +27,7 @@ pub(super) async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let m = s.metrics().clone();
-    counted(&m, run(s, headers, body, Kind::Chat).await)
+    counted(&s.clone(), run(s, headers, body, Kind::Chat).await)
 }
 
 pub(super) async fn completions(
@@ -36,13 +35,15 @@ pub(super) async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let m = s.metrics().clone();
-    counted(&m, run(s, headers, body, Kind::Completion).await)
+    counted(&s.clone(), run(s, headers, body, Kind::Completion).await)
 }
 
-pub(super) fn counted(metrics: &Metrics, r: Result<Response, OpenAiError>) -> Response {
-    let r = r.unwrap_or_else(IntoResponse::into_response);
-    metrics.request(r.status().as_u16());
+/// Counts a generation response and names this node as its server
+/// ([`crate::serve::name_server`]), errors as well.
+pub(super) fn counted(s: &Serving, r: Result<Response, OpenAiError>) -> Response {
+    let mut r = r.unwrap_or_else(IntoResponse::into_response);
+    s.metrics().request(r.status().as_u16());
+    crate::serve::name_server(&mut r, s.config().node_id.as_deref());
     r
 }
 
@@ -152,7 +153,8 @@ pub(super) async fn run(
     if let (Some(ans), Some(tag)) = (cached, &etag) {
         // An answer from the response cache: its first token took no time.
         s.metrics().ttft(CacheOutcome::Response, 0.0);
-        return Ok(cached_response(&ans, tag, max_age, &headers, kind, &p));
+        let by = s.config().node_id.as_deref();
+        return Ok(cached_response(&ans, tag, max_age, &headers, kind, &p, by));
     }
     let Some(permit) = engine.try_admit() else {
         return Err(OpenAiError {
@@ -184,6 +186,7 @@ pub(super) async fn run(
         id: new_id(kind),
         created: now_secs(),
         model: p.model_name.clone(),
+        served_by: s.config().node_id.clone(),
     };
     let ch = CacheHeaders {
         etag: etag.clone(),
@@ -212,6 +215,7 @@ fn cached_response(
     headers: &HeaderMap,
     kind: Kind,
     p: &Prepared,
+    served_by: Option<&str>,
 ) -> Response {
     let ch = CacheHeaders {
         etag: Some(tag.to_owned()),
@@ -224,7 +228,7 @@ fn cached_response(
         return r;
     }
     let mut r = if p.stream {
-        replay_stream(ans, kind, p)
+        replay_stream(ans, kind, p, served_by)
     } else {
         let mut r = Response::new(Body::from(ans.body.clone()));
         r.headers_mut().insert(

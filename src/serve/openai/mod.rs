@@ -37,8 +37,16 @@ pub fn router(serving: Arc<Serving>) -> Router {
 /// client behind a proxy or on a mesh of nodes sees which one served it.
 pub const NODE_HEADER: &str = "x-shoal-node";
 
-/// `router` with every response naming `node` in [`NODE_HEADER`]
-/// (unchanged if `node` cannot be a header value).
+/// The response header naming the node that ran the model of a generation
+/// request (its peer id): this node's, or a peer's when the request was
+/// forwarded to it. The same id is in the `served_by` field of the body
+/// (see `docs/SERVING.md`, "Who served a request").
+pub const SERVED_BY_HEADER: &str = "x-shoal-served-by";
+
+/// `router` with every response naming `node` in [`NODE_HEADER`], and in
+/// [`SERVED_BY_HEADER`] unless the response names its server already (a
+/// forwarded answer keeps the peer's); unchanged if `node` cannot be a
+/// header value.
 pub fn with_node_header(router: Router, node: &str) -> Router {
     let Ok(v) = HeaderValue::from_str(node) else {
         return router;
@@ -46,6 +54,7 @@ pub fn with_node_header(router: Router, node: &str) -> Router {
     router.layer(axum::middleware::map_response(move |mut r: Response| {
         let v = v.clone();
         async move {
+            r.headers_mut().entry(SERVED_BY_HEADER).or_insert(v.clone());
             r.headers_mut().insert(NODE_HEADER, v);
             r
         }
