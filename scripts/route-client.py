@@ -26,7 +26,8 @@ counted as a hang. It prints one JSON line per request:
 (served_by: the X-Shoal-Served-By header, else x-shoal-node; served_by_chunk: the "served_by"
 field of the first chunk; events: SSE data events received, a first
 chunk without content included), then one line `SUMMARY {json}` with the counts,
-the aggregate tok/s, TTFT median/p95, who served how many, the queue samples
+the aggregate tok/s, TTFT median/p95, who served how many (and
+served_mismatch: answers whose header and first chunk name different nodes), the queue samples
 (--sample LABEL=NETNS[@HOST:PORT], every --sample-ms: shoal_queue_depth of
 the node's models from /metrics; with two samplers the max and mean of |a - b|) and
 the tok/s of the steady state (window_tok_s: content chunks that arrived
@@ -385,7 +386,10 @@ def summarize(run, sample_sets):
     for r in ok:
         who = r["served_by_chunk"] or r["served_by"] or "?"
         served[who] = served.get(who, 0) + 1
-    s = {"requests": len(res), "ok": len(ok), "failed": len(res) - len(ok),
+    # The header and the first chunk must name the same node.
+    mismatch = sum(1 for r in ok if r["served_by_chunk"] and r["served_by"]
+                   and r["served_by_chunk"] != r["served_by"])
+    s = {"requests": len(res), "ok": len(ok), "failed": len(res) - len(ok), "served_mismatch": mismatch,
          "hangs": sum(1 for r in res if r["hang"]), "error_events": sum(1 for r in res if r["error_event"]),
          "statuses": {}, "tokens": toks, "wall_s": round(wall, 3),
          "tok_s": round(toks / wall, 2) if wall > 0 else None,

@@ -721,7 +721,11 @@ rclient() {
     shift
     timeout $((WAIT_SECS * 4)) python3 scripts/route-client.py run --model "$ROUTE_MODEL" --timeout "$WAIT_SECS" \
         "$@" >"$out" 2>>"$WORK/client.err" || fail "route-client failed ($out): $(tail -3 "$WORK/client.err")"
-    sed -n 's/^SUMMARY //p' "$out"
+    local sum
+    sum=$(sed -n 's/^SUMMARY //p' "$out")
+    [ "$(jqpy 'j.get("served_mismatch", 0)' <<<"$sum")" = 0 ] ||
+        fail "X-Shoal-Served-By and the first chunk's served_by disagree ($out)"
+    echo "$sum"
 }
 
 # warm I: one short request served by node I itself (loads the model there).
