@@ -21,12 +21,48 @@
 #   kv-neighbour time to first token on node 1 with the prefix KV blocks of node 0
 #                (which answered the prompt) against node 0's cold answer
 #                (use RATE=1gbit; needs the demo model, SHOAL_TEST_MODEL)
+# Routing scenarios (issue 19; run by name; need SHOAL_TEST_MODEL, added as `demo`
+#   on the holders only; the issue's nodes 1..4 are nodes 0..3 here; the load
+#   client is scripts/route-client.py). Correctness fails the run; speed goals
+#   are logged as "goal ...: met" or "MISSED":
+#   route-forward  only node 0 holds the model (use RATE=1gbit BURST=1mb); all
+#                  trust node 0's key, which names it. RUNS (default 5) streamed
+#                  chats straight to node 0 and via node 2 (route.pull = never),
+#                  all served by node 0 (X-Shoal-Served-By): median TTFTs (goal:
+#                  via <= direct + 50 ms). Then node 3's first request (pull on
+#                  first use) must be served by node 0 while node 3 pulls in the
+#                  background (far below the transfer time); node 3 must end up
+#                  holding the model
+#   route-balance  nodes 0 and 1 hold the model, THREADS (default 1) inference
+#                  threads each; CLIENTS (16) streaming clients round-robin over
+#                  the live nodes, TOKENS (64) tokens, temperature 0, for DURATION
+#                  seconds (30) or REQUESTS per client: first node 0 alone (node 1
+#                  not started), then both. Aggregate tok/s (all, and of the
+#                  steady state between RAMP and DURATION), the ratio (of the
+#                  steady state with DURATION; goal >= 1.8),
+#                  failed requests (must be 0), |queue0 - queue1| sampled every
+#                  200 ms (shoal_queue_depth; goal: max <= 2). RAMP=S spreads the
+#                  clients' starts over S seconds (default 0: all at once; also
+#                  in route-failover)
+#   route-prefix   nodes 1 and 2 hold the model; a ~1,000-token system prompt
+#                  (SYSTEM_WORDS, 750 words) sent to node 1 with X-Shoal-Route:
+#                  local; a same-length other one to node 2 alone (cold); then K
+#                  (5) questions with the first prompt at node 2: each must be
+#                  served by node 1, median TTFT < PREFIX_BOUND (0.5) x cold
+#                  (goal <= 0.05x)
+#   route-failover nodes 0 and 1 hold the model, inference.parallel = 2; node 3
+#                  gets FAILOVER_REQUESTS (12) concurrent streams of
+#                  FAILOVER_TOKENS (200); once KILL_AFTER (2) have a token, the
+#                  holder serving most is SIGKILLed: every request without a token
+#                  then must complete on the other; those streaming from the
+#                  killed node must end with an error event; none may hang
 # Environment: NODES (default 4), RATE (tbf rate, default 100mbit),
 #   BURST (tbf bucket, default 256kb; ~1mb for RATE=1gbit),
 #   ONLINE (origin scenario: how many nodes may use the origin, default 2),
 #   SIZE_MB (artifact size, default 32), SHOAL (binary, default target/release/shoal),
 #   WAIT_SECS (bound on every wait, default 120), KEEP=1 keeps the work dir,
 #   NODE_LOG (the nodes' --log filter, default info; e.g. info,shoal::mesh=debug).
+#   In the routing scenarios WAIT_SECS also bounds every request (a hang fails).
 #
 # Needs root (network namespaces). Without root it says so loudly and exits 0.
 # Everything it creates (namespaces, veths, bridge, processes, files) is removed
@@ -619,6 +655,318 @@ scenario_discovery_redial() {
         [ $t -lt 200 ] || fail "discovery-redial: nodes found by mDNS were never redialled"
     done
     log "discovery-redial: connected after the failed first dials"
+}
+
+# ---------------------------------------------------------------------------
+# Routing across the mesh (issue 19). The issue numbers its nodes 1..4; here
+# they are 0..3 (issue node k = script node k-1). The model is the demo model
+# (SHOAL_TEST_MODEL), added as `demo` on the holders only. Every node runs with
+# the response cache off (SHOAL_RESPONSE_CACHE=0: a deterministic request must
+# reach an engine); the nodes that must not become holders run with
+# SHOAL_ROUTE_PULL=never. The load client is scripts/route-client.py, run from
+# the root namespace: each of its threads enters the namespace of the node it
+# asks, whose API stays on its own loopback.
+
+ROUTE_MODEL=demo
+
+need_model() {
+    [ -f "${SHOAL_TEST_MODEL:-}" ] || fail "$1 needs the demo model: SHOAL_TEST_MODEL=\$(scripts/fetch-model.sh)"
+}
+
+# hold I: add the demo model to node I's store as `demo`; prints its id.
+hold() {
+    "$SHOAL" --data-dir "$WORK/n$1" --json add "$SHOAL_TEST_MODEL" --name "$ROUTE_MODEL" | jqpy 'j["id"]'
+}
+
+# rnode I [VAR=VALUE...]: start node I (and wait for its API) with these
+# settings in its environment, the response cache off.
+rnode() {
+    local i=$1
+    shift
+    local -x SHOAL_RESPONSE_CACHE=0 "$@"
+    launch_node "$i"
+    wait_up "$i"
+}
+
+peer_of() { nsx "$1" --json status | jqpy 'j["peer_id"]'; }
+
+# api_get I PATH: GET PATH from node I's API with its admin token; the body on stdout.
+api_get() {
+    ip netns exec "$(ns "$1")" python3 -c "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7070' + sys.argv[1], headers={'Authorization': 'Bearer ' + open(sys.argv[2]).read().strip()}), timeout=5).read().decode())" \
+        "$2" "$WORK/n$1/admin.token"
+}
+
+# wait_card I PEER COUNT: until node I holds a fresh serving card of PEER
+# (GET /admin/route); where that route is absent, until node I's
+# shoal_route_cards (fresh cards of peers serving models) reaches COUNT.
+wait_card() {
+    local i=$1 peer=$2 count=$3 t=0 have
+    while :; do
+        have=$(api_get "$i" /admin/route 2>/dev/null | jqpy "'$peer' in json.dumps(j.get('cards', []))" 2>/dev/null ||
+            api_get "$i" /metrics 2>/dev/null | python3 -c "import sys; print(any(l.startswith('shoal_route_cards ') and float(l.split()[1]) >= $count for l in sys.stdin))" 2>/dev/null ||
+            echo err)
+        [ "$have" = True ] && return 0
+        sleep 0.2
+        t=$((t + 1))
+        [ $t -lt $((WAIT_SECS * 5)) ] || fail "node $i: no card of $peer (GET /admin/route: $(api_get "$i" /admin/route 2>&1 | head -c 300))"
+    done
+}
+
+nodearg() { echo "n$1=$(ns "$1")"; }
+
+# rclient OUT ARGS...: scripts/route-client.py run ARGS; its JSON lines go to
+# OUT, its summary (JSON) to stdout. Bounded by the client's own deadline.
+rclient() {
+    local out=$1
+    shift
+    timeout $((WAIT_SECS * 4)) python3 scripts/route-client.py run --model "$ROUTE_MODEL" --timeout "$WAIT_SECS" \
+        "$@" >"$out" 2>>"$WORK/client.err" || fail "route-client failed ($out): $(tail -3 "$WORK/client.err")"
+    local sum
+    sum=$(sed -n 's/^SUMMARY //p' "$out")
+    [ "$(jqpy 'j.get("served_mismatch", 0)' <<<"$sum")" = 0 ] ||
+        fail "X-Shoal-Served-By and the first chunk's served_by disagree ($out)"
+    echo "$sum"
+}
+
+# warm I: one short request served by node I itself (loads the model there).
+warm() {
+    local s
+    s=$(rclient "$WORK/warm-$1.jsonl" --node "$(nodearg "$1")" --header "X-Shoal-Route: local" --tokens 4 \
+        --question-offset $((900 + $1)))
+    [ "$(jqpy 'j["ok"]' <<<"$s")" = 1 ] || fail "warm-up on node $1 failed: $(cat "$WORK/warm-$1.jsonl")"
+}
+
+# rate_bps RATE: tc's rate (100mbit, 1gbit, ...) in bits per second.
+rate_bps() {
+    python3 -c "import re,sys; m=re.fullmatch(r'([0-9.]+)([kmg]?)(bit|bps)?', sys.argv[1].lower()); v=float(m.group(1))*{'':1,'k':1e3,'m':1e6,'g':1e9}[m.group(2)]; print(v*(8 if m.group(3)=='bps' else 1))" "$1"
+}
+
+# verdict NAME OK TEXT: log a goal as met or MISSED (speed goals do not fail the run).
+verdict() { if [ "$2" = True ]; then log "$1: goal $3: met"; else log "$1: goal $3: MISSED"; fi; }
+
+scenario_route_forward() {
+    need_model route-forward
+    local id i p0 key runs=${RUNS:-5} who
+    # The site's publisher is node 0 (its key signs the name `demo`); every
+    # node trusts it, so node 3 can resolve the name it pulls in the background.
+    key=$("$SHOAL" --data-dir "$WORK/n0" keygen 2>/dev/null)
+    id=$(hold 0)
+    for ((i = 1; i < NODES; i++)); do "$SHOAL" --data-dir "$WORK/n$i" trust add "$key" >/dev/null; done
+    # Node LAST pulls on first use (the default); the others never do, so the
+    # timed requests via node 2 always cross the mesh.
+    rnode 0
+    for ((i = 1; i < NODES - 1; i++)); do rnode "$i" SHOAL_ROUTE_PULL=never; done
+    local last=$((NODES - 1)) via_node=$((NODES > 3 ? 2 : 1))
+    rnode "$last"
+    p0=$(peer_of 0)
+    wait_card "$via_node" "$p0" 1
+    wait_card "$last" "$p0" 1
+    warm 0
+    # RUNS rounds: one request straight to node 0, one via node VIA (no model,
+    # route.pull = never), alternating which goes first; distinct questions
+    # (no prefix shared beyond the chat template).
+    local r direct=() via=() t a b s
+    for ((r = 0; r < runs; r++)); do
+        for k in 0 1; do
+            if [ $(((r + k) % 2)) = 0 ]; then
+                s=$(rclient "$WORK/direct-$r.jsonl" --node "$(nodearg 0)" --tokens 8 --question-offset $((60 + 2 * r)))
+                t=$(jqpy 'j["ttft_min"]' <<<"$s")
+                direct+=("$t")
+            else
+                s=$(rclient "$WORK/via-$r.jsonl" --node "$(nodearg "$via_node")" --tokens 8 --question-offset $((61 + 2 * r)))
+                t=$(jqpy 'j["ttft_min"]' <<<"$s")
+                who=$(jqpy 'next(iter(j["served"]), "-")' <<<"$s")
+                [ "$who" = "$p0" ] || fail "route-forward: run $r: node $via_node's request served by $who, not node 0 ($p0)"
+                via+=("$t")
+            fi
+            [ "$(jqpy 'j["ok"]' <<<"$s")" = 1 ] || fail "route-forward: run $r failed: $(cat "$WORK/direct-$r.jsonl" "$WORK/via-$r.jsonl" 2>/dev/null)"
+        done
+        log "route-forward: run $r: node 0 direct ${direct[$r]}s, via node $via_node ${via[$r]}s"
+    done
+    read -r a b <<<"$(python3 -c "import statistics as s, sys; print(round(s.median(map(float, sys.argv[1].split())), 4), round(s.median(map(float, sys.argv[2].split())), 4))" "${direct[*]}" "${via[*]}")"
+    # Node LAST's very first request: it has no model; a holder must serve it
+    # while the pull (route.pull = first-use) goes on in the background.
+    local first transfer
+    s=$(rclient "$WORK/first.jsonl" --node "$(nodearg "$last")" --tokens 8 --question-offset 50)
+    read -r first who <<<"$(jqpy '"%s %s" % (j["ttft_min"], next(iter(j["served"]), "-"))' <<<"$s")"
+    [ "$(jqpy 'j["ok"]' <<<"$s")" = 1 ] || fail "route-forward: node $last's first request failed: $(head -1 "$WORK/first.jsonl")"
+    [ "$who" = "$p0" ] || fail "route-forward: node $last's first request served by $who, not node 0 ($p0)"
+    transfer=$(python3 -c "import os,sys; print(round(os.path.getsize(sys.argv[1]) * 8 / $(rate_bps "$RATE"), 3))" "$SHOAL_TEST_MODEL")
+    log "route-forward: node $last's first request: TTFT ${first}s, served by node 0; the model's transfer alone takes >= ${transfer}s at $RATE"
+    verdict route-forward "$(python3 -c "print($first < $transfer / 2)")" "first TTFT < half the transfer time"
+    # The background pull: node LAST ends up holding the artifact.
+    local t0=$SECONDS held=False
+    while [ $((SECONDS - t0)) -lt "$WAIT_SECS" ]; do
+        held=$(nsx "$last" --json ls 2>/dev/null | jqpy "'$id' in json.dumps(j)" 2>/dev/null || echo False)
+        [ "$held" = True ] && break
+        sleep 0.5
+    done
+    [ "$held" = True ] || fail "route-forward: node $last never pulled the model in the background (route.pull = first-use)"
+    log "route-forward: node $last holds the model now (background pull, within $((SECONDS - t0 + 1))s of its first answer)"
+    log "route-forward: RESULT rate=$RATE runs=$runs direct_ttft_s=$a via_ttft_s=$b extra_ms=$(python3 -c "print(round(($b - $a) * 1000, 1))") first_ttft_s=$first transfer_s=$transfer"
+    verdict route-forward "$(python3 -c "print($b <= $a + 0.050)")" "via node $via_node <= direct + 50 ms"
+}
+
+scenario_route_balance() {
+    need_model route-balance
+    local threads=${THREADS:-1} clients=${CLIENTS:-16} tokens=${TOKENS:-64} dur=${DURATION:-30} i
+    local load=(--clients "$clients" --tokens "$tokens")
+    if [ -n "${REQUESTS:-}" ]; then load+=(--requests "$REQUESTS"); else load+=(--duration "$dur"); fi
+    load+=(--deadline $((WAIT_SECS * 3)) --ramp "${RAMP:-0}")
+    log "route-balance: holders run $threads inference thread(s) each on a $(nproc)-core machine: one holder alone = $threads core(s), two holders = $((2 * threads))"
+    hold 0 >/dev/null
+    hold 1 >/dev/null
+    # Baseline: node 0 the only holder (node 1 not started); the clients round-robin over the live nodes.
+    rnode 0 SHOAL_THREADS="$threads"
+    for ((i = 2; i < NODES; i++)); do rnode "$i" SHOAL_ROUTE_PULL=never; done
+    local p0 p1 nodes=()
+    p0=$(peer_of 0)
+    for ((i = 2; i < NODES; i++)); do wait_card "$i" "$p0" 1; done
+    warm 0
+    nodes=(--node "$(nodearg 0)")
+    for ((i = 2; i < NODES; i++)); do nodes+=(--node "$(nodearg "$i")"); done
+    local base both
+    base=$(rclient "$WORK/balance-one.jsonl" "${nodes[@]}" "${load[@]}" --question-offset 0 --sample "$(nodearg 0)")
+    log "route-balance: one holder: $(jqpy '"%d requests, %d failed, %d tokens in %.1fs: %.1f tok/s, served %s" % (j["requests"], j["failed"], j["tokens"], j["wall_s"], j["tok_s"], j["served"])' <<<"$base")"
+    # Both holders.
+    rnode 1 SHOAL_THREADS="$threads"
+    p1=$(peer_of 1)
+    wait_card 0 "$p1" 1
+    for ((i = 2; i < NODES; i++)); do wait_card "$i" "$p1" 2; done
+    wait_card 1 "$p0" 1
+    warm 1
+    nodes=()
+    for ((i = 0; i < NODES; i++)); do nodes+=(--node "$(nodearg "$i")"); done
+    both=$(rclient "$WORK/balance-two.jsonl" "${nodes[@]}" "${load[@]}" --question-offset 1000 \
+        --sample "$(nodearg 0)" --sample "$(nodearg 1)")
+    log "route-balance: two holders: $(jqpy '"%d requests, %d failed, %d tokens in %.1fs: %.1f tok/s, served %s, load %s" % (j["requests"], j["failed"], j["tokens"], j["wall_s"], j["tok_s"], j["served"], j["load"])' <<<"$both")"
+    local f1 f2 ratio dmax dmean
+    f1=$(jqpy 'j["failed"]' <<<"$base")
+    f2=$(jqpy 'j["failed"]' <<<"$both")
+    # The ratio of the steady state (every client busy) with DURATION, else of the whole runs.
+    ratio=$(python3 -c "import json,sys; a,b=json.loads(sys.argv[1]),json.loads(sys.argv[2]); k='window_tok_s' if 'window_tok_s' in a else 'tok_s'; print(round(b[k]/a[k],3))" "$base" "$both")
+    dmax=$(jqpy 'j.get("load_diff_max")' <<<"$both")
+    dmean=$(jqpy 'j.get("load_diff_mean")' <<<"$both")
+    log "route-balance: RESULT clients=$clients tokens=$tokens threads=$threads one_tok_s=$(jqpy 'j["tok_s"]' <<<"$base") two_tok_s=$(jqpy 'j["tok_s"]' <<<"$both") one_window_tok_s=$(jqpy 'j.get("window_tok_s")' <<<"$base") two_window_tok_s=$(jqpy 'j.get("window_tok_s")' <<<"$both") ratio=$ratio failed_one=$f1 failed_two=$f2 queue_diff_max=$dmax queue_diff_mean=$dmean busy_samples=$(jqpy 'j.get("load_samples_busy")' <<<"$both")"
+    [ "$f1" = 0 ] && [ "$f2" = 0 ] || fail "route-balance: failed requests (one holder: $f1, two: $f2); see $WORK/balance-*.jsonl"
+    [ "$(jqpy "j['served'].get('$p0', 0) > 0 and j['served'].get('$p1', 0) > 0" <<<"$both")" = True ] ||
+        fail "route-balance: with two holders one served nothing: $(jqpy 'j["served"]' <<<"$both")"
+    verdict route-balance "$(python3 -c "print($ratio >= 1.8)")" "two holders >= 1.8x one"
+    verdict route-balance "$(python3 -c "print('$dmax' != 'None' and float('$dmax') <= 2)")" "|queue0 - queue1| <= 2 (max of the samples)"
+}
+
+scenario_route_prefix() {
+    need_model route-prefix
+    local k=${K:-5} words=${SYSTEM_WORDS:-750} i
+    hold 1 >/dev/null
+    hold 2 >/dev/null
+    rnode 0 SHOAL_ROUTE_PULL=never
+    rnode 1
+    rnode 2
+    for ((i = 3; i < NODES; i++)); do rnode "$i" SHOAL_ROUTE_PULL=never; done
+    local p1 p2
+    p1=$(peer_of 1)
+    p2=$(peer_of 2)
+    wait_card 2 "$p1" 1
+    warm 1
+    warm 2
+    local s cold warmup
+    # The shared system prompt, warm on node 1 only.
+    warmup=$(rclient "$WORK/prefix-warm.jsonl" --node "$(nodearg 1)" --header "X-Shoal-Route: local" --tokens 8 \
+        --system-words "$words" --system-variant 0 --question-offset 200)
+    [ "$(jqpy 'j["ok"]' <<<"$warmup")" = 1 ] || fail "route-prefix: warming node 1 failed: $(cat "$WORK/prefix-warm.jsonl")"
+    # Cold: a system prompt of the same length, other text, first time, node 2 alone.
+    s=$(rclient "$WORK/prefix-cold.jsonl" --node "$(nodearg 2)" --header "X-Shoal-Route: local" --tokens 8 \
+        --system-words "$words" --system-variant 1 --question-offset 200)
+    [ "$(jqpy 'j["ok"]' <<<"$s")" = 1 ] || fail "route-prefix: cold request failed: $(cat "$WORK/prefix-cold.jsonl")"
+    cold=$(jqpy 'j["ttft_min"]' <<<"$s")
+    log "route-prefix: node 1 warmed (TTFT $(jqpy 'j["ttft_min"]' <<<"$warmup")s, $(head -1 "$WORK/prefix-warm.jsonl" | jqpy 'j["prompt_tokens"]') prompt tokens); node 2 cold, other text: ${cold}s ($(head -1 "$WORK/prefix-cold.jsonl" | jqpy 'j["prompt_tokens"]') prompt tokens)"
+    # Node 1's card must carry the new warm prefix before the requests arrive at node 2.
+    sleep "${CARD_SETTLE:-3}"
+    s=$(rclient "$WORK/prefix-routed.jsonl" --node "$(nodearg 2)" --requests "$k" --tokens 8 \
+        --system-words "$words" --system-variant 0 --question-offset 201)
+    local line
+    while read -r line; do log "route-prefix: $line"; done < <(python3 - "$WORK/prefix-routed.jsonl" "$p1" <<'PY'
+import json, sys
+for l in open(sys.argv[1]):
+    if l.startswith("{"):
+        r = json.loads(l)
+        who = r["served_by_chunk"] or r["served_by"]
+        print(f"request {r['i']}: status {r['status']}, TTFT {r['ttft']}, served by {'node 1' if who == sys.argv[2] else who}, cached {r['cached_tokens']}, error {r['error']}")
+PY
+)
+    [ "$(jqpy 'j["failed"]' <<<"$s")" = 0 ] || fail "route-prefix: failed requests: $(cat "$WORK/prefix-routed.jsonl")"
+    [ "$(jqpy "list(j['served']) == ['$p1']" <<<"$s")" = True ] || fail "route-prefix: not all served by node 1 ($p1; node 2 is $p2): $(jqpy 'j["served"]' <<<"$s")"
+    local med ratio
+    med=$(jqpy 'j["ttft_median"]' <<<"$s")
+    ratio=$(python3 -c "print(round($med / $cold, 4))")
+    log "route-prefix: RESULT k=$k system_words=$words cold_s=$cold warm_routed_median_s=$med ratio=$ratio"
+    python3 -c "import sys; sys.exit(0 if $ratio < ${PREFIX_BOUND:-0.5} else 1)" ||
+        fail "route-prefix: warm routed TTFT $med s is not well below the cold $cold s (ratio $ratio >= ${PREFIX_BOUND:-0.5})"
+    verdict route-prefix "$(python3 -c "print($ratio <= 0.05)")" "warm routed <= 0.05x cold"
+}
+
+scenario_route_failover() {
+    need_model route-failover
+    local n=${FAILOVER_REQUESTS:-12} tokens=${FAILOVER_TOKENS:-200} i
+    hold 0 >/dev/null
+    hold 1 >/dev/null
+    rnode 0 SHOAL_PARALLEL=2
+    rnode 1 SHOAL_PARALLEL=2
+    for ((i = 2; i < NODES; i++)); do rnode "$i" SHOAL_ROUTE_PULL=never; done
+    local last=$((NODES - 1)) p0 p1
+    p0=$(peer_of 0)
+    p1=$(peer_of 1)
+    wait_card "$last" "$p0" 2
+    wait_card "$last" "$p1" 2
+    warm 0
+    warm 1
+    local s
+    s=$(rclient "$WORK/failover.jsonl" --node "$(nodearg "$last")" --clients "$n" --requests 1 --tokens "$tokens" \
+        --question-offset 300 --kill "$p0=$(cat "$WORK/n0.pid")" --kill "$p1=$(cat "$WORK/n1.pid")" \
+        --kill-after "${KILL_AFTER:-2}" --ramp "${RAMP:-0}" --timeout "$WAIT_SECS" --deadline $((WAIT_SECS + 30)))
+    local victim
+    victim=$(jqpy 'j["killed"]' <<<"$s")
+    [ "$victim" != None ] || fail "route-failover: nobody was killed (no request got a token?): $s"
+    if [ "$victim" = "$p0" ]; then rm -f "$WORK/n0.pid"; else rm -f "$WORK/n1.pid"; fi
+    local out
+    out=$(python3 - "$WORK/failover.jsonl" "$victim" "$p0" "$p1" <<'PY'
+import json, sys
+path, victim, p0, p1 = sys.argv[1:]
+name = {p0: "node 0", p1: "node 1"}
+rs = [json.loads(l) for l in open(path) if l.startswith("{")]
+bad, c = [], {"untouched_ok": 0, "untouched": 0, "streaming_victim": 0, "victim_error_event": 0,
+              "streaming_other": 0, "hangs": 0}
+for r in rs:
+    who = r["served_by_chunk"] or r["served_by"]
+    tag = f"request {r['i']}: status {r['status']}, served by {name.get(who, who)}, ttft {r['ttft']}, tokens {r['tokens']} ({r['events']} events), finish {r['finish']}, error {r['error']!r}"
+    print("  " + tag, file=sys.stderr)
+    if r["hang"]:
+        c["hangs"] += 1
+        bad.append("hang: " + tag)
+    if not r["token_at_kill"]:
+        c["untouched"] += 1
+        if r["status"] == 200 and r["error"] is None and r["done"] and who not in (victim, None):
+            c["untouched_ok"] += 1
+        else:
+            bad.append("no token at the kill, did not complete elsewhere: " + tag)
+    elif who == victim:
+        c["streaming_victim"] += 1
+        if r["error_event"] and not r["hang"]:
+            c["victim_error_event"] += 1
+        else:
+            bad.append("streaming from the killed node, no error event: " + tag)
+    else:
+        c["streaming_other"] += 1
+        if not (r["status"] == 200 and r["error"] is None and r["done"]):
+            bad.append("streaming from the survivor, did not complete: " + tag)
+print(json.dumps({"counts": c, "bad": bad}))
+PY
+)
+    log "route-failover: SIGKILL $( [ "$victim" = "$p0" ] && echo "node 0" || echo "node 1") at $(jqpy 'round(j["kill_at_s"], 3)' <<<"$s")s; complete answers by server: $(jqpy 'j["served"]' <<<"$s")"
+    log "route-failover: RESULT requests=$n tokens=$tokens $(jqpy '" ".join("%s=%s" % kv for kv in j["counts"].items())' <<<"$out")"
+    [ "$(jqpy 'len(j["bad"])' <<<"$out")" = 0 ] || fail "route-failover: $(jqpy '"; ".join(j["bad"])' <<<"$out")"
+    [ "$(jqpy 'j["counts"]["untouched"]' <<<"$out")" -gt 0 ] || fail "route-failover: no request was waiting at the kill (inconclusive)"
 }
 
 # qdisc_sent I: bytes sent so far through the tbf qdisc of node I's eth0.
