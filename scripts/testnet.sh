@@ -470,7 +470,8 @@ body = json.dumps({"model": sys.argv[2], "prompt": prompt, "max_tokens": 2, "tem
                    "stream": True, "stream_options": {"include_usage": True}})
 c = http.client.HTTPConnection("127.0.0.1", 7070, timeout=600)
 t0 = time.monotonic()
-c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+# Local only: this scenario measures the KV tier, not the router.
+c.request("POST", "/v1/completions", body, {"Content-Type": "application/json", "X-Shoal-Route": "local"})
 r = c.getresponse()
 assert r.status == 200, (r.status, r.read())
 first, cached = None, 0
