@@ -180,6 +180,33 @@ async fn a_node_without_the_model_forwards_to_the_holder_and_pulls_it_meanwhile(
         Some(a_id.clone())
     );
 
+    // The Ollama routes are routed too (NDJSON streamed back).
+    let q = json!({"model": model, "stream": true, "options": {"temperature": 0, "num_predict": 12},
+        "messages": [{"role": "user", "content": "Name three colours."}]});
+    let r = http(b.http, "POST", "/api/chat", &[], q.to_string().as_bytes()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-shoal-served-by").map(str::to_ascii_lowercase),
+        Some(a_id.clone())
+    );
+    let lines: Vec<Value> = r
+        .text()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("NDJSON"))
+        .collect();
+    assert_eq!(
+        lines.last().map(|l| l["done"].clone()),
+        Some(json!(true)),
+        "{lines:?}"
+    );
+    let text: String = lines
+        .iter()
+        .filter_map(|l| l["message"]["content"].as_str())
+        .collect();
+    // (Ollama's defaults, e.g. its repeat penalty, give another text.)
+    assert!(!text.is_empty(), "{lines:?}");
+
     // B pulled the model in the background (route.pull = first-use) ...
     let id: shoal::store::ArtifactId = model.parse().expect("id");
     let store = b.node.store().clone();
@@ -215,7 +242,7 @@ async fn a_node_without_the_model_forwards_to_the_holder_and_pulls_it_meanwhile(
     let metrics = b.node.metrics().render();
     assert!(
         metrics
-            .contains("shoal_route_requests_total{outcome=\"forwarded\",reason=\"only_holder\"} 2"),
+            .contains("shoal_route_requests_total{outcome=\"forwarded\",reason=\"only_holder\"} 3"),
         "{metrics}"
     );
     let a_metrics = a.node.metrics().render();
