@@ -265,7 +265,7 @@ async fn open(
         };
         match first {
             Ok(Frame::Accepted) => return Ok((rd, wr)),
-            Ok(Frame::Head { status, .. }) if status == 401 => {
+            Ok(Frame::Head { status: 401, .. }) => {
                 return Err((RouteReason::Refused, "answered 401".into()));
             }
             Ok(Frame::Error(m)) => return Err((RouteReason::Refused, m)),
