@@ -381,6 +381,41 @@ pub const SETTINGS: &[Setting] = {
     ]
 };
 
+/// Checks a bundled page for the tests of its module: its HTML has no inline
+/// script or style (the CSP forbids them), its scripts use no HTML sink
+/// (text from peers and models is written as text), and every module a
+/// script imports is one of the page's served `assets` under `prefix`.
+#[cfg(test)]
+pub(crate) fn check_static_page(
+    index_html: &str,
+    scripts: &[(&str, &str)],
+    assets: &[(&str, &str, &str)],
+    prefix: &str,
+) {
+    assert!(!index_html.contains("<script>") && !index_html.contains("style="));
+    assert!(!index_html.contains("<style"));
+    for (name, js) in scripts {
+        for bad in [
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "setAttribute(\"style\"",
+        ] {
+            assert!(!js.contains(bad), "{name} uses {bad}");
+        }
+        for imp in js.lines().filter(|l| l.starts_with("import ")) {
+            let file = imp.rsplit('"').nth(1).unwrap_or("");
+            let path = format!("{prefix}{}", file.trim_start_matches("./"));
+            assert!(
+                assets.iter().any(|a| a.0 == path),
+                "{name} imports {file}, which is not served"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -82,30 +82,20 @@ pub async fn route(State(r): State<Arc<Routing>>, req: Request, next: Next) -> R
         return next.run(rebuild(parts, &bytes)).await;
     };
     let heads = heads::of_request(&path, &model, &json);
-    if local_only {
-        return serve_here(
-            &r,
-            next,
-            rebuild(parts, &bytes),
-            &model,
-            &heads,
-            RouteReason::LocalOnly,
-        )
-        .await;
-    }
-    let wanted = r.wanted(&model).await;
-    let ranked = r.rank(&wanted, &heads).await;
-    let holds = r.holds(&wanted);
+    let (ranked, holds) = if local_only {
+        (Vec::new(), true)
+    } else {
+        let wanted = r.wanted(&model).await;
+        (r.rank(&wanted, &heads).await, r.holds(&wanted))
+    };
     if ranked.is_empty() {
-        return serve_here(
-            &r,
-            next,
-            rebuild(parts, &bytes),
-            &model,
-            &heads,
-            RouteReason::NoPeer,
-        )
-        .await;
+        let reason = if local_only {
+            RouteReason::LocalOnly
+        } else {
+            RouteReason::NoPeer
+        };
+        let req = rebuild(parts, &bytes);
+        return serve_here(&r, next, req, &model, &heads, reason).await;
     }
     let peers_holding = ranked.iter().filter(|o| o.target != Target::Local).count();
     if ranked.first().is_some_and(|o| o.target != Target::Local) {
@@ -128,17 +118,6 @@ pub async fn route(State(r): State<Arc<Routing>>, req: Request, next: Next) -> R
         body: bytes.to_vec(),
     };
     for (tried, offer) in ranked.iter().enumerate() {
-        let Target::Peer(peer) = offer.target else {
-            let reason = if offer.warm > 0 {
-                RouteReason::Warm
-            } else {
-                RouteReason::Best
-            };
-            return serve_here(&r, next, rebuild(parts, &bytes), &model, &heads, reason).await;
-        };
-        if tried == MAX_PEERS {
-            break;
-        }
         let reason = if offer.warm > 0 {
             RouteReason::Warm
         } else if peers_holding == 1 && !holds {
@@ -146,6 +125,12 @@ pub async fn route(State(r): State<Arc<Routing>>, req: Request, next: Next) -> R
         } else {
             RouteReason::Best
         };
+        let Target::Peer(peer) = offer.target else {
+            return serve_here(&r, next, rebuild(parts, &bytes), &model, &heads, reason).await;
+        };
+        if tried == MAX_PEERS {
+            break;
+        }
         let started = Instant::now();
         match attempt(&r, peer, &fwd).await {
             Ok(c) => {

@@ -76,6 +76,26 @@ async fn add_model(node: &Node) -> String {
     id.to_hex()
 }
 
+/// The holder: a daemon in `dir` (routing on, `route.pull = never`, `keys`)
+/// with the demo model in its store; its model id and mesh address.
+async fn holder(dir: &Path, keys: Option<&[&str]>) -> (Started, String, libp2p::Multiaddr) {
+    let a = start(dir, Vec::new(), keys, shoal::route::PullPolicy::Never).await;
+    let model = add_model(&a.node).await;
+    let addr = crate::util::serving::p2p_addr(&a.node).await;
+    (a, model, addr)
+}
+
+/// `shoal_route_requests_total{outcome, reason}` of `node` is `n`.
+fn assert_counted(node: &Node, outcome: &str, reason: &str, n: u64) {
+    let metrics = node.metrics().render();
+    let line =
+        format!("shoal_route_requests_total{{outcome=\"{outcome}\",reason=\"{reason}\"}} {n}");
+    assert!(
+        metrics.lines().any(|l| l == line),
+        "no `{line}` in:\n{metrics}"
+    );
+}
+
 /// Waits until `node` holds a fresh card of `peer` listing `model`.
 async fn card_of(node: &Node, peer: &Node, model: &str) {
     let want = peer.mesh().peer_id().to_string();
@@ -125,15 +145,7 @@ async fn a_node_without_the_model_forwards_to_the_holder_and_pulls_it_meanwhile(
         return;
     }
     let tmp = tempfile::tempdir().expect("tmp");
-    let a = start(
-        &tmp.path().join("a"),
-        Vec::new(),
-        None,
-        shoal::route::PullPolicy::Never,
-    )
-    .await;
-    let model = add_model(&a.node).await;
-    let a_addr = crate::util::serving::p2p_addr(&a.node).await;
+    let (a, model, a_addr) = holder(&tmp.path().join("a"), None).await;
     let b = start(
         &tmp.path().join("b"),
         vec![a_addr],
@@ -239,17 +251,8 @@ async fn a_node_without_the_model_forwards_to_the_holder_and_pulls_it_meanwhile(
         "{:?}",
         snap.recent
     );
-    let metrics = b.node.metrics().render();
-    assert!(
-        metrics
-            .contains("shoal_route_requests_total{outcome=\"forwarded\",reason=\"only_holder\"} 3"),
-        "{metrics}"
-    );
-    let a_metrics = a.node.metrics().render();
-    assert!(
-        a_metrics.contains("outcome=\"served_for_peer\""),
-        "{a_metrics}"
-    );
+    assert_counted(&b.node, "forwarded", "only_holder", 3);
+    assert_counted(&a.node, "served_for_peer", "best", 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,15 +263,7 @@ async fn a_forwarded_request_keeps_its_key_scope() {
     let tmp = tempfile::tempdir().expect("tmp");
     let never = shoal::route::PullPolicy::Never;
     // A accepts key k1 only; B accepts k1 and k2.
-    let a = start(
-        &tmp.path().join("a"),
-        Vec::new(),
-        Some(&["sk-class-one"]),
-        never,
-    )
-    .await;
-    let model = add_model(&a.node).await;
-    let a_addr = crate::util::serving::p2p_addr(&a.node).await;
+    let (a, model, a_addr) = holder(&tmp.path().join("a"), Some(&["sk-class-one"])).await;
     let b = start(
         &tmp.path().join("b"),
         vec![a_addr],
@@ -304,11 +299,7 @@ async fn a_forwarded_request_keeps_its_key_scope() {
         r.header("x-shoal-node").map(str::to_ascii_lowercase),
         Some(b_id)
     );
-    let metrics = b.node.metrics().render();
-    assert!(
-        metrics.contains("shoal_route_requests_total{outcome=\"retried\",reason=\"refused\"} 1"),
-        "{metrics}"
-    );
+    assert_counted(&b.node, "retried", "refused", 1);
     // A refused peer is paused: not asked again for a while.
     assert!(
         !b.node
@@ -328,9 +319,7 @@ async fn a_holder_gone_mid_answer_ends_the_stream_with_an_error_event() {
     }
     let tmp = tempfile::tempdir().expect("tmp");
     let never = shoal::route::PullPolicy::Never;
-    let a = start(&tmp.path().join("a"), Vec::new(), None, never).await;
-    let model = add_model(&a.node).await;
-    let a_addr = crate::util::serving::p2p_addr(&a.node).await;
+    let (a, model, a_addr) = holder(&tmp.path().join("a"), None).await;
     let b = start(&tmp.path().join("b"), vec![a_addr], None, never).await;
     card_of(&b.node, &a.node, &model).await;
     let body = json!({"model": model, "stream": true, "max_tokens": 400, "temperature": 0,
@@ -351,11 +340,7 @@ async fn a_holder_gone_mid_answer_ends_the_stream_with_an_error_event() {
         data.iter().any(|d| d.contains("serving_node_failed")),
         "an error event before [DONE]: {rest}"
     );
-    let metrics = b.node.metrics().render();
-    assert!(
-        metrics.contains("shoal_route_requests_total{outcome=\"failed\",reason=\"died\"} 1"),
-        "{metrics}"
-    );
+    assert_counted(&b.node, "failed", "died", 1);
 }
 
 /// A peer that advertises the model loaded and the prompt warm (a lie) and
@@ -369,9 +354,7 @@ async fn a_peer_that_stalls_before_the_first_token_is_skipped() {
     }
     let tmp = tempfile::tempdir().expect("tmp");
     let never = shoal::route::PullPolicy::Never;
-    let a = start(&tmp.path().join("a"), Vec::new(), None, never).await;
-    let model = add_model(&a.node).await;
-    let a_addr = crate::util::serving::p2p_addr(&a.node).await;
+    let (a, model, a_addr) = holder(&tmp.path().join("a"), None).await;
     // C: a bare node (no serving layer) that takes forwarded streams and
     // holds them silent.
     let c = shoal::node::Node::start(shoal::node::NodeConfig {
@@ -456,11 +439,7 @@ async fn a_peer_that_stalls_before_the_first_token_is_skipped() {
         started.elapsed() >= Duration::from_secs(2),
         "after the stall timeout"
     );
-    let metrics = b.node.metrics().render();
-    assert!(
-        metrics.contains("shoal_route_requests_total{outcome=\"retried\",reason=\"stalled\"} 1"),
-        "{metrics}"
-    );
+    assert_counted(&b.node, "retried", "stalled", 1);
     let snap = b.node.routing().expect("routing").snapshot();
     assert!(
         snap.paused
