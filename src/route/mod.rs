@@ -531,7 +531,14 @@ impl Routing {
 
     /// The candidates for a request, best first (this node included when
     /// it holds the model). Empty when nobody holds it.
-    pub async fn rank(&self, wanted: &Wanted, heads: &[(usize, Head)]) -> Vec<Offer> {
+    /// `has_key`: the request came with an API key (a peer whose card says
+    /// it needs one is not offered a request without).
+    pub async fn rank(
+        &self,
+        wanted: &Wanted,
+        heads: &[(usize, Head)],
+        has_key: bool,
+    ) -> Vec<Offer> {
         let mut offers = Vec::new();
         let jitter = |p: &PeerId| {
             let mut h = blake3::Hasher::new();
@@ -608,6 +615,7 @@ impl Routing {
             if now.duration_since(held.at) > self.cfg.card_ttl
                 || !connected.contains(peer)
                 || banned.contains(peer)
+                || (held.card.needs_key && !has_key)
             {
                 continue;
             }

@@ -86,7 +86,11 @@ pub async fn route(State(r): State<Arc<Routing>>, req: Request, next: Next) -> R
         (Vec::new(), true)
     } else {
         let wanted = r.wanted(&model).await;
-        (r.rank(&wanted, &heads).await, r.holds(&wanted))
+        let has_key = parts
+            .extensions
+            .get::<KeyScope>()
+            .is_some_and(|k| k.0.is_some());
+        (r.rank(&wanted, &heads, has_key).await, r.holds(&wanted))
     };
     if ranked.is_empty() {
         let reason = if local_only {
@@ -146,7 +150,10 @@ pub async fn route(State(r): State<Arc<Routing>>, req: Request, next: Next) -> R
             }
             Err((why, detail)) => {
                 tracing::info!(%peer, model, reason = why.as_str(), detail, "routing: peer failed; trying the next");
-                r.pause(peer, &detail);
+                // A refused key scope is this request's, not the peer's fault.
+                if why != RouteReason::Refused || !detail.contains("401") {
+                    r.pause(peer, &detail);
+                }
                 r.record(r.event(
                     offer.target,
                     &model,
