@@ -336,10 +336,10 @@ impl Wanted {
 }
 
 impl Routing {
-    /// Starts routing for a node: listens for peers' cards and forwarded
-    /// requests' bans, and sends this node's card every `card_interval`.
-    /// The `/shoal/serve/1` server starts with [`Routing::serve_forwarded`]
-    /// once the HTTP routes exist.
+    /// Starts routing for a node: takes peers' cards and the mesh's bans,
+    /// and sends this node's card (see `announce`). The `/shoal/serve/1`
+    /// server starts with [`proxy::serve_forwarded`] once the HTTP routes
+    /// exist.
     pub fn start(
         cfg: RouteConfig,
         mesh: Client,
@@ -402,7 +402,7 @@ impl Routing {
                 continue;
             };
             loaded_ids.insert(id);
-            let l = engine_load(&self.serving, &s);
+            let l = engine_load(&s);
             models.push(CardModel {
                 warm: warm
                     .get(&name.to_ascii_lowercase())
@@ -567,7 +567,7 @@ impl Routing {
             .cloned()
             .unwrap_or_default();
         if let Some(s) = local {
-            let l = engine_load(&self.serving, &s);
+            let l = engine_load(&s);
             offers.push(Offer {
                 target: Target::Local,
                 loaded: true,
@@ -759,7 +759,7 @@ impl Routing {
 
 /// (parallel, queue_depth, running, waiting, prompt_tps, decode_tps) of a
 /// loaded model ([`crate::serve::Engine::load`]), in the card's widths.
-fn engine_load(_serving: &Serving, s: &crate::serve::Served) -> (u16, u16, u16, u16, f32, f32) {
+fn engine_load(s: &crate::serve::Served) -> (u16, u16, u16, u16, f32, f32) {
     let l = s.engine.load();
     let sat = |n: u32| u16::try_from(n).unwrap_or(u16::MAX);
     let rate = |r: f32| if r.is_finite() && r > 0.0 { r } else { 0.0 };
