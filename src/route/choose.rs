@@ -6,7 +6,8 @@
 //!    queue > only on disk (it must be loaded first) > loaded and full;
 //! 2. within a tier, the longest warm prefix match ([`super::heads`]);
 //! 3. then the least busy: (running + waiting + requests this node has
-//!    forwarded there and not finished) / parallel, in steps of an eighth;
+//!    forwarded there since its card and not finished) / parallel, in
+//!    steps of an eighth;
 //! 4. then this node before a peer (a tie stays here: no hop for nothing),
 //!    then a random order (so that equal peers share the load instead of
 //!    all picking the first).
@@ -33,7 +34,8 @@ pub struct Offer {
     pub parallel: u32,
     /// `inference.queue_depth` there.
     pub queue_depth: u32,
-    /// Running + waiting there, plus what this node forwarded and is still open.
+    /// Running + waiting there, plus what this node forwarded there since
+    /// that count and is still open.
     pub busy: u32,
     /// The longest warm prefix cut it matches, in bytes (0: none).
     pub warm: usize,

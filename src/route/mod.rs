@@ -209,7 +209,10 @@ pub struct Routing {
     host: Arc<dyn RouteHost>,
     needs_key: bool,
     cards: Mutex<HashMap<PeerId, Held>>,
-    inflight: Mutex<HashMap<PeerId, u32>>,
+    /// Open forwards per peer (id, start): those started after the peer's
+    /// card arrived are not in its counts yet.
+    inflight: Mutex<HashMap<PeerId, Vec<(u64, Instant)>>>,
+    inflight_ids: AtomicU64,
     paused: Mutex<HashMap<PeerId, (Instant, String)>>,
     banned: Mutex<HashSet<PeerId>>,
     /// Heads this node served, per model name (lower case), newest first.
@@ -357,6 +360,7 @@ impl Routing {
             needs_key,
             cards: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            inflight_ids: AtomicU64::new(0),
             paused: Mutex::new(HashMap::new()),
             banned: Mutex::new(HashSet::new()),
             warm: Mutex::new(HashMap::new()),
@@ -522,10 +526,16 @@ impl Routing {
 
     /// Counts a request forwarded to `peer` until the guard drops.
     pub fn inflight(self: &Arc<Self>, peer: PeerId) -> InFlight {
-        *self.inflight.lock().entry(peer).or_default() += 1;
+        let id = self.inflight_ids.fetch_add(1, Ordering::Relaxed);
+        self.inflight
+            .lock()
+            .entry(peer)
+            .or_default()
+            .push((id, Instant::now()));
         InFlight {
             routing: self.clone(),
             peer,
+            id,
         }
     }
 
@@ -631,7 +641,12 @@ impl Routing {
                     loaded: m.loaded,
                     parallel: u32::from(m.parallel).max(1),
                     queue_depth: u32::from(m.queue_depth),
-                    busy: m.busy() + inflight.get(peer).copied().unwrap_or(0),
+                    // Forwards started before the card arrived are in its
+                    // counts already; the later ones are not.
+                    busy: m.busy()
+                        + inflight
+                            .get(peer)
+                            .map_or(0, |v| v.iter().filter(|(_, t)| *t > held.at).count() as u32),
                     warm: heads::warm_match(heads, &m.warm),
                     jitter: jitter(peer),
                 });
@@ -777,14 +792,15 @@ fn engine_load(s: &crate::serve::Served) -> (u16, u16, u16, u16, f32, f32) {
 pub struct InFlight {
     routing: Arc<Routing>,
     peer: PeerId,
+    id: u64,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut m = self.routing.inflight.lock();
-        if let Some(n) = m.get_mut(&self.peer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(v) = m.get_mut(&self.peer) {
+            v.retain(|(id, _)| *id != self.id);
+            if v.is_empty() {
                 m.remove(&self.peer);
             }
         }
