@@ -194,7 +194,12 @@ async fn serve(ctx: &Ctx, cfg: shoal::settings::Config, args: ServeArgs) -> Resu
     let drain = opts.api.drain_timeout;
     // The node, its serving layer and its API; the admin token and the API
     // keys are read (or made) before the API is announced.
+    // Signals are caught from here on: one that comes while the node starts
+    // (its API may already answer) is acted on once it runs.
+    let serving_cell = std::sync::Arc::new(std::sync::OnceLock::new());
+    let stop = watch_signals(drain, serving_cell.clone())?;
     let daemon = Daemon::start(opts, listener).await?;
+    let _ = serving_cell.set(daemon.serving().clone());
     eprintln!(
         "shoal node {} serving; API on http://{}",
         daemon.node().mesh().peer_id(),
@@ -203,7 +208,6 @@ async fn serve(ctx: &Ctx, cfg: shoal::settings::Config, args: ServeArgs) -> Resu
     // Where the CLI beside this daemon finds its admin API (store commands
     // while the daemon holds the store: see cmd/store.rs).
     super::store::write_api_addr(&ctx.data_dir, daemon.addr());
-    let stop = watch_signals(drain, daemon.serving().clone())?;
     let stopped = daemon
         .run_until(async move {
             let _ = stop.await;
@@ -228,9 +232,11 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 /// stops accepting and drains, within `drain`: [`Daemon::shutdown`]); on a
 /// second signal, or if the daemon has not exited shortly after `drain`,
 /// the process exits with status 1, logging the requests still running.
+/// `serving` is filled in once the daemon runs (empty when a signal
+/// comes during the start).
 fn watch_signals(
     drain: Duration,
-    serving: std::sync::Arc<shoal::serve::Serving>,
+    serving: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<shoal::serve::Serving>>>,
 ) -> Result<tokio::sync::oneshot::Receiver<()>> {
     use tokio::signal::unix::{SignalKind, signal};
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -259,7 +265,10 @@ fn watch_signals(
                     _ = term.recv() => "a second signal came",
                     _ = int.recv() => "a second signal came",
                 };
-                let running = shoal::daemon::still_running(&serving);
+                let running = serving
+                    .get()
+                    .map(|s| shoal::daemon::still_running(s))
+                    .unwrap_or_default();
                 tracing::error!(
                     still_running = ?running,
                     timeout = ?drain,
