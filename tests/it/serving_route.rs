@@ -344,6 +344,51 @@ async fn a_holder_gone_mid_answer_ends_the_stream_with_an_error_event() {
     assert_counted(&b.node, "failed", "died", 1);
 }
 
+/// A client that goes away mid-answer cancels the generation on the node
+/// that serves it for it (the forwarding node closes the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_answer_cancels_on_the_serving_node() {
+    if demo_model_path().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, model, a_addr) = holder(&tmp.path().join("a"), None).await;
+    let never = shoal::route::PullPolicy::Never;
+    let b = start(&tmp.path().join("b"), vec![a_addr], None, never).await;
+    card_of(&b.node, &a.node, &model).await;
+    let body = json!({"model": model, "stream": true, "max_tokens": 2000, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}]});
+    let (s, _) =
+        crate::util::http::open_until(b.http, "/v1/chat/completions", &body, "\"content\"").await;
+    let engine = a
+        .node
+        .serving()
+        .expect("serving")
+        .models()
+        .into_iter()
+        .next()
+        .expect("a loaded model")
+        .engine
+        .clone();
+    assert_eq!(
+        engine
+            .stats()
+            .cancelled
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    drop(s);
+    eventually("the holder cancels the generation", || {
+        engine
+            .stats()
+            .cancelled
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+            && engine.load().running == 0
+    })
+    .await;
+}
+
 /// A peer that advertises the model loaded and the prompt warm (a lie) and
 /// then never answers: the node gives up on it after `route.stall_timeout`,
 /// pauses it, and the holder serves the request.
