@@ -19,8 +19,6 @@
 //! page never writes model text as HTML (`textContent` only).
 
 use axum::Router;
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 /// The Content-Security-Policy of the page and its assets.
@@ -49,37 +47,19 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
 
 /// The chat page's routes (no state of their own).
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    let mut r = Router::new();
-    for &(path, content_type, body) in ASSETS {
-        r = r.route(path, get(move || async move { asset(content_type, body) }));
-    }
     // `/chat/` too, as people type it.
-    r.route(
+    super::static_files(ASSETS).route(
         "/chat/",
-        get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }),
+        get(|| async { super::static_file("text/html; charset=utf-8", INDEX_HTML) }),
     )
-}
-
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::CONTENT_SECURITY_POLICY, CSP),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::REFERRER_POLICY, "no-referrer"),
-            (header::X_FRAME_OPTIONS, "DENY"),
-        ],
-        body,
-    )
-        .into_response()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::body::Body;
-    use axum::http::{Request, StatusCode};
+    use axum::http::{Request, StatusCode, header};
+    use axum::response::Response;
     use tower::ServiceExt;
 
     async fn get(path: &str) -> Response {

@@ -25,9 +25,8 @@ use crate::store::{ArtifactId, ArtifactStatus, HaveMap};
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::Stream;
 use serde::Serialize;
@@ -71,33 +70,9 @@ pub const ASSETS: &[(&str, &str, &str)] = &[
 
 /// The dashboard's routes: its files, its snapshot and its event stream.
 pub fn routes() -> Router<Node> {
-    assets()
+    super::static_files(ASSETS)
         .route("/dashboard/state", get(state))
         .route("/events", get(events))
-}
-
-/// The page's files (no state of their own).
-fn assets<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    let mut r = Router::new();
-    for &(path, content_type, body) in ASSETS {
-        r = r.route(path, get(move || async move { asset(content_type, body) }));
-    }
-    r
-}
-
-fn asset(content_type: &'static str, body: &'static str) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, content_type),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::CONTENT_SECURITY_POLICY, super::chat::CSP),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-            (header::REFERRER_POLICY, "no-referrer"),
-            (header::X_FRAME_OPTIONS, "DENY"),
-        ],
-        body,
-    )
-        .into_response()
 }
 
 async fn state(State(node): State<Node>) -> Result<Json<DashboardState>, ApiError> {
@@ -444,13 +419,13 @@ pub async fn snapshot(node: &Node) -> Result<DashboardState, ApiError> {
 mod tests {
     use super::*;
     use axum::body::Body;
-    use axum::http::Request;
+    use axum::http::{Request, header};
     use tower::ServiceExt;
 
     #[tokio::test]
     async fn the_page_and_its_files_have_their_type_and_a_strict_csp() {
         for &(path, ty, _) in ASSETS {
-            let r = assets::<()>()
+            let r = super::super::static_files::<()>(ASSETS)
                 .oneshot(Request::get(path).body(Body::empty()).expect("a request"))
                 .await
                 .expect("infallible");

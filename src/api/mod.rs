@@ -381,6 +381,40 @@ pub const SETTINGS: &[Setting] = {
     ]
 };
 
+/// A bundled page's files as routes: `(path, content type, body)` each,
+/// served by [`static_file`].
+pub(crate) fn static_files<S: Clone + Send + Sync + 'static>(
+    files: &'static [(&'static str, &'static str, &'static str)],
+) -> Router<S> {
+    let mut r = Router::new();
+    for &(path, content_type, body) in files {
+        r = r.route(
+            path,
+            axum::routing::get(move || async move { static_file(content_type, body) }),
+        );
+    }
+    r
+}
+
+/// One file of a bundled page (the dashboard, the chat page): no caching
+/// without revalidation, and the strict Content-Security-Policy of
+/// [`chat::CSP`] with its companions (no sniffing, no referrer, no framing).
+pub(crate) fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    use axum::http::header;
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, chat::CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 /// Checks a bundled page for the tests of its module: its HTML has no inline
 /// script or style (the CSP forbids them), its scripts use no HTML sink
 /// (text from peers and models is written as text), and every module a
