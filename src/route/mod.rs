@@ -326,6 +326,15 @@ pub struct Wanted {
 }
 
 impl Wanted {
+    /// Whether a model of this node (its id, when known, and its name) is
+    /// the one asked for: by id when the name resolves here, else by name.
+    fn is(&self, id: Option<[u8; 32]>, name: &str) -> bool {
+        match self.id {
+            Some(w) => id == Some(w),
+            None => name.eq_ignore_ascii_case(&self.name),
+        }
+    }
+
     fn matches(&self, m: &CardModel) -> bool {
         match self.id {
             Some(id) => m.id == id,
@@ -398,20 +407,16 @@ impl Routing {
     /// This node's card as it would be sent now.
     pub fn local_card(&self) -> ServingCard {
         let mut models = Vec::new();
-        let warm = self.warm_heads();
         let mut loaded_ids = HashSet::new();
         for s in self.serving.models() {
             let name = s.engine.name().to_owned();
-            let Ok(id) = <[u8; 32]>::try_from(hex::decode(&s.id_hex).unwrap_or_default()) else {
+            let Some(id) = served_id(&s) else {
                 continue;
             };
             loaded_ids.insert(id);
             let l = engine_load(&s);
             models.push(CardModel {
-                warm: warm
-                    .get(&name.to_ascii_lowercase())
-                    .cloned()
-                    .unwrap_or_default(),
+                warm: self.warm_of(&name),
                 name,
                 id,
                 loaded: true,
@@ -448,21 +453,36 @@ impl Routing {
         }
     }
 
-    fn warm_heads(&self) -> HashMap<String, Vec<Head>> {
+    /// The heads of `model` this node served recently, newest first.
+    fn warm_of(&self, model: &str) -> Vec<Head> {
         let now = Instant::now();
         self.warm
             .lock()
-            .iter()
-            .map(|(k, v)| {
-                let heads = v
-                    .iter()
+            .get(&model.to_ascii_lowercase())
+            .map(|v| {
+                v.iter()
                     .filter(|(_, t)| now.duration_since(*t) < WARM_FOR)
                     .map(|(h, _)| *h)
                     .take(card::MAX_WARM)
-                    .collect();
-                (k.clone(), heads)
+                    .collect()
             })
-            .collect()
+            .unwrap_or_default()
+    }
+
+    /// The engine of this node that runs `wanted`, if one is loaded.
+    fn loaded_here(&self, wanted: &Wanted) -> Option<Arc<crate::serve::Served>> {
+        self.serving
+            .models()
+            .into_iter()
+            .find(|s| wanted.is(served_id(s), s.engine.name()))
+    }
+
+    /// Whether `wanted` is in this node's store (loaded or not).
+    fn on_disk_here(&self, wanted: &Wanted) -> bool {
+        self.on_disk
+            .lock()
+            .iter()
+            .any(|(name, id)| wanted.is(Some(*id), name))
     }
 
     /// Remembers that this node served `heads` of `model` (its prefix KV is
@@ -564,19 +584,7 @@ impl Routing {
             ])
         };
         // This node.
-        let local = self.serving.models().into_iter().find(|s| {
-            let id = hex::decode(&s.id_hex).unwrap_or_default();
-            match wanted.id {
-                Some(w) => id == w,
-                None => s.engine.name().eq_ignore_ascii_case(&wanted.name),
-            }
-        });
-        let warm_here = self
-            .warm_heads()
-            .get(&wanted.name.to_ascii_lowercase())
-            .cloned()
-            .unwrap_or_default();
-        if let Some(s) = local {
+        if let Some(s) = self.loaded_here(wanted) {
             let l = engine_load(&s);
             offers.push(Offer {
                 target: Target::Local,
@@ -584,15 +592,10 @@ impl Routing {
                 parallel: u32::from(l.0),
                 queue_depth: u32::from(l.1),
                 busy: u32::from(l.2) + u32::from(l.3),
-                warm: heads::warm_match(heads, &warm_here),
+                warm: heads::warm_match(heads, &self.warm_of(&wanted.name)),
                 jitter: 0,
             });
-        } else if self
-            .on_disk
-            .lock()
-            .iter()
-            .any(|(n, id)| Some(*id) == wanted.id || n.eq_ignore_ascii_case(&wanted.name))
-        {
+        } else if self.on_disk_here(wanted) {
             offers.push(Offer {
                 target: Target::Local,
                 loaded: false,
@@ -659,14 +662,7 @@ impl Routing {
 
     /// Whether this node holds `wanted` (loaded or in its store).
     pub fn holds(&self, wanted: &Wanted) -> bool {
-        self.serving.models().iter().any(|s| {
-            let id = hex::decode(&s.id_hex).unwrap_or_default();
-            wanted.id.is_some_and(|w| id == w) || s.engine.name().eq_ignore_ascii_case(&wanted.name)
-        }) || self
-            .on_disk
-            .lock()
-            .iter()
-            .any(|(n, id)| Some(*id) == wanted.id || n.eq_ignore_ascii_case(&wanted.name))
+        self.loaded_here(wanted).is_some() || self.on_disk_here(wanted)
     }
 
     /// Resolves a requested name on this node (off the runtime).
@@ -770,6 +766,13 @@ impl Routing {
             Err(e) => tracing::debug!(%peer, error = %e, "bad serving card"),
         }
     }
+}
+
+/// The artifact id of a loaded model.
+fn served_id(s: &crate::serve::Served) -> Option<[u8; 32]> {
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(&s.id_hex, &mut id).ok()?;
+    Some(id)
 }
 
 /// (parallel, queue_depth, running, waiting, prompt_tps, decode_tps) of a
