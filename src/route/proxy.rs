@@ -14,6 +14,7 @@
 use super::forward::{self, ForwardError, ForwardRequest, Frame};
 use super::{Routing, choose::Target, heads};
 use crate::metrics::{RouteOutcome, RouteReason};
+use crate::serve::openai::OpenAiError;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -36,11 +37,7 @@ pub const MAX_PEERS: usize = 3;
 pub struct KeyScope(pub Option<[u8; 32]>);
 
 fn error_response(status: StatusCode, msg: &str) -> Response {
-    (
-        status,
-        axum::Json(serde_json::json!({"error": {"message": msg, "type": "invalid_request_error"}})),
-    )
-        .into_response()
+    OpenAiError::new(status, msg, "invalid_request_error", None).into_response()
 }
 
 /// The middleware (`axum::middleware::from_fn_with_state(routing, route)`).
@@ -356,8 +353,13 @@ enum Format {
 }
 
 fn error_event(f: Format, msg: &str) -> Vec<u8> {
-    let err = serde_json::json!({"error": {"message": msg, "type": "server_error",
-        "code": "serving_node_failed"}});
+    let err = OpenAiError::new(
+        StatusCode::BAD_GATEWAY,
+        msg,
+        "server_error",
+        Some("serving_node_failed"),
+    )
+    .body();
     match f {
         Format::Sse => format!("data: {err}\n\ndata: [DONE]\n\n").into_bytes(),
         Format::Ndjson => format!("{}\n", serde_json::json!({"error": msg})).into_bytes(),

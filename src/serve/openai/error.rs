@@ -17,6 +17,24 @@ pub struct OpenAiError {
 }
 
 impl OpenAiError {
+    /// An error of `status` with a message, an OpenAI error type
+    /// (`invalid_request_error`, `server_error`, ...) and an optional code.
+    pub fn new(
+        status: StatusCode,
+        message: impl Into<String>,
+        ty: &'static str,
+        code: Option<&'static str>,
+    ) -> OpenAiError {
+        OpenAiError {
+            status,
+            message: message.into(),
+            ty,
+            param: None,
+            code,
+            retry_after: None,
+        }
+    }
+
     pub(super) fn invalid(
         message: impl Into<String>,
         param: Option<&'static str>,
@@ -43,7 +61,8 @@ impl OpenAiError {
         }
     }
 
-    pub(super) fn body(&self) -> Value {
+    /// The JSON body: `{"error": {"message", "type", "param", "code"}}`.
+    pub fn body(&self) -> Value {
         json!({"error": {
             "message": self.message,
             "type": self.ty,
