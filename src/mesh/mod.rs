@@ -177,12 +177,19 @@ pub struct MeshConfig {
     /// Not in the file: read from [`MeshConfig::psk_file`].
     #[serde(skip)]
     pub psk: Option<PreSharedKey>,
+    /// Most established connections at once, incoming and outgoing
+    /// together (`mesh.max_connections`): a connection beyond it is refused.
+    /// The connection manager keeps a quarter of it free for
+    /// newcomers and downloads by closing the least useful connections.
+    pub max_connections: u32,
+    /// While fewer peers than this are connected, the node dials peers it
+    /// discovered but is not connected to, a few at a time
+    /// (`mesh.min_connections`). Discovery learns every node; only these
+    /// and the ones a download, a forward or a lookup needs are dialled.
+    pub min_connections: u32,
     /// Idle connections are kept this long.
     #[serde(skip)]
     pub idle_timeout: Duration,
-    /// Most established connections in total.
-    #[serde(skip)]
-    pub max_connections: u32,
     /// Node identity; a fresh one when `None`.
     #[serde(skip)]
     pub keypair: Option<Keypair>,
@@ -217,8 +224,9 @@ impl Default for MeshConfig {
             mdns_query_interval: Duration::from_secs(30),
             max_downloads: 4,
             psk: None,
+            max_connections: 48,
+            min_connections: 8,
             idle_timeout: Duration::from_secs(300),
-            max_connections: 512,
             keypair: None,
             test_corrupt_chunks: false,
             download: DownloadOptions::default(),
@@ -244,6 +252,7 @@ impl PartialEq for MeshConfig {
             && self.max_downloads == o.max_downloads
             && self.idle_timeout == o.idle_timeout
             && self.max_connections == o.max_connections
+            && self.min_connections == o.min_connections
             && self.test_corrupt_chunks == o.test_corrupt_chunks
     }
 }
@@ -260,6 +269,12 @@ impl MeshConfig {
         }
         if self.max_downloads == 0 {
             return bad("mesh.max_downloads must be at least 1");
+        }
+        if self.max_connections < 4 {
+            return bad("mesh.max_connections must be at least 4");
+        }
+        if self.min_connections == 0 || self.min_connections > self.max_connections {
+            return bad("mesh.min_connections must be 1 to mesh.max_connections");
         }
         if self.mdns_query_interval < Duration::from_secs(1) {
             return bad("mesh.mdns_query_interval must be at least 1s");
@@ -421,6 +436,20 @@ pub const SETTINGS: &[Setting] = {
             Int,
             "Most downloads running at once; a further pull is refused (HTTP 429) until one ends.",
             "4",
+        ),
+        S::new(
+            "mesh.max_connections",
+            Some("SHOAL_MAX_CONNECTIONS"),
+            Int,
+            "Most connections to other nodes at once (a connection beyond it is refused). Above\nthree quarters of it the node closes the least useful ones (idle, no transfer, not a\nstatic peer), oldest first, so newcomers and downloads always find room.",
+            "48",
+        ),
+        S::new(
+            "mesh.min_connections",
+            Some("SHOAL_MIN_CONNECTIONS"),
+            Int,
+            "The node dials discovered peers while fewer than this many are connected. Discovery\n(mDNS, Kademlia) learns every node of the LAN; only this many, plus the ones a\ndownload or a forwarded request needs, are dialled.",
+            "8",
         ),
     ]
 };

@@ -10,7 +10,7 @@
 //! | layer | families |
 //! | --- | --- |
 //! | store | `shoal_store_artifacts{status}`, `shoal_store_bytes`, `shoal_store_quota_bytes`, `shoal_store_added_bytes_total`, `shoal_store_evictions_total`, `shoal_store_evicted_bytes_total` |
-//! | mesh | `shoal_chunk_fetches_total{source,outcome}`, `shoal_chunk_fetch_bytes_total{source}`, `shoal_chunk_fetch_duration_seconds{source}`, `shoal_bad_chunks_total{source}`, `shoal_peer_bans_total`, `shoal_peers_banned`, `shoal_peers_connected` |
+//! | mesh | `shoal_chunk_fetches_total{source,outcome}`, `shoal_chunk_fetch_bytes_total{source}`, `shoal_chunk_fetch_duration_seconds{source}`, `shoal_bad_chunks_total{source}`, `shoal_peer_bans_total`, `shoal_peers_banned`, `shoal_peers_connected`, `shoal_peers_known`, `shoal_connections_trimmed_total` |
 //! | KV cache | `shoal_kv_blocks{tier}`, `shoal_kv_bytes{tier}`, `shoal_kv_lookups_total{tier,result}`, `shoal_kv_disk_written_bytes_total`, `shoal_kv_disk_writes_skipped_total` |
 //! | response cache | `shoal_response_cache_lookups_total{result}`, `shoal_response_cache_bytes` |
 //! | serving | `shoal_ttft_seconds{cache}`, `shoal_generation_tokens_per_second`, `shoal_generated_tokens_total`, `shoal_requests_total{status}`, `shoal_queue_depth{model}` |
@@ -62,6 +62,8 @@ mod tests {
         m.chunk_fetch(Source::Local, Outcome::Ok, 7, 0.0001);
         m.peer_banned(1);
         m.peers_connected(2);
+        m.peers_known(5);
+        m.connections_trimmed(3);
         m.store_quota(1 << 30);
         m.store_added(ArtifactState::Partial, 4096);
         m.store_activated(4096);
@@ -102,6 +104,8 @@ mod tests {
         );
         assert_eq!(v("shoal_peer_bans_total"), Some(1.0));
         assert_eq!(v("shoal_peers_connected"), Some(2.0));
+        assert_eq!(v("shoal_peers_known"), Some(5.0));
+        assert_eq!(v("shoal_connections_trimmed_total"), Some(3.0));
         assert_eq!(v("shoal_store_quota_bytes"), Some((1u64 << 30) as f64));
         assert_eq!(v("shoal_store_artifacts{status=\"active\"}"), Some(1.0));
         assert_eq!(v("shoal_store_artifacts{status=\"partial\"}"), Some(0.0));

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub(super) peer_bans: Counter,
     pub(super) peers_banned: Gauge,
     pub(super) peers_connected: Gauge,
+    pub(super) peers_known: Gauge,
+    pub(super) connections_closed: Counter,
     // kv
     pub(super) kv_blocks: Family<TierLabel, Gauge>,
     pub(super) kv_bytes: Family<TierLabel, Gauge>,
@@ -99,6 +101,8 @@ impl Metrics {
             peer_bans: Counter::default(),
             peers_banned: Gauge::default(),
             peers_connected: Gauge::default(),
+            peers_known: Gauge::default(),
+            connections_closed: Counter::default(),
             kv_blocks: Family::default(),
             kv_bytes: Family::default(),
             kv_lookups: Family::default(),
@@ -215,6 +219,16 @@ impl Metrics {
             "peers_connected",
             "Peers currently connected",
             self.peers_connected.clone(),
+        );
+        r.register(
+            "peers_known",
+            "Peers discovered (mDNS, Kademlia, static), connected or not",
+            self.peers_known.clone(),
+        );
+        r.register(
+            "connections_trimmed",
+            "Connections the connection manager closed (idle, or above its bound)",
+            self.connections_closed.clone(),
         );
         r.register(
             "kv_blocks",
@@ -394,6 +408,16 @@ impl Metrics {
     /// Number of peers connected right now.
     pub fn peers_connected(&self, n: usize) {
         self.peers_connected.set(clamp(n as u64));
+    }
+
+    /// Peers discovered, connected or not.
+    pub fn peers_known(&self, n: usize) {
+        self.peers_known.set(clamp(n as u64));
+    }
+
+    /// The connection manager closed `n` connections.
+    pub fn connections_trimmed(&self, n: usize) {
+        self.connections_closed.inc_by(n as u64);
     }
 
     // ---- KV cache ----
