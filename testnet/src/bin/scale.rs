@@ -23,10 +23,100 @@ use shoal::mesh::{MeshConfig, PeerId};
 use shoal::store::{AddOptions, Store, StoreOptions};
 use shoal_testnet::{TestNode, loopback_config, make_file, start_node, wait_peers};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Linux reports process CPU times in `/proc` in USER_HZ ticks, 100 per second.
 const USER_HZ: f64 = 100.0;
+
+/// Live heap allocations by exact size (sizes up to [`SIZES`]; larger ones in
+/// the last slot), counted only while [`COUNTING`] is set (`--breakdown`):
+/// a heap profile by size class, enough to tell which structure a node's
+/// memory is (256 equal allocations per node are Kademlia's buckets, say).
+struct Counting;
+
+const SIZES: usize = 1 << 16;
+static COUNTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static LIVE: [std::sync::atomic::AtomicI64; SIZES + 1] =
+    [const { std::sync::atomic::AtomicI64::new(0) }; SIZES + 1];
+/// Live bytes of the allocations larger than `SIZES`.
+static LIVE_LARGE_BYTES: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+fn count(size: usize, delta: i64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if COUNTING.load(Relaxed) {
+        LIVE[size.min(SIZES)].fetch_add(delta, Relaxed);
+        if size > SIZES {
+            LIVE_LARGE_BYTES.fetch_add(delta * size as i64, Relaxed);
+        }
+    }
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the
+// counters are plain atomics and allocate nothing.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size(), 1);
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        count(layout.size(), 1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        count(layout.size(), -1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        count(layout.size(), -1);
+        count(new, 1);
+        // SAFETY: as above.
+        unsafe { std::alloc::System.realloc(ptr, layout, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The live-allocation counters now.
+fn heap() -> Vec<i64> {
+    let mut v: Vec<i64> = LIVE
+        .iter()
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
+    v.push(LIVE_LARGE_BYTES.load(std::sync::atomic::Ordering::Relaxed));
+    v
+}
+
+/// Heap growth between two [`heap`] readings, per unit: total, and the
+/// size classes that grew most (size x count per unit).
+fn heap_diff(a: &[i64], b: &[i64], units: usize) -> String {
+    let u = units.max(1) as f64;
+    let mut classes: Vec<(usize, f64, f64)> = (1..SIZES)
+        .map(|size| {
+            let d = (b[size] - a[size]) as f64;
+            (size, d / u, d * size as f64 / u)
+        })
+        .filter(|(_, _, bytes)| bytes.abs() >= 256.0)
+        .collect();
+    let large = (b[SIZES + 1] - a[SIZES + 1]) as f64 / u;
+    let total: f64 = classes.iter().map(|c| c.2).sum::<f64>() + large;
+    classes.sort_by(|x, y| y.2.total_cmp(&x.2));
+    let top: Vec<String> = classes
+        .iter()
+        .take(10)
+        .map(|(size, n, bytes)| format!("{size}B x{n:.1} = {:.0}K", bytes / 1024.0))
+        .collect();
+    format!(
+        "heap {:.0} KiB per unit (>64K allocations {:.0} KiB); largest size classes: {}",
+        total / 1024.0,
+        large / 1024.0,
+        top.join(", ")
+    )
+}
 
 /// The run's parameters.
 struct Args {
@@ -200,6 +290,36 @@ struct Snap {
     cpu_ticks: u64,
     at: Option<Instant>,
     fds: Fds,
+    /// Threads by name (`/proc/self/task/*/comm`, digits as `#`).
+    thread_names: BTreeMap<String, usize>,
+}
+
+fn thread_names() -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for e in dir.flatten() {
+            if let Ok(name) = std::fs::read_to_string(e.path().join("comm")) {
+                let name: String = name
+                    .trim()
+                    .chars()
+                    .map(|c| if c.is_ascii_digit() { '#' } else { c })
+                    .collect();
+                *m.entry(name).or_default() += 1;
+            }
+        }
+    }
+    m
+}
+
+/// Threads per unit by name, between two snapshots.
+fn thread_names_diff(a: &Snap, b: &Snap, units: usize) -> String {
+    b.thread_names
+        .iter()
+        .map(|(k, v)| (k, *v as f64 - a.thread_names.get(k).copied().unwrap_or(0) as f64))
+        .filter(|(_, d)| *d != 0.0)
+        .map(|(k, d)| format!("{k}={:.2}", d / units.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn status_field(status: &str, key: &str) -> u64 {
@@ -231,6 +351,7 @@ fn snap() -> Snap {
         cpu_ticks: cpu_ticks(),
         at: Some(Instant::now()),
         fds: fds(),
+        thread_names: thread_names(),
     }
 }
 
@@ -586,6 +707,8 @@ fn short(p: &PeerId) -> String {
 async fn breakdown(a: &Args) -> Result<()> {
     let n = a.n;
     println!("breakdown: {n} units; load {}", load1());
+    COUNTING.store(true, std::sync::atomic::Ordering::Relaxed);
+    let h0 = heap();
     let s0 = snap();
     let tmp = tempfile::tempdir()?;
     let mut stores = Vec::with_capacity(n);
@@ -596,14 +719,53 @@ async fn breakdown(a: &Args) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s1 = snap();
     println!("{}", per_unit("bare store", &s0, &s1, n));
+    println!("  threads by name: {}", thread_names_diff(&s0, &s1, n));
+    let h1 = heap();
+    println!("  {}", heap_diff(&h0, &h1, n));
+
+    let registries: Vec<_> = (0..n).map(|_| shoal::metrics::Metrics::new()).collect();
+    let s1m = snap();
+    println!("{}", per_unit("metrics registry", &s1, &s1m, n));
+    let h1m = heap();
+    println!("  {}", heap_diff(&h1, &h1m, n));
+    drop(registries);
+    let h1m = heap();
+
+    // A node without its serving layer and HTTP API (store + mesh + downloads).
+    let mut bare = Vec::with_capacity(n);
+    for i in 0..n {
+        let config = shoal::node::NodeConfig {
+            data_dir: tmp.path().join(format!("b{i}")),
+            store: StoreOptions::default(),
+            mesh: mesh_config(a, Vec::new()),
+        };
+        bare.push(
+            shoal::node::Node::start_with(config, Arc::new(shoal::metrics::Metrics::new())).await?,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s1b = snap();
+    println!("{}", per_unit("node without serving/API", &s1m, &s1b, n));
+    println!("  threads by name: {}", thread_names_diff(&s1m, &s1b, n));
+    let h1b = heap();
+    println!("  {}", heap_diff(&h1m, &h1b, n));
 
     let mut nodes = Vec::with_capacity(n);
     for _ in 0..n {
         nodes.push(start_node(mesh_config(a, Vec::new()), None).await?);
     }
     tokio::time::sleep(Duration::from_secs(a.settle.min(5))).await;
+    let s2d = snap();
+    println!("{}", per_unit("daemon node, no connection", &s1b, &s2d, n));
+    println!("  threads by name: {}", thread_names_diff(&s1b, &s2d, n));
+    println!("  {}", heap_diff(&h1b, &heap(), n));
+    for b in &bare {
+        b.shutdown().await;
+    }
+    drop(bare);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let s2 = snap();
-    println!("{}", per_unit("node, no connection", &s1, &s2, n));
+    let h2 = heap();
     tokio::time::sleep(Duration::from_secs(a.idle)).await;
     let s3 = snap();
     println!(
@@ -628,6 +790,7 @@ async fn breakdown(a: &Args) -> Result<()> {
         "{}",
         per_unit("connection (both ends)", &s3, &s4, conns.max(1))
     );
+    println!("  {}", heap_diff(&h2, &heap(), conns.max(1)));
     tokio::time::sleep(Duration::from_secs(a.idle)).await;
     let s5 = snap();
     println!(
@@ -635,15 +798,16 @@ async fn breakdown(a: &Args) -> Result<()> {
         cpu_pct(&s4, &s5) / n as f64
     );
     println!(
-        "RESULT breakdown units={n} store_mib={:.3} node_mib={:.3} conn_kib={:.1} store_fds={:.2} \
-         node_fds={:.2} store_threads={:.2} node_threads={:.2} load1={}",
+        "RESULT breakdown units={n} store_mib={:.3} bare_node_mib={:.3} node_mib={:.3} conn_kib={:.1} \
+         store_fds={:.2} node_fds={:.2} store_threads={:.2} node_threads={:.2} load1={}",
         (s1.rss_kib as f64 - s0.rss_kib as f64) / 1024.0 / n as f64,
-        (s2.rss_kib as f64 - s1.rss_kib as f64) / 1024.0 / n as f64,
+        (s1b.rss_kib as f64 - s1m.rss_kib as f64) / 1024.0 / n as f64,
+        (s2d.rss_kib as f64 - s1b.rss_kib as f64) / 1024.0 / n as f64,
         (s4.rss_kib as f64 - s3.rss_kib as f64) / conns.max(1) as f64,
         (s1.fds.total as f64 - s0.fds.total as f64) / n as f64,
-        (s2.fds.total as f64 - s1.fds.total as f64) / n as f64,
+        (s2d.fds.total as f64 - s1b.fds.total as f64) / n as f64,
         (s1.threads as f64 - s0.threads as f64) / n as f64,
-        (s2.threads as f64 - s1.threads as f64) / n as f64,
+        (s2d.threads as f64 - s1b.threads as f64) / n as f64,
         load1()
     );
     drop(stores);
