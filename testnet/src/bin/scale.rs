@@ -355,6 +355,18 @@ fn snap() -> Snap {
     }
 }
 
+/// The soft limit on open descriptors (`/proc/self/limits`).
+fn fd_limit() -> String {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
+        })
+        .unwrap_or_default()
+}
+
 fn load1() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -502,10 +514,12 @@ async fn scale(a: &Args) -> Result<()> {
     let n = a.n;
     let s0 = snap();
     println!(
-        "scale: {n} nodes, max_connections {}, min_connections {}, batches of {}; load {}",
+        "scale: {n} nodes, max_connections {}, min_connections {}, batches of {}; \
+         descriptor limit {}; load {}",
         a.max_connections,
         a.min_connections,
         a.batch,
+        fd_limit(),
         load1()
     );
     let t = Instant::now();
