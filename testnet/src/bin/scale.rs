@@ -659,8 +659,11 @@ async fn scale(a: &Args) -> Result<()> {
         .collect();
     let seeder_copies = served[0];
     let uploaders = served.iter().filter(|c| **c > 0.0).count();
-    let sources_mean =
-        pulled.iter().map(|p| p.sources as f64).sum::<f64>() / pulled.len().max(1) as f64;
+    let sources_mean = if pulled.is_empty() {
+        0.0
+    } else {
+        pulled.iter().map(|p| p.sources as f64).sum::<f64>() / pulled.len() as f64
+    };
     let s3 = snap();
     println!(
         "{} nodes pulled {} MiB in {pull_secs:.2}s; seeder uploaded {seeder_copies:.2} copies, \
@@ -701,10 +704,12 @@ async fn scale(a: &Args) -> Result<()> {
         "GOAL <= 16 fds per node beyond connection sockets: {beyond_per_node:.2} {}",
         goal(beyond_per_node <= 16.0)
     );
-    println!(
-        "GOAL pull <= 2 x 10.4 s: {pull_secs:.2}s {}",
-        goal(pull_secs <= 20.8)
-    );
+    if !pulled.is_empty() {
+        println!(
+            "GOAL pull <= 2 x 10.4 s: {pull_secs:.2}s {}",
+            goal(pull_secs <= 20.8)
+        );
+    }
     for node in &nodes {
         node.node.shutdown().await;
     }
