@@ -1147,7 +1147,10 @@ PY
 scenario_scale() {
     local max=${MAX_CONN:-48} min=${MIN_CONN:-8} batch=${BATCH:-8} i j problems=()
     local want=$((NODES - 1)) name=scale-release:v1
-    local -x SHOAL_MAX_CONNECTIONS=$max SHOAL_MIN_CONNECTIONS=$min
+    # A configuration file, not SHOAL_MAX/MIN_CONNECTIONS: the environment is
+    # checked one variable at a time (max 6 with the default min 8 is refused).
+    printf '[mesh]\nmax_connections = %d\nmin_connections = %d\n' "$max" "$min" >"$WORK/scale.toml"
+    local -x SHOAL_CONFIG="$WORK/scale.toml"
     # The publisher: its own data dir and key (like the origin scenario); every
     # node trusts its key before it starts. The release names a small artifact
     # nobody needs to hold: only the name's resolution is measured.
