@@ -1188,7 +1188,7 @@ scenario_scale() {
     ip netns exec "$(ns 0)" python3 -c "import sys, json, urllib.request; urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7070/admin/releases', json.dumps({'signed': sys.argv[1]}).encode(), {'Content-Type': 'application/json', 'Authorization': 'Bearer ' + open(sys.argv[2]).read().strip()}))" \
         "$rel" "$WORK/n0/admin.token" || fail "scale: node 0 refused the release"
     release=$(scale_mon release "$name" "$WAIT_SECS" "$t0")
-    log "scale: release: every node resolves $name $(jqpy 'j["all_s"]' <<<"$release")s after node 0 took it (median $(jqpy 'sorted(t for t in j["times"] if t is not None)[len([t for t in j["times"] if t is not None]) // 2]' <<<"$release")s)"
+    log "scale: release: every node resolves $name $(jqpy 'j["all_s"]' <<<"$release")s after node 0 took it (median $(jqpy '__import__("statistics").median([t for t in j["times"] if t is not None] or [float("nan")])' <<<"$release")s, $(jqpy 'len(j["times"]) - len(j["missing"])' <<<"$release") of $NODES)"
     [ "$(jqpy 'len(j["missing"])' <<<"$release")" = 0 ] ||
         problems+=("release: nodes $(jqpy 'j["missing"]' <<<"$release") never resolved $name within ${WAIT_SECS}s")
     # 5. Idle: SETTLE_SECS more, then every daemon's CPU over IDLE_SECS.
