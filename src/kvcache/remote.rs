@@ -328,7 +328,13 @@ impl RemoteTier {
             test_lie,
         });
         let weak_cache = Arc::downgrade(&cache);
-        rt.spawn(serve(incoming, weak_cache, keypair, test_lie));
+        rt.spawn(serve(
+            incoming,
+            weak_cache,
+            keypair,
+            test_lie,
+            tier.mesh.activity(),
+        ));
         Ok(tier)
     }
 
@@ -407,6 +413,7 @@ impl RemoteTier {
         op: u8,
         keys: &[BlockKey],
     ) -> std::io::Result<libp2p::Stream> {
+        self.mesh.touch(peer);
         let mut control = self.control.clone();
         let mut s = control
             .open_stream(peer, KV_PROTOCOL)
@@ -515,9 +522,12 @@ async fn serve(
     cache: std::sync::Weak<PrefixCache>,
     keypair: Keypair,
     lie: bool,
+    activity: Arc<crate::mesh::connmgr::Activity>,
 ) {
     let pk = keypair.public().encode_protobuf();
     while let Some((peer, stream)) = incoming.next().await {
+        // A neighbour asking for blocks: its connection is useful.
+        activity.touch(peer);
         let Some(cache) = cache.upgrade() else {
             return;
         };

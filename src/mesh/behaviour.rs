@@ -50,7 +50,9 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     let limits = connection_limits::Behaviour::new(
         connection_limits::ConnectionLimits::default()
             .with_max_established(Some(config.max_connections))
-            .with_max_established_per_peer(Some(4)),
+            .with_max_established_per_peer(Some(2))
+            .with_max_pending_incoming(Some(config.max_connections.div_ceil(2)))
+            .with_max_pending_outgoing(Some(config.max_connections.div_ceil(2))),
     );
     let identify = identify::Behaviour::new(identify::Config::new(
         IDENTIFY_VERSION.to_owned(),

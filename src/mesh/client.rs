@@ -100,6 +100,8 @@ pub(crate) struct Shared {
     pub config: MeshConfig,
     /// Becomes true when the event loop has stopped.
     pub stopped: watch::Receiver<bool>,
+    /// Use of each peer, for the connection manager.
+    pub activity: Arc<super::connmgr::Activity>,
 }
 
 /// A handle to the mesh; clone freely. The event loop stops when every clone is dropped.
@@ -369,8 +371,28 @@ impl Client {
         self.control.clone()
     }
 
+    /// `peer` was useful just now (a chunk fetched, a KV block, a forwarded
+    /// request): the connection manager keeps its connection for a while
+    /// ([`super::connmgr::USEFUL_FOR`]).
+    pub fn touch(&self, peer: PeerId) {
+        self.shared.activity.touch(peer);
+    }
+
+    /// Keeps `peer`'s connection open until the guard is dropped (a
+    /// long-lived stream, such as a forwarded generation).
+    pub fn busy(&self, peer: PeerId) -> super::connmgr::PeerBusy {
+        self.shared.activity.busy(peer)
+    }
+
+    /// The table [`Client::touch`] writes to, for tasks that must not hold
+    /// a client (a client keeps the event loop running).
+    pub fn activity(&self) -> Arc<super::connmgr::Activity> {
+        self.shared.activity.clone()
+    }
+
     /// Opens a raw chunk stream to `peer`.
     pub async fn open_chunk_stream(&self, peer: PeerId) -> Result<Stream, MeshError> {
+        self.touch(peer);
         let mut control = self.control.clone();
         control
             .open_stream(peer, CHUNK_PROTOCOL)

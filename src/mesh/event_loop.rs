@@ -2,6 +2,7 @@
 
 use super::behaviour::{Behaviour, BehaviourEvent, build_swarm};
 use super::client::{Client, Command, MeshEvent, PeerInfo, Shared};
+use super::connmgr::{Activity, ConnManager, Found};
 use super::provider::Provider;
 use super::wire::{self, CHUNK_PROTOCOL, KAD_PROTOCOL, MetaRequest, MetaResponse, RELEASES_TOPIC};
 use super::{MeshConfig, MeshError};
@@ -10,7 +11,8 @@ use futures::StreamExt;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns, multiaddr::Protocol, request_response,
+    Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns, multiaddr::Protocol, ping,
+    request_response,
 };
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -40,8 +42,14 @@ pub struct EventLoop {
     /// Artifacts advertised in Kademlia (re-advertised when the routing table grows).
     provided: HashSet<crate::store::ArtifactId>,
     routing_size: usize,
-    /// Peers found by mDNS (until their records expire), redialled while disconnected.
-    mdns_peers: HashMap<PeerId, MdnsPeer>,
+    /// Addresses of the peers found by mDNS (until their records expire).
+    mdns_peers: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Which connections to keep, close and start ([`super::connmgr`]).
+    conns: ConnManager,
+    /// What other tasks did with each peer, fed to `conns` every tick.
+    activity: Arc<Activity>,
+    /// When the next Kademlia random walk runs (discovery without mDNS).
+    next_walk: Instant,
     /// This node's non-loopback IPv4 listen addresses: where its own mDNS queries go out.
     iface_addrs: HashSet<std::net::Ipv4Addr>,
     /// Rediscovery while no peer is connected.
@@ -54,15 +62,6 @@ pub struct EventLoop {
     handshake_failures: u64,
 }
 
-/// A peer found by mDNS.
-struct MdnsPeer {
-    addrs: Vec<Multiaddr>,
-    /// Not redialled before this.
-    next_dial: Instant,
-    /// Pause before the next redial (doubles after each, up to [`REDIAL_MAX`]).
-    backoff: Duration,
-}
-
 /// A rediscovery schedule: rounds at `next`, each pause twice the one before.
 struct Backoff {
     next: Instant,
@@ -71,10 +70,12 @@ struct Backoff {
 
 /// First pause between rediscovery rounds while no peer is connected.
 const REDISCOVER_FIRST: Duration = Duration::from_millis(500);
-/// First pause before redialling a lost mDNS peer.
-const REDIAL_FIRST: Duration = Duration::from_secs(1);
-/// Longest pause before redialling a lost mDNS peer.
-const REDIAL_MAX: Duration = Duration::from_secs(30);
+/// The first Kademlia random walk runs this long after start.
+const WALK_FIRST: Duration = Duration::from_secs(4);
+/// Random walks while few peers are known (fewer than twice `mesh.max_connections`).
+const WALK_FEW: Duration = Duration::from_secs(60);
+/// Random walks once enough peers are known.
+const WALK_MANY: Duration = Duration::from_secs(600);
 /// Rediscovery rounds asked for by downloads run at most this often.
 const ROUND_MIN_GAP: Duration = Duration::from_secs(1);
 /// The mDNS service name libp2p peers answer for.
@@ -112,7 +113,8 @@ pub async fn new(
     let incoming = control
         .accept(CHUNK_PROTOCOL)
         .map_err(|e| MeshError::Swarm(e.to_string()))?;
-    let provider = Provider::new(store.clone(), config.test_corrupt_chunks);
+    let activity = Arc::new(Activity::default());
+    let provider = Provider::new(store.clone(), config.test_corrupt_chunks, activity.clone());
     let (stopped_tx, stopped) = watch::channel(false);
     tokio::spawn(provider.clone().serve_chunks(incoming, stopped.clone()));
 
@@ -124,6 +126,7 @@ pub async fn new(
         serve_stats: provider.stats().clone(),
         config: config.clone(),
         stopped,
+        activity: activity.clone(),
     });
     let client = Client::new(tx.clone(), control, shared.clone(), store.clone());
     let mut lp = EventLoop {
@@ -148,6 +151,13 @@ pub async fn new(
         provided: HashSet::new(),
         routing_size: 0,
         mdns_peers: HashMap::new(),
+        conns: ConnManager::new(
+            config.max_connections,
+            config.min_connections,
+            random_seed_u64(),
+        ),
+        activity,
+        next_walk: Instant::now() + WALK_FIRST,
         iface_addrs: HashSet::new(),
         rediscover: Backoff {
             next: Instant::now() + REDISCOVER_FIRST,
@@ -157,6 +167,15 @@ pub async fn new(
         handshake_warned: HashSet::new(),
         handshake_failures: 0,
     };
+    let now = Instant::now();
+    for p in lp
+        .static_peers
+        .iter()
+        .filter_map(|(_, p)| *p)
+        .collect::<Vec<_>>()
+    {
+        lp.conns.learn(p, Found::Static, now);
+    }
     // Advertise what we already hold.
     let held = super::blocking(move || store.list()).await?;
     for a in held {
@@ -227,8 +246,9 @@ impl EventLoop {
     }
 
     /// While no peer is connected: a rediscovery round at 0.5 s, 1 s, 2 s, ...
-    /// up to [`super::REDISCOVER_MAX`] apart. A lost mDNS peer is redialled on
-    /// its own backoff whether or not other peers are connected.
+    /// up to [`super::REDISCOVER_MAX`] apart. Lost peers are redialled by the
+    /// connection manager (each on its own backoff) while fewer than
+    /// `mesh.min_connections` are connected.
     fn on_discover_tick(&mut self) {
         let now = Instant::now();
         if self.connected.is_empty() {
@@ -242,28 +262,13 @@ impl EventLoop {
             self.rediscover.pause = REDISCOVER_FIRST;
             self.rediscover.next = now + REDISCOVER_FIRST;
         }
-        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
-            .mdns_peers
-            .iter_mut()
-            .filter(|(p, m)| {
-                now >= m.next_dial && !self.connected.contains_key(p) && !self.bans.contains_key(p)
-            })
-            .map(|(p, m)| {
-                m.next_dial = now + m.backoff;
-                m.backoff = (m.backoff * 2).min(REDIAL_MAX);
-                (*p, m.addrs.clone())
-            })
-            .collect();
-        for (p, addrs) in due {
-            tracing::debug!(peer = %p, "redialling an mDNS peer");
-            self.dial_peer(p, addrs);
-        }
     }
 
     /// One rediscovery round: an mDNS query of our own (libp2p's stop once it
     /// heard one answer, and an answer it already knows is not reported
-    /// again), a redial of every static and mDNS peer not connected, and a
-    /// Kademlia bootstrap.
+    /// again), dials of known peers not connected (up to
+    /// `mesh.min_connections`, backoffs ignored), a redial of every static
+    /// peer, and a Kademlia bootstrap.
     fn rediscover_round(&mut self, why: &str) {
         self.last_round = Some(Instant::now());
         let queried = if self.shared.config.mdns {
@@ -272,15 +277,7 @@ impl EventLoop {
             0
         };
         tracing::debug!(why, queried, "rediscovery round");
-        let lost: Vec<(PeerId, Vec<Multiaddr>)> = self
-            .mdns_peers
-            .iter()
-            .filter(|(p, _)| !self.connected.contains_key(p) && !self.bans.contains_key(p))
-            .map(|(p, m)| (*p, m.addrs.clone()))
-            .collect();
-        for (p, addrs) in lost {
-            self.dial_peer(p, addrs);
-        }
+        self.dial_known(true);
         self.redial_static();
         // Fails harmlessly when the routing table is empty.
         let _ = self.swarm.behaviour_mut().kad.bootstrap();
@@ -306,6 +303,20 @@ impl EventLoop {
         sent
     }
 
+    /// Starts the dials the connection manager picks (`force`: ignoring backoffs).
+    fn dial_known(&mut self, force: bool) {
+        let picks = self.conns.dials(Instant::now(), force);
+        self.dial_picks(picks);
+    }
+
+    fn dial_picks(&mut self, picks: Vec<PeerId>) {
+        for p in picks {
+            let addrs = self.mdns_peers.get(&p).cloned().unwrap_or_default();
+            tracing::debug!(peer = %p, "dialling a known peer");
+            self.dial_peer(p, addrs);
+        }
+    }
+
     fn dial_peer(&mut self, p: PeerId, addrs: Vec<Multiaddr>) {
         let opts = DialOpts::peer_id(p)
             .addresses(addrs)
@@ -313,7 +324,10 @@ impl EventLoop {
             .build();
         match self.swarm.dial(opts) {
             Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
-            Err(e) => tracing::debug!(peer = %p, error = %e, "dial failed"),
+            Err(e) => {
+                tracing::debug!(peer = %p, error = %e, "dial failed");
+                self.conns.dial_failed(p, Instant::now());
+            }
         }
     }
 
@@ -377,6 +391,7 @@ impl EventLoop {
         let any_expired = !expired.is_empty();
         for p in expired {
             self.bans.remove(&p);
+            self.conns.set_banned(p, false);
             self.swarm.behaviour_mut().blocked.unblock_peer(p);
             tracing::info!(peer = %p, "ban expired");
         }
@@ -384,6 +399,50 @@ impl EventLoop {
             self.metrics.peers_banned(self.bans.len());
         }
         self.redial_static();
+        self.manage_connections(now);
+    }
+
+    /// The connection manager's tick: feed it what was used, close what it
+    /// no longer wants, dial what it lacks.
+    fn manage_connections(&mut self, now: Instant) {
+        for (p, at, busy) in self.activity.take(now) {
+            self.conns.used(p, at, busy);
+        }
+        let mesh: HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_mesh_peers()
+            .copied()
+            .collect();
+        let plan = self.conns.tick(now, &mesh);
+        if !plan.close.is_empty() {
+            tracing::debug!(
+                closing = plan.close.len(),
+                connected = self.connected.len(),
+                "closing idle or surplus connections"
+            );
+            self.metrics.connections_trimmed(plan.close.len());
+        }
+        for p in plan.close {
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
+        self.dial_picks(plan.dial);
+        // Kademlia learns of peers it never connected to only through
+        // lookups: a random walk now and then (rarely once enough are known).
+        // It dials, so it waits for room below the high mark.
+        if now >= self.next_walk
+            && !self.connected.is_empty()
+            && self.connected.len() < self.conns.high_mark()
+        {
+            let few = self.conns.known() < 2 * self.shared.config.max_connections as usize;
+            self.next_walk = now + if few { WALK_FEW } else { WALK_MANY };
+            self.swarm
+                .behaviour_mut()
+                .kad
+                .get_closest_peers(PeerId::random());
+        }
+        self.metrics.peers_known(self.conns.known());
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -441,6 +500,7 @@ impl EventLoop {
                     }));
                     return;
                 }
+                self.activity.touch(peer);
                 let id = self.swarm.behaviour_mut().meta.send_request(&peer, req);
                 self.pending_meta.insert(id, reply);
             }
@@ -484,6 +544,7 @@ impl EventLoop {
                 self.bans
                     .insert(peer, (Instant::now() + self.ban_duration, reason));
                 self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.conns.set_banned(peer, true);
                 let _ = self.swarm.disconnect_peer_id(peer);
                 self.metrics.peer_banned(self.bans.len());
                 let _ = self.shared.events.send(MeshEvent::Banned(peer));
@@ -517,10 +578,13 @@ impl EventLoop {
                     self.iface_addrs.remove(&ip);
                 }
             }
-            SwarmEvent::OutgoingConnectionError {
-                error: DialError::Transport(errs),
-                ..
-            } => {
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                if let Some(p) = peer_id {
+                    self.conns.dial_failed(p, Instant::now());
+                }
+                let DialError::Transport(errs) = error else {
+                    return;
+                };
                 for (addr, e) in &errs {
                     if let libp2p::TransportError::Other(e) = e
                         && !is_connect_error(e)
@@ -548,19 +612,22 @@ impl EventLoop {
             } => {
                 let addr = endpoint.get_remote_address().clone();
                 if endpoint.is_dialer() {
+                    let mut is_static = false;
                     for (a, p) in &mut self.static_peers {
                         if a == &addr || peer_of(a) == Some(peer_id) {
                             *p = Some(peer_id);
+                            is_static = true;
                         }
+                    }
+                    if is_static {
+                        self.conns.learn(peer_id, Found::Static, Instant::now());
                     }
                 }
                 if let Some(ip) = ip_of(&addr) {
                     self.handshake_warned.remove(&ip);
                 }
-                if let Some(m) = self.mdns_peers.get_mut(&peer_id) {
-                    m.backoff = REDIAL_FIRST;
-                }
                 if num_established.get() == 1 {
+                    self.conns.connected_to(peer_id, Instant::now());
                     tracing::info!(peer = %peer_id, %addr, "peer connected");
                     self.connected.insert(
                         peer_id,
@@ -582,6 +649,7 @@ impl EventLoop {
             } => {
                 tracing::info!(peer = %peer_id, ?cause, "peer disconnected");
                 self.connected.remove(&peer_id);
+                self.conns.disconnected(peer_id);
                 self.metrics.peers_connected(self.connected.len());
                 let _ = self.shared.events.send(MeshEvent::Disconnected(peer_id));
             }
@@ -607,6 +675,7 @@ impl EventLoop {
                     c.agent = info.agent_version.clone();
                 }
                 if info.protocols.contains(&KAD_PROTOCOL) {
+                    self.conns.learn(peer_id, Found::Kad, Instant::now());
                     for a in info.listen_addrs {
                         if !is_unspecified(&a) {
                             self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
@@ -623,29 +692,29 @@ impl EventLoop {
                 let now = Instant::now();
                 for (p, addrs) in by_peer {
                     // Remembered, so a failed dial is retried (mDNS reports an address once).
-                    let m = self.mdns_peers.entry(p).or_insert_with(|| MdnsPeer {
-                        addrs: Vec::new(),
-                        next_dial: now,
-                        backoff: REDIAL_FIRST,
-                    });
-                    for a in &addrs {
-                        if !m.addrs.contains(a) {
-                            m.addrs.push(a.clone());
+                    let m = self.mdns_peers.entry(p).or_default();
+                    for a in addrs {
+                        if !m.contains(&a) {
+                            m.push(a);
                         }
                     }
-                    m.next_dial = now + m.backoff;
-                    if !self.connected.contains_key(&p) && !self.bans.contains_key(&p) {
-                        tracing::info!(peer = %p, "discovered via mDNS");
-                        self.dial_peer(p, addrs);
+                    if !self.connected.contains_key(&p) {
+                        tracing::debug!(peer = %p, "discovered via mDNS");
                     }
+                    self.conns.learn(p, Found::Mdns, now);
                 }
+                // Discovery learns every node; the manager dials only while
+                // fewer than mesh.min_connections are connected.
+                self.dial_known(false);
+                self.metrics.peers_known(self.conns.known());
             }
             BehaviourEvent::Mdns(mdns::Event::Expired(gone)) => {
                 for (p, a) in gone {
                     if let Some(m) = self.mdns_peers.get_mut(&p) {
-                        m.addrs.retain(|x| x != &a);
-                        if m.addrs.is_empty() {
+                        m.retain(|x| x != &a);
+                        if m.is_empty() {
                             self.mdns_peers.remove(&p);
+                            self.conns.mdns_expired(p);
                         }
                     }
                 }
@@ -657,6 +726,7 @@ impl EventLoop {
                         channel,
                         ..
                     } => {
+                        self.activity.touch(peer);
                         self.on_have(peer, h);
                         let ack = self
                             .swarm
@@ -670,6 +740,7 @@ impl EventLoop {
                     request_response::Message::Request {
                         request, channel, ..
                     } => {
+                        self.activity.touch(peer);
                         let provider = self.provider.clone();
                         let tx = self.self_tx.clone();
                         tokio::spawn(async move {
@@ -736,6 +807,33 @@ impl EventLoop {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { message, .. }) => {
                 self.on_gossip(message)
             }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(Ok(ok)),
+                ..
+            }) => {
+                // A random walk's finds: known (and in the routing table), not dialled.
+                let now = Instant::now();
+                for p in ok.peers {
+                    if p.peer_id == self.shared.peer_id {
+                        continue;
+                    }
+                    for a in p.addrs.iter().filter(|a| !is_unspecified(a)) {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&p.peer_id, a.clone());
+                    }
+                    self.conns.learn(p.peer_id, Found::Kad, now);
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
+                self.conns.learn(peer, Found::Kad, Instant::now());
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => self.conns.rtt(peer, rtt),
             _ => {}
         }
     }
@@ -862,8 +960,12 @@ fn mdns_query_packet() -> Vec<u8> {
 }
 
 fn random_seed_u16() -> u16 {
+    random_seed_u64() as u16
+}
+
+fn random_seed_u64() -> u64 {
     use std::hash::BuildHasher;
-    std::collections::hash_map::RandomState::new().hash_one(Instant::now()) as u16
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now())
 }
 
 fn is_unspecified(a: &Multiaddr) -> bool {

@@ -13,6 +13,7 @@
 
 pub mod behaviour;
 pub mod client;
+pub mod connmgr;
 pub mod download;
 pub mod event_loop;
 pub mod muxer;
@@ -179,7 +180,7 @@ pub struct MeshConfig {
     pub psk: Option<PreSharedKey>,
     /// Most established connections at once, incoming and outgoing
     /// together (`mesh.max_connections`): a connection beyond it is refused.
-    /// The connection manager keeps a quarter of it free for
+    /// The connection manager ([`connmgr`]) keeps a quarter of it free for
     /// newcomers and downloads by closing the least useful connections.
     pub max_connections: u32,
     /// While fewer peers than this are connected, the node dials peers it

@@ -59,14 +59,18 @@ pub struct Provider {
     stats: Arc<ServeStats>,
     /// Bounds concurrent disk reads for chunk requests.
     reads: Arc<Semaphore>,
+    /// Who fetched from us, for the connection manager.
+    activity: Arc<super::connmgr::Activity>,
 }
 
 impl Provider {
-    /// A provider over `store`; `corrupt` flips a byte in every served chunk (test mode).
-    pub fn new(store: Store, corrupt: bool) -> Self {
+    /// A provider over `store`; `corrupt` flips a byte in every served chunk
+    /// (test mode); each chunk request is reported to `activity`.
+    pub fn new(store: Store, corrupt: bool, activity: Arc<super::connmgr::Activity>) -> Self {
         Self {
             store,
             corrupt,
+            activity,
             stats: Arc::new(ServeStats::default()),
             reads: Arc::new(Semaphore::new(32)),
         }
@@ -176,6 +180,7 @@ impl Provider {
     async fn chunk_stream(&self, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
         let mut body = Vec::new();
         while let Some(req) = wire::read_chunk_request(&mut stream).await? {
+            self.activity.touch(peer);
             let (buf, read) = self
                 .read_chunk(req.id, req.index, std::mem::take(&mut body))
                 .await;

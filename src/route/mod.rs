@@ -556,6 +556,7 @@ impl Routing {
             routing: self.clone(),
             peer,
             id,
+            _busy: self.mesh.busy(peer),
         }
     }
 
@@ -606,14 +607,9 @@ impl Routing {
                 jitter: 0,
             });
         }
-        // Peers: fresh cards of connected, unbanned, unpaused peers.
-        let connected: HashSet<PeerId> = self
-            .mesh
-            .connected()
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        // Peers: fresh cards of unbanned, unpaused peers, connected or not:
+        // cards travel by gossip over a partial mesh, and a forward dials
+        // its peer when the connection manager has closed the connection.
         let now = Instant::now();
         let banned = self.banned.lock().clone();
         let paused: HashSet<PeerId> = {
@@ -626,7 +622,6 @@ impl Routing {
         let mut last_resort = Vec::new();
         for (peer, held) in cards.iter() {
             if now.duration_since(held.at) > self.cfg.card_ttl
-                || !connected.contains(peer)
                 || banned.contains(peer)
                 || (held.card.needs_key && !has_key)
             {
@@ -796,6 +791,8 @@ pub struct InFlight {
     routing: Arc<Routing>,
     peer: PeerId,
     id: u64,
+    /// Keeps the connection to `peer` open meanwhile (the connection manager).
+    _busy: crate::mesh::connmgr::PeerBusy,
 }
 
 impl Drop for InFlight {
@@ -826,9 +823,6 @@ async fn listen(
             MeshEvent::Card { peer, data } => r.take_card(peer, &data),
             MeshEvent::Banned(peer) => {
                 r.banned.lock().insert(peer);
-                r.cards.lock().remove(&peer);
-            }
-            MeshEvent::Disconnected(peer) => {
                 r.cards.lock().remove(&peer);
             }
             _ => {}

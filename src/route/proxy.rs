@@ -502,9 +502,12 @@ pub async fn serve_forwarded(r: Arc<Routing>, app: axum::Router, authorize: forw
         let Some((app, authorize)) = r.app.get().cloned() else {
             return;
         };
+        let busy = r.mesh.busy(peer);
         tokio::spawn(async move {
             let started = Instant::now();
-            match forward::serve_one(peer, stream, app, &*authorize).await {
+            let served = forward::serve_one(peer, stream, app, &*authorize).await;
+            drop(busy);
+            match served {
                 Ok(done) if done.status < 300 => {
                     let json =
                         serde_json::from_slice::<serde_json::Value>(&done.body).unwrap_or_default();

@@ -641,6 +641,8 @@ async fn fetch_from_peer(
     len: u32,
     body: &mut Vec<u8>,
 ) -> Result<usize, FetchError> {
+    // Each chunk keeps the connection useful to the connection manager.
+    ctx.client.touch(peer);
     let fresh = stream.is_none();
     let s = match stream {
         Some(s) => s,

@@ -4,6 +4,7 @@
 //! its own metrics). Run one module with
 //! `cargo test -p shoal-testnet --test it inprocess::`.
 
+mod connections;
 mod inprocess;
 mod mesh_faults;
 mod ops;
