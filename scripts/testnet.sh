@@ -15,6 +15,19 @@
 #   discovery-redial two nodes find each other by mDNS while their TCP ports are
 #                    unreachable; once reachable they must connect (a failed dial
 #                    to an mDNS peer is retried)
+# Scale scenario (issue 20; run by name):
+#   scale        NODES (default 64 here) daemons with mDNS on one bridge, started
+#                in batches of BATCH (8), each with mesh.max_connections MAX_CONN
+#                (48) and mesh.min_connections MIN_CONN (8). Every node must come
+#                to know NODES-1 peers (shoal_peers_known) within WAIT_SECS; then
+#                SAMPLES (7) samples over SAMPLE_SECS (30) of each node's
+#                established TCP connections on the mesh port (ss, both
+#                directions) and shoal_peers_connected: none may exceed MAX_CONN;
+#                a signed release posted to node 0 must be resolved by every node
+#                (GET /admin/releases) within WAIT_SECS; after SETTLE_SECS (10)
+#                each daemon's CPU (utime+stime) over IDLE_SECS (30), fds, RSS.
+#                One RESULT line; goals (release <= 5 s, idle CPU <= 1 % of a
+#                core) are logged as met or MISSED
 # Benchmark scenarios (run by name; they print figures):
 #   swarm        a single 1 -> 1 transfer, then 1 seeder -> NODES-1 nodes; the last
 #                node's completion time as a ratio to the single transfer
@@ -75,6 +88,8 @@ if [ "$(id -u)" != 0 ]; then
     exit 0
 fi
 
+# The scale scenario alone defaults to 64 nodes.
+[ -n "${NODES:-}" ] || [ "$*" != scale ] || NODES=64
 NODES=${NODES:-4}
 RATE=${RATE:-100mbit}
 # tbf's bucket: at least rate / HZ, so 256kb suits 100mbit; use ~1mb for 1gbit.
@@ -968,6 +983,224 @@ PY
     log "route-failover: RESULT requests=$n tokens=$tokens $(jqpy '" ".join("%s=%s" % kv for kv in j["counts"].items())' <<<"$out")"
     [ "$(jqpy 'len(j["bad"])' <<<"$out")" = 0 ] || fail "route-failover: $(jqpy '"; ".join(j["bad"])' <<<"$out")"
     [ "$(jqpy 'j["counts"]["untouched"]' <<<"$out")" -gt 0 ] || fail "route-failover: no request was waiting at the kill (inconclusive)"
+}
+
+# ---------------------------------------------------------------------------
+# Scale (issue 20): NODES (default 64 for this scenario) real daemons with mDNS
+# on one bridge and a bounded set of connections each. One monitor process
+# (scale_mon, Python) does the polling: each of its threads enters one node's
+# namespace (setns(2) moves the calling thread only) and talks to that node's
+# API on its own loopback, so 64 nodes are polled without 64 processes a poll.
+
+# scale_mon ARGS...: the monitor (written to the work dir once); JSON on stdout.
+scale_mon() {
+    [ -f "$WORK/scale-mon.py" ] || cat >"$WORK/scale-mon.py" <<'PY'
+import ctypes, json, os, re, statistics, subprocess, sys, threading, time, urllib.request
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+work, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mode, args = sys.argv[4], sys.argv[5:]
+
+
+def ns(i):
+    return f"{tag}-{i}"
+
+
+def enter(i):
+    fd = os.open(f"/run/netns/{ns(i)}", os.O_RDONLY)
+    try:
+        if hasattr(os, "setns"):
+            os.setns(fd, CLONE_NEWNET)
+        elif _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns(i)}")
+    finally:
+        os.close(fd)
+
+
+def get(i, path):
+    tok = open(f"{work}/n{i}/admin.token").read().strip()
+    req = urllib.request.Request("http://127.0.0.1:7070" + path, headers={"Authorization": "Bearer " + tok})
+    return urllib.request.urlopen(req, timeout=5).read().decode()
+
+
+def metric(text, name):
+    for l in text.splitlines():
+        if l.startswith(name + " ") or l.startswith(name + "{"):
+            return float(l.split()[-1])
+    return None
+
+
+def per_node(fn):
+    """Runs fn(i) for every node, each in its own thread inside node i's namespace."""
+    out = [None] * n
+
+    def run(i):
+        enter(i)
+        try:
+            out[i] = fn(i)
+        except Exception as e:  # a node that does not answer counts as such
+            out[i] = e
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return out
+
+
+def stats(xs):
+    return {"min": min(xs), "mean": round(statistics.mean(xs), 2), "max": max(xs)} if xs else None
+
+
+def wait_each(check, bound, every, t0):
+    """Per node: seconds since t0 until check(i) holds (None if it never did within bound)."""
+    def fn(i):
+        while True:
+            try:
+                if check(i):
+                    return round(time.time() - t0, 3)
+            except Exception:
+                pass
+            if time.time() - t0 > bound:
+                return None
+            time.sleep(every)
+    return per_node(fn)
+
+
+if mode == "known":
+    # Until every node knows WANT peers (shoal_peers_known; a connected peer
+    # is a known one, so the larger of the two gauges counts).
+    want, bound, t0 = int(args[0]), float(args[1]), float(args[2])
+
+    def check(i):
+        m = get(i, "/metrics")
+        return max(metric(m, "shoal_peers_known") or 0, metric(m, "shoal_peers_connected") or 0) >= want
+    ts = wait_each(check, bound, 0.5, t0)
+    final = per_node(lambda i: [metric(get(i, "/metrics"), k) for k in ("shoal_peers_known", "shoal_peers_connected")])
+    print(json.dumps({"times": ts, "missing": [i for i, t in enumerate(ts) if t is None],
+                      "all_s": None if None in ts else max(ts),
+                      "known_metric": [None if isinstance(f, Exception) else f[0] for f in final]}))
+elif mode == "sample":
+    # COUNT samples EVERY seconds apart: established TCP connections on the
+    # mesh port (ss, both directions) and shoal_peers_connected, per node.
+    count, every, bound = int(args[0]), float(args[1]), int(args[2])
+    tcp, peers, over, lines = [], [], [], []
+    for k in range(count):
+        t = time.time()
+        conns = [None] * n
+
+        def ss(i):
+            r = subprocess.run(["ip", "netns", "exec", ns(i), "ss", "-Htn", "state", "established",
+                                "( sport = :7071 or dport = :7071 )"], capture_output=True, text=True)
+            conns[i] = len([l for l in r.stdout.splitlines() if l.strip()])
+        sst = [threading.Thread(target=ss, args=(i,)) for i in range(n)]
+        for th in sst:
+            th.start()
+        pc = per_node(lambda i: metric(get(i, "/metrics"), "shoal_peers_connected"))
+        for th in sst:
+            th.join()
+        for i in range(n):
+            if isinstance(pc[i], Exception) or pc[i] is None:
+                over.append(f"sample {k}: node {i}: no metrics ({pc[i]})")
+                continue
+            tcp.append(conns[i])
+            peers.append(int(pc[i]))
+            if conns[i] > bound or pc[i] > bound:
+                over.append(f"sample {k}: node {i}: {conns[i]} TCP connections, {int(pc[i])} peers > {bound}")
+        lines.append(f"sample {k}: TCP {stats(conns)} peers {stats([int(p) for p in pc if isinstance(p, float)])}")
+        time.sleep(max(0.0, every - (time.time() - t)))
+    print(json.dumps({"tcp": stats(tcp), "peers": stats(peers), "over": over, "samples": lines}))
+elif mode == "release":
+    # Until every node resolves NAME (GET /admin/releases), from T0.
+    name, bound, t0 = args[0], float(args[1]), float(args[2])
+    ts = wait_each(lambda i: any(r["name"] == name for r in json.loads(get(i, "/admin/releases"))), bound, 0.1, t0)
+    print(json.dumps({"times": ts, "missing": [i for i, t in enumerate(ts) if t is None],
+                      "all_s": None if None in ts else max(ts)}))
+elif mode == "usage":
+    # utime+stime of every daemon over SECS (% of one core), its open file
+    # descriptors, threads and resident memory.
+    secs = float(args[0])
+    pids = [int(open(f"{work}/n{i}.pid").read()) for i in range(n)]
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def cpu(p):
+        f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])
+    a, t = [cpu(p) for p in pids], time.time()
+    time.sleep(secs)
+    b, dt = [cpu(p) for p in pids], time.time() - t
+    pct = [round(100.0 * (y - x) / hz / dt, 3) for x, y in zip(a, b)]
+
+    def status(p, key):
+        for l in open(f"/proc/{p}/status"):
+            if l.startswith(key + ":"):
+                return int(l.split()[1])
+    print(json.dumps({"cpu_pct": stats(pct), "fds": stats([len(os.listdir(f"/proc/{p}/fd")) for p in pids]),
+                      "threads": stats([status(p, "Threads") for p in pids]),
+                      "rss_mib": stats([round(status(p, "VmRSS") / 1024, 1) for p in pids])}))
+PY
+    python3 "$WORK/scale-mon.py" "$WORK" "$TAG" "$NODES" "$@"
+}
+
+scenario_scale() {
+    local max=${MAX_CONN:-48} min=${MIN_CONN:-8} batch=${BATCH:-8} i j problems=()
+    local want=$((NODES - 1)) name=scale-release:v1
+    # A configuration file, not SHOAL_MAX/MIN_CONNECTIONS: the environment is
+    # checked one variable at a time (max 6 with the default min 8 is refused).
+    printf '[mesh]\nmax_connections = %d\nmin_connections = %d\n' "$max" "$min" >"$WORK/scale.toml"
+    local -x SHOAL_CONFIG="$WORK/scale.toml"
+    # The publisher: its own data dir and key (like the origin scenario); every
+    # node trusts its key before it starts. The release names a small artifact
+    # nobody needs to hold: only the name's resolution is measured.
+    local pub="$WORK/publisher" key id rel
+    head -c 4096 /dev/urandom >"$WORK/scale.bin"
+    id=$("$SHOAL" --data-dir "$pub" --json add "$WORK/scale.bin" | jqpy 'j["id"]')
+    key=$("$SHOAL" --data-dir "$pub" keygen 2>/dev/null)
+    rel=$("$SHOAL" --data-dir "$pub" --json publish "$id" --name "$name" | jqpy 'j["release"]')
+    for ((i = 0; i < NODES; i++)); do "$SHOAL" --data-dir "$WORK/n$i" trust add "$key" >/dev/null; done
+    # 1. Start in batches of BATCH (each batch answering before the next starts).
+    local t_first t_up
+    t_first=$(now)
+    for ((i = 0; i < NODES; i += batch)); do
+        for ((j = i; j < i + batch && j < NODES; j++)); do launch_node "$j"; done
+        for ((j = i; j < i + batch && j < NODES; j++)); do wait_up "$j"; done
+    done
+    t_up=$(now)
+    log "scale: $NODES nodes up in $(python3 -c "print(round($t_up - $t_first, 1))")s (batches of $batch; max_connections $max, min_connections $min)"
+    # 2. Discovery: every node knows all the others.
+    local known
+    known=$(scale_mon known "$want" "$WAIT_SECS" "$t_up")
+    log "scale: discovery: all know all $(jqpy 'j["all_s"]' <<<"$known")s after the last node answered (shoal_peers_known per node at the end: $(jqpy '" ".join(str(int(k)) if k is not None else "-" for k in j["known_metric"])' <<<"$known"))"
+    [ "$(jqpy 'len(j["missing"])' <<<"$known")" = 0 ] ||
+        problems+=("discovery: nodes $(jqpy 'j["missing"]' <<<"$known") did not know $want peers within ${WAIT_SECS}s")
+    # 3. The bound, sampled SAMPLES times over ~SAMPLE_SECS.
+    local samples=${SAMPLES:-7} span=${SAMPLE_SECS:-30} bound s
+    bound=$(scale_mon sample "$samples" "$(python3 -c "print($span / max(1, $samples - 1))")" "$max")
+    while read -r s; do log "scale: $s"; done < <(jqpy '"\n".join(j["samples"])' <<<"$bound")
+    if [ "$(jqpy 'len(j["over"])' <<<"$bound")" != 0 ]; then
+        problems+=("bound: $(jqpy 'len(j["over"])' <<<"$bound") node-samples over $max, e.g. $(jqpy '"; ".join(j["over"][:3])' <<<"$bound")")
+    fi
+    # 4. A release published on node 0 (POST /admin/releases) until every node resolves it.
+    local t0 release
+    t0=$(now)
+    ip netns exec "$(ns 0)" python3 -c "import sys, json, urllib.request; urllib.request.urlopen(urllib.request.Request('http://127.0.0.1:7070/admin/releases', json.dumps({'signed': sys.argv[1]}).encode(), {'Content-Type': 'application/json', 'Authorization': 'Bearer ' + open(sys.argv[2]).read().strip()}))" \
+        "$rel" "$WORK/n0/admin.token" || fail "scale: node 0 refused the release"
+    release=$(scale_mon release "$name" "$WAIT_SECS" "$t0")
+    log "scale: release: every node resolves $name $(jqpy 'j["all_s"]' <<<"$release")s after node 0 took it (median $(jqpy '__import__("statistics").median([t for t in j["times"] if t is not None] or [float("nan")])' <<<"$release")s, $(jqpy 'len(j["times"]) - len(j["missing"])' <<<"$release") of $NODES)"
+    [ "$(jqpy 'len(j["missing"])' <<<"$release")" = 0 ] ||
+        problems+=("release: nodes $(jqpy 'j["missing"]' <<<"$release") never resolved $name within ${WAIT_SECS}s")
+    # 5. Idle: SETTLE_SECS more, then every daemon's CPU over IDLE_SECS.
+    sleep "${SETTLE_SECS:-10}"
+    local usage
+    usage=$(scale_mon usage "${IDLE_SECS:-30}")
+    log "scale: idle ${IDLE_SECS:-30}s per daemon: CPU % of a core $(jqpy 'j["cpu_pct"]' <<<"$usage"), fds $(jqpy 'j["fds"]' <<<"$usage"), threads $(jqpy 'j["threads"]' <<<"$usage"), RSS MiB $(jqpy 'j["rss_mib"]' <<<"$usage")"
+    local st='lambda d, k: "%s/%s/%s" % (d[k]["min"], d[k]["mean"], d[k]["max"]) if d.get(k) else "-"'
+    log "scale: RESULT nodes=$NODES max_conn=$max min_conn=$min discovery_s=$(jqpy 'j["all_s"]' <<<"$known") knowing_all=$(jqpy 'len(j["times"]) - len(j["missing"])' <<<"$known") tcp_min_mean_max=$(jqpy "($st)(j, 'tcp')" <<<"$bound") peers_min_mean_max=$(jqpy "($st)(j, 'peers')" <<<"$bound") over_bound=$(jqpy 'len(j["over"])' <<<"$bound") release_s=$(jqpy 'j["all_s"]' <<<"$release") resolved=$(jqpy 'len(j["times"]) - len(j["missing"])' <<<"$release") idle_cpu_pct_min_mean_max=$(jqpy "($st)(j, 'cpu_pct')" <<<"$usage") fds_min_mean_max=$(jqpy "($st)(j, 'fds')" <<<"$usage") rss_mib_min_mean_max=$(jqpy "($st)(j, 'rss_mib')" <<<"$usage")"
+    verdict scale "$(jqpy 'j["all_s"] is not None and j["all_s"] <= 5' <<<"$release")" "release known everywhere <= 5 s"
+    verdict scale "$(jqpy 'j["cpu_pct"]["max"] <= 1' <<<"$usage")" "idle CPU <= 1 % of a core (max)"
+    [ ${#problems[@]} = 0 ] || fail "scale: $(printf '%s; ' "${problems[@]}")"
 }
 
 # qdisc_sent I: bytes sent so far through the tbf qdisc of node I's eth0.

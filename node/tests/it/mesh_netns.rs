@@ -107,3 +107,40 @@ fn netns_route_scenarios() {
         "netns routing scenarios failed (see the log above)"
     );
 }
+
+/// The scale scenario (issue 20) at CI size: 16 daemons with mDNS on one
+/// bridge, each allowed 6 connections (3 wanted): every node comes to know
+/// all 15 others, no node ever holds more than 6 established connections
+/// (TCP on the mesh port and `shoal_peers_connected`, sampled), and a release
+/// posted to one node reaches all (bounded waits, not a timing assertion;
+/// `docs/benchmarks.md` has the 64-node figures).
+#[test]
+fn netns_scale_bounded_connections() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "!!!!!!!! SKIPPED netns_scale_bounded_connections: network namespaces need root !!!!!!!!"
+        );
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new("bash")
+        .arg(root.join("scripts/testnet.sh"))
+        .arg("scale")
+        .env("SHOAL", env!("CARGO_BIN_EXE_shoal"))
+        .env("NODES", "16")
+        .env("MAX_CONN", "6")
+        .env("MIN_CONN", "3")
+        .env("SAMPLES", "4")
+        .env("SAMPLE_SECS", "12")
+        .env("SETTLE_SECS", "2")
+        .env("IDLE_SECS", "5")
+        .env("SIZE_MB", "1")
+        .env("WAIT_SECS", "60")
+        .status()
+        .expect("run scripts/testnet.sh");
+    assert!(
+        status.success(),
+        "netns scale scenario failed (see the log above)"
+    );
+}
