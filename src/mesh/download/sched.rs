@@ -260,6 +260,26 @@ impl Sched {
         self.update_sharers();
     }
 
+    /// For a pick from a seed: the live seeds (complete peer sources, every
+    /// chunk's holders beyond them are fellow downloaders) and the fellow
+    /// downloaders that are paused (not asked now, so a chunk
+    /// only they hold may come from a seed).
+    fn seed_view(&self, now: Instant) -> (u32, Vec<ChunkSource>) {
+        let mut seeds = 0;
+        let mut paused = Vec::new();
+        for (k, s) in &self.sources {
+            if *k == ChunkSource::Origin || s.stopped {
+                continue;
+            }
+            if s.have.is_complete() {
+                seeds += 1;
+            } else if s.paused_until.is_some_and(|t| now < t) {
+                paused.push(*k);
+            }
+        }
+        (seeds, paused)
+    }
+
     /// Whether `src` has delivered at least `rate` bytes/s since it was added
     /// (and for at least 250 ms, so one quick chunk does not count).
     pub(super) fn is_fast(&self, src: ChunkSource, rate: f64, now: Instant) -> bool {
@@ -307,16 +327,26 @@ impl Sched {
         // any can be (only this source has it; for the origin, no peer has
         // it) is a uniform choice among those, found without a pass over
         // every chunk. Otherwise a full pass samples the rarest (reservoir).
+        // Rank: twice the holders. From a seed (a complete source, while
+        // other downloaders are known), only chunks no fellow downloader
+        // holds: the seeds' uplink is the swarm's bottleneck, and every chunk
+        // it sends that a fellow could have sent delays one only the seeds
+        // hold (each extra copy a seeder sends costs the last node its
+        // time). Among those, this node's own share first, then the others'.
+        let seed = src != ChunkSource::Origin && s.have.is_complete() && self.sharers.len() > 1;
+        let (seeds, paused) = match seed {
+            true => self.seed_view(now),
+            false => (0, Vec::new()),
+        };
+        // The lowest rank a chunk can have from this source: the random
+        // probes stop at one that low.
         let floor = match src {
             ChunkSource::Origin => 0,
-            ChunkSource::Peer(_) => 1,
+            ChunkSource::Peer(_) if seed => 2 * seeds,
+            ChunkSource::Peer(_) => 2,
         };
-        // Rank: twice the holders. From a seed, a chunk no one else holds
-        // is ranked by whose share it is: this node's own first, then the
-        // others' (after every chunk as rare, before any chunk held twice).
-        let seed = src != ChunkSource::Origin && s.have.is_complete() && self.sharers.len() > 1;
         let free = |this: &Self, i: u32| this.inflight[i as usize].is_empty() && !this.have.get(i);
-        // The holders of a free chunk `i`, if this source may be asked for it.
+        // The rank of a free chunk `i`, if this source may be asked for it.
         let eligible = |this: &Self, i: u32| -> Option<u32> {
             let a = this.avail[i as usize];
             // The origin only serves chunks no live peer holds, split among
@@ -327,12 +357,26 @@ impl Sched {
                 }
                 ChunkSource::Peer(_) => s.have.get(i),
             };
-            let others = seed && a <= 1 && !this.is_my_share(i);
-            ok.then_some(2 * a + u32::from(others))
+            if !ok {
+                return None;
+            }
+            if seed {
+                // Fellow downloaders that hold it and may be asked (a paused one may not).
+                let fellows = a.saturating_sub(seeds) as usize;
+                let asleep = paused
+                    .iter()
+                    .filter(|k| this.sources.get(k).is_some_and(|p| p.have.get(i)))
+                    .count();
+                if fellows > asleep {
+                    return None;
+                }
+                return Some(2 * a + u32::from(!this.is_my_share(i)));
+            }
+            Some(2 * a)
         };
         for _ in 0..PICK_PROBES {
             let i = (xorshift(&mut self.rng) % u64::from(n)) as u32;
-            if free(self, i) && eligible(self, i).is_some_and(|r| r <= 2 * floor) {
+            if free(self, i) && eligible(self, i).is_some_and(|r| r <= floor) {
                 return self.take(i, src, now);
             }
         }
@@ -372,7 +416,12 @@ impl Sched {
             // lane that falls idle near the end would otherwise duplicate a
             // request on time, and on a shared link the copies slow the
             // originals (and a seed's uplink sends chunks twice).
-            let late = Duration::from_secs_f64((2.0 * self.took_avg).max(ENDGAME_MIN_AGE));
+            let mut late = Duration::from_secs_f64((2.0 * self.took_avg).max(ENDGAME_MIN_AGE));
+            // A seed's uplink may still owe other downloaders chunks only it
+            // holds: it duplicates only requests twice as late.
+            if seed {
+                late *= 2;
+            }
             let dup = (0..n)
                 .filter(|&i| {
                     let by = &self.inflight[i as usize];
@@ -727,15 +776,13 @@ mod tests {
         while let Pick::Chunk(i) = s.pick(seed, Instant::now()) {
             picks.push(i);
         }
-        assert_eq!(picks.len(), n as usize, "every chunk, once");
+        assert_eq!(picks.len(), 390, "every chunk no fellow holds, once");
         let (first, rest) = picks.split_at(mine.len());
         assert!(first.iter().all(|i| mine.contains(i)), "own share first");
-        let (others, common) = rest.split_at(390 - mine.len());
         assert!(
-            others.iter().all(|&i| i >= 10 && !mine.contains(&i)),
-            "then the others' share"
+            rest.iter().all(|&i| i >= 10 && !mine.contains(&i)),
+            "then the others' share; never what a fellow holds"
         );
-        assert!(common.iter().all(|&i| i < 10), "then what a peer holds too");
         // Another node, with the same downloaders, owns other chunks: the
         // shares split the chunks (the same hash everywhere).
         let mut t = sched(n);
@@ -811,5 +858,96 @@ mod tests {
             !s.is_fast(ChunkSource::Peer(PeerId::random()), 1.0, Instant::now()),
             "unknown source"
         );
+    }
+
+    #[test]
+    fn a_seed_is_asked_only_for_what_no_fellow_downloader_can_give() {
+        let n = 40;
+        let mut s = sched(n);
+        s.endgame = true;
+        let seed = ChunkSource::Peer(PeerId::random());
+        let fellow = ChunkSource::Peer(PeerId::random());
+        s.add_source(seed, HaveMap::full(n), Instant::now());
+        s.add_source(fellow, have(n, 0..10), Instant::now());
+        let mut from_seed = HashSet::new();
+        while let Pick::Chunk(i) = s.pick(seed, Instant::now()) {
+            assert!(i >= 10, "the seed was asked for {i}, which a fellow holds");
+            from_seed.insert(i);
+        }
+        assert_eq!(from_seed.len(), 30);
+        // The fellow's chunks come from the fellow.
+        let Pick::Chunk(i) = s.pick(fellow, Instant::now()) else {
+            panic!("the fellow was not asked")
+        };
+        assert!(i < 10);
+        // A lying have-map: the fellow does not have chunk `i` after all.
+        // Its bit is cleared and the seed may be asked for it.
+        s.complete(fellow, i, FetchOutcome::NotFound, Instant::now());
+        assert!(matches!(s.pick(seed, Instant::now()), Pick::Chunk(j) if j == i));
+        // A fellow that keeps failing is paused: while it sleeps, the seed
+        // serves what only it held.
+        let mut failed = 0;
+        while let Pick::Chunk(j) = s.pick(fellow, Instant::now()) {
+            s.complete(fellow, j, FetchOutcome::Failed, Instant::now());
+            failed += 1;
+        }
+        assert_eq!(failed, 9, "paused after 8 failures in a row");
+        let Pick::Chunk(j) = s.pick(seed, Instant::now()) else {
+            panic!("a paused fellow's chunk was not asked of the seed")
+        };
+        assert!(j < 10 && j != i);
+        // A fellow that leaves (banned, stopped): the seed serves the rest.
+        let mut t = sched(n);
+        t.add_source(seed, HaveMap::full(n), Instant::now());
+        t.add_source(fellow, have(n, 0..10), Instant::now());
+        t.stop_source(fellow);
+        let mut got = 0;
+        while let Pick::Chunk(_) = t.pick(seed, Instant::now()) {
+            got += 1;
+        }
+        assert_eq!(got, n, "every chunk from the seed once the fellow is gone");
+    }
+
+    #[test]
+    fn in_the_endgame_a_seed_duplicates_only_very_late_requests_and_a_lost_source_is_replaced() {
+        let n = 4;
+        let mut s = sched(n);
+        s.endgame = true;
+        let seed = ChunkSource::Peer(PeerId::random());
+        let fellow = ChunkSource::Peer(PeerId::random());
+        let other = ChunkSource::Peer(PeerId::random());
+        s.add_source(seed, HaveMap::full(n), Instant::now());
+        s.add_source(fellow, HaveMap::full(n), Instant::now());
+        // `fellow` is complete too (a second seed); `other` is a downloader
+        // holding nothing, so seeds are asked as seeds.
+        s.add_source(other, HaveMap::new(n), Instant::now());
+        assert_eq!(s.sharers.len(), 2);
+        let Pick::Chunk(a) = s.pick(fellow, Instant::now()) else {
+            panic!("not asked")
+        };
+        while let Pick::Chunk(_) = s.pick(fellow, Instant::now()) {}
+        // Everything is in flight from `fellow`.
+        s.took_avg = 0.1;
+        let now = Instant::now();
+        s.asked_at[a as usize] = now - Duration::from_millis(300);
+        assert!(
+            matches!(s.pick(seed, now), Pick::Wait),
+            "late, but not twice as late: a seed waits"
+        );
+        s.asked_at[a as usize] = now - Duration::from_millis(600);
+        assert!(matches!(s.pick(seed, now), Pick::Chunk(j) if j == a));
+        // `fellow` disappears in the endgame (banned): its requests fail and
+        // go back to the pool; the seed takes them.
+        s.stop_source(fellow);
+        for i in 0..n {
+            s.complete(fellow, i, FetchOutcome::Failed, now);
+        }
+        assert!(matches!(s.pick(fellow, now), Pick::Stop));
+        let mut got = HashSet::new();
+        while let Pick::Chunk(i) = s.pick(seed, now) {
+            got.insert(i);
+        }
+        assert_eq!(got.len(), n as usize - 1, "the rest, each once");
+        assert!(!got.contains(&a), "still in flight from the seed");
     }
 }
