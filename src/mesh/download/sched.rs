@@ -162,20 +162,22 @@ impl Sched {
         self.sharers = v;
     }
 
-    /// Whether chunk `i` is this node's to fetch from a seed while no other
-    /// peer holds it. Seeds (complete sources) hold every chunk, and their
-    /// uplink is a swarm's bottleneck: downloaders that choose at random
-    /// among the chunks only a seed holds ask it for the same chunk before
-    /// either has announced it, and the seed sends it twice. Split among the
-    /// downloaders (the same hash on every node), each chunk leaves the seed
-    /// once; a downloader takes another's share only when its own is all in
-    /// flight or done, so no chunk waits for a slow or unknown owner.
+    /// Whether chunk `i` is this node's share (see [`Sched::share_slot`]).
     #[cfg(test)]
     pub(super) fn is_my_share(&self, i: u32) -> bool {
         self.share_slot(i) == self.my_share
     }
 
-    /// The place in [`Sched::sharers`] of the downloader whose share chunk `i` is.
+    /// The place in [`Sched::sharers`] of the downloader whose share chunk
+    /// `i` is: the one to fetch it from a seed while no other downloader
+    /// holds it. Seeds (complete sources) hold every chunk, and their uplink
+    /// is a swarm's bottleneck: downloaders that choose at random among the
+    /// chunks only a seed holds ask it for the same chunk before either has
+    /// announced it, and the seed sends it twice. Split among the
+    /// downloaders (the same hash on every node), each chunk leaves the seed
+    /// once; a downloader takes another's share only once it is overdue
+    /// ([`Sched::overdue_below`]), so no chunk waits for a slow or unknown
+    /// owner, and a fast downloader does not race the owner for it.
     pub(super) fn share_slot(&self, i: u32) -> usize {
         let k = self.sharers.len().max(1) as u64;
         ((u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 23) % k) as usize
