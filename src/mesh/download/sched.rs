@@ -49,6 +49,8 @@ pub(super) struct SourceState {
     pub(super) busy: Duration,
     /// When its workers started (for its delivered rate).
     pub(super) since: Instant,
+    /// When its have-map last gained a chunk (or it was added).
+    pub(super) grew_at: Instant,
 }
 
 pub(super) struct Sched {
@@ -89,7 +91,7 @@ pub(super) struct Sched {
     /// The downloaders of this artifact this node knows (itself and every
     /// source with a partial have-map), sorted: a chunk that only a seed
     /// holds is fetched from it first by its owner among them (see
-    /// [`Sched::is_my_share`]).
+    /// [`Sched::share_slot`]).
     pub(super) sharers: Vec<PeerId>,
     /// This node's place in `sharers`.
     pub(super) my_share: usize,
@@ -160,18 +162,67 @@ impl Sched {
         self.sharers = v;
     }
 
-    /// Whether chunk `i` is this node's to fetch from a seed while no other
-    /// peer holds it. Seeds (complete sources) hold every chunk, and their
-    /// uplink is a swarm's bottleneck: downloaders that choose at random
-    /// among the chunks only a seed holds ask it for the same chunk before
-    /// either has announced it, and the seed sends it twice. Split among the
-    /// downloaders (the same hash on every node), each chunk leaves the seed
-    /// once; a downloader takes another's share only when its own is all in
-    /// flight or done, so no chunk waits for a slow or unknown owner.
+    /// Whether chunk `i` is this node's share (see [`Sched::share_slot`]).
+    #[cfg(test)]
     pub(super) fn is_my_share(&self, i: u32) -> bool {
+        self.share_slot(i) == self.my_share
+    }
+
+    /// The place in [`Sched::sharers`] of the downloader whose share chunk
+    /// `i` is: the one to fetch it from a seed while no other downloader
+    /// holds it. Seeds (complete sources) hold every chunk, and their uplink
+    /// is a swarm's bottleneck: downloaders that choose at random among the
+    /// chunks only a seed holds ask it for the same chunk before either has
+    /// announced it, and the seed sends it twice. Split among the
+    /// downloaders (the same hash on every node), each chunk leaves the seed
+    /// once; a downloader takes another's share only once it is overdue
+    /// ([`Sched::overdue_below`]), so no chunk waits for a slow or unknown
+    /// owner, and a fast downloader does not race the owner for it.
+    pub(super) fn share_slot(&self, i: u32) -> usize {
         let k = self.sharers.len().max(1) as u64;
-        let slot = (u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 23) % k;
-        slot as usize == self.my_share
+        ((u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 23) % k) as usize
+    }
+
+    /// For each place in [`Sched::sharers`]: the chunks of that downloader's
+    /// share with a [`share_key`] below this are overdue, and another
+    /// downloader may fetch them from a seed. Each downloader fetches its
+    /// share from the seeds in key order, so one that holds
+    /// [`OVERDUE_AFTER`] chunks of its share with higher keys has passed
+    /// (or never had, its view of the downloaders being another) the
+    /// lower ones; one whose have-map gained nothing for [`STALL_AFTER`]
+    /// is not fetching: its whole share is overdue. This node's own place: 0.
+    pub(super) fn overdue_below(&self, now: Instant) -> Vec<u64> {
+        let owners: Vec<Option<&SourceState>> = self
+            .sharers
+            .iter()
+            .map(|p| self.sources.get(&ChunkSource::Peer(*p)))
+            .collect();
+        let mut held: Vec<Vec<u64>> = vec![Vec::new(); owners.len()];
+        for i in 0..self.have.len() {
+            let o = self.share_slot(i);
+            if o != self.my_share
+                && let Some(Some(s)) = owners.get(o)
+                && s.have.get(i)
+                && let Some(keys) = held.get_mut(o)
+            {
+                keys.push(share_key(i));
+            }
+        }
+        owners
+            .iter()
+            .zip(held)
+            .enumerate()
+            .map(|(o, (s, mut keys))| match s {
+                _ if o == self.my_share => 0,
+                None => u64::MAX,
+                Some(s) if now.saturating_duration_since(s.grew_at) >= STALL_AFTER => u64::MAX,
+                Some(_) if keys.len() >= OVERDUE_AFTER => {
+                    let at = keys.len() - OVERDUE_AFTER;
+                    *keys.select_nth_unstable(at).1
+                }
+                Some(_) => 0,
+            })
+            .collect()
     }
 
     /// The other downloaders this node knows: where its have-map is pushed.
@@ -199,7 +250,10 @@ impl Sched {
                 if src != ChunkSource::Origin {
                     for i in 0..have.len() {
                         match (s.have.get(i), have.get(i)) {
-                            (false, true) => self.avail[i as usize] += 1,
+                            (false, true) => {
+                                self.avail[i as usize] += 1;
+                                s.grew_at = now;
+                            }
                             (true, false) => self.avail[i as usize] -= 1,
                             _ => {}
                         }
@@ -224,6 +278,7 @@ impl Sched {
                         stats: SourceStats::default(),
                         busy: Duration::ZERO,
                         since: now,
+                        grew_at: now,
                     },
                 );
             }
@@ -258,6 +313,26 @@ impl Sched {
             }
         }
         self.update_sharers();
+    }
+
+    /// For a pick from a seed: the live seeds (complete peer sources, every
+    /// chunk's holders beyond them are fellow downloaders) and the fellow
+    /// downloaders that are paused (not asked now, so a chunk
+    /// only they hold may come from a seed).
+    fn seed_view(&self, now: Instant) -> (u32, Vec<ChunkSource>) {
+        let mut seeds = 0;
+        let mut paused = Vec::new();
+        for (k, s) in &self.sources {
+            if *k == ChunkSource::Origin || s.stopped {
+                continue;
+            }
+            if s.have.is_complete() {
+                seeds += 1;
+            } else if s.paused_until.is_some_and(|t| now < t) {
+                paused.push(*k);
+            }
+        }
+        (seeds, paused)
     }
 
     /// Whether `src` has delivered at least `rate` bytes/s since it was added
@@ -307,17 +382,34 @@ impl Sched {
         // any can be (only this source has it; for the origin, no peer has
         // it) is a uniform choice among those, found without a pass over
         // every chunk. Otherwise a full pass samples the rarest (reservoir).
-        let floor = match src {
-            ChunkSource::Origin => 0,
-            ChunkSource::Peer(_) => 1,
-        };
-        // Rank: twice the holders. From a seed, a chunk no one else holds
-        // is ranked by whose share it is: this node's own first, then the
-        // others' (after every chunk as rare, before any chunk held twice).
+        // Rank: twice the holders. From a seed (a complete source, while
+        // other downloaders are known), only chunks no fellow downloader
+        // holds: the seeds' uplink is the swarm's bottleneck, and every chunk
+        // it sends that a fellow could have sent delays one only the seeds
+        // hold (each extra copy a seeder sends costs the last node its
+        // time). Among those, this node's own share in key order (so the
+        // others can tell which of its share it has passed), then, at random,
+        // the chunks of the others' shares that are overdue (see
+        // [`Sched::overdue_below`]); not the others' share before: the owner
+        // would ask for it too, before either announced it.
         let seed = src != ChunkSource::Origin && s.have.is_complete() && self.sharers.len() > 1;
+        let (seeds, paused, overdue) = match seed {
+            true => {
+                let (seeds, paused) = self.seed_view(now);
+                (seeds, paused, self.overdue_below(now))
+            }
+            false => (0, Vec::new(), Vec::new()),
+        };
+        // The lowest rank a chunk can have from this source: the random
+        // probes stop at one that low (from a seed, none: the key order).
+        let floor: u64 = match src {
+            ChunkSource::Origin => 0,
+            ChunkSource::Peer(_) if seed => 0,
+            ChunkSource::Peer(_) => 2,
+        };
         let free = |this: &Self, i: u32| this.inflight[i as usize].is_empty() && !this.have.get(i);
-        // The holders of a free chunk `i`, if this source may be asked for it.
-        let eligible = |this: &Self, i: u32| -> Option<u32> {
+        // The rank of a free chunk `i`, if this source may be asked for it.
+        let eligible = |this: &Self, i: u32| -> Option<u64> {
             let a = this.avail[i as usize];
             // The origin only serves chunks no live peer holds, split among
             // the downloaders that may use it (each byte leaves the origin once).
@@ -327,16 +419,35 @@ impl Sched {
                 }
                 ChunkSource::Peer(_) => s.have.get(i),
             };
-            let others = seed && a <= 1 && !this.is_my_share(i);
-            ok.then_some(2 * a + u32::from(others))
+            if !ok {
+                return None;
+            }
+            if seed {
+                // Fellow downloaders that hold it and may be asked (a paused one may not).
+                let fellows = a.saturating_sub(seeds) as usize;
+                let asleep = paused
+                    .iter()
+                    .filter(|k| this.sources.get(k).is_some_and(|p| p.have.get(i)))
+                    .count();
+                if fellows > asleep {
+                    return None;
+                }
+                let slot = this.share_slot(i);
+                if slot == this.my_share {
+                    return Some(share_key(i) >> 1);
+                }
+                let late = overdue.get(slot).is_some_and(|&k| share_key(i) < k);
+                return late.then_some(STEAL_RANK);
+            }
+            Some(2 * u64::from(a))
         };
-        for _ in 0..PICK_PROBES {
+        for _ in 0..PICK_PROBES * u32::from(!seed) {
             let i = (xorshift(&mut self.rng) % u64::from(n)) as u32;
-            if free(self, i) && eligible(self, i).is_some_and(|r| r <= 2 * floor) {
+            if free(self, i) && eligible(self, i).is_some_and(|r| r <= floor) {
                 return self.take(i, src, now);
             }
         }
-        let mut best: Option<(u32, u32)> = None;
+        let mut best: Option<(u32, u64)> = None;
         let mut ties = 0u64;
         // A missing chunk no request is out for (from any source).
         let unassigned = self.missing() > self.inflight_chunks;
@@ -372,7 +483,12 @@ impl Sched {
             // lane that falls idle near the end would otherwise duplicate a
             // request on time, and on a shared link the copies slow the
             // originals (and a seed's uplink sends chunks twice).
-            let late = Duration::from_secs_f64((2.0 * self.took_avg).max(ENDGAME_MIN_AGE));
+            let mut late = Duration::from_secs_f64((2.0 * self.took_avg).max(ENDGAME_MIN_AGE));
+            // A seed's uplink may still owe other downloaders chunks only it
+            // holds: it duplicates only requests twice as late.
+            if seed {
+                late *= 2;
+            }
             let dup = (0..n)
                 .filter(|&i| {
                     let by = &self.inflight[i as usize];
@@ -545,6 +661,25 @@ impl Sched {
 /// Shortest time a request is in flight before the endgame asks a second source.
 pub(super) const ENDGAME_MIN_AGE: f64 = 0.25;
 
+/// The order in which a downloader fetches its share from a seed (see
+/// [`Sched::overdue_below`]): a hash, so shares are not fetched front to back.
+pub(super) fn share_key(i: u32) -> u64 {
+    u64::from(i).wrapping_mul(0xd6e8_feb8_6659_fd93).rotate_right(29)
+}
+
+/// Rank of a chunk of another downloader's share taken from a seed: after
+/// every chunk of this node's own share (those rank `share_key >> 1`).
+const STEAL_RANK: u64 = 1 << 63;
+
+/// Chunks of its share with higher keys a downloader holds before its lower
+/// ones still missing count as overdue (more than its requests in flight,
+/// which finish out of order).
+pub(super) const OVERDUE_AFTER: usize = 12;
+
+/// A downloader whose have-map gained nothing for this long is not
+/// fetching its share: others may fetch it from a seed.
+pub(super) const STALL_AFTER: Duration = Duration::from_secs(3);
+
 /// Random probes [`Sched::pick`] makes before a full pass over the chunks.
 pub(super) const PICK_PROBES: u32 = 32;
 
@@ -701,7 +836,7 @@ mod tests {
     }
 
     #[test]
-    fn from_a_seed_this_nodes_share_comes_first_then_the_others() {
+    fn from_a_seed_this_nodes_share_comes_first_in_key_order_then_the_others_when_overdue() {
         let n = 400;
         let mut s = sched(n);
         let seed = ChunkSource::Peer(PeerId::random());
@@ -727,15 +862,23 @@ mod tests {
         while let Pick::Chunk(i) = s.pick(seed, Instant::now()) {
             picks.push(i);
         }
-        assert_eq!(picks.len(), n as usize, "every chunk, once");
-        let (first, rest) = picks.split_at(mine.len());
-        assert!(first.iter().all(|i| mine.contains(i)), "own share first");
-        let (others, common) = rest.split_at(390 - mine.len());
+        assert_eq!(picks.len(), mine.len(), "own share only: the others fetch theirs");
+        assert!(picks.iter().all(|i| mine.contains(i)), "own share first");
         assert!(
-            others.iter().all(|&i| i >= 10 && !mine.contains(&i)),
-            "then the others' share"
+            picks.windows(2).all(|w| share_key(w[0]) < share_key(w[1])),
+            "in key order"
         );
-        assert!(common.iter().all(|&i| i < 10), "then what a peer holds too");
+        // The others gain nothing for STALL_AFTER: their shares are overdue.
+        let later = Instant::now() + STALL_AFTER;
+        let mut rest = Vec::new();
+        while let Pick::Chunk(i) = s.pick(seed, later) {
+            rest.push(i);
+        }
+        assert_eq!(picks.len() + rest.len(), 390, "every chunk no fellow holds, once");
+        assert!(
+            rest.iter().all(|&i| i >= 10 && !mine.contains(&i)),
+            "then the others' share; never what a fellow holds"
+        );
         // Another node, with the same downloaders, owns other chunks: the
         // shares split the chunks (the same hash everywhere).
         let mut t = sched(n);
@@ -811,5 +954,141 @@ mod tests {
             !s.is_fast(ChunkSource::Peer(PeerId::random()), 1.0, Instant::now()),
             "unknown source"
         );
+    }
+
+    #[test]
+    fn a_seed_is_asked_only_for_what_no_fellow_downloader_can_give() {
+        let n = 40;
+        let mut s = sched(n);
+        s.endgame = true;
+        s.pause = Duration::from_secs(60);
+        // The fellow's share too: it gains nothing for STALL_AFTER.
+        let later = Instant::now() + STALL_AFTER;
+        let seed = ChunkSource::Peer(PeerId::random());
+        let fellow = ChunkSource::Peer(PeerId::random());
+        s.add_source(seed, HaveMap::full(n), Instant::now());
+        s.add_source(fellow, have(n, 0..10), Instant::now());
+        let mut from_seed = HashSet::new();
+        while let Pick::Chunk(i) = s.pick(seed, later) {
+            assert!(i >= 10, "the seed was asked for {i}, which a fellow holds");
+            from_seed.insert(i);
+        }
+        assert_eq!(from_seed.len(), 30);
+        // The fellow's chunks come from the fellow.
+        let Pick::Chunk(i) = s.pick(fellow, Instant::now()) else {
+            panic!("the fellow was not asked")
+        };
+        assert!(i < 10);
+        // A lying have-map: the fellow does not have chunk `i` after all.
+        // Its bit is cleared and the seed may be asked for it.
+        s.complete(fellow, i, FetchOutcome::NotFound, Instant::now());
+        assert!(matches!(s.pick(seed, later), Pick::Chunk(j) if j == i));
+        // A fellow that keeps failing is paused: while it sleeps, the seed
+        // serves what only it held.
+        let mut failed = 0;
+        while let Pick::Chunk(j) = s.pick(fellow, Instant::now()) {
+            s.complete(fellow, j, FetchOutcome::Failed, Instant::now());
+            failed += 1;
+        }
+        assert_eq!(failed, 9, "paused after 8 failures in a row");
+        let Pick::Chunk(j) = s.pick(seed, later) else {
+            panic!("a paused fellow's chunk was not asked of the seed")
+        };
+        assert!(j < 10 && j != i);
+        // A fellow that leaves (banned, stopped): the seed serves the rest.
+        let mut t = sched(n);
+        t.add_source(seed, HaveMap::full(n), Instant::now());
+        t.add_source(fellow, have(n, 0..10), Instant::now());
+        t.stop_source(fellow);
+        let mut got = 0;
+        while let Pick::Chunk(_) = t.pick(seed, later) {
+            got += 1;
+        }
+        assert_eq!(got, n, "every chunk from the seed once the fellow is gone");
+    }
+
+    #[test]
+    fn in_the_endgame_a_seed_duplicates_only_very_late_requests_and_a_lost_source_is_replaced() {
+        let n = 4;
+        let mut s = sched(n);
+        s.endgame = true;
+        let seed = ChunkSource::Peer(PeerId::random());
+        let fellow = ChunkSource::Peer(PeerId::random());
+        let other = ChunkSource::Peer(PeerId::random());
+        s.add_source(seed, HaveMap::full(n), Instant::now());
+        s.add_source(fellow, HaveMap::full(n), Instant::now());
+        // `fellow` is complete too (a second seed); `other` is a downloader
+        // holding nothing, so seeds are asked as seeds.
+        s.add_source(other, HaveMap::new(n), Instant::now());
+        assert_eq!(s.sharers.len(), 2);
+        // `other` gains nothing for STALL_AFTER: its share may come from seeds.
+        let now = Instant::now() + STALL_AFTER;
+        let Pick::Chunk(a) = s.pick(fellow, now) else {
+            panic!("not asked")
+        };
+        while let Pick::Chunk(_) = s.pick(fellow, now) {}
+        assert_eq!(s.inflight_chunks, n, "everything is in flight from `fellow`");
+        s.took_avg = 0.1;
+        s.asked_at[a as usize] = now - Duration::from_millis(300);
+        assert!(
+            matches!(s.pick(seed, now), Pick::Wait),
+            "late, but not twice as late: a seed waits"
+        );
+        s.asked_at[a as usize] = now - Duration::from_millis(600);
+        assert!(matches!(s.pick(seed, now), Pick::Chunk(j) if j == a));
+        // `fellow` disappears in the endgame (banned): its requests fail and
+        // go back to the pool; the seed takes them.
+        s.stop_source(fellow);
+        for i in 0..n {
+            s.complete(fellow, i, FetchOutcome::Failed, now);
+        }
+        assert!(matches!(s.pick(fellow, now), Pick::Stop));
+        let mut got = HashSet::new();
+        while let Pick::Chunk(i) = s.pick(seed, now) {
+            got.insert(i);
+        }
+        assert_eq!(got.len(), n as usize - 1, "the rest, each once");
+        assert!(!got.contains(&a), "still in flight from the seed");
+    }
+
+    #[test]
+    fn another_downloaders_share_is_taken_from_a_seed_only_below_what_it_has_passed() {
+        let n = 600;
+        let mut s = sched(n);
+        let seed = ChunkSource::Peer(PeerId::random());
+        let other = PeerId::random();
+        s.add_source(seed, HaveMap::full(n), Instant::now());
+        s.add_source(ChunkSource::Peer(other), HaveMap::new(n), Instant::now());
+        let slot = s.sharers.iter().position(|p| *p == other).unwrap_or(0);
+        let mut theirs: Vec<u32> = (0..n).filter(|&i| s.share_slot(i) == slot).collect();
+        theirs.sort_by_key(|&i| share_key(i));
+        assert!(theirs.len() > 200, "about half: {}", theirs.len());
+        // This node has its own share already.
+        for i in (0..n).filter(|&i| s.is_my_share(i)) {
+            s.have.set(i);
+        }
+        // The other fetched its share up to 100 in key order, but skipped
+        // 20, 21 and 22 (or fetched them elsewhere, unannounced); it also
+        // holds 5 chunks far ahead (requests finished out of order).
+        let mut held: Vec<u32> = theirs[..100].to_vec();
+        held.retain(|i| ![theirs[20], theirs[21], theirs[22]].contains(i));
+        held.extend_from_slice(&theirs[150..155]);
+        s.add_source(ChunkSource::Peer(other), have(n, held.into_iter()), Instant::now());
+        let mut got = HashSet::new();
+        while let Pick::Chunk(i) = s.pick(seed, Instant::now()) {
+            got.insert(i);
+        }
+        // Only the skipped ones: everything from 100 on may be in flight
+        // there (the 5 ahead are fewer than OVERDUE_AFTER).
+        let want: HashSet<u32> = [theirs[20], theirs[21], theirs[22]].into();
+        assert_eq!(got, want);
+        // A downloader that gains nothing for STALL_AFTER: all of its share.
+        let later = Instant::now() + STALL_AFTER;
+        let mut more = 0;
+        while let Pick::Chunk(i) = s.pick(seed, later) {
+            assert!(!got.contains(&i));
+            more += 1;
+        }
+        assert_eq!(more, theirs.len() - 105, "the rest of its share");
     }
 }
