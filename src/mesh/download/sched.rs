@@ -744,8 +744,10 @@ mod tests {
 
     #[test]
     fn the_rarest_come_first_and_are_chosen_uniformly() {
-        // Chunks 0..100 are held by two peers, 100..200 by `a` alone.
-        let n = 200;
+        // Chunks 0..100 are held by two peers, 100..200 by `a` alone; no
+        // one holds chunk 200 (neither is a seed, whose picks follow the
+        // downloaders' shares instead).
+        let n = 201;
         let (a, b) = (
             ChunkSource::Peer(PeerId::random()),
             ChunkSource::Peer(PeerId::random()),
@@ -753,7 +755,7 @@ mod tests {
         let mut firsts = HashSet::new();
         for _ in 0..300 {
             let mut s = sched(n);
-            s.add_source(a, HaveMap::full(n), Instant::now());
+            s.add_source(a, have(n, 0..200), Instant::now());
             s.add_source(b, have(n, 0..100), Instant::now());
             for _ in 0..100 {
                 match s.pick(a, Instant::now()) {
@@ -962,12 +964,12 @@ mod tests {
         let mut s = sched(n);
         s.endgame = true;
         s.pause = Duration::from_secs(60);
-        // The fellow's share too: it gains nothing for STALL_AFTER.
-        let later = Instant::now() + STALL_AFTER;
         let seed = ChunkSource::Peer(PeerId::random());
         let fellow = ChunkSource::Peer(PeerId::random());
         s.add_source(seed, HaveMap::full(n), Instant::now());
         s.add_source(fellow, have(n, 0..10), Instant::now());
+        // The fellow's share too: it gains nothing for STALL_AFTER.
+        let later = Instant::now() + STALL_AFTER;
         let mut from_seed = HashSet::new();
         while let Pick::Chunk(i) = s.pick(seed, later) {
             assert!(i >= 10, "the seed was asked for {i}, which a fellow holds");
@@ -1064,7 +1066,8 @@ mod tests {
         theirs.sort_by_key(|&i| share_key(i));
         assert!(theirs.len() > 200, "about half: {}", theirs.len());
         // This node has its own share already.
-        for i in (0..n).filter(|&i| s.is_my_share(i)) {
+        let mine: Vec<u32> = (0..n).filter(|&i| s.is_my_share(i)).collect();
+        for i in mine {
             s.have.set(i);
         }
         // The other fetched its share up to 100 in key order, but skipped
