@@ -353,9 +353,11 @@ impl EventLoop {
         tracing::debug!(%addr, error, "handshake failed");
         if self.handshake_warned.insert(ip) {
             let cause = if self.shared.config.psk.is_some() {
-                "most likely a different swarm key (mesh.psk_file) on the other side, or none"
+                "most likely a different swarm key (mesh.psk_file) on the other side, or none \
+                 (or the other side had as many connections in handshake as it accepts)"
             } else {
-                "most likely the other side uses a swarm key (mesh.psk_file) and this node does not"
+                "most likely the other side uses a swarm key (mesh.psk_file) and this node does not \
+                 (or the other side had as many connections in handshake as it accepts)"
             };
             tracing::warn!(
                 %addr,
