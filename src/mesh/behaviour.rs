@@ -38,6 +38,9 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
+/// Fewest handshakes in flight allowed each way (incoming; half outgoing).
+const PENDING_MIN: u32 = 32;
+
 fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError> {
     let peer_id = key.public().to_peer_id();
     let allow = (!config.allow_peers.is_empty()).then(|| {
@@ -50,9 +53,18 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     let limits = connection_limits::Behaviour::new(
         connection_limits::ConnectionLimits::default()
             .with_max_established(Some(config.max_connections))
+            // Others' dials fill at most the high mark: the rest is this
+            // node's own room (its downloads and lookups dial on demand).
+            .with_max_established_incoming(Some(super::connmgr::high_mark(config.max_connections)))
             .with_max_established_per_peer(Some(2))
-            .with_max_pending_incoming(Some(config.max_connections.div_ceil(2)))
-            .with_max_pending_outgoing(Some(config.max_connections.div_ceil(2))),
+            // Handshakes in flight: a dial refused here fails at the dialer
+            // as unreachable (Kademlia drops the address, then looks for
+            // peers again, which dials more), so the room is generous; the
+            // cap on established connections is what bounds the set.
+            .with_max_pending_incoming(Some(config.max_connections.max(PENDING_MIN)))
+            .with_max_pending_outgoing(Some(
+                config.max_connections.div_ceil(2).max(PENDING_MIN / 2),
+            )),
     );
     let identify = identify::Behaviour::new(identify::Config::new(
         IDENTIFY_VERSION.to_owned(),
@@ -62,6 +74,13 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     kad_config.set_query_timeout(Duration::from_secs(10));
     // Small meshes: no periodic random walks (they only warn when the table is empty).
     kad_config.set_periodic_bootstrap_interval(None);
+    // The event loop fills the routing table itself, and only buckets with
+    // room: with automatic inserts, every new connection to a peer whose
+    // bucket is full makes Kademlia dial the bucket's oldest disconnected
+    // peer to test it. On a mesh of hundreds with bounded connections most
+    // entries are disconnected, so each connection set off another dial
+    // that the connection manager then closed: a storm of connections.
+    kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
     let mut kad =
         kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     kad.set_mode(Some(kad::Mode::Server));

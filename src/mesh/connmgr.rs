@@ -48,6 +48,20 @@ pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(120);
 pub const FORGET_AFTER_FAILURES: u32 = 6;
 /// A dial the manager started counts as pending this long at most.
 const DIAL_PENDING: Duration = Duration::from_secs(10);
+/// A connection that ends younger than this was refused in effect (the
+/// other side at its cap, or trimming us at once): the peer is backed off as
+/// after a failed dial, not dialled again at the next tick.
+pub const SHORT_LIVED: Duration = Duration::from_secs(15);
+/// A peer this node closed as useless is not dialled again by the manager
+/// before this (it would be as useless): the set rotates, it does not churn.
+pub const REDIAL_CLOSED_AFTER: Duration = Duration::from_secs(60);
+
+/// The high mark for a cap of `max` connections: three quarters of it (at
+/// least 1). Above it the manager closes even useful connections, and
+/// incoming connections are refused beyond it.
+pub fn high_mark(max: u32) -> u32 {
+    (max - max / 4).max(1)
+}
 
 /// How a peer was learnt of (several may hold).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +120,7 @@ impl ConnManager {
         let max = max.max(1) as usize;
         Self {
             min: (min as usize).clamp(1, max),
-            high: (max - max / 4).max(1),
+            high: high_mark(max as u32) as usize,
             conns: HashMap::new(),
             known: HashMap::new(),
             banned: HashSet::new(),
@@ -171,16 +185,45 @@ impl ConnManager {
             busy: 0,
             rtt: None,
         });
-        if let Some(k) = self.known.get_mut(&peer) {
+    }
+
+    /// The last connection to `peer` closed. One that lived less than
+    /// [`SHORT_LIVED`] counts as a failed dial (backoff; the other side is
+    /// full or does not want this node); a longer one clears the backoff.
+    /// Either way the peer is not dialled again before the first backoff.
+    pub fn disconnected(&mut self, peer: PeerId, now: Instant) {
+        self.dialing.remove(&peer);
+        let Some(c) = self.conns.remove(&peer) else {
+            return;
+        };
+        let Some(k) = self.known.get_mut(&peer) else {
+            return;
+        };
+        if now.duration_since(c.since) < SHORT_LIVED {
+            k.next_dial = now + k.backoff;
+            k.backoff = (k.backoff * 2).min(DIAL_BACKOFF_MAX);
+        } else {
             k.failures = 0;
             k.backoff = DIAL_BACKOFF_FIRST;
+            k.next_dial = now + DIAL_BACKOFF_FIRST;
         }
     }
 
-    /// The last connection to `peer` closed.
-    pub fn disconnected(&mut self, peer: PeerId) {
-        self.conns.remove(&peer);
-        self.dialing.remove(&peer);
+    /// Whether the manager would dial `peer` now (known, out of backoff, not
+    /// connected, dialling or banned); if so it counts as being dialled.
+    /// For the static peers the event loop redials itself.
+    pub fn take_dial(&mut self, peer: PeerId, now: Instant) -> bool {
+        let ok = !self.conns.contains_key(&peer)
+            && !self.dialing.contains_key(&peer)
+            && !self.banned.contains(&peer)
+            && self.known.get(&peer).is_none_or(|k| k.next_dial <= now);
+        if ok {
+            self.dialing.insert(peer, now);
+            if let Some(k) = self.known.get_mut(&peer) {
+                k.next_dial = now + k.backoff;
+            }
+        }
+        ok
     }
 
     /// A dial of `peer` failed: it is tried again after a growing pause, and
@@ -244,9 +287,17 @@ impl ConnManager {
             })
             .map(|(p, _)| *p)
             .collect();
-        // Sorted first so the random picks depend on the seed only.
+        // Sorted first so the random picks depend on the seed only; static
+        // peers first (the configuration names them).
         cands.sort();
         let mut out = Vec::with_capacity(want);
+        cands.retain(|p| {
+            let st = self.known.get(p).is_some_and(|k| k.static_peer);
+            if st && out.len() < want {
+                out.push(*p);
+            }
+            !st || !out.contains(p)
+        });
         while out.len() < want && !cands.is_empty() {
             let i = (self.next_random() % cands.len() as u64) as usize;
             out.push(cands.swap_remove(i));
@@ -267,6 +318,9 @@ impl ConnManager {
         let close = self.to_close(now, gossip_mesh);
         for p in &close {
             self.conns.remove(p);
+            if let Some(k) = self.known.get_mut(p) {
+                k.next_dial = now + REDIAL_CLOSED_AFTER;
+            }
         }
         let dial = self.dials(now, false);
         Plan { close, dial }
@@ -324,6 +378,33 @@ impl ConnManager {
             }
         }
         close
+    }
+
+    /// This node's own dial was refused by its cap: the least useful
+    /// connection that may be closed at all (past its grace, nothing open on
+    /// it, not static, not banned-first ordering aside) makes room, whatever
+    /// the minimum. `None` when every connection is in use.
+    pub fn evict(&mut self, now: Instant, gossip_mesh: &HashSet<PeerId>) -> Option<PeerId> {
+        let is_static = |p: &PeerId| self.known.get(p).is_some_and(|k| k.static_peer);
+        let p = self
+            .conns
+            .iter()
+            .filter(|(p, c)| c.busy == 0 && !is_static(p) && now.duration_since(c.since) >= GRACE)
+            .min_by_key(|(p, c)| {
+                (
+                    c.last_used
+                        .is_some_and(|t| now.duration_since(t) < USEFUL_FOR),
+                    gossip_mesh.contains(p),
+                    c.last_used,
+                    c.since,
+                )
+            })
+            .map(|(p, _)| *p)?;
+        self.conns.remove(&p);
+        if let Some(k) = self.known.get_mut(&p) {
+            k.next_dial = now + REDIAL_CLOSED_AFTER;
+        }
+        Some(p)
     }
 
     fn next_random(&mut self) -> u64 {
@@ -565,5 +646,94 @@ mod tests {
         assert_eq!(seen.get(&q), Some(&0));
         // Idle for long: dropped from the table after that report.
         assert!(a.take(later).is_empty());
+    }
+
+    #[test]
+    fn a_connection_the_other_side_ends_at_once_backs_the_peer_off() {
+        let t0 = Instant::now();
+        let mut m = ConnManager::new(12, 2, 3);
+        let ps = peers(2);
+        for p in &ps {
+            m.learn(*p, Found::Kad, t0);
+        }
+        // A full peer: connected, closed a moment later, again and again.
+        let full = ps[0];
+        let mut t = t0;
+        let mut pauses = Vec::new();
+        assert!(m.take_dial(full, t), "out of backoff: dialled");
+        for _ in 0..4 {
+            m.connected_to(full, t);
+            m.disconnected(full, t + Duration::from_millis(50));
+            t += Duration::from_millis(50);
+            assert!(!m.take_dial(full, t), "not redialled at once");
+            let mut wait = Duration::ZERO;
+            while !m.take_dial(full, t + wait) {
+                wait += Duration::from_millis(500);
+            }
+            pauses.push(wait);
+            t += wait;
+        }
+        assert!(
+            pauses.windows(2).all(|w| w[1] > w[0]),
+            "the pause grows: {pauses:?}"
+        );
+        // A connection that held clears the backoff (after a short pause).
+        let ok = ps[1];
+        assert!(m.take_dial(ok, t0));
+        m.connected_to(ok, t0);
+        m.disconnected(ok, t0 + SHORT_LIVED);
+        assert!(!m.take_dial(ok, t0 + SHORT_LIVED));
+        assert!(m.take_dial(ok, t0 + SHORT_LIVED + DIAL_BACKOFF_FIRST));
+    }
+
+    #[test]
+    fn static_peers_are_dialled_first_and_closed_peers_not_redialled_soon() {
+        let t0 = Instant::now();
+        let mut m = ConnManager::new(12, 4, 5);
+        let ps = peers(200);
+        for p in &ps {
+            m.learn(*p, Found::Kad, t0);
+        }
+        m.learn(ps[7], Found::Static, t0);
+        m.learn(ps[9], Found::Static, t0);
+        let d = m.dials(t0, false);
+        assert!(d.contains(&ps[7]) && d.contains(&ps[9]), "{d:?}");
+        // Connected, then useless above the minimum: closed, and left alone
+        // by the manager's dials for REDIAL_CLOSED_AFTER.
+        let mut m = ConnManager::new(12, 1, 5);
+        for p in &ps[..3] {
+            m.learn(*p, Found::Kad, t0);
+            m.connected_to(*p, t0);
+        }
+        let plan = m.tick(t0 + GRACE, &none());
+        assert_eq!(plan.close.len(), 2);
+        for p in &plan.close {
+            m.disconnected(*p, t0 + GRACE);
+            assert!(!m.take_dial(*p, t0 + GRACE + Duration::from_secs(30)));
+            assert!(m.take_dial(*p, t0 + GRACE + REDIAL_CLOSED_AFTER));
+        }
+    }
+
+    #[test]
+    fn a_refused_own_dial_evicts_the_least_useful_idle_connection() {
+        let t0 = Instant::now();
+        let mut m = ConnManager::new(4, 4, 1);
+        let ps = peers(5);
+        for p in &ps[..4] {
+            m.learn(*p, Found::Kad, t0);
+            m.connected_to(*p, t0);
+        }
+        let later = t0 + GRACE;
+        // 0: a chunk in flight; 1: used just now; 2: gossip mesh; 3: idle.
+        m.used(ps[0], later, 1);
+        m.used(ps[1], later, 0);
+        let mesh: HashSet<PeerId> = [ps[2]].into();
+        assert_eq!(m.evict(later, &mesh), Some(ps[3]));
+        assert_eq!(m.evict(later, &mesh), Some(ps[2]));
+        assert_eq!(m.evict(later, &mesh), Some(ps[1]));
+        assert_eq!(m.evict(later, &mesh), None, "the busy one stays");
+        // Nothing younger than GRACE is evicted.
+        m.connected_to(ps[4], later);
+        assert_eq!(m.evict(later, &mesh), None);
     }
 }

@@ -331,15 +331,26 @@ impl EventLoop {
         }
     }
 
+    /// Dials the static peers that are not connected: one whose peer id is
+    /// not known yet at every tick, a known one when the connection manager
+    /// allows (its backoff: a static peer that keeps closing this node's
+    /// connections, being full, is not redialled every tick).
     fn redial_static(&mut self) {
-        let redial: Vec<Multiaddr> = self
-            .static_peers
-            .iter()
-            .filter(|(_, p)| {
-                p.is_none_or(|p| !self.connected.contains_key(&p) && !self.bans.contains_key(&p))
-            })
-            .map(|(a, _)| a.clone())
-            .collect();
+        let now = Instant::now();
+        let mut redial = Vec::new();
+        for (a, p) in &self.static_peers {
+            match p {
+                None => redial.push(a.clone()),
+                Some(p) => {
+                    if !self.connected.contains_key(p)
+                        && !self.bans.contains_key(p)
+                        && self.conns.take_dial(*p, now)
+                    {
+                        redial.push(a.clone());
+                    }
+                }
+            }
+        }
         for a in redial {
             self.dial(a);
         }
@@ -402,6 +413,27 @@ impl EventLoop {
         }
         self.redial_static();
         self.manage_connections(now);
+    }
+
+    /// Closes the least useful idle connection so that a dial this node
+    /// needs (a download's source, a lookup) gets through next time.
+    fn make_room(&mut self) {
+        let now = Instant::now();
+        for (p, at, busy) in self.activity.take(now) {
+            self.conns.used(p, at, busy);
+        }
+        let mesh: HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_mesh_peers()
+            .copied()
+            .collect();
+        if let Some(p) = self.conns.evict(now, &mesh) {
+            tracing::debug!(peer = %p, "closing a connection to make room for a dial");
+            self.metrics.connections_trimmed(1);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
     }
 
     /// The connection manager's tick: feed it what was used, close what it
@@ -584,6 +616,10 @@ impl EventLoop {
                 if let Some(p) = peer_id {
                     self.conns.dial_failed(p, Instant::now());
                 }
+                // Refused by this node's own cap: make room for the next try.
+                if matches!(error, DialError::Denied { .. }) {
+                    self.make_room();
+                }
                 let DialError::Transport(errs) = error else {
                     return;
                 };
@@ -651,7 +687,7 @@ impl EventLoop {
             } => {
                 tracing::info!(peer = %peer_id, ?cause, "peer disconnected");
                 self.connected.remove(&peer_id);
-                self.conns.disconnected(peer_id);
+                self.conns.disconnected(peer_id, Instant::now());
                 self.metrics.peers_connected(self.connected.len());
                 let _ = self.shared.events.send(MeshEvent::Disconnected(peer_id));
             }
@@ -668,6 +704,23 @@ impl EventLoop {
         }
     }
 
+    /// Adds `addr` of `peer` to Kademlia's routing table unless the peer's
+    /// bucket is full: Kademlia would then dial the bucket's oldest
+    /// disconnected peer to test it, and with bounded connections most are
+    /// disconnected (see `behaviour.rs`). The peer stays known to the
+    /// connection manager either way; full buckets are the far ones, which
+    /// lookups reach through other peers.
+    fn kad_add(&mut self, peer: PeerId, addr: Multiaddr) {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        if kad
+            .kbucket(peer)
+            .is_some_and(|b| b.num_entries() >= libp2p::kad::K_VALUE.get())
+        {
+            return;
+        }
+        kad.add_address(&peer, addr);
+    }
+
     // long: one short arm per behaviour event (the rust-libp2p event-loop
     // shape); each arm only updates state or answers a pending request.
     fn on_behaviour_event(&mut self, ev: BehaviourEvent) {
@@ -680,7 +733,7 @@ impl EventLoop {
                     self.conns.learn(peer_id, Found::Kad, Instant::now());
                     for a in info.listen_addrs {
                         if !is_unspecified(&a) {
-                            self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
+                            self.kad_add(peer_id, a);
                         }
                     }
                 }
@@ -688,7 +741,7 @@ impl EventLoop {
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
                 for (p, a) in found {
-                    self.swarm.behaviour_mut().kad.add_address(&p, a.clone());
+                    self.kad_add(p, a.clone());
                     by_peer.entry(p).or_default().push(a);
                 }
                 let now = Instant::now();
@@ -820,15 +873,20 @@ impl EventLoop {
                         continue;
                     }
                     for a in p.addrs.iter().filter(|a| !is_unspecified(a)) {
-                        self.swarm
-                            .behaviour_mut()
-                            .kad
-                            .add_address(&p.peer_id, a.clone());
+                        self.kad_add(p.peer_id, a.clone());
                     }
                     self.conns.learn(p.peer_id, Found::Kad, now);
                 }
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
+                self.conns.learn(peer, Found::Kad, Instant::now());
+            }
+            // A connected peer that speaks Kademlia (inserts are manual).
+            BehaviourEvent::Kad(
+                kad::Event::RoutablePeer { peer, address }
+                | kad::Event::PendingRoutablePeer { peer, address },
+            ) => {
+                self.kad_add(peer, address);
                 self.conns.learn(peer, Found::Kad, Instant::now());
             }
             BehaviourEvent::Ping(ping::Event {

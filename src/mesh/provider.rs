@@ -180,7 +180,9 @@ impl Provider {
     async fn chunk_stream(&self, peer: PeerId, mut stream: Stream) -> std::io::Result<()> {
         let mut body = Vec::new();
         while let Some(req) = wire::read_chunk_request(&mut stream).await? {
-            self.activity.touch(peer);
+            // The connection is in use while a chunk is being served (the
+            // connection manager does not close it under a transfer).
+            let _busy = self.activity.busy(peer);
             let (buf, read) = self
                 .read_chunk(req.id, req.index, std::mem::take(&mut body))
                 .await;

@@ -452,7 +452,8 @@ fn add_source(ctx: &Arc<Ctx>, src: ChunkSource, have: HaveMap) {
 }
 
 /// One request slot for one source: picks a chunk, fetches, verifies, stores,
-/// repeats. Slots from `window` up work only while the source is fast.
+/// repeats. Slots from `window` up work only while the source is fast, or
+/// a seed of a swarm.
 // long: (~160 lines), kept whole: one request loop whose
 // per-outcome bookkeeping (stream reuse, refusals, pauses) shares its locals.
 async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
@@ -472,7 +473,10 @@ async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
         let notified = ctx.notify.notified();
         let pick = {
             let mut sched = ctx.sched.lock();
-            if extra && !sched.is_fast(src, ctx.opts.fast_rate, Instant::now()) {
+            if extra
+                && !sched.is_fast(src, ctx.opts.fast_rate, Instant::now())
+                && !sched.is_swarm_seed(src)
+            {
                 // Idle, not stopped: the source may speed up (or the download end).
                 if sched.pick_would_stop(src) {
                     Pick::Stop
@@ -500,6 +504,10 @@ async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
         let t0 = Instant::now();
         let fetched = match src {
             ChunkSource::Peer(peer) => {
+                // The connection is in use while a chunk is in flight: the
+                // connection manager does not close it under the transfer
+                // (an idle stream between chunks does not hold it).
+                let _busy = ctx.client.busy(peer);
                 let fut = fetch_from_peer(&ctx, peer, &mut stream, i, chunk.len, &mut buf);
                 match tokio::time::timeout(ctx.opts.request_timeout, fut).await {
                     Ok(r) => r,

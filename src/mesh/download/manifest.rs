@@ -32,6 +32,12 @@ pub(super) async fn find_manifest(
 ) -> Result<(Manifest, Option<PeerId>), MeshError> {
     let mut waiting_logged = false;
     let mut tried: HashSet<PeerId> = HashSet::new();
+    // Fellow downloaders announce their have-maps by gossip, which reaches
+    // every node over the partial mesh: each holds the manifest, and they are
+    // asked too (the providers Kademlia names first may be full: a node at
+    // its connection cap refuses newcomers).
+    let mut events = client.events();
+    let mut heard: Vec<PeerId> = Vec::new();
     // The origin's last answer, so a failed pull says why (e.g. an untrusted certificate).
     let mut origin_error: Option<String> = None;
     loop {
@@ -50,6 +56,24 @@ pub(super) async fn find_manifest(
         if let Some(found) = ask_manifest(client, id, connected, &mut tried).await {
             kad.abort();
             return Ok(found);
+        }
+        while let Ok(ev) = events.try_recv() {
+            if let crate::mesh::client::MeshEvent::Have { peer, id: hid, .. } = ev
+                && hid == id
+                && !heard.contains(&peer)
+            {
+                heard.push(peer);
+            }
+        }
+        if !heard.is_empty() {
+            tracing::debug!(
+                heard = heard.len(),
+                "manifest: asking announcing downloaders"
+            );
+            if let Some(found) = ask_manifest(client, id, heard.clone(), &mut tried).await {
+                kad.abort();
+                return Ok(found);
+            }
         }
         let providers: Vec<PeerId> = kad.await.unwrap_or_default().into_iter().collect();
         tracing::debug!(

@@ -335,6 +335,17 @@ impl Sched {
         (seeds, paused)
     }
 
+    /// Whether `src` is a seed (a complete peer source) while other
+    /// downloaders are known: the swarm's bottleneck, asked with every
+    /// request slot (see the driver's workers) whatever its rate, so its
+    /// uplink stays busy while its flows share each downloader's link with
+    /// the fellows' flows.
+    pub(super) fn is_swarm_seed(&self, src: ChunkSource) -> bool {
+        src != ChunkSource::Origin
+            && self.sharers.len() > 1
+            && self.sources.get(&src).is_some_and(|s| s.have.is_complete())
+    }
+
     /// Whether `src` has delivered at least `rate` bytes/s since it was added
     /// (and for at least 250 ms, so one quick chunk does not count).
     pub(super) fn is_fast(&self, src: ChunkSource, rate: f64, now: Instant) -> bool {
@@ -392,7 +403,7 @@ impl Sched {
         // the chunks of the others' shares that are overdue (see
         // [`Sched::overdue_below`]); not the others' share before: the owner
         // would ask for it too, before either announced it.
-        let seed = src != ChunkSource::Origin && s.have.is_complete() && self.sharers.len() > 1;
+        let seed = self.is_swarm_seed(src);
         let (seeds, paused, overdue) = match seed {
             true => {
                 let (seeds, paused) = self.seed_view(now);
@@ -664,7 +675,9 @@ pub(super) const ENDGAME_MIN_AGE: f64 = 0.25;
 /// The order in which a downloader fetches its share from a seed (see
 /// [`Sched::overdue_below`]): a hash, so shares are not fetched front to back.
 pub(super) fn share_key(i: u32) -> u64 {
-    u64::from(i).wrapping_mul(0xd6e8_feb8_6659_fd93).rotate_right(29)
+    u64::from(i)
+        .wrapping_mul(0xd6e8_feb8_6659_fd93)
+        .rotate_right(29)
 }
 
 /// Rank of a chunk of another downloader's share taken from a seed: after
@@ -864,7 +877,11 @@ mod tests {
         while let Pick::Chunk(i) = s.pick(seed, Instant::now()) {
             picks.push(i);
         }
-        assert_eq!(picks.len(), mine.len(), "own share only: the others fetch theirs");
+        assert_eq!(
+            picks.len(),
+            mine.len(),
+            "own share only: the others fetch theirs"
+        );
         assert!(picks.iter().all(|i| mine.contains(i)), "own share first");
         assert!(
             picks.windows(2).all(|w| share_key(w[0]) < share_key(w[1])),
@@ -876,7 +893,11 @@ mod tests {
         while let Pick::Chunk(i) = s.pick(seed, later) {
             rest.push(i);
         }
-        assert_eq!(picks.len() + rest.len(), 390, "every chunk no fellow holds, once");
+        assert_eq!(
+            picks.len() + rest.len(),
+            390,
+            "every chunk no fellow holds, once"
+        );
         assert!(
             rest.iter().all(|&i| i >= 10 && !mine.contains(&i)),
             "then the others' share; never what a fellow holds"
@@ -1029,7 +1050,10 @@ mod tests {
             panic!("not asked")
         };
         while let Pick::Chunk(_) = s.pick(fellow, now) {}
-        assert_eq!(s.inflight_chunks, n, "everything is in flight from `fellow`");
+        assert_eq!(
+            s.inflight_chunks, n,
+            "everything is in flight from `fellow`"
+        );
         s.took_avg = 0.1;
         s.asked_at[a as usize] = now - Duration::from_millis(300);
         assert!(
@@ -1076,7 +1100,11 @@ mod tests {
         let mut held: Vec<u32> = theirs[..100].to_vec();
         held.retain(|i| ![theirs[20], theirs[21], theirs[22]].contains(i));
         held.extend_from_slice(&theirs[150..155]);
-        s.add_source(ChunkSource::Peer(other), have(n, held.into_iter()), Instant::now());
+        s.add_source(
+            ChunkSource::Peer(other),
+            have(n, held.into_iter()),
+            Instant::now(),
+        );
         let mut got = HashSet::new();
         while let Pick::Chunk(i) = s.pick(seed, Instant::now()) {
             got.insert(i);

@@ -13,7 +13,9 @@
 //!     cargo run --release -p shoal-testnet --bin scale -- --breakdown [NODES] [--dials K]
 //!
 //! `--max-connections`/`--min-connections` default to `SHOAL_MAX_CONNECTIONS`/
-//! `SHOAL_MIN_CONNECTIONS`, else to the settings' defaults. `--breakdown`
+//! `SHOAL_MIN_CONNECTIONS`, else to the settings' defaults, lowered to what
+//! fits the descriptor limit (each connection is two sockets in one process:
+//! 1,000 nodes under 20,000 descriptors get 12 connections, 6 wanted). `--breakdown`
 //! measures what a node costs in parts: a bare store, a node with no
 //! connection, then each node dialling K others.
 
@@ -188,6 +190,28 @@ fn parse_args() -> Result<Args> {
     if a.n < 2 {
         bail!("NODES must be at least 2");
     }
+    // In one process every connection is two sockets, one per node, so the
+    // bound has to fit the process's descriptors: unless given, at most the
+    // descriptors per node less 8 for the node's own files and listeners
+    // (1,000 nodes under 20,000 descriptors: 12 connections each).
+    let given = |flag: &str, var: &str| {
+        std::env::args().any(|x| x == flag) || std::env::var_os(var).is_some()
+    };
+    let per_node = fd_limit().parse::<usize>().unwrap_or(usize::MAX) / a.n;
+    if !given("--max-connections", "SHOAL_MAX_CONNECTIONS") {
+        let fit = u32::try_from(per_node.saturating_sub(8)).unwrap_or(u32::MAX);
+        a.max_connections = a.max_connections.min(fit).max(4);
+    }
+    // The start-up's Kademlia lookups (each new node looks for its
+    // neighbourhood, dialling peers the connection manager then closes) go
+    // on for a while after the last node is up: the idle figures wait for
+    // them, longer on a larger mesh (about 100 s at 300 nodes).
+    if !std::env::args().any(|x| x == "--settle") {
+        a.settle = 12 + a.n as u64 / 3;
+    }
+    if !given("--min-connections", "SHOAL_MIN_CONNECTIONS") {
+        a.min_connections = a.min_connections.min(a.max_connections / 2).max(1);
+    }
     Ok(a)
 }
 
@@ -315,7 +339,12 @@ fn thread_names() -> BTreeMap<String, usize> {
 fn thread_names_diff(a: &Snap, b: &Snap, units: usize) -> String {
     b.thread_names
         .iter()
-        .map(|(k, v)| (k, *v as f64 - a.thread_names.get(k).copied().unwrap_or(0) as f64))
+        .map(|(k, v)| {
+            (
+                k,
+                *v as f64 - a.thread_names.get(k).copied().unwrap_or(0) as f64,
+            )
+        })
         .filter(|(_, d)| *d != 0.0)
         .map(|(k, d)| format!("{k}={:.2}", d / units.max(1) as f64))
         .collect::<Vec<_>>()
@@ -415,8 +444,7 @@ fn per_unit(label: &str, a: &Snap, b: &Snap, units: usize) -> String {
         (b.fds.established as f64 - a.fds.established as f64) / u,
         (b.fds.listen as f64 - a.fds.listen as f64) / u,
         (b.fds.other_sockets as f64 - a.fds.other_sockets as f64) / u,
-        (b.fds.rest.values().sum::<usize>() as f64 - a.fds.rest.values().sum::<usize>() as f64)
-            / u,
+        (b.fds.rest.values().sum::<usize>() as f64 - a.fds.rest.values().sum::<usize>() as f64) / u,
         groups.join(" ")
     )
 }
@@ -804,7 +832,9 @@ async fn breakdown(a: &Args) -> Result<()> {
     let s4 = snap();
     let (cmin, cmean, cmax) = peer_counts(&nodes).await?;
     let conns = s4.fds.established.saturating_sub(s3.fds.established) / 2;
-    println!("connected peers per node: min {cmin}, mean {cmean:.1}, max {cmax}; {conns} connections");
+    println!(
+        "connected peers per node: min {cmin}, mean {cmean:.1}, max {cmax}; {conns} connections"
+    );
     println!(
         "{}",
         per_unit("connection (both ends)", &s3, &s4, conns.max(1))
