@@ -38,6 +38,9 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
+/// Kademlia's replication factor (its k): closest peers a lookup looks for.
+const KAD_REPLICATION: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN.saturating_add(7);
+
 /// Fewest handshakes in flight allowed each way (incoming; half outgoing).
 const PENDING_MIN: u32 = 32;
 
@@ -53,9 +56,6 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     let limits = connection_limits::Behaviour::new(
         connection_limits::ConnectionLimits::default()
             .with_max_established(Some(config.max_connections))
-            // Others' dials fill at most the high mark: the rest is this
-            // node's own room (its downloads and lookups dial on demand).
-            .with_max_established_incoming(Some(super::connmgr::high_mark(config.max_connections)))
             .with_max_established_per_peer(Some(2))
             // Handshakes in flight: a dial refused here fails at the dialer
             // as unreachable (Kademlia drops the address, then looks for
@@ -81,6 +81,10 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     // entries are disconnected, so each connection set off another dial
     // that the connection manager then closed: a storm of connections.
     kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+    // Lookups look for the 8 closest peers, not 20: on a LAN 8 copies of a
+    // provider record are plenty, and each lookup (a new node's bootstrap
+    // is one per bucket) dials less than half as many peers.
+    kad_config.set_replication_factor(KAD_REPLICATION);
     let mut kad =
         kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     kad.set_mode(Some(kad::Mode::Server));

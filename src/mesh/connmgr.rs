@@ -57,8 +57,7 @@ pub const SHORT_LIVED: Duration = Duration::from_secs(15);
 pub const REDIAL_CLOSED_AFTER: Duration = Duration::from_secs(60);
 
 /// The high mark for a cap of `max` connections: three quarters of it (at
-/// least 1). Above it the manager closes even useful connections, and
-/// incoming connections are refused beyond it.
+/// least 1). Above it the manager closes even useful connections.
 pub fn high_mark(max: u32) -> u32 {
     (max - max / 4).max(1)
 }
@@ -380,33 +379,6 @@ impl ConnManager {
         close
     }
 
-    /// This node's own dial was refused by its cap: the least useful
-    /// connection that may be closed at all (past its grace, nothing open on
-    /// it, not static, not banned-first ordering aside) makes room, whatever
-    /// the minimum. `None` when every connection is in use.
-    pub fn evict(&mut self, now: Instant, gossip_mesh: &HashSet<PeerId>) -> Option<PeerId> {
-        let is_static = |p: &PeerId| self.known.get(p).is_some_and(|k| k.static_peer);
-        let p = self
-            .conns
-            .iter()
-            .filter(|(p, c)| c.busy == 0 && !is_static(p) && now.duration_since(c.since) >= GRACE)
-            .min_by_key(|(p, c)| {
-                (
-                    c.last_used
-                        .is_some_and(|t| now.duration_since(t) < USEFUL_FOR),
-                    gossip_mesh.contains(p),
-                    c.last_used,
-                    c.since,
-                )
-            })
-            .map(|(p, _)| *p)?;
-        self.conns.remove(&p);
-        if let Some(k) = self.known.get_mut(&p) {
-            k.next_dial = now + REDIAL_CLOSED_AFTER;
-        }
-        Some(p)
-    }
-
     fn next_random(&mut self) -> u64 {
         // xorshift64*
         let mut x = self.rng;
@@ -712,28 +684,5 @@ mod tests {
             assert!(!m.take_dial(*p, t0 + GRACE + Duration::from_secs(30)));
             assert!(m.take_dial(*p, t0 + GRACE + REDIAL_CLOSED_AFTER));
         }
-    }
-
-    #[test]
-    fn a_refused_own_dial_evicts_the_least_useful_idle_connection() {
-        let t0 = Instant::now();
-        let mut m = ConnManager::new(4, 4, 1);
-        let ps = peers(5);
-        for p in &ps[..4] {
-            m.learn(*p, Found::Kad, t0);
-            m.connected_to(*p, t0);
-        }
-        let later = t0 + GRACE;
-        // 0: a chunk in flight; 1: used just now; 2: gossip mesh; 3: idle.
-        m.used(ps[0], later, 1);
-        m.used(ps[1], later, 0);
-        let mesh: HashSet<PeerId> = [ps[2]].into();
-        assert_eq!(m.evict(later, &mesh), Some(ps[3]));
-        assert_eq!(m.evict(later, &mesh), Some(ps[2]));
-        assert_eq!(m.evict(later, &mesh), Some(ps[1]));
-        assert_eq!(m.evict(later, &mesh), None, "the busy one stays");
-        // Nothing younger than GRACE is evicted.
-        m.connected_to(ps[4], later);
-        assert_eq!(m.evict(later, &mesh), None);
     }
 }

@@ -415,27 +415,6 @@ impl EventLoop {
         self.manage_connections(now);
     }
 
-    /// Closes the least useful idle connection so that a dial this node
-    /// needs (a download's source, a lookup) gets through next time.
-    fn make_room(&mut self) {
-        let now = Instant::now();
-        for (p, at, busy) in self.activity.take(now) {
-            self.conns.used(p, at, busy);
-        }
-        let mesh: HashSet<PeerId> = self
-            .swarm
-            .behaviour()
-            .gossipsub
-            .all_mesh_peers()
-            .copied()
-            .collect();
-        if let Some(p) = self.conns.evict(now, &mesh) {
-            tracing::debug!(peer = %p, "closing a connection to make room for a dial");
-            self.metrics.connections_trimmed(1);
-            let _ = self.swarm.disconnect_peer_id(p);
-        }
-    }
-
     /// The connection manager's tick: feed it what was used, close what it
     /// no longer wants, dial what it lacks.
     fn manage_connections(&mut self, now: Instant) {
@@ -616,10 +595,7 @@ impl EventLoop {
                 if let Some(p) = peer_id {
                     self.conns.dial_failed(p, Instant::now());
                 }
-                // Refused by this node's own cap: make room for the next try.
-                if matches!(error, DialError::Denied { .. }) {
-                    self.make_room();
-                }
+
                 let DialError::Transport(errs) = error else {
                     return;
                 };

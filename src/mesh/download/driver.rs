@@ -452,8 +452,7 @@ fn add_source(ctx: &Arc<Ctx>, src: ChunkSource, have: HaveMap) {
 }
 
 /// One request slot for one source: picks a chunk, fetches, verifies, stores,
-/// repeats. Slots from `window` up work only while the source is fast, or
-/// a seed of a swarm.
+/// repeats. Slots from `window` up work only while the source is fast.
 // long: (~160 lines), kept whole: one request loop whose
 // per-outcome bookkeeping (stream reuse, refusals, pauses) shares its locals.
 async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
@@ -473,10 +472,7 @@ async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
         let notified = ctx.notify.notified();
         let pick = {
             let mut sched = ctx.sched.lock();
-            if extra
-                && !sched.is_fast(src, ctx.opts.fast_rate, Instant::now())
-                && !sched.is_swarm_seed(src)
-            {
+            if extra && !sched.is_fast(src, ctx.opts.fast_rate, Instant::now()) {
                 // Idle, not stopped: the source may speed up (or the download end).
                 if sched.pick_would_stop(src) {
                     Pick::Stop

@@ -336,10 +336,8 @@ impl Sched {
     }
 
     /// Whether `src` is a seed (a complete peer source) while other
-    /// downloaders are known: the swarm's bottleneck, asked with every
-    /// request slot (see the driver's workers) whatever its rate, so its
-    /// uplink stays busy while its flows share each downloader's link with
-    /// the fellows' flows.
+    /// downloaders are known: the swarm's bottleneck, asked only for chunks
+    /// no fellow downloader holds (see [`Sched::pick`]).
     pub(super) fn is_swarm_seed(&self, src: ChunkSource) -> bool {
         src != ChunkSource::Origin
             && self.sharers.len() > 1
@@ -368,6 +366,9 @@ impl Sched {
             .is_some_and(|t| now < t)
     }
 
+    /// The next chunk to ask `src` for (or wait, or stop asking it).
+    // long: one decision read top to bottom; the random probes, the full
+    // pass and the endgame share the rank closure and the seed's view.
     pub(super) fn pick(&mut self, src: ChunkSource, now: Instant) -> Pick {
         if self.pick_would_stop(src) {
             return Pick::Stop;

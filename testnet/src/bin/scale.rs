@@ -646,12 +646,22 @@ async fn scale(a: &Args) -> Result<()> {
         });
     }
     let mut pulled = Vec::new();
+    // A failed pull is reported and counted, not the end of the run: the
+    // other figures stand.
+    let mut failed = Vec::new();
     while let Some(r) = tasks.join_next().await {
         let (i, manifest_s, done_s, report) = r?;
-        let report = report.with_context(|| format!("pull by node {i}"))?;
-        if report.progress.phase != Phase::Done {
-            bail!("pull by node {i} failed: {:?}", report.progress.error);
-        }
+        let report = match report {
+            Ok(r) if r.progress.phase == Phase::Done => r,
+            Ok(r) => {
+                failed.push(format!("node {i}: {:?}", r.progress.error));
+                continue;
+            }
+            Err(e) => {
+                failed.push(format!("node {i}: {e}"));
+                continue;
+            }
+        };
         let total: u64 = report.peers.values().map(|s| s.bytes).sum();
         let biggest = report.peers.values().map(|s| s.bytes).max().unwrap_or(0);
         pulled.push(Pulled {
@@ -708,7 +718,7 @@ async fn scale(a: &Args) -> Result<()> {
          conns_min={cmin} conns_mean={cmean:.1} conns_max={cmax} conn_sockets={} \
          fds_total={} fds_beyond_conn_per_node={beyond_per_node:.2} fds_peak={peak_fds} \
          threads={} threads_per_node={threads_per_node:.2} idle_cpu_per_node_pct={idle_pct:.3} \
-         sources_mean={sources_mean:.1} seeder_copies={seeder_copies:.2} load1={}",
+         sources_mean={sources_mean:.1} seeder_copies={seeder_copies:.2} pulls_failed={} load1={}",
         a.pullers,
         a.size_mb,
         a.max_connections,
@@ -716,8 +726,12 @@ async fn scale(a: &Args) -> Result<()> {
         s1.fds.established,
         s1.fds.total,
         s1.threads,
+        failed.len(),
         load1()
     );
+    for f in &failed {
+        println!("FAILED pull by {f}");
+    }
     // Issue 20's goals (for 1,000 nodes; 10 pullers of 64 MiB at 100 nodes took 10.4 s before).
     let goal = |ok: bool| if ok { "met" } else { "MISSED" };
     println!(
@@ -732,10 +746,12 @@ async fn scale(a: &Args) -> Result<()> {
         "GOAL <= 16 fds per node beyond connection sockets: {beyond_per_node:.2} {}",
         goal(beyond_per_node <= 16.0)
     );
-    if !pulled.is_empty() {
+    if a.pullers > 0 {
         println!(
-            "GOAL pull <= 2 x 10.4 s: {pull_secs:.2}s {}",
-            goal(pull_secs <= 20.8)
+            "GOAL pull <= 2 x 10.4 s: {pull_secs:.2}s, {} of {} failed {}",
+            failed.len(),
+            a.pullers,
+            goal(pull_secs <= 20.8 && failed.is_empty())
         );
     }
     for node in &nodes {
