@@ -133,6 +133,11 @@ impl ConnManager {
         self.known.len()
     }
 
+    /// Whether `peer` is known (discovered and not forgotten).
+    pub fn is_known(&self, peer: PeerId) -> bool {
+        self.known.contains_key(&peer)
+    }
+
     /// Peers connected.
     pub fn connected(&self) -> usize {
         self.conns.len()

@@ -729,8 +729,8 @@ impl EventLoop {
                             m.push(a);
                         }
                     }
-                    if !self.connected.contains_key(&p) {
-                        tracing::debug!(peer = %p, "discovered via mDNS");
+                    if !self.connected.contains_key(&p) && !self.conns.is_known(p) {
+                        tracing::info!(peer = %p, "discovered via mDNS");
                     }
                     self.conns.learn(p, Found::Mdns, now);
                 }

@@ -110,8 +110,8 @@ fn netns_route_scenarios() {
 
 /// The scale scenario (issue 20) at CI size: 16 daemons with mDNS on one
 /// bridge, each allowed 6 connections (3 wanted): every node comes to know
-/// all 15 others, no node ever holds more than 6 established connections
-/// (TCP on the mesh port and `shoal_peers_connected`, sampled), and a release
+/// all 15 others, no node ever holds more than 6 connections
+/// (`shoal_peers_connected`, sampled beside TCP on the mesh port), and a release
 /// posted to one node reaches all (bounded waits, not a timing assertion;
 /// `docs/benchmarks.md` has the 64-node figures).
 #[test]
