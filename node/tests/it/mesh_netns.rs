@@ -109,8 +109,8 @@ fn netns_route_scenarios() {
 }
 
 /// The scale scenario (issue 20) at CI size: 16 daemons with mDNS on one
-/// bridge, each allowed 6 connections (3 wanted): every node comes to know
-/// all 15 others, no node ever holds more than 6 connections
+/// bridge, each allowed 8 connections (4 wanted): every node comes to know
+/// all 15 others, no node ever holds more than 8 connections
 /// (`shoal_peers_connected`, sampled beside TCP on the mesh port), and a release
 /// posted to one node reaches all (bounded waits, not a timing assertion;
 /// `docs/benchmarks.md` has the 64-node figures).
@@ -129,8 +129,8 @@ fn netns_scale_bounded_connections() {
         .arg("scale")
         .env("SHOAL", env!("CARGO_BIN_EXE_shoal"))
         .env("NODES", "16")
-        .env("MAX_CONN", "6")
-        .env("MIN_CONN", "3")
+        .env("MAX_CONN", "8")
+        .env("MIN_CONN", "4")
         .env("SAMPLES", "4")
         .env("SAMPLE_SECS", "12")
         .env("SETTLE_SECS", "2")
