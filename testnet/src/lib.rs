@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use shoal::daemon::{Daemon, DaemonOptions};
 use shoal::mesh::{self, MeshConfig, Multiaddr, PeerId};
 use shoal::node::{Node, NodeConfig};
-use shoal::store::StoreOptions;
+use shoal::store::{AddOptions, ArtifactId, SignedRelease, StoreOptions};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -139,6 +139,28 @@ pub async fn wait_peers(node: &Node, n: usize) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Adds `file` to the first node's store and provides it on the mesh, has
+/// every other node trust a new publisher key of the first node's, and
+/// signs a release of it as `name` (not yet gossiped: the caller times that).
+pub async fn seed_release(
+    nodes: &[TestNode],
+    file: &Path,
+    name: &str,
+) -> Result<(ArtifactId, SignedRelease)> {
+    let seeder = &nodes.first().context("no nodes")?.node;
+    let store = seeder.store().clone();
+    let p = file.to_path_buf();
+    let id =
+        tokio::task::spawn_blocking(move || store.add_file(&p, &AddOptions::default())).await??;
+    seeder.mesh().provide(id).await?;
+    let key = seeder.store().keygen(false)?;
+    for n in nodes.iter().skip(1) {
+        n.node.store().trust_add(key, "seeder")?;
+    }
+    let signed = seeder.store().publish(&id, name, None)?;
+    Ok((id, signed))
 }
 
 /// Writes `size` deterministic pseudo-random bytes (BLAKE3 XOF of `seed`) to `path`.

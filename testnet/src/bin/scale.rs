@@ -22,8 +22,8 @@
 use anyhow::{Context, Result, bail};
 use shoal::mesh::download::{Phase, Progress, download};
 use shoal::mesh::{MeshConfig, PeerId};
-use shoal::store::{AddOptions, Store, StoreOptions};
-use shoal_testnet::{TestNode, loopback_config, make_file, start_node, wait_peers};
+use shoal::store::{Store, StoreOptions};
+use shoal_testnet::{TestNode, loopback_config, make_file, seed_release, start_node, wait_peers};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -588,16 +588,7 @@ async fn scale(a: &Args) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let src = make_file(&tmp.path().join("a.bin"), a.size_mb << 20, 42)?;
     let seeder = &nodes[0].node;
-    let store = seeder.store().clone();
-    let p = src.clone();
-    let id =
-        tokio::task::spawn_blocking(move || store.add_file(&p, &AddOptions::default())).await??;
-    seeder.mesh().provide(id).await?;
-    let key = seeder.store().keygen(false)?;
-    for node in &nodes[1..] {
-        node.node.store().trust_add(key, "bench")?;
-    }
-    let signed = seeder.store().publish(&id, "scale:v1", None)?;
+    let (id, signed) = seed_release(&nodes, &src, "scale:v1").await?;
     let t = Instant::now();
     seeder.mesh().publish_release(&signed).await?;
     let mut known = vec![false; n];

@@ -9,8 +9,9 @@ use anyhow::{Context, Result, bail};
 use shoal::mesh::Progress;
 use shoal::mesh::download::Phase;
 use shoal::node::Node;
-use shoal::store::AddOptions;
-use shoal_testnet::{TestNode, WAIT, assert_identical, loopback_config, make_file, start_node};
+use shoal_testnet::{
+    TestNode, WAIT, assert_identical, loopback_config, make_file, seed_release, start_node,
+};
 use std::time::{Duration, Instant};
 
 const NODES: usize = 24;
@@ -101,18 +102,8 @@ async fn a_mesh_larger_than_the_bound_keeps_it_and_still_spreads_everything() ->
     // A release published at one end reaches every node over the partial mesh.
     let tmp = tempfile::tempdir()?;
     let src = make_file(&tmp.path().join("a.bin"), 6 << 20, 5)?;
-    let seeder = &nodes[0].node;
-    let store = seeder.store().clone();
-    let p = src.clone();
-    let id =
-        tokio::task::spawn_blocking(move || store.add_file(&p, &AddOptions::default())).await??;
-    seeder.mesh().provide(id).await?;
-    let key = seeder.store().keygen(false)?;
-    for n in &nodes[1..] {
-        n.node.store().trust_add(key, "seeder")?;
-    }
-    let signed = seeder.store().publish(&id, "bounded:v1", None)?;
-    seeder.mesh().publish_release(&signed).await?;
+    let (id, signed) = seed_release(&nodes, &src, "bounded:v1").await?;
+    nodes[0].node.mesh().publish_release(&signed).await?;
     let deadline = Instant::now() + WAIT;
     for n in &nodes {
         while n.node.store().resolve("bounded:v1").is_err() {
