@@ -1144,7 +1144,11 @@ elif mode == "usage":
         for l in open(f"/proc/{p}/status"):
             if l.startswith(key + ":"):
                 return int(l.split()[1])
-    print(json.dumps({"cpu_pct": stats(pct), "fds": stats([len(os.listdir(f"/proc/{p}/fd")) for p in pids]),
+    fds = [len(os.listdir(f"/proc/{p}/fd")) for p in pids]
+    # The busiest daemons by name, so an outlier can be looked into.
+    top = sorted(range(n), key=lambda i: -pct[i])[:3]
+    print(json.dumps({"cpu_pct": stats(pct), "fds": stats(fds),
+                      "busiest": ["n%d %.3f%% (%d fds)" % (i, pct[i], fds[i]) for i in top],
                       "threads": stats([status(p, "Threads") for p in pids]),
                       "rss_mib": stats([round(status(p, "VmRSS") / 1024, 1) for p in pids])}))
 PY
@@ -1202,7 +1206,7 @@ scenario_scale() {
     sleep "${SETTLE_SECS:-10}"
     local usage
     usage=$(scale_mon usage "${IDLE_SECS:-30}")
-    log "scale: idle ${IDLE_SECS:-30}s per daemon: CPU % of a core $(jqpy 'j["cpu_pct"]' <<<"$usage"), fds $(jqpy 'j["fds"]' <<<"$usage"), threads $(jqpy 'j["threads"]' <<<"$usage"), RSS MiB $(jqpy 'j["rss_mib"]' <<<"$usage")"
+    log "scale: idle ${IDLE_SECS:-30}s per daemon: CPU % of a core $(jqpy 'j["cpu_pct"]' <<<"$usage"), fds $(jqpy 'j["fds"]' <<<"$usage"), threads $(jqpy 'j["threads"]' <<<"$usage"), RSS MiB $(jqpy 'j["rss_mib"]' <<<"$usage"); busiest: $(jqpy '", ".join(j["busiest"])' <<<"$usage")"
     local st='lambda d, k: "%s/%s/%s" % (d[k]["min"], d[k]["mean"], d[k]["max"]) if d.get(k) else "-"'
     log "scale: RESULT nodes=$NODES max_conn=$max min_conn=$min discovery_s=$(jqpy 'j["all_s"]' <<<"$known") knowing_all=$(jqpy 'len(j["times"]) - len(j["missing"])' <<<"$known") tcp_min_mean_max=$(jqpy "($st)(j, 'tcp')" <<<"$bound") peers_min_mean_max=$(jqpy "($st)(j, 'peers')" <<<"$bound") over_bound=$(jqpy 'len(j["over"])' <<<"$bound") release_s=$(jqpy 'j["all_s"]' <<<"$release") resolved=$(jqpy 'len(j["times"]) - len(j["missing"])' <<<"$release") idle_cpu_pct_min_mean_max=$(jqpy "($st)(j, 'cpu_pct')" <<<"$usage") fds_min_mean_max=$(jqpy "($st)(j, 'fds')" <<<"$usage") rss_mib_min_mean_max=$(jqpy "($st)(j, 'rss_mib')" <<<"$usage")"
     verdict scale "$(jqpy 'j["all_s"] is not None and j["all_s"] <= 5' <<<"$release")" "release known everywhere <= 5 s"

@@ -91,6 +91,8 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     let gossip_config = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_millis(500))
         .validation_mode(gossipsub::ValidationMode::Strict)
+        // A release may carry its manifest (up to 1 MiB).
+        .max_transmit_size(super::wire::MAX_GOSSIP_BYTES)
         .build()
         .map_err(|e| MeshError::Swarm(e.to_string()))?;
     let gossipsub = gossipsub::Behaviour::new(

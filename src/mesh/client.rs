@@ -102,6 +102,8 @@ pub(crate) struct Shared {
     pub stopped: watch::Receiver<bool>,
     /// Use of each peer, for the connection manager.
     pub activity: Arc<super::connmgr::Activity>,
+    /// Manifests that came with release announcements.
+    pub manifests: Arc<super::manifests::ManifestCache>,
 }
 
 /// A handle to the mesh; clone freely. The event loop stops when every clone is dropped.
@@ -320,15 +322,43 @@ impl Client {
     }
 
     /// Publishes a signed release to the mesh (receivers apply it only if they trust its key).
+    ///
+    /// When this node holds the manifest of the artifact the release names
+    /// and it is at most [`wire::MAX_GOSSIP_MANIFEST`] bytes, the release is
+    /// also published with it ([`wire::RELEASE_MANIFESTS_TOPIC`]): nodes then
+    /// start a pull of it without looking for a holder of the manifest.
     pub async fn publish_release(&self, release: &SignedRelease) -> Result<(), MeshError> {
-        let data = wire::encode(&ReleaseAnnounce {
-            signed: release.encode(),
-        });
+        let signed = release.encode();
         self.send(Command::Publish {
             topic: wire::RELEASES_TOPIC,
-            data,
+            data: wire::encode(&ReleaseAnnounce {
+                signed: signed.clone(),
+            }),
         })
-        .await
+        .await?;
+        let Ok(r) = release.verify() else {
+            return Ok(());
+        };
+        let store = self.store.clone();
+        let manifest = super::blocking(move || store.manifest_bytes(&r.id))
+            .await
+            .ok()
+            .flatten();
+        match manifest {
+            Some(manifest) if manifest.len() <= wire::MAX_GOSSIP_MANIFEST => {
+                self.send(Command::Publish {
+                    topic: wire::RELEASE_MANIFESTS_TOPIC,
+                    data: wire::encode(&wire::ReleaseWithManifest { signed, manifest }),
+                })
+                .await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The manifest of `id` if it came with a release announcement (verified).
+    pub fn gossiped_manifest(&self, id: &ArtifactId) -> Option<Manifest> {
+        self.shared.manifests.get(id).map(|c| c.manifest.clone())
     }
 
     /// Publishes this node's serving card (encoded by `crate::route`) on

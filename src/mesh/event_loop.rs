@@ -76,6 +76,10 @@ const WALK_FIRST: Duration = Duration::from_secs(4);
 const WALK_FEW: Duration = Duration::from_secs(60);
 /// Random walks once enough peers are known.
 const WALK_MANY: Duration = Duration::from_secs(600);
+/// The next walk, while few peers are known and the last walk found new ones:
+/// mDNS answers are lost now and then (a late joiner on a busy LAN hears only
+/// part of them until the next query, 30 s on), and walks fill the gaps.
+const WALK_AGAIN: Duration = Duration::from_secs(5);
 /// Rediscovery rounds asked for by downloads run at most this often.
 const ROUND_MIN_GAP: Duration = Duration::from_secs(1);
 /// The mDNS service name libp2p peers answer for.
@@ -102,7 +106,12 @@ pub async fn new(
                 reason: e.to_string(),
             })?;
     }
-    for topic in [wire::RELEASES_TOPIC, wire::HAVE_TOPIC, wire::CARDS_TOPIC] {
+    for topic in [
+        wire::RELEASES_TOPIC,
+        wire::RELEASE_MANIFESTS_TOPIC,
+        wire::HAVE_TOPIC,
+        wire::CARDS_TOPIC,
+    ] {
         swarm
             .behaviour_mut()
             .gossipsub
@@ -114,7 +123,13 @@ pub async fn new(
         .accept(CHUNK_PROTOCOL)
         .map_err(|e| MeshError::Swarm(e.to_string()))?;
     let activity = Arc::new(Activity::default());
-    let provider = Provider::new(store.clone(), config.test_corrupt_chunks, activity.clone());
+    let manifests = Arc::new(super::manifests::ManifestCache::default());
+    let provider = Provider::new(
+        store.clone(),
+        config.test_corrupt_chunks,
+        activity.clone(),
+        manifests.clone(),
+    );
     let (stopped_tx, stopped) = watch::channel(false);
     tokio::spawn(provider.clone().serve_chunks(incoming, stopped.clone()));
 
@@ -127,6 +142,7 @@ pub async fn new(
         config: config.clone(),
         stopped,
         activity: activity.clone(),
+        manifests,
     });
     let client = Client::new(tx.clone(), control, shared.clone(), store.clone());
     let mut lp = EventLoop {
@@ -840,6 +856,7 @@ impl EventLoop {
             }) => {
                 // A random walk's finds: known (and in the routing table), not dialled.
                 let now = Instant::now();
+                let mut new = 0usize;
                 for p in ok.peers {
                     if p.peer_id == self.shared.peer_id {
                         continue;
@@ -847,7 +864,17 @@ impl EventLoop {
                     for a in p.addrs.iter().filter(|a| !is_unspecified(a)) {
                         self.kad_add(p.peer_id, a.clone());
                     }
+                    if !self.conns.is_known(p.peer_id) {
+                        new += 1;
+                    }
                     self.conns.learn(p.peer_id, Found::Kad, now);
+                }
+                // Still finding new peers while few are known: walk again
+                // soon (bounded: once twice `max_connections` are known,
+                // walks slow to WALK_MANY, and each waits for room to dial).
+                let few = self.conns.known() < 2 * self.shared.config.max_connections as usize;
+                if new > 0 && few {
+                    self.next_walk = self.next_walk.min(now + WALK_AGAIN);
                 }
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, .. }) => {
@@ -894,6 +921,9 @@ impl EventLoop {
                     Err(e) => tracing::info!(%source, error = %e, "release announcement refused"),
                 }
             });
+        } else if message.topic == gossipsub::IdentTopic::new(wire::RELEASE_MANIFESTS_TOPIC).hash()
+        {
+            self.on_release_with_manifest(source, &message.data);
         } else if message.topic == gossipsub::IdentTopic::new(wire::CARDS_TOPIC).hash() {
             if message.data.len() <= wire::MAX_CARD_BYTES {
                 let _ = self.shared.events.send(MeshEvent::Card {
@@ -909,6 +939,50 @@ impl EventLoop {
                 Err(e) => tracing::debug!(%source, error = %e, "bad have announcement"),
             }
         }
+    }
+
+    /// A release with its manifest: applied like a release announcement, and
+    /// the manifest kept if the publisher is trusted and it hashes to the
+    /// release's id.
+    fn on_release_with_manifest(&mut self, source: PeerId, data: &[u8]) {
+        let (signed, manifest) = match wire::decode_release_with_manifest(data)
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                SignedRelease::decode(&m.signed)
+                    .map(|s| (s, m.manifest))
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(%source, error = %e, "bad release-with-manifest announcement");
+                return;
+            }
+        };
+        let store = self.store.clone();
+        let events = self.shared.events.clone();
+        let cache = self.shared.manifests.clone();
+        tokio::spawn(async move {
+            let applied = super::blocking(move || {
+                let outcome = store.apply_release(&signed)?;
+                Ok((outcome, signed.verify().map(|r| r.id)))
+            })
+            .await;
+            match applied {
+                Ok((outcome, Ok(id))) => {
+                    if cache.insert_verified(id, manifest) {
+                        tracing::debug!(%source, %id, "manifest kept from a release announcement");
+                    } else {
+                        tracing::warn!(%source, %id, "a release came with a manifest that does not match it");
+                    }
+                    if outcome == crate::store::ReleaseOutcome::Applied {
+                        tracing::info!(%source, ?outcome, "release announcement");
+                        let _ = events.send(MeshEvent::Release);
+                    }
+                }
+                Ok((_, Err(e))) => tracing::debug!(%source, error = %e, "release does not verify"),
+                Err(e) => tracing::info!(%source, error = %e, "release announcement refused"),
+            }
+        });
     }
 
     /// A have-map from `peer` (gossiped or pushed): tell the downloads.

@@ -16,6 +16,7 @@ pub mod client;
 pub mod connmgr;
 pub mod download;
 pub mod event_loop;
+pub mod manifests;
 pub mod muxer;
 pub mod origin;
 pub mod provider;

@@ -61,16 +61,26 @@ pub struct Provider {
     reads: Arc<Semaphore>,
     /// Who fetched from us, for the connection manager.
     activity: Arc<super::connmgr::Activity>,
+    /// Manifests that came with release announcements (answered when the
+    /// store has none).
+    manifests: Arc<super::manifests::ManifestCache>,
 }
 
 impl Provider {
     /// A provider over `store`; `corrupt` flips a byte in every served chunk
-    /// (test mode); each chunk request is reported to `activity`.
-    pub fn new(store: Store, corrupt: bool, activity: Arc<super::connmgr::Activity>) -> Self {
+    /// (test mode); each chunk request is reported to `activity`; manifest
+    /// requests the store cannot answer are answered from `manifests`.
+    pub fn new(
+        store: Store,
+        corrupt: bool,
+        activity: Arc<super::connmgr::Activity>,
+        manifests: Arc<super::manifests::ManifestCache>,
+    ) -> Self {
         Self {
             store,
             corrupt,
             activity,
+            manifests,
             stats: Arc::new(ServeStats::default()),
             reads: Arc::new(Semaphore::new(32)),
         }
@@ -84,13 +94,18 @@ impl Provider {
     /// Answers one meta request.
     pub async fn meta(&self, req: MetaRequest) -> MetaResponse {
         let store = self.store.clone();
+        let manifests = self.manifests.clone();
         let res = tokio::task::spawn_blocking(
             move || -> Result<MetaResponse, crate::store::StoreError> {
                 Ok(match req {
-                    // The stored bytes are canonical (checked when stored).
+                    // The stored bytes are canonical (checked when stored),
+                    // and so are the kept ones (checked against the id).
                     MetaRequest::Manifest(id) => match store.manifest_bytes(&id)? {
                         Some(m) => MetaResponse::Manifest(m),
-                        None => MetaResponse::NotFound,
+                        None => match manifests.get(&id) {
+                            Some(c) => MetaResponse::Manifest(c.bytes.clone()),
+                            None => MetaResponse::NotFound,
+                        },
                     },
                     MetaRequest::HaveMap(id) => match store.have_map(&id)? {
                         Some(h) => MetaResponse::HaveMap(h.to_bytes()),

@@ -25,6 +25,15 @@ pub const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/chunk/1")
 pub const IDENTIFY_VERSION: &str = "/shoal/1";
 /// Gossipsub topic for signed release announcements.
 pub const RELEASES_TOPIC: &str = "shoal/releases/1";
+/// Gossipsub topic for signed releases with their manifest
+/// ([`ReleaseWithManifest`]); published beside [`RELEASES_TOPIC`], which
+/// nodes without this topic keep reading.
+pub const RELEASE_MANIFESTS_TOPIC: &str = "shoal/release-manifests/1";
+/// Largest manifest sent with a release by gossip; a larger one is found
+/// the usual way (asked of peers).
+pub const MAX_GOSSIP_MANIFEST: usize = 1 << 20;
+/// Largest gossip message (a release with its manifest and framing).
+pub const MAX_GOSSIP_BYTES: usize = MAX_GOSSIP_MANIFEST + 64 * 1024;
 /// Gossipsub topic for have announcements.
 pub const HAVE_TOPIC: &str = "shoal/have/1";
 /// Gossipsub topic for serving cards (`crate::route::card`; opaque to the mesh).
@@ -197,6 +206,20 @@ pub struct ReleaseAnnounce {
     pub signed: Vec<u8>,
 }
 
+/// A gossip message on [`RELEASE_MANIFESTS_TOPIC`]: a signed release and the
+/// canonical manifest of the artifact it names. The receiver applies the
+/// release as one from [`RELEASES_TOPIC`] and keeps the manifest (in memory)
+/// only if the publisher is trusted and the bytes hash to the release's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseWithManifest {
+    /// The signed release, encoded (`SignedRelease::encode`).
+    #[serde(with = "serde_bytes")]
+    pub signed: Vec<u8>,
+    /// The manifest's canonical encoding, at most [`MAX_GOSSIP_MANIFEST`] bytes.
+    #[serde(with = "serde_bytes")]
+    pub manifest: Vec<u8>,
+}
+
 /// Writes one frame: u32 big-endian length, then the bytes.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
     let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("frame too large"))?;
@@ -312,6 +335,24 @@ pub fn decode_release(b: &[u8]) -> Result<ReleaseAnnounce, WireError> {
     decode(b)
 }
 
+/// Decodes a [`ReleaseWithManifest`], refusing a manifest over [`MAX_GOSSIP_MANIFEST`].
+pub fn decode_release_with_manifest(b: &[u8]) -> Result<ReleaseWithManifest, WireError> {
+    if b.len() > MAX_GOSSIP_BYTES {
+        return Err(WireError::TooLarge {
+            len: b.len(),
+            max: MAX_GOSSIP_BYTES,
+        });
+    }
+    let m: ReleaseWithManifest = decode(b)?;
+    if m.manifest.len() > MAX_GOSSIP_MANIFEST {
+        return Err(WireError::TooLarge {
+            len: m.manifest.len(),
+            max: MAX_GOSSIP_MANIFEST,
+        });
+    }
+    Ok(m)
+}
+
 /// The request-response codec for `/shoal/meta/1`: length-prefixed versioned postcard.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MetaCodec;
@@ -415,6 +456,27 @@ mod tests {
         assert_eq!(decode_meta_request(&encode(&push)), Ok(push));
         assert_eq!(hex::encode(encode(&MetaResponse::Ack)), "0106");
         assert_eq!(hex::encode(encode(&MetaRequest::Releases)), "0103");
+        let rm = ReleaseWithManifest {
+            signed: vec![1, 2],
+            manifest: vec![3, 4, 5],
+        };
+        assert_eq!(hex::encode(encode(&rm)), "01020102".to_owned() + "03030405");
+        assert_eq!(decode_release_with_manifest(&encode(&rm)), Ok(rm));
+    }
+
+    #[test]
+    fn a_gossiped_manifest_is_bounded() {
+        let rm = ReleaseWithManifest {
+            signed: vec![1],
+            manifest: vec![0; MAX_GOSSIP_MANIFEST + 1],
+        };
+        assert!(matches!(
+            decode_release_with_manifest(&encode(&rm)),
+            Err(WireError::TooLarge { .. })
+        ));
+        let mut enc = encode(&rm);
+        enc.truncate(100);
+        assert!(decode_release_with_manifest(&enc).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use anyhow::{Context, Result, bail};
 use shoal::daemon::{Daemon, DaemonOptions};
+use shoal::mesh::download::{Phase, Progress};
 use shoal::mesh::{self, MeshConfig, Multiaddr, PeerId};
 use shoal::node::{Node, NodeConfig};
 use shoal::store::{AddOptions, ArtifactId, SignedRelease, StoreOptions};
@@ -139,6 +140,29 @@ pub async fn wait_peers(node: &Node, n: usize) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Pulls `what` (an id or a trusted name) on `node` and waits until the pull
+/// ends, done or failed; an error if that takes longer than [`WAIT`].
+pub async fn pull_until_end(node: &Node, what: &str) -> Result<Progress> {
+    let (_, mut rx) = node.pull(what).await?;
+    let p = tokio::time::timeout(
+        WAIT,
+        rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed)),
+    )
+    .await
+    .context("timed out waiting for the pull")??
+    .clone();
+    Ok(p)
+}
+
+/// [`pull_until_end`], and an error if the pull failed.
+pub async fn pull_done(node: &Node, what: &str) -> Result<Progress> {
+    let p = pull_until_end(node, what).await?;
+    if p.phase != Phase::Done {
+        bail!("pull failed: {:?}", p.error);
+    }
+    Ok(p)
 }
 
 /// Adds `file` to the first node's store and provides it on the mesh, has

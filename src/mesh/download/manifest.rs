@@ -30,6 +30,11 @@ pub(super) async fn find_manifest(
     origin: Option<&Origin>,
     connected_now: impl Fn(usize),
 ) -> Result<(Manifest, Option<PeerId>), MeshError> {
+    // A release announcement may have brought it.
+    if let Some(m) = client.gossiped_manifest(&id) {
+        tracing::debug!(%id, "manifest from a release announcement");
+        return Ok((m, None));
+    }
     let mut waiting_logged = false;
     let mut tried: HashSet<PeerId> = HashSet::new();
     // Fellow downloaders announce their have-maps by gossip, which reaches

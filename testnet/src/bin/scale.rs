@@ -519,8 +519,32 @@ struct Pulled {
     biggest_source_share: f64,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    keep_freed_memory();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+/// The daemon's malloc settings (`node/src/cmd/mesh.rs`, see
+/// docs/benchmarks.md): freed chunk buffers are kept for the next chunk
+/// instead of unmapped and faulted in again, so the nodes here move bytes
+/// the way `shoal serve` does.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called before the runtime starts any thread; mallopt only sets
+    // allocator parameters and reports failure by returning 0.
+    unsafe {
+        if libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20) != 1
+            || libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20) != 1
+        {
+            eprintln!("mallopt refused the daemon's malloc settings; using glibc defaults");
+        }
+    }
+}
+
+async fn run() -> Result<()> {
     // Logs to stderr with RUST_LOG (off by default: 100 nodes are noisy).
     tracing_subscriber::fmt()
         .with_env_filter(

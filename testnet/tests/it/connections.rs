@@ -5,12 +5,11 @@
 //!
 //! Waits are bounded (a hang fails the test); nothing asserts on durations.
 
-use anyhow::{Context, Result, bail};
-use shoal::mesh::Progress;
-use shoal::mesh::download::Phase;
+use anyhow::{Result, bail};
 use shoal::node::Node;
 use shoal_testnet::{
-    TestNode, WAIT, assert_identical, loopback_config, make_file, seed_release, start_node,
+    TestNode, WAIT, assert_identical, loopback_config, make_file, pull_done, seed_release,
+    start_node,
 };
 use std::time::{Duration, Instant};
 
@@ -28,21 +27,6 @@ fn metric(node: &Node, name: &str) -> f64 {
 
 async fn connected(node: &Node) -> Result<usize> {
     Ok(node.mesh().connected().await?.len())
-}
-
-async fn pull_done(node: &Node, what: &str) -> Result<Progress> {
-    let (_, mut rx) = node.pull(what).await?;
-    let p = tokio::time::timeout(
-        WAIT,
-        rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed)),
-    )
-    .await
-    .context("timed out waiting for the pull")??
-    .clone();
-    if p.phase != Phase::Done {
-        bail!("pull failed: {:?}", p.error);
-    }
-    Ok(p)
 }
 
 /// 24 nodes, each dialling two earlier ones (a sparse chain), bound 8 / 3.

@@ -9,8 +9,8 @@ use shoal::mesh::{self, MeshConfig, Multiaddr, Progress};
 use shoal::node::Node;
 use shoal::store::{AddOptions, ArtifactId, HaveMap};
 use shoal_testnet::{
-    TestNode, WAIT, assert_identical, loopback_config, make_file, start_mesh, start_node,
-    wait_peers,
+    TestNode, WAIT, assert_identical, loopback_config, make_file, pull_done, start_mesh,
+    start_node, wait_peers,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -42,15 +42,6 @@ async fn wait_until(
         .await
         .context("timed out waiting for progress")??
         .clone();
-    Ok(p)
-}
-
-async fn pull_done(node: &Node, what: &str) -> Result<Progress> {
-    let (_, mut rx) = node.pull(what).await?;
-    let p = wait_until(&mut rx, |p| p.phase == Phase::Done).await?;
-    if p.phase != Phase::Done {
-        bail!("pull failed: {:?}", p.error);
-    }
     Ok(p)
 }
 

@@ -9,13 +9,14 @@
 
 use anyhow::{Context, Result, bail};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use shoal::mesh::MeshConfig;
 use shoal::mesh::download::Phase;
 use shoal::mesh::origin::{Origin, OriginError};
-use shoal::mesh::{MeshConfig, Progress};
 use shoal::node::Node;
 use shoal::store::{AddOptions, ArtifactId, ArtifactStatus, SignedRelease, Store, StoreOptions};
 use shoal_testnet::{
-    TestNode, WAIT, assert_identical, loopback_config, make_file, start_node, wait_peers,
+    TestNode, WAIT, assert_identical, loopback_config, make_file, pull_until_end, start_node,
+    wait_peers,
 };
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +24,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 
 const SIZE: usize = 6 << 20;
 const NAME: &str = "https-model:v1";
@@ -319,18 +319,6 @@ fn origin_config(ca: Option<&Path>) -> MeshConfig {
     c.download.stall_timeout = Duration::from_secs(4);
     c.download.origin_delay = Duration::from_millis(100);
     c
-}
-
-async fn pull_until_end(node: &Node, what: &str) -> Result<Progress> {
-    let (_, mut rx): (_, watch::Receiver<Progress>) = node.pull(what).await?;
-    let p = tokio::time::timeout(
-        WAIT,
-        rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed)),
-    )
-    .await
-    .context("timed out waiting for the pull")??
-    .clone();
-    Ok(p)
 }
 
 fn assert_not_active(node: &Node, id: ArtifactId) -> Result<()> {

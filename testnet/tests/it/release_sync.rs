@@ -2,9 +2,10 @@
 //! its peers for their releases and applies only those its trust store accepts.
 
 use anyhow::Result;
-use shoal::mesh::download::Phase;
 use shoal::store::AddOptions;
-use shoal_testnet::{WAIT, loopback_config, make_file, start_node, wait_peers};
+use shoal_testnet::{
+    WAIT, loopback_config, make_file, pull_done, seed_release, start_node, wait_peers,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiner_resolves_trusted_names_and_refuses_untrusted_ones() -> Result<()> {
@@ -59,19 +60,74 @@ async fn late_joiner_resolves_trusted_names_and_refuses_untrusted_ones() -> Resu
             .unwrap_or(0.0)
     };
     let before = peer_bytes();
-    let (_, mut rx) = b.node.pull("demo:v1").await?;
-    let p = tokio::time::timeout(
-        WAIT,
-        rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed)),
-    )
-    .await??
-    .clone();
-    assert_eq!(p.phase, Phase::Done, "pull failed: {:?}", p.error);
+    pull_done(&b.node, "demo:v1").await?;
     assert!(
         peer_bytes() - before >= (3 << 20) as f64,
         "peer bytes not counted: {} -> {}",
         before,
         peer_bytes()
     );
+    Ok(())
+}
+
+/// A release travels with its manifest: every node that trusts the publisher
+/// keeps it, answers neighbours' manifest requests with it without holding
+/// the artifact, and pulls without looking for a holder of the manifest; a
+/// node that does not trust the publisher keeps nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_brings_its_manifest_to_the_nodes_that_trust_it() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let src = make_file(&tmp.path().join("model.bin"), 2 << 20, 9)?;
+    let a = start_node(loopback_config(vec![]), None).await?;
+    let b = start_node(loopback_config(vec![a.addr.clone()]), None).await?;
+    let c = start_node(loopback_config(vec![b.addr.clone()]), None).await?;
+    let d = start_node(loopback_config(vec![b.addr.clone()]), None).await?;
+    wait_peers(&b.node, 3).await?;
+    let nodes = [a, b, c];
+    // a seeds and signs; b and c trust a's key, d does not.
+    let (id, signed) = seed_release(&nodes, &src, "gossip:v1").await?;
+    let [a, b, c] = nodes;
+    // Gossip needs the topic meshes formed: publish until c has the name
+    // (the same release again is a no-op for a node that has it).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while c.node.store().release("gossip:v1")?.is_none() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the release never reached c"
+        );
+        a.node.mesh().publish_release(&signed).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while c.node.mesh().gossiped_manifest(&id).is_none() {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "c never kept the manifest"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // b holds no byte of the artifact, yet answers with its manifest.
+    assert!(b.node.store().manifest(&id)?.is_none());
+    let m = c
+        .node
+        .mesh()
+        .manifest(b.node.mesh().peer_id(), id)
+        .await?
+        .expect("b answers from the release's manifest");
+    assert_eq!(m.id(), id);
+    // d saw the same gossip and kept neither the release nor its manifest.
+    assert!(d.node.mesh().gossiped_manifest(&id).is_none());
+    assert!(d.node.store().release("gossip:v1")?.is_none());
+    assert!(
+        d.node
+            .mesh()
+            .manifest(b.node.mesh().peer_id(), id)
+            .await?
+            .is_some(),
+        "b answers anyone: the manifest is public, checked by its id"
+    );
+    // c pulls by name; the manifest was already there.
+    pull_done(&c.node, "gossip:v1").await?;
+    shoal_testnet::assert_identical(&c.node, id, &src).await?;
     Ok(())
 }
