@@ -267,6 +267,19 @@ impl Client {
         }
     }
 
+    /// The peers `peer` knows, with addresses (peer exchange; the event loop
+    /// asks a connected peer the same on its discovery walks). Entries that
+    /// are malformed or unusable are dropped ([`wire::usable_peers`]).
+    pub async fn peer_list(
+        &self,
+        peer: PeerId,
+    ) -> Result<Vec<(PeerId, Vec<libp2p::Multiaddr>)>, MeshError> {
+        match self.meta(peer, MetaRequest::Peers).await? {
+            MetaResponse::Peers(l) => Ok(wire::usable_peers(l, &self.shared.peer_id, true)),
+            other => Err(unexpected(peer, &other)),
+        }
+    }
+
     /// Advertises that this node provides `id` (Kademlia provider record).
     pub async fn provide(&self, id: ArtifactId) -> Result<(), MeshError> {
         self.send(Command::Provide(id)).await
@@ -356,9 +369,13 @@ impl Client {
         }
     }
 
-    /// The manifest of `id` if it came with a release announcement (verified).
-    pub fn gossiped_manifest(&self, id: &ArtifactId) -> Option<Manifest> {
-        self.shared.manifests.get(id).map(|c| c.manifest.clone())
+    /// The manifest of `id` if it came with a release announcement
+    /// (verified), and the announcement's author.
+    pub fn gossiped_manifest(&self, id: &ArtifactId) -> Option<(Manifest, PeerId)> {
+        self.shared
+            .manifests
+            .get(id)
+            .map(|c| (c.manifest.clone(), c.from))
     }
 
     /// Publishes this node's serving card (encoded by `crate::route`) on

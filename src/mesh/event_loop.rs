@@ -44,6 +44,8 @@ pub struct EventLoop {
     routing_size: usize,
     /// Addresses of the peers found by mDNS (until their records expire).
     mdns_peers: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Peer-exchange requests this loop sent (answers are taken here).
+    pex_pending: HashSet<request_response::OutboundRequestId>,
     /// Which connections to keep, close and start ([`super::connmgr`]).
     conns: ConnManager,
     /// What other tasks did with each peer, fed to `conns` every tick.
@@ -167,6 +169,7 @@ pub async fn new(
         provided: HashSet::new(),
         routing_size: 0,
         mdns_peers: HashMap::new(),
+        pex_pending: HashSet::new(),
         conns: ConnManager::new(
             config.max_connections,
             config.min_connections,
@@ -466,6 +469,16 @@ impl EventLoop {
                 .behaviour_mut()
                 .kad
                 .get_closest_peers(PeerId::random());
+            // And a connected peer for the peers it knows (no dial).
+            let pick = random_seed_u64() as usize % self.connected.len();
+            if let Some(p) = self.connected.keys().nth(pick).copied() {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .meta
+                    .send_request(&p, MetaRequest::Peers);
+                self.pex_pending.insert(id);
+            }
         }
         self.metrics.peers_known(self.conns.known());
     }
@@ -698,6 +711,78 @@ impl EventLoop {
     /// disconnected (see `behaviour.rs`). The peer stays known to the
     /// connection manager either way; full buckets are the far ones, which
     /// lookups reach through other peers.
+    /// Up to [`wire::MAX_PEX_PEERS`] known peers with addresses (mDNS's and
+    /// the routing table's), a random choice, for `asker`'s peer exchange.
+    fn peer_records(&mut self, asker: PeerId) -> Vec<wire::PeerRecord> {
+        let mut all: HashMap<PeerId, Vec<Multiaddr>> = self.mdns_peers.clone();
+        for b in self.swarm.behaviour_mut().kad.kbuckets() {
+            for e in b.iter() {
+                let v = all.entry(*e.node.key.preimage()).or_default();
+                for a in e.node.value.iter() {
+                    if !v.contains(a) {
+                        v.push(a.clone());
+                    }
+                }
+            }
+        }
+        let mut list: Vec<(PeerId, Vec<Multiaddr>)> = all
+            .into_iter()
+            .filter(|(p, a)| *p != asker && !a.is_empty() && !self.bans.contains_key(p))
+            .collect();
+        // A random choice: a partial shuffle of the first MAX_PEX_PEERS.
+        let mut seed = random_seed_u64() | 1;
+        let n = list.len();
+        for i in 0..n.min(wire::MAX_PEX_PEERS) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let j = i + (seed as usize) % (n - i);
+            list.swap(i, j);
+        }
+        list.truncate(wire::MAX_PEX_PEERS);
+        list.into_iter()
+            .map(|(p, addrs)| wire::PeerRecord {
+                peer: p.to_bytes(),
+                addrs: addrs
+                    .iter()
+                    .take(wire::MAX_PEX_ADDRS)
+                    .map(|a| serde_bytes::ByteBuf::from(a.to_vec()))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// A peer list from `from` (peer exchange): each valid id with a usable
+    /// address is learnt (known, in the routing table if there is room),
+    /// never dialled here. Loopback addresses count only from a peer on this
+    /// host; more than the bound, bad ids and bad addresses are dropped.
+    fn on_peer_records(&mut self, from: PeerId, list: Vec<wire::PeerRecord>) {
+        let local = self
+            .connected
+            .get(&from)
+            .is_some_and(|c| is_loopback(&c.addr));
+        let now = Instant::now();
+        let mut new = 0usize;
+        for (p, addrs) in wire::usable_peers(list, &self.shared.peer_id, local) {
+            if self.bans.contains_key(&p) {
+                continue;
+            }
+            if !self.conns.is_known(p) {
+                new += 1;
+            }
+            for a in addrs {
+                self.kad_add(p, a);
+            }
+            self.conns.learn(p, Found::Kad, now);
+        }
+        let few = self.conns.known() < 2 * self.shared.config.max_connections as usize;
+        if new > 0 && few {
+            self.next_walk = self.next_walk.min(now + WALK_AGAIN);
+        }
+        tracing::debug!(%from, new, "peer exchange");
+        self.metrics.peers_known(self.conns.known());
+    }
+
     fn kad_add(&mut self, peer: PeerId, addr: Multiaddr) {
         let kad = &mut self.swarm.behaviour_mut().kad;
         if kad
@@ -781,6 +866,21 @@ impl EventLoop {
                         }
                     }
                     request_response::Message::Request {
+                        request: MetaRequest::Peers,
+                        channel,
+                        ..
+                    } => {
+                        let list = self.peer_records(peer);
+                        let sent = self
+                            .swarm
+                            .behaviour_mut()
+                            .meta
+                            .send_response(channel, MetaResponse::Peers(list));
+                        if sent.is_err() {
+                            tracing::debug!(%peer, "peer list dropped: requester went away");
+                        }
+                    }
+                    request_response::Message::Request {
                         request, channel, ..
                     } => {
                         self.activity.touch(peer);
@@ -799,6 +899,10 @@ impl EventLoop {
                     } => {
                         if let Some(reply) = self.pending_meta.remove(&request_id) {
                             let _ = reply.send(Ok(response));
+                        } else if self.pex_pending.remove(&request_id) {
+                            if let MetaResponse::Peers(list) = response {
+                                self.on_peer_records(peer, list);
+                            }
                         } else if response != MetaResponse::Ack {
                             tracing::debug!(%peer, "unexpected meta response");
                         }
@@ -811,6 +915,7 @@ impl EventLoop {
                 error,
                 ..
             }) => {
+                self.pex_pending.remove(&request_id);
                 if let Some(reply) = self.pending_meta.remove(&request_id) {
                     let _ = reply.send(Err(MeshError::Request {
                         peer,
@@ -969,7 +1074,7 @@ impl EventLoop {
             .await;
             match applied {
                 Ok((outcome, Ok(id))) => {
-                    if cache.insert_verified(id, manifest) {
+                    if cache.insert_verified(id, manifest, source) {
                         tracing::debug!(%source, %id, "manifest kept from a release announcement");
                     } else {
                         tracing::warn!(%source, %id, "a release came with a manifest that does not match it");
@@ -1072,6 +1177,14 @@ fn random_seed_u16() -> u16 {
 fn random_seed_u64() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
+
+fn is_loopback(a: &Multiaddr) -> bool {
+    a.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 fn is_unspecified(a: &Multiaddr) -> bool {

@@ -13,6 +13,7 @@
 //! [`wire::RELEASE_MANIFESTS_TOPIC`]: super::wire::RELEASE_MANIFESTS_TOPIC
 
 use crate::store::{ArtifactId, Manifest};
+use libp2p::PeerId;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,6 +30,8 @@ pub struct Cached {
     pub bytes: Vec<u8>,
     /// Decoded.
     pub manifest: Manifest,
+    /// Who published it (the gossip message's author): likely a holder.
+    pub from: PeerId,
 }
 
 /// The cache; clone the `Arc` to share it.
@@ -38,10 +41,10 @@ pub struct ManifestCache {
 }
 
 impl ManifestCache {
-    /// Keeps `bytes` as the manifest of `id` if they verify against it;
-    /// returns whether they were kept (false: they do not hash to `id`, do
-    /// not decode, or are larger than the cache).
-    pub fn insert_verified(&self, id: ArtifactId, bytes: Vec<u8>) -> bool {
+    /// Keeps `bytes`, published by `from`, as the manifest of `id` if they
+    /// verify against it; returns whether they were kept (false: they do not
+    /// hash to `id`, do not decode, or are larger than the cache).
+    pub fn insert_verified(&self, id: ArtifactId, bytes: Vec<u8>, from: PeerId) -> bool {
         if bytes.len() > MAX_BYTES {
             return false;
         }
@@ -56,7 +59,14 @@ impl ManifestCache {
         if q.iter().any(|(k, _)| *k == id) {
             return true;
         }
-        q.push_back((id, Arc::new(Cached { bytes, manifest })));
+        q.push_back((
+            id,
+            Arc::new(Cached {
+                bytes,
+                manifest,
+                from,
+            }),
+        ));
         while q.len() > MAX_ENTRIES || total(&q) > MAX_BYTES {
             q.pop_front();
         }
@@ -113,14 +123,14 @@ mod tests {
         let (b, mb) = manifest_of(dir.path(), 2);
         let c = ManifestCache::default();
         // Another artifact's manifest under this id, and damaged bytes.
-        assert!(!c.insert_verified(a, mb.clone()));
+        assert!(!c.insert_verified(a, mb.clone(), PeerId::random()));
         let mut bad = ma.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert!(!c.insert_verified(a, bad));
+        assert!(!c.insert_verified(a, bad, PeerId::random()));
         assert!(c.get(&a).is_none());
-        assert!(c.insert_verified(a, ma.clone()));
-        assert!(c.insert_verified(b, mb));
+        assert!(c.insert_verified(a, ma.clone(), PeerId::random()));
+        assert!(c.insert_verified(b, mb, PeerId::random()));
         let got = c.get(&a).expect("kept");
         assert_eq!(got.bytes, ma);
         assert_eq!(got.manifest.id(), a);
@@ -134,7 +144,7 @@ mod tests {
         let ids: Vec<_> = (0..=MAX_ENTRIES as u8)
             .map(|i| {
                 let (id, m) = manifest_of(dir.path(), i);
-                assert!(c.insert_verified(id, m));
+                assert!(c.insert_verified(id, m, PeerId::random()));
                 id
             })
             .collect();

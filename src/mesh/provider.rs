@@ -123,6 +123,8 @@ impl Provider {
                     ),
                     // Pushed have-maps are taken by the event loop.
                     MetaRequest::Have(_) => MetaResponse::Ack,
+                    // Peer lists are answered by the event loop (it knows the peers).
+                    MetaRequest::Peers => MetaResponse::Peers(Vec::new()),
                     MetaRequest::Releases => MetaResponse::Releases(
                         store
                             .releases()?

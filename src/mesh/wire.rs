@@ -116,6 +116,25 @@ pub enum MetaRequest {
     /// connection's authenticated peer: no signature to check, no copies
     /// relayed by a gossip mesh.
     Have(HaveAnnounce),
+    /// Peers the responder knows, with their addresses (peer exchange,
+    /// answered with [`MetaResponse::Peers`]): a node learns the rest of the
+    /// mesh through its connections when multicast answers are lost.
+    Peers,
+}
+
+/// Peers listed in a [`MetaResponse::Peers`] at most.
+pub const MAX_PEX_PEERS: usize = 64;
+/// Addresses per listed peer at most.
+pub const MAX_PEX_ADDRS: usize = 4;
+
+/// One peer of a [`MetaResponse::Peers`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// The peer id's bytes (`PeerId::to_bytes`).
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    /// Its addresses (`Multiaddr::to_vec` each), at most [`MAX_PEX_ADDRS`].
+    pub addrs: Vec<serde_bytes::ByteBuf>,
 }
 
 /// One entry of [`MetaResponse::List`].
@@ -145,6 +164,45 @@ pub enum MetaResponse {
     Releases(Vec<serde_bytes::ByteBuf>),
     /// Received (the answer to [`MetaRequest::Have`]).
     Ack,
+    /// Known peers (the answer to [`MetaRequest::Peers`]), at most
+    /// [`MAX_PEX_PEERS`]; the receiver checks each id and address and takes
+    /// them as discovered, never as connected.
+    Peers(Vec<PeerRecord>),
+}
+
+/// The usable entries of a peer list from a peer: at most
+/// [`MAX_PEX_PEERS`], each with a valid id (not `me`) and at most
+/// [`MAX_PEX_ADDRS`] valid addresses, none unspecified and none loopback
+/// unless `loopback_ok` (the list came from this host); entries left with
+/// no address are dropped.
+pub fn usable_peers(
+    list: Vec<PeerRecord>,
+    me: &libp2p::PeerId,
+    loopback_ok: bool,
+) -> Vec<(libp2p::PeerId, Vec<libp2p::Multiaddr>)> {
+    use libp2p::multiaddr::Protocol;
+    let usable = |a: &libp2p::Multiaddr| {
+        a.iter().next().is_some_and(|p| match p {
+            Protocol::Ip4(ip) => !ip.is_unspecified() && (loopback_ok || !ip.is_loopback()),
+            Protocol::Ip6(ip) => !ip.is_unspecified() && (loopback_ok || !ip.is_loopback()),
+            Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) => true,
+            _ => false,
+        })
+    };
+    list.into_iter()
+        .take(MAX_PEX_PEERS)
+        .filter_map(|r| {
+            let p = libp2p::PeerId::from_bytes(&r.peer).ok()?;
+            let addrs: Vec<libp2p::Multiaddr> = r
+                .addrs
+                .into_iter()
+                .take(MAX_PEX_ADDRS)
+                .filter_map(|b| libp2p::Multiaddr::try_from(b.into_vec()).ok())
+                .filter(usable)
+                .collect();
+            (p != *me && !addrs.is_empty()).then_some((p, addrs))
+        })
+        .collect()
 }
 
 /// A request on a `/shoal/chunk/1` stream. Requests are pipelined: the
@@ -456,12 +514,84 @@ mod tests {
         assert_eq!(decode_meta_request(&encode(&push)), Ok(push));
         assert_eq!(hex::encode(encode(&MetaResponse::Ack)), "0106");
         assert_eq!(hex::encode(encode(&MetaRequest::Releases)), "0103");
+        // Peer exchange: request 5, response 7.
+        assert_eq!(hex::encode(encode(&MetaRequest::Peers)), "0105");
+        let pex = MetaResponse::Peers(vec![PeerRecord {
+            peer: vec![0, 1],
+            addrs: vec![serde_bytes::ByteBuf::from(vec![4, 127, 0, 0, 1])],
+        }]);
+        assert_eq!(
+            hex::encode(encode(&pex)),
+            "010701020001010504 7f000001".replace(' ', "")
+        );
+        assert_eq!(decode_meta_response(&encode(&pex)), Ok(pex));
         let rm = ReleaseWithManifest {
             signed: vec![1, 2],
             manifest: vec![3, 4, 5],
         };
         assert_eq!(hex::encode(encode(&rm)), "01020102".to_owned() + "03030405");
         assert_eq!(decode_release_with_manifest(&encode(&rm)), Ok(rm));
+    }
+
+    #[test]
+    fn peer_lists_keep_only_usable_entries() {
+        let me = libp2p::PeerId::random();
+        let other = libp2p::PeerId::random();
+        let addr = |s: &str| {
+            serde_bytes::ByteBuf::from(s.parse::<libp2p::Multiaddr>().expect("addr").to_vec())
+        };
+        let rec = |p: &libp2p::PeerId, a: Vec<serde_bytes::ByteBuf>| PeerRecord {
+            peer: p.to_bytes(),
+            addrs: a,
+        };
+        let list = vec![
+            rec(
+                &other,
+                vec![
+                    addr("/ip4/10.0.0.2/tcp/7071"),
+                    addr("/ip4/127.0.0.1/tcp/7071"),
+                ],
+            ),
+            // Itself, a malformed id, garbage and unspecified addresses only.
+            rec(&me, vec![addr("/ip4/10.0.0.1/tcp/7071")]),
+            PeerRecord {
+                peer: vec![1, 2, 3],
+                addrs: vec![addr("/ip4/10.0.0.3/tcp/1")],
+            },
+            rec(
+                &libp2p::PeerId::random(),
+                vec![serde_bytes::ByteBuf::from(vec![0xff; 9])],
+            ),
+            rec(
+                &libp2p::PeerId::random(),
+                vec![addr("/ip4/0.0.0.0/tcp/7071")],
+            ),
+        ];
+        let got = usable_peers(list.clone(), &me, false);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, other);
+        assert_eq!(
+            got[0].1,
+            vec![
+                "/ip4/10.0.0.2/tcp/7071"
+                    .parse::<libp2p::Multiaddr>()
+                    .expect("addr")
+            ]
+        );
+        // From a peer on this host, its loopback addresses count.
+        assert_eq!(usable_peers(list, &me, true)[0].1.len(), 2);
+        // Never more than the bounds.
+        let many: Vec<PeerRecord> = (0..MAX_PEX_PEERS + 10)
+            .map(|_| {
+                rec(
+                    &libp2p::PeerId::random(),
+                    vec![addr("/ip4/10.0.0.9/tcp/1"); MAX_PEX_ADDRS + 3],
+                )
+            })
+            .collect();
+        let got = usable_peers(many, &me, false);
+        assert_eq!(got.len(), MAX_PEX_PEERS);
+        assert!(got.iter().all(|(_, a)| a.len() == MAX_PEX_ADDRS));
     }
 
     #[test]

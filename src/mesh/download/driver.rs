@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::{Notify, broadcast, watch};
 
 struct Ctx {
@@ -216,9 +217,16 @@ pub async fn download_until(
     let (prov_tx, mut prov_rx) = tokio::sync::mpsc::channel::<HashSet<PeerId>>(4);
     let kad_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut kad_round = 0u64;
+    // Peers whose have-map request failed (a peer at its connection cap
+    // refuses newcomers), sent back after a pause and asked again, the
+    // pause doubling up to ASK_AGAIN_MAX.
+    let (unreachable, mut ask_again) = tokio::sync::mpsc::unbounded_channel::<PeerId>();
+    let mut unreached: HashMap<PeerId, u32> = HashMap::new();
+    // Fellow downloaders this node tried to link to, and when.
+    let mut linking: HashMap<PeerId, Instant> = HashMap::new();
     if let Some(p) = manifest_from {
         asked.insert(p);
-        query_have(&ctx, p);
+        query_have(&ctx, p, &unreachable, ASK_AGAIN_AFTER);
     }
     let mut announce = tokio::time::interval(opts.announce_every);
     let mut announced = u32::MAX;
@@ -260,7 +268,7 @@ pub async fn download_until(
                 }
                 Ok(MeshEvent::Connected(peer)) => {
                     asked.insert(peer);
-                    query_have(&ctx, peer);
+                    query_have(&ctx, peer, &unreachable, ASK_AGAIN_AFTER);
                 }
                 Ok(MeshEvent::Banned(peer) | MeshEvent::Disconnected(peer)) => {
                     asked.remove(&peer);
@@ -275,10 +283,16 @@ pub async fn download_until(
                     ctx.sched.lock().failed = Some("mesh stopped".into());
                 }
             },
+            Some(p) = ask_again.recv() => {
+                let n = unreached.entry(p).or_default();
+                *n += 1;
+                let pause = ASK_AGAIN_AFTER.saturating_mul(1 << (*n).min(4)).min(ASK_AGAIN_MAX);
+                query_have(&ctx, p, &unreachable, pause);
+            },
             Some(found) = prov_rx.recv() => {
                 for p in found {
                     if p != client.peer_id() && asked.insert(p) {
-                        query_have(&ctx, p);
+                        query_have(&ctx, p, &unreachable, ASK_AGAIN_AFTER);
                     }
                 }
             },
@@ -296,9 +310,29 @@ pub async fn download_until(
                         busy.store(false, std::sync::atomic::Ordering::Release);
                     });
                 }
+                // Links to fellow downloaders heard by gossip, even those
+                // with nothing yet: have-maps are pushed over connections, so
+                // on a mesh of bounded connections a downloader linked to no
+                // fellow would never hear who has what (BitTorrent connects
+                // to swarm peers, not to pieces).
+                let fellows = ctx.sched.lock().fellow_downloaders();
+                let linked = fellows.iter().filter(|p| cands.contains(*p)).count();
+                if linked < SWARM_LINKS {
+                    let now = Instant::now();
+                    linking.retain(|_, t| now.duration_since(*t) < LINK_AGAIN_AFTER);
+                    let pick: Vec<PeerId> = fellows
+                        .into_iter()
+                        .filter(|p| !cands.contains(p) && !linking.contains_key(p))
+                        .take(SWARM_LINKS - linked)
+                        .collect();
+                    for p in pick {
+                        linking.insert(p, now);
+                        query_have(&ctx, p, &unreachable, ASK_AGAIN_AFTER);
+                    }
+                }
                 for p in cands {
                     if p != client.peer_id() && asked.insert(p) {
-                        query_have(&ctx, p);
+                        query_have(&ctx, p, &unreachable, ASK_AGAIN_AFTER);
                     }
                 }
             },
@@ -426,13 +460,37 @@ fn disk_full_or(id: ArtifactId, e: MeshError) -> MeshError {
     }
 }
 
-fn query_have(ctx: &Arc<Ctx>, peer: PeerId) {
+/// A peer whose have-map request failed is asked again after this pause,
+/// doubled after each failure in a row up to [`ASK_AGAIN_MAX`].
+const ASK_AGAIN_AFTER: Duration = Duration::from_secs(2);
+/// The longest pause before a failed peer is asked again.
+const ASK_AGAIN_MAX: Duration = Duration::from_secs(30);
+/// Fellow downloaders a download keeps a connection to (it dials those it
+/// heard of while fewer are connected).
+const SWARM_LINKS: usize = 4;
+/// A fellow this node tried to link to is not tried again before this.
+const LINK_AGAIN_AFTER: Duration = Duration::from_secs(10);
+
+/// Asks `peer` for its have-map and adds it as a source; on failure (a peer
+/// at its connection cap refuses newcomers) `peer` goes back to `unreachable`
+/// after `pause`, to be asked again rather than never.
+fn query_have(
+    ctx: &Arc<Ctx>,
+    peer: PeerId,
+    unreachable: &UnboundedSender<PeerId>,
+    pause: Duration,
+) {
     let ctx = ctx.clone();
+    let unreachable = unreachable.clone();
     tokio::spawn(async move {
         match ctx.client.have_map(peer, ctx.id).await {
             Ok(Some(have)) => add_source(&ctx, ChunkSource::Peer(peer), have),
             Ok(None) => {}
-            Err(e) => tracing::debug!(%peer, error = %e, "have-map request failed"),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "have-map request failed");
+                tokio::time::sleep(pause).await;
+                let _ = unreachable.send(peer);
+            }
         }
     });
 }

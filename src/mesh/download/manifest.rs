@@ -30,10 +30,11 @@ pub(super) async fn find_manifest(
     origin: Option<&Origin>,
     connected_now: impl Fn(usize),
 ) -> Result<(Manifest, Option<PeerId>), MeshError> {
-    // A release announcement may have brought it.
-    if let Some(m) = client.gossiped_manifest(&id) {
-        tracing::debug!(%id, "manifest from a release announcement");
-        return Ok((m, None));
+    // A release announcement may have brought it; its author likely holds
+    // the artifact and is asked first.
+    if let Some((m, from)) = client.gossiped_manifest(&id) {
+        tracing::debug!(%id, %from, "manifest from a release announcement");
+        return Ok((m, Some(from)));
     }
     let mut waiting_logged = false;
     let mut tried: HashSet<PeerId> = HashSet::new();

@@ -114,3 +114,43 @@ async fn a_mesh_larger_than_the_bound_keeps_it_and_still_spreads_everything() ->
     }
     Ok(())
 }
+
+/// Peer exchange: a node lists the peers it knows with their addresses, and
+/// a node that learns them this way (no mDNS here, one static peer) can
+/// reach a peer it was never told of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_learns_the_mesh_from_a_neighbours_peer_list() -> Result<()> {
+    let a = start_node(loopback_config(vec![]), None).await?;
+    let b = start_node(loopback_config(vec![a.addr.clone()]), None).await?;
+    let c = start_node(loopback_config(vec![b.addr.clone()]), None).await?;
+    shoal_testnet::wait_peers(&c.node, 1).await?;
+    let a_id = a.node.mesh().peer_id();
+    let c_id = c.node.mesh().peer_id();
+    let deadline = Instant::now() + WAIT;
+    let list = loop {
+        let list = c.node.mesh().peer_list(b.node.mesh().peer_id()).await?;
+        if list.iter().any(|(p, _)| *p == a_id) {
+            break list;
+        }
+        if Instant::now() > deadline {
+            bail!("b never listed a: {list:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        list.iter().all(|(p, _)| *p != c_id),
+        "the asker is not listed to itself"
+    );
+    let (_, addrs) = list.iter().find(|(p, _)| *p == a_id).expect("listed");
+    // What b says about a is enough to reach a.
+    let addr: shoal::mesh::Multiaddr = format!("{}/p2p/{a_id}", addrs[0]).parse()?;
+    c.node.mesh().dial(addr).await?;
+    let deadline = Instant::now() + WAIT;
+    while !c.node.mesh().connected().await?.contains(&a_id) {
+        if Instant::now() > deadline {
+            bail!("c could not reach a at the listed address");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
