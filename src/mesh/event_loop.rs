@@ -46,6 +46,10 @@ pub struct EventLoop {
     mdns_peers: HashMap<PeerId, Vec<Multiaddr>>,
     /// Peer-exchange requests this loop sent (answers are taken here).
     pex_pending: HashSet<request_response::OutboundRequestId>,
+    /// Release-list requests this loop sent (anti-entropy, answers taken here).
+    releases_pending: HashSet<request_response::OutboundRequestId>,
+    /// When to ask a neighbour for its releases next.
+    next_release_sync: Instant,
     /// Which connections to keep, close and start ([`super::connmgr`]).
     conns: ConnManager,
     /// What other tasks did with each peer, fed to `conns` every tick.
@@ -82,6 +86,8 @@ const WALK_MANY: Duration = Duration::from_secs(600);
 /// mDNS answers are lost now and then (a late joiner on a busy LAN hears only
 /// part of them until the next query, 30 s on), and walks fill the gaps.
 const WALK_AGAIN: Duration = Duration::from_secs(5);
+/// Releases taken from one peer's list at most (anti-entropy).
+const MAX_SYNCED_RELEASES: usize = 256;
 /// Rediscovery rounds asked for by downloads run at most this often.
 const ROUND_MIN_GAP: Duration = Duration::from_secs(1);
 /// The mDNS service name libp2p peers answer for.
@@ -170,6 +176,8 @@ pub async fn new(
         routing_size: 0,
         mdns_peers: HashMap::new(),
         pex_pending: HashSet::new(),
+        releases_pending: HashSet::new(),
+        next_release_sync: Instant::now() + config.release_sync_interval,
         conns: ConnManager::new(
             config.max_connections,
             config.min_connections,
@@ -470,14 +478,27 @@ impl EventLoop {
                 .kad
                 .get_closest_peers(PeerId::random());
             // And a connected peer for the peers it knows (no dial).
-            let pick = random_seed_u64() as usize % self.connected.len();
-            if let Some(p) = self.connected.keys().nth(pick).copied() {
+            if let Some(p) = self.random_connected() {
                 let id = self
                     .swarm
                     .behaviour_mut()
                     .meta
                     .send_request(&p, MetaRequest::Peers);
                 self.pex_pending.insert(id);
+            }
+        }
+        // Anti-entropy for releases: a node that missed a release's gossip
+        // (it was down, or its part of the mesh was cut off) gets it from a
+        // random neighbour's list within a minute or so.
+        if now >= self.next_release_sync {
+            self.next_release_sync = now + self.shared.config.release_sync_interval;
+            if let Some(p) = self.random_connected() {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .meta
+                    .send_request(&p, MetaRequest::Releases);
+                self.releases_pending.insert(id);
             }
         }
         self.metrics.peers_known(self.conns.known());
@@ -783,6 +804,18 @@ impl EventLoop {
         self.metrics.peers_known(self.conns.known());
     }
 
+    /// A connected peer picked at random.
+    fn random_connected(&self) -> Option<PeerId> {
+        let n = self.connected.len();
+        if n == 0 {
+            return None;
+        }
+        self.connected
+            .keys()
+            .nth(random_seed_u64() as usize % n)
+            .copied()
+    }
+
     fn kad_add(&mut self, peer: PeerId, addr: Multiaddr) {
         let kad = &mut self.swarm.behaviour_mut().kad;
         if kad
@@ -903,6 +936,10 @@ impl EventLoop {
                             if let MetaResponse::Peers(list) = response {
                                 self.on_peer_records(peer, list);
                             }
+                        } else if self.releases_pending.remove(&request_id) {
+                            if let MetaResponse::Releases(list) = response {
+                                self.on_release_list(peer, list);
+                            }
                         } else if response != MetaResponse::Ack {
                             tracing::debug!(%peer, "unexpected meta response");
                         }
@@ -916,6 +953,7 @@ impl EventLoop {
                 ..
             }) => {
                 self.pex_pending.remove(&request_id);
+                self.releases_pending.remove(&request_id);
                 if let Some(reply) = self.pending_meta.remove(&request_id) {
                     let _ = reply.send(Err(MeshError::Request {
                         peer,
@@ -1044,6 +1082,35 @@ impl EventLoop {
                 Err(e) => tracing::debug!(%source, error = %e, "bad have announcement"),
             }
         }
+    }
+
+    /// A peer's releases (anti-entropy): each is applied as a gossiped one
+    /// (signature, trust and sequence checked by the store); at most
+    /// [`MAX_SYNCED_RELEASES`] are looked at.
+    fn on_release_list(&mut self, from: PeerId, list: Vec<serde_bytes::ByteBuf>) {
+        let store = self.store.clone();
+        let events = self.shared.events.clone();
+        tokio::spawn(async move {
+            let applied = super::blocking(move || {
+                Ok(list
+                    .iter()
+                    .take(MAX_SYNCED_RELEASES)
+                    .filter_map(|b| SignedRelease::decode(b).ok())
+                    .filter(|r| {
+                        matches!(
+                            store.apply_release(r),
+                            Ok(crate::store::ReleaseOutcome::Applied)
+                        )
+                    })
+                    .count())
+            })
+            .await
+            .unwrap_or(0);
+            if applied > 0 {
+                tracing::info!(%from, applied, "releases caught up from a peer");
+                let _ = events.send(MeshEvent::Release);
+            }
+        });
     }
 
     /// A release with its manifest: applied like a release announcement, and

@@ -172,6 +172,12 @@ pub struct MeshConfig {
     /// (`mesh.mdns_query_interval`).
     #[serde(with = "crate::config::duration")]
     pub mdns_query_interval: Duration,
+    /// How often the node asks a random neighbour for the releases it knows
+    /// and applies those it trusts and lacks (anti-entropy: a release whose
+    /// gossip a node missed arrives within about this long)
+    /// (`mesh.release_sync_interval`).
+    #[serde(with = "crate::config::duration")]
+    pub release_sync_interval: Duration,
     /// Most downloads running at once; a further pull fails with
     /// [`MeshError::TooManyDownloads`] (`mesh.max_downloads`).
     pub max_downloads: usize,
@@ -224,6 +230,7 @@ impl Default for MeshConfig {
             ban_duration: Duration::from_secs(3600),
             frame_size: muxer::SPLIT_SEND_SIZE,
             mdns_query_interval: Duration::from_secs(30),
+            release_sync_interval: Duration::from_secs(60),
             max_downloads: 4,
             psk: None,
             max_connections: 48,
@@ -251,6 +258,7 @@ impl PartialEq for MeshConfig {
             && self.ban_duration == o.ban_duration
             && self.frame_size == o.frame_size
             && self.mdns_query_interval == o.mdns_query_interval
+            && self.release_sync_interval == o.release_sync_interval
             && self.max_downloads == o.max_downloads
             && self.idle_timeout == o.idle_timeout
             && self.max_connections == o.max_connections
@@ -280,6 +288,9 @@ impl MeshConfig {
         }
         if self.mdns_query_interval < Duration::from_secs(1) {
             return bad("mesh.mdns_query_interval must be at least 1s");
+        }
+        if self.release_sync_interval < Duration::from_secs(1) {
+            return bad("mesh.release_sync_interval must be at least 1s");
         }
         Ok(())
     }
@@ -431,6 +442,13 @@ pub const SETTINGS: &[Setting] = {
             Str,
             "How often mDNS asks the link for peers once some answered (at start it asks at\n0.5 s, 1 s, 2 s, ...). While no peer is connected the node also asks by itself,\n0.5 s apart and doubling up to 8 s, and redials every peer it found and lost.",
             "\"30s\"",
+        ),
+        S::new(
+            "mesh.release_sync_interval",
+            Some("SHOAL_RELEASE_SYNC_INTERVAL"),
+            Str,
+            "How often the node asks a random neighbour for its releases and applies those it\ntrusts and lacks: a release whose gossip a node missed (it was down, or its part\nof the mesh was cut off) arrives within about this long.",
+            "\"60s\"",
         ),
         S::new(
             "mesh.max_downloads",

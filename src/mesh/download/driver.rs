@@ -236,8 +236,12 @@ pub async fn download_until(
         {
             let mut s = ctx.sched.lock();
             let p = s.snapshot(Instant::now());
-            let stalled =
-                s.last_chunk.elapsed() > opts.stall_timeout && s.inflight.iter().all(Vec::is_empty);
+            // Stalled: no chunk for stall_timeout, none in flight, and no
+            // source grew either (fellow downloaders that gain chunks will
+            // have some for us: a swarm that is still moving is waited for).
+            let stalled = s.last_chunk.elapsed() > opts.stall_timeout
+                && s.inflight.iter().all(Vec::is_empty)
+                && !s.sources_grew_within(Instant::now(), opts.stall_timeout);
             if stalled && s.failed.is_none() {
                 s.failed = Some(format!(
                     "no source for the remaining {} chunks after {:?}",
@@ -464,7 +468,7 @@ fn disk_full_or(id: ArtifactId, e: MeshError) -> MeshError {
 /// doubled after each failure in a row up to [`ASK_AGAIN_MAX`].
 const ASK_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// The longest pause before a failed peer is asked again.
-const ASK_AGAIN_MAX: Duration = Duration::from_secs(30);
+const ASK_AGAIN_MAX: Duration = Duration::from_secs(8);
 /// Fellow downloaders a download keeps a connection to (it dials those it
 /// heard of while fewer are connected).
 const SWARM_LINKS: usize = 4;

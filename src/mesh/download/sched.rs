@@ -234,6 +234,16 @@ impl Sched {
             .collect()
     }
 
+    /// Whether a live peer source gained chunks (or appeared) within
+    /// `within` before `now`: the swarm is still moving.
+    pub(super) fn sources_grew_within(&self, now: Instant, within: Duration) -> bool {
+        self.sources.iter().any(|(k, s)| {
+            matches!(k, ChunkSource::Peer(_))
+                && !s.stopped
+                && now.saturating_duration_since(s.grew_at) < within
+        })
+    }
+
     pub(super) fn missing(&self) -> u32 {
         self.have.len() - self.have.count()
     }
@@ -735,6 +745,27 @@ mod tests {
             h.set(i);
         }
         h
+    }
+
+    #[test]
+    fn a_swarm_that_still_grows_is_not_stalled() {
+        let n = 8;
+        let mut s = sched(n);
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(20);
+        let fellow = ChunkSource::Peer(PeerId::random());
+        // A fellow downloader heard of with nothing yet: that is news.
+        s.add_source(fellow, HaveMap::new(n), t0);
+        assert!(s.sources_grew_within(t0 + wait / 2, wait));
+        // The same have-map again is not.
+        s.add_source(fellow, HaveMap::new(n), t0 + wait);
+        assert!(!s.sources_grew_within(t0 + wait * 2, wait));
+        // One more chunk is.
+        let mut h = HaveMap::new(n);
+        h.set(3);
+        s.add_source(fellow, h, t0 + wait * 2);
+        assert!(s.sources_grew_within(t0 + wait * 2 + wait / 2, wait));
+        assert!(!s.sources_grew_within(t0 + wait * 4, wait));
     }
 
     #[test]

@@ -465,6 +465,9 @@ fn mesh_config(a: &Args, peers: Vec<shoal::mesh::Multiaddr>) -> MeshConfig {
     let mut c = loopback_config(peers);
     c.max_connections = a.max_connections;
     c.min_connections = a.min_connections;
+    // The daemon's timeouts (the test harness shortens them so that failing
+    // tests end quickly).
+    c.download = shoal::mesh::DownloadOptions::default();
     c
 }
 

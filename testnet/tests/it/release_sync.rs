@@ -131,3 +131,56 @@ async fn a_release_brings_its_manifest_to_the_nodes_that_trust_it() -> Result<()
     shoal_testnet::assert_identical(&c.node, id, &src).await?;
     Ok(())
 }
+
+/// Anti-entropy: a node that knew an older release of a name, and was away
+/// when the newer one was gossiped, catches up from a neighbour's list by
+/// itself (no pull, no resolve); a release in that list from a publisher it
+/// does not trust stays out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_missed_a_release_catches_up_from_a_neighbour() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let v1 = make_file(&tmp.path().join("v1.bin"), 1 << 20, 1)?;
+    let v2 = make_file(&tmp.path().join("v2.bin"), 1 << 20, 2)?;
+    let a = start_node(loopback_config(vec![]), None).await?;
+    let (ids, publisher, stranger, first) = {
+        let store = a.node.store().clone();
+        let dir = tmp.path().join("stranger");
+        tokio::task::spawn_blocking(move || -> Result<_> {
+            let id1 = store.add_file(&v1, &AddOptions::default())?;
+            let id2 = store.add_file(&v2, &AddOptions::default())?;
+            let pk = store.keygen(false)?;
+            let first = store.publish(&id1, "demo:v1", None)?;
+            store.publish(&id2, "demo:v1", None)?;
+            // A release a trusts and b will not: another key's.
+            let other = shoal::store::Store::open(&dir, Default::default())?;
+            let oid = other.add_file(&v1, &AddOptions::default())?;
+            let spk = other.keygen(false)?;
+            store.trust_add(spk, "stranger")?;
+            store.apply_release(&other.publish(&oid, "other:v1", None)?)?;
+            Ok(((id1, id2), pk, spk, first))
+        })
+        .await??
+    };
+    // b trusts a (not the stranger) and knows only the first release.
+    let b_dir = tmp.path().join("b");
+    {
+        let s = shoal::store::Store::open(&b_dir, Default::default())?;
+        s.trust_add(publisher, "a")?;
+        s.apply_release(&first)?;
+        assert!(!s.is_trusted(&stranger)?);
+    }
+    let mut config = loopback_config(vec![a.addr.clone()]);
+    config.release_sync_interval = std::time::Duration::from_secs(1);
+    let b = start_node(config, Some(b_dir)).await?;
+    assert_eq!(b.node.store().resolve("demo:v1")?, ids.0);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while b.node.store().resolve("demo:v1")? != ids.1 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "b never caught up with the second release"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(b.node.store().release("other:v1")?.is_none());
+    Ok(())
+}
