@@ -44,6 +44,10 @@ pub struct EventLoop {
     routing_size: usize,
     /// Addresses of the peers found by mDNS (until their records expire).
     mdns_peers: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Addresses learnt for peers beyond mDNS's (walks, peer lists,
+    /// identify): what the manager dials with and what peer lists give out.
+    /// Bounded by [`MAX_BOOK`]; peers the manager forgot go first.
+    book: HashMap<PeerId, Vec<Multiaddr>>,
     /// Peer-exchange requests this loop sent (answers are taken here).
     pex_pending: HashSet<request_response::OutboundRequestId>,
     /// Release-list requests this loop sent (anti-entropy, answers taken here).
@@ -86,6 +90,8 @@ const WALK_MANY: Duration = Duration::from_secs(600);
 /// mDNS answers are lost now and then (a late joiner on a busy LAN hears only
 /// part of them until the next query, 30 s on), and walks fill the gaps.
 const WALK_AGAIN: Duration = Duration::from_secs(5);
+/// Peers with addresses in the address book at most.
+const MAX_BOOK: usize = 4096;
 /// Releases taken from one peer's list at most (anti-entropy).
 const MAX_SYNCED_RELEASES: usize = 256;
 /// Rediscovery rounds asked for by downloads run at most this often.
@@ -176,6 +182,7 @@ pub async fn new(
         routing_size: 0,
         mdns_peers: HashMap::new(),
         pex_pending: HashSet::new(),
+        book: HashMap::new(),
         releases_pending: HashSet::new(),
         next_release_sync: Instant::now() + config.release_sync_interval,
         conns: ConnManager::new(
@@ -338,7 +345,12 @@ impl EventLoop {
 
     fn dial_picks(&mut self, picks: Vec<PeerId>) {
         for p in picks {
-            let addrs = self.mdns_peers.get(&p).cloned().unwrap_or_default();
+            let mut addrs = self.mdns_peers.get(&p).cloned().unwrap_or_default();
+            for a in self.book.get(&p).into_iter().flatten() {
+                if !addrs.contains(a) {
+                    addrs.push(a.clone());
+                }
+            }
             tracing::debug!(peer = %p, "dialling a known peer");
             self.dial_peer(p, addrs);
         }
@@ -736,6 +748,16 @@ impl EventLoop {
     /// the routing table's), a random choice, for `asker`'s peer exchange.
     fn peer_records(&mut self, asker: PeerId) -> Vec<wire::PeerRecord> {
         let mut all: HashMap<PeerId, Vec<Multiaddr>> = self.mdns_peers.clone();
+        for (p, addrs) in &self.book {
+            if self.conns.is_known(*p) {
+                let v = all.entry(*p).or_default();
+                for a in addrs {
+                    if !v.contains(a) {
+                        v.push(a.clone());
+                    }
+                }
+            }
+        }
         for b in self.swarm.behaviour_mut().kad.kbuckets() {
             for e in b.iter() {
                 let v = all.entry(*e.node.key.preimage()).or_default();
@@ -791,9 +813,10 @@ impl EventLoop {
             if !self.conns.is_known(p) {
                 new += 1;
             }
-            for a in addrs {
-                self.kad_add(p, a);
+            for a in &addrs {
+                self.kad_add(p, a.clone());
             }
+            self.note_addrs(p, addrs);
             self.conns.learn(p, Found::Kad, now);
         }
         let few = self.conns.known() < 2 * self.shared.config.max_connections as usize;
@@ -802,6 +825,32 @@ impl EventLoop {
         }
         tracing::debug!(%from, new, "peer exchange");
         self.metrics.peers_known(self.conns.known());
+    }
+
+    /// Keeps `addrs` for `peer` in the address book (at most
+    /// [`wire::MAX_PEX_ADDRS`] each); when the book is full, peers the
+    /// manager no longer knows are dropped first, and a new peer is not
+    /// added if there is still no room.
+    fn note_addrs(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if addrs.is_empty() {
+            return;
+        }
+        if !self.book.contains_key(&peer) && self.book.len() >= MAX_BOOK {
+            let conns = &self.conns;
+            self.book.retain(|p, _| conns.is_known(*p));
+            if self.book.len() >= MAX_BOOK {
+                return;
+            }
+        }
+        let v = self.book.entry(peer).or_default();
+        for a in addrs {
+            if !v.contains(&a) {
+                if v.len() >= wire::MAX_PEX_ADDRS {
+                    v.remove(0);
+                }
+                v.push(a);
+            }
+        }
     }
 
     /// A connected peer picked at random.
@@ -837,11 +886,20 @@ impl EventLoop {
                 }
                 if info.protocols.contains(&KAD_PROTOCOL) {
                     self.conns.learn(peer_id, Found::Kad, Instant::now());
+                    let local = self
+                        .connected
+                        .get(&peer_id)
+                        .is_some_and(|c| is_loopback(&c.addr));
+                    let mut usable = Vec::new();
                     for a in info.listen_addrs {
                         if !is_unspecified(&a) {
+                            if local || !is_loopback(&a) {
+                                usable.push(a.clone());
+                            }
                             self.kad_add(peer_id, a);
                         }
                     }
+                    self.note_addrs(peer_id, usable);
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
@@ -1004,9 +1062,16 @@ impl EventLoop {
                     if p.peer_id == self.shared.peer_id {
                         continue;
                     }
-                    for a in p.addrs.iter().filter(|a| !is_unspecified(a)) {
+                    let addrs: Vec<Multiaddr> = p
+                        .addrs
+                        .iter()
+                        .filter(|a| !is_unspecified(a))
+                        .cloned()
+                        .collect();
+                    for a in &addrs {
                         self.kad_add(p.peer_id, a.clone());
                     }
+                    self.note_addrs(p.peer_id, addrs);
                     if !self.conns.is_known(p.peer_id) {
                         new += 1;
                     }
