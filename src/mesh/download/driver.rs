@@ -278,6 +278,7 @@ pub async fn download_until(
                     asked.remove(&peer);
                     ctx.sched.lock().origin_peers.remove(&peer);
                     if matches!(ev, Ok(MeshEvent::Banned(_))) {
+                        unreached.insert(peer, u32::MAX);
                         ctx.sched.lock().stop_source(ChunkSource::Peer(peer));
                     }
                 }
@@ -289,6 +290,10 @@ pub async fn download_until(
             },
             Some(p) = ask_again.recv() => {
                 let n = unreached.entry(p).or_default();
+                if *n == u32::MAX {
+                    // Banned meanwhile: not asked again.
+                    continue;
+                }
                 *n += 1;
                 let pause = ASK_AGAIN_AFTER.saturating_mul(1 << (*n).min(4)).min(ASK_AGAIN_MAX);
                 query_have(&ctx, p, &unreachable, pause);
