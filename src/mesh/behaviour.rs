@@ -36,6 +36,8 @@ pub struct Behaviour {
     pub stream: libp2p_stream::Behaviour,
     /// LAN discovery.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Addresses learnt beyond mDNS's and Kademlia's table, for every dial.
+    pub book: super::book::AddressBook,
 }
 
 /// Kademlia's replication factor (its k): closest peers a lookup looks for.
@@ -132,6 +134,7 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
         meta,
         stream: libp2p_stream::Behaviour::new(),
         mdns: mdns.into(),
+        book: Default::default(),
     })
 }
 

@@ -44,10 +44,6 @@ pub struct EventLoop {
     routing_size: usize,
     /// Addresses of the peers found by mDNS (until their records expire).
     mdns_peers: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Addresses learnt for peers beyond mDNS's (walks, peer lists,
-    /// identify): what the manager dials with and what peer lists give out.
-    /// Bounded by [`MAX_BOOK`]; peers the manager forgot go first.
-    book: HashMap<PeerId, Vec<Multiaddr>>,
     /// Peer-exchange requests this loop sent (answers are taken here).
     pex_pending: HashSet<request_response::OutboundRequestId>,
     /// Release-list requests this loop sent (anti-entropy, answers taken here).
@@ -90,8 +86,6 @@ const WALK_MANY: Duration = Duration::from_secs(600);
 /// mDNS answers are lost now and then (a late joiner on a busy LAN hears only
 /// part of them until the next query, 30 s on), and walks fill the gaps.
 const WALK_AGAIN: Duration = Duration::from_secs(5);
-/// Peers with addresses in the address book at most.
-const MAX_BOOK: usize = 4096;
 /// Releases taken from one peer's list at most (anti-entropy).
 const MAX_SYNCED_RELEASES: usize = 256;
 /// Rediscovery rounds asked for by downloads run at most this often.
@@ -182,7 +176,6 @@ pub async fn new(
         routing_size: 0,
         mdns_peers: HashMap::new(),
         pex_pending: HashSet::new(),
-        book: HashMap::new(),
         releases_pending: HashSet::new(),
         next_release_sync: Instant::now() + config.release_sync_interval,
         conns: ConnManager::new(
@@ -346,7 +339,7 @@ impl EventLoop {
     fn dial_picks(&mut self, picks: Vec<PeerId>) {
         for p in picks {
             let mut addrs = self.mdns_peers.get(&p).cloned().unwrap_or_default();
-            for a in self.book.get(&p).into_iter().flatten() {
+            for a in self.swarm.behaviour().book.get(&p).into_iter().flatten() {
                 if !addrs.contains(a) {
                     addrs.push(a.clone());
                 }
@@ -748,7 +741,7 @@ impl EventLoop {
     /// the routing table's), a random choice, for `asker`'s peer exchange.
     fn peer_records(&mut self, asker: PeerId) -> Vec<wire::PeerRecord> {
         let mut all: HashMap<PeerId, Vec<Multiaddr>> = self.mdns_peers.clone();
-        for (p, addrs) in &self.book {
+        for (p, addrs) in self.swarm.behaviour().book.iter() {
             if self.conns.is_known(*p) {
                 let v = all.entry(*p).or_default();
                 for a in addrs {
@@ -827,30 +820,15 @@ impl EventLoop {
         self.metrics.peers_known(self.conns.known());
     }
 
-    /// Keeps `addrs` for `peer` in the address book (at most
-    /// [`wire::MAX_PEX_ADDRS`] each); when the book is full, peers the
-    /// manager no longer knows are dropped first, and a new peer is not
-    /// added if there is still no room.
+    /// Keeps `addrs` for `peer` in the address book
+    /// ([`super::book::AddressBook`], offered to every dial); when it is
+    /// full, peers the manager no longer knows go first.
     fn note_addrs(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if addrs.is_empty() {
-            return;
-        }
-        if !self.book.contains_key(&peer) && self.book.len() >= MAX_BOOK {
-            let conns = &self.conns;
-            self.book.retain(|p, _| conns.is_known(*p));
-            if self.book.len() >= MAX_BOOK {
-                return;
-            }
-        }
-        let v = self.book.entry(peer).or_default();
-        for a in addrs {
-            if !v.contains(&a) {
-                if v.len() >= wire::MAX_PEX_ADDRS {
-                    v.remove(0);
-                }
-                v.push(a);
-            }
-        }
+        let conns = &self.conns;
+        self.swarm
+            .behaviour_mut()
+            .book
+            .note(peer, addrs, |p| conns.is_known(*p));
     }
 
     /// A connected peer picked at random.

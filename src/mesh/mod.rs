@@ -12,6 +12,7 @@
 //! check. A peer that sends a bad chunk is banned for [`MeshConfig::ban_duration`].
 
 pub mod behaviour;
+pub mod book;
 pub mod client;
 pub mod connmgr;
 pub mod download;
