@@ -338,12 +338,8 @@ impl EventLoop {
 
     fn dial_picks(&mut self, picks: Vec<PeerId>) {
         for p in picks {
-            let mut addrs = self.mdns_peers.get(&p).cloned().unwrap_or_default();
-            for a in self.swarm.behaviour().book.get(&p).into_iter().flatten() {
-                if !addrs.contains(a) {
-                    addrs.push(a.clone());
-                }
-            }
+            // The address book adds what it knows to every dial by id.
+            let addrs = self.mdns_peers.get(&p).cloned().unwrap_or_default();
             tracing::debug!(peer = %p, "dialling a known peer");
             self.dial_peer(p, addrs);
         }
