@@ -20,6 +20,8 @@ pub struct Behaviour {
     pub allow: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     /// Refuses banned peers.
     pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    /// Turns newcomers away before the handshake while at the bound.
+    pub gate: super::gate::Gate,
     /// Connection limits.
     pub limits: connection_limits::Behaviour,
     /// Peer info exchange (listen addresses, protocols).
@@ -126,6 +128,7 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     Ok(Behaviour {
         allow: allow.into(),
         blocked: Default::default(),
+        gate: super::gate::Gate::new(config.max_connections),
         limits,
         identify,
         ping: ping::Behaviour::default(),

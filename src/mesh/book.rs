@@ -8,14 +8,10 @@
 //! provider record but no address in that table would fail to dial it;
 //! this behaviour offers what the node learnt anywhere else.
 
-use libp2p::core::{Endpoint, transport::PortUse};
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
-    THandlerOutEvent, ToSwarm, dummy,
-};
+use libp2p::core::Endpoint;
+use libp2p::swarm::{ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::HashMap;
-use std::task::{Context, Poll};
 
 /// Peers with addresses kept at most.
 pub const MAX_PEERS: usize = 4096;
@@ -65,29 +61,7 @@ impl AddressBook {
 }
 
 impl NetworkBehaviour for AddressBook {
-    type ConnectionHandler = dummy::ConnectionHandler;
-    type ToSwarm = std::convert::Infallible;
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
-        _: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(dummy::ConnectionHandler)
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        _: ConnectionId,
-        _: PeerId,
-        _: &Multiaddr,
-        _: Endpoint,
-        _: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(dummy::ConnectionHandler)
-    }
+    no_protocol!();
 
     fn handle_pending_outbound_connection(
         &mut self,
@@ -102,19 +76,6 @@ impl NetworkBehaviour for AddressBook {
     }
 
     fn on_swarm_event(&mut self, _: FromSwarm) {}
-
-    fn on_connection_handler_event(
-        &mut self,
-        _: PeerId,
-        _: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        match event {}
-    }
-
-    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        Poll::Pending
-    }
 }
 
 #[cfg(test)]

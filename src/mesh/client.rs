@@ -437,16 +437,23 @@ impl Client {
         self.shared.activity.clone()
     }
 
-    /// Opens a raw chunk stream to `peer`.
+    /// Opens a raw chunk stream to `peer`, dialling it if not connected.
+    ///
+    /// [`MeshError::Dial`] when the peer could not be reached (no address,
+    /// the dial failed, the peer at its connection bound turned us away);
+    /// [`MeshError::Request`] when it does not speak the chunk protocol.
     pub async fn open_chunk_stream(&self, peer: PeerId) -> Result<Stream, MeshError> {
         self.touch(peer);
         let mut control = self.control.clone();
         control
             .open_stream(peer, CHUNK_PROTOCOL)
             .await
-            .map_err(|e| MeshError::Request {
-                peer,
-                reason: e.to_string(),
+            .map_err(|e| match e {
+                libp2p_stream::OpenStreamError::UnsupportedProtocol(_) => MeshError::Request {
+                    peer,
+                    reason: e.to_string(),
+                },
+                e => MeshError::Dial(format!("{peer}: {e}")),
             })
     }
 

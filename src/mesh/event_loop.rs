@@ -223,10 +223,15 @@ impl EventLoop {
     pub async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_secs(2));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Rediscovery deadlines are checked this often (cheap: a few comparisons).
-        let mut discover = tokio::time::interval(Duration::from_millis(250));
-        discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The next rediscovery round, armed only while no peer is connected:
+        // a connected node (nearly always) has no timer of its own here but
+        // the tick (a thousand nodes in one process wake less).
+        let discover = tokio::time::sleep_until(self.rediscover.next.into());
+        tokio::pin!(discover);
         loop {
+            if self.connected.is_empty() && discover.deadline() != self.rediscover.next.into() {
+                discover.as_mut().reset(self.rediscover.next.into());
+            }
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 cmd = self.rx.recv() => match cmd {
@@ -234,7 +239,7 @@ impl EventLoop {
                     Some(cmd) => self.on_command(cmd),
                 },
                 _ = tick.tick() => self.on_tick(),
-                _ = discover.tick() => self.on_discover_tick(),
+                _ = &mut discover, if self.connected.is_empty() => self.on_discover_tick(),
             }
         }
         tracing::info!(peer = %self.shared.peer_id, "mesh event loop stopped");
@@ -278,16 +283,10 @@ impl EventLoop {
     /// `mesh.min_connections` are connected.
     fn on_discover_tick(&mut self) {
         let now = Instant::now();
-        if self.connected.is_empty() {
-            if now >= self.rediscover.next {
-                self.rediscover_round("no peer connected");
-                self.rediscover.pause = (self.rediscover.pause * 2).min(super::REDISCOVER_MAX);
-                self.rediscover.next = now + self.rediscover.pause;
-            }
-        } else {
-            // When the last peer goes, rediscovery starts fast again.
-            self.rediscover.pause = REDISCOVER_FIRST;
-            self.rediscover.next = now + REDISCOVER_FIRST;
+        if self.connected.is_empty() && now >= self.rediscover.next {
+            self.rediscover_round("no peer connected");
+            self.rediscover.pause = (self.rediscover.pause * 2).min(super::REDISCOVER_MAX);
+            self.rediscover.next = now + self.rediscover.pause;
         }
     }
 
@@ -389,10 +388,12 @@ impl EventLoop {
         if self.handshake_warned.insert(ip) {
             let cause = if self.shared.config.psk.is_some() {
                 "most likely a different swarm key (mesh.psk_file) on the other side, or none \
-                 (or the other side had as many connections in handshake as it accepts)"
+                 (or the other side was at its connection bound, or had as many connections in \
+                 handshake as it accepts)"
             } else {
                 "most likely the other side uses a swarm key (mesh.psk_file) and this node does not \
-                 (or the other side had as many connections in handshake as it accepts)"
+                 (or the other side was at its connection bound, or had as many connections in \
+                 handshake as it accepts)"
             };
             tracing::warn!(
                 %addr,
@@ -656,6 +657,10 @@ impl EventLoop {
                 }
             }
             SwarmEvent::IncomingConnectionError {
+                error: libp2p::swarm::ListenError::Denied { .. },
+                ..
+            } => self.metrics.connection_refused(),
+            SwarmEvent::IncomingConnectionError {
                 send_back_addr,
                 error: libp2p::swarm::ListenError::Transport(libp2p::TransportError::Other(e)),
                 ..
@@ -687,6 +692,7 @@ impl EventLoop {
                 if let Some(ip) = ip_of(&addr) {
                     self.handshake_warned.remove(&ip);
                 }
+                self.metrics.connection_opened();
                 if num_established.get() == 1 {
                     self.conns.connected_to(peer_id, Instant::now());
                     tracing::info!(peer = %peer_id, %addr, "peer connected");
@@ -710,6 +716,11 @@ impl EventLoop {
             } => {
                 tracing::info!(peer = %peer_id, ?cause, "peer disconnected");
                 self.connected.remove(&peer_id);
+                if self.connected.is_empty() {
+                    // The last peer went: rediscovery starts fast again.
+                    self.rediscover.pause = REDISCOVER_FIRST;
+                    self.rediscover.next = Instant::now() + REDISCOVER_FIRST;
+                }
                 self.conns.disconnected(peer_id, Instant::now());
                 self.metrics.peers_connected(self.connected.len());
                 let _ = self.shared.events.send(MeshEvent::Disconnected(peer_id));

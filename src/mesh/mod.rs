@@ -11,12 +11,62 @@
 //! manifests against the id they were asked for, chunks by the store's hash
 //! check. A peer that sends a bad chunk is banned for [`MeshConfig::ban_duration`].
 
+/// The parts of a [`libp2p::swarm::NetworkBehaviour`] that speaks no
+/// protocol of its own ([`book::AddressBook`], [`gate::Gate`]): a dummy
+/// handler on every connection, no handler events, nothing to poll.
+macro_rules! no_protocol {
+    () => {
+        type ConnectionHandler = libp2p::swarm::dummy::ConnectionHandler;
+        type ToSwarm = std::convert::Infallible;
+
+        fn handle_established_inbound_connection(
+            &mut self,
+            _: libp2p::swarm::ConnectionId,
+            _: libp2p::PeerId,
+            _: &libp2p::Multiaddr,
+            _: &libp2p::Multiaddr,
+        ) -> Result<libp2p::swarm::THandler<Self>, libp2p::swarm::ConnectionDenied> {
+            Ok(libp2p::swarm::dummy::ConnectionHandler)
+        }
+
+        fn handle_established_outbound_connection(
+            &mut self,
+            _: libp2p::swarm::ConnectionId,
+            _: libp2p::PeerId,
+            _: &libp2p::Multiaddr,
+            _: libp2p::core::Endpoint,
+            _: libp2p::core::transport::PortUse,
+        ) -> Result<libp2p::swarm::THandler<Self>, libp2p::swarm::ConnectionDenied> {
+            Ok(libp2p::swarm::dummy::ConnectionHandler)
+        }
+
+        fn on_connection_handler_event(
+            &mut self,
+            _: libp2p::PeerId,
+            _: libp2p::swarm::ConnectionId,
+            event: libp2p::swarm::THandlerOutEvent<Self>,
+        ) {
+            match event {}
+        }
+
+        fn poll(
+            &mut self,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<
+            libp2p::swarm::ToSwarm<Self::ToSwarm, libp2p::swarm::THandlerInEvent<Self>>,
+        > {
+            std::task::Poll::Pending
+        }
+    };
+}
+
 pub mod behaviour;
 pub mod book;
 pub mod client;
 pub mod connmgr;
 pub mod download;
 pub mod event_loop;
+pub mod gate;
 pub mod manifests;
 pub mod muxer;
 pub mod origin;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub(super) peers_connected: Gauge,
     pub(super) peers_known: Gauge,
     pub(super) connections_closed: Counter,
+    pub(super) connections_opened: Counter,
+    pub(super) connections_refused: Counter,
     // kv
     pub(super) kv_blocks: Family<TierLabel, Gauge>,
     pub(super) kv_bytes: Family<TierLabel, Gauge>,
@@ -103,6 +105,8 @@ impl Metrics {
             peers_connected: Gauge::default(),
             peers_known: Gauge::default(),
             connections_closed: Counter::default(),
+            connections_opened: Counter::default(),
+            connections_refused: Counter::default(),
             kv_blocks: Family::default(),
             kv_bytes: Family::default(),
             kv_lookups: Family::default(),
@@ -229,6 +233,16 @@ impl Metrics {
             "connections_trimmed",
             "Connections the connection manager closed (idle, or above its bound)",
             self.connections_closed.clone(),
+        );
+        r.register(
+            "connections_opened",
+            "Mesh connections established (after the secure handshake), either direction",
+            self.connections_opened.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Incoming mesh connections refused at the connection bound",
+            self.connections_refused.clone(),
         );
         r.register(
             "kv_blocks",
@@ -418,6 +432,26 @@ impl Metrics {
     /// The connection manager closed `n` connections.
     pub fn connections_trimmed(&self, n: usize) {
         self.connections_closed.inc_by(n as u64);
+    }
+
+    /// A mesh connection was established.
+    pub fn connection_opened(&self) {
+        self.connections_opened.inc();
+    }
+
+    /// An incoming mesh connection was refused at the connection bound.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// Connections opened, refused at the bound, and trimmed so far: a
+    /// bounded mesh's churn.
+    pub fn connection_counts(&self) -> (u64, u64, u64) {
+        (
+            self.connections_opened.get(),
+            self.connections_refused.get(),
+            self.connections_closed.get(),
+        )
     }
 
     // ---- KV cache ----

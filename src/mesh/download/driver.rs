@@ -271,6 +271,10 @@ pub async fn download_until(
                     add_source(&ctx, ChunkSource::Peer(peer), (*have).clone());
                 }
                 Ok(MeshEvent::Connected(peer)) => {
+                    // A source that could not be reached is asked at once.
+                    if ctx.sched.lock().reachable(ChunkSource::Peer(peer), Instant::now()) {
+                        ctx.notify.notify_waiters();
+                    }
                     asked.insert(peer);
                     query_have(&ctx, peer, &unreachable, ASK_AGAIN_AFTER);
                 }
@@ -339,8 +343,15 @@ pub async fn download_until(
                         query_have(&ctx, p, &unreachable, ASK_AGAIN_AFTER);
                     }
                 }
+                // No chunk for a while: the have-maps held may be stale (a
+                // fellow that finished while its last announcement went
+                // elsewhere); the connected peers are asked again.
+                let starving = {
+                    let s = ctx.sched.lock();
+                    s.missing() > 0 && s.last_chunk.elapsed() >= REFRESH_HAVES_AFTER
+                };
                 for p in cands {
-                    if p != client.peer_id() && asked.insert(p) {
+                    if p != client.peer_id() && (asked.insert(p) || starving) {
                         query_have(&ctx, p, &unreachable, ASK_AGAIN_AFTER);
                     }
                 }
@@ -477,6 +488,10 @@ const ASK_AGAIN_MAX: Duration = Duration::from_secs(8);
 /// Fellow downloaders a download keeps a connection to (it dials those it
 /// heard of while fewer are connected).
 const SWARM_LINKS: usize = 4;
+/// A download that gained no chunk for this long asks its connected peers
+/// for their have-maps again (each second while it lasts).
+const REFRESH_HAVES_AFTER: Duration = Duration::from_secs(3);
+
 /// A fellow this node tried to link to is not tried again before this.
 const LINK_AGAIN_AFTER: Duration = Duration::from_secs(10);
 
@@ -637,6 +652,10 @@ async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
                 FetchOutcome::Bad
             }
             Err(FetchError::NotFound) => FetchOutcome::NotFound,
+            Err(FetchError::Unreachable(reason)) => {
+                tracing::debug!(?src, chunk = i, %reason, "source unreachable");
+                FetchOutcome::Unreachable
+            }
             Err(FetchError::Refused(reason)) if refusals < MAX_REFUSALS => {
                 tracing::debug!(?src, chunk = i, %reason, "fresh chunk stream refused");
                 stream = None;
@@ -698,6 +717,10 @@ enum FetchError {
     /// (many downloaders starting together) drops the others, and the writer
     /// sees "connection is closed". Not a failure of the peer: asked again.
     Refused(String),
+    /// No stream could be opened: the peer is not connected and the dial
+    /// failed (most often a holder at its connection bound). Asked again
+    /// after a pause, or once it connects; not held against the peer.
+    Unreachable(String),
     /// The source broke the protocol (wrong length, wrong index): as bad as a corrupt chunk.
     Lied(String),
     /// Transport trouble; try again elsewhere.
@@ -715,15 +738,16 @@ async fn fetch_from_peer(
     // Each chunk keeps the connection useful to the connection manager.
     ctx.client.touch(peer);
     let fresh = stream.is_none();
-    let s = match stream {
-        Some(s) => s,
-        None => stream.insert(
-            ctx.client
-                .open_chunk_stream(peer)
-                .await
-                .map_err(|e| FetchError::Failed(e.to_string()))?,
-        ),
-    };
+    let s =
+        match stream {
+            Some(s) => s,
+            None => stream.insert(ctx.client.open_chunk_stream(peer).await.map_err(
+                |e| match e {
+                    MeshError::Dial(reason) => FetchError::Unreachable(reason),
+                    e => FetchError::Failed(e.to_string()),
+                },
+            )?),
+        };
     let io = |e: std::io::Error| FetchError::Failed(e.to_string());
     // Before the answer's header, a fresh stream's error is a refusal.
     let early = |e: std::io::Error| match fresh {
@@ -771,7 +795,9 @@ fn report_fetch(metrics: &Metrics, src: ChunkSource, outcome: &FetchOutcome) {
     let (o, bytes, secs) = match outcome {
         FetchOutcome::Ok { len, took } => (M::Ok, *len, took.as_secs_f64()),
         FetchOutcome::Bad => (M::BadHash, 0, 0.0),
-        FetchOutcome::Failed | FetchOutcome::Refused => (M::Failed, 0, 0.0),
+        FetchOutcome::Failed | FetchOutcome::Refused | FetchOutcome::Unreachable => {
+            (M::Failed, 0, 0.0)
+        }
         FetchOutcome::NotFound => return,
     };
     metrics.chunk_fetch(source, o, bytes, secs);

@@ -35,7 +35,16 @@ pub(super) enum FetchOutcome {
     /// A fresh stream was dropped by the peer before it answered (see
     /// `FetchError::Refused` in the driver): asked again, not held against the peer.
     Refused,
+    /// No stream could be opened (the peer is not connected and the dial
+    /// failed): the source waits [`UNREACHABLE_FIRST`], doubling up to
+    /// [`UNREACHABLE_MAX`], or until it connects ([`Sched::reachable`]).
+    Unreachable,
 }
+
+/// First wait of a source that could not be reached.
+pub(super) const UNREACHABLE_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait of a source that could not be reached.
+pub(super) const UNREACHABLE_MAX: Duration = Duration::from_secs(8);
 
 pub(super) struct SourceState {
     pub(super) have: HaveMap,
@@ -44,6 +53,10 @@ pub(super) struct SourceState {
     pub(super) strikes: u32,
     /// Not asked before this (a pause after failures in a row).
     pub(super) paused_until: Option<Instant>,
+    /// Failed dials in a row (each doubles the wait, see [`FetchOutcome::Unreachable`]).
+    pub(super) unreached: u32,
+    /// Not asked before this after a failed dial (unless it connects).
+    pub(super) unreachable_until: Option<Instant>,
     pub(super) running: bool,
     pub(super) stats: SourceStats,
     pub(super) busy: Duration,
@@ -51,6 +64,14 @@ pub(super) struct SourceState {
     pub(super) since: Instant,
     /// When its have-map last gained a chunk (or it was added).
     pub(super) grew_at: Instant,
+}
+
+impl SourceState {
+    /// Not to be asked now: paused after failures, or waiting after a failed dial.
+    pub(super) fn asleep(&self, now: Instant) -> bool {
+        self.paused_until.is_some_and(|t| now < t)
+            || self.unreachable_until.is_some_and(|t| now < t)
+    }
 }
 
 pub(super) struct Sched {
@@ -284,6 +305,8 @@ impl Sched {
                         stopped: false,
                         strikes: 0,
                         paused_until: None,
+                        unreached: 0,
+                        unreachable_until: None,
                         running: false,
                         stats: SourceStats::default(),
                         busy: Duration::ZERO,
@@ -338,7 +361,7 @@ impl Sched {
             }
             if s.have.is_complete() {
                 seeds += 1;
-            } else if s.paused_until.is_some_and(|t| now < t) {
+            } else if s.asleep(now) {
                 paused.push(*k);
             }
         }
@@ -368,12 +391,22 @@ impl Sched {
         self.finished || self.failed.is_some() || self.sources.get(&src).is_none_or(|s| s.stopped)
     }
 
-    /// Whether `src` is in a pause after failures in a row.
+    /// `src` connected: if it was waiting after failed dials, it is asked
+    /// again now (returns whether it was waiting). A pause after failures
+    /// of its own (streams that broke, errors) stands.
+    pub(super) fn reachable(&mut self, src: ChunkSource, now: Instant) -> bool {
+        match self.sources.get_mut(&src) {
+            Some(s) => {
+                s.unreached = 0;
+                s.unreachable_until.take().is_some_and(|t| now < t)
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `src` is in a pause after failures in a row, or waiting after a failed dial.
     pub(super) fn is_paused(&self, src: ChunkSource, now: Instant) -> bool {
-        self.sources
-            .get(&src)
-            .and_then(|s| s.paused_until)
-            .is_some_and(|t| now < t)
+        self.sources.get(&src).is_some_and(|s| s.asleep(now))
     }
 
     /// The next chunk to ask `src` for (or wait, or stop asking it).
@@ -394,7 +427,12 @@ impl Sched {
             return Pick::Stop;
         }
         let origin_ok = now >= self.origin_after;
-        let stalled = now.saturating_duration_since(self.last_chunk) >= self.origin_grace;
+        let since_chunk = now.saturating_duration_since(self.last_chunk);
+        let stalled = since_chunk >= self.origin_grace;
+        // No chunk for STARVING_AFTER: a seed may be asked for chunks
+        // fellows are said to hold (their have-maps may be stale, or they
+        // cannot be reached), rather than the download waiting on them.
+        let starving = since_chunk >= STARVING_AFTER;
         // Rarest first; among the equally rare, one chosen uniformly at
         // random. Uniformly, not "the first free one from some place": such
         // walks put downloaders in step (the next free chunk after a run of
@@ -451,7 +489,7 @@ impl Sched {
                     .iter()
                     .filter(|k| this.sources.get(k).is_some_and(|p| p.have.get(i)))
                     .count();
-                if fellows > asleep {
+                if fellows > asleep && !starving {
                     return None;
                 }
                 let slot = this.share_slot(i);
@@ -564,6 +602,7 @@ impl Sched {
         match outcome {
             FetchOutcome::Ok { len, took } => {
                 s.strikes = 0;
+                s.unreached = 0;
                 if matches!(src, ChunkSource::Peer(_)) {
                     let t = took.as_secs_f64();
                     self.took_avg = match self.took_avg {
@@ -617,6 +656,17 @@ impl Sched {
                 self.stop_source(src);
             }
             FetchOutcome::Refused => {}
+            FetchOutcome::Unreachable => {
+                // Its other lanes failed the same dial: one wait, not one each.
+                if s.unreachable_until.is_none_or(|t| now >= t) {
+                    s.stats.failures += 1;
+                    let wait = UNREACHABLE_FIRST
+                        .saturating_mul(1 << s.unreached.min(8))
+                        .min(UNREACHABLE_MAX);
+                    s.unreached += 1;
+                    s.unreachable_until = Some(now + wait);
+                }
+            }
             FetchOutcome::NotFound => {
                 if s.have.get(i) {
                     s.have.clear(i);
@@ -669,10 +719,7 @@ impl Sched {
             .sources
             .iter()
             .filter(|(k, s)| {
-                matches!(k, ChunkSource::Peer(_))
-                    && !s.stopped
-                    && s.running
-                    && s.paused_until.is_none_or(|t| now >= t)
+                matches!(k, ChunkSource::Peer(_)) && !s.stopped && s.running && !s.asleep(now)
             })
             .count();
         self.progress.elapsed_ms = now.saturating_duration_since(self.started).as_millis() as u64;
@@ -703,6 +750,10 @@ pub(super) const OVERDUE_AFTER: usize = 12;
 /// A downloader whose have-map gained nothing for this long is not
 /// fetching its share: others may fetch it from a seed.
 pub(super) const STALL_AFTER: Duration = Duration::from_secs(3);
+
+/// A download that gained no chunk for this long may ask a seed for
+/// anything it lacks, fellows' chunks included.
+pub(super) const STARVING_AFTER: Duration = Duration::from_secs(5);
 
 /// Random probes [`Sched::pick`] makes before a full pass over the chunks.
 pub(super) const PICK_PROBES: u32 = 32;
@@ -821,6 +872,52 @@ mod tests {
         // 300 fresh downloads do not start in step: their first picks spread
         // over the file (uniform over 200 chunks gives ~155 distinct values).
         assert!(firsts.len() > 100, "first picks: {} distinct", firsts.len());
+    }
+
+    #[test]
+    fn unreachable_peers_wait_once_per_dial_and_come_back_when_connected() {
+        let n = 8;
+        let mut s = sched(n);
+        let p = ChunkSource::Peer(PeerId::random());
+        s.add_source(p, HaveMap::full(n), Instant::now());
+        let t0 = Instant::now();
+        // Four lanes ask at once; the one dial fails for all four.
+        let picks: Vec<u32> = (0..4)
+            .map(|_| match s.pick(p, t0) {
+                Pick::Chunk(i) => i,
+                _ => panic!("not asked"),
+            })
+            .collect();
+        for i in picks {
+            s.complete(p, i, FetchOutcome::Unreachable, t0);
+        }
+        assert_eq!(s.inflight_chunks, 0, "the chunks are free for others");
+        assert!(
+            matches!(s.pick(p, t0), Pick::Wait),
+            "waits after a failed dial"
+        );
+        assert!(!s.pick_would_stop(p));
+        assert_eq!(s.sources[&p].stats.failures, 1, "one dial, one failure");
+        assert_eq!(s.sources[&p].stats.pauses, 0, "no pause held against it");
+        // The wait doubles with each failed dial, up to UNREACHABLE_MAX, and
+        // never becomes a stop however often it fails.
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..30 {
+            now += UNREACHABLE_MAX;
+            let Pick::Chunk(i) = s.pick(p, now) else {
+                panic!("asked again after the wait")
+            };
+            s.complete(p, i, FetchOutcome::Unreachable, now);
+            waits.push(s.sources[&p].unreachable_until.map(|t| t - now));
+        }
+        assert_eq!(waits[0], Some(UNREACHABLE_FIRST * 2));
+        assert_eq!(waits[29], Some(UNREACHABLE_MAX));
+        assert!(matches!(s.pick(p, now), Pick::Wait));
+        // It connects: asked at once.
+        assert!(s.reachable(p, now));
+        assert!(matches!(s.pick(p, now), Pick::Chunk(_)));
+        assert!(!s.reachable(p, now), "was not waiting any more");
     }
 
     #[test]
@@ -1029,6 +1126,14 @@ mod tests {
             from_seed.insert(i);
         }
         assert_eq!(from_seed.len(), 30);
+        // A download that gains nothing for STARVING_AFTER asks the seed
+        // for the fellow's chunks too (the fellow's map may be stale).
+        let starving = Instant::now() + STARVING_AFTER;
+        let Pick::Chunk(j) = s.pick(seed, starving) else {
+            panic!("a starving download did not ask the seed")
+        };
+        assert!(j < 10, "asked the seed for {j}");
+        s.complete(seed, j, FetchOutcome::Refused, Instant::now());
         // The fellow's chunks come from the fellow.
         let Pick::Chunk(i) = s.pick(fellow, Instant::now()) else {
             panic!("the fellow was not asked")

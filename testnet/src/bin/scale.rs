@@ -517,6 +517,10 @@ struct Pulled {
     manifest_s: f64,
     done_s: f64,
     progress: Progress,
+    /// Chunks held at each second of the pull.
+    timeline: Vec<u32>,
+    /// Per source: chunks, failures, pauses.
+    by_source: Vec<String>,
     /// Peers that delivered at least one verified chunk.
     sources: usize,
     biggest_source_share: f64,
@@ -641,6 +645,13 @@ async fn scale(a: &Args) -> Result<()> {
         .iter()
         .map(|t| t.node.mesh().serve_stats().bytes)
         .collect();
+    let churn = |nodes: &[TestNode]| {
+        nodes.iter().fold((0, 0, 0), |acc, t| {
+            let (o, r, c) = t.node.metrics().connection_counts();
+            (acc.0 + o, acc.1 + r, acc.2 + c)
+        })
+    };
+    let churn0 = churn(&nodes);
     let t = Instant::now();
     let step = (n / a.pullers.max(1)).max(1);
     let mut tasks = tokio::task::JoinSet::new();
@@ -651,16 +662,35 @@ async fn scale(a: &Args) -> Result<()> {
         tasks.spawn(async move {
             let (tx, mut rx) = tokio::sync::watch::channel(Progress::default());
             // When the puller had the manifest (fetching).
+            // When the puller had the manifest (fetching), and its chunk
+            // count each second (the slowest pullers' timelines are printed).
             let fetching = tokio::spawn(async move {
-                rx.wait_for(|p| p.phase != Phase::Finding)
-                    .await
-                    .map(|_| t.elapsed().as_secs_f64())
-                    .unwrap_or(f64::NAN)
+                let mut manifest_s = f64::NAN;
+                let mut timeline = Vec::new();
+                let mut next = 1.0;
+                loop {
+                    let changed =
+                        tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+                    let p = rx.borrow().clone();
+                    let now = t.elapsed().as_secs_f64();
+                    if manifest_s.is_nan() && p.phase != Phase::Finding {
+                        manifest_s = now;
+                    }
+                    if now >= next {
+                        timeline.push(p.have_chunks);
+                        next += 1.0;
+                    }
+                    if matches!(changed, Ok(Err(_))) {
+                        break;
+                    }
+                }
+                (manifest_s, timeline)
             });
             let report = download(&client, id, None, &opts, Some(&tx), &metrics).await;
             let done_s = t.elapsed().as_secs_f64();
             drop(tx);
-            (i, fetching.await.unwrap_or(f64::NAN), done_s, report)
+            let (manifest_s, timeline) = fetching.await.unwrap_or((f64::NAN, Vec::new()));
+            (i, manifest_s, timeline, done_s, report)
         });
     }
     let mut pulled = Vec::new();
@@ -668,7 +698,7 @@ async fn scale(a: &Args) -> Result<()> {
     // other figures stand.
     let mut failed = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        let (i, manifest_s, done_s, report) = r?;
+        let (i, manifest_s, timeline, done_s, report) = r?;
         let report = match report {
             Ok(r) if r.progress.phase == Phase::Done => r,
             Ok(r) => {
@@ -682,8 +712,17 @@ async fn scale(a: &Args) -> Result<()> {
         };
         let total: u64 = report.peers.values().map(|s| s.bytes).sum();
         let biggest = report.peers.values().map(|s| s.bytes).max().unwrap_or(0);
+        let mut by_source: Vec<String> = report
+            .peers
+            .iter()
+            .filter(|(_, s)| s.chunks > 0 || s.failures > 0 || s.pauses > 0)
+            .map(|(p, s)| format!("{}:{}c/{}f/{}p", short(p), s.chunks, s.failures, s.pauses))
+            .collect();
+        by_source.sort();
         pulled.push(Pulled {
             node: i,
+            timeline,
+            by_source,
             manifest_s,
             done_s,
             sources: report.peers.values().filter(|s| s.chunks > 0).count(),
@@ -692,6 +731,13 @@ async fn scale(a: &Args) -> Result<()> {
         });
     }
     let pull_secs = t.elapsed().as_secs_f64();
+    let churn1 = churn(&nodes);
+    println!(
+        "during the pulls: {} connections opened, {} refused at the bound, {} trimmed",
+        churn1.0 - churn0.0,
+        churn1.1 - churn0.1,
+        churn1.2 - churn0.2
+    );
     pulled.sort_by_key(|p| p.node);
     for (k, p) in pulled.iter().enumerate() {
         println!(
@@ -705,6 +751,20 @@ async fn scale(a: &Args) -> Result<()> {
             p.sources,
             p.biggest_source_share * 100.0,
             p.progress.duplicate_chunks
+        );
+    }
+    // The three slowest pullers, second by second: where a tail comes from.
+    println!("  the seeder is {}", short(&nodes[0].peer_id()));
+    let mut slow: Vec<&Pulled> = pulled.iter().collect();
+    slow.sort_by(|a, b| b.done_s.total_cmp(&a.done_s));
+    for p in slow.iter().take(3) {
+        println!(
+            "  slow puller node {} ({}): of {} chunks, held each second {:?}; sources {}",
+            p.node,
+            short(&nodes[p.node].peer_id()),
+            p.progress.total_chunks,
+            p.timeline,
+            p.by_source.join(" ")
         );
     }
     let size = (a.size_mb as f64) * (1u64 << 20) as f64;
