@@ -37,7 +37,8 @@ pub(super) enum FetchOutcome {
     Refused,
     /// No stream could be opened (the peer is not connected and the dial
     /// failed): the source waits [`UNREACHABLE_FIRST`], doubling up to
-    /// [`UNREACHABLE_MAX`], or until it connects ([`Sched::reachable`]).
+    /// [`UNREACHABLE_MAX`] while two other sources are live (else no longer
+    /// than the first wait), or until it connects ([`Sched::reachable`]).
     Unreachable,
 }
 
@@ -660,11 +661,27 @@ impl Sched {
                 // Its other lanes failed the same dial: one wait, not one each.
                 if s.unreachable_until.is_none_or(|t| now >= t) {
                     s.stats.failures += 1;
-                    let wait = UNREACHABLE_FIRST
-                        .saturating_mul(1 << s.unreached.min(8))
-                        .min(UNREACHABLE_MAX);
                     s.unreached += 1;
-                    s.unreachable_until = Some(now + wait);
+                    let shift = (s.unreached - 1).min(8);
+                    // With another source or two delivering, an unreachable
+                    // one may wait long; a download that has no other (a far
+                    // node whose only holder is a busy seeder) tries it every
+                    // second: a seat frees whenever the holder's manager trims,
+                    // and a refusal before the handshake costs both ends little.
+                    let others = self
+                        .sources
+                        .iter()
+                        .filter(|(k, o)| **k != src && o.running && !o.stopped && !o.asleep(now))
+                        .count();
+                    let max = if others >= 2 {
+                        UNREACHABLE_MAX
+                    } else {
+                        UNREACHABLE_FIRST
+                    };
+                    let wait = UNREACHABLE_FIRST.saturating_mul(1 << shift).min(max);
+                    if let Some(s) = self.sources.get_mut(&src) {
+                        s.unreachable_until = Some(now + wait);
+                    }
                 }
             }
             FetchOutcome::NotFound => {
@@ -899,19 +916,32 @@ mod tests {
         assert!(!s.pick_would_stop(p));
         assert_eq!(s.sources[&p].stats.failures, 1, "one dial, one failure");
         assert_eq!(s.sources[&p].stats.pauses, 0, "no pause held against it");
-        // The wait doubles with each failed dial, up to UNREACHABLE_MAX, and
-        // never becomes a stop however often it fails.
+        // The only source: tried again every UNREACHABLE_FIRST, never stopped.
         let mut now = t0;
-        let mut waits = Vec::new();
-        for _ in 0..30 {
-            now += UNREACHABLE_MAX;
+        let mut dial_again = |s: &mut Sched, now: Instant| {
             let Pick::Chunk(i) = s.pick(p, now) else {
                 panic!("asked again after the wait")
             };
             s.complete(p, i, FetchOutcome::Unreachable, now);
-            waits.push(s.sources[&p].unreachable_until.map(|t| t - now));
+            s.sources[&p].unreachable_until.map(|t| t - now)
+        };
+        for _ in 0..5 {
+            now += UNREACHABLE_MAX;
+            assert_eq!(dial_again(&mut s, now), Some(UNREACHABLE_FIRST));
         }
-        assert_eq!(waits[0], Some(UNREACHABLE_FIRST * 2));
+        // With two other live sources, the wait doubles up to UNREACHABLE_MAX
+        // (counted afresh once the peer connected in between).
+        for _ in 0..2 {
+            s.add_source(ChunkSource::Peer(PeerId::random()), HaveMap::full(n), now);
+        }
+        assert!(s.reachable(p, now), "was waiting");
+        let mut waits = Vec::new();
+        for _ in 0..30 {
+            now += UNREACHABLE_MAX;
+            waits.push(dial_again(&mut s, now));
+        }
+        assert_eq!(waits[0], Some(UNREACHABLE_FIRST));
+        assert_eq!(waits[1], Some(UNREACHABLE_FIRST * 2));
         assert_eq!(waits[29], Some(UNREACHABLE_MAX));
         assert!(matches!(s.pick(p, now), Pick::Wait));
         // It connects: asked at once.
