@@ -918,7 +918,7 @@ mod tests {
         assert_eq!(s.sources[&p].stats.pauses, 0, "no pause held against it");
         // The only source: tried again every UNREACHABLE_FIRST, never stopped.
         let mut now = t0;
-        let mut dial_again = |s: &mut Sched, now: Instant| {
+        let dial_again = |s: &mut Sched, now: Instant| {
             let Pick::Chunk(i) = s.pick(p, now) else {
                 panic!("asked again after the wait")
             };
