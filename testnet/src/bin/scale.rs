@@ -511,6 +511,14 @@ async fn start_nodes(a: &Args) -> Result<(Vec<TestNode>, usize)> {
     Ok((nodes, peak_fds))
 }
 
+/// Connections opened, refused at the bound and trimmed so far, summed over `nodes`.
+fn churn(nodes: &[TestNode]) -> (u64, u64, u64) {
+    nodes.iter().fold((0, 0, 0), |acc, t| {
+        let (o, r, c) = t.node.metrics().connection_counts();
+        (acc.0 + o, acc.1 + r, acc.2 + c)
+    })
+}
+
 /// One puller's outcome.
 struct Pulled {
     node: usize,
@@ -589,8 +597,10 @@ async fn scale(a: &Args) -> Result<()> {
     tokio::time::sleep(Duration::from_secs(a.settle)).await;
     let s1 = snap();
     let (cmin, cmean, cmax) = peer_counts(&nodes).await?;
+    let idle0 = churn(&nodes);
     tokio::time::sleep(Duration::from_secs(a.idle)).await;
     let s2 = snap();
+    let idle1 = churn(&nodes);
     let idle_pct = cpu_pct(&s1, &s2) / n as f64;
     let rss_per_node = (s1.rss_kib as f64 - s0.rss_kib as f64) / 1024.0 / n as f64;
     let beyond_per_node =
@@ -609,11 +619,15 @@ async fn scale(a: &Args) -> Result<()> {
     );
     println!("{}", per_unit("node", &s0, &s1, n));
     println!(
-        "idle: {:.2}% of a core per node over {}s ({:.1}% for all {n}); threads {} ({threads_per_node:.2} per node)",
+        "idle: {:.2}% of a core per node over {}s ({:.1}% for all {n}); threads {} ({threads_per_node:.2} per node); \
+         {} connections opened, {} refused at the bound, {} trimmed",
         idle_pct,
         a.idle,
         cpu_pct(&s1, &s2),
-        s2.threads
+        s2.threads,
+        idle1.0 - idle0.0,
+        idle1.1 - idle0.1,
+        idle1.2 - idle0.2,
     );
 
     let tmp = tempfile::tempdir()?;
@@ -645,12 +659,6 @@ async fn scale(a: &Args) -> Result<()> {
         .iter()
         .map(|t| t.node.mesh().serve_stats().bytes)
         .collect();
-    let churn = |nodes: &[TestNode]| {
-        nodes.iter().fold((0, 0, 0), |acc, t| {
-            let (o, r, c) = t.node.metrics().connection_counts();
-            (acc.0 + o, acc.1 + r, acc.2 + c)
-        })
-    };
     let churn0 = churn(&nodes);
     let t = Instant::now();
     let step = (n / a.pullers.max(1)).max(1);
