@@ -587,7 +587,8 @@ async fn worker(ctx: Arc<Ctx>, src: ChunkSource, slot: usize) {
                 // (an idle stream between chunks does not hold it).
                 let _busy = ctx.client.busy(peer);
                 let fut = fetch_from_peer(&ctx, peer, &mut stream, i, chunk.len, &mut buf);
-                match tokio::time::timeout(ctx.opts.request_timeout, fut).await {
+                let limit = ctx.sched.lock().request_limit(ctx.opts.request_timeout);
+                match tokio::time::timeout(limit, fut).await {
                     Ok(r) => r,
                     Err(_) => Err(FetchError::Failed("timed out".into())),
                 }

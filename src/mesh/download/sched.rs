@@ -550,13 +550,25 @@ impl Sched {
             if seed {
                 late *= 2;
             }
+            // A request still unanswered four times as late (its duplicate
+            // went to a source as stuck) gets a third.
             let dup = (0..n)
                 .filter(|&i| {
                     let by = &self.inflight[i as usize];
-                    by.len() == 1 && !by.contains(&src) && s.have.get(i)
+                    !by.is_empty() && by.len() < 3 && !by.contains(&src) && s.have.get(i)
                 })
-                .map(|i| (i, self.asked_at[i as usize]))
-                .filter(|(_, t)| now.duration_since(*t) >= late)
+                .map(|i| {
+                    (
+                        i,
+                        self.asked_at[i as usize],
+                        self.inflight[i as usize].len(),
+                    )
+                })
+                .filter(|(_, t, k)| {
+                    let waited = now.duration_since(*t);
+                    waited >= late && (*k == 1 || waited >= late * 4)
+                })
+                .map(|(i, t, _)| (i, t))
                 .min_by_key(|(_, t)| *t);
             if let Some((i, _)) = dup {
                 self.inflight[i as usize].push(src);
@@ -564,6 +576,21 @@ impl Sched {
             }
         }
         Pick::Wait
+    }
+
+    /// How long a chunk request may take before it counts as failed: ten
+    /// times the mean verified request, at least [`REQUEST_LIMIT_MIN`], at
+    /// most `max` (`request_timeout`, which is also the limit before any
+    /// request finished). A request that hangs (a peer that stopped
+    /// answering on a live connection) then frees its chunk in seconds, not
+    /// at the end of a download that waits for nothing else.
+    pub(super) fn request_limit(&self, max: Duration) -> Duration {
+        if self.took_avg <= 0.0 {
+            return max;
+        }
+        Duration::from_secs_f64(10.0 * self.took_avg)
+            .max(REQUEST_LIMIT_MIN)
+            .min(max)
     }
 
     /// Puts chunk `i` in flight from `src` (its first request).
@@ -767,6 +794,9 @@ pub(super) const OVERDUE_AFTER: usize = 12;
 /// A downloader whose have-map gained nothing for this long is not
 /// fetching its share: others may fetch it from a seed.
 pub(super) const STALL_AFTER: Duration = Duration::from_secs(3);
+
+/// Shortest limit [`Sched::request_limit`] gives a chunk request.
+pub(super) const REQUEST_LIMIT_MIN: Duration = Duration::from_secs(5);
 
 /// A download that gained no chunk for this long may ask a seed for
 /// anything it lacks, fellows' chunks included.
@@ -1109,6 +1139,15 @@ mod tests {
             matches!(s.pick(b, Instant::now()), Pick::Wait),
             "chunk 0 is not late"
         );
+        // A third source: chunk 1 (asked of a and b 400 ms ago) is not late
+        // enough for a third copy; chunk 3, four times as late, is.
+        let c = ChunkSource::Peer(PeerId::random());
+        s.add_source(c, HaveMap::full(n), Instant::now());
+        assert!(matches!(s.pick(c, Instant::now()), Pick::Wait));
+        s.asked_at[3] = Instant::now() - Duration::from_millis(1100);
+        assert!(matches!(s.pick(c, Instant::now()), Pick::Chunk(3)));
+        assert!(matches!(s.pick(c, Instant::now()), Pick::Wait));
+        s.release(3, c);
         // The first copy wins; the second is a duplicate.
         let ok = || FetchOutcome::Ok {
             len: 1,
@@ -1118,6 +1157,19 @@ mod tests {
         s.complete(a, 3, ok(), Instant::now());
         assert_eq!(s.progress.duplicate_chunks, 1);
         assert_eq!(s.inflight_chunks, 3);
+    }
+
+    #[test]
+    fn a_request_may_take_ten_times_the_mean_within_bounds() {
+        let mut s = sched(4);
+        let max = Duration::from_secs(30);
+        assert_eq!(s.request_limit(max), max, "no request finished yet");
+        s.took_avg = 0.1;
+        assert_eq!(s.request_limit(max), REQUEST_LIMIT_MIN);
+        s.took_avg = 1.5;
+        assert_eq!(s.request_limit(max), Duration::from_secs(15));
+        s.took_avg = 8.0;
+        assert_eq!(s.request_limit(max), max);
     }
 
     #[test]
