@@ -8,11 +8,10 @@
 //! Connections that a transfer, a forwarded request or a lookup opens on
 //! demand come on top. Each tick ([`ConnManager::tick`]) it closes:
 //!
-//! - above `min_connections`, every connection it dialled that is *idle
-//!   and useless*: past its grace period ([`GRACE`]), not to a static peer,
-//!   not used within [`USEFUL_FOR`] (see [`Activity`]), nothing open on it,
-//!   and not one of gossipsub's mesh peers (a connection the peer dialled is
-//!   the peer's to close: it may hold it for its own minimum);
+//! - above `min_connections`, every connection that is *idle and useless*:
+//!   past its grace period ([`GRACE`]), not to a static peer, not used within
+//!   [`USEFUL_FOR`] (see [`Activity`]), nothing open on it, and not one of
+//!   gossipsub's mesh peers;
 //! - above three quarters of `mesh.max_connections` (the *high mark*), the
 //!   least useful of the others too, down to the high mark: gossip-mesh peers
 //!   before recently used ones, the least recently used and the slowest
@@ -86,8 +85,6 @@ struct Known {
 
 #[derive(Debug)]
 struct Conn {
-    /// This node dialled it (else the peer did).
-    dialed: bool,
     since: Instant,
     last_used: Option<Instant>,
     busy: u32,
@@ -183,20 +180,10 @@ impl ConnManager {
         }
     }
 
-    /// A first connection to `peer` is established, dialled by this node.
+    /// A first connection to `peer` is established.
     pub fn connected_to(&mut self, peer: PeerId, now: Instant) {
-        self.add_conn(peer, now, true);
-    }
-
-    /// A first connection to `peer` is established, dialled by the peer.
-    pub fn connected_from(&mut self, peer: PeerId, now: Instant) {
-        self.add_conn(peer, now, false);
-    }
-
-    fn add_conn(&mut self, peer: PeerId, now: Instant, dialed: bool) {
         self.dialing.remove(&peer);
         self.conns.entry(peer).or_insert(Conn {
-            dialed,
             since: now,
             last_used: None,
             busy: 0,
@@ -385,13 +372,8 @@ impl ConnManager {
         let mut close = Vec::new();
         let mut left = n;
         for (p, c) in cands {
-            // Idle and useless connections this node dialled go above the
-            // minimum; those the peer dialled only above the high mark: the
-            // peer may hold it for its own minimum, and closing it would only
-            // make the peer dial someone else (on a mesh at rest every node
-            // reconnected every few seconds that way).
-            let useless = self.banned.contains(p)
-                || (c.dialed && !recently_used(c) && !gossip_mesh.contains(p));
+            let useless =
+                self.banned.contains(p) || (!recently_used(c) && !gossip_mesh.contains(p));
             let over_min = left > self.min;
             let over_high = left > self.high;
             if (useless && over_min) || (over_high && c.busy == 0) {
@@ -593,40 +575,6 @@ mod tests {
         // Now at min: nothing more closes, even idle.
         assert_eq!(m.connected(), 4);
         assert!(m.tick(t2 + USEFUL_FOR * 4, &none()).close.is_empty());
-    }
-
-    #[test]
-    fn idle_connections_the_peers_dialled_stay_up_to_the_high_mark() {
-        let t0 = Instant::now();
-        let mut m = ConnManager::new(16, 2, 11);
-        assert_eq!(m.high_mark(), 12);
-        let ours = peers(3);
-        let theirs = peers(12);
-        for p in &ours {
-            m.connected_to(*p, t0);
-        }
-        for p in &theirs[..8] {
-            m.connected_from(*p, t0);
-        }
-        // All idle and useless, 11 connected: ours go down to the minimum's
-        // worth (those the peers dialled count towards it), theirs stay.
-        let t1 = t0 + GRACE + USEFUL_FOR;
-        let plan = m.tick(t1, &none());
-        let mut closed = plan.close.clone();
-        closed.sort();
-        let mut expect = ours.clone();
-        expect.sort();
-        assert_eq!(closed, expect, "only the connections this node dialled");
-        assert_eq!(m.connected(), 8);
-        assert!(m.tick(t1 + USEFUL_FOR, &none()).close.is_empty());
-        // Above the high mark, theirs go too, down to it.
-        for p in &theirs[8..] {
-            m.connected_from(*p, t1);
-        }
-        m.connected_from(PeerId::random(), t1);
-        let plan = m.tick(t1 + GRACE, &none());
-        assert_eq!(plan.close.len(), 1);
-        assert_eq!(m.connected(), 12);
     }
 
     #[test]

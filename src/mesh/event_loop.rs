@@ -694,11 +694,7 @@ impl EventLoop {
                 }
                 self.metrics.connection_opened();
                 if num_established.get() == 1 {
-                    if endpoint.is_dialer() {
-                        self.conns.connected_to(peer_id, Instant::now());
-                    } else {
-                        self.conns.connected_from(peer_id, Instant::now());
-                    }
+                    self.conns.connected_to(peer_id, Instant::now());
                     tracing::info!(peer = %peer_id, %addr, "peer connected");
                     self.connected.insert(
                         peer_id,

@@ -37,7 +37,7 @@ pub(super) enum FetchOutcome {
     Refused,
     /// No stream could be opened (the peer is not connected and the dial
     /// failed): the source waits [`UNREACHABLE_FIRST`], doubling up to
-    /// [`UNREACHABLE_MAX`] while two other sources are live (else no longer
+    /// [`UNREACHABLE_MAX`] while two other sources deliver (else no longer
     /// than the first wait), or until it connects ([`Sched::reachable`]).
     Unreachable,
 }
@@ -698,7 +698,9 @@ impl Sched {
                     let others = self
                         .sources
                         .iter()
-                        .filter(|(k, o)| **k != src && o.running && !o.stopped && !o.asleep(now))
+                        .filter(|(k, o)| {
+                            **k != src && o.stats.chunks > 0 && !o.stopped && !o.asleep(now)
+                        })
                         .count();
                     let max = if others >= 2 {
                         UNREACHABLE_MAX
@@ -959,10 +961,16 @@ mod tests {
             now += UNREACHABLE_MAX;
             assert_eq!(dial_again(&mut s, now), Some(UNREACHABLE_FIRST));
         }
-        // With two other live sources, the wait doubles up to UNREACHABLE_MAX
-        // (counted afresh once the peer connected in between).
+        // With two other sources that deliver, the wait doubles up to
+        // UNREACHABLE_MAX (counted afresh once the peer connected in between).
         for _ in 0..2 {
-            s.add_source(ChunkSource::Peer(PeerId::random()), HaveMap::full(n), now);
+            let q = ChunkSource::Peer(PeerId::random());
+            s.add_source(q, HaveMap::full(n), now);
+            now += UNREACHABLE_MAX;
+            assert_eq!(dial_again(&mut s, now), Some(UNREACHABLE_FIRST));
+            if let Some(st) = s.sources.get_mut(&q) {
+                st.stats.chunks = 1;
+            }
         }
         assert!(s.reachable(p, now), "was waiting");
         let mut waits = Vec::new();
