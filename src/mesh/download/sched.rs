@@ -578,6 +578,38 @@ impl Sched {
         Pick::Wait
     }
 
+    /// `src` could not be reached (see [`FetchOutcome::Unreachable`]). Its
+    /// other lanes failed the same dial: one wait, not one each. With
+    /// another source or two delivering, it may wait long; a download that
+    /// has no other (a far node whose only holder is a busy seeder) tries it
+    /// every second: a seat frees whenever the holder's manager trims, and a
+    /// refusal before the handshake costs both ends little.
+    fn unreachable(&mut self, src: ChunkSource, now: Instant) {
+        if self
+            .sources
+            .get(&src)
+            .is_none_or(|s| s.unreachable_until.is_some_and(|t| now < t))
+        {
+            return;
+        }
+        let others = self
+            .sources
+            .iter()
+            .filter(|(k, o)| **k != src && o.stats.chunks > 0 && !o.stopped && !o.asleep(now))
+            .count();
+        let max = if others >= 2 {
+            UNREACHABLE_MAX
+        } else {
+            UNREACHABLE_FIRST
+        };
+        if let Some(s) = self.sources.get_mut(&src) {
+            s.stats.failures += 1;
+            s.unreached += 1;
+            let shift = (s.unreached - 1).min(8);
+            s.unreachable_until = Some(now + UNREACHABLE_FIRST.saturating_mul(1 << shift).min(max));
+        }
+    }
+
     /// How long a chunk request may take before it counts as failed: ten
     /// times the mean verified request, at least [`REQUEST_LIMIT_MIN`], at
     /// most `max` (`request_timeout`, which is also the limit before any
@@ -684,35 +716,7 @@ impl Sched {
                 self.stop_source(src);
             }
             FetchOutcome::Refused => {}
-            FetchOutcome::Unreachable => {
-                // Its other lanes failed the same dial: one wait, not one each.
-                if s.unreachable_until.is_none_or(|t| now >= t) {
-                    s.stats.failures += 1;
-                    s.unreached += 1;
-                    let shift = (s.unreached - 1).min(8);
-                    // With another source or two delivering, an unreachable
-                    // one may wait long; a download that has no other (a far
-                    // node whose only holder is a busy seeder) tries it every
-                    // second: a seat frees whenever the holder's manager trims,
-                    // and a refusal before the handshake costs both ends little.
-                    let others = self
-                        .sources
-                        .iter()
-                        .filter(|(k, o)| {
-                            **k != src && o.stats.chunks > 0 && !o.stopped && !o.asleep(now)
-                        })
-                        .count();
-                    let max = if others >= 2 {
-                        UNREACHABLE_MAX
-                    } else {
-                        UNREACHABLE_FIRST
-                    };
-                    let wait = UNREACHABLE_FIRST.saturating_mul(1 << shift).min(max);
-                    if let Some(s) = self.sources.get_mut(&src) {
-                        s.unreachable_until = Some(now + wait);
-                    }
-                }
-            }
+            FetchOutcome::Unreachable => self.unreachable(src, now),
             FetchOutcome::NotFound => {
                 if s.have.get(i) {
                     s.have.clear(i);
