@@ -303,7 +303,7 @@ pub async fn download_until(
                 // holder is a busy seeder), every second: a seat frees
                 // whenever the holder's manager trims, and a refusal before
                 // the handshake costs both ends little.
-                let pause = if ctx.sched.lock().sources.values().any(|s| s.stats.chunks > 0) {
+                let pause = if ctx.sched.lock().any_delivered() {
                     ASK_AGAIN_AFTER.saturating_mul(1 << (*n).min(4)).min(ASK_AGAIN_MAX)
                 } else {
                     ASK_AGAIN_STARVING
@@ -329,7 +329,7 @@ pub async fn download_until(
                 // 5 s throughout opened 18,000 connections in 90 s); the
                 // fellows come by gossip.
                 kad_round += 1;
-                let every = if ctx.sched.lock().sources.values().any(|s| s.stats.chunks > 0) {
+                let every = if ctx.sched.lock().any_delivered() {
                     KAD_EVERY_DELIVERING
                 } else {
                     KAD_EVERY

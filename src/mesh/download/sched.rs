@@ -610,6 +610,11 @@ impl Sched {
         }
     }
 
+    /// Whether any source has delivered a verified chunk yet.
+    pub(super) fn any_delivered(&self) -> bool {
+        self.sources.values().any(|s| s.stats.chunks > 0)
+    }
+
     /// How long a chunk request may take before it counts as failed: ten
     /// times the mean verified request, at least [`REQUEST_LIMIT_MIN`], at
     /// most `max` (`request_timeout`, which is also the limit before any
