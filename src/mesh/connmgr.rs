@@ -8,10 +8,16 @@
 //! Connections that a transfer, a forwarded request or a lookup opens on
 //! demand come on top. Each tick ([`ConnManager::tick`]) it closes:
 //!
-//! - above `min_connections`, every connection that is *idle and useless*:
-//!   past its grace period ([`GRACE`]), not to a static peer, not used within
-//!   [`USEFUL_FOR`] (see [`Activity`]), nothing open on it, and not one of
-//!   gossipsub's mesh peers;
+//! - above `min_connections`, every connection it dialled that is *idle
+//!   and useless*: past its grace period ([`GRACE`]), not to a static peer,
+//!   not used within [`USEFUL_FOR`] (see [`Activity`]), nothing open on it,
+//!   and not one of gossipsub's mesh peers. A connection the peer dialled is
+//!   the peer's to close (it may hold it for its own minimum: closing it
+//!   would only make the peer dial someone else, and a mesh at rest would
+//!   reconnect all the time), unless this node turned a newcomer away at its
+//!   bound within [`PRESSURE_FOR`]: then every idle one goes, whoever
+//!   dialled it and gossip-mesh peers too (gossipsub grafts others among
+//!   those left), to make room;
 //! - above three quarters of `mesh.max_connections` (the *high mark*), the
 //!   least useful of the others too, down to the high mark: gossip-mesh peers
 //!   before recently used ones, the least recently used and the slowest
@@ -55,6 +61,9 @@ pub const SHORT_LIVED: Duration = Duration::from_secs(15);
 /// A peer this node closed as useless is not dialled again by the manager
 /// before this (it would be as useless): the set rotates, it does not churn.
 pub const REDIAL_CLOSED_AFTER: Duration = Duration::from_secs(60);
+/// After turning a newcomer away at the bound, a node closes idle
+/// connections whoever dialled them, gossip-mesh peers too, for this long.
+pub const PRESSURE_FOR: Duration = Duration::from_secs(30);
 
 /// The high mark for a cap of `max` connections: three quarters of it (at
 /// least 1). Above it the manager closes even useful connections.
@@ -85,6 +94,8 @@ struct Known {
 
 #[derive(Debug)]
 struct Conn {
+    /// This node dialled it (else the peer did).
+    dialed: bool,
     since: Instant,
     last_used: Option<Instant>,
     busy: u32,
@@ -109,6 +120,8 @@ pub struct ConnManager {
     known: HashMap<PeerId, Known>,
     banned: HashSet<PeerId>,
     dialing: HashMap<PeerId, Instant>,
+    /// When this node last turned a newcomer away at its bound.
+    refused_at: Option<Instant>,
     rng: u64,
 }
 
@@ -124,6 +137,7 @@ impl ConnManager {
             known: HashMap::new(),
             banned: HashSet::new(),
             dialing: HashMap::new(),
+            refused_at: None,
             rng: seed | 1,
         }
     }
@@ -180,10 +194,26 @@ impl ConnManager {
         }
     }
 
-    /// A first connection to `peer` is established.
+    /// A first connection to `peer` is established, dialled by this node.
     pub fn connected_to(&mut self, peer: PeerId, now: Instant) {
+        self.add_conn(peer, now, true);
+    }
+
+    /// A first connection to `peer` is established, dialled by the peer.
+    pub fn connected_from(&mut self, peer: PeerId, now: Instant) {
+        self.add_conn(peer, now, false);
+    }
+
+    /// This node turned an incoming connection away at its bound: for
+    /// [`PRESSURE_FOR`] it makes room (see the module docs).
+    pub fn refused(&mut self, now: Instant) {
+        self.refused_at = Some(now);
+    }
+
+    fn add_conn(&mut self, peer: PeerId, now: Instant, dialed: bool) {
         self.dialing.remove(&peer);
         self.conns.entry(peer).or_insert(Conn {
+            dialed,
             since: now,
             last_used: None,
             busy: 0,
@@ -369,11 +399,16 @@ impl ConnManager {
             )
         };
         cands.sort_by_key(|(p, c)| key(p, c));
+        let pressed = self
+            .refused_at
+            .is_some_and(|t| now.duration_since(t) < PRESSURE_FOR);
         let mut close = Vec::new();
         let mut left = n;
         for (p, c) in cands {
-            let useless =
-                self.banned.contains(p) || (!recently_used(c) && !gossip_mesh.contains(p));
+            // Those the peer dialled are the peer's to close, and gossip-mesh
+            // peers are kept, unless this node needs the room.
+            let useless = self.banned.contains(p)
+                || (!recently_used(c) && (pressed || (c.dialed && !gossip_mesh.contains(p))));
             let over_min = left > self.min;
             let over_high = left > self.high;
             if (useless && over_min) || (over_high && c.busy == 0) {
@@ -575,6 +610,54 @@ mod tests {
         // Now at min: nothing more closes, even idle.
         assert_eq!(m.connected(), 4);
         assert!(m.tick(t2 + USEFUL_FOR * 4, &none()).close.is_empty());
+    }
+
+    #[test]
+    fn idle_connections_the_peers_dialled_stay_unless_a_newcomer_was_refused() {
+        let t0 = Instant::now();
+        let mut m = ConnManager::new(16, 2, 11);
+        assert_eq!(m.high_mark(), 12);
+        let ours = peers(3);
+        let theirs = peers(12);
+        for p in &ours {
+            m.connected_to(*p, t0);
+        }
+        for p in &theirs[..8] {
+            m.connected_from(*p, t0);
+        }
+        // All idle and useless, 11 connected: the ones this node dialled
+        // close, those the peers dialled stay (they count towards the minimum).
+        let t1 = t0 + GRACE + USEFUL_FOR;
+        let mut closed = m.tick(t1, &none()).close;
+        closed.sort();
+        let mut expect = ours.clone();
+        expect.sort();
+        assert_eq!(closed, expect, "only the connections this node dialled");
+        assert_eq!(m.connected(), 8);
+        assert!(m.tick(t1 + USEFUL_FOR, &none()).close.is_empty());
+        // Above the high mark, theirs go too, down to it.
+        for p in &theirs[8..] {
+            m.connected_from(*p, t1);
+        }
+        m.connected_from(PeerId::random(), t1);
+        assert_eq!(m.tick(t1 + GRACE, &none()).close.len(), 1);
+        assert_eq!(m.connected(), 12);
+        // A newcomer turned away at the bound: idle ones go down to the
+        // minimum, whoever dialled them, gossip-mesh peers too; a used one stays.
+        let t2 = t1 + GRACE + USEFUL_FOR;
+        m.used(theirs[1], t2, 0);
+        m.refused(t2);
+        let mesh: HashSet<_> = [theirs[0]].into();
+        let plan = m.tick(t2 + Duration::from_secs(1), &mesh);
+        assert_eq!(plan.close.len(), 10, "{plan:?}");
+        assert!(!plan.close.contains(&theirs[1]), "recently used kept");
+        assert_eq!(m.connected(), 2);
+        // Once the pressure is over, new ones the peers dialled stay again.
+        let t3 = t2 + PRESSURE_FOR + GRACE;
+        for p in peers(3) {
+            m.connected_from(p, t3 - GRACE);
+        }
+        assert!(m.tick(t3, &mesh).close.is_empty());
     }
 
     #[test]

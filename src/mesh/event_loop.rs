@@ -657,9 +657,20 @@ impl EventLoop {
                 }
             }
             SwarmEvent::IncomingConnectionError {
-                error: libp2p::swarm::ListenError::Denied { .. },
+                error: libp2p::swarm::ListenError::Denied { cause },
                 ..
-            } => self.metrics.connection_refused(),
+            } => {
+                self.metrics.connection_refused();
+                // At the bound: the gate (before the handshake) or libp2p's
+                // limits (handshakes that finished together).
+                if cause.downcast_ref::<super::gate::AtBound>().is_some()
+                    || cause
+                        .downcast_ref::<libp2p::connection_limits::Exceeded>()
+                        .is_some()
+                {
+                    self.conns.refused(Instant::now());
+                }
+            }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
                 error: libp2p::swarm::ListenError::Transport(libp2p::TransportError::Other(e)),
@@ -694,7 +705,11 @@ impl EventLoop {
                 }
                 self.metrics.connection_opened();
                 if num_established.get() == 1 {
-                    self.conns.connected_to(peer_id, Instant::now());
+                    if endpoint.is_dialer() {
+                        self.conns.connected_to(peer_id, Instant::now());
+                    } else {
+                        self.conns.connected_from(peer_id, Instant::now());
+                    }
                     tracing::info!(peer = %peer_id, %addr, "peer connected");
                     self.connected.insert(
                         peer_id,

@@ -230,6 +230,7 @@ pub async fn download_until(
     }
     let mut announce = tokio::time::interval(opts.announce_every);
     let mut announced = u32::MAX;
+    let mut pushed_at = Instant::now();
     // Fellow downloaders that have our have-map (see the announce tick).
     let mut told: HashSet<PeerId> = HashSet::new();
     loop {
@@ -386,18 +387,31 @@ pub async fn download_until(
                 // second from each of 16 downloaders took a sixth of the CPU.
                 // Gossip carries the first announcement (so downloaders that do
                 // not know us yet learn of us) and the last.
-                let (count, sharers) = {
+                let (count, total, sharers) = {
                     let s = ctx.sched.lock();
-                    (s.have.count(), s.fellow_downloaders())
+                    (s.have.count(), s.have.len(), s.fellow_downloaders())
                 };
                 let first = announced == u32::MAX;
-                let targets: Vec<PeerId> = if count != announced {
+                // New chunks go out in batches of PUSH_BATCH, or at least
+                // every PUSH_AT_LEAST_EVERY: each push is a request to every
+                // fellow, and a download gaining a chunk or two per tick
+                // (50 swarms in one process) pushed four times a second to
+                // each for little news.
+                let due = count != announced
+                    && (first
+                        || count.saturating_sub(announced) >= PUSH_BATCH
+                        || count == total
+                        || pushed_at.elapsed() >= PUSH_AT_LEAST_EVERY);
+                let targets: Vec<PeerId> = if due {
                     sharers
                 } else {
                     sharers.into_iter().filter(|p| !told.contains(p)).collect()
                 };
-                if first || count != announced || !targets.is_empty() {
-                    announced = count;
+                if first || due || !targets.is_empty() {
+                    if first || due {
+                        announced = count;
+                        pushed_at = Instant::now();
+                    }
                     let st = store.clone();
                     match blocking(move || { st.flush(&id)?; st.have_map(&id) }).await {
                         Ok(Some(h)) => {
@@ -512,6 +526,10 @@ const ASK_AGAIN_STARVING: Duration = Duration::from_secs(1);
 /// Fellow downloaders a download keeps a connection to (it dials those it
 /// heard of while fewer are connected).
 const SWARM_LINKS: usize = 4;
+/// New chunks pushed to fellow downloaders in batches of this many...
+const PUSH_BATCH: u32 = 4;
+/// ...or at least this often while there are any.
+const PUSH_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 /// Seconds between a download's Kademlia provider lookups once it knows two peers.
 const KAD_EVERY: u64 = 5;
 /// The same once a source delivered a chunk.

@@ -660,6 +660,7 @@ async fn scale(a: &Args) -> Result<()> {
         .map(|t| t.node.mesh().serve_stats().bytes)
         .collect();
     let churn0 = churn(&nodes);
+    let cpu0 = cpu_ticks();
     let t = Instant::now();
     let step = (n / a.pullers.max(1)).max(1);
     let mut tasks = tokio::task::JoinSet::new();
@@ -739,9 +740,15 @@ async fn scale(a: &Args) -> Result<()> {
         });
     }
     let pull_secs = t.elapsed().as_secs_f64();
+    let pull_cpu = cpu_ticks().saturating_sub(cpu0) as f64 / USER_HZ;
     let churn1 = churn(&nodes);
+    // CPU-seconds are the steadier figure when the pulls are CPU-bound
+    // (the wall time then is about CPU-seconds / cores, with a run-to-run
+    // spread of several seconds).
     println!(
-        "during the pulls: {} connections opened, {} refused at the bound, {} trimmed",
+        "during the pulls: {pull_cpu:.1} CPU-seconds ({:.2} cores); {} connections opened, \
+         {} refused at the bound, {} trimmed",
+        pull_cpu / pull_secs.max(1e-9),
         churn1.0 - churn0.0,
         churn1.1 - churn0.1,
         churn1.2 - churn0.2
@@ -799,7 +806,7 @@ async fn scale(a: &Args) -> Result<()> {
         s3.fds.established,
     );
     println!(
-        "RESULT nodes={n} release_all_s={release_secs:.2} pullers={} size_mb={} pull_all_s={pull_secs:.2} \
+        "RESULT nodes={n} release_all_s={release_secs:.2} pullers={} size_mb={} pull_all_s={pull_secs:.2} pull_cpu_s={pull_cpu:.1} \
          rss_per_node_mib={rss_per_node:.2} max_conn={} min_conn={} start_s={start_s:.1} \
          conns_min={cmin} conns_mean={cmean:.1} conns_max={cmax} conn_sockets={} \
          fds_total={} fds_beyond_conn_per_node={beyond_per_node:.2} fds_peak={peak_fds} \
