@@ -623,6 +623,20 @@ impl EventLoop {
         }
     }
 
+    /// An incoming connection was denied (at the bound, banned, not allowed).
+    fn on_refused(&mut self, cause: &libp2p::swarm::ConnectionDenied) {
+        self.metrics.connection_refused();
+        // At the bound: the gate (before the handshake) or libp2p's limits
+        // (handshakes that finished together).
+        if cause.downcast_ref::<super::gate::AtBound>().is_some()
+            || cause
+                .downcast_ref::<libp2p::connection_limits::Exceeded>()
+                .is_some()
+        {
+            self.conns.refused(Instant::now());
+        }
+    }
+
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -659,18 +673,7 @@ impl EventLoop {
             SwarmEvent::IncomingConnectionError {
                 error: libp2p::swarm::ListenError::Denied { cause },
                 ..
-            } => {
-                self.metrics.connection_refused();
-                // At the bound: the gate (before the handshake) or libp2p's
-                // limits (handshakes that finished together).
-                if cause.downcast_ref::<super::gate::AtBound>().is_some()
-                    || cause
-                        .downcast_ref::<libp2p::connection_limits::Exceeded>()
-                        .is_some()
-                {
-                    self.conns.refused(Instant::now());
-                }
-            }
+            } => self.on_refused(&cause),
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
                 error: libp2p::swarm::ListenError::Transport(libp2p::TransportError::Other(e)),
