@@ -407,8 +407,9 @@ pub async fn download_until(
                 } else {
                     sharers.into_iter().filter(|p| !told.contains(p)).collect()
                 };
-                if first || due || !targets.is_empty() {
-                    if first || due {
+                // (`due` covers the first push: `announced` starts at u32::MAX.)
+                if due || !targets.is_empty() {
+                    if due {
                         announced = count;
                         pushed_at = Instant::now();
                     }
