@@ -43,7 +43,8 @@ pub struct Behaviour {
 }
 
 /// Kademlia's replication factor (its k): closest peers a lookup looks for.
-const KAD_REPLICATION: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN.saturating_add(7);
+pub(super) const KAD_REPLICATION: std::num::NonZeroUsize =
+    std::num::NonZeroUsize::MIN.saturating_add(7);
 
 /// Fewest handshakes in flight allowed each way (incoming; half outgoing).
 const PENDING_MIN: u32 = 32;
@@ -94,16 +95,21 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
     kad.set_mode(Some(kad::Mode::Server));
     let gossip_config = gossipsub::ConfigBuilder::default()
         .heartbeat_interval(Duration::from_millis(500))
-        .validation_mode(gossipsub::ValidationMode::Strict)
-        // A release may carry its manifest (up to 1 MiB).
-        .max_transmit_size(super::wire::MAX_GOSSIP_BYTES)
+        // Unsigned at the gossipsub layer: each message is a signed envelope
+        // checked once per node, after the duplicate filter, and forwarded
+        // only once it passed (`super::gossip`).
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::new(&super::gossip::message_id(m.topic.as_str(), &m.data))
+        })
+        // A release may carry its manifest (up to 1 MiB), in its envelope.
+        .max_transmit_size(super::wire::MAX_GOSSIP_BYTES + super::wire::GOSSIP_ENVELOPE_OVERHEAD)
         .build()
         .map_err(|e| MeshError::Swarm(e.to_string()))?;
-    let gossipsub = gossipsub::Behaviour::new(
-        gossipsub::MessageAuthenticity::Signed(key.clone()),
-        gossip_config,
-    )
-    .map_err(|e| MeshError::Swarm(e.to_string()))?;
+    let gossipsub =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
+            .map_err(|e| MeshError::Swarm(e.to_string()))?;
     let meta = request_response::Behaviour::with_codec(
         MetaCodec,
         [(META_PROTOCOL, request_response::ProtocolSupport::Full)],
@@ -142,11 +148,13 @@ fn behaviour(key: &Keypair, config: &MeshConfig) -> Result<Behaviour, MeshError>
 }
 
 /// Builds the swarm: TCP (+ pnet when a key is set) + TLS or noise ([`super::secure`]) + yamux.
-pub fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
+/// Returns it with the node's key (which signs its gossip).
+pub fn build_swarm(config: &MeshConfig) -> Result<(Swarm<Behaviour>, Keypair), MeshError> {
     let key = config
         .keypair
         .clone()
         .unwrap_or_else(Keypair::generate_ed25519);
+    let node_key = key.clone();
     let psk = config.psk;
     let security = config.security.clone();
     let frame_size = config.frame_size;
@@ -181,5 +189,5 @@ pub fn build_swarm(config: &MeshConfig) -> Result<Swarm<Behaviour>, MeshError> {
         .map_err(|e| MeshError::Swarm(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
         .build();
-    Ok(swarm)
+    Ok((swarm, node_key))
 }

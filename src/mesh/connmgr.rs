@@ -49,6 +49,9 @@ pub const DIALS_PER_TICK: usize = 4;
 pub const DIAL_BACKOFF_FIRST: Duration = Duration::from_secs(2);
 /// Longest pause before a peer whose dial failed is tried again.
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(120);
+/// Longest pause before a static peer whose dial failed is dialled again
+/// (the configuration asks for it, so it is tried more often than others).
+pub const STATIC_BACKOFF_MAX: Duration = Duration::from_secs(16);
 /// A peer known from Kademlia or identify only (not mDNS, not static) is
 /// forgotten after this many failed dials in a row.
 pub const FORGET_AFTER_FAILURES: u32 = 6;
@@ -90,6 +93,16 @@ struct Known {
     next_dial: Instant,
     backoff: Duration,
     failures: u32,
+}
+
+impl Known {
+    fn backoff_max(&self) -> Duration {
+        if self.static_peer {
+            STATIC_BACKOFF_MAX
+        } else {
+            DIAL_BACKOFF_MAX
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -235,7 +248,7 @@ impl ConnManager {
         };
         if now.duration_since(c.since) < SHORT_LIVED {
             k.next_dial = now + k.backoff;
-            k.backoff = (k.backoff * 2).min(DIAL_BACKOFF_MAX);
+            k.backoff = (k.backoff * 2).min(k.backoff_max());
         } else {
             k.failures = 0;
             k.backoff = DIAL_BACKOFF_FIRST;
@@ -268,7 +281,7 @@ impl ConnManager {
         if let Some(k) = self.known.get_mut(&peer) {
             k.failures += 1;
             k.next_dial = now + k.backoff;
-            k.backoff = (k.backoff * 2).min(DIAL_BACKOFF_MAX);
+            k.backoff = (k.backoff * 2).min(k.backoff_max());
             if k.failures >= FORGET_AFTER_FAILURES && !k.mdns && !k.static_peer {
                 self.known.remove(&peer);
             }
@@ -560,6 +573,34 @@ mod tests {
         m.mdns_expired(b);
         m.dial_failed(b, t);
         assert_eq!(m.known(), 0);
+    }
+
+    #[test]
+    fn a_static_peer_is_redialled_on_a_short_backoff_and_never_forgotten() {
+        let t0 = Instant::now();
+        let mut m = ConnManager::new(48, 2, 1);
+        let s = PeerId::random();
+        m.learn(s, Found::Static, t0);
+        let mut t = t0;
+        let mut waits = Vec::new();
+        for _ in 0..8 {
+            assert!(m.take_dial(s, t), "due at {:?}", t - t0);
+            assert!(!m.take_dial(s, t), "a dial in flight is not doubled");
+            m.dial_failed(s, t);
+            // The first moment it is due again.
+            let mut w = Duration::ZERO;
+            while !m.take_dial(s, t + w) {
+                w += Duration::from_millis(500);
+                assert!(w <= STATIC_BACKOFF_MAX, "waited past the static cap");
+            }
+            m.dial_failed(s, t + w);
+            waits.push(w);
+            t += w + STATIC_BACKOFF_MAX;
+        }
+        assert_eq!(waits[0], DIAL_BACKOFF_FIRST);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert_eq!(waits.last(), Some(&STATIC_BACKOFF_MAX), "{waits:?}");
+        assert!(m.is_known(s), "a static peer is never forgotten");
     }
 
     #[test]

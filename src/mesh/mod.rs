@@ -67,6 +67,7 @@ pub mod connmgr;
 pub mod download;
 pub mod event_loop;
 pub mod gate;
+pub mod gossip;
 pub mod manifests;
 pub mod muxer;
 pub mod origin;

@@ -23,23 +23,29 @@ pub const META_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/meta/1");
 pub const CHUNK_PROTOCOL: StreamProtocol = StreamProtocol::new("/shoal/chunk/1");
 /// Identify protocol version string.
 pub const IDENTIFY_VERSION: &str = "/shoal/1";
-/// Gossipsub topic for signed release announcements.
-pub const RELEASES_TOPIC: &str = "shoal/releases/1";
+/// Gossipsub topic for signed release announcements. Gossip topics are
+/// version 2: every message is a [`GossipEnvelope`] (version 1 carried
+/// gossipsub's own signature, checked on every copy received).
+pub const RELEASES_TOPIC: &str = "shoal/releases/2";
 /// Gossipsub topic for signed releases with their manifest
 /// ([`ReleaseWithManifest`]); published beside [`RELEASES_TOPIC`], which
 /// nodes without this topic keep reading.
-pub const RELEASE_MANIFESTS_TOPIC: &str = "shoal/release-manifests/1";
+pub const RELEASE_MANIFESTS_TOPIC: &str = "shoal/release-manifests/2";
 /// Largest manifest sent with a release by gossip; a larger one is found
 /// the usual way (asked of peers).
 pub const MAX_GOSSIP_MANIFEST: usize = 1 << 20;
 /// Largest gossip message (a release with its manifest and framing).
 pub const MAX_GOSSIP_BYTES: usize = MAX_GOSSIP_MANIFEST + 64 * 1024;
 /// Gossipsub topic for have announcements.
-pub const HAVE_TOPIC: &str = "shoal/have/1";
+pub const HAVE_TOPIC: &str = "shoal/have/2";
 /// Gossipsub topic for serving cards (`crate::route::card`; opaque to the mesh).
-pub const CARDS_TOPIC: &str = "shoal/cards/1";
+pub const CARDS_TOPIC: &str = "shoal/cards/2";
 /// Largest serving card accepted from gossip.
 pub const MAX_CARD_BYTES: usize = 16 * 1024;
+
+/// Room a [`GossipEnvelope`] takes around its payload (key, sequence
+/// number, signature and their lengths), with margin.
+pub const GOSSIP_ENVELOPE_OVERHEAD: usize = 256;
 
 /// Largest meta message on the wire: a manifest plus framing.
 pub const MAX_META_BYTES: usize = crate::store::manifest::MAX_MANIFEST_BYTES + 1024;
@@ -256,6 +262,31 @@ pub struct HaveAnnounce {
     pub origin: bool,
 }
 
+/// Every gossip message (all topics): its payload, signed once by its
+/// author's node key. Gossipsub runs without signatures of its own (no
+/// author, sequence number or signature fields; a message's id is a hash of
+/// its topic and data): a node checks the envelope once per message, after
+/// gossipsub's duplicate filter, and only then lets gossipsub forward it
+/// (`crate::mesh::gossip`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GossipEnvelope {
+    /// The author's ed25519 public key (32 bytes); its peer id is the source.
+    #[serde(with = "serde_bytes")]
+    pub author: Vec<u8>,
+    /// A number the author never repeats (two equal announcements stay two
+    /// messages).
+    pub seq: u64,
+    /// The topic's message (a [`ReleaseAnnounce`], [`ReleaseWithManifest`],
+    /// [`HaveAnnounce`] or serving card).
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// ed25519 signature (64 bytes) over `shoal-gossip/2`, the topic's
+    /// length (u32 big-endian) and name, `seq` (u64 big-endian) and the
+    /// payload.
+    #[serde(with = "serde_bytes")]
+    pub sig: Vec<u8>,
+}
+
 /// A gossip message on [`RELEASES_TOPIC`]: a signed release (`SignedRelease::encode`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseAnnounce {
@@ -381,6 +412,24 @@ pub fn decode_meta_request(b: &[u8]) -> Result<MetaRequest, WireError> {
 /// Decodes a [`MetaResponse`].
 pub fn decode_meta_response(b: &[u8]) -> Result<MetaResponse, WireError> {
     decode(b)
+}
+
+/// Decodes a [`GossipEnvelope`], bounding its size and its key and
+/// signature lengths (the signature is not checked here).
+pub fn decode_gossip_envelope(b: &[u8]) -> Result<GossipEnvelope, WireError> {
+    let max = MAX_GOSSIP_BYTES + GOSSIP_ENVELOPE_OVERHEAD;
+    if b.len() > max {
+        return Err(WireError::TooLarge { len: b.len(), max });
+    }
+    let e: GossipEnvelope = decode(b)?;
+    if e.author.len() != 32 || e.sig.len() != 64 {
+        return Err(WireError::Malformed(format!(
+            "gossip envelope with a {}-byte key and a {}-byte signature (expected 32 and 64)",
+            e.author.len(),
+            e.sig.len()
+        )));
+    }
+    Ok(e)
 }
 
 /// Decodes a [`HaveAnnounce`].
@@ -531,6 +580,41 @@ mod tests {
         };
         assert_eq!(hex::encode(encode(&rm)), "01020102".to_owned() + "03030405");
         assert_eq!(decode_release_with_manifest(&encode(&rm)), Ok(rm));
+        let env = GossipEnvelope {
+            author: vec![0x11; 32],
+            seq: 300,
+            payload: vec![7, 8],
+            sig: vec![0x22; 64],
+        };
+        assert_eq!(
+            hex::encode(encode(&env)),
+            format!("0120{}ac02020708 40{}", "11".repeat(32), "22".repeat(64)).replace(' ', "")
+        );
+        assert_eq!(decode_gossip_envelope(&encode(&env)), Ok(env));
+    }
+
+    #[test]
+    fn a_gossip_envelope_is_bounded() {
+        let env = |author: usize, sig: usize| GossipEnvelope {
+            author: vec![1; author],
+            seq: 1,
+            payload: vec![],
+            sig: vec![2; sig],
+        };
+        assert!(decode_gossip_envelope(&encode(&env(32, 64))).is_ok());
+        assert!(matches!(
+            decode_gossip_envelope(&encode(&env(31, 64))),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_gossip_envelope(&encode(&env(32, 65))),
+            Err(WireError::Malformed(_))
+        ));
+        let big = vec![0u8; MAX_GOSSIP_BYTES + GOSSIP_ENVELOPE_OVERHEAD + 1];
+        assert!(matches!(
+            decode_gossip_envelope(&big),
+            Err(WireError::TooLarge { .. })
+        ));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Serving cards: what a node can serve and how busy it is, gossiped on
-//! `shoal/cards/1` (the mesh's [`crate::mesh::wire::CARDS_TOPIC`]).
+//! `shoal/cards/2` (the mesh's [`crate::mesh::wire::CARDS_TOPIC`]).
 //!
 //! A card is small (a few hundred bytes per model) and sent often: every
 //! `route.card_interval` when something changed, at least every 5 s. It is

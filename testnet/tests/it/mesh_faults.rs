@@ -85,7 +85,8 @@ async fn a_different_swarm_key_is_logged_once_per_address() -> Result<()> {
     let mut cb = random_psk(keys.path(), "b.key")?;
     cb.peers = vec![a.addr.clone()];
     let b = start_node(cb, None).await?;
-    // Static peers are redialled every 2 s: wait for several failed handshakes on both sides.
+    // Static peers are redialled after 2 s, then 4 s, 8 s (doubling up to 16 s): wait for
+    // several failed handshakes on both sides.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let fa = a.node.mesh().handshake_failures().await?;
