@@ -222,14 +222,9 @@ pub async fn download_until(
     // pause doubling up to ASK_AGAIN_MAX.
     let (unreachable, mut ask_again) = tokio::sync::mpsc::unbounded_channel::<PeerId>();
     let mut unreached: HashMap<PeerId, u32> = HashMap::new();
-    // Peers said to hold the whole artifact (the peer the manifest came
-    // from, Kademlia's providers): while nothing has been delivered, these
-    // are asked again every second, the others on the doubling pause.
-    let mut holders: HashSet<PeerId> = HashSet::new();
     // Fellow downloaders this node tried to link to, and when.
     let mut linking: HashMap<PeerId, Instant> = HashMap::new();
     if let Some(p) = manifest_from {
-        holders.insert(p);
         asked.insert(p);
         query_have(&ctx, p, &unreachable, ASK_AGAIN_AFTER);
     }
@@ -309,23 +304,14 @@ pub async fn download_until(
                 // holder is a busy seeder), every second: a seat frees
                 // whenever the holder's manager trims, and a refusal before
                 // the handshake costs both ends little.
-                // Only holders, though: a fellow downloader with nothing
-                // yet waits as any other (50 downloads on 1,000 in-process
-                // nodes asking each other every second while starving sent
-                // 30,000 have-map requests to peers at their bound).
-                let starving = {
-                    let s = ctx.sched.lock();
-                    !s.any_delivered() && (holders.contains(&p) || s.holds_chunks(p))
-                };
-                let pause = if starving {
-                    ASK_AGAIN_STARVING
-                } else {
+                let pause = if ctx.sched.lock().any_delivered() {
                     ASK_AGAIN_AFTER.saturating_mul(1 << (*n).min(4)).min(ASK_AGAIN_MAX)
+                } else {
+                    ASK_AGAIN_STARVING
                 };
                 query_have(&ctx, p, &unreachable, pause);
             },
             Some(found) = prov_rx.recv() => {
-                holders.extend(found.iter().copied());
                 for p in found {
                     if p != client.peer_id() && asked.insert(p) {
                         query_have(&ctx, p, &unreachable, ASK_AGAIN_AFTER);

@@ -256,13 +256,6 @@ impl Sched {
             .collect()
     }
 
-    /// Whether `peer` is a source said to hold at least one chunk.
-    pub(super) fn holds_chunks(&self, peer: PeerId) -> bool {
-        self.sources
-            .get(&ChunkSource::Peer(peer))
-            .is_some_and(|s| s.have.count() > 0)
-    }
-
     /// Whether a live peer source gained chunks (or appeared) within
     /// `within` before `now`: the swarm is still moving.
     pub(super) fn sources_grew_within(&self, now: Instant, within: Duration) -> bool {
