@@ -41,6 +41,13 @@ use std::time::{Duration, Instant};
 /// handshake, identify, the gossip subscriptions and a first request fit in
 /// it; a Kademlia lookup's connections are done well before).
 pub const GRACE: Duration = Duration::from_secs(5);
+/// On a node above its high mark or making room (see [`PRESSURE_FOR`]), a
+/// connection nothing was asked over within this long is closed, grace or
+/// not: the room above the high mark is for newcomers that want something
+/// (a downloader's first request follows its handshake at once), and a
+/// seat held for the whole [`GRACE`] by a peer's fill dial or Kademlia
+/// lookup is a seat a downloader's retries keep missing.
+pub const NEWCOMER_GRACE: Duration = Duration::from_secs(2);
 /// A peer used within this long is useful: its connection is kept.
 pub const USEFUL_FOR: Duration = Duration::from_secs(30);
 /// Most dials the manager starts per tick.
@@ -217,10 +224,19 @@ impl ConnManager {
         self.add_conn(peer, now, false);
     }
 
-    /// This node turned an incoming connection away at its bound: for
-    /// [`PRESSURE_FOR`] it makes room (see the module docs).
+    /// This node turned an incoming connection away at its bound, or its own
+    /// bound stopped a dial that a transfer or request wanted (see
+    /// [`Activity::wanted`]): for [`PRESSURE_FOR`] it makes room (see the
+    /// module docs).
     pub fn refused(&mut self, now: Instant) {
         self.refused_at = Some(now);
+    }
+
+    /// Whether this node turned a newcomer away at its bound within
+    /// [`PRESSURE_FOR`] before `now` (it is making room).
+    pub fn pressed(&self, now: Instant) -> bool {
+        self.refused_at
+            .is_some_and(|t| now.duration_since(t) < PRESSURE_FOR)
     }
 
     fn add_conn(&mut self, peer: PeerId, now: Instant, dialed: bool) {
@@ -271,6 +287,12 @@ impl ConnManager {
             }
         }
         ok
+    }
+
+    /// A dial of `peer` was stopped by this node (its own limits), not
+    /// failed by the peer: no longer pending, no backoff.
+    pub fn dial_stopped(&mut self, peer: PeerId) {
+        self.dialing.remove(&peer);
     }
 
     /// A dial of `peer` failed: it is tried again after a growing pause, and
@@ -389,14 +411,19 @@ impl ConnManager {
                 || c.last_used
                     .is_some_and(|t| now.duration_since(t) < USEFUL_FOR)
         };
+        let pressed = self.pressed(now);
+        // Past its grace, or (on a node above its high mark or making room)
+        // past the newcomer's grace with nothing asked over it.
+        let aged = |c: &Conn| {
+            let age = now.duration_since(c.since);
+            age >= GRACE
+                || ((pressed || n > self.high) && c.last_used.is_none() && age >= NEWCOMER_GRACE)
+        };
         // Everything the manager may close at all, least useful first.
         let mut cands: Vec<(&PeerId, &Conn)> = self
             .conns
             .iter()
-            .filter(|(p, c)| {
-                self.banned.contains(p)
-                    || (c.busy == 0 && !is_static(p) && now.duration_since(c.since) >= GRACE)
-            })
+            .filter(|(p, c)| self.banned.contains(p) || (c.busy == 0 && !is_static(p) && aged(c)))
             .collect();
         // Ordering key: banned first, then idle non-mesh, idle mesh, used;
         // within: least recently used, then slowest, then oldest.
@@ -412,9 +439,6 @@ impl ConnManager {
             )
         };
         cands.sort_by_key(|(p, c)| key(p, c));
-        let pressed = self
-            .refused_at
-            .is_some_and(|t| now.duration_since(t) < PRESSURE_FOR);
         let mut close = Vec::new();
         let mut left = n;
         for (p, c) in cands {
@@ -424,6 +448,12 @@ impl ConnManager {
                 || (!recently_used(c) && (pressed || (c.dialed && !gossip_mesh.contains(p))));
             let over_min = left > self.min;
             let over_high = left > self.high;
+            // Within its grace, a newcomer goes only to make room.
+            let young = now.duration_since(c.since) < GRACE;
+            let room = over_high || (pressed && over_min);
+            if young && !self.banned.contains(p) && !room {
+                continue;
+            }
             if (useless && over_min) || (over_high && c.busy == 0) {
                 close.push(*p);
                 left -= 1;
@@ -453,41 +483,72 @@ pub struct Activity {
 
 #[derive(Debug, Clone, Copy)]
 struct Use {
-    last: Instant,
+    /// Last useful exchange (`None`: only asked, see [`Activity::ask`]).
+    last: Option<Instant>,
+    /// Last question sent that may or may not prove useful.
+    asked: Option<Instant>,
     busy: u32,
+}
+
+impl Use {
+    const NONE: Use = Use {
+        last: None,
+        asked: None,
+        busy: 0,
+    };
 }
 
 impl Activity {
     /// `peer` was useful just now.
     pub fn touch(&self, peer: PeerId) {
-        let now = Instant::now();
-        self.inner
-            .lock()
-            .entry(peer)
-            .and_modify(|u| u.last = now)
-            .or_insert(Use { last: now, busy: 0 });
+        self.inner.lock().entry(peer).or_insert(Use::NONE).last = Some(Instant::now());
+    }
+
+    /// A question was sent to `peer` (a have-map request) whose answer may
+    /// well be "nothing": a dial for it is wanted (see [`Activity::wanted`]),
+    /// but the connection is not kept as useful for it. A download asks
+    /// every peer it reaches, and a connection kept for each answer of
+    /// "nothing" left a starving node no seat for the holder it needed.
+    pub fn ask(&self, peer: PeerId) {
+        self.inner.lock().entry(peer).or_insert(Use::NONE).asked = Some(Instant::now());
     }
 
     /// Something long-lived is open on `peer` until the guard is dropped
     /// (a forwarded generation): its connection is not closed meanwhile.
     pub fn busy(self: &Arc<Self>, peer: PeerId) -> PeerBusy {
-        let now = Instant::now();
         let mut m = self.inner.lock();
-        let u = m.entry(peer).or_insert(Use { last: now, busy: 0 });
+        let u = m.entry(peer).or_insert(Use::NONE);
         u.busy += 1;
-        u.last = now;
+        u.last = Some(Instant::now());
         PeerBusy {
             activity: self.clone(),
             peer,
         }
     }
 
-    /// Every peer's last use and open count; peers idle for longer than
-    /// [`USEFUL_FOR`] are dropped from the table once reported.
+    /// Whether something used or asked `peer` within [`NEWCOMER_GRACE`]
+    /// before `now`, or holds it open: a dial to it serves a transfer or a
+    /// request (a Kademlia lookup's or the manager's own dials touch nothing).
+    pub fn wanted(&self, peer: PeerId, now: Instant) -> bool {
+        let recent = |t: Option<Instant>| {
+            t.is_some_and(|t| now.saturating_duration_since(t) < NEWCOMER_GRACE)
+        };
+        self.inner
+            .lock()
+            .get(&peer)
+            .is_some_and(|u| u.busy > 0 || recent(u.last) || recent(u.asked))
+    }
+
+    /// Every used peer's last use and open count; peers idle (and not asked)
+    /// for longer than [`USEFUL_FOR`] are dropped from the table once reported.
     pub fn take(&self, now: Instant) -> Vec<(PeerId, Instant, u32)> {
         let mut m = self.inner.lock();
-        let out = m.iter().map(|(p, u)| (*p, u.last, u.busy)).collect();
-        m.retain(|_, u| u.busy > 0 || now.duration_since(u.last) < USEFUL_FOR);
+        let out = m
+            .iter()
+            .filter_map(|(p, u)| Some((*p, u.last?, u.busy)))
+            .collect();
+        let fresh = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) < USEFUL_FOR);
+        m.retain(|_, u| u.busy > 0 || fresh(u.last) || fresh(u.asked));
         out
     }
 }
@@ -505,7 +566,7 @@ impl Drop for PeerBusy {
         let mut m = self.activity.inner.lock();
         if let Some(u) = m.get_mut(&self.peer) {
             u.busy = u.busy.saturating_sub(1);
-            u.last = now;
+            u.last = Some(now);
         }
     }
 }
@@ -813,5 +874,56 @@ mod tests {
             assert!(!m.take_dial(*p, t0 + GRACE + Duration::from_secs(30)));
             assert!(m.take_dial(*p, t0 + GRACE + REDIAL_CLOSED_AFTER));
         }
+    }
+
+    #[test]
+    fn newcomers_nothing_was_asked_over_leave_room_above_the_high_mark() {
+        let t0 = Instant::now();
+        // Cap 8: high mark 6, the last two seats for newcomers that ask.
+        let mut m = ConnManager::new(8, 3, 5);
+        let ps = peers(8);
+        for p in &ps {
+            m.connected_from(*p, t0);
+        }
+        // A downloader asked for chunks over the last one at once.
+        m.used(ps[7], t0 + Duration::from_millis(50), 0);
+        // Within the newcomer's grace nothing closes.
+        assert!(m.tick(t0 + NEWCOMER_GRACE / 2, &none()).close.is_empty());
+        // Past it, back to the high mark, never the one that was asked.
+        let plan = m.tick(t0 + NEWCOMER_GRACE, &none());
+        assert_eq!(plan.close.len(), 2, "{plan:?}");
+        assert!(!plan.close.contains(&ps[7]));
+        // At the high mark and not pressed, young ones keep their grace.
+        assert!(m.tick(t0 + NEWCOMER_GRACE, &none()).close.is_empty());
+        // Pressed (a newcomer turned away), never-used newcomers go down to
+        // the minimum before their full grace; the used one stays.
+        m.refused(t0 + NEWCOMER_GRACE);
+        let plan = m.tick(t0 + NEWCOMER_GRACE, &none());
+        assert_eq!(plan.close.len(), 3, "{plan:?}");
+        assert!(!plan.close.contains(&ps[7]));
+        assert_eq!(m.connected(), 3);
+        assert!(m.pressed(t0 + NEWCOMER_GRACE + PRESSURE_FOR / 2));
+        assert!(!m.pressed(t0 + NEWCOMER_GRACE + PRESSURE_FOR));
+    }
+
+    #[test]
+    fn a_question_is_a_wanted_dial_not_a_use() {
+        let a = Arc::new(Activity::default());
+        let [asked, used] = [PeerId::random(), PeerId::random()];
+        let now = Instant::now();
+        a.ask(asked);
+        a.touch(used);
+        assert!(a.wanted(asked, now) && a.wanted(used, now));
+        assert!(!a.wanted(PeerId::random(), now));
+        assert!(!a.wanted(asked, now + NEWCOMER_GRACE + Duration::from_millis(10)));
+        // Only the use keeps a connection (reported to the manager).
+        let took = a.take(now);
+        assert_eq!(took.len(), 1);
+        assert_eq!(took[0].0, used);
+        // A busy peer is wanted however long ago it was touched.
+        let guard = a.busy(asked);
+        assert!(a.wanted(asked, now + USEFUL_FOR));
+        drop(guard);
+        assert!(a.take(now).iter().any(|(p, _, b)| *p == asked && *b == 0));
     }
 }

@@ -321,8 +321,11 @@ pub async fn download_until(
             _ = discover.tick() => {
                 let cands: HashSet<PeerId> = client.connected().await.unwrap_or_default().into_iter().collect();
                 // Kademlia lookups can take seconds: run them beside the loop,
-                // one at a time; every second while fewer than two peers are
-                // known, every 5 s until a source delivered a chunk (a far
+                // one at a time; while fewer than two peers are known, at 1,
+                // 2, 4, 8... s (not every second: each lookup's dials fill
+                // this node's own slots, and a far node whose only holder is
+                // full crowded out its own retries of that holder), and
+                // every 5 s until a source delivered a chunk (a far
                 // node may reach its only holder through one), then every
                 // 30 s. Each lookup dials the peers on its path, and with
                 // bounded connections those dials fill the node's own slots
@@ -335,7 +338,7 @@ pub async fn download_until(
                 } else {
                     KAD_EVERY
                 };
-                if (asked.len() < 2 || kad_round % every == 1)
+                if ((asked.len() < 2 && kad_round.is_power_of_two()) || kad_round % every == 1)
                     && !kad_busy.swap(true, std::sync::atomic::Ordering::AcqRel)
                 {
                     let (c, tx, busy) = (client.clone(), prov_tx.clone(), kad_busy.clone());

@@ -32,6 +32,10 @@ async fn connected(node: &Node) -> Result<usize> {
 /// 24 nodes, each dialling two earlier ones (a sparse chain), bound 8 / 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_larger_than_the_bound_keeps_it_and_still_spreads_everything() -> Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let mut nodes: Vec<TestNode> = Vec::with_capacity(NODES);
     for i in 0..NODES {
         let peers = [1usize, 5]
@@ -88,7 +92,8 @@ async fn a_mesh_larger_than_the_bound_keeps_it_and_still_spreads_everything() ->
     let src = make_file(&tmp.path().join("a.bin"), 6 << 20, 5)?;
     let (id, signed) = seed_release(&nodes, &src, "bounded:v1").await?;
     nodes[0].node.mesh().publish_release(&signed).await?;
-    let deadline = Instant::now() + WAIT;
+    let t0 = Instant::now();
+    let deadline = t0 + WAIT;
     for n in &nodes {
         while n.node.store().resolve("bounded:v1").is_err() {
             if Instant::now() > deadline {
@@ -99,7 +104,15 @@ async fn a_mesh_larger_than_the_bound_keeps_it_and_still_spreads_everything() ->
     }
     // The far end pulls it: providers through Kademlia, a connection on demand.
     let far = &nodes[NODES - 1];
+    eprintln!(
+        "release everywhere in {:?}; seeder {} far {}",
+        t0.elapsed(),
+        nodes[0].peer_id(),
+        far.peer_id()
+    );
+    let t1 = Instant::now();
     let p = pull_done(&far.node, "bounded:v1").await?;
+    eprintln!("pulled in {:?}", t1.elapsed());
     assert_eq!(p.bytes_from_peers, 6 << 20);
     assert_identical(&far.node, id, &src).await?;
     for n in &nodes {

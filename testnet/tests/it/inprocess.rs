@@ -368,18 +368,27 @@ async fn trusted_releases_spread_by_gossip() -> Result<()> {
     Ok(())
 }
 
-/// Node d only knows r; s (which holds the artifact) only knows r. d finds s through Kademlia.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn providers_are_found_through_kademlia() -> Result<()> {
-    init_tracing();
+/// Three nodes: r, s (holding a file made from `seed`, `id`) and d, where s
+/// and d know only r. Returns the temporary directory, the file, r, s, d, id.
+async fn holder_behind_a_rendezvous(
+    seed: u64,
+) -> Result<(tempfile::TempDir, PathBuf, [TestNode; 3], ArtifactId)> {
     let tmp = tempfile::tempdir()?;
-    let src = tmp_file(&tmp, "a.bin", 7)?;
+    let src = tmp_file(&tmp, "a.bin", seed)?;
     let r = start_node(loopback_config(vec![]), None).await?;
     let s = start_node(loopback_config(vec![r.addr.clone()]), None).await?;
     let id = add(&s.node, &src).await?;
     let d = start_node(loopback_config(vec![r.addr.clone()]), None).await?;
     wait_peers(&d.node, 1).await?;
     wait_peers(&s.node, 1).await?;
+    Ok((tmp, src, [r, s, d], id))
+}
+
+/// Node d only knows r; s (which holds the artifact) only knows r. d finds s through Kademlia.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_are_found_through_kademlia() -> Result<()> {
+    init_tracing();
+    let (_tmp, src, [r, _s, d], id) = holder_behind_a_rendezvous(7).await?;
     let p = pull_done(&d.node, &id.to_hex()).await?;
     assert_eq!(p.bytes_from_peers, SIZE as u64);
     assert_identical(&d.node, id, &src).await?;
@@ -387,6 +396,32 @@ async fn providers_are_found_through_kademlia() -> Result<()> {
         r.node.store().status(&id)?.is_none(),
         "the middle node never held it"
     );
+    Ok(())
+}
+
+/// A node that provides an artifact itself (a download does from its
+/// start) still finds the other providers: its own record is no find, and
+/// the lookup goes on to the peers that hold the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providing_node_still_finds_the_other_providers() -> Result<()> {
+    init_tracing();
+    let (_tmp, _src, [_r, s, d], id) = holder_behind_a_rendezvous(8).await?;
+    d.node.mesh().provide(id).await?;
+    let deadline = tokio::time::Instant::now() + shoal_testnet::WAIT;
+    loop {
+        let found = d.node.mesh().providers(id).await?;
+        assert!(!found.contains(&d.peer_id()), "its own record is no find");
+        if found.contains(&s.peer_id()) {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the other provider was never found: {found:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Its address came with the record: a request reaches it by id.
+    let have = d.node.mesh().have_map(s.peer_id(), id).await?;
+    assert!(have.is_some_and(|h| h.is_complete()));
     Ok(())
 }
 
