@@ -9,8 +9,7 @@
 //! this behaviour offers what the node learnt anywhere else.
 
 use libp2p::core::Endpoint;
-use libp2p::swarm::behaviour::DialFailure;
-use libp2p::swarm::{ConnectionDenied, ConnectionId, DialError, FromSwarm, NetworkBehaviour};
+use libp2p::swarm::{ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::HashMap;
 
@@ -23,13 +22,7 @@ pub const MAX_ADDRS: usize = 4;
 #[derive(Debug, Default)]
 pub struct AddressBook {
     map: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Peers dialled by id with no address anywhere since the last
-    /// [`AddressBook::take_unlocated`] (at most [`MAX_UNLOCATED`]).
-    unlocated: Vec<PeerId>,
 }
-
-/// Peers without an address remembered between two takes at most.
-pub const MAX_UNLOCATED: usize = 64;
 
 impl AddressBook {
     /// Adds `addrs` for `peer` (the newest [`MAX_ADDRS`] kept). When the book
@@ -61,15 +54,6 @@ impl AddressBook {
         self.map.get(peer)
     }
 
-    /// The peers dialled by id since the last call for which no behaviour
-    /// had an address (a holder named by a relayed release or a provider
-    /// record, whose addresses Kademlia keeps only for the lookup's
-    /// duration): the event loop looks them up (peer routing). libp2p
-    /// reports such a dial to the behaviours only, not as a swarm event.
-    pub fn take_unlocated(&mut self) -> Vec<PeerId> {
-        std::mem::take(&mut self.unlocated)
-    }
-
     /// Every peer with its addresses.
     pub fn iter(&self) -> impl Iterator<Item = (&PeerId, &Vec<Multiaddr>)> {
         self.map.iter()
@@ -91,18 +75,7 @@ impl NetworkBehaviour for AddressBook {
             .unwrap_or_default())
     }
 
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::DialFailure(DialFailure {
-            peer_id: Some(peer),
-            error: DialError::NoAddresses,
-            ..
-        }) = event
-            && self.unlocated.len() < MAX_UNLOCATED
-            && !self.unlocated.contains(&peer)
-        {
-            self.unlocated.push(peer);
-        }
-    }
+    fn on_swarm_event(&mut self, _: FromSwarm) {}
 }
 
 #[cfg(test)]
@@ -130,27 +103,5 @@ mod tests {
         b.note(q, addrs[..1].to_vec(), |x| *x == p);
         assert!(b.get(&q).is_some() && b.get(&p).is_some());
         assert_eq!(b.iter().count(), 2);
-    }
-
-    #[test]
-    fn remembers_the_peers_dialled_with_no_address() {
-        let mut b = AddressBook::default();
-        let (p, q) = (PeerId::random(), PeerId::random());
-        let fail = |b: &mut AddressBook, peer, error: &DialError| {
-            b.on_swarm_event(FromSwarm::DialFailure(DialFailure {
-                peer_id: Some(peer),
-                error,
-                connection_id: ConnectionId::new_unchecked(1),
-            }));
-        };
-        fail(&mut b, p, &DialError::NoAddresses);
-        fail(&mut b, p, &DialError::NoAddresses);
-        fail(&mut b, q, &DialError::Aborted);
-        assert_eq!(b.take_unlocated(), vec![p]);
-        assert!(b.take_unlocated().is_empty());
-        for _ in 0..2 * MAX_UNLOCATED {
-            fail(&mut b, PeerId::random(), &DialError::NoAddresses);
-        }
-        assert_eq!(b.take_unlocated().len(), MAX_UNLOCATED);
     }
 }

@@ -224,10 +224,8 @@ impl ConnManager {
         self.add_conn(peer, now, false);
     }
 
-    /// This node turned an incoming connection away at its bound, or its own
-    /// bound stopped a dial that a transfer or request wanted (see
-    /// [`Activity::wanted`]): for [`PRESSURE_FOR`] it makes room (see the
-    /// module docs).
+    /// This node turned an incoming connection away at its bound: for
+    /// [`PRESSURE_FOR`] it makes room (see the module docs).
     pub fn refused(&mut self, now: Instant) {
         self.refused_at = Some(now);
     }
@@ -483,72 +481,41 @@ pub struct Activity {
 
 #[derive(Debug, Clone, Copy)]
 struct Use {
-    /// Last useful exchange (`None`: only asked, see [`Activity::ask`]).
-    last: Option<Instant>,
-    /// Last question sent that may or may not prove useful.
-    asked: Option<Instant>,
+    last: Instant,
     busy: u32,
-}
-
-impl Use {
-    const NONE: Use = Use {
-        last: None,
-        asked: None,
-        busy: 0,
-    };
 }
 
 impl Activity {
     /// `peer` was useful just now.
     pub fn touch(&self, peer: PeerId) {
-        self.inner.lock().entry(peer).or_insert(Use::NONE).last = Some(Instant::now());
-    }
-
-    /// A question was sent to `peer` (a have-map request) whose answer may
-    /// well be "nothing": a dial for it is wanted (see [`Activity::wanted`]),
-    /// but the connection is not kept as useful for it. A download asks
-    /// every peer it reaches, and a connection kept for each answer of
-    /// "nothing" left a starving node no seat for the holder it needed.
-    pub fn ask(&self, peer: PeerId) {
-        self.inner.lock().entry(peer).or_insert(Use::NONE).asked = Some(Instant::now());
+        let now = Instant::now();
+        self.inner
+            .lock()
+            .entry(peer)
+            .and_modify(|u| u.last = now)
+            .or_insert(Use { last: now, busy: 0 });
     }
 
     /// Something long-lived is open on `peer` until the guard is dropped
     /// (a forwarded generation): its connection is not closed meanwhile.
     pub fn busy(self: &Arc<Self>, peer: PeerId) -> PeerBusy {
+        let now = Instant::now();
         let mut m = self.inner.lock();
-        let u = m.entry(peer).or_insert(Use::NONE);
+        let u = m.entry(peer).or_insert(Use { last: now, busy: 0 });
         u.busy += 1;
-        u.last = Some(Instant::now());
+        u.last = now;
         PeerBusy {
             activity: self.clone(),
             peer,
         }
     }
 
-    /// Whether something used or asked `peer` within [`NEWCOMER_GRACE`]
-    /// before `now`, or holds it open: a dial to it serves a transfer or a
-    /// request (a Kademlia lookup's or the manager's own dials touch nothing).
-    pub fn wanted(&self, peer: PeerId, now: Instant) -> bool {
-        let recent = |t: Option<Instant>| {
-            t.is_some_and(|t| now.saturating_duration_since(t) < NEWCOMER_GRACE)
-        };
-        self.inner
-            .lock()
-            .get(&peer)
-            .is_some_and(|u| u.busy > 0 || recent(u.last) || recent(u.asked))
-    }
-
-    /// Every used peer's last use and open count; peers idle (and not asked)
-    /// for longer than [`USEFUL_FOR`] are dropped from the table once reported.
+    /// Every peer's last use and open count; peers idle for longer than
+    /// [`USEFUL_FOR`] are dropped from the table once reported.
     pub fn take(&self, now: Instant) -> Vec<(PeerId, Instant, u32)> {
         let mut m = self.inner.lock();
-        let out = m
-            .iter()
-            .filter_map(|(p, u)| Some((*p, u.last?, u.busy)))
-            .collect();
-        let fresh = |t: Option<Instant>| t.is_some_and(|t| now.duration_since(t) < USEFUL_FOR);
-        m.retain(|_, u| u.busy > 0 || fresh(u.last) || fresh(u.asked));
+        let out = m.iter().map(|(p, u)| (*p, u.last, u.busy)).collect();
+        m.retain(|_, u| u.busy > 0 || now.duration_since(u.last) < USEFUL_FOR);
         out
     }
 }
@@ -566,7 +533,7 @@ impl Drop for PeerBusy {
         let mut m = self.activity.inner.lock();
         if let Some(u) = m.get_mut(&self.peer) {
             u.busy = u.busy.saturating_sub(1);
-            u.last = Some(now);
+            u.last = now;
         }
     }
 }
@@ -904,26 +871,5 @@ mod tests {
         assert_eq!(m.connected(), 3);
         assert!(m.pressed(t0 + NEWCOMER_GRACE + PRESSURE_FOR / 2));
         assert!(!m.pressed(t0 + NEWCOMER_GRACE + PRESSURE_FOR));
-    }
-
-    #[test]
-    fn a_question_is_a_wanted_dial_not_a_use() {
-        let a = Arc::new(Activity::default());
-        let [asked, used] = [PeerId::random(), PeerId::random()];
-        let now = Instant::now();
-        a.ask(asked);
-        a.touch(used);
-        assert!(a.wanted(asked, now) && a.wanted(used, now));
-        assert!(!a.wanted(PeerId::random(), now));
-        assert!(!a.wanted(asked, now + NEWCOMER_GRACE + Duration::from_millis(10)));
-        // Only the use keeps a connection (reported to the manager).
-        let took = a.take(now);
-        assert_eq!(took.len(), 1);
-        assert_eq!(took[0].0, used);
-        // A busy peer is wanted however long ago it was touched.
-        let guard = a.busy(asked);
-        assert!(a.wanted(asked, now + USEFUL_FOR));
-        drop(guard);
-        assert!(a.take(now).iter().any(|(p, _, b)| *p == asked && *b == 0));
     }
 }

@@ -61,9 +61,6 @@ pub struct EventLoop {
     activity: Arc<Activity>,
     /// When the next Kademlia random walk runs (discovery without mDNS).
     next_walk: Instant,
-    /// Peers looked up by id (no address was known), and when: each at
-    /// most once per [`LOCATE_AGAIN_AFTER`].
-    located: HashMap<PeerId, Instant>,
     /// This node's non-loopback IPv4 listen addresses: where its own mDNS queries go out.
     iface_addrs: HashSet<std::net::Ipv4Addr>,
     /// Rediscovery while no peer is connected.
@@ -94,10 +91,6 @@ const WALK_MANY: Duration = Duration::from_secs(600);
 /// mDNS answers are lost now and then (a late joiner on a busy LAN hears only
 /// part of them until the next query, 30 s on), and walks fill the gaps.
 const WALK_AGAIN: Duration = Duration::from_secs(5);
-/// A peer looked up by id (peer routing) is not looked up again before this.
-const LOCATE_AGAIN_AFTER: Duration = Duration::from_secs(10);
-/// Peer-routing lookups started per tick at most.
-const LOCATES_PER_TICK: usize = 4;
 /// Releases taken from one peer's list at most (anti-entropy).
 const MAX_SYNCED_RELEASES: usize = 256;
 /// Rediscovery rounds asked for by downloads run at most this often.
@@ -197,7 +190,6 @@ pub async fn new(
         ),
         activity,
         next_walk: Instant::now() + WALK_FIRST,
-        located: HashMap::new(),
         iface_addrs: HashSet::new(),
         rediscover: Backoff {
             next: Instant::now() + REDISCOVER_FIRST,
@@ -474,42 +466,8 @@ impl EventLoop {
         if any_expired {
             self.metrics.peers_banned(self.bans.len());
         }
-        // This node's own bound stopped a dial that a transfer or a request
-        // wanted: room is made as for a newcomer turned away (its own
-        // lookups and fill dials must not crowd its downloads out).
-        let denied = self.swarm.behaviour_mut().gate.take_denied();
-        if denied.iter().any(|p| self.activity.wanted(*p, now)) {
-            self.conns.refused(now);
-        }
-        self.locate_unaddressed(now);
         self.redial_static();
         self.manage_connections(now);
-    }
-
-    /// Peer routing: a peer dialled by id with no address anywhere (a
-    /// holder named by a relayed release or a provider record, which
-    /// Kademlia keeps addresses for only during the lookup) is looked up by
-    /// a Kademlia lookup of its own id; the peers that answer list it with
-    /// its addresses, which go to the address book (the `GetClosestPeers`
-    /// arm of the behaviour events).
-    fn locate_unaddressed(&mut self, now: Instant) {
-        self.located
-            .retain(|_, t| now.duration_since(*t) < LOCATE_AGAIN_AFTER);
-        let unlocated = self.swarm.behaviour_mut().book.take_unlocated();
-        let mut started = 0;
-        for p in unlocated {
-            if started >= LOCATES_PER_TICK
-                || self.located.contains_key(&p)
-                || self.bans.contains_key(&p)
-                || self.connected.contains_key(&p)
-            {
-                continue;
-            }
-            self.located.insert(p, now);
-            tracing::debug!(peer = %p, "looking up a peer with no known address");
-            self.swarm.behaviour_mut().kad.get_closest_peers(p);
-            started += 1;
-        }
     }
 
     /// The connection manager's tick: feed it what was used, close what it
@@ -540,12 +498,10 @@ impl EventLoop {
         self.dial_picks(plan.dial);
         // Kademlia learns of peers it never connected to only through
         // lookups: a random walk now and then (rarely once enough are known).
-        // It dials, so it waits for room below the high mark, and not while
-        // this node is making room for newcomers it turned away.
+        // It dials, so it waits for room below the high mark.
         if now >= self.next_walk
             && !self.connected.is_empty()
             && self.connected.len() < self.conns.high_mark()
-            && !self.conns.pressed(now)
         {
             let few = self.conns.known() < 2 * self.shared.config.max_connections as usize;
             self.next_walk = now + if few { WALK_FEW } else { WALK_MANY };
@@ -657,11 +613,14 @@ impl EventLoop {
                     }));
                     return;
                 }
-                // A have-map question keeps no connection by itself (see
-                // `Activity::ask`); the chunk streams its answer brings do.
-                match req {
-                    MetaRequest::HaveMap(_) => self.activity.ask(peer),
-                    _ => self.activity.touch(peer),
+                // A have-map question keeps no connection by itself: a
+                // download asks every peer it reaches, most answer
+                // "nothing", and a connection kept for each such answer left
+                // a starving node no seat for the holder it needed. The
+                // download keeps its holders and fellows itself, and chunk
+                // streams keep their sources.
+                if !matches!(req, MetaRequest::HaveMap(_)) {
+                    self.activity.touch(peer);
                 }
                 let id = self.swarm.behaviour_mut().meta.send_request(&peer, req);
                 self.pending_meta.insert(id, reply);
@@ -753,8 +712,7 @@ impl EventLoop {
                 if let Some(p) = peer_id {
                     let now = Instant::now();
                     match &error {
-                        // Stopped here, not by the peer: no backoff for it
-                        // (the gate tells the tick, see `on_tick`).
+                        // Stopped here, not by the peer: no backoff for it.
                         DialError::Denied { .. } => self.conns.dial_stopped(p),
                         _ => self.conns.dial_failed(p, now),
                     }

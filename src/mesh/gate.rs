@@ -14,10 +14,9 @@
 //! the same backoff as before). The limits behaviour stays as the backstop
 //! for handshakes that finish together.
 
-use libp2p::connection_limits::Exceeded;
-use libp2p::swarm::behaviour::{ConnectionClosed, DialFailure};
-use libp2p::swarm::{ConnectionDenied, ConnectionId, DialError, FromSwarm, NetworkBehaviour};
-use libp2p::{Multiaddr, PeerId};
+use libp2p::Multiaddr;
+use libp2p::swarm::behaviour::ConnectionClosed;
+use libp2p::swarm::{ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour};
 
 /// The reason an incoming connection was turned away.
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +31,7 @@ pub struct AtBound {
 pub struct Gate {
     max: u32,
     established: u32,
-    /// Peers whose dials this node's own connection limits stopped since
-    /// the last [`Gate::take_denied`] (at most [`MAX_DENIED`]).
-    denied: Vec<PeerId>,
 }
-
-/// Stopped dials remembered between two takes at most.
-pub const MAX_DENIED: usize = 64;
 
 impl Gate {
     /// A gate for at most `max` established connections.
@@ -46,15 +39,7 @@ impl Gate {
         Self {
             max: max.max(1),
             established: 0,
-            denied: Vec::new(),
         }
-    }
-
-    /// The peers whose dials this node's own connection limits stopped
-    /// since the last call. libp2p reports a dial its limits deny at once
-    /// to the behaviours only, not as a swarm event.
-    pub fn take_denied(&mut self) -> Vec<PeerId> {
-        std::mem::take(&mut self.denied)
     }
 
     /// Whether an incoming connection would be turned away now.
@@ -84,16 +69,6 @@ impl NetworkBehaviour for Gate {
             FromSwarm::ConnectionClosed(ConnectionClosed { .. }) => {
                 self.established = self.established.saturating_sub(1);
             }
-            FromSwarm::DialFailure(DialFailure {
-                peer_id: Some(peer),
-                error: DialError::Denied { cause },
-                ..
-            }) if cause.downcast_ref::<Exceeded>().is_some()
-                && self.denied.len() < MAX_DENIED
-                && !self.denied.contains(&peer) =>
-            {
-                self.denied.push(peer);
-            }
             _ => {}
         }
     }
@@ -102,6 +77,7 @@ impl NetworkBehaviour for Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libp2p::PeerId;
     use libp2p::core::ConnectedPoint;
     use libp2p::swarm::behaviour::ConnectionEstablished;
 
@@ -140,35 +116,5 @@ mod tests {
             remaining_established: 1,
         }));
         assert!(pending(&mut g, 4).is_ok(), "room again after a close");
-    }
-
-    #[test]
-    fn remembers_the_dials_its_own_limits_stopped() {
-        use libp2p::connection_limits::{Behaviour as Limits, ConnectionLimits};
-        use libp2p::core::Endpoint;
-        // A real denial from libp2p's limits (no outgoing handshake allowed).
-        let mut limits =
-            Limits::new(ConnectionLimits::default().with_max_pending_outgoing(Some(0)));
-        let peer = PeerId::random();
-        let Err(cause) = limits.handle_pending_outbound_connection(
-            ConnectionId::new_unchecked(1),
-            Some(peer),
-            &[],
-            Endpoint::Dialer,
-        ) else {
-            panic!("the limits let the dial through");
-        };
-        let mut g = Gate::new(8);
-        let denied = DialError::Denied { cause };
-        let other = DialError::NoAddresses;
-        for (id, error) in [(2, &denied), (3, &denied), (4, &other)] {
-            g.on_swarm_event(FromSwarm::DialFailure(DialFailure {
-                peer_id: Some(peer),
-                error,
-                connection_id: ConnectionId::new_unchecked(id),
-            }));
-        }
-        assert_eq!(g.take_denied(), vec![peer], "once, and only for a denial");
-        assert!(g.take_denied().is_empty());
     }
 }
