@@ -678,6 +678,29 @@ impl EventLoop {
         }
     }
 
+    /// A dial of this node's failed: the manager backs the peer off (unless
+    /// this node's own limits stopped it), and a failed handshake is logged.
+    fn on_dial_error(&mut self, peer_id: Option<PeerId>, error: DialError) {
+        if let Some(p) = peer_id {
+            match &error {
+                // Stopped here, not by the peer: no backoff for it.
+                DialError::Denied { .. } => self.conns.dial_stopped(p),
+                _ => self.conns.dial_failed(p, Instant::now()),
+            }
+        }
+        let DialError::Transport(errs) = error else {
+            return;
+        };
+        for (addr, e) in &errs {
+            if let libp2p::TransportError::Other(e) = e
+                && !is_connect_error(e)
+                && let Some(ip) = ip_of(addr)
+            {
+                self.on_handshake_failure(ip, addr, &error_chain(e));
+            }
+        }
+    }
+
     /// An incoming connection was denied (at the bound, banned, not allowed).
     fn on_refused(&mut self, cause: &libp2p::swarm::ConnectionDenied) {
         self.metrics.connection_refused();
@@ -709,26 +732,7 @@ impl EventLoop {
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
-                if let Some(p) = peer_id {
-                    let now = Instant::now();
-                    match &error {
-                        // Stopped here, not by the peer: no backoff for it.
-                        DialError::Denied { .. } => self.conns.dial_stopped(p),
-                        _ => self.conns.dial_failed(p, now),
-                    }
-                }
-
-                let DialError::Transport(errs) = error else {
-                    return;
-                };
-                for (addr, e) in &errs {
-                    if let libp2p::TransportError::Other(e) = e
-                        && !is_connect_error(e)
-                        && let Some(ip) = ip_of(addr)
-                    {
-                        self.on_handshake_failure(ip, addr, &error_chain(e));
-                    }
-                }
+                self.on_dial_error(peer_id, error);
             }
             SwarmEvent::IncomingConnectionError {
                 error: libp2p::swarm::ListenError::Denied { cause },
