@@ -923,9 +923,6 @@ impl EventLoop {
     /// Copies the addresses Kademlia holds for `peer` (its routing table and
     /// its running queries) into the address book, which outlives queries.
     fn note_query_addrs(&mut self, peer: PeerId) {
-        if peer == self.shared.peer_id {
-            return;
-        }
         // Kademlia's answer to a dial by id: a read of its tables, no side effect.
         let addrs = NetworkBehaviour::handle_pending_outbound_connection(
             &mut self.swarm.behaviour_mut().kad,
